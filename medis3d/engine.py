@@ -1,0 +1,211 @@
+"""Sliding-window inference with an exact input gradient and memory bounded by one window batch.
+
+Pass 1 stitches the windows' logits exactly as ``monai.inferers.sliding_window_inference``
+does (MONAI's window placement and importance maps), without keeping a graph. A loss of the
+stitched logits is differentiated with respect to them; since stitching is a fixed weighted
+average, pass 2 re-runs each window batch with a graph and back-propagates that window's share
+of the upstream gradient (``importance / count``), accumulating the input gradient.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
+from monai.inferers.utils import _get_scan_interval
+from monai.utils import PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
+
+
+@dataclass
+class WindowSettings:
+    """Sliding-window inferer settings, named as MONAI's ``SlidingWindowInferer`` names them."""
+
+    roi_size: Sequence[int] = (96, 96, 96)
+    sw_batch_size: int = 4
+    overlap: float = 0.25
+    mode: str = "constant"
+    sigma_scale: float = 0.125
+    padding_mode: str = "constant"
+    cval: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "roi_size": [int(v) for v in self.roi_size],
+            "sw_batch_size": int(self.sw_batch_size),
+            "overlap": float(self.overlap),
+            "mode": str(self.mode),
+            "sigma_scale": self.sigma_scale,
+            "padding_mode": str(self.padding_mode),
+            "cval": float(self.cval),
+        }
+
+
+@dataclass
+class _Plan:
+    pad: list[int]
+    padded_shape: tuple[int, ...]
+    slices: list[tuple[slice, ...]]
+    importance: torch.Tensor  # (1, 1, *roi)
+    count: torch.Tensor  # (1, 1, *padded_shape)
+    crop: tuple[slice, ...]
+
+
+@dataclass
+class Precision:
+    """Mixed-precision settings for the network's forward and backward passes."""
+
+    enabled: bool = False
+    dtype: torch.dtype | None = None  # None: bfloat16 on CPU, float16 on CUDA
+    loss_scale: float = 2.0**12  # used with float16 only, so small gradients survive
+
+    def resolve(self, device: torch.device) -> torch.dtype | None:
+        if not self.enabled:
+            return None
+        if self.dtype is not None:
+            return self.dtype
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+@dataclass
+class WindowEngine:
+    """Runs a network over a volume in windows: stitched logits, and exact input gradients.
+
+    ``network`` maps a window batch ``(N, C_in, *roi)`` to logits ``(N, C_out, *roi)``
+    (a tuple or list output is reduced to its first element, as deep supervision returns).
+    """
+
+    network: Callable[[torch.Tensor], torch.Tensor]
+    settings: WindowSettings = field(default_factory=WindowSettings)
+    precision: Precision = field(default_factory=Precision)
+    gradient_network: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. checkpointed
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    # -- planning -------------------------------------------------------------------------
+    def _plan(self, spatial_shape: Sequence[int], device: torch.device) -> _Plan:
+        key = (tuple(spatial_shape), str(device))
+        if key in self._plans:
+            return self._plans[key]
+        dims = len(spatial_shape)
+        roi = fall_back_tuple(self.settings.roi_size, spatial_shape)
+        padded = tuple(max(spatial_shape[i], roi[i]) for i in range(dims))
+        pad: list[int] = []
+        for k in range(dims - 1, -1, -1):  # F.pad order: last dimension first
+            diff = max(roi[k] - spatial_shape[k], 0)
+            pad.extend([diff // 2, diff - diff // 2])
+        overlap = ensure_tuple_rep(self.settings.overlap, dims)
+        interval = _get_scan_interval(padded, roi, dims, overlap)
+        slices = [tuple(s) for s in dense_patch_slices(padded, roi, interval, return_slice=True)]
+        patch = get_valid_patch_size(padded, roi)
+        importance = compute_importance_map(
+            patch, mode=self.settings.mode, sigma_scale=self.settings.sigma_scale, device=device, dtype=torch.float32
+        )
+        importance = importance.reshape(1, 1, *patch).to(device=device, dtype=torch.float32)
+        count = torch.zeros((1, 1, *padded), dtype=torch.float32, device=device)
+        for s in slices:
+            count[(slice(None), slice(None), *s)] += importance
+        crop = tuple(slice(pad[2 * (dims - 1 - d)], pad[2 * (dims - 1 - d)] + spatial_shape[d]) for d in range(dims))
+        plan = _Plan(pad, padded, slices, importance, count, crop)
+        self._plans = {key: plan}  # one volume shape at a time; plans hold full-size buffers
+        return plan
+
+    def window_count(self, spatial_shape: Sequence[int]) -> int:
+        return len(self._plan(spatial_shape, torch.device("cpu")).slices)
+
+    def _pad(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        if not any(plan.pad):
+            return x
+        mode = look_up_option(self.settings.padding_mode, PytorchPadMode)
+        return F.pad(x, pad=plan.pad, mode=mode, value=self.settings.cval)
+
+    def _window_batches(self, batch: int, plan: _Plan) -> Iterator[list[tuple]]:
+        n = len(plan.slices)
+        total = n * batch
+        for start in range(0, total, max(1, int(self.settings.sw_batch_size))):
+            stop = min(start + int(self.settings.sw_batch_size), total)
+            yield [(slice(i // n, i // n + 1), slice(None), *plan.slices[i % n]) for i in range(start, stop)]
+
+    def _autocast(self, device: torch.device):
+        dtype = self.precision.resolve(device)
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    @staticmethod
+    def _first(output) -> torch.Tensor:
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        if isinstance(output, dict):
+            output = next(iter(output.values()))
+        return output
+
+    # -- pass 1 ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Stitched float32 logits of ``x`` ``(B, C, *S)``, equal to MONAI's sliding-window inference."""
+        x = _plain(x).float()
+        plan = self._plan(x.shape[2:], x.device)
+        padded = self._pad(x, plan)
+        output: torch.Tensor | None = None
+        for window_batch in self._window_batches(x.shape[0], plan):
+            windows = torch.cat([padded[s] for s in window_batch])
+            with self._autocast(x.device):
+                logits = self._first(self.network(windows))
+            logits = logits.float() * plan.importance
+            if output is None:
+                output = torch.zeros((x.shape[0], logits.shape[1], *plan.padded_shape), device=x.device)
+            for k, s in enumerate(window_batch):
+                output[s] += logits[k : k + 1]
+        assert output is not None
+        output /= plan.count
+        return output[(slice(None), slice(None), *plan.crop)]
+
+    # -- pass 2 ---------------------------------------------------------------------------
+    def input_gradient(self, x: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+        """Gradient with respect to ``x`` of ``sum(upstream * forward(x))``, exact, window by window."""
+        x = _plain(x).float().detach()
+        plan = self._plan(x.shape[2:], x.device)
+        leaf = x.requires_grad_(True)
+        with torch.enable_grad():
+            padded = self._pad(leaf, plan)
+        # adjoint of the final crop and of the division by the count map
+        upstream_padded = torch.zeros((upstream.shape[0], upstream.shape[1], *plan.padded_shape), device=x.device)
+        upstream_padded[(slice(None), slice(None), *plan.crop)] = upstream.float()
+        upstream_padded /= plan.count
+        grad_padded = torch.zeros_like(padded)
+        network = self.gradient_network or self.network
+        dtype = self.precision.resolve(x.device)
+        scale = self.precision.loss_scale if dtype == torch.float16 else 1.0
+        for window_batch in self._window_batches(x.shape[0], plan):
+            windows = torch.cat([padded.detach()[s] for s in window_batch]).requires_grad_(True)
+            share = torch.cat([upstream_padded[s] for s in window_batch]) * plan.importance
+            with torch.enable_grad():
+                with self._autocast(x.device):
+                    logits = self._first(network(windows))
+                (window_grad,) = torch.autograd.grad(logits.float(), windows, grad_outputs=share * scale)
+            if scale != 1.0:
+                window_grad = window_grad / scale
+            for k, s in enumerate(window_batch):
+                grad_padded[s] += window_grad[k : k + 1]
+        if padded is leaf:
+            return grad_padded
+        (grad,) = torch.autograd.grad(padded, leaf, grad_outputs=grad_padded)
+        return grad
+
+    def value_and_grad(
+        self, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stitched logits, ``loss_fn(stitched)`` and its exact gradient with respect to ``x``."""
+        stitched = self.forward(x).requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(stitched)
+            (upstream,) = torch.autograd.grad(loss, stitched)
+        return stitched.detach(), loss.detach(), self.input_gradient(x, upstream)
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor view (MetaTensor operations are slow and carry metadata we do not need here)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x

@@ -1,0 +1,96 @@
+"""NIfTI reading and writing that keeps the scan's grid, orientation and stored type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medis3d.errors import InputError
+from medis3d.io.atomic import atomic_path
+from medis3d.io.volume import Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_nifti(path: Path | str) -> Volume:
+    """Read a 3D (or 4D multi-channel) NIfTI file into a channel-first :class:`Volume`."""
+    path = Path(path)
+    try:
+        image = nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file")
+    except Exception as exc:  # nibabel raises many types for a file it cannot parse
+        raise InputError(f"{path}: not a readable NIfTI volume ({_first_line(exc)})")
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a NIfTI volume")
+    shape = image.shape
+    while len(shape) > 3 and shape[-1] == 1:  # (I, J, K, 1) is still 3D
+        shape = shape[:-1]
+    if len(shape) not in (3, 4) or min(shape[:3]) < 2:
+        raise InputError(f"{path}: expected a 3D volume (or 4D with channels last), got shape {tuple(image.shape)}")
+    try:
+        data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
+    except Exception as exc:
+        raise InputError(f"{path}: voxel data cannot be read ({_first_line(exc)})")
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite")
+    array = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
+    # nibabel moves the header's scaling onto the data proxy when it loads a file
+    slope = getattr(image.dataobj, "slope", None)
+    intercept = getattr(image.dataobj, "inter", None)
+    return Volume(
+        array=np.ascontiguousarray(array, dtype=np.float32),
+        affine=np.asarray(image.affine, dtype=np.float64),
+        path=path,
+        format="nifti",
+        stored_dtype=np.dtype(image.get_data_dtype()),
+        slope=1.0 if slope is None or not np.isfinite(slope) else float(slope),
+        intercept=0.0 if intercept is None or not np.isfinite(intercept) else float(intercept),
+        meta={"header": image.header.copy()},
+    )
+
+
+def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = None, *, dtype=None) -> Path:
+    """Write ``array`` (default: the volume's own) on ``volume``'s grid, atomically.
+
+    Without ``dtype`` the file stores values as the source does (quantised and clipped for
+    integer types, same slope and intercept). With ``dtype`` (for label maps, float maps)
+    values are written as that type with no scaling.
+    """
+    path = Path(path)
+    values = volume.array if array is None else np.asarray(array)
+    if values.ndim == 4 and values.shape[0] == 1:
+        values = values[0]
+    elif values.ndim == 4:
+        values = np.moveaxis(values, 0, -1)
+    header = volume.meta.get("header")
+    header = header.copy() if header is not None else nib.Nifti1Header()
+    if dtype is None:
+        stored = volume.to_stored(values)
+        slope, intercept = volume.slope, volume.intercept
+        if np.ndim(slope) or np.ndim(intercept):  # per-slice scaling (DICOM source): store float
+            stored, slope, intercept = volume.quantise(values).astype(np.float32), 1.0, 0.0
+    else:
+        stored, slope, intercept = np.asarray(values).astype(dtype), 1.0, 0.0
+    header = header if isinstance(header, nib.Nifti1Header) else nib.Nifti1Header()
+    image = nib.Nifti1Image(stored, volume.affine, header)
+    image.set_data_dtype(stored.dtype)
+    image.header.set_slope_inter(float(slope), float(intercept))
+    if header.get("sform_code", 0) == 0 and header.get("qform_code", 0) == 0:
+        image.set_sform(volume.affine, code=1)
+        image.set_qform(volume.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return path
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

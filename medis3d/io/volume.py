@@ -1,0 +1,101 @@
+"""The Volume type: voxels in native units on the scan's own grid, with what is needed to write it back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Volume:
+    """A scan as medis3d handles it.
+
+    ``array`` is float32, channel-first ``(C, I, J, K)`` in the file's voxel order and in the
+    scan's native units (HU for CT). ``affine`` maps voxel indices to RAS+ millimetres
+    (nibabel's convention, also used for DICOM). ``stored_dtype``, ``slope`` and
+    ``intercept`` describe how the file stores a voxel (``stored = (native - intercept) / slope``);
+    ``slope`` and ``intercept`` broadcast over the spatial shape (DICOM slices may differ).
+    ``meta`` holds format-specific details the writers need (NIfTI header, DICOM source).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path | None = None
+    format: str = "nifti"
+    stored_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+    slope: Any = 1.0
+    intercept: Any = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+    @property
+    def name(self) -> str:
+        """A file-system-safe name for outputs (file name without its extensions)."""
+        if self.path is None:
+            return "volume"
+        base = self.path.name
+        for ext in (".nii.gz", ".nii", ".dcm"):
+            if base.lower().endswith(ext):
+                base = base[: -len(ext)]
+                break
+        return safe_name(base)
+
+    @property
+    def is_integer(self) -> bool:
+        return np.issubdtype(self.stored_dtype, np.integer)
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """The same scan (geometry, storage, metadata) holding other voxel values."""
+        return replace(self, array=np.asarray(array, dtype=np.float32))
+
+    def storable_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest native values the file's stored type can hold (broadcastable)."""
+        if not self.is_integer:
+            info = np.finfo(np.float32)
+            return np.asarray(info.min), np.asarray(info.max)
+        info = np.iinfo(self.stored_dtype)
+        slope = np.asarray(self.slope, dtype=np.float64)
+        intercept = np.asarray(self.intercept, dtype=np.float64)
+        ends = (info.min * slope + intercept, info.max * slope + intercept)
+        return np.minimum(*ends), np.maximum(*ends)
+
+    def quantise(self, array: np.ndarray) -> np.ndarray:
+        """Native values as the file will hold them: rounded to the stored type and clipped."""
+        array = np.asarray(array, dtype=np.float64)
+        if not self.is_integer:
+            return array.astype(np.float32)
+        info = np.iinfo(self.stored_dtype)
+        slope = np.asarray(self.slope, dtype=np.float64)
+        intercept = np.asarray(self.intercept, dtype=np.float64)
+        stored = np.clip(np.rint((array - intercept) / slope), info.min, info.max)
+        return (stored * slope + intercept).astype(np.float32)
+
+    def to_stored(self, array: np.ndarray) -> np.ndarray:
+        """Native values converted to the stored type (after :meth:`quantise` semantics)."""
+        if not self.is_integer:
+            return np.asarray(array, dtype=self.stored_dtype)
+        info = np.iinfo(self.stored_dtype)
+        slope = np.asarray(self.slope, dtype=np.float64)
+        intercept = np.asarray(self.intercept, dtype=np.float64)
+        stored = np.clip(np.rint((np.asarray(array, np.float64) - intercept) / slope), info.min, info.max)
+        return stored.astype(self.stored_dtype)
+
+
+def safe_name(text: str, default: str = "volume") -> str:
+    """Letters, digits, '.', '_' and '-' only; never a path."""
+    cleaned = "".join(c if (c.isalnum() or c in "._-") else "_" for c in str(text)).strip("._")
+    return cleaned[:120] or default

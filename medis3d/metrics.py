@@ -1,0 +1,62 @@
+"""Segmentation metrics (MONAI's Dice, IoU, HD95) on boolean class masks, and perturbation norms."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+
+
+def _one_hot(masks: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[None]
+
+
+def dice_per_class(pred_masks: np.ndarray, ref_masks: np.ndarray) -> list[float]:
+    """Dice of each class (masks ``(N, I, J, K)``); a class empty in both counts 1, empty in one counts 0."""
+    values = compute_dice(_one_hot(pred_masks), _one_hot(ref_masks), include_background=True, ignore_empty=False)
+    return [float(v) for v in values[0]]
+
+
+def iou_per_class(pred_masks: np.ndarray, ref_masks: np.ndarray, ignore_empty: bool = False) -> list[float]:
+    """IoU of each class; with ``ignore_empty`` a class absent from the reference gives NaN."""
+    values = compute_iou(_one_hot(pred_masks), _one_hot(ref_masks), include_background=True, ignore_empty=ignore_empty)
+    return [float(v) for v in values[0]]
+
+
+def mean_iou(pred_masks: np.ndarray, ref_masks: np.ndarray) -> float:
+    """Mean IoU over the classes present in the reference (1.0 when the reference and prediction are empty)."""
+    values = [v for v in iou_per_class(pred_masks, ref_masks, ignore_empty=True) if not math.isnan(v)]
+    if values:
+        return float(np.mean(values))
+    return 1.0 if not pred_masks.any() else 0.0
+
+
+def hd95_per_class(pred_masks: np.ndarray, ref_masks: np.ndarray, spacing: Sequence[float]) -> list[float | None]:
+    """95th-percentile Hausdorff distance in mm per class (None where either mask is empty)."""
+    out: list[float | None] = []
+    for p, r in zip(pred_masks, ref_masks):
+        if not p.any() or not r.any():
+            out.append(None)
+            continue
+        value = compute_hausdorff_distance(
+            _one_hot(p[None]), _one_hot(r[None]), include_background=True, percentile=95, spacing=list(spacing)
+        )
+        v = float(value.reshape(-1)[0])
+        out.append(v if math.isfinite(v) else None)
+    return out
+
+
+def perturbation_norms(delta_native: np.ndarray, native_per_normalized: float) -> dict[str, float]:
+    """L-inf and L2 of a perturbation, in native units and in fractions of the model's intensity range."""
+    delta = np.asarray(delta_native, dtype=np.float64)
+    linf = float(np.abs(delta).max()) if delta.size else 0.0
+    l2 = float(np.sqrt((delta**2).sum()))
+    return {
+        "linf_native": linf,
+        "l2_native": l2,
+        "linf_normalized": linf / native_per_normalized,
+        "l2_normalized": l2 / native_per_normalized,
+    }

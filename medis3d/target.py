@@ -1,0 +1,182 @@
+"""Target: the model as it is run, from a scan in its own space to logits on the scan's grid.
+
+A Target chains the bundle's differentiable preprocessing (original space -> model space), the
+sliding-window engine and the network, and maps the stitched logits back to the scan's grid
+through the inverse of the preprocessing. Losses and success are evaluated there, on the
+scan's own grid, so what is optimised is what is written and measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from medis3d.engine import Precision, WindowEngine, WindowSettings
+from medis3d.errors import InputError
+from medis3d.io.volume import Volume
+from medis3d.transforms_diff import DifferentiablePreprocessing
+
+
+_EPS = 1e-6
+
+
+@dataclass
+class Evaluation:
+    """One forward (and optionally backward) pass through the Target."""
+
+    scan_logits: torch.Tensor  # (1, K, I, J, K) on the scan's grid, float32, detached
+    loss: float | None = None
+    grad: torch.Tensor | None = None  # (C, I, J, K) gradient in native units
+
+
+@dataclass
+class Target:
+    """A segmentation model as medis3d attacks it."""
+
+    network: torch.nn.Module
+    preprocessing: DifferentiablePreprocessing
+    window: WindowSettings = field(default_factory=WindowSettings)
+    activation: str = "softmax"  # "softmax" (argmax) or "sigmoid" (threshold 0.5)
+    out_channels: int = 2
+    in_channels: int = 1
+    class_names: dict[int, str] = field(default_factory=dict)
+    name: str = "network"
+    source: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: Precision = field(default_factory=Precision)
+    notices: list[str] = field(default_factory=list)
+    gradient_network: torch.nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        self.network = self.network.to(self.device).eval()
+        for p in self.network.parameters():
+            p.requires_grad_(False)
+        self._engine: WindowEngine | None = None
+
+    # -- pieces -----------------------------------------------------------------------------
+    @property
+    def engine(self) -> WindowEngine:
+        if self._engine is None:
+            self._engine = WindowEngine(self.network, self.window, self.precision, self.gradient_network)
+        return self._engine
+
+    def reset_engine(self) -> None:
+        self._engine = None
+
+    @property
+    def foreground_classes(self) -> list[int]:
+        return list(range(1, self.out_channels)) if self.activation == "softmax" else list(range(self.out_channels))
+
+    def class_name(self, index: int) -> str:
+        return self.class_names.get(index, f"class_{index}")
+
+    # -- geometry ---------------------------------------------------------------------------
+    def _meta_tensor(self, x_native: torch.Tensor, volume: Volume) -> MetaTensor:
+        affine = torch.as_tensor(volume.affine, dtype=torch.float64)
+        meta = {"affine": affine, "original_affine": affine.clone(), "spatial_shape": np.array(volume.spatial_shape)}
+        return MetaTensor(x_native, meta=meta)
+
+    def model_input(self, x_native: torch.Tensor, volume: Volume) -> MetaTensor:
+        """The preprocessed, model-space input ``(C, *S)``; differentiable in ``x_native``."""
+        if x_native.shape[0] != self.in_channels:
+            raise InputError(
+                f"{volume.path}: the model takes {self.in_channels} channel(s), the scan has {x_native.shape[0]}"
+            )
+        return self.preprocessing(self._meta_tensor(x_native, volume))
+
+    def to_scan_grid(self, stitched: torch.Tensor, model_input: MetaTensor) -> torch.Tensor:
+        """Map stitched logits ``(1, K, *S_model)`` to logits on the scan's grid ``(1, K, I, J, K)``.
+
+        As a bundle's ``Invertd`` does, the probabilities (softmax or sigmoid) are mapped back
+        through the inverse preprocessing; they are returned as logits whose activation gives
+        exactly those probabilities (log for softmax, logit for sigmoid), so the losses and the
+        argmax see what the bundle's own inference sees. Differentiable.
+        """
+        meta = dict(model_input.meta)
+        ops = [dict(op) for op in model_input.applied_operations]
+        activated = torch.softmax(stitched[0], 0) if self.activation == "softmax" else torch.sigmoid(stitched[0])
+        probs = self.preprocessing.invert(MetaTensor(activated, meta=meta, applied_operations=ops))
+        probs = probs.as_tensor() if isinstance(probs, MetaTensor) else probs
+        probs = probs.clamp(_EPS, 1.0 - _EPS)
+        if self.activation == "softmax":
+            return torch.log(probs)[None]
+        return torch.logit(probs)[None]
+
+    # -- passes -----------------------------------------------------------------------------
+    def evaluate(
+        self,
+        x_native: torch.Tensor,
+        volume: Volume,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Evaluation:
+        """Logits on the scan's grid for ``x_native`` and, with ``loss_fn``, the loss's exact native gradient."""
+        x_native = x_native.to(self.device, torch.float32)
+        if loss_fn is None:
+            with torch.no_grad():
+                model_in = self.model_input(x_native, volume)
+                stitched = self.engine.forward(model_in[None])
+                return Evaluation(self.to_scan_grid(stitched, model_in).detach())
+        leaf = x_native.detach().requires_grad_(True)
+        with torch.enable_grad():
+            model_in = self.model_input(leaf, volume)
+        stitched = self.engine.forward(model_in.detach()[None]).requires_grad_(True)
+        with torch.enable_grad():
+            scan_logits = self.to_scan_grid(stitched, model_in)
+            loss = loss_fn(scan_logits)
+            (upstream,) = torch.autograd.grad(loss, stitched)
+        model_grad = self.engine.input_gradient(model_in.detach()[None], upstream)[0]
+        if model_in.requires_grad:
+            (grad,) = torch.autograd.grad(model_in, leaf, grad_outputs=model_grad.to(model_in.dtype))
+        else:  # preprocessing built no graph at all: treat it as identity
+            grad = model_grad
+        return Evaluation(scan_logits.detach(), float(loss.detach()), grad.detach())
+
+    # -- predictions --------------------------------------------------------------------------
+    def segment(self, scan_logits: torch.Tensor) -> np.ndarray:
+        """Label map from scan-grid logits: ``(I,J,K)`` class indices (softmax) or ``(C,I,J,K)`` 0/1 (sigmoid)."""
+        if self.activation == "softmax":
+            return scan_logits[0].argmax(0).cpu().numpy().astype(np.uint16 if self.out_channels > 255 else np.uint8)
+        return (scan_logits[0] > 0).cpu().numpy().astype(np.uint8)
+
+    def predict(self, volume: Volume) -> np.ndarray:
+        """The model's segmentation of ``volume`` on the scan's grid."""
+        return self.segment(self.evaluate(torch.from_numpy(volume.array), volume).scan_logits)
+
+    def loss_target(self, segmentation: np.ndarray) -> torch.Tensor:
+        """A segmentation as the losses take it: labels ``(1,1,...)`` (softmax) or channels ``(1,C,...)``."""
+        tensor = torch.as_tensor(np.asarray(segmentation).astype(np.int64), device=self.device)
+        if self.activation == "softmax":
+            return tensor[None, None]
+        return tensor[None].float()
+
+    def masks(self, segmentation: np.ndarray, background: bool = False) -> np.ndarray:
+        """Boolean masks ``(N, I, J, K)``: one per foreground class, background first if asked."""
+        seg = np.asarray(segmentation)
+        if self.activation == "softmax":
+            classes = ([0] if background else []) + self.foreground_classes
+            return np.stack([seg == c for c in classes])
+        fg = seg.astype(bool)
+        if background:
+            return np.concatenate([~fg.any(0, keepdims=True), fg])
+        return fg
+
+    # -- budgets --------------------------------------------------------------------------------
+    def intensity_scale(self, volume: Volume) -> tuple[float, str]:
+        """Native units that make 1.0 of the model's normalised intensity range, and how it was found."""
+        for step in self.preprocessing.steps:
+            a = step.args
+            span_b = float(a.get("b_max", 1.0) or 1.0) - float(a.get("b_min", 0.0) or 0.0)
+            if step.name == "ScaleIntensityRange" and a.get("a_max") is not None and a.get("a_min") is not None:
+                span = (float(a["a_max"]) - float(a["a_min"])) / (span_b or 1.0)
+                return abs(span), f"ScaleIntensityRange window {a['a_min']}..{a['a_max']} -> {a.get('b_min', 0)}..{a.get('b_max', 1)}"
+            if step.name == "ScaleIntensityRangePercentiles":
+                lo, hi = float(a.get("lower", 0.5)), float(a.get("upper", 99.5))
+                p_lo, p_hi = np.percentile(volume.array, [lo, hi])
+                span = (p_hi - p_lo) / (span_b or 1.0)
+                return float(max(span, 1e-6)), f"the scan's {lo}-{hi} percentile range {p_lo:.4g}..{p_hi:.4g} (ScaleIntensityRangePercentiles)"
+        p_lo, p_hi = np.percentile(volume.array, [0.5, 99.5])
+        return float(max(p_hi - p_lo, 1e-6)), f"the scan's 0.5-99.5 percentile range {p_lo:.4g}..{p_hi:.4g} (no fixed intensity window)"

@@ -1,0 +1,82 @@
+"""NIfTI reading and writing keeps shape, affine, orientation and stored type; bad files fail clearly."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medis3d.errors import InputError
+from medis3d.io import read_volume, write_nifti
+
+AFFINE = np.array([[-0.9, 0.1, 0, 30], [0, 1.1, 0.05, -10], [0, 0, 2.5, 4], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+def test_round_trip_keeps_geometry_and_dtype(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    data = (rng.random((12, 10, 8)) * 200).astype(dtype)
+    nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "in.nii.gz"))
+    vol = read_volume(tmp_path / "in.nii.gz")
+    assert vol.array.shape == (1, 12, 10, 8) and vol.stored_dtype == np.dtype(dtype)
+    noisy = vol.array + rng.normal(0, 3, vol.array.shape).astype(np.float32)
+    write_nifti(vol, tmp_path / "out.nii.gz", noisy)
+    back = nib.load(str(tmp_path / "out.nii.gz"))
+    assert back.shape == (12, 10, 8)
+    assert back.get_data_dtype() == np.dtype(dtype)
+    assert np.allclose(back.affine, AFFINE, atol=1e-5)
+    assert nib.aff2axcodes(back.affine) == nib.aff2axcodes(AFFINE)
+    expected = vol.quantise(noisy)[0]
+    assert np.allclose(back.get_fdata(), expected, atol=1e-4)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        assert back.get_fdata().min() >= info.min and back.get_fdata().max() <= info.max
+
+
+def test_scaled_integer_storage(tmp_path):
+    data = np.arange(60, dtype=np.int16).reshape(5, 4, 3)
+    img = nib.Nifti1Image(data, AFFINE)
+    img.header.set_slope_inter(0.5, -10)
+    nib.save(img, str(tmp_path / "in.nii.gz"))
+    vol = read_volume(tmp_path / "in.nii.gz")
+    assert np.allclose(vol.array[0], data * 0.5 - 10)
+    write_nifti(vol, tmp_path / "out.nii.gz", vol.array + 0.3)
+    back = read_volume(tmp_path / "out.nii.gz")
+    assert back.stored_dtype == np.int16
+    assert np.allclose(back.array, vol.quantise(vol.array + 0.3))
+    assert np.abs(back.array - (vol.array + 0.3)).max() <= 0.25 + 1e-6
+
+
+def test_label_map_written_on_grid(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((6, 7, 8), np.int16), AFFINE), str(tmp_path / "in.nii.gz"))
+    vol = read_volume(tmp_path / "in.nii.gz")
+    labels = np.zeros((6, 7, 8), np.uint8)
+    labels[2:4, 3:5, 1:6] = 1
+    write_nifti(vol, tmp_path / "lab.nii.gz", labels, dtype=np.uint8)
+    back = nib.load(str(tmp_path / "lab.nii.gz"))
+    assert back.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(back.dataobj), labels)
+    assert np.allclose(back.affine, AFFINE, atol=1e-5)
+
+
+def test_multichannel_4d(tmp_path):
+    data = np.random.default_rng(1).random((6, 7, 8, 2)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "mc.nii.gz"))
+    vol = read_volume(tmp_path / "mc.nii.gz")
+    assert vol.array.shape == (2, 6, 7, 8)
+    assert np.allclose(vol.array[1], data[..., 1])
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: None, "no such file"),
+        (lambda p: p.write_text("hello"), "not a"),
+        (lambda p: nib.save(nib.Nifti1Image(np.zeros((5, 5), np.float32), np.eye(4)), str(p)), "expected a 3D volume"),
+        (lambda p: nib.save(nib.Nifti1Image(np.full((4, 4, 4), np.nan, np.float32), np.eye(4)), str(p)), "NaN"),
+    ],
+)
+def test_bad_inputs_raise_one_line(tmp_path, make, message):
+    path = tmp_path / "bad.nii.gz"
+    make(path)
+    with pytest.raises(InputError) as err:
+        read_volume(path)
+    text = str(err.value)
+    assert message in text and str(path) in text and "\n" not in text
