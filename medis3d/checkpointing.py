@@ -1,0 +1,71 @@
+"""Gradient checkpointing of a network's stages, so the gradient pass keeps only stage inputs.
+
+Stages are the repeated blocks of MONAI's networks (SegResNet's ResBlock, UNet's
+ResidualUnit / Convolution, UNETR's TransformerBlock and UNETR blocks, DynUNet's blocks);
+SwinUNETR uses its own ``use_checkpoint``. TorchScript networks cannot be changed: they run
+without checkpointing and a notice says so.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+STAGE_CLASSES = {
+    "ResBlock",  # SegResNet
+    "ResidualUnit",  # UNet with residual units
+    "Convolution",  # UNet without them
+    "TransformerBlock",  # UNETR / ViT
+    "UnetrBasicBlock",
+    "UnetrUpBlock",
+    "UnetrPrUpBlock",
+    "UnetResBlock",  # DynUNet
+    "UnetBasicBlock",
+    "UnetUpBlock",
+    "TwoConv",  # BasicUNet
+    "Down",
+    "UpCat",
+}
+
+
+class CheckpointedStage(torch.nn.Module):
+    """Runs ``module`` under ``torch.utils.checkpoint`` (non-reentrant, any number of inputs)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.module(*args, **kwargs)
+        return checkpoint(self.module, *args, use_reentrant=False, **kwargs)
+
+
+def enable_checkpointing(network: torch.nn.Module) -> tuple[int, str | None]:
+    """Wrap the network's stages in place; returns (stages wrapped, notice or None)."""
+    if isinstance(network, torch.jit.ScriptModule):
+        return 0, "TorchScript network: gradient checkpointing is not possible, running without it"
+    flagged = 0
+    for module in network.modules():
+        if hasattr(module, "use_checkpoint") and isinstance(getattr(module, "use_checkpoint"), bool):
+            module.use_checkpoint = True
+            flagged += 1
+    if flagged:
+        return flagged, None
+    wrapped = _wrap(network)
+    if wrapped == 0:
+        return 0, f"{type(network).__name__}: no known stages to checkpoint, running without it"
+    return wrapped, None
+
+
+def _wrap(parent: torch.nn.Module) -> int:
+    count = 0
+    for name, child in list(parent.named_children()):
+        if isinstance(child, CheckpointedStage):
+            continue
+        if type(child).__name__ in STAGE_CLASSES and any(p.numel() for p in child.parameters()):
+            parent._modules[name] = CheckpointedStage(child)
+            count += 1
+        else:
+            count += _wrap(child)
+    return count
