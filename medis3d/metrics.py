@@ -34,6 +34,20 @@ def mean_iou(pred_masks: np.ndarray, ref_masks: np.ndarray) -> float:
     return 1.0 if not pred_masks.any() else 0.0
 
 
+def smooth_mean_iou(pred_masks: np.ndarray, ref_masks: np.ndarray, smooth: float = 1.0) -> float:
+    """Mean over classes of ``(|P & R| + smooth) / (|P | R| + smooth)``.
+
+    Defined for every class, empty ones included, and graded: against an empty reference it is
+    ``1 / (|P| + 1)``, so an all-background target is reached only when the prediction is empty.
+    """
+    values = []
+    for p, r in zip(pred_masks, ref_masks):
+        inter = float(np.logical_and(p, r).sum())
+        union = float(np.logical_or(p, r).sum())
+        values.append((inter + smooth) / (union + smooth))
+    return float(np.mean(values)) if values else 1.0
+
+
 def hd95_per_class(pred_masks: np.ndarray, ref_masks: np.ndarray, spacing: Sequence[float]) -> list[float | None]:
     """95th-percentile Hausdorff distance in mm per class (None where either mask is empty)."""
     out: list[float | None] = []

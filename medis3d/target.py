@@ -9,7 +9,7 @@ scan's own grid, so what is optimised is what is written and measured.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ class Target:
     precision: Precision = field(default_factory=Precision)
     notices: list[str] = field(default_factory=list)
     gradient_network: torch.nn.Module | None = None
+    checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.network = self.network.to(self.device).eval()
@@ -66,6 +67,44 @@ class Target:
 
     def reset_engine(self) -> None:
         self._engine = None
+
+    def configure(
+        self,
+        *,
+        roi_size: Sequence[int] | None = None,
+        overlap: float | None = None,
+        sw_batch_size: int | None = None,
+        mode: str | None = None,
+        checkpoint: bool | None = None,
+        amp: bool | None = None,
+        amp_dtype: torch.dtype | None = None,
+    ) -> "Target":
+        """Override the bundle's inferer settings, and switch checkpointing and mixed precision."""
+        if roi_size is not None:
+            self.window.roi_size = tuple(int(v) for v in roi_size)
+        if overlap is not None:
+            if not 0 <= overlap < 1:
+                raise InputError(f"--overlap must be in [0, 1), got {overlap}")
+            self.window.overlap = float(overlap)
+        if sw_batch_size is not None:
+            if sw_batch_size < 1:
+                raise InputError(f"--sw-batch-size must be at least 1, got {sw_batch_size}")
+            self.window.sw_batch_size = int(sw_batch_size)
+        if mode is not None:
+            if mode not in ("constant", "gaussian"):
+                raise InputError(f"--window-mode must be constant or gaussian, got {mode!r}")
+            self.window.mode = mode
+        if checkpoint and not self.checkpointing:
+            from medis3d.checkpointing import enable_checkpointing
+
+            count, notice = enable_checkpointing(self.network)
+            self.checkpointing = count > 0
+            if notice:
+                self.notices.append(notice)
+        if amp is not None:
+            self.precision = Precision(enabled=bool(amp), dtype=amp_dtype)
+        self.reset_engine()
+        return self
 
     @property
     def foreground_classes(self) -> list[int]:

@@ -1,0 +1,242 @@
+"""What every attack shares: the goal (untargeted or targeted, and when it has succeeded), the
+budget (L-inf ball in native units, valid intensity range, optional region), and the result."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from medis3d.io.volume import Volume
+from medis3d.metrics import mean_iou, smooth_mean_iou
+from medis3d.target import Target
+
+# The paper's success criteria: untargeted when mean IoU against the reference drops to 0.5 or
+# below, targeted when mean IoU against the target reaches 0.45 or above.
+UNTARGETED_SUCCESS = 0.5
+TARGETED_SUCCESS = 0.45
+
+ProgressFn = Callable[[str, int, int, float], None]
+
+
+@dataclass
+class Goal:
+    """What the attack aims for, scored on the scan's grid.
+
+    Untargeted: the score is the mean IoU over the foreground classes present in ``reference``;
+    success when it is <= ``threshold``. Targeted: the mean over the foreground classes of the
+    smoothed IoU ``(|P & T| + 1) / (|P | T| + 1)`` against the target (defined and graded for
+    empty classes, so an all-background target is reached when the prediction is empty);
+    success when it is >= ``threshold``.
+    """
+
+    target: Target
+    reference: np.ndarray
+    aim: np.ndarray | None = None  # the target segmentation of a targeted attack
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.threshold is None:
+            self.threshold = TARGETED_SUCCESS if self.targeted else UNTARGETED_SUCCESS
+        self.loss_target = self.target.loss_target(self.aim if self.targeted else self.reference)
+
+    @property
+    def targeted(self) -> bool:
+        return self.aim is not None
+
+    def score(self, prediction: np.ndarray) -> float:
+        if self.targeted:
+            return smooth_mean_iou(self.target.masks(prediction), self.target.masks(self.aim))
+        return mean_iou(self.target.masks(prediction), self.target.masks(self.reference))
+
+    def succeeded(self, score: float) -> bool:
+        return score >= self.threshold if self.targeted else score <= self.threshold
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether score ``a`` is closer to the goal than ``b``."""
+        return a > b if self.targeted else a < b
+
+
+@dataclass
+class Budget:
+    """Perturbation budget in native units (L-inf or L2 ball), step size, iterations, valid range."""
+
+    eps: float
+    step: float
+    steps: int
+    low: float = -np.inf
+    high: float = np.inf
+    region: np.ndarray | None = None  # 0/1 mask broadcastable to (C, I, J, K): where changes may go
+    norm: str = "linf"  # "linf" or "l2"
+
+    def _region(self, like: torch.Tensor) -> torch.Tensor | None:
+        if self.region is None:
+            return None
+        return torch.as_tensor(self.region, dtype=like.dtype, device=like.device)
+
+    def project(self, x: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """Nearest point of the ball around ``clean`` (inside the region), clipped to the valid range."""
+        delta = x - clean
+        region = self._region(delta)
+        if region is not None:
+            delta = delta * region
+        if self.norm == "l2":
+            norm = delta.norm()
+            if norm > self.eps:
+                delta = delta * (self.eps / norm)
+        else:
+            delta = torch.clamp(delta, -self.eps, self.eps)
+        return torch.clamp(clean + delta, self.low, self.high)
+
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        """The steepest-ascent direction of unit size for the norm: sign (L-inf) or grad/||grad|| (L2)."""
+        region = self._region(grad)
+        if region is not None:
+            grad = grad * region
+        if self.norm == "l2":
+            return grad / grad.norm().clamp_min(1e-12)
+        return torch.sign(grad)
+
+    def size(self, delta: torch.Tensor) -> float:
+        return float(delta.norm()) if self.norm == "l2" else float(delta.abs().max())
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float | None
+    score: float
+    success: bool
+    linf_native: float
+
+
+@dataclass
+class MemberResult:
+    """The outcome of one (attack, loss) member: the iterate kept and the whole trace."""
+
+    attack: str
+    loss: str
+    success: bool
+    steps: int  # iterations taken to reach the kept iterate
+    adversarial: np.ndarray  # (C, I, J, K) native units, as it will be stored
+    prediction: np.ndarray
+    score: float
+    linf_native: float
+    trace: list[StepRecord] = field(default_factory=list)
+    time_s: float = 0.0
+    l2_native: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.attack}:{self.loss}"
+
+
+class Attack:
+    """Base of the attacks: the target, the loss, the budget and the goal, and the iterative loop.
+
+    The loop evaluates every iterate on the volume as it will be stored (integer types
+    quantised), records its score, keeps the best iterate (the first successful one when
+    ``early_stop``), and takes steps with :meth:`update`. Subclasses change :meth:`start`,
+    :meth:`objective` and :meth:`update`, or the whole :meth:`run`.
+    """
+
+    name = "attack"
+    early_stop = True  # stop at the first successful iterate (least perturbation)
+    uses_loss = True
+
+    def __init__(self, target: Target, loss: str, budget: Budget, goal: Goal, progress: ProgressFn | None = None, seed: int = 0):
+        from medis3d.losses import get_loss
+
+        self.target, self.loss_name, self.budget, self.goal = target, loss, budget, goal
+        self.loss = get_loss(loss, target.activation) if self.uses_loss else None
+        self.progress = progress
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    @property
+    def label(self) -> str:
+        return self.loss_name if self.uses_loss else self.name
+
+    @property
+    def member_name(self) -> str:
+        """How progress and tables name this member: the loss for IGSM (the paper's), else attack:loss."""
+        if not self.uses_loss:
+            return self.name
+        return self.loss_name if self.name == "igsm" else f"{self.name}:{self.loss_name}"
+
+    def objective(self, t: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The function whose gradient is ascended at step ``t``: the loss (untargeted) or minus it (targeted)."""
+        sign = -1.0 if self.goal.targeted else 1.0
+        aim = self.goal.loss_target
+        loss = self.loss
+
+        def fn(scan_logits: torch.Tensor) -> torch.Tensor:
+            return sign * loss(scan_logits, aim)
+
+        return fn
+
+    def start(self, clean: torch.Tensor) -> torch.Tensor:
+        return clean.clone()
+
+    def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
+        return self.budget.project(x + self.budget.step * self.budget.direction(grad), clean)
+
+    def evaluate(self, volume: Volume, x: torch.Tensor, objective=None):
+        """The iterate as stored, the evaluation there, its prediction, score and success."""
+        written = torch.from_numpy(volume.quantise(x.cpu().numpy())).to(self.target.device)
+        evaluation = self.target.evaluate(written, volume, objective)
+        prediction = self.target.segment(evaluation.scan_logits)
+        score = self.goal.score(prediction)
+        return written, evaluation, prediction, score, self.goal.succeeded(score)
+
+    def run(self, volume: Volume) -> MemberResult:
+        start = time.perf_counter()
+        clean = torch.from_numpy(volume.array).to(self.target.device)
+        x = self.start(clean)
+        keeper = BestIterate(self.goal)
+        trace: list[StepRecord] = []
+        steps = self.budget.steps
+        for t in range(steps + 1):
+            last = t == steps
+            written, evaluation, prediction, score, success = self.evaluate(volume, x, None if last else self.objective(t))
+            trace.append(StepRecord(t, evaluation.loss, score, success, float((written - clean).abs().max())))
+            if self.progress is not None:
+                self.progress(self.member_name, t, steps, score)
+            keeper.offer(t, written, prediction, score, success)
+            if last or (success and self.early_stop):
+                break
+            x = self.update(x, evaluation.grad, t, clean)
+        return keeper.result(self, clean, trace, time.perf_counter() - start)
+
+
+class BestIterate:
+    """Keeps the iterate closest to the goal (the first successful one, if any)."""
+
+    def __init__(self, goal: Goal):
+        self.goal = goal
+        self.best: tuple | None = None
+
+    def offer(self, t: int, written: torch.Tensor, prediction: np.ndarray, score: float, success: bool) -> None:
+        if self.best is not None and self.best[4]:
+            return  # already successful: the first success is the least perturbation
+        if self.best is None or success or self.goal.better(score, self.best[3]):
+            self.best = (t, written, prediction, score, success)
+
+    def result(self, attack: "Attack", clean: torch.Tensor, trace: list[StepRecord], time_s: float) -> MemberResult:
+        assert self.best is not None
+        t, written, prediction, score, success = self.best
+        return MemberResult(
+            attack=attack.name,
+            loss=attack.label,
+            success=bool(success),
+            steps=int(t),
+            adversarial=written.cpu().numpy().astype(np.float32),
+            prediction=prediction,
+            score=float(score),
+            linf_native=float((written - clean).abs().max()),
+            trace=trace,
+            time_s=time_s,
+            l2_native=float((written - clean).norm()),
+        )

@@ -1,0 +1,60 @@
+"""DAG, dense adversary generation (Xie et al., ICCV 2017): targeted; each step follows the
+gradient of (target logit - currently predicted logit) summed over the voxels not yet on
+target, normalised to a step of L-inf size ``step``, until almost every voxel is on target or the
+iterations end. The accumulated perturbation is projected to the budget for evaluation.
+Untargeted, the target is the reference with every class moved to the next one."""
+
+from __future__ import annotations
+
+import torch
+
+from medis3d.attacks.base import Attack
+
+ON_TARGET = 0.99  # stop once this fraction of voxels is on target
+
+
+class DAG(Attack):
+    """Dense adversary generation; its loss replaces the member's surrogate (members ``dag``)."""
+
+    name = "dag"
+    uses_loss = False
+    early_stop = True
+
+    def _aim(self) -> torch.Tensor:
+        aim = self.goal.loss_target
+        if self.goal.targeted:
+            return aim
+        if self.target.activation == "softmax":
+            return (aim + 1) % self.target.out_channels
+        return 1.0 - aim
+
+    def objective(self, t: int):
+        aim = self._aim()
+        activation = self.target.activation
+
+        def fn(scan_logits: torch.Tensor) -> torch.Tensor:
+            logits = scan_logits.float()
+            if activation == "softmax":
+                current = logits.argmax(1, keepdim=True)
+                active = (current != aim).float()
+                gap = logits.gather(1, aim.long()) - logits.gather(1, current)
+                self._on_target = 1.0 - float(active.mean())
+                return (gap * active).sum()
+            signs = aim * 2 - 1  # push each channel's logit towards the target side of 0
+            active = ((logits > 0).float() != aim).float()
+            self._on_target = 1.0 - float(active.mean())
+            return (signs * logits * active).sum()
+
+        return fn
+
+    def start(self, clean: torch.Tensor) -> torch.Tensor:
+        self._free = clean.clone()  # the unconstrained DAG iterate
+        self._on_target = 0.0
+        return clean.clone()
+
+    def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
+        if self._on_target >= ON_TARGET:
+            return x
+        scale = grad.abs().max().clamp_min(1e-12)
+        self._free = self._free + self.budget.step * grad / scale
+        return self.budget.project(self._free, clean)

@@ -1,0 +1,23 @@
+"""PGD (Madry et al. 2018): a random start inside the budget, then projected steepest-ascent
+steps for a fixed number of iterations; returns the best iterate."""
+
+from __future__ import annotations
+
+import torch
+
+from medis3d.attacks.base import Attack
+
+
+class PGD(Attack):
+    """Projected gradient descent with a uniform random start (L-inf) or a random direction (L2)."""
+
+    name = "pgd"
+    early_stop = False
+
+    def start(self, clean: torch.Tensor) -> torch.Tensor:
+        noise = torch.rand(clean.shape, generator=self.generator, dtype=clean.dtype).to(clean.device) * 2 - 1
+        if self.budget.norm == "l2":
+            noise = noise / noise.norm().clamp_min(1e-12) * self.budget.eps * float(torch.rand(1, generator=self.generator))
+        else:
+            noise = noise * self.budget.eps
+        return self.budget.project(clean + noise, clean)

@@ -1,0 +1,211 @@
+"""Batch attacks over a folder: every NIfTI volume and DICOM series, one output folder each,
+a summary table, resumable, and sharded across processes under ``torchrun``.
+
+A volume is done when its ``status.json`` says so; that file is written last, after every
+output was moved into place, so a run killed part-way redoes only unfinished volumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from medis3d.errors import InputError, Medis3dError
+from medis3d.io.atomic import write_text_atomic
+from medis3d.io.nifti import is_nifti
+from medis3d.io.volume import safe_name
+
+STATUS_FILE = "status.json"
+SUMMARY_COLUMNS = [
+    "name", "input", "status", "error", "clean_dice", "adversarial_dice", "clean_mean_iou",
+    "adversarial_mean_iou", "success", "selected_loss", "selected_steps", "linf_normalized",
+    "linf_native", "eps", "eps_units", "time_s",
+]
+
+
+@dataclass
+class BatchItem:
+    """One volume of a batch: where it comes from and the output folder name."""
+
+    name: str
+    kind: str  # "nifti" or "dicom"
+    path: Path
+    series: object | None = None  # medis3d.io.dicom.SeriesInfo for DICOM
+
+    def read(self):
+        from medis3d.io import read_volume
+
+        if self.kind == "dicom":
+            from medis3d.io.dicom import read_dicom_series
+
+            return read_dicom_series(self.series)
+        return read_volume(self.path)
+
+
+def discover(input_dir: Path) -> list[BatchItem]:
+    """Every NIfTI file and DICOM series under ``input_dir``, in a stable order, with unique safe names."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise InputError(f"{input_dir}: not a folder")
+    items: list[BatchItem] = []
+    for path in sorted(p for p in input_dir.rglob("*") if p.is_file() and is_nifti(p) and not _hidden(p, input_dir)):
+        rel = path.relative_to(input_dir).as_posix()
+        for ext in (".nii.gz", ".nii"):
+            if rel.lower().endswith(ext):
+                rel = rel[: -len(ext)]
+        items.append(BatchItem(safe_name(rel.replace("/", "__")), "nifti", path))
+    from medis3d.io.dicom import find_series
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            series = find_series(input_dir)
+        except InputError:
+            series = []
+    notices = [str(w.message) for w in caught]
+    for info in sorted(series, key=lambda s: (str(s.folder), s.uid)):
+        description = safe_name(info.description or info.modality or "series", "series")
+        items.append(BatchItem(f"{description}_{safe_name(info.uid[-12:])}", "dicom", info.folder, info))
+    seen: dict[str, int] = {}
+    for item in items:
+        n = seen.get(item.name, 0)
+        seen[item.name] = n + 1
+        if n:
+            item.name = f"{item.name}_{n + 1}"
+    discover.notices = notices  # type: ignore[attr-defined]
+    return items
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def is_done(folder: Path) -> bool:
+    status = folder / STATUS_FILE
+    if not status.is_file():
+        return False
+    try:
+        return json.loads(status.read_text()).get("status") == "done" and (folder / "report.json").is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _row_from(item: BatchItem, folder: Path) -> dict:
+    row = {c: "" for c in SUMMARY_COLUMNS}
+    row.update(name=item.name, input=str(item.path))
+    try:
+        status = json.loads((folder / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        row.update(status="pending")
+        return row
+    row.update(status=status.get("status", ""), error=status.get("error", ""), time_s=status.get("time_s", ""))
+    if status.get("status") != "done":
+        return row
+    report = json.loads((folder / "report.json").read_text())
+    clean, adv = report["clean"], report["adversarial"]
+    mean = lambda d: sum(v for v in d.values() if v is not None) / max(1, sum(v is not None for v in d.values()))  # noqa: E731
+    row.update(
+        clean_dice=round(mean(clean["dice"]), 6),
+        adversarial_dice=round(mean(adv["dice"]), 6),
+        clean_mean_iou=round(clean["mean_iou"], 6),
+        adversarial_mean_iou=round(adv["mean_iou"], 6),
+        success=report["success"],
+        selected_loss=report["selected"]["loss"],
+        selected_steps=report["selected"]["steps"],
+        linf_normalized=round(report["perturbation"]["linf_normalized"], 8),
+        linf_native=round(report["perturbation"]["linf_native"], 6),
+        eps=report["attack"]["eps"],
+        eps_units=report["attack"]["eps_units"],
+    )
+    return row
+
+
+def write_summary(items: list[BatchItem], out_dir: Path) -> list[dict]:
+    """summary.csv and summary.json from every item's status and report, in discovery order."""
+    rows = [_row_from(item, out_dir / item.name) for item in items]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out_dir / "summary.csv", buffer.getvalue())
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "pending")}
+    write_text_atomic(out_dir / "summary.json", json.dumps({"volumes": len(rows), **counts, "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+def run_one(item: BatchItem, out_dir: Path, attack: Callable[[object, Path], dict]) -> dict:
+    """Attack one item; record done or failed (with a one-line error) in its status file."""
+    folder = out_dir / item.name
+    start = time.perf_counter()
+    try:
+        volume = item.read()
+        attack(volume, folder)
+        status = {"status": "done", "time_s": round(time.perf_counter() - start, 3)}
+    except Medis3dError as exc:
+        status = {"status": "failed", "error": str(exc), "time_s": round(time.perf_counter() - start, 3)}
+    except Exception as exc:  # one volume's failure must not stop the batch
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        status = {"status": "failed", "error": f"{item.path}: {type(exc).__name__}: {message}", "time_s": round(time.perf_counter() - start, 3)}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / STATUS_FILE, json.dumps(status) + "\n")
+    return status
+
+
+@dataclass
+class Shard:
+    """This process's share of the batch under torchrun (rank, world size, device)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised: bool = False
+
+    @classmethod
+    def from_env(cls) -> "Shard":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True)
+
+    def device(self, requested: str | None) -> str:
+        import torch
+
+        if requested and requested != "cuda":
+            return requested
+        if torch.cuda.is_available():
+            return f"cuda:{self.local_rank}" if self.world > 1 else "cuda"
+        return "cpu"
+
+    def mine(self, items: list[BatchItem]) -> list[BatchItem]:
+        return items[self.rank :: self.world]
+
+    def barrier(self) -> None:
+        if self.initialised:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def pending(items: list[BatchItem], out_dir: Path) -> Iterator[BatchItem]:
+    for item in items:
+        if not is_done(out_dir / item.name):
+            yield item

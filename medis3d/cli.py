@@ -1,0 +1,364 @@
+"""The medis3d command line: attack, batch, predict (typer app, rich progress)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medis3d.errors import InputError, Medis3dError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Measure how robust a 3D medical segmentation model is by attacking it (MedIS).",
+    pretty_exceptions_enable=False,
+)
+
+BUNDLE_HELP = "MONAI bundle folder or .zip (default: the shipped SegResNet brain extraction on T1 MRI)."
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"medis3d: error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _quiet_warnings() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="monai")
+
+
+def _load_target(bundle: Optional[Path], config: Optional[str], trust: bool, device: str):
+    import torch
+
+    from medis3d.bundle import load_bundle
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    return load_bundle(bundle, config=config, trust=trust, device=device)
+
+
+def parse_fraction(text: str, option: str) -> float:
+    """A number such as 0.03 or a fraction such as 8/255."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"{option} must be a number or a fraction such as 8/255, got {text!r}")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Options shared by attack and batch.
+OUT_DIR = typer.Option(None, "--out", "-o", help="Output folder [default: medis3d-out/<scan name>/].")
+BUNDLE = typer.Option(None, "--bundle", "-b", help=BUNDLE_HELP)
+CONFIG = typer.Option(None, "--config", help="Bundle config file name [default: inference.json/yaml].")
+TRUST = typer.Option(False, "--trust-bundle", help="Allow the bundle's config to run Python and its weights to unpickle code.")
+LABEL = typer.Option(None, "--label", help="Reference segmentation on the scan's grid [default: the clean prediction].")
+TARGET = typer.Option(None, "--target", help="Targeted attack: background (all black), foreground (all white) or a mask file.")
+LOSSES = typer.Option("all", "--losses", help="Comma-separated surrogate losses, or 'all' (the paper's six): logcosh_dice, bce_dice, exp_log, structure, lovasz, combined, dice, tversky, focal, generalized_dice, ce.")
+EPS = typer.Option("10/255", "--eps", help="Largest L-inf perturbation; a number or a fraction such as 8/255.")
+STEP = typer.Option("1/255", "--step", help="Step size (the paper's 1/255).")
+STEPS = typer.Option(10, "--steps", help="Most iterations per member.")
+EPS_UNITS = typer.Option("normalized", "--eps-units", help="normalized (fractions of the model's intensity range) or native (scan units, e.g. HU).")
+SUCCESS = typer.Option(None, "--success", help="Success threshold on mean IoU [default: <= 0.5 untargeted, >= 0.45 targeted].")
+DEVICE = typer.Option(None, "--device", help="cpu, cuda or cuda:N [default: cuda if available].")
+AMP = typer.Option(False, "--amp", help="Mixed precision for the network (bfloat16 on CPU, float16 on CUDA).")
+CHECKPOINT = typer.Option(False, "--checkpoint", help="Gradient checkpointing of the network's stages (less memory, ~30% slower).")
+SW_BATCH = typer.Option(None, "--sw-batch-size", help="Windows per batch [default: the bundle's].")
+OVERLAP = typer.Option(None, "--overlap", help="Window overlap in [0, 1) [default: the bundle's].")
+ROI = typer.Option(None, "--roi", help="Window size, e.g. 96 or 96,96,64 [default: the bundle's].")
+WINDOW_MODE = typer.Option(None, "--window-mode", help="constant or gaussian window blending [default: the bundle's].")
+SEED = typer.Option(0, "--seed", help="Random seed.")
+OUTPUT_FORMAT = typer.Option("auto", "--output-format", help="nifti, dicom or both [default: the input's format].")
+SEG_FORMAT = typer.Option("nifti", "--seg-format", help="Predictions as nifti label maps, or also as DICOM SEG (dicom; DICOM inputs).")
+ANONYMIZE = typer.Option(False, "--anonymize", help="DICOM output: remove patient identity (basic profile), remap UIDs.")
+
+
+def _parse_roi(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--roi must be one size or three, e.g. 96 or 96,96,64; got {text!r}")
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or min(values) < 1:
+        raise InputError(f"--roi must be one size or three, e.g. 96 or 96,96,64; got {text!r}")
+    return values
+
+
+def _prepare(
+    bundle, config, trust_bundle, device, amp, checkpoint, sw_batch_size, overlap, roi, window_mode,
+    losses, eps, step, steps, eps_units, label, target, success, seed, output_format, seg_format, anonymize,
+):
+    """Load and configure the target, and collect the attack options (errors are InputErrors)."""
+    from medis3d.losses import parse_losses
+    from medis3d.pipeline import AttackOptions
+
+    try:
+        members = len(parse_losses(losses))
+    except ValueError as exc:
+        raise InputError(str(exc))
+    options = AttackOptions(
+        losses=losses, eps=parse_fraction(eps, "--eps"), step=parse_fraction(step, "--step"), steps=steps,
+        eps_units=eps_units, label=label, target_mask=target, success=success, seed=seed,
+        output_format=output_format, seg_format=seg_format, anonymize=anonymize,
+    )
+    if not options.eps > 0:
+        raise InputError(f"--eps must be positive, got {options.eps}")
+    if not options.step > 0:
+        raise InputError(f"--step must be positive, got {options.step}")
+    tgt = _load_target(bundle, config, trust_bundle, device)
+    tgt.configure(
+        roi_size=_parse_roi(roi), overlap=overlap, sw_batch_size=sw_batch_size, mode=window_mode,
+        checkpoint=checkpoint, amp=amp,
+    )
+    return tgt, options, members
+
+
+@app.command()
+def attack(
+    scan: Path = typer.Argument(..., help="NIfTI file (.nii/.nii.gz) or DICOM series (folder or any file of it)."),
+    out: Optional[Path] = OUT_DIR,
+    bundle: Optional[Path] = BUNDLE,
+    config: Optional[str] = CONFIG,
+    trust_bundle: bool = TRUST,
+    label: Optional[Path] = LABEL,
+    target: Optional[str] = TARGET,
+    losses: str = LOSSES,
+    eps: str = EPS,
+    step: str = STEP,
+    steps: int = STEPS,
+    eps_units: str = EPS_UNITS,
+    success: Optional[float] = SUCCESS,
+    device: Optional[str] = DEVICE,
+    amp: bool = AMP,
+    checkpoint: bool = CHECKPOINT,
+    sw_batch_size: Optional[int] = SW_BATCH,
+    overlap: Optional[float] = OVERLAP,
+    roi: Optional[str] = ROI,
+    window_mode: Optional[str] = WINDOW_MODE,
+    seed: int = SEED,
+    output_format: str = OUTPUT_FORMAT,
+    seg_format: str = SEG_FORMAT,
+    anonymize: bool = ANONYMIZE,
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Attack SCAN with MedIS and write the adversarial scan, predictions and a report."""
+    _quiet_warnings()
+    from medis3d.pipeline import run_attack
+
+    try:
+        tgt, options, members = _prepare(
+            bundle, config, trust_bundle, device or _default_device(), amp, checkpoint, sw_batch_size, overlap, roi,
+            window_mode, losses, eps, step, steps, eps_units, label, target, success, seed, output_format,
+            seg_format, anonymize,
+        )
+        if quiet or json_out:
+            report = run_attack(scan, tgt, options, out)
+        else:
+            report = _with_progress(lambda cb: run_attack(scan, tgt, options, out, progress=cb), members, steps)
+    except Medis3dError as exc:
+        _fail(str(exc))
+        return
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        _print_summary(report)
+
+
+def _with_progress(fn, members: int, steps: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), transient=False,
+    ) as progress:
+        overall = progress.add_task("members", total=members, info="")
+        tasks: dict[str, int] = {}
+
+        def callback(loss: str, t: int, total: int, score: float) -> None:
+            if loss not in tasks:
+                tasks[loss] = progress.add_task(f"  {loss}", total=total, info="")
+            progress.update(tasks[loss], completed=t, info=f"score {score:.3f}")
+            if t == 0 and len(tasks) > 1:
+                progress.advance(overall)
+
+        result = fn(callback)
+        progress.update(overall, completed=members)
+        for task in tasks.values():
+            progress.update(task, completed=progress.tasks[task].total)
+    return result
+
+
+def _print_summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="MedIS members", show_lines=False)
+    for col in ("loss", "success", "steps", "L-inf (x/255)", "score"):
+        table.add_column(col)
+    for m in report["members"]:
+        score = m["mean_iou"] if m["mean_iou"] is not None else m["target_mean_iou"]
+        table.add_row(m["loss"], "yes" if m["success"] else "no", str(m["steps"]), f"{m['linf_normalized'] * 255:.2f}", f"{score:.3f}")
+    console.print(table)
+    clean, adv = report["clean"], report["adversarial"]
+    sel = report["selected"]
+    verdict = "[green]succeeded[/green]" if report["success"] else "[red]failed[/red]"
+    console.print(
+        f"Attack {verdict}: selected [bold]{sel['loss']}[/bold] after {sel['steps']} step(s), "
+        f"L-inf {report['perturbation']['linf_normalized'] * 255:.2f}/255 "
+        f"({report['perturbation']['linf_native']:.4g} native units)."
+    )
+    console.print(
+        "Dice clean -> adversarial: "
+        + ", ".join(f"{k} {clean['dice'][k]:.3f} -> {adv['dice'][k]:.3f}" for k in clean["dice"])
+        + f"; mean IoU {clean['mean_iou']:.3f} -> {adv['mean_iou']:.3f}"
+    )
+    console.print(f"Outputs in {report['output_dir']} ({report['time_s']:.1f} s)")
+
+
+@app.command()
+def batch(
+    input_dir: Path = typer.Argument(..., help="Folder holding NIfTI volumes and/or DICOM series (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one sub-folder per volume, summary.csv and summary.json."),
+    bundle: Optional[Path] = BUNDLE,
+    config: Optional[str] = CONFIG,
+    trust_bundle: bool = TRUST,
+    target: Optional[str] = typer.Option(None, "--target", help="Targeted attack: background or foreground."),
+    losses: str = LOSSES,
+    eps: str = EPS,
+    step: str = STEP,
+    steps: int = STEPS,
+    eps_units: str = EPS_UNITS,
+    success: Optional[float] = SUCCESS,
+    device: Optional[str] = DEVICE,
+    amp: bool = AMP,
+    checkpoint: bool = CHECKPOINT,
+    sw_batch_size: Optional[int] = SW_BATCH,
+    overlap: Optional[float] = OVERLAP,
+    roi: Optional[str] = ROI,
+    window_mode: Optional[str] = WINDOW_MODE,
+    seed: int = SEED,
+    output_format: str = OUTPUT_FORMAT,
+    seg_format: str = SEG_FORMAT,
+    anonymize: bool = ANONYMIZE,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Attack every volume under INPUT_DIR; resumable; shards across processes under torchrun."""
+    _quiet_warnings()
+    from medis3d.batch import Shard, discover, pending, run_one, write_summary
+    from medis3d.pipeline import run_attack
+
+    if target not in (None, "background", "foreground"):
+        _fail(f"--target in batch must be background or foreground, got {target!r}")
+    shard = Shard.from_env()
+    try:
+        items = discover(input_dir)
+        if not items:
+            raise InputError(f"{input_dir}: no NIfTI volume or DICOM image series found")
+        if out.resolve() == input_dir.resolve() or input_dir.resolve() in out.resolve().parents:
+            raise InputError(f"{out}: the output folder must not be inside the input folder {input_dir}")
+        tgt, options, _ = _prepare(
+            bundle, config, trust_bundle, shard.device(device), amp, checkpoint, sw_batch_size, overlap, roi,
+            window_mode, losses, eps, step, steps, eps_units, None, target, success, seed, output_format,
+            seg_format, anonymize,
+        )
+    except Medis3dError as exc:
+        shard.close()
+        _fail(str(exc))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    todo = list(pending(shard.mine(items), out))
+    skipped = len(shard.mine(items)) - len(todo)
+
+    def attack_one(volume, folder):
+        return run_attack(volume, tgt, options, folder)
+
+    failures = 0
+    show = not quiet and shard.rank == 0
+    if show:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn("[bold]volumes"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
+        ) as progress:
+            task = progress.add_task("volumes", total=len(todo), info=f"{skipped} already done")
+            for item in todo:
+                progress.update(task, info=f"{item.name} | failed {failures}")
+                failures += run_one(item, out, attack_one)["status"] != "done"
+                progress.advance(task)
+            progress.update(task, info=f"failed {failures}, {skipped} already done")
+    else:
+        for item in todo:
+            failures += run_one(item, out, attack_one)["status"] != "done"
+    shard.barrier()
+    code = 0
+    if shard.rank == 0:
+        rows = write_summary(items, out)
+        failed = [r for r in rows if r["status"] != "done"]
+        if not quiet:
+            done = len(rows) - len(failed)
+            typer.echo(f"{done} of {len(rows)} volume(s) done, {len(failed)} failed; summary in {out / 'summary.csv'}")
+            for r in failed:
+                typer.echo(f"  failed: {r['name']}: {r['error']}", err=True)
+        code = 1 if failed else 0
+    shard.barrier()
+    shard.close()
+    if shard.rank != 0:
+        code = 1 if failures else 0
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def predict(
+    scan: Path = typer.Argument(..., help="NIfTI file or DICOM series."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file [default: medis3d-out/<scan name>/prediction.nii.gz]."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help=BUNDLE_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help="Bundle config file name."),
+    trust_bundle: bool = typer.Option(False, "--trust-bundle", help="Allow the bundle's config to run Python."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Segment SCAN with the target and write the label map on the scan's grid."""
+    _quiet_warnings()
+    from medis3d.pipeline import run_predict
+
+    try:
+        tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
+        path, prediction, volume = run_predict(scan, tgt, out)
+    except Medis3dError as exc:
+        _fail(str(exc))
+        return
+    if not quiet:
+        counts = {tgt.class_name(c): int(m.sum()) for c, m in zip(tgt.foreground_classes, tgt.masks(prediction))}
+        typer.echo(f"wrote {path} ({', '.join(f'{k}: {v} voxels' for k, v in counts.items())})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("medis3d: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""MedIS parallel fusion: run every (attack, loss) member and keep, per volume, the successful
+member with the least perturbation (fewest steps, so smallest L-inf; ties by the better score),
+or the strongest member when none succeeded."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medis3d.attacks import ATTACKS, OWN_LOSS, Budget, Goal, MemberResult
+from medis3d.attacks.base import ProgressFn
+from medis3d.errors import InputError
+from medis3d.io.volume import Volume
+from medis3d.losses import parse_losses
+from medis3d.target import Target
+
+PAPER_STEP = 1 / 255
+PAPER_STEPS = 10
+PAPER_EPS = 10 / 255
+
+
+@dataclass
+class MedISResult:
+    """Fusion outcome: the adversarial volume, the chosen member, and every member."""
+
+    adversarial: Volume
+    members: list[MemberResult]
+    selected: int
+    success: bool
+    clean_prediction: np.ndarray
+    reference: np.ndarray
+    aim: np.ndarray | None
+    eps_native: float
+    step_native: float
+    native_per_normalized: float
+    scale_note: str
+    threshold: float
+    time_s: float = 0.0
+    clean_score: float = float("nan")
+
+    @property
+    def chosen(self) -> MemberResult:
+        return self.members[self.selected]
+
+
+def select_member(members: Sequence[MemberResult], goal_targeted: bool) -> int:
+    """Index of the member MedIS keeps (see the module docstring)."""
+    if not members:
+        raise ValueError("no members to select from")
+    better = (lambda s: -s) if goal_targeted else (lambda s: s)  # smaller key is better
+    successful = [i for i, m in enumerate(members) if m.success]
+    if successful:
+        return min(successful, key=lambda i: (members[i].steps, members[i].linf_native, better(members[i].score), i))
+    return min(range(len(members)), key=lambda i: (better(members[i].score), members[i].linf_native, i))
+
+
+@dataclass
+class MedIS:
+    """MedIS over a target: ``MedIS(target, losses="all")(volume, reference=None, target_mask=None)``.
+
+    ``eps`` and ``step`` are L-inf sizes in fractions of the model's intensity range
+    (``eps_units="normalized"``, the paper's 1/255 steps) or in the scan's units
+    (``eps_units="native"``).
+    """
+
+    target: Target
+    losses: str | Sequence[str] = "all"
+    eps: float = PAPER_EPS
+    step: float = PAPER_STEP
+    steps: int = PAPER_STEPS
+    eps_units: str = "normalized"
+    attacks: Sequence[str] = ("igsm",)
+    success_threshold: float | None = None
+    progress: ProgressFn | None = None
+    region: np.ndarray | None = None
+    seed: int = 0
+    norm: str = "linf"
+    loss_names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self.loss_names = parse_losses(self.losses)
+        except ValueError as exc:
+            raise InputError(str(exc))
+        if not self.eps > 0:
+            raise InputError(f"--eps must be positive, got {self.eps}")
+        if not self.step > 0:
+            raise InputError(f"--step must be positive, got {self.step}")
+        if self.steps < 1:
+            raise InputError(f"--steps must be at least 1, got {self.steps}")
+        if self.eps_units not in ("normalized", "native"):
+            raise InputError(f"--eps-units must be 'normalized' or 'native', got {self.eps_units!r}")
+        if self.norm not in ("linf", "l2"):
+            raise InputError(f"--norm must be linf or l2, got {self.norm!r}")
+        if isinstance(self.attacks, str):
+            self.attacks = [a.strip() for a in self.attacks.split(",") if a.strip()]
+        for a in self.attacks:
+            if a not in ATTACKS:
+                raise InputError(f"unknown attack {a!r}; choose from: {', '.join(sorted(ATTACKS))}")
+
+    def __call__(
+        self, volume: Volume, reference: np.ndarray | None = None, target_mask: np.ndarray | str | None = None
+    ) -> MedISResult:
+        start = time.perf_counter()
+        torch.manual_seed(self.seed)
+        scale, note = self.target.intensity_scale(volume)
+        factor = scale if self.eps_units == "normalized" else 1.0
+        eps_native, step_native = self.eps * factor, self.step * factor
+        clean_prediction = self.target.predict(volume)
+        reference = clean_prediction if reference is None else reference
+        aim = self._aim(target_mask, clean_prediction)
+        goal = Goal(self.target, reference, aim, self.success_threshold)
+        low, high = volume.storable_range()
+        budget = Budget(
+            eps=eps_native,
+            step=step_native,
+            steps=int(self.steps),
+            low=float(max(volume.array.min(), np.min(low))),
+            high=float(min(volume.array.max(), np.max(high))),
+            region=self.region,
+            norm=self.norm,
+        )
+        members: list[MemberResult] = []
+        for attack_name, loss in self.members():
+            attack = ATTACKS[attack_name](self.target, loss, budget, goal, self.progress, seed=self.seed)
+            members.append(attack.run(volume))
+        selected = select_member(members, goal.targeted)
+        chosen = members[selected]
+        return MedISResult(
+            adversarial=volume.with_array(chosen.adversarial),
+            members=members,
+            selected=selected,
+            success=chosen.success,
+            clean_prediction=clean_prediction,
+            reference=reference,
+            aim=aim,
+            eps_native=eps_native,
+            step_native=step_native,
+            native_per_normalized=scale,
+            scale_note=note,
+            threshold=float(goal.threshold),
+            time_s=time.perf_counter() - start,
+            clean_score=goal.score(clean_prediction),
+        )
+
+    def members(self) -> list[tuple[str, str]]:
+        """The (attack, loss) pairs fused; attacks with their own loss are one member each."""
+        pairs: list[tuple[str, str]] = []
+        for attack_name in self.attacks:
+            if attack_name in OWN_LOSS:
+                pairs.append((attack_name, attack_name))
+            else:
+                pairs.extend((attack_name, loss) for loss in self.loss_names)
+        return pairs
+
+    def _aim(self, target_mask, clean_prediction: np.ndarray) -> np.ndarray | None:
+        if target_mask is None:
+            return None
+        if isinstance(target_mask, str):
+            if target_mask == "background":
+                return np.zeros_like(clean_prediction)
+            if target_mask == "foreground":
+                return np.ones_like(clean_prediction)
+            raise InputError(f"--target must be background, foreground or a file, got {target_mask!r}")
+        return np.asarray(target_mask).astype(clean_prediction.dtype)

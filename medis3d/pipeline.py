@@ -1,0 +1,363 @@
+"""The attack and predict workflows on one scan: validate inputs, run MedIS, write every output
+atomically, and measure the outcome on the volume as written (read back from disk)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medis3d.errors import InputError
+from medis3d.io import read_volume, write_nifti
+from medis3d.io.volume import Volume
+from medis3d.medis import PAPER_EPS, PAPER_STEP, PAPER_STEPS, MedIS, MedISResult
+from medis3d.metrics import dice_per_class, hd95_per_class, iou_per_class, mean_iou, perturbation_norms, smooth_mean_iou
+from medis3d.report import SCHEMA, peak_memory_mb, write_json, write_overview
+from medis3d.target import Target
+
+OUTPUT_FILES = (
+    "adversarial.nii.gz",
+    "adversarial",  # DICOM series folder
+    "perturbation.nii.gz",
+    "prediction_clean.nii.gz",
+    "prediction_adversarial.nii.gz",
+    "prediction_clean.dcm",
+    "prediction_adversarial.dcm",
+    "report.json",
+    "overview.png",
+)
+
+
+@dataclass
+class AttackOptions:
+    """Everything ``medis3d attack`` takes besides the scan and the target."""
+
+    losses: str | Sequence[str] = "all"
+    eps: float = PAPER_EPS
+    step: float = PAPER_STEP
+    steps: int = PAPER_STEPS
+    eps_units: str = "normalized"
+    label: Path | None = None
+    target_mask: str | Path | None = None  # "background", "foreground" or a file
+    success: float | None = None
+    seed: int = 0
+    attacks: Sequence[str] = ("igsm",)
+    output_format: str = "auto"  # auto (the input's format), nifti, dicom, both
+    seg_format: str = "nifti"  # nifti or dicom (DICOM SEG; DICOM inputs only)
+    anonymize: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def formats(self, volume: Volume) -> tuple[str, ...]:
+        """The formats the adversarial scan is written in, the first one measured."""
+        fmt = self.output_format
+        if fmt not in ("auto", "nifti", "dicom", "both"):
+            raise InputError(f"--output-format must be nifti, dicom or both, got {fmt!r}")
+        if self.seg_format not in ("nifti", "dicom"):
+            raise InputError(f"--seg-format must be nifti or dicom, got {self.seg_format!r}")
+        is_dicom = volume.format == "dicom"
+        if (fmt in ("dicom", "both") or self.seg_format == "dicom") and not is_dicom:
+            raise InputError(f"{volume.path}: DICOM output needs a DICOM input series (this scan is {volume.format})")
+        if fmt == "auto":
+            return ("dicom",) if is_dicom else ("nifti",)
+        if fmt == "both":
+            return ("dicom", "nifti")
+        return (fmt,)
+
+
+def default_out_dir(scan: Path, name: str) -> Path:
+    return Path("medis3d-out") / name
+
+
+def check_same_grid(volume: Volume, other: Volume, what: str) -> None:
+    if other.spatial_shape != volume.spatial_shape:
+        raise InputError(f"{other.path}: {what} shape {other.spatial_shape} differs from the scan's {volume.spatial_shape}")
+    if not np.allclose(other.affine, volume.affine, atol=1e-3, rtol=1e-4):
+        raise InputError(f"{other.path}: {what} affine differs from the scan's (not on the same grid)")
+
+
+def read_segmentation(path: Path, volume: Volume, target: Target, what: str) -> np.ndarray:
+    """A label file on the scan's grid, in the form :meth:`Target.segment` gives."""
+    seg = read_volume(path)
+    check_same_grid(volume, seg, what)
+    values = seg.array
+    if not np.allclose(values, np.round(values)):
+        raise InputError(f"{path}: {what} must hold integer labels")
+    labels = np.round(values).astype(np.int64)
+    if labels.min() < 0:
+        raise InputError(f"{path}: {what} has negative labels")
+    if target.activation == "softmax":
+        if labels.shape[0] != 1:
+            raise InputError(f"{path}: {what} must be a 3D label map for this model")
+        if labels.max() >= target.out_channels:
+            raise InputError(f"{path}: {what} has label {labels.max()}, the model has classes 0..{target.out_channels - 1}")
+        return labels[0].astype(np.uint16 if target.out_channels > 255 else np.uint8)
+    if labels.shape[0] == target.out_channels:
+        return (labels > 0).astype(np.uint8)
+    if labels.shape[0] == 1:
+        if target.out_channels == 1:
+            return (labels > 0).astype(np.uint8)
+        return np.stack([labels[0] == c + 1 for c in range(target.out_channels)]).astype(np.uint8)
+    raise InputError(f"{path}: {what} has {labels.shape[0]} channels, the model has {target.out_channels}")
+
+
+def _label_dtype(target: Target):
+    return np.uint16 if target.out_channels > 255 else np.uint8
+
+
+def segmentation_metrics(target: Target, prediction: np.ndarray, reference: np.ndarray, spacing) -> dict:
+    pm, rm = target.masks(prediction), target.masks(reference)
+    names = [target.class_name(c) for c in target.foreground_classes]
+    return {
+        "dice": dict(zip(names, dice_per_class(pm, rm))),
+        "iou": dict(zip(names, iou_per_class(pm, rm))),
+        "mean_iou": mean_iou(pm, rm),
+        "hd95": dict(zip(names, hd95_per_class(pm, rm, spacing))),
+    }
+
+
+def _target_metrics(target: Target, prediction: np.ndarray, aim: np.ndarray) -> dict:
+    pm, am = target.masks(prediction), target.masks(aim)
+    names = [target.class_name(c) for c in target.foreground_classes]
+    return {"mean_iou": smooth_mean_iou(pm, am), "dice": dict(zip(names, dice_per_class(pm, am)))}
+
+
+def _guard_inputs(out_dir: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output folder whose outputs would overwrite one of the user's inputs."""
+    resolved_out = out_dir.resolve()
+    for p in inputs:
+        if p is None:
+            continue
+        rp = Path(p).resolve()
+        for name in OUTPUT_FILES + ("prediction.nii.gz",):
+            if (resolved_out / name) == rp:
+                raise InputError(f"{p}: refusing to write outputs over an input file; choose another --out")
+        if rp.is_dir() and (resolved_out == rp or rp in resolved_out.parents):
+            raise InputError(f"{out_dir}: refusing to write outputs inside the input series folder {p}")
+
+
+def run_attack(
+    scan: Path | str | Volume,
+    target: Target,
+    options: AttackOptions,
+    out_dir: Path | str | None = None,
+    progress=None,
+) -> dict:
+    """Attack one scan (a path, or a Volume already read) and write its outputs into ``out_dir``."""
+    start = time.perf_counter()
+    volume = scan if isinstance(scan, Volume) else read_volume(Path(scan))
+    out = Path(out_dir) if out_dir is not None else default_out_dir(Path(str(volume.path)), volume.name)
+    formats = options.formats(volume)
+    target_file = None
+    if options.target_mask is not None and str(options.target_mask) not in ("background", "foreground"):
+        target_file = Path(options.target_mask)
+    sources = list(volume.meta.get("dicom_files", [])) if volume.format == "dicom" else []
+    _guard_inputs(out, [volume.path, options.label, target_file, *sources])
+    reference = read_segmentation(Path(options.label), volume, target, "label") if options.label else None
+    aim = read_segmentation(target_file, volume, target, "target") if target_file else options.target_mask
+    medis = MedIS(
+        target,
+        losses=options.losses,
+        eps=options.eps,
+        step=options.step,
+        steps=options.steps,
+        eps_units=options.eps_units,
+        attacks=options.attacks,
+        success_threshold=options.success,
+        progress=progress,
+        seed=options.seed,
+    )
+    if target.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target.device)
+    result = medis(volume, reference=reference, target_mask=aim)
+    target_spec = None if options.target_mask is None else str(options.target_mask)
+    return _write_outputs(volume, target, medis, result, out, start, target_spec, formats, options)
+
+
+def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats, options: AttackOptions, medis: MedIS) -> Volume:
+    """Write the adversarial scan in every asked format; return the primary one read back from disk."""
+    written: Volume | None = None
+    for fmt in formats:
+        if fmt == "nifti":
+            path = write_nifti(volume, stage / "adversarial.nii.gz", result.adversarial.array)
+            back = read_volume(path)
+        else:
+            from medis3d.io.dicom import read_dicom_series, write_dicom_series
+
+            budget = f"eps {medis.eps * 255:.3g}/255" if medis.eps_units == "normalized" else f"eps {medis.eps:.4g}"
+            files = write_dicom_series(
+                volume,
+                result.adversarial.array,
+                stage / "adversarial",
+                series_description=f"ADVERSARIAL medis3d {budget} ({result.chosen.loss})"[:64],
+                derivation=f"medis3d MedIS adversarial attack, {budget}, {result.chosen.steps} steps of {result.chosen.loss}",
+                anonymize=options.anonymize,
+                uid_map={} if options.anonymize else None,
+            )
+            back = read_dicom_series(files[0].parent)
+        if written is None:
+            written = back
+    assert written is not None
+    return written
+
+
+def _write_outputs(
+    volume: Volume,
+    target: Target,
+    medis: MedIS,
+    result: MedISResult,
+    out: Path,
+    start: float,
+    target_spec: str | None,
+    formats: Sequence[str],
+    options: AttackOptions,
+) -> dict:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        # Success is measured on what is written: read the file back and run the model on it.
+        written = _write_adversarial(volume, result, stage, formats, options, medis)
+        adversarial_prediction = target.predict(written)
+        delta = written.array - volume.array
+        write_nifti(volume, stage / "perturbation.nii.gz", delta, dtype=np.float32)
+        _write_prediction(volume, target, stage, "prediction_clean", result.clean_prediction, options)
+        _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options)
+        goal_targeted = result.aim is not None
+        if goal_targeted:
+            score = _target_metrics(target, adversarial_prediction, result.aim)["mean_iou"]
+            success = score >= result.threshold
+        else:
+            score = mean_iou(target.masks(adversarial_prediction), target.masks(result.reference))
+            success = score <= result.threshold
+        norms = perturbation_norms(delta, result.native_per_normalized)
+        chosen = result.chosen
+        report = {
+            "schema": SCHEMA,
+            "input": {
+                "path": str(volume.path),
+                "format": volume.format,
+                "shape": list(volume.spatial_shape),
+                "channels": volume.channels,
+                "spacing": list(volume.spacing),
+                "stored_dtype": str(volume.stored_dtype),
+            },
+            "outputs": {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format},
+            "target": {
+                "bundle": target.source,
+                "network": target.name,
+                "activation": target.activation,
+                "classes": {str(c): target.class_name(c) for c in range(target.out_channels)},
+                "inferer": target.window.as_dict(),
+                "preprocessing": target.preprocessing.describe(),
+                "device": str(target.device),
+                "notices": list(target.notices),
+            },
+            "attack": {
+                "name": "medis",
+                "attacks": list(medis.attacks),
+                "targeted": goal_targeted,
+                "target": target_spec,
+                "losses": list(medis.loss_names),
+                "eps": medis.eps,
+                "step": medis.step,
+                "steps": medis.steps,
+                "eps_units": medis.eps_units,
+                "eps_native": result.eps_native,
+                "step_native": result.step_native,
+                "native_per_normalized": result.native_per_normalized,
+                "normalization": result.scale_note,
+                "success_threshold": result.threshold,
+                "success_metric": "smoothed mean IoU vs target over foreground classes >= threshold"
+                if goal_targeted
+                else "mean IoU vs reference over foreground classes <= threshold",
+                "reference": "label file" if result.reference is not result.clean_prediction else "clean prediction",
+                "seed": medis.seed,
+            },
+            "clean": segmentation_metrics(target, result.clean_prediction, result.reference, volume.spacing),
+            "adversarial": segmentation_metrics(target, adversarial_prediction, result.reference, volume.spacing),
+            "perturbation": norms,
+            "success": bool(success),
+            "selected": {
+                "attack": chosen.attack,
+                "loss": chosen.loss,
+                "steps": chosen.steps,
+                "linf_normalized": chosen.linf_native / result.native_per_normalized,
+                "linf_native": chosen.linf_native,
+            },
+            "members": [
+                {
+                    "attack": m.attack,
+                    "loss": m.loss,
+                    "success": m.success,
+                    "steps": m.steps,
+                    "linf_normalized": m.linf_native / result.native_per_normalized,
+                    "linf_native": m.linf_native,
+                    "mean_iou": m.score if not goal_targeted else None,
+                    "target_mean_iou": m.score if goal_targeted else None,
+                    "time_s": m.time_s,
+                    "trace": [
+                        {"step": r.step, "loss": r.loss, "score": r.score, "success": r.success} for r in m.trace
+                    ],
+                }
+                for m in result.members
+            ],
+            "time_s": time.perf_counter() - start,
+            "peak_memory_mb": peak_memory_mb(target.device),
+        }
+        if goal_targeted:
+            report["clean"]["against_target"] = _target_metrics(target, result.clean_prediction, result.aim)
+            report["adversarial"]["against_target"] = _target_metrics(target, adversarial_prediction, result.aim)
+        clean_any = target.masks(result.clean_prediction).any(0)
+        adv_any = target.masks(adversarial_prediction).any(0)
+        verdict = "succeeded" if success else "failed"
+        write_overview(
+            stage / "overview.png",
+            volume.array[0],
+            written.array[0],
+            clean_any,
+            adv_any,
+            volume.affine,
+            title=f"{volume.name}: attack {verdict} ({chosen.loss}, {chosen.steps} steps, "
+            f"L-inf {norms['linf_normalized'] * 255:.1f}/255 = {norms['linf_native']:.3g} native units)",
+        )
+        write_json(stage / "report.json", report)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_FILES:
+            if not (stage / name).exists():
+                continue
+            if (out / name).is_dir():  # an earlier run's DICOM series: replace it whole
+                shutil.rmtree(out / name)
+            os.replace(stage / name, out / name)
+        report["output_dir"] = str(out)
+        return report
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, labels: np.ndarray, options: AttackOptions) -> None:
+    if options.seg_format == "dicom":
+        from medis3d.io.dicom import write_dicom_seg
+
+        names = {c: target.class_name(c) for c in target.foreground_classes}
+        write_dicom_seg(volume, labels, stage / f"{name}.dcm", names, series_description=f"medis3d {name.replace('_', ' ')}")
+    write_nifti(volume, stage / f"{name}.nii.gz", labels, dtype=_label_dtype(target))
+
+
+def run_predict(scan: Path | str, target: Target, out_file: Path | str | None = None) -> tuple[Path, np.ndarray, Volume]:
+    """Write the target's segmentation of ``scan`` on the scan's grid."""
+    scan = Path(scan)
+    volume = read_volume(scan)
+    out = Path(out_file) if out_file is not None else default_out_dir(scan, volume.name) / "prediction.nii.gz"
+    if out.resolve() == scan.resolve():
+        raise InputError(f"{scan}: refusing to overwrite the input with its prediction; choose another --out")
+    if not out.name.lower().endswith((".nii", ".nii.gz")):
+        raise InputError(f"{out}: --out must be a .nii or .nii.gz file")
+    prediction = target.predict(volume)
+    write_nifti(volume, out, prediction, dtype=_label_dtype(target))
+    return out, prediction, volume

@@ -1,0 +1,106 @@
+"""Batch over a folder: NIfTI and DICOM inputs, one failure does not stop it, resumable, torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import save_nifti, synthetic_scan
+from medis3d.cli import app
+from test_dicom import make_series
+
+runner = CliRunner()
+FAST = ["--losses", "ce", "--steps", "2", "--eps", "16/255", "--step", "8/255", "--quiet"]
+
+
+@pytest.fixture()
+def batch_input(tmp_path) -> Path:
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    save_nifti(root / "a.nii.gz", synthetic_scan(1)[0])
+    save_nifti(root / "sub" / "b.nii.gz", synthetic_scan(2)[0])
+    hu, _ = synthetic_scan(3)
+    make_series(root / "dicom", (hu.astype(np.int32) + 1024).astype(np.int16), spacing=(1.2, 1.2, 1.2), description="CT test")
+    return root
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    with open(out / "summary.csv") as f:
+        return {r["name"]: r for r in csv.DictReader(f)}
+
+
+def test_batch_nifti_and_dicom_with_one_corrupt_input(tiny_bundle, batch_input, tmp_path):
+    (batch_input / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["batch", str(batch_input), "--out", str(out), "--bundle", str(tiny_bundle), *FAST])
+    assert result.exit_code == 1, result.output  # some failed
+    rows = _rows(out)
+    assert len(rows) == 4
+    assert rows["broken"]["status"] == "failed" and "broken.nii.gz" in rows["broken"]["error"]
+    done = [r for r in rows.values() if r["status"] == "done"]
+    assert len(done) == 3
+    dicom_row = next(r for n, r in rows.items() if n.startswith("CT_test"))
+    folder = out / dicom_row["name"]
+    assert (folder / "adversarial").is_dir() and len(list((folder / "adversarial").iterdir())) == 32
+    assert (out / "sub__b" / "adversarial.nii.gz").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 3 and summary["failed"] == 1
+    for r in done:
+        assert float(r["clean_dice"]) == pytest.approx(1.0)  # reference = clean prediction
+        assert float(r["linf_normalized"]) <= 16 / 255 + 0.5 / 400 + 1e-6
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "medis3d", *args]
+
+
+def test_batch_killed_part_way_and_rerun(tiny_bundle, batch_input, tmp_path):
+    out = tmp_path / "out"
+    cmd = _cli("batch", str(batch_input), "--out", str(out), "--bundle", str(tiny_bundle), *FAST)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(out.glob("*/status.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/status.json")}
+    assert finished, "the batch did not finish any volume before it was killed"
+    assert len(finished) < 3, "the batch finished before it could be killed; the test proves nothing"
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    rows = _rows(out)
+    assert all(r["status"] == "done" for r in rows.values()) and len(rows) == 3
+    for name, mtime in finished.items():  # volumes done before the kill were not redone
+        assert (out / name / "status.json").stat().st_mtime_ns == mtime
+    assert not list(out.glob(".*partial*"))  # no staging folder was left behind... or it was cleaned
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_torchrun_two_processes_same_summary(tiny_bundle, batch_input, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    single, double = tmp_path / "one", tmp_path / "two"
+    args = ["batch", str(batch_input), "--bundle", str(tiny_bundle), *FAST]
+    one = subprocess.run(_cli(*args, "--out", str(single)), env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "medis3d", *args, "--out", str(double)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = _rows(single), _rows(double)
+    assert a.keys() == b.keys()
+    for name in a:
+        for column in ("status", "clean_dice", "adversarial_dice", "success", "selected_loss", "linf_native"):
+            assert a[name][column] == b[name][column], (name, column)

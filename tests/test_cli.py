@@ -1,0 +1,105 @@
+"""The command line end to end on a small scan, and its handling of bad input."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medis3d.cli import app
+from medis3d.io import read_volume
+
+runner = CliRunner()
+
+REPORT_KEYS = {"schema", "input", "target", "attack", "clean", "adversarial", "perturbation", "success", "selected", "members", "time_s", "peak_memory_mb"}
+
+
+def test_attack_end_to_end(tiny_bundle, scan_and_label, tmp_path):
+    scan, label = scan_and_label
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["attack", str(scan), "--bundle", str(tiny_bundle), "--label", str(label), "--losses", "dice,ce",
+              "--eps", "24", "--eps-units", "native", "--step", "4", "--steps", "6", "--out", str(out), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert REPORT_KEYS <= set(report)
+    assert report["schema"] == "medis3d.report/1"
+    assert {"name", "targeted", "losses", "eps", "step", "steps", "eps_units"} <= set(report["attack"])
+    assert {"linf_native", "l2_native", "linf_normalized"} <= set(report["perturbation"])
+    assert {"loss", "success", "steps", "linf_normalized", "mean_iou"} <= set(report["members"][0])
+    assert {"dice", "mean_iou", "hd95"} <= set(report["clean"])
+    for name in ("adversarial.nii.gz", "perturbation.nii.gz", "prediction_clean.nii.gz", "prediction_adversarial.nii.gz", "report.json", "overview.png"):
+        assert (out / name).is_file(), name
+    src = nib.load(str(scan))
+    adv = nib.load(str(out / "adversarial.nii.gz"))
+    assert adv.shape == src.shape and np.allclose(adv.affine, src.affine, atol=1e-5)
+    assert adv.get_data_dtype() == src.get_data_dtype() == np.int16
+    assert nib.aff2axcodes(adv.affine) == nib.aff2axcodes(src.affine)
+    # the budget holds in the written file (int16: the quantisation adds at most half a unit)
+    delta = adv.get_fdata() - src.get_fdata()
+    assert np.abs(delta).max() <= 24 + 0.5
+    assert report["perturbation"]["linf_native"] == pytest.approx(np.abs(delta).max())
+    pert = nib.load(str(out / "perturbation.nii.gz"))
+    assert pert.get_data_dtype() == np.float32 and np.allclose(pert.get_fdata(), delta, atol=1e-4)
+    # the adversarial prediction in the report is the model's prediction on the written file
+    from medis3d.bundle import load_bundle
+
+    pred = load_bundle(tiny_bundle).predict(read_volume(out / "adversarial.nii.gz"))
+    written_pred = np.asarray(nib.load(str(out / "prediction_adversarial.nii.gz")).dataobj)
+    assert np.array_equal(pred, written_pred)
+    assert report["adversarial"]["dice"]["blob"] < report["clean"]["dice"]["blob"]
+
+
+def test_predict_writes_on_scan_grid(tiny_bundle, scan_file, tmp_path):
+    out = tmp_path / "pred.nii.gz"
+    result = runner.invoke(app, ["predict", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pred = nib.load(str(out))
+    src = nib.load(str(scan_file))
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
+
+def _bad(tmp_path, scan_file, tiny_bundle):
+    bad_shape = tmp_path / "bad_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), str(bad_shape))
+    nan_scan = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.nan, np.float32), np.eye(4)), str(nan_scan))
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(flat))
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image")
+    return [
+        ([str(tmp_path / "missing.nii.gz")], "missing.nii.gz"),
+        ([str(text)], "notes.nii.gz"),
+        ([str(flat)], "flat.nii.gz"),
+        ([str(nan_scan)], "NaN"),
+        ([str(scan_file), "--label", str(bad_shape)], "bad_label.nii.gz"),
+        ([str(scan_file), "--target", str(bad_shape)], "bad_label.nii.gz"),
+        ([str(scan_file), "--losses", "dice,wobble"], "wobble"),
+        ([str(scan_file), "--eps", "0"], "eps"),
+        ([str(scan_file), "--eps", "-1"], "eps"),
+        ([str(scan_file), "--eps", "ten"], "eps"),
+        ([str(scan_file), "--step", "1/0"], "step"),
+    ]
+
+
+def test_bad_input_one_line_exit_2_nothing_written(tiny_bundle, scan_file, tmp_path):
+    for args, needle in _bad(tmp_path, scan_file, tiny_bundle):
+        out = tmp_path / "never"
+        result = runner.invoke(app, ["attack", *args, "--bundle", str(tiny_bundle), "--out", str(out), "--quiet"])
+        assert result.exit_code == 2, (args, result.output)
+        lines = [l for l in result.output.strip().splitlines() if l.strip()]
+        assert len(lines) == 1 and needle in lines[0], (args, result.output)
+        assert "Traceback" not in result.output
+        assert not out.exists()
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_input_is_never_overwritten(tiny_bundle, scan_file):
+    before = scan_file.read_bytes()
+    result = runner.invoke(app, ["predict", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(scan_file)])
+    assert result.exit_code == 2 and "overwrite" in result.output
+    assert scan_file.read_bytes() == before

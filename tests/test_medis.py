@@ -1,0 +1,76 @@
+"""MedIS: fusion selection rules, and real attacks on a small trained network."""
+
+import numpy as np
+import pytest
+import torch
+
+from medis3d.attacks import MemberResult
+from medis3d.errors import InputError
+from medis3d.io import read_volume
+from medis3d.medis import MedIS, select_member
+from medis3d.metrics import dice_per_class
+
+
+def member(loss, success, steps, linf, score):
+    empty = np.zeros((1, 2, 2, 2), np.float32)
+    return MemberResult("igsm", loss, success, steps, empty, empty[0].astype(np.uint8), score, linf)
+
+
+def test_selection_prefers_fewest_steps_among_successful():
+    members = [member("a", True, 5, 5.0, 0.2), member("b", False, 2, 2.0, 0.9), member("c", True, 3, 3.0, 0.45)]
+    assert select_member(members, goal_targeted=False) == 2
+
+
+def test_selection_ties_broken_by_better_score():
+    members = [member("a", True, 3, 3.0, 0.40), member("b", True, 3, 3.0, 0.10)]
+    assert select_member(members, goal_targeted=False) == 1
+    assert select_member(members, goal_targeted=True) == 0  # targeted: higher IoU with the target is better
+
+
+def test_selection_when_none_succeeded_keeps_strongest():
+    members = [member("a", False, 10, 10.0, 0.7), member("b", False, 10, 10.0, 0.55), member("c", False, 10, 9.0, 0.8)]
+    assert select_member(members, goal_targeted=False) == 1
+    assert select_member(members, goal_targeted=True) == 2
+
+
+def test_bad_options_are_input_errors(tiny_target):
+    with pytest.raises(InputError, match="unknown loss"):
+        MedIS(tiny_target, losses="dice,nope")
+    with pytest.raises(InputError, match="eps"):
+        MedIS(tiny_target, eps=0)
+
+
+def _dice(target, pred, ref):
+    return dice_per_class(target.masks(pred), target.masks(ref))[0]
+
+
+def test_untargeted_fusion_lowers_dice_within_budget(tiny_target, scan_file):
+    vol = read_volume(scan_file)
+    medis = MedIS(tiny_target, losses="dice,ce", eps=24 / 255, step=4 / 255, steps=8)
+    result = medis(vol)
+    assert len(result.members) == 2 and all(len(m.trace) >= 2 for m in result.members)
+    clean = result.clean_prediction
+    adv_pred = tiny_target.predict(result.adversarial)
+    assert _dice(tiny_target, adv_pred, clean) < 0.8
+    delta = result.adversarial.array - vol.array
+    assert np.abs(delta).max() <= result.eps_native + 0.5 + 1e-4  # int16 scan: rounding adds at most half a unit
+    assert np.array_equal(result.adversarial.array, np.round(result.adversarial.array))  # as stored: integers
+    assert result.eps_native == pytest.approx(24 / 255 * 400)
+
+
+def test_targeted_background_attack_moves_towards_target(tiny_target, scan_file):
+    vol = read_volume(scan_file)
+    result = MedIS(tiny_target, losses="dice", eps=32 / 255, step=4 / 255, steps=8)(vol, target_mask="background")
+    chosen = result.chosen
+    first, last = chosen.trace[0].score, chosen.score
+    assert last > first  # mean IoU against the all-background target went up
+    assert tiny_target.masks(chosen.prediction).sum() < tiny_target.masks(result.clean_prediction).sum()
+
+
+def test_early_stop_at_success_and_best_iterate_kept(tiny_target, scan_file):
+    vol = read_volume(scan_file)
+    result = MedIS(tiny_target, losses="ce", eps=64 / 255, step=8 / 255, steps=10, success_threshold=0.95)(vol)
+    m = result.chosen
+    # a lenient threshold is met quickly: the attack stops at the first successful step
+    assert m.success and m.steps == len(m.trace) - 1 and m.steps < 10
+    assert [r.success for r in m.trace].index(True) == m.steps
