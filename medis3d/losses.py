@@ -140,7 +140,7 @@ def structure(activation: str) -> LossFn:
         logits = logits.float()
         onehot = _one_hot(target, logits, activation)
         dims = logits.ndim - 2
-        k = structure_kernel(dims)
+        k = min(structure_kernel(dims), *[(n - 1) | 1 for n in logits.shape[2:]])  # no larger than the volume
         pool = F.avg_pool3d if dims == 3 else F.avg_pool2d
         weight = 1 + 5 * (pool(onehot, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False) - onehot).abs()
         axes = tuple(range(2, logits.ndim))
