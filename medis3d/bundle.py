@@ -106,15 +106,18 @@ class SafeConfig:
             return {k: self.resolve(v, f"{where}::{k}", depth + 1) for k, v in value.items()}
         return value
 
-    def component_args(self, key: str) -> tuple[str, dict]:
-        """``(_target_ name, resolved keyword arguments)`` of the component at ``key``."""
+    def component_args(self, key: str, only: set[str] | None = None) -> tuple[str, dict]:
+        """``(_target_ name, resolved keyword arguments)`` of the component at ``key``.
+
+        With ``only``, just those arguments are resolved (others, like an inferer's
+        ``device`` expression, are not needed and are never evaluated)."""
         node = self.raw(key)
         if not isinstance(node, dict) or "_target_" not in node:
             raise BundleError(f"{self.source}: {key} is not a component with a _target_")
         if self.trust and self._parser is not None:
             args = {}
             for k in node:
-                if k.startswith("_"):
+                if k.startswith("_") or (only is not None and k not in only):
                     continue
                 args[k] = self._parser.get_parsed_content(f"{key}::{k}")
             return str(node["_target_"]), args
@@ -124,7 +127,11 @@ class SafeConfig:
         mode = node.get("_mode_", "default")
         if mode != "default":
             raise BundleError(f"{self.source}: refused _mode_ {mode!r} at {key}; use --trust-bundle if you trust it")
-        args = {k: self.resolve(v, f"{key}::{k}") for k, v in node.items() if not k.startswith("_")}
+        args = {
+            k: self.resolve(v, f"{key}::{k}")
+            for k, v in node.items()
+            if not k.startswith("_") and (only is None or k in only)
+        }
         return name, args
 
     def instantiate(self, key: str):
@@ -230,7 +237,7 @@ def _build_network(cfg: SafeConfig, bundle: Path, notices: list[str]) -> tuple[t
 def _window_settings(cfg: SafeConfig) -> WindowSettings:
     if not cfg.has("inferer"):
         return WindowSettings()
-    name, args = cfg.component_args("inferer")
+    name, args = cfg.component_args("inferer", only=set(WindowSettings.__dataclass_fields__))
     short = name.rsplit(".", 1)[-1]
     if short == "SimpleInferer":
         return WindowSettings(roi_size=(-1, -1, -1), sw_batch_size=1, overlap=0.0)

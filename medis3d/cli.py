@@ -81,6 +81,7 @@ OVERLAP = typer.Option(None, "--overlap", help="Window overlap in [0, 1) [defaul
 ROI = typer.Option(None, "--roi", help="Window size, e.g. 96 or 96,96,64 [default: the bundle's].")
 WINDOW_MODE = typer.Option(None, "--window-mode", help="constant or gaussian window blending [default: the bundle's].")
 SEED = typer.Option(0, "--seed", help="Random seed.")
+MEMORY_BUDGET = typer.Option(None, "--memory-budget", help="Largest memory for the attack, e.g. 8GB: picks window batch, checkpointing and AMP from a probe window (reported).")
 OUTPUT_FORMAT = typer.Option("auto", "--output-format", help="nifti, dicom or both [default: the input's format].")
 SEG_FORMAT = typer.Option("nifti", "--seg-format", help="Predictions as nifti label maps, or also as DICOM SEG (dicom; DICOM inputs).")
 ANONYMIZE = typer.Option(False, "--anonymize", help="DICOM output: remove patient identity (basic profile), remap UIDs.")
@@ -103,6 +104,7 @@ def _parse_roi(text: Optional[str]):
 def _prepare(
     bundle, config, trust_bundle, device, amp, checkpoint, sw_batch_size, overlap, roi, window_mode,
     losses, eps, step, steps, eps_units, label, target, success, seed, output_format, seg_format, anonymize,
+    memory_budget=None,
 ):
     """Load and configure the target, and collect the attack options (errors are InputErrors)."""
     from medis3d.losses import parse_losses
@@ -117,6 +119,10 @@ def _prepare(
         eps_units=eps_units, label=label, target_mask=target, success=success, seed=seed,
         output_format=output_format, seg_format=seg_format, anonymize=anonymize,
     )
+    if memory_budget:
+        from medis3d.memory import parse_size
+
+        options.memory_budget = parse_size(memory_budget)
     if not options.eps > 0:
         raise InputError(f"--eps must be positive, got {options.eps}")
     if not options.step > 0:
@@ -152,6 +158,7 @@ def attack(
     roi: Optional[str] = ROI,
     window_mode: Optional[str] = WINDOW_MODE,
     seed: int = SEED,
+    memory_budget: Optional[str] = MEMORY_BUDGET,
     output_format: str = OUTPUT_FORMAT,
     seg_format: str = SEG_FORMAT,
     anonymize: bool = ANONYMIZE,
@@ -166,7 +173,7 @@ def attack(
         tgt, options, members = _prepare(
             bundle, config, trust_bundle, device or _default_device(), amp, checkpoint, sw_batch_size, overlap, roi,
             window_mode, losses, eps, step, steps, eps_units, label, target, success, seed, output_format,
-            seg_format, anonymize,
+            seg_format, anonymize, memory_budget,
         )
         if quiet or json_out:
             report = run_attack(scan, tgt, options, out)
@@ -255,6 +262,7 @@ def batch(
     roi: Optional[str] = ROI,
     window_mode: Optional[str] = WINDOW_MODE,
     seed: int = SEED,
+    memory_budget: Optional[str] = MEMORY_BUDGET,
     output_format: str = OUTPUT_FORMAT,
     seg_format: str = SEG_FORMAT,
     anonymize: bool = ANONYMIZE,
@@ -277,7 +285,7 @@ def batch(
         tgt, options, _ = _prepare(
             bundle, config, trust_bundle, shard.device(device), amp, checkpoint, sw_batch_size, overlap, roi,
             window_mode, losses, eps, step, steps, eps_units, None, target, success, seed, output_format,
-            seg_format, anonymize,
+            seg_format, anonymize, memory_budget,
         )
     except Medis3dError as exc:
         shard.close()

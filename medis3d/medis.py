@@ -41,6 +41,7 @@ class MedISResult:
     threshold: float
     time_s: float = 0.0
     clean_score: float = float("nan")
+    memory_plan: object | None = None  # medis3d.memory.MemoryPlan when --memory-budget chose the settings
 
     @property
     def chosen(self) -> MemberResult:

@@ -52,6 +52,7 @@ class AttackOptions:
     output_format: str = "auto"  # auto (the input's format), nifti, dicom, both
     seg_format: str = "nifti"  # nifti or dicom (DICOM SEG; DICOM inputs only)
     anonymize: bool = False
+    memory_budget: int | None = None  # bytes; picks window batch, checkpointing and AMP
     extra: dict = field(default_factory=dict)
 
     def formats(self, volume: Volume) -> tuple[str, ...]:
@@ -173,9 +174,21 @@ def run_attack(
         progress=progress,
         seed=options.seed,
     )
+    memory_plan = None
+    if options.memory_budget:
+        from medis3d.memory import plan_memory
+
+        memory_plan = plan_memory(target, target.model_shape(volume), options.memory_budget)
+        target.configure(sw_batch_size=memory_plan.sw_batch_size, checkpoint=memory_plan.checkpoint, amp=memory_plan.amp)
+        if not memory_plan.fits:
+            target.notices.append(
+                f"--memory-budget {options.memory_budget / 2**20:.0f} MB: the smallest settings are estimated at "
+                f"{memory_plan.estimate_bytes / 2**20:.0f} MB; running with them"
+            )
     if target.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target.device)
     result = medis(volume, reference=reference, target_mask=aim)
+    result.memory_plan = memory_plan
     target_spec = None if options.target_mask is None else str(options.target_mask)
     return _write_outputs(volume, target, medis, result, out, start, target_spec, formats, options)
 
@@ -256,6 +269,8 @@ def _write_outputs(
                 "inferer": target.window.as_dict(),
                 "preprocessing": target.preprocessing.describe(),
                 "device": str(target.device),
+                "settings": target.settings(),
+                "memory_plan": result.memory_plan.as_dict() if getattr(result, "memory_plan", None) else None,
                 "notices": list(target.notices),
             },
             "attack": {

@@ -145,6 +145,21 @@ class Target:
             return torch.log(probs)[None]
         return torch.logit(probs)[None]
 
+    def model_shape(self, volume: Volume) -> tuple[int, ...]:
+        """The spatial shape of ``volume`` in model space (after the preprocessing)."""
+        with torch.no_grad():
+            return tuple(self.model_input(torch.from_numpy(volume.array).to(self.device), volume).shape[1:])
+
+    def settings(self) -> dict:
+        """What the engine runs with, for reports."""
+        return {
+            "inferer": self.window.as_dict(),
+            "checkpoint": self.checkpointing,
+            "amp": self.precision.enabled,
+            "amp_dtype": str(self.precision.resolve(self.device)) if self.precision.enabled else None,
+            "device": str(self.device),
+        }
+
     # -- passes -----------------------------------------------------------------------------
     def evaluate(
         self,

@@ -1,0 +1,148 @@
+"""Memory planning: estimate the gradient pass's peak from one probe window and pick the window
+batch, checkpointing and mixed precision that keep it inside a budget.
+
+The probe runs the network forward on one window with hooks that record every leaf layer's
+output size (what autograd keeps for the backward pass); stages that checkpointing wraps keep
+only their input, plus one stage's activations at a time during the backward pass. Volume-size
+buffers (padded input, stitched logits, count map, gradients) are added from the shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from medis3d.checkpointing import STAGE_CLASSES
+from medis3d.errors import InputError
+
+UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30, "t": 2**40, "tb": 2**40}
+SAFETY = 1.5  # allocator slack and transient copies during the backward pass (measured peak / estimate ~1.2)
+
+
+def parse_size(text: str) -> int:
+    """'6GB', '512M', '1.5g' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower().replace("ib", "b") not in UNITS:
+        raise InputError(f"--memory-budget must be a size such as 6GB or 512MB, got {text!r}")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower().replace("ib", "b")])
+
+
+@dataclass
+class Probe:
+    """Bytes kept for the backward pass of one window: all of it, and with checkpointing."""
+
+    activations: int
+    checkpointed: int
+
+
+def probe_window(network: torch.nn.Module, window: torch.Tensor, amp_dtype: torch.dtype | None) -> Probe:
+    """Run one window forward with hooks and add up what the backward pass keeps."""
+    sizes: list[tuple[str, int]] = []  # (stage path or "", bytes) in call order
+    stage_of: dict[torch.nn.Module, str] = {}
+    for name, module in network.named_modules():
+        if type(module).__name__ in STAGE_CLASSES and not any(name.startswith(s + ".") for s in stage_of.values()):
+            stage_of[module] = name
+    handles = []
+    current: list[str] = []
+
+    def enter(stage):
+        def hook(mod, inputs):
+            current.append(stage)
+            first = inputs[0] if inputs else None
+            if isinstance(first, torch.Tensor):
+                sizes.append((f"{stage}:input", first.numel() * first.element_size()))
+        return hook
+
+    def leave(mod, inputs, output):
+        current.pop()
+
+    def record(mod, inputs, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor):
+            sizes.append((current[-1] if current else "", out.numel() * out.element_size()))
+
+    for module, stage in stage_of.items():
+        handles.append(module.register_forward_pre_hook(enter(stage)))
+        handles.append(module.register_forward_hook(leave))
+    for module in network.modules():
+        if not list(module.children()):
+            handles.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            ctx = torch.autocast(window.device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(window.device.type, enabled=False)
+            with ctx:
+                network(window)
+    finally:
+        for h in handles:
+            h.remove()
+    total = sum(b for _, b in sizes)
+    outside = sum(b for s, b in sizes if s == "")
+    stage_inputs = sum(b for s, b in sizes if s.endswith(":input"))
+    per_stage: dict[str, int] = {}
+    for s, b in sizes:
+        if s and not s.endswith(":input"):
+            per_stage[s] = per_stage.get(s, 0) + b
+    largest = max(per_stage.values(), default=0)
+    return Probe(activations=total, checkpointed=outside + stage_inputs + largest)
+
+
+@dataclass
+class MemoryPlan:
+    """The settings chosen for a budget and the estimate they were chosen by."""
+
+    sw_batch_size: int
+    checkpoint: bool
+    amp: bool
+    estimate_bytes: int
+    budget_bytes: int
+    fits: bool
+
+    def as_dict(self) -> dict:
+        return {
+            "budget_mb": round(self.budget_bytes / 2**20, 1),
+            "estimate_mb": round(self.estimate_bytes / 2**20, 1),
+            "sw_batch_size": self.sw_batch_size,
+            "checkpoint": self.checkpoint,
+            "amp": self.amp,
+            "fits": self.fits,
+        }
+
+
+def volume_buffers(target, spatial_shape) -> int:
+    """Bytes of the volume-size buffers of one attack step (float32)."""
+    from medis3d.engine import WindowEngine
+
+    voxels = 1
+    for s in spatial_shape:
+        voxels *= int(s)
+    # model space: input, its padded copy and gradient (x in_channels); stitched logits, the
+    # upstream gradient and its padded copy (x out_channels); count map
+    return 4 * voxels * (3 * target.in_channels + 3 * target.out_channels + 1)
+
+
+def plan_memory(target, model_shape, budget_bytes: int) -> MemoryPlan:
+    """Pick (window batch, checkpointing, AMP) for ``target`` on a model-space volume of ``model_shape``."""
+    from monai.utils import fall_back_tuple
+
+    roi = fall_back_tuple(target.window.roi_size, model_shape)
+    window = torch.zeros((1, target.in_channels, *roi), device=target.device)
+    fixed = volume_buffers(target, model_shape) + sum(p.numel() * p.element_size() for p in target.network.parameters())
+    amp_dtype = torch.float16 if target.device.type == "cuda" else torch.bfloat16
+    probes = {False: probe_window(target.network, window, None), True: probe_window(target.network, window, amp_dtype)}
+    batch_sizes = sorted({max(1, int(target.window.sw_batch_size)), 4, 2, 1}, reverse=True)
+    batch_sizes = [b for b in batch_sizes if b <= max(1, int(target.window.sw_batch_size))]
+    best: MemoryPlan | None = None
+    for checkpoint, amp in ((False, False), (True, False), (False, True), (True, True)):
+        probe = probes[amp]
+        per_window = probe.checkpointed if checkpoint else probe.activations
+        for batch in batch_sizes:
+            estimate = int(fixed + SAFETY * batch * per_window)
+            plan = MemoryPlan(batch, checkpoint, amp, estimate, budget_bytes, estimate <= budget_bytes)
+            if plan.fits:
+                return plan
+            if best is None or estimate < best.estimate_bytes:
+                best = plan
+    assert best is not None
+    return best

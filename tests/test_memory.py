@@ -1,0 +1,81 @@
+"""Mixed precision and checkpointing keep the attack's outcome; --memory-budget keeps the peak under budget."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medis3d.bundle import load_bundle
+from medis3d.io import read_volume
+from medis3d.medis import MedIS
+from medis3d.memory import parse_size
+
+
+def _attack(bundle, scan, **configure):
+    target = load_bundle(bundle).configure(**configure)
+    return MedIS(target, losses="ce,dice", eps=24 / 255, step=4 / 255, steps=4)(read_volume(scan))
+
+
+def test_checkpointing_and_amp_keep_the_outcome(tiny_bundle, scan_file):
+    plain = _attack(tiny_bundle, scan_file)
+    ckpt = _attack(tiny_bundle, scan_file, checkpoint=True)
+    amp = _attack(tiny_bundle, scan_file, amp=True)
+    # checkpointing recomputes the same values: the same attack, voxel for voxel
+    assert np.array_equal(ckpt.adversarial.array, plain.adversarial.array)
+    assert [m.success for m in ckpt.members] == [m.success for m in plain.members]
+    # bfloat16 changes the gradient slightly: the same verdict and a similar outcome
+    assert amp.success == plain.success
+    assert amp.chosen.loss == plain.chosen.loss
+    assert abs(amp.chosen.score - plain.chosen.score) < 0.1
+
+
+def test_parse_size():
+    assert parse_size("512MB") == 512 * 2**20 and parse_size("1.5g") == int(1.5 * 2**30) and parse_size("2GiB") == 2 * 2**30
+    with pytest.raises(Exception, match="memory-budget"):
+        parse_size("lots")
+
+
+CHILD = r"""
+import json, resource, sys, numpy as np, torch
+torch.set_num_threads(2)
+from monai.networks.nets import SegResNet
+from medis3d.engine import WindowSettings
+from medis3d.io.volume import Volume
+from medis3d.target import Target
+from medis3d.transforms_diff import DifferentiablePreprocessing
+from medis3d.memory import plan_memory
+budget = int(sys.argv[1])
+torch.manual_seed(0)
+net = SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=8)
+target = Target(network=net, preprocessing=DifferentiablePreprocessing([]), window=WindowSettings((64, 64, 64), sw_batch_size=4, overlap=0.25))
+vol = Volume(array=np.random.default_rng(0).random((1, 96, 96, 64), dtype=np.float32), affine=np.eye(4))
+x = torch.from_numpy(vol.array)
+target.evaluate(x[:, :32, :32, :32].contiguous(), Volume(array=vol.array[:, :32, :32, :32].copy(), affine=np.eye(4)))  # warm up the allocator
+plan = None
+if budget:
+    plan = plan_memory(target, target.model_shape(vol), budget)
+    target.configure(sw_batch_size=plan.sw_batch_size, checkpoint=plan.checkpoint, amp=plan.amp)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+target.evaluate(x, vol, lambda l: torch.softmax(l, 1)[:, 1].mean())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"used": peak - base, "plan": plan.as_dict() if plan else None}))
+"""
+
+
+def _child(budget: int) -> dict:
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", CHILD, str(budget)], capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_memory_budget_keeps_measured_peak_under_budget():
+    free = _child(0)["used"]  # the bundle's own settings: 4 windows of 64^3 per batch
+    budget = int(free * 0.5)
+    run = _child(budget)
+    assert run["plan"]["fits"], run
+    assert run["plan"]["sw_batch_size"] < 4 or run["plan"]["checkpoint"] or run["plan"]["amp"]
+    assert run["used"] <= budget, (run, budget, free)
