@@ -7,8 +7,11 @@ MONAI config semantics (``ConfigParser``) for bundles the user trusts.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
+import operator
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -28,7 +31,14 @@ _MISSING = object()
 
 
 def default_bundle_path() -> Path:
-    """The shipped default bundle (SegResNet brain extraction on T1 MRI)."""
+    """The shipped default bundle (SegResNet brain extraction on T1 MRI): from the source
+    checkout, else where a wheel installs it (``sys.prefix/share/medis3d/bundles``)."""
+    import sys
+
+    installed = Path(sys.prefix) / "share" / "medis3d" / "bundles" / DEFAULT_BUNDLE.name
+    for candidate in (DEFAULT_BUNDLE, installed):
+        if (candidate / "configs").is_dir():
+            return candidate
     return DEFAULT_BUNDLE
 
 
@@ -87,10 +97,13 @@ class SafeConfig:
             if value.startswith("$"):
                 if self.trust:
                     return self._parser.get_parsed_content(where) if self._parser is not None else value
-                raise BundleError(
-                    f"{self.source}: refused to evaluate the Python expression {value!r} at {where}; "
-                    "re-run with --trust-bundle if you trust this bundle"
-                )
+                try:  # plain data expressions (literals, arithmetic, conditionals on references) are safe
+                    return literal_expression(value[1:], lambda ref: self.resolve("@" + ref, where, depth + 1))
+                except ValueError:
+                    raise BundleError(
+                        f"{self.source}: refused to evaluate the Python expression {value!r} at {where}; "
+                        "re-run with --trust-bundle if you trust this bundle"
+                    )
             if value.startswith("@"):
                 ref = value[1:]
                 target = self._lookup(ref)
@@ -140,6 +153,67 @@ class SafeConfig:
         return cls, args
 
 
+_REF = re.compile(r"@([A-Za-z0-9_#:]+)")
+_SAFE_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_SAFE_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+                 ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+
+
+def literal_expression(expression: str, reference) -> Any:
+    """Evaluate a bundle ``$`` expression made only of data: literals, lists, arithmetic,
+    comparisons, ``and``/``or``/``not``, ``x if c else y`` and ``@references``. Anything else
+    (names, calls, attributes, imports) raises ValueError: nothing is executed."""
+    refs: dict[str, str] = {}
+
+    def placeholder(match: re.Match) -> str:
+        name = f"__ref{len(refs)}"
+        refs[name] = match.group(1)
+        return name
+
+    try:
+        tree = ast.parse(_REF.sub(placeholder, expression.strip()), mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(str(exc))
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [ev(e) for e in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.Dict):
+            return {ev(k): ev(v) for k, v in zip(node.keys, node.values)}
+        if isinstance(node, ast.Name) and node.id in refs:
+            return reference(refs[node.id])
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else (+v if isinstance(node.op, ast.UAdd) else not v)
+        if isinstance(node, ast.BinOp) and type(node.op) in _SAFE_BINOPS:
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ValueError("exponent too large")
+            return _SAFE_BINOPS[type(node.op)](left, right)
+        if isinstance(node, ast.BoolOp):
+            values = [ev(v) for v in node.values]
+            return all(values) if isinstance(node.op, ast.And) else any(values)
+        if isinstance(node, ast.Compare) and all(type(o) in _SAFE_COMPARE for o in node.ops):
+            left = ev(node.left)
+            for op, comp in zip(node.ops, node.comparators):
+                right = ev(comp)
+                if not _SAFE_COMPARE[type(op)](left, right):
+                    return False
+                left = right
+            return True
+        if isinstance(node, ast.IfExp):
+            return ev(node.body) if ev(node.test) else ev(node.orelse)
+        raise ValueError(f"not a data expression: {ast.dump(node)[:80]}")
+
+    return ev(tree)
+
+
 def resolve_component(name: str, source: Path | str = "", allow_any: bool = False):
     """The class a ``_target_`` names, limited to MONAI and torch unless ``allow_any``."""
     from monai.bundle.config_item import ComponentLocator
@@ -187,48 +261,58 @@ def find_config(bundle: Path, config: str | None) -> Path:
     raise BundleError(f"{bundle}: no {'config ' + repr(config) if config else 'configs/inference.json or .yaml'} found")
 
 
-def _build_network(cfg: SafeConfig, bundle: Path, notices: list[str]) -> tuple[torch.nn.Module, str, dict]:
-    ts_path = bundle / "models" / "model.ts"
-    pt_path = bundle / "models" / "model.pt"
-    if not cfg.has("network_def") and ts_path.is_file():
-        try:
-            net = torch.jit.load(str(ts_path), map_location="cpu")
-        except Exception as exc:
-            raise BundleError(f"{ts_path}: cannot load the TorchScript model ({str(exc).splitlines()[0]})")
-        return net, "TorchScript", {}
+def _load_torchscript(path: Path) -> torch.nn.Module:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise BundleError(f"{path}: cannot load the TorchScript model ({str(exc).splitlines()[0]})")
+
+
+def _load_state(net: torch.nn.Module, path: Path, trust: bool) -> None:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=not trust)
+    except Exception as exc:
+        raise BundleError(
+            f"{path}: refused or unreadable weights ({str(exc).splitlines()[0][:200]}); "
+            "weights load with weights_only=True unless --trust-bundle"
+        )
+    if isinstance(state, dict):
+        for key in ("model", "state_dict", "network", "model_state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    try:
+        net.load_state_dict(state)
+    except Exception as exc:
+        raise BundleError(f"{path}: weights do not fit network_def ({str(exc).splitlines()[0][:200]})")
+
+
+def _build_network(
+    cfg: SafeConfig, ts_path: Path | None, pt_path: Path | None, notices: list[str]
+) -> tuple[torch.nn.Module, str, dict]:
+    """The network from ``network_def`` and a state dict, or a TorchScript model."""
+    has_ts = ts_path is not None and ts_path.is_file()
+    has_pt = pt_path is not None and pt_path.is_file()
     if not cfg.has("network_def"):
-        raise BundleError(f"{cfg.source}: no network_def, and no models/model.ts")
+        if has_ts:
+            return _load_torchscript(ts_path), "TorchScript", {}
+        raise BundleError(f"{cfg.source}: no network_def, and no TorchScript model (models/model.ts)")
     cls, args = cfg.instantiate("network_def")
     try:
         net = cls(**args)
     except TypeError as exc:
         if "img_size" in args and "img_size" in str(exc):  # SwinUNETR configs from before MONAI 1.5
             args = {k: v for k, v in args.items() if k != "img_size"}
-            notices.append(f"network_def passes img_size, which this MONAI version removed; ignored it")
+            notices.append("network_def passes img_size, which this MONAI version removed; ignored it")
             net = cls(**args)
         else:
             raise BundleError(f"{cfg.source}: network_def cannot be built ({exc})")
-    if pt_path.is_file():
-        try:
-            state = torch.load(str(pt_path), map_location="cpu", weights_only=not cfg.trust)
-        except Exception as exc:
-            raise BundleError(
-                f"{pt_path}: refused or unreadable weights ({str(exc).splitlines()[0][:200]}); "
-                "weights load with weights_only=True unless --trust-bundle"
-            )
-        if isinstance(state, dict):
-            for key in ("model", "state_dict", "network", "model_state_dict"):
-                if key in state and isinstance(state[key], dict):
-                    state = state[key]
-                    break
-        if isinstance(state, torch.nn.Module):
-            state = state.state_dict()
-        try:
-            net.load_state_dict(state)
-        except Exception as exc:
-            raise BundleError(f"{pt_path}: weights do not fit network_def ({str(exc).splitlines()[0][:200]})")
-    elif ts_path.is_file():
-        net = torch.jit.load(str(ts_path), map_location="cpu")
+    if has_pt:
+        _load_state(net, pt_path, cfg.trust)
+    elif has_ts:
+        net = _load_torchscript(ts_path)
     else:
         notices.append("no models/model.pt or model.ts: the network has random weights")
     return net, type(net).__name__, args
@@ -254,6 +338,14 @@ def _window_settings(cfg: SafeConfig) -> WindowSettings:
         padding_mode=str(args.get("padding_mode", "constant")),
         cval=float(args.get("cval", 0.0)),
     )
+
+
+def _invert_order(cfg: SafeConfig) -> str:
+    """Whether the bundle inverts probabilities (Invertd before AsDiscreted) or labels (after)."""
+    names = [str(t.get("_target_", "")).rsplit(".", 1)[-1] for t in (cfg.raw("postprocessing::transforms", []) or []) if isinstance(t, dict)]
+    if "Invertd" in names and "AsDiscreted" in names and names.index("AsDiscreted") < names.index("Invertd"):
+        return "labels"
+    return "probabilities"
 
 
 def _activation(cfg: SafeConfig, out_channels: int) -> str:
@@ -287,7 +379,21 @@ def _preprocessing(cfg: SafeConfig) -> DifferentiablePreprocessing:
     return DifferentiablePreprocessing(steps)
 
 
-def _class_names(bundle: Path, out_channels: int) -> dict[int, str]:
+def _probe_channels(network: torch.nn.Module, window: WindowSettings, in_channels: int) -> tuple[int, int]:
+    """Input and output channels of a network that does not say (TorchScript): one small forward."""
+    size = [max(16, min(int(r), 64)) if int(r) > 0 else 64 for r in window.roi_size]
+    for channels in dict.fromkeys((in_channels, 1, 2, 3, 4)):
+        try:
+            with torch.no_grad():
+                out = network(torch.zeros(1, channels, *size))
+        except Exception:
+            continue
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return channels, int(out.shape[1])
+    raise BundleError("the network does not run on a 1-4 channel window; give --network-def")
+
+
+def _class_names(bundle: Path) -> dict[int, str]:
     meta = bundle / "configs" / "metadata.json"
     names: dict[int, str] = {}
     if meta.is_file():
@@ -320,14 +426,18 @@ def load_bundle(
         raise BundleError(f"{bundle}: a bundle is a directory (or .zip) with configs/ and models/")
     config_path = find_config(bundle, config)
     cfg = SafeConfig(read_config(config_path), config_path, trust=trust)
+    return _target_from(cfg, bundle / "models" / "model.ts", bundle / "models" / "model.pt", str(bundle), device, precision, _class_names(bundle))
+
+
+def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precision, class_names: dict) -> Target:
     notices: list[str] = []
-    network, net_name, net_args = _build_network(cfg, bundle, notices)
-    out_channels = int(net_args.get("out_channels", 0) or 0)
-    in_channels = int(net_args.get("in_channels", 1) or 1)
+    network, net_name, net_args = _build_network(cfg, ts_path, pt_path, notices)
     preprocessing = _preprocessing(cfg)
     window = _window_settings(cfg)
-    if out_channels == 0:
-        out_channels = 2
+    in_channels = int(net_args.get("in_channels", 0) or 0)
+    out_channels = int(net_args.get("out_channels", 0) or 0)
+    if not out_channels:  # TorchScript: ask the network
+        in_channels, out_channels = _probe_channels(network, window, in_channels or 1)
     activation = _activation(cfg, out_channels)
     for step in preprocessing.steps:
         if step.gradient not in ("exact",):
@@ -337,12 +447,71 @@ def load_bundle(
         preprocessing=preprocessing,
         window=window,
         activation=activation,
+        invert=_invert_order(cfg),
         out_channels=out_channels,
         in_channels=in_channels,
-        class_names=_class_names(bundle, out_channels),
+        class_names=class_names,
         name=net_name,
-        source=str(bundle),
+        source=source,
         device=torch.device(device),
         precision=precision or Precision(),
         notices=notices,
+    )
+
+
+TRANSFORMS_DIR = Path(__file__).resolve().parent.parent / "transforms"
+
+
+def transforms_preset(name_or_file: str | Path) -> tuple[dict, Path]:
+    """A preprocessing preset: a name from ``transforms/`` or a JSON/YAML file with ``preprocessing``."""
+    import sys
+
+    path = Path(name_or_file)
+    if not path.is_file():
+        for folder in (TRANSFORMS_DIR, Path(sys.prefix) / "share" / "medis3d" / "transforms"):
+            if (folder / f"{name_or_file}.json").is_file():
+                path = folder / f"{name_or_file}.json"
+                break
+        else:
+            names = sorted(p.stem for p in TRANSFORMS_DIR.glob("*.json")) if TRANSFORMS_DIR.is_dir() else []
+            raise BundleError(f"{name_or_file}: no such preprocessing preset or file (presets: {', '.join(names)})")
+    data = read_config(path)
+    if "preprocessing" not in data:
+        raise BundleError(f"{path}: a preprocessing preset needs a 'preprocessing' entry")
+    return data, path
+
+
+def load_network(
+    network: str | Path,
+    *,
+    network_def: str | Path | None = None,
+    transforms: str | Path = "mr_t1_brain",
+    roi_size=(96, 96, 96),
+    activation: str | None = None,
+    trust: bool = False,
+    device: str | torch.device = "cpu",
+    precision: Precision | None = None,
+) -> Target:
+    """A Target from a bare network: TorchScript (``.ts``) or a state dict with ``network_def``
+    (JSON/YAML holding a ``_target_`` component, or a file with a ``network_def`` entry), and a
+    preprocessing preset (``transforms/`` name or file)."""
+    network = Path(network)
+    if not network.is_file():
+        raise BundleError(f"{network}: no such network file")
+    preset, preset_path = transforms_preset(transforms)
+    config: dict[str, Any] = {"preprocessing": preset["preprocessing"], "image_key": preset.get("image_key", "image")}
+    config["inferer"] = {"_target_": "SlidingWindowInferer", "roi_size": list(roi_size), "sw_batch_size": 1, "overlap": 0.25, "mode": "gaussian"}
+    if network_def is not None:
+        definition = read_config(Path(network_def)) if Path(str(network_def)).is_file() else None
+        if definition is None:
+            raise BundleError(f"{network_def}: no such network definition file")
+        config["network_def"] = definition.get("network_def", definition)
+    if activation:
+        config["postprocessing"] = {"transforms": [{"_target_": "Activationsd", activation: True}]}
+    cfg = SafeConfig(config, preset_path if network_def is None else Path(network_def), trust=trust)
+    is_ts = network.suffix in (".ts", ".jit", ".torchscript") or network_def is None
+    if not is_ts and not cfg.has("network_def"):
+        raise BundleError(f"{network}: a state dict needs --network-def")
+    return _target_from(
+        cfg, network if is_ts else None, None if is_ts else network, str(network), device, precision, {}
     )

@@ -1,4 +1,4 @@
-"""The medis3d command line: attack, batch, predict (typer app, rich progress)."""
+"""The medis3d command line: attack, batch, evaluate, predict, bundle (typer app, rich progress)."""
 
 from __future__ import annotations
 
@@ -33,13 +33,20 @@ def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="monai")
 
 
-def _load_target(bundle: Optional[Path], config: Optional[str], trust: bool, device: str):
+def _load_target(bundle: Optional[Path], config: Optional[str], trust: bool, device: str, bare: Optional[dict] = None):
     import torch
 
-    from medis3d.bundle import load_bundle
+    from medis3d.bundle import load_bundle, load_network
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine")
+    if bare and bare.get("network"):
+        if bundle is not None:
+            raise InputError("give either --bundle or --network, not both")
+        return load_network(
+            bare["network"], network_def=bare.get("network_def"), transforms=bare.get("transforms") or "mr_t1_brain",
+            trust=trust, device=device,
+        )
     return load_bundle(bundle, config=config, trust=trust, device=device)
 
 
@@ -61,29 +68,36 @@ def _default_device() -> str:
 
 
 # Options shared by attack and batch.
-OUT_DIR = typer.Option(None, "--out", "-o", help="Output folder [default: medis3d-out/<scan name>/].")
+OUT_DIR = typer.Option(None, "--out", "-o", help="Output folder (default: medis3d-out/<scan name>/).")
 BUNDLE = typer.Option(None, "--bundle", "-b", help=BUNDLE_HELP)
-CONFIG = typer.Option(None, "--config", help="Bundle config file name [default: inference.json/yaml].")
+CONFIG = typer.Option(None, "--config", help="Bundle config file name (default: inference.json/yaml).")
 TRUST = typer.Option(False, "--trust-bundle", help="Allow the bundle's config to run Python and its weights to unpickle code.")
-LABEL = typer.Option(None, "--label", help="Reference segmentation on the scan's grid [default: the clean prediction].")
+LABEL = typer.Option(None, "--label", help="Reference segmentation on the scan's grid (default: the clean prediction).")
 TARGET = typer.Option(None, "--target", help="Targeted attack: background (all black), foreground (all white) or a mask file.")
 LOSSES = typer.Option("all", "--losses", help="Comma-separated surrogate losses, or 'all' (the paper's six): logcosh_dice, bce_dice, exp_log, structure, lovasz, combined, dice, tversky, focal, generalized_dice, ce.")
 EPS = typer.Option("10/255", "--eps", help="Largest L-inf perturbation; a number or a fraction such as 8/255.")
 STEP = typer.Option("1/255", "--step", help="Step size (the paper's 1/255).")
 STEPS = typer.Option(10, "--steps", help="Most iterations per member.")
 EPS_UNITS = typer.Option("normalized", "--eps-units", help="normalized (fractions of the model's intensity range) or native (scan units, e.g. HU).")
-SUCCESS = typer.Option(None, "--success", help="Success threshold on mean IoU [default: <= 0.5 untargeted, >= 0.45 targeted].")
-DEVICE = typer.Option(None, "--device", help="cpu, cuda or cuda:N [default: cuda if available].")
+SUCCESS = typer.Option(None, "--success", help="Success threshold on mean IoU (default: <= 0.5 untargeted, >= 0.45 targeted).")
+DEVICE = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available).")
 AMP = typer.Option(False, "--amp", help="Mixed precision for the network (bfloat16 on CPU, float16 on CUDA).")
 CHECKPOINT = typer.Option(False, "--checkpoint", help="Gradient checkpointing of the network's stages (less memory, ~30% slower).")
-SW_BATCH = typer.Option(None, "--sw-batch-size", help="Windows per batch [default: the bundle's].")
-OVERLAP = typer.Option(None, "--overlap", help="Window overlap in [0, 1) [default: the bundle's].")
-ROI = typer.Option(None, "--roi", help="Window size, e.g. 96 or 96,96,64 [default: the bundle's].")
-WINDOW_MODE = typer.Option(None, "--window-mode", help="constant or gaussian window blending [default: the bundle's].")
+SW_BATCH = typer.Option(None, "--sw-batch-size", help="Windows per batch (default: the bundle's).")
+OVERLAP = typer.Option(None, "--overlap", help="Window overlap in [0, 1) (default: the bundle's).")
+ROI = typer.Option(None, "--roi", help="Window size, e.g. 96 or 96,96,64 (default: the bundle's).")
+WINDOW_MODE = typer.Option(None, "--window-mode", help="constant or gaussian window blending (default: the bundle's).")
 SEED = typer.Option(0, "--seed", help="Random seed.")
+NETWORK = typer.Option(None, "--network", help="A bare network instead of a bundle: TorchScript (.ts) or a state dict (.pt, with --network-def).")
+NETWORK_DEF = typer.Option(None, "--network-def", help="JSON/YAML with the network's MONAI _target_ and arguments (for a .pt state dict).")
+TRANSFORMS = typer.Option(None, "--transforms", help="Preprocessing preset for --network: ct_abdomen, ct_wide, mr_t1_brain, mr_zscore, or a file (default: mr_t1_brain).")
 MEMORY_BUDGET = typer.Option(None, "--memory-budget", help="Largest memory for the attack, e.g. 8GB: picks window batch, checkpointing and AMP from a probe window (reported).")
-OUTPUT_FORMAT = typer.Option("auto", "--output-format", help="nifti, dicom or both [default: the input's format].")
+OUTPUT_FORMAT = typer.Option("auto", "--output-format", help="nifti, dicom or both (default: the input's format).")
 SEG_FORMAT = typer.Option("nifti", "--seg-format", help="Predictions as nifti label maps, or also as DICOM SEG (dicom; DICOM inputs).")
+ATTACKS = typer.Option("igsm", "--attacks", help="Comma-separated attacks fused with the losses: igsm (the paper's), fgsm, pgd, segpgd, cospgd, apgd, dag.")
+NORM = typer.Option("linf", "--norm", help="Budget norm: linf or l2 (eps in the same units).")
+MASK = typer.Option(None, "--mask", help="Region the perturbation may touch (a mask on the scan's grid, e.g. the body).")
+MIN_EPS = typer.Option(False, "--min-eps", help="Find each member's smallest successful budget (early stop, or bisection for fixed-budget attacks).")
 ANONYMIZE = typer.Option(False, "--anonymize", help="DICOM output: remove patient identity (basic profile), remap UIDs.")
 
 
@@ -101,37 +115,39 @@ def _parse_roi(text: Optional[str]):
     return values
 
 
-def _prepare(
-    bundle, config, trust_bundle, device, amp, checkpoint, sw_batch_size, overlap, roi, window_mode,
-    losses, eps, step, steps, eps_units, label, target, success, seed, output_format, seg_format, anonymize,
-    memory_budget=None,
-):
-    """Load and configure the target, and collect the attack options (errors are InputErrors)."""
+def _prepare(p: dict):
+    """Load and configure the target and collect the attack options from a command's parameters."""
     from medis3d.losses import parse_losses
     from medis3d.pipeline import AttackOptions
 
     try:
-        members = len(parse_losses(losses))
+        parse_losses(p["losses"])
     except ValueError as exc:
         raise InputError(str(exc))
+    attacks = [a.strip() for a in p.get("attacks", "igsm").split(",") if a.strip()]
     options = AttackOptions(
-        losses=losses, eps=parse_fraction(eps, "--eps"), step=parse_fraction(step, "--step"), steps=steps,
-        eps_units=eps_units, label=label, target_mask=target, success=success, seed=seed,
-        output_format=output_format, seg_format=seg_format, anonymize=anonymize,
+        losses=p["losses"], eps=parse_fraction(p["eps"], "--eps"), step=parse_fraction(p["step"], "--step"),
+        steps=p["steps"], eps_units=p["eps_units"], label=p.get("label"), target_mask=p.get("target"),
+        success=p["success"], seed=p["seed"], attacks=attacks, output_format=p["output_format"],
+        seg_format=p["seg_format"], anonymize=p["anonymize"], norm=p["norm"], mask=p.get("mask"), min_eps=p["min_eps"],
     )
-    if memory_budget:
-        from medis3d.memory import parse_size
-
-        options.memory_budget = parse_size(memory_budget)
     if not options.eps > 0:
         raise InputError(f"--eps must be positive, got {options.eps}")
     if not options.step > 0:
         raise InputError(f"--step must be positive, got {options.step}")
-    tgt = _load_target(bundle, config, trust_bundle, device)
+    if p.get("memory_budget"):
+        from medis3d.memory import parse_size
+
+        options.memory_budget = parse_size(p["memory_budget"])
+    bare = {"network": p.get("network"), "network_def": p.get("network_def"), "transforms": p.get("transforms")}
+    tgt = _load_target(p["bundle"], p["config"], p["trust_bundle"], p["device"], bare)
     tgt.configure(
-        roi_size=_parse_roi(roi), overlap=overlap, sw_batch_size=sw_batch_size, mode=window_mode,
-        checkpoint=checkpoint, amp=amp,
+        roi_size=_parse_roi(p["roi"]), overlap=p["overlap"], sw_batch_size=p["sw_batch_size"], mode=p["window_mode"],
+        checkpoint=p["checkpoint"], amp=p["amp"],
     )
+    from medis3d.medis import MedIS
+
+    members = len(MedIS(tgt, losses=options.losses, attacks=options.attacks, norm=options.norm).members())
     return tgt, options, members
 
 
@@ -142,9 +158,16 @@ def attack(
     bundle: Optional[Path] = BUNDLE,
     config: Optional[str] = CONFIG,
     trust_bundle: bool = TRUST,
+    network: Optional[Path] = NETWORK,
+    network_def: Optional[Path] = NETWORK_DEF,
+    transforms: Optional[str] = TRANSFORMS,
     label: Optional[Path] = LABEL,
     target: Optional[str] = TARGET,
     losses: str = LOSSES,
+    attacks: str = ATTACKS,
+    norm: str = NORM,
+    mask: Optional[Path] = MASK,
+    min_eps: bool = MIN_EPS,
     eps: str = EPS,
     step: str = STEP,
     steps: int = STEPS,
@@ -169,12 +192,9 @@ def attack(
     _quiet_warnings()
     from medis3d.pipeline import run_attack
 
+    params = dict(locals(), device=device or _default_device())
     try:
-        tgt, options, members = _prepare(
-            bundle, config, trust_bundle, device or _default_device(), amp, checkpoint, sw_batch_size, overlap, roi,
-            window_mode, losses, eps, step, steps, eps_units, label, target, success, seed, output_format,
-            seg_format, anonymize, memory_budget,
-        )
+        tgt, options, members = _prepare(params)
         if quiet or json_out:
             report = run_attack(scan, tgt, options, out)
         else:
@@ -247,8 +267,15 @@ def batch(
     bundle: Optional[Path] = BUNDLE,
     config: Optional[str] = CONFIG,
     trust_bundle: bool = TRUST,
+    network: Optional[Path] = NETWORK,
+    network_def: Optional[Path] = NETWORK_DEF,
+    transforms: Optional[str] = TRANSFORMS,
     target: Optional[str] = typer.Option(None, "--target", help="Targeted attack: background or foreground."),
     losses: str = LOSSES,
+    attacks: str = ATTACKS,
+    norm: str = NORM,
+    mask: Optional[Path] = MASK,
+    min_eps: bool = MIN_EPS,
     eps: str = EPS,
     step: str = STEP,
     steps: int = STEPS,
@@ -276,17 +303,14 @@ def batch(
     if target not in (None, "background", "foreground"):
         _fail(f"--target in batch must be background or foreground, got {target!r}")
     shard = Shard.from_env()
+    params = dict(locals(), device=shard.device(device))
     try:
         items = discover(input_dir)
         if not items:
             raise InputError(f"{input_dir}: no NIfTI volume or DICOM image series found")
         if out.resolve() == input_dir.resolve() or input_dir.resolve() in out.resolve().parents:
             raise InputError(f"{out}: the output folder must not be inside the input folder {input_dir}")
-        tgt, options, _ = _prepare(
-            bundle, config, trust_bundle, shard.device(device), amp, checkpoint, sw_batch_size, overlap, roi,
-            window_mode, losses, eps, step, steps, eps_units, None, target, success, seed, output_format,
-            seg_format, anonymize, memory_budget,
-        )
+        tgt, options, _ = _prepare(params)
     except Medis3dError as exc:
         shard.close()
         _fail(str(exc))
@@ -335,13 +359,66 @@ def batch(
 
 
 @app.command()
+def evaluate(
+    dataset: Path = typer.Argument(..., help="Decathlon-style datalist JSON (test/testing/validation entries) or a folder of images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: results.csv, summary.json, robustness.png, report.md."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
+    bundle: Optional[Path] = BUNDLE,
+    config: Optional[str] = CONFIG,
+    trust_bundle: bool = TRUST,
+    attacks: str = typer.Option("igsm,pgd", "--attacks", help="Comma-separated attacks: igsm, fgsm, pgd, segpgd, cospgd, apgd, dag."),
+    losses: str = LOSSES,
+    eps: str = typer.Option("1/255,2/255,4/255,8/255", "--eps", help="Comma-separated budgets (numbers or fractions)."),
+    step: str = STEP,
+    steps: int = STEPS,
+    eps_units: str = EPS_UNITS,
+    success: Optional[float] = SUCCESS,
+    device: Optional[str] = DEVICE,
+    seed: int = SEED,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Evaluate robustness over a dataset: every volume x attack x loss x eps, with MedIS fusion (resumable)."""
+    _quiet_warnings()
+    from medis3d.evaluate import evaluate_dataset, read_dataset
+    from medis3d.medis import MedIS
+
+    try:
+        eps_list = [parse_fraction(e.strip(), "--eps") for e in eps.split(",") if e.strip()]
+        if not eps_list or min(eps_list) <= 0:
+            raise InputError(f"--eps must be positive budgets, got {eps!r}")
+        cases = read_dataset(dataset, labels)
+        tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
+        attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
+        members = MedIS(tgt, losses=losses, attacks=attack_list).members()
+        kwargs = dict(attacks=attack_list, losses=losses, eps_list=eps_list, step=parse_fraction(step, "--step"), steps=steps,
+                      eps_units=eps_units, success=success, seed=seed)
+        if quiet:
+            summary = evaluate_dataset(tgt, cases, out, **kwargs)
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            with Progress(TextColumn("[bold]volumes x budgets"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                          TimeElapsedColumn(), TimeRemainingColumn()) as progress:
+                task = progress.add_task("eval", total=len(cases) * len(eps_list), info=f"{len(members)} members")
+                summary = evaluate_dataset(tgt, cases, out, progress=lambda name: progress.advance(task), **kwargs)
+    except Medis3dError as exc:
+        _fail(str(exc))
+        return
+    if not quiet:
+        typer.echo(f"{len(cases)} volume(s), {len(eps_list)} budget(s), {len(members)} member(s): see {out / 'report.md'}")
+
+
+@app.command()
 def predict(
     scan: Path = typer.Argument(..., help="NIfTI file or DICOM series."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file [default: medis3d-out/<scan name>/prediction.nii.gz]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: medis3d-out/<scan name>/prediction.nii.gz)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help=BUNDLE_HELP),
-    config: Optional[str] = typer.Option(None, "--config", help="Bundle config file name."),
-    trust_bundle: bool = typer.Option(False, "--trust-bundle", help="Allow the bundle's config to run Python."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N."),
+    config: Optional[str] = CONFIG,
+    trust_bundle: bool = TRUST,
+    network: Optional[Path] = NETWORK,
+    network_def: Optional[Path] = NETWORK_DEF,
+    transforms: Optional[str] = TRANSFORMS,
+    device: Optional[str] = DEVICE,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Segment SCAN with the target and write the label map on the scan's grid."""
@@ -349,7 +426,8 @@ def predict(
     from medis3d.pipeline import run_predict
 
     try:
-        tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
+        bare = {"network": network, "network_def": network_def, "transforms": transforms}
+        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare)
         path, prediction, volume = run_predict(scan, tgt, out)
     except Medis3dError as exc:
         _fail(str(exc))
@@ -357,6 +435,70 @@ def predict(
     if not quiet:
         counts = {tgt.class_name(c): int(m.sum()) for c, m in zip(tgt.foreground_classes, tgt.masks(prediction))}
         typer.echo(f"wrote {path} ({', '.join(f'{k}: {v} voxels' for k, v in counts.items())})")
+
+
+bundle_app = typer.Typer(help="Inspect MONAI bundles.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("check")
+def bundle_check(
+    bundle: Path = typer.Argument(..., help="Bundle folder or .zip."),
+    scan: Optional[Path] = typer.Argument(None, help="A scan to check gradients on (default: a synthetic one)."),
+    config: Optional[str] = CONFIG,
+    trust_bundle: bool = TRUST,
+    device: Optional[str] = DEVICE,
+    json_out: bool = typer.Option(False, "--json", help="Print the check as JSON."),
+) -> None:
+    """Load BUNDLE safely, list what will be attacked, and check that gradients reach the scan."""
+    _quiet_warnings()
+    from medis3d.check import check_bundle
+
+    try:
+        tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
+        report = check_bundle(tgt, scan)
+    except Medis3dError as exc:
+        _fail(str(exc))
+        return
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{report['network']}[/bold] ({report['parameters']:,} parameters), {report['activation']}, classes {report['classes']}")
+    console.print(f"inferer: {report['inferer']}")
+    table = Table(title="preprocessing (scan space -> model space)")
+    for col in ("transform", "arguments", "gradient", "stand-in"):
+        table.add_column(col)
+    for step in report["preprocessing"]:
+        table.add_row(step["transform"], json.dumps(step["args"]), step["gradient"], step["stand_in"])
+    for step in report["other_non_differentiable_steps"]:
+        table.add_row(step["step"], "", "approximated", step["stand_in"])
+    console.print(table)
+    for notice in report["notices"]:
+        console.print(f"[yellow]notice:[/yellow] {notice}")
+    g = report["gradient"]
+    verdict = "[green]gradients reach the scan[/green]" if g["ok"] else "[red]gradient flow is broken[/red]"
+    console.print(
+        f"gradient check on {report['scan']} (model space {report['model_shape']}): {verdict}; "
+        f"|grad| {g['input_grad_norm']:.3g}, {g['fraction_of_voxels_reached'] * 100:.1f}% of voxels reached"
+    )
+    if g["blocking_layers"]:
+        console.print(f"[red]layers that block the gradient:[/red] {', '.join(g['blocking_layers'])}")
+    if g["zero_gradient_layers"]:
+        console.print(f"[yellow]layers with an all-zero gradient:[/yellow] {', '.join(g['zero_gradient_layers'][:20])}")
+    if not g["ok"]:
+        raise typer.Exit(code=1)
+
+
+@bundle_app.command("fragment")
+def bundle_fragment() -> None:
+    """Print the path of the config fragment that adds an 'attack' workflow to any bundle for MONAI's runner."""
+    from medis3d.monai_workflow import fragment_path
+
+    typer.echo(str(fragment_path()))
 
 
 def main() -> None:

@@ -1,22 +1,35 @@
-"""Surrogate losses: differentiable stand-ins for the metrics a segmentation is judged by.
+"""Surrogate losses for attacking segmentation models: the MedIS paper's six and a few MONAI baselines.
 
-One registry for multi-class softmax and binary / multi-label sigmoid models alike, in any
-number of spatial dimensions. Every loss follows the training convention: larger means the
-prediction is further from the given segmentation. Untargeted attacks ascend a loss against
-the reference; targeted ones descend it towards the target.
+One registry serves multi-class softmax and binary / multi-label sigmoid models alike, in 1, 2
+or 3 spatial dimensions. ``logits`` are ``(B, C, *S)``; the segmentation is integer labels
+``(B, 1, *S)`` for softmax (C >= 2) and 0/1 channels ``(B, C, *S)`` for sigmoid. Every loss
+follows the training convention (larger = prediction further from the segmentation), so an
+untargeted attack ascends it against the reference and a targeted one descends it towards the
+target mask. Losses compute in float32 with autocast switched off, whatever the logits' dtype.
 
-``logits`` are ``(B, C, *S)``. The segmentation is integer labels ``(B, 1, *S)`` for softmax
-and 0/1 channels ``(B, C, *S)`` for sigmoid. Losses compute in float32 (also under autocast).
-Foreground is channels 1..C-1 for softmax and every channel for sigmoid.
+Conventions shared by the losses written here:
 
-Saturation: Lovasz, Dice-type and log-cosh Dice losses have small gradients far from the
-decision boundary once the prediction is entirely wrong; the cross-entropy terms (``ce``,
-``bce_dice``, ``exp_log``, ``structure``, ``combined``) keep an informative gradient
-everywhere, which is one reason MedIS fuses several losses.
+* Foreground is channels 1..C-1 for softmax and every channel for sigmoid; Dice- and IoU-type
+  terms are taken over the foreground, per batch item and class, then averaged.
+* Soft Dice uses ``(2 I + 1) / (|P| + |G| + 1)``: the smooth term 1 keeps an empty class finite
+  and still informative (with MONAI's 1e-5 an empty class sits at Dice ~ 0 with a gradient of
+  ~1e-5 / |P|^2). ``dice``, ``tversky`` and ``bce_dice`` use the same smooth term;
+  ``generalized_dice`` keeps MONAI's 1e-5 because its 1/|G|^2 weights make the numerator tiny.
+
+Gradients (what an attacker sees). All losses give finite gradients for any target, including
+an empty class or a single-class volume. The cross-entropy terms (``ce``, ``focal``,
+``bce_dice``, ``exp_log``, ``structure``, ``combined``) stay informative everywhere. Lovasz
+saturates: the Berman hinge ``relu(1 - margin)`` is exactly flat once every voxel is right by a
+margin of 1, so ``lovasz`` uses the smooth hinge ``softplus(1 - margin)`` (never flat, but its
+gradient decays like ``exp(-margin)``); Lovasz-softmax and the Dice-type losses decay like the
+softmax / sigmoid derivative once probabilities saturate, i.e. on confidently right *or*
+confidently wrong voxels. ``generalized_dice`` has undefined class weights when an item has no
+foreground at all; MONAI then returns a constant, so we fall back to uniform weights (Dice).
 """
 
 from __future__ import annotations
 
+from functools import wraps
 from typing import Callable, Sequence
 
 import torch
@@ -24,23 +37,48 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss, GeneralizedDiceLoss, TverskyLoss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFactory = Callable[[str], LossFn]
 
-SMOOTH = 1e-5
+ACTIVATIONS = ("softmax", "sigmoid")
+DICE_SMOOTH = 1.0
 EXP_LOG_GAMMA = 0.3
 EXP_LOG_WEIGHTS = (0.8, 0.2)  # Dice term, cross-entropy term (Wong et al. 2018)
+EXP_LOG_OFFSET = 1e-6  # x**0.3 has an infinite slope at 0: (x + 1e-6)**0.3 keeps gradients finite
+TVERSKY_ALPHA_BETA = (0.3, 0.7)  # false positives, false negatives (Salehi et al. 2017); 0.5/0.5 is Dice
 COMBINED_WEIGHTS = {"logcosh_dice": 0.21, "bce_dice": 0.18, "exp_log": 0.20, "structure": 0.15, "lovasz": 0.26}
+_POOLS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
-# -- shared pieces -------------------------------------------------------------------------
+# -- shared pieces -----------------------------------------------------------------------------
+def _in_float32(factory: LossFactory) -> LossFactory:
+    """Make ``factory``'s losses take float32 logits with autocast off (bf16 sums and sorts are too coarse)."""
+
+    @wraps(factory)
+    def make(activation: str) -> LossFn:
+        loss = factory(activation)
+
+        def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(logits.device.type, enabled=False):
+                return loss(logits.float(), target)
+
+        return fn
+
+    return make
+
+
 def _probabilities(logits: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.softmax(logits, 1) if activation == "softmax" else torch.sigmoid(logits)
+
+
+def _labels(target: torch.Tensor) -> torch.Tensor:
+    """Softmax targets as ``(B, *S)`` class indices."""
+    return target[:, 0].long()
 
 
 def _one_hot(target: torch.Tensor, logits: torch.Tensor, activation: str) -> torch.Tensor:
     """The segmentation as float channels shaped like ``logits``."""
     if activation == "softmax":
-        labels = target[:, 0].long().clamp(0, logits.shape[1] - 1)
-        return F.one_hot(labels, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+        return F.one_hot(_labels(target), logits.shape[1]).movedim(-1, 1).to(logits.dtype)
     return target.to(logits.dtype)
 
 
@@ -48,172 +86,182 @@ def _foreground(x: torch.Tensor, activation: str) -> torch.Tensor:
     return x[:, 1:] if activation == "softmax" and x.shape[1] > 1 else x
 
 
-def _soft_dice_per_class(probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """Soft Dice per (batch, class), reduced over the spatial dimensions."""
-    dims = tuple(range(2, probs.ndim))
-    inter = (probs * onehot).sum(dims)
-    total = probs.sum(dims) + onehot.sum(dims)
-    return (2 * inter + SMOOTH) / (total + SMOOTH)
+def _spatial(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(2, x.ndim))
 
 
-def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, activation: str, reduction: str = "mean") -> torch.Tensor:
+def _neg_log_soft_dice(probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """``-ln`` of the soft Dice per (batch, class), computed as a difference of logs (no log of 0)."""
+    dims = _spatial(probs)
+    overlap = 2 * (probs * onehot).sum(dims) + DICE_SMOOTH
+    total = probs.sum(dims) + onehot.sum(dims) + DICE_SMOOTH
+    return (torch.log(total) - torch.log(overlap)).clamp_min(0.0)  # 2I <= |P| + |G|, up to rounding
+
+
+def _soft_dice(probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """Soft Dice per (batch, class)."""
+    dims = _spatial(probs)
+    return (2 * (probs * onehot).sum(dims) + DICE_SMOOTH) / (probs.sum(dims) + onehot.sum(dims) + DICE_SMOOTH)
+
+
+def _voxel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, activation: str) -> torch.Tensor:
+    """``-ln p(true label)`` per voxel: ``(B, *S)`` for softmax, ``(B, C, *S)`` for sigmoid."""
     if activation == "softmax":
-        return F.cross_entropy(logits, target[:, 0].long(), reduction=reduction)
-    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction=reduction)
+        return F.cross_entropy(logits, _labels(target), reduction="none")
+    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
 
 
-# -- the paper's losses ----------------------------------------------------------------------
+# -- the paper's losses --------------------------------------------------------------------------
 def logcosh_dice(activation: str) -> LossFn:
-    """log(cosh(soft Dice loss)) over the foreground (Jadon 2020)."""
+    """log(cosh(soft Dice loss)) over the foreground classes (Jadon 2020)."""
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
         probs = _foreground(_probabilities(logits, activation), activation)
         onehot = _foreground(_one_hot(target, logits, activation), activation)
-        dice_loss = 1 - _soft_dice_per_class(probs, onehot).mean()
+        dice_loss = 1 - _soft_dice(probs, onehot).mean()
         return torch.log(torch.cosh(dice_loss))
 
     return fn
 
 
 def bce_dice(activation: str) -> LossFn:
-    """BCE + Dice (sigmoid) or CE + Dice (softmax, MONAI's DiceCELoss)."""
+    """CE + Dice (softmax, MONAI's DiceCELoss) or BCE + Dice (sigmoid), weighted 1:1."""
     if activation == "softmax":
-        loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=SMOOTH, smooth_dr=SMOOTH)
+        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False,
+                             smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH)
 
         def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return loss(logits.float(), target.long())
+            return dice_ce(logits, target.long())
 
         return fn
-    # MONAI's DiceCELoss takes a softmax cross-entropy across channels when there are several,
-    # which is wrong for independent (multi-label) sigmoid channels: BCE per channel instead.
-    dice = DiceLoss(sigmoid=True, include_background=True, smooth_nr=SMOOTH, smooth_dr=SMOOTH)
+    # DiceCELoss would take a softmax cross-entropy across several channels, which is wrong for
+    # independent (multi-label) sigmoid channels: BCE per channel instead.
+    dice = DiceLoss(sigmoid=True, include_background=True, smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH)
 
     def fn_sigmoid(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        return F.binary_cross_entropy_with_logits(logits, target.float()) + dice(logits, target.float())
+        target = target.to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target) + dice(logits, target)
 
     return fn_sigmoid
 
 
 def exp_log(activation: str) -> LossFn:
-    """Exponential logarithmic loss (Wong et al., MICCAI 2018): Dice and CE terms under ``(-ln x)^0.3``."""
+    """Exponential logarithmic loss (Wong et al., MICCAI 2018), gamma 0.3, weights 0.8 Dice / 0.2 CE.
+
+    ``0.8 * mean_i (-ln Dice_i)^0.3 + 0.2 * mean_voxels w_l (-ln p_l)^0.3`` with class weights
+    ``w_l = (sum_k f_k / f_l)^0.5`` from the target's class frequencies over the batch. For
+    sigmoid channels each channel is a binary problem whose classes are "in" and "out".
+    ``-ln`` is taken stably (difference of logs, log-softmax / log-sigmoid), never of a clamp.
+    """
     gamma = EXP_LOG_GAMMA
     w_dice, w_ce = EXP_LOG_WEIGHTS
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
         probs = _probabilities(logits, activation)
         onehot = _one_hot(target, logits, activation)
-        dice = _soft_dice_per_class(_foreground(probs, activation), _foreground(onehot, activation))
-        dice_term = (-torch.log(dice.clamp(1e-6, 1.0))).pow(gamma).mean()
-        dims = tuple(range(2, logits.ndim))
-        frequency = onehot.sum(dims).sum(0) + 1.0  # per class, over the batch
-        class_weight = (frequency.sum() / frequency).sqrt()
+        neg_log_dice = _neg_log_soft_dice(_foreground(probs, activation), _foreground(onehot, activation))
+        dice_term = (neg_log_dice + EXP_LOG_OFFSET).pow(gamma).mean()
+        voxel_ce = _voxel_cross_entropy(logits, target, activation)
         if activation == "softmax":
-            p_true = (probs * onehot).sum(1).clamp(1e-6, 1.0)  # probability of the true class
-            w = (class_weight.view(1, -1, *[1] * len(dims)) * onehot).sum(1)
-            ce_term = (w * (-torch.log(p_true)).pow(gamma)).mean()
+            frequency = onehot.sum((0, *_spatial(onehot))).clamp_min(1.0)  # (C,)
+            class_weight = (frequency.sum() / frequency).sqrt()
+            voxel_weight = class_weight[_labels(target)]
         else:
-            p_true = torch.where(onehot > 0.5, probs, 1 - probs).clamp(1e-6, 1.0)
-            w = torch.where(onehot > 0.5, class_weight.view(1, -1, *[1] * len(dims)), torch.ones_like(onehot))
-            ce_term = (w * (-torch.log(p_true)).pow(gamma)).mean()
+            dims = (0, *_spatial(onehot))
+            inside = onehot.sum(dims, keepdim=True)
+            outside = (1 - onehot).sum(dims, keepdim=True)
+            total = inside + outside
+            voxel_weight = torch.where(onehot > 0.5, total / inside.clamp_min(1.0), total / outside.clamp_min(1.0)).sqrt()
+        ce_term = (voxel_weight * (voxel_ce + EXP_LOG_OFFSET).pow(gamma)).mean()
         return w_dice * dice_term + w_ce * ce_term
 
     return fn
 
 
 def structure_kernel(spatial_dims: int) -> int:
-    """PraNet's 31x31 pooling window, scaled to 3D: 11^3 voxels is about as many as 31^2 pixels."""
-    return 31 if spatial_dims == 2 else 11
+    """PraNet's boundary window: 31 in 2D; 11 in 3D (11^3 = 1331 voxels, about as many as 31^2 = 961)."""
+    return 31 if spatial_dims <= 2 else 11
 
 
 def structure(activation: str) -> LossFn:
     """The PraNet structure loss: boundary-weighted BCE + weighted IoU (Fan et al., MICCAI 2020).
 
-    Voxels near a boundary of the segmentation (where a local average differs from the mask)
-    weigh up to 6 times more. For softmax models each class is a channel of the one-hot
-    segmentation, with a weighted cross-entropy in place of the BCE.
+    Voxel weights are ``1 + 5 |avgpool(mask) - mask|`` with a stride-1 window of
+    :func:`structure_kernel` (shrunk to the volume if it is smaller; padding not counted, so the
+    volume's border is not mistaken for an edge). Sigmoid: weighted BCE + weighted IoU per channel.
+    Softmax: the one-hot segmentation gives one weight map per class; each voxel's cross-entropy
+    (in place of BCE) is weighted by its own class's map, and the weighted IoU on softmax
+    probabilities is taken per foreground class.
     """
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
         onehot = _one_hot(target, logits, activation)
-        dims = logits.ndim - 2
-        k = min(structure_kernel(dims), *[(n - 1) | 1 for n in logits.shape[2:]])  # no larger than the volume
-        pool = F.avg_pool3d if dims == 3 else F.avg_pool2d
-        weight = 1 + 5 * (pool(onehot, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False) - onehot).abs()
-        axes = tuple(range(2, logits.ndim))
+        spatial_dims = logits.ndim - 2
+        if spatial_dims not in _POOLS:
+            raise ValueError(f"structure loss takes 1 to 3 spatial dimensions, got {spatial_dims}")
+        largest_odd = min((n - 1) | 1 for n in logits.shape[2:])
+        k = min(structure_kernel(spatial_dims), largest_odd)
+        local_mean = _POOLS[spatial_dims](onehot, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
+        weight = 1 + 5 * (local_mean - onehot).abs()
+        dims = _spatial(logits)
+        voxel_ce = _voxel_cross_entropy(logits, target, activation)
         if activation == "softmax":
-            voxel_axes = tuple(range(1, logits.ndim - 1))
-            voxel_weight = (weight * onehot).sum(1)  # each voxel's weight for its own class
-            voxel_ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none")
-            wce = (voxel_weight * voxel_ce).sum(voxel_axes) / voxel_weight.sum(voxel_axes)
-            probs = torch.softmax(logits, 1)
+            voxel_weight = (weight * onehot).sum(1)  # each voxel's weight in its own class's map
+            voxel_dims = tuple(range(1, voxel_ce.ndim))
+            weighted_ce = (voxel_weight * voxel_ce).sum(voxel_dims) / voxel_weight.sum(voxel_dims)
         else:
-            bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-            wce = (weight * bce).sum(axes) / weight.sum(axes)
-            probs = torch.sigmoid(logits)
-        inter = (probs * onehot * weight).sum(axes)
-        union = ((probs + onehot) * weight).sum(axes)
-        wiou = _foreground(1 - (inter + 1) / (union - inter + 1), activation)
-        return wce.mean() + wiou.mean()
+            weighted_ce = (weight * voxel_ce).sum(dims) / weight.sum(dims)
+        probs = _probabilities(logits, activation)
+        inter = (probs * onehot * weight).sum(dims)
+        union = ((probs + onehot) * weight).sum(dims)
+        weighted_iou = _foreground(1 - (inter + 1) / (union - inter + 1), activation)
+        return weighted_ce.mean() + weighted_iou.mean()
 
     return fn
 
 
-def _lovasz_gradient(sorted_truth: torch.Tensor) -> torch.Tensor:
-    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. sorted errors (Berman et al. 2018)."""
-    total = sorted_truth.sum()
-    intersection = total - sorted_truth.cumsum(0)
-    union = total + (1 - sorted_truth).cumsum(0)
-    jaccard = 1.0 - intersection / union
-    if sorted_truth.numel() > 1:
-        jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-    return jaccard
+def _lovasz_jaccard_weights(truth_by_error: torch.Tensor) -> torch.Tensor:
+    """Weights of the Lovasz extension of the Jaccard loss (Berman et al., CVPR 2018), per row.
+
+    ``truth_by_error`` is ``(R, N)``: 0/1 ground truth of each voxel, ordered by decreasing error.
+    Counting the first ``i`` voxels as mistakes gives a Jaccard loss ``J_i`` (foreground voxels
+    among them are missed, background ones are false alarms); the extension weighs the ``i``-th
+    largest error by ``J_i - J_{i-1}``.
+    """
+    foreground = truth_by_error.sum(1, keepdim=True)
+    missed = truth_by_error.cumsum(1)
+    false_alarms = (1 - truth_by_error).cumsum(1)
+    # the denominator is >= 1: either foreground > 0, or every voxel so far is a false alarm
+    jaccard_loss = 1 - (foreground - missed) / (foreground + false_alarms)
+    return torch.diff(jaccard_loss, dim=1, prepend=torch.zeros_like(jaccard_loss[:, :1]))
 
 
-def _lovasz_hinge_flat(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    signs = 2.0 * truth - 1.0
-    errors = 1.0 - logits * signs
-    errors_sorted, order = torch.sort(errors, descending=True)
-    grad = _lovasz_gradient(truth[order])
-    return torch.dot(F.elu(errors_sorted) + 1, grad)
-
-
-def _lovasz_softmax_flat(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``probs`` (N, C), ``labels`` (N,): mean over the classes present of the Lovasz-Jaccard loss."""
-    losses = []
-    for c in range(probs.shape[1]):
-        truth = (labels == c).float()
-        if truth.sum() == 0:
-            continue
-        errors = (truth - probs[:, c]).abs()
-        errors_sorted, order = torch.sort(errors, descending=True)
-        losses.append(torch.dot(errors_sorted, _lovasz_gradient(truth[order])))
-    if not losses:  # no class present (cannot happen for a label map); keep the graph alive
-        return probs.sum() * 0.0
-    return torch.stack(losses).mean()
+def _lovasz_extension(errors: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per row of ``(R, N)`` errors and 0/1 truth: the Lovasz-Jaccard surrogate ``sum_i e_(i) w_i``."""
+    errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+    weights = _lovasz_jaccard_weights(torch.gather(truth, 1, order))
+    return (errors_sorted * weights).sum(1)
 
 
 def lovasz(activation: str) -> LossFn:
-    """Lovasz hinge per sigmoid channel, or Lovasz-softmax over the present classes.
+    """Lovasz hinge per sigmoid channel and item, or Lovasz-softmax over each item's present classes.
 
-    The hinge uses ``elu(error) + 1`` instead of ``relu(error)`` (a common smooth variant) so
-    voxels already far on the right side keep a small gradient.
+    The hinge error is ``softplus(1 - s x)`` (s = +-1 the truth, x the logit) rather than Berman's
+    ``relu(1 - s x)``, which is exactly flat once every voxel is right by a margin of 1; the
+    gradient still decays like ``exp(-margin)`` on confidently right voxels. Lovasz-softmax uses
+    errors ``|g - p_c|`` on softmax probabilities for the classes present in each item.
     """
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        values = []
-        for b in range(logits.shape[0]):
-            if activation == "softmax":
-                probs = torch.softmax(logits[b], 0).reshape(logits.shape[1], -1).t()
-                values.append(_lovasz_softmax_flat(probs, target[b, 0].reshape(-1).long()))
-            else:
-                for c in range(logits.shape[1]):
-                    values.append(_lovasz_hinge_flat(logits[b, c].reshape(-1), target[b, c].reshape(-1).float()))
-        return torch.stack(values).mean()
+        b, c = logits.shape[:2]
+        onehot = _one_hot(target, logits, activation).reshape(b * c, -1)
+        if activation == "sigmoid":
+            errors = F.softplus(1 - logits.reshape(b * c, -1) * (2 * onehot - 1))
+            return _lovasz_extension(errors, onehot).mean()
+        probs = torch.softmax(logits, 1).reshape(b * c, -1)
+        per_class = _lovasz_extension((onehot - probs).abs(), onehot)
+        present = onehot.sum(1) > 0  # every item has at least one class present
+        return (per_class * present).view(b, c).sum(1).div(present.view(b, c).sum(1)).mean()
 
     return fn
 
@@ -223,85 +271,111 @@ def combined(activation: str) -> LossFn:
     parts = {name: LOSSES[name](activation) for name in COMBINED_WEIGHTS}
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return sum(w * parts[name](logits, target) for name, w in COMBINED_WEIGHTS.items())
+        return sum(weight * parts[name](logits, target) for name, weight in COMBINED_WEIGHTS.items())
 
     return fn
 
 
-# -- MONAI's losses and plain cross-entropy ---------------------------------------------------
-def _monai(cls, **extra):
+# -- MONAI's losses and plain cross-entropy -----------------------------------------------------
+def _monai_target(target: torch.Tensor, activation: str) -> torch.Tensor:
+    return target.long() if activation == "softmax" else target.float()
+
+
+def _monai_dice_type(cls: type, **options) -> LossFactory:
+    """A MONAI Dice-type loss: softmax with one-hot labels and no background, or sigmoid on all channels."""
+
     def factory(activation: str) -> LossFn:
         if activation == "softmax":
-            loss = cls(to_onehot_y=True, softmax=True, include_background=False, **extra)
+            loss = cls(to_onehot_y=True, softmax=True, include_background=False, **options)
         else:
-            loss = cls(sigmoid=True, include_background=True, **extra)
+            loss = cls(sigmoid=True, include_background=True, **options)
 
         def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return loss(logits.float(), target.long() if activation == "softmax" else target.float())
+            return loss(logits, _monai_target(target, activation))
 
         return fn
 
+    factory.__doc__ = f"MONAI's {cls.__name__} for a softmax or sigmoid model."
     return factory
 
 
-def _focal(activation: str) -> LossFn:
-    if activation == "softmax":
-        loss = FocalLoss(to_onehot_y=True, use_softmax=True, include_background=True)
-    else:
-        loss = FocalLoss(include_background=True)
+def generalized_dice(activation: str) -> LossFn:
+    """MONAI's GeneralizedDiceLoss; uniform weights (Dice) for items with no foreground voxel at all."""
+    softmax = activation == "softmax"
+    act = dict(to_onehot_y=True, softmax=True, include_background=False) if softmax else dict(sigmoid=True, include_background=True)
+    generalized = GeneralizedDiceLoss(reduction="none", **act)
+    uniform = DiceLoss(reduction="none", smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH, **act)
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return loss(logits.float(), target.long() if activation == "softmax" else target.float())
+        target = _monai_target(target, activation)
+        per_item = generalized(logits, target).reshape(logits.shape[0])
+        foreground = (target > 0) if softmax else (target > 0.5)
+        empty = ~foreground.flatten(1).any(1)
+        if empty.any():  # 1/|G|^2 weights are all infinite: MONAI returns a constant there
+            per_item = torch.where(empty, uniform(logits, target).reshape(logits.shape[0], -1).mean(1), per_item)
+        return per_item.mean()
+
+    return fn
+
+
+def focal(activation: str) -> LossFn:
+    """MONAI's FocalLoss (gamma 2) over all channels: softmax with one-hot labels, or sigmoid."""
+    loss = FocalLoss(to_onehot_y=True, use_softmax=True) if activation == "softmax" else FocalLoss()
+
+    def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss(logits, _monai_target(target, activation))
 
     return fn
 
 
 def ce(activation: str) -> LossFn:
-    """Plain cross-entropy (softmax) or binary cross-entropy with logits (sigmoid)."""
+    """Plain cross-entropy (softmax) or binary cross-entropy with logits (sigmoid), voxel mean."""
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _cross_entropy(logits.float(), target, activation)
+        return _voxel_cross_entropy(logits, target, activation).mean()
 
     return fn
 
 
-LOSSES: dict[str, Callable[[str], LossFn]] = {
+_FACTORIES: dict[str, LossFactory] = {
     "logcosh_dice": logcosh_dice,
     "bce_dice": bce_dice,
     "exp_log": exp_log,
     "structure": structure,
     "lovasz": lovasz,
     "combined": combined,
-    "dice": _monai(DiceLoss, smooth_nr=SMOOTH, smooth_dr=SMOOTH),
-    "tversky": _monai(TverskyLoss, smooth_nr=SMOOTH, smooth_dr=SMOOTH),
-    "focal": _focal,
-    "generalized_dice": _monai(GeneralizedDiceLoss, smooth_nr=SMOOTH, smooth_dr=SMOOTH),
+    "dice": _monai_dice_type(DiceLoss, smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH),
+    "tversky": _monai_dice_type(TverskyLoss, alpha=TVERSKY_ALPHA_BETA[0], beta=TVERSKY_ALPHA_BETA[1],
+                                smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH),
+    "focal": focal,
+    "generalized_dice": generalized_dice,
     "ce": ce,
 }
+LOSSES: dict[str, LossFactory] = {name: _in_float32(factory) for name, factory in _FACTORIES.items()}
 PAPER_LOSSES: tuple[str, ...] = ("logcosh_dice", "bce_dice", "exp_log", "structure", "lovasz", "combined")
 
 
 def get_loss(name: str, activation: str = "softmax") -> LossFn:
-    """The loss called ``name`` for a softmax or sigmoid model."""
+    """The loss called ``name`` for a ``"softmax"`` or ``"sigmoid"`` model: ``fn(logits, target) -> scalar``."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose from: {', '.join(LOSSES)}")
-    if activation not in ("softmax", "sigmoid"):
-        raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from: {', '.join(ACTIVATIONS)}")
     return LOSSES[name](activation)
 
 
 def parse_losses(spec: str | Sequence[str]) -> list[str]:
-    """``"all"`` (the paper's six), ``"a,b"`` or a list, checked and without repeats."""
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [n.strip() for n in names if n and n.strip()]
-    if names == ["all"]:
-        return list(PAPER_LOSSES)
-    out: list[str] = []
-    for n in names:
-        if n not in LOSSES:
-            raise ValueError(f"unknown loss {n!r}; choose from: {', '.join(LOSSES)}, or all")
-        if n not in out:
-            out.append(n)
-    if not out:
+    """Loss names from ``"all"`` (the paper's six), ``"a,b"`` or a list: checked, in order, without repeats."""
+    tokens = spec.split(",") if isinstance(spec, str) else [t for item in spec for t in str(item).split(",")]
+    names: list[str] = []
+    for token in (t.strip() for t in tokens):
+        if not token:
+            continue
+        for name in PAPER_LOSSES if token == "all" else (token,):
+            if name not in LOSSES:
+                raise ValueError(f"unknown loss {name!r}; choose from: {', '.join(LOSSES)}, or all")
+            if name not in names:
+                names.append(name)
+    if not names:
         raise ValueError(f"no loss given; choose from: {', '.join(LOSSES)}, or all")
-    return out
+    return names

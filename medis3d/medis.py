@@ -4,6 +4,7 @@ or the strongest member when none succeeded."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -80,6 +81,8 @@ class MedIS:
     region: np.ndarray | None = None
     seed: int = 0
     norm: str = "linf"
+    min_eps: bool = False  # find each member's smallest successful budget (bisection for fixed-budget attacks)
+    bisection_steps: int = 4
     loss_names: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -127,8 +130,7 @@ class MedIS:
         )
         members: list[MemberResult] = []
         for attack_name, loss in self.members():
-            attack = ATTACKS[attack_name](self.target, loss, budget, goal, self.progress, seed=self.seed)
-            members.append(attack.run(volume))
+            members.append(self._run_member(attack_name, loss, budget, goal, volume))
         selected = select_member(members, goal.targeted)
         chosen = members[selected]
         return MedISResult(
@@ -147,6 +149,23 @@ class MedIS:
             time_s=time.perf_counter() - start,
             clean_score=goal.score(clean_prediction),
         )
+
+    def _run_member(self, attack_name: str, loss: str, budget: Budget, goal: Goal, volume: Volume) -> MemberResult:
+        cls = ATTACKS[attack_name]
+        result = cls(self.target, loss, budget, goal, self.progress, seed=self.seed).run(volume)
+        if not self.min_eps or cls.early_stop or not result.success:
+            return result  # iterative attacks already stop at their first success: their L-inf is the distortion
+        low, high, best = 0.0, budget.eps, result
+        for _ in range(self.bisection_steps):  # fixed-budget attacks: bisect the budget
+            mid = (low + high) / 2
+            trial_budget = dataclasses.replace(budget, eps=mid, step=budget.step * mid / budget.eps)
+            trial = cls(self.target, loss, trial_budget, goal, self.progress, seed=self.seed).run(volume)
+            if trial.success:
+                high, best = mid, trial
+            else:
+                low = mid
+        best.trace = result.trace + best.trace if best is not result else result.trace
+        return best
 
     def members(self) -> list[tuple[str, str]]:
         """The (attack, loss) pairs fused; attacks with their own loss are one member each."""

@@ -53,6 +53,9 @@ class AttackOptions:
     seg_format: str = "nifti"  # nifti or dicom (DICOM SEG; DICOM inputs only)
     anonymize: bool = False
     memory_budget: int | None = None  # bytes; picks window batch, checkpointing and AMP
+    norm: str = "linf"
+    mask: Path | None = None  # region the perturbation may touch (e.g. the body)
+    min_eps: bool = False
     extra: dict = field(default_factory=dict)
 
     def formats(self, volume: Volume) -> tuple[str, ...]:
@@ -159,8 +162,15 @@ def run_attack(
     if options.target_mask is not None and str(options.target_mask) not in ("background", "foreground"):
         target_file = Path(options.target_mask)
     sources = list(volume.meta.get("dicom_files", [])) if volume.format == "dicom" else []
-    _guard_inputs(out, [volume.path, options.label, target_file, *sources])
+    _guard_inputs(out, [volume.path, options.label, target_file, options.mask, *sources])
     reference = read_segmentation(Path(options.label), volume, target, "label") if options.label else None
+    region = None
+    if options.mask is not None:
+        mask_volume = read_volume(Path(options.mask))
+        check_same_grid(volume, mask_volume, "mask")
+        region = (mask_volume.array[:1] > 0).astype(np.float32)
+        if not region.any():
+            raise InputError(f"{options.mask}: the mask is empty: nothing may be perturbed")
     aim = read_segmentation(target_file, volume, target, "target") if target_file else options.target_mask
     medis = MedIS(
         target,
@@ -173,6 +183,9 @@ def run_attack(
         success_threshold=options.success,
         progress=progress,
         seed=options.seed,
+        norm=options.norm,
+        region=region,
+        min_eps=options.min_eps,
     )
     memory_plan = None
     if options.memory_budget:
@@ -276,6 +289,9 @@ def _write_outputs(
             "attack": {
                 "name": "medis",
                 "attacks": list(medis.attacks),
+                "norm": medis.norm,
+                "mask": str(options.mask) if options.mask else None,
+                "min_eps": medis.min_eps,
                 "targeted": goal_targeted,
                 "target": target_spec,
                 "losses": list(medis.loss_names),
@@ -313,6 +329,7 @@ def _write_outputs(
                     "steps": m.steps,
                     "linf_normalized": m.linf_native / result.native_per_normalized,
                     "linf_native": m.linf_native,
+                    "l2_native": m.l2_native,
                     "mean_iou": m.score if not goal_targeted else None,
                     "target_mean_iou": m.score if goal_targeted else None,
                     "time_s": m.time_s,

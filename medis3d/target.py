@@ -29,6 +29,7 @@ class Evaluation:
     """One forward (and optionally backward) pass through the Target."""
 
     scan_logits: torch.Tensor  # (1, K, I, J, K) on the scan's grid, float32, detached
+    segmentation: np.ndarray  # the label map on the scan's grid, as the bundle's postprocessing gives it
     loss: float | None = None
     grad: torch.Tensor | None = None  # (C, I, J, K) gradient in native units
 
@@ -41,6 +42,7 @@ class Target:
     preprocessing: DifferentiablePreprocessing
     window: WindowSettings = field(default_factory=WindowSettings)
     activation: str = "softmax"  # "softmax" (argmax) or "sigmoid" (threshold 0.5)
+    invert: str = "probabilities"  # bundle postprocessing order: "probabilities" (Invertd, then argmax) or "labels"
     out_channels: int = 2
     in_channels: int = 1
     class_names: dict[int, str] = field(default_factory=dict)
@@ -173,7 +175,8 @@ class Target:
             with torch.no_grad():
                 model_in = self.model_input(x_native, volume)
                 stitched = self.engine.forward(model_in[None])
-                return Evaluation(self.to_scan_grid(stitched, model_in).detach())
+                scan_logits = self.to_scan_grid(stitched, model_in).detach()
+                return Evaluation(scan_logits, self._segmentation(stitched, model_in, scan_logits))
         leaf = x_native.detach().requires_grad_(True)
         with torch.enable_grad():
             model_in = self.model_input(leaf, volume)
@@ -182,12 +185,32 @@ class Target:
             scan_logits = self.to_scan_grid(stitched, model_in)
             loss = loss_fn(scan_logits)
             (upstream,) = torch.autograd.grad(loss, stitched)
+        segmentation = self._segmentation(stitched.detach(), model_in, scan_logits.detach())
         model_grad = self.engine.input_gradient(model_in.detach()[None], upstream)[0]
         if model_in.requires_grad:
             (grad,) = torch.autograd.grad(model_in, leaf, grad_outputs=model_grad.to(model_in.dtype))
         else:  # preprocessing built no graph at all: treat it as identity
             grad = model_grad
-        return Evaluation(scan_logits.detach(), float(loss.detach()), grad.detach())
+        return Evaluation(scan_logits.detach(), segmentation, float(loss.detach()), grad.detach())
+
+    def _segmentation(self, stitched: torch.Tensor, model_input: MetaTensor, scan_logits: torch.Tensor) -> np.ndarray:
+        """The label map as the bundle's postprocessing makes it: from the inverted probabilities, or
+        (``invert == "labels"``) discretised in model space and inverted with nearest interpolation."""
+        if self.invert != "labels":
+            return self.segment(scan_logits)
+        from monai.transforms.utils import convert_applied_interp_mode
+
+        with torch.no_grad():
+            if self.activation == "softmax":
+                labels = stitched[0].argmax(0, keepdim=True).float()
+            else:
+                labels = (stitched[0] > 0).float()
+            ops = convert_applied_interp_mode([dict(op) for op in model_input.applied_operations], mode="nearest")
+            inverted = self.preprocessing.invert(MetaTensor(labels, meta=dict(model_input.meta), applied_operations=ops))
+            inverted = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted
+        if self.activation == "softmax":
+            return inverted[0].round().cpu().numpy().astype(np.uint16 if self.out_channels > 255 else np.uint8)
+        return inverted.round().cpu().numpy().astype(np.uint8)
 
     # -- predictions --------------------------------------------------------------------------
     def segment(self, scan_logits: torch.Tensor) -> np.ndarray:
@@ -198,7 +221,7 @@ class Target:
 
     def predict(self, volume: Volume) -> np.ndarray:
         """The model's segmentation of ``volume`` on the scan's grid."""
-        return self.segment(self.evaluate(torch.from_numpy(volume.array), volume).scan_logits)
+        return self.evaluate(torch.from_numpy(volume.array), volume).segmentation
 
     def loss_target(self, segmentation: np.ndarray) -> torch.Tensor:
         """A segmentation as the losses take it: labels ``(1,1,...)`` (softmax) or channels ``(1,C,...)``."""

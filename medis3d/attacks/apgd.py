@@ -23,7 +23,7 @@ def checkpoints(iterations: int) -> list[int]:
     p = [0.0, 0.22]
     while p[-1] < 1.0:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * iterations) for q in p if 0 < q <= 1.0})
+    return sorted({math.ceil(round(q * iterations, 9)) for q in p if 0 < q <= 1.0})
 
 
 class APGD(Attack):

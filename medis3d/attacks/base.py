@@ -187,7 +187,7 @@ class Attack:
         """The iterate as stored, the evaluation there, its prediction, score and success."""
         written = torch.from_numpy(volume.quantise(x.cpu().numpy())).to(self.target.device)
         evaluation = self.target.evaluate(written, volume, objective)
-        prediction = self.target.segment(evaluation.scan_logits)
+        prediction = evaluation.segmentation
         score = self.goal.score(prediction)
         return written, evaluation, prediction, score, self.goal.succeeded(score)
 

@@ -2,7 +2,8 @@
 gradient of (target logit - currently predicted logit) summed over the voxels not yet on
 target, normalised to a step of L-inf size ``step``, until almost every voxel is on target or the
 iterations end. The accumulated perturbation is projected to the budget for evaluation.
-Untargeted, the target is the reference with every class moved to the next one."""
+Untargeted, the target erases the structures: the reference's foreground becomes background
+(background voxels are already on target, so the whole step goes to the structures)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,7 @@ class DAG(Attack):
         aim = self.goal.loss_target
         if self.goal.targeted:
             return aim
-        if self.target.activation == "softmax":
-            return (aim + 1) % self.target.out_channels
-        return 1.0 - aim
+        return torch.zeros_like(aim)
 
     def objective(self, t: int):
         aim = self._aim()

@@ -1,0 +1,88 @@
+"""The attack zoo on a small trained network: each lowers Dice, respects its budget as written,
+and is deterministic for a seed; L2 budgets, regions and the smallest successful budget."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medis3d.attacks import ATTACKS
+from medis3d.attacks.apgd import checkpoints
+from medis3d.cli import app
+from medis3d.io import read_volume
+from medis3d.medis import MedIS
+from medis3d.metrics import dice_per_class
+
+runner = CliRunner()
+ZOO = ["fgsm", "igsm", "pgd", "segpgd", "cospgd", "apgd", "dag"]
+EPS = 24 / 255
+
+
+def _dice(target, pred, ref) -> float:
+    return dice_per_class(target.masks(pred), target.masks(ref))[0]
+
+
+@pytest.mark.parametrize("attack", ZOO)
+def test_attack_lowers_dice_within_budget_and_is_deterministic(tiny_target, scan_file, attack):
+    volume = read_volume(scan_file)
+    run = lambda: MedIS(tiny_target, losses="dice", attacks=attack, eps=EPS, step=4 / 255, steps=8, seed=3)(volume)  # noqa: E731
+    result = run()
+    clean = result.clean_prediction
+    adversarial = tiny_target.predict(result.adversarial)
+    # DAG's steps are scaled by the gradient's largest entry, so most voxels move little: it is the weakest here
+    assert _dice(tiny_target, adversarial, clean) < (0.99 if attack == "dag" else 0.97), attack
+    delta = result.adversarial.array - volume.array
+    assert np.abs(delta).max() <= result.eps_native + 0.5 + 1e-4  # int16: rounding adds at most half a unit
+    again = run()
+    assert np.array_equal(again.adversarial.array, result.adversarial.array)
+
+
+def test_l2_budget_holds(tiny_target, scan_file):
+    volume = read_volume(scan_file)
+    result = MedIS(tiny_target, losses="ce", attacks="pgd", eps=2000, eps_units="native", step=400, steps=4, norm="l2")(volume)
+    delta = result.adversarial.array - volume.array
+    # quantisation moves each voxel by at most 0.5: sqrt(n) * 0.5 on top of eps at most
+    assert np.linalg.norm(delta) <= 2000 + 0.5 * np.sqrt(delta.size)
+    assert _dice(tiny_target, tiny_target.predict(result.adversarial), result.clean_prediction) < 1.0
+
+
+def test_region_mask_confines_the_perturbation(tiny_bundle, scan_file, tmp_path):
+    volume = read_volume(scan_file)
+    region = np.zeros(volume.spatial_shape, np.uint8)
+    region[:, :, : volume.spatial_shape[2] // 2] = 1
+    nib.save(nib.Nifti1Image(region, volume.affine), str(tmp_path / "mask.nii.gz"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--mask", str(tmp_path / "mask.nii.gz"),
+                                 "--losses", "ce", "--eps", "24/255", "--step", "6/255", "--steps", "3", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    delta = nib.load(str(out / "adversarial.nii.gz")).get_fdata() - nib.load(str(scan_file)).get_fdata()
+    assert np.abs(delta[region == 0]).max() == 0
+    assert np.abs(delta[region == 1]).max() > 0
+
+
+def test_min_eps_bisects_fixed_budget_attacks(tiny_target, scan_file):
+    volume = read_volume(scan_file)
+    medis = MedIS(tiny_target, losses="ce", attacks="pgd", eps=64 / 255, step=8 / 255, steps=5, success_threshold=0.9, min_eps=True)
+    result = medis(volume)
+    plain = MedIS(tiny_target, losses="ce", attacks="pgd", eps=64 / 255, step=8 / 255, steps=5, success_threshold=0.9)(volume)
+    assert result.chosen.success and plain.chosen.success
+    assert result.chosen.linf_native < plain.chosen.linf_native  # a smaller budget was enough
+
+
+def test_fusion_over_attacks_and_losses(tiny_target, scan_file):
+    medis = MedIS(tiny_target, losses="ce,dice", attacks="igsm,pgd,segpgd")
+    assert medis.members() == [("igsm", "ce"), ("igsm", "dice"), ("pgd", "ce"), ("pgd", "dice"), ("segpgd", "segpgd")]
+
+
+def test_apgd_checkpoints():
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert set(ATTACKS) >= set(ZOO)
+
+
+def test_unknown_attack_is_an_input_error(tiny_bundle, scan_file, tmp_path):
+    result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--attacks", "igsm,nope", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "nope" in result.output
