@@ -73,8 +73,9 @@ def _child(budget: int) -> dict:
 
 
 def test_memory_budget_keeps_measured_peak_under_budget():
-    free = _child(0)["used"]  # the bundle's own settings: 4 windows of 64^3 per batch
-    budget = int(free * 0.5)
+    budget = 320 * 2**20
+    free = _child(0)["used"]  # the inferer's own settings: 4 windows of 64^3 per batch (measured ~660 MB)
+    assert free > budget, "the budget must be tighter than the default settings for the test to mean anything"
     run = _child(budget)
     assert run["plan"]["fits"], run
     assert run["plan"]["sw_batch_size"] < 4 or run["plan"]["checkpoint"] or run["plan"]["amp"]
