@@ -95,6 +95,7 @@ MEMORY_BUDGET = typer.Option(None, "--memory-budget", help="Largest memory for t
 OUTPUT_FORMAT = typer.Option("auto", "--output-format", help="nifti, dicom or both (default: the input's format).")
 SEG_FORMAT = typer.Option("nifti", "--seg-format", help="Predictions as nifti label maps, or also as DICOM SEG (dicom; DICOM inputs).")
 ATTACKS = typer.Option("igsm", "--attacks", help="Comma-separated attacks fused with the losses: igsm (the paper's), fgsm, pgd, segpgd, cospgd, apgd, dag.")
+LABELS = typer.Option(None, "--labels", help="Output channels that count as the attacked structures, by index or name, e.g. 1,3 or liver,spleen (default: all foreground).")
 NORM = typer.Option("linf", "--norm", help="Budget norm: linf or l2 (eps in the same units).")
 MASK = typer.Option(None, "--mask", help="Region the perturbation may touch (a mask on the scan's grid, e.g. the body).")
 MIN_EPS = typer.Option(False, "--min-eps", help="Find each member's smallest successful budget (early stop, or bisection for fixed-budget attacks).")
@@ -141,6 +142,7 @@ def _prepare(p: dict):
         options.memory_budget = parse_size(p["memory_budget"])
     bare = {"network": p.get("network"), "network_def": p.get("network_def"), "transforms": p.get("transforms")}
     tgt = _load_target(p["bundle"], p["config"], p["trust_bundle"], p["device"], bare)
+    tgt.select_classes(p.get("labels"))
     tgt.configure(
         roi_size=_parse_roi(p["roi"]), overlap=p["overlap"], sw_batch_size=p["sw_batch_size"], mode=p["window_mode"],
         checkpoint=p["checkpoint"], amp=p["amp"],
@@ -165,6 +167,7 @@ def attack(
     target: Optional[str] = TARGET,
     losses: str = LOSSES,
     attacks: str = ATTACKS,
+    labels: Optional[str] = LABELS,
     norm: str = NORM,
     mask: Optional[Path] = MASK,
     min_eps: bool = MIN_EPS,
@@ -273,6 +276,7 @@ def batch(
     target: Optional[str] = typer.Option(None, "--target", help="Targeted attack: background or foreground."),
     losses: str = LOSSES,
     attacks: str = ATTACKS,
+    labels: Optional[str] = LABELS,
     norm: str = NORM,
     mask: Optional[Path] = MASK,
     min_eps: bool = MIN_EPS,

@@ -155,13 +155,14 @@ def run_attack(
 ) -> dict:
     """Attack one scan (a path, or a Volume already read) and write its outputs into ``out_dir``."""
     start = time.perf_counter()
-    volume = scan if isinstance(scan, Volume) else read_volume(Path(scan))
+    volume = scan if isinstance(scan, Volume) else read_volume(scan)
     out = Path(out_dir) if out_dir is not None else default_out_dir(Path(str(volume.path)), volume.name)
     formats = options.formats(volume)
     target_file = None
     if options.target_mask is not None and str(options.target_mask) not in ("background", "foreground"):
         target_file = Path(options.target_mask)
     sources = list(volume.meta.get("dicom_files", [])) if volume.format == "dicom" else []
+    sources += [v.path for v in volume.channel_volumes or []]
     _guard_inputs(out, [volume.path, options.label, target_file, options.mask, *sources])
     reference = read_segmentation(Path(options.label), volume, target, "label") if options.label else None
     region = None
@@ -210,7 +211,13 @@ def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats
     """Write the adversarial scan in every asked format; return the primary one read back from disk."""
     written: Volume | None = None
     for fmt in formats:
-        if fmt == "nifti":
+        if fmt == "nifti" and volume.channel_volumes:  # one file per channel, each as its source stores it
+            paths = [
+                write_nifti(source, stage / f"adversarial_{source.name}.nii.gz", result.adversarial.array[c : c + 1])
+                for c, source in enumerate(volume.channel_volumes)
+            ]
+            back = read_volume(",".join(str(p) for p in paths))
+        elif fmt == "nifti":
             path = write_nifti(volume, stage / "adversarial.nii.gz", result.adversarial.array)
             back = read_volume(path)
         else:
@@ -360,12 +367,10 @@ def _write_outputs(
         )
         write_json(stage / "report.json", report)
         out.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES:
-            if not (stage / name).exists():
-                continue
-            if (out / name).is_dir():  # an earlier run's DICOM series: replace it whole
-                shutil.rmtree(out / name)
-            os.replace(stage / name, out / name)
+        for entry in sorted(stage.iterdir()):
+            if (out / entry.name).is_dir():  # an earlier run's DICOM series: replace it whole
+                shutil.rmtree(out / entry.name)
+            os.replace(entry, out / entry.name)
         report["output_dir"] = str(out)
         return report
     finally:

@@ -53,6 +53,7 @@ class Target:
     notices: list[str] = field(default_factory=list)
     gradient_network: torch.nn.Module | None = None
     checkpointing: bool = False
+    attacked_classes: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.network = self.network.to(self.device).eval()
@@ -110,7 +111,27 @@ class Target:
 
     @property
     def foreground_classes(self) -> list[int]:
+        """The output channels that count as the attacked structures (``--labels``; default all foreground)."""
+        if self.attacked_classes:
+            return list(self.attacked_classes)
         return list(range(1, self.out_channels)) if self.activation == "softmax" else list(range(self.out_channels))
+
+    def select_classes(self, spec: str | Sequence | None) -> None:
+        """Restrict the attacked structures to some output channels, by index or by name."""
+        if spec is None or spec == "":
+            self.attacked_classes = None
+            return
+        items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+        by_name = {v.lower(): k for k, v in self.class_names.items()}
+        chosen = []
+        for item in items:
+            index = int(item) if str(item).isdigit() else by_name.get(str(item).lower())
+            valid = range(1, self.out_channels) if self.activation == "softmax" else range(self.out_channels)
+            if index is None or index not in valid:
+                names = ", ".join(f"{c} ({self.class_name(c)})" for c in valid)
+                raise InputError(f"--labels: {item!r} is not an output channel of this model; choose from {names}")
+            chosen.append(index)
+        self.attacked_classes = sorted(set(chosen))
 
     def class_name(self, index: int) -> str:
         return self.class_names.get(index, f"class_{index}")

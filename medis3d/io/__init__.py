@@ -4,15 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from medis3d.errors import InputError
 from medis3d.io.nifti import is_nifti, read_nifti, write_nifti
 from medis3d.io.volume import Volume, safe_name
 
-__all__ = ["Volume", "read_volume", "write_nifti", "safe_name", "is_nifti"]
+__all__ = ["Volume", "read_volume", "read_channels", "write_nifti", "safe_name", "is_nifti"]
+
+
+def read_channels(paths: list[Path | str]) -> Volume:
+    """One scan from one file per channel (e.g. BraTS T1, T1ce, T2, FLAIR), all on one grid."""
+    volumes = [read_volume(p) for p in paths]
+    first = volumes[0]
+    for v in volumes[1:]:
+        if v.spatial_shape != first.spatial_shape or not np.allclose(v.affine, first.affine, atol=1e-3):
+            raise InputError(f"{v.path}: not on the same grid as {first.path} (channels must share shape and affine)")
+        if v.channels != 1:
+            raise InputError(f"{v.path}: a channel file must be 3D")
+    stacked = np.concatenate([v.array for v in volumes])
+    return Volume(array=stacked, affine=first.affine, path=first.path, format=first.format,
+                  stored_dtype=np.dtype(np.float32), meta={"channel_volumes": volumes, "header": first.meta.get("header")})
 
 
 def read_volume(path: Path | str) -> Volume:
-    """Read a scan: a NIfTI file, or a DICOM series (its folder or any file of it)."""
+    """Read a scan: a NIfTI file, or a DICOM series (its folder or any file of it); several
+    files separated by commas are the channels of one scan."""
+    text = str(path)
+    if "," in text and not Path(text).exists():
+        return read_channels([p.strip() for p in text.split(",") if p.strip()])
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")

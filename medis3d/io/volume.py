@@ -62,8 +62,16 @@ class Volume:
         """The same scan (geometry, storage, metadata) holding other voxel values."""
         return replace(self, array=np.asarray(array, dtype=np.float32))
 
+    @property
+    def channel_volumes(self) -> list["Volume"] | None:
+        """The per-channel source volumes of a scan given as one file per channel."""
+        return self.meta.get("channel_volumes")
+
     def storable_range(self) -> tuple[np.ndarray, np.ndarray]:
         """Lowest and highest native values the file's stored type can hold (broadcastable)."""
+        if self.channel_volumes:
+            ranges = [v.storable_range() for v in self.channel_volumes]
+            return np.min([np.min(r[0]) for r in ranges]), np.max([np.max(r[1]) for r in ranges])
         if not self.is_integer:
             info = np.finfo(np.float32)
             return np.asarray(info.min), np.asarray(info.max)
@@ -76,6 +84,8 @@ class Volume:
     def quantise(self, array: np.ndarray) -> np.ndarray:
         """Native values as the file will hold them: rounded to the stored type and clipped."""
         array = np.asarray(array, dtype=np.float64)
+        if self.channel_volumes:  # each channel as its own file stores it
+            return np.stack([v.quantise(array[c : c + 1])[0] for c, v in enumerate(self.channel_volumes)])
         if not self.is_integer:
             return array.astype(np.float32)
         info = np.iinfo(self.stored_dtype)
