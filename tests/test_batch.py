@@ -104,3 +104,30 @@ def test_torchrun_two_processes_same_summary(tiny_bundle, batch_input, tmp_path)
     for name in a:
         for column in ("status", "clean_dice", "adversarial_dice", "success", "selected_loss", "linf_native"):
             assert a[name][column] == b[name][column], (name, column)
+
+
+def test_attack_dicom_series_both_formats_seg_and_anonymize(tiny_bundle, tmp_path):
+    import pydicom
+
+    from medis3d.io import read_volume
+
+    hu, _ = synthetic_scan(5)
+    files, native, _ = make_series(tmp_path / "series", (hu.astype(np.int32) + 1024).astype(np.int16), spacing=(1.2, 1.2, 1.2))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["attack", str(files[0]), "--bundle", str(tiny_bundle), "--losses", "ce", "--steps", "2",
+                                 "--eps", "16/255", "--step", "8/255", "--output-format", "both", "--seg-format", "dicom",
+                                 "--anonymize", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["input"]["format"] == "dicom" and report["outputs"]["measured_on"] == "dicom"
+    series = read_volume(out / "adversarial")
+    nifti = read_volume(out / "adversarial.nii.gz")
+    assert np.allclose(series.affine, nifti.affine, atol=1e-4)
+    assert np.abs(series.array - nifti.array).max() <= 0.5 + 1e-4  # within quantisation
+    assert np.abs(series.array - native[None]).max() <= 16 / 255 * 400 + 0.5 + 1e-3  # budget holds in the series
+    first = pydicom.dcmread(next((out / "adversarial").iterdir()))
+    assert "ADVERSARIAL" in first.SeriesDescription and list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert str(first.PatientName) != "Doe^Jane" and first.PatientID != "PAT-001"
+    seg = pydicom.dcmread(out / "prediction_adversarial.dcm")
+    assert seg.Modality == "SEG"
+    assert not any(p.name == "adversarial" for p in (tmp_path / "series").iterdir())  # source untouched
