@@ -397,14 +397,14 @@ def evaluate(
         kwargs = dict(attacks=attack_list, losses=losses, eps_list=eps_list, step=parse_fraction(step, "--step"), steps=steps,
                       eps_units=eps_units, success=success, seed=seed)
         if quiet:
-            summary = evaluate_dataset(tgt, cases, out, **kwargs)
+            evaluate_dataset(tgt, cases, out, **kwargs)
         else:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             with Progress(TextColumn("[bold]volumes x budgets"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                           TimeElapsedColumn(), TimeRemainingColumn()) as progress:
                 task = progress.add_task("eval", total=len(cases) * len(eps_list), info=f"{len(members)} members")
-                summary = evaluate_dataset(tgt, cases, out, progress=lambda name: progress.advance(task), **kwargs)
+                evaluate_dataset(tgt, cases, out, progress=lambda name: progress.advance(task), **kwargs)
     except Medis3dError as exc:
         _fail(str(exc))
         return

@@ -112,8 +112,6 @@ class MemoryPlan:
 
 def volume_buffers(target, spatial_shape) -> int:
     """Bytes of the volume-size buffers of one attack step (float32)."""
-    from medis3d.engine import WindowEngine
-
     voxels = 1
     for s in spatial_shape:
         voxels *= int(s)

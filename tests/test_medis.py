@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from medis3d.attacks import MemberResult
 from medis3d.errors import InputError

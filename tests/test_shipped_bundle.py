@@ -10,7 +10,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from medis3d.bundle import default_bundle_path, load_bundle
 from medis3d.monai_workflow import fragment_path

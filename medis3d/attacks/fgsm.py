@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from medis3d.attacks.base import Attack
 
 
