@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 from medis3d.errors import InputError, Medis3dError
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
-from medis3d.io.volume import safe_name
+from medis3d.io.volume import make_names_unique, safe_name
 
 STATUS_FILE = "status.json"
 SUMMARY_COLUMNS = [
@@ -73,14 +73,8 @@ def discover(input_dir: Path) -> list[BatchItem]:
     for info in sorted(series, key=lambda s: (str(s.folder), s.uid)):
         description = safe_name(info.description or info.modality or "series", "series")
         items.append(BatchItem(f"{description}_{safe_name(info.uid[-12:])}", "dicom", info.folder, info))
-    seen: dict[str, int] = {}
-    for item in items:
-        n = seen.get(item.name, 0)
-        seen[item.name] = n + 1
-        if n:
-            item.name = f"{item.name}_{n + 1}"
     discover.notices = notices  # type: ignore[attr-defined]
-    return items
+    return make_names_unique(items)
 
 
 def _hidden(path: Path, root: Path) -> bool:

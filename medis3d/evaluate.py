@@ -19,7 +19,7 @@ from medis3d.errors import InputError
 from medis3d.io import read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
-from medis3d.io.volume import safe_name
+from medis3d.io.volume import make_names_unique, safe_name
 from medis3d.medis import MedIS, select_member
 from medis3d.metrics import dice_per_class, hd95_per_class, mean_iou, perturbation_norms
 from medis3d.pipeline import read_segmentation
@@ -62,7 +62,7 @@ def read_dataset(dataset: Path, labels: Path | None = None) -> list[Case]:
             image_path = (dataset.parent / image).resolve()
             label_path = (dataset.parent / label).resolve() if label else None
             cases.append(Case(safe_name(Path(image).name.split(".nii")[0]), image_path, label_path))
-        return _unique(cases)
+        return make_names_unique(cases)
     if dataset.is_dir():
         images = sorted(p for p in dataset.iterdir() if p.is_file() and is_nifti(p))
         if not images:
@@ -71,18 +71,8 @@ def read_dataset(dataset: Path, labels: Path | None = None) -> list[Case]:
         for image in images:
             label = labels / image.name if labels is not None and (labels / image.name).is_file() else None
             cases.append(Case(safe_name(image.name.split(".nii")[0]), image, label))
-        return _unique(cases)
+        return make_names_unique(cases)
     raise InputError(f"{dataset}: no such datalist or folder")
-
-
-def _unique(cases: list[Case]) -> list[Case]:
-    seen: dict[str, int] = {}
-    for case in cases:
-        n = seen.get(case.name, 0)
-        seen[case.name] = n + 1
-        if n:
-            case.name = f"{case.name}_{n + 1}"
-    return cases
 
 
 def _mean(values) -> float:

@@ -109,3 +109,14 @@ def safe_name(text: str, default: str = "volume") -> str:
     """Letters, digits, '.', '_' and '-' only; never a path."""
     cleaned = "".join(c if (c.isalnum() or c in "._-") else "_" for c in str(text)).strip("._")
     return cleaned[:120] or default
+
+
+def make_names_unique(items: list) -> list:
+    """Give items (with a ``name`` attribute) unique names: a repeat becomes ``name_2``, ``name_3``..."""
+    seen: dict[str, int] = {}
+    for item in items:
+        n = seen.get(item.name, 0)
+        seen[item.name] = n + 1
+        if n:
+            item.name = f"{item.name}_{n + 1}"
+    return items
