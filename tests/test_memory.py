@@ -39,7 +39,7 @@ def test_parse_size():
 
 
 CHILD = r"""
-import json, resource, sys, numpy as np, torch
+import json, sys, numpy as np, torch
 torch.set_num_threads(2)
 from monai.networks.nets import SegResNet
 from medis3d.engine import WindowSettings
@@ -58,9 +58,15 @@ plan = None
 if budget:
     plan = plan_memory(target, target.model_shape(vol), budget)
     target.configure(sw_batch_size=plan.sw_batch_size, checkpoint=plan.checkpoint, amp=plan.amp)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+base = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current resident size
+    f.write("5")
 target.evaluate(x, vol, lambda l: torch.softmax(l, 1)[:, 1].mean())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM:")
 print(json.dumps({"used": peak - base, "plan": plan.as_dict() if plan else None}))
 """
 
