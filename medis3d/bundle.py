@@ -509,9 +509,12 @@ def load_network(
     if activation:
         config["postprocessing"] = {"transforms": [{"_target_": "Activationsd", activation: True}]}
     cfg = SafeConfig(config, preset_path if network_def is None else Path(network_def), trust=trust)
-    is_ts = network.suffix in (".ts", ".jit", ".torchscript") or network_def is None
-    if not is_ts and not cfg.has("network_def"):
-        raise BundleError(f"{network}: a state dict needs --network-def")
+    is_ts = network_def is None
+    if is_ts and network.suffix.lower() in (".pt", ".pth", ".ckpt"):
+        try:  # a .pt file may hold TorchScript too
+            torch.jit.load(str(network), map_location="cpu")
+        except Exception:
+            raise BundleError(f"{network}: not TorchScript; a state dict needs --network-def")
     return _target_from(
         cfg, network if is_ts else None, None if is_ts else network, str(network), device, precision, {}
     )

@@ -187,3 +187,24 @@ def test_bundle_check_reports_preprocessing_and_gradient(tmp_path):
     assert steps == {"Orientation": "exact", "Spacing": "exact", "ScaleIntensityRange": "straight-through clamp"}
     assert report["gradient"]["ok"] and report["gradient"]["input_grad_norm"] > 0
     assert report["parameters"] > 1000
+
+
+def test_bare_network_torchscript_and_state_dict(tmp_path, scan_file):
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, (4, 8), (2,)).eval()
+    torch.jit.script(net).save(str(tmp_path / "model.ts"))
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "net.json").write_text(json.dumps({"network_def": NET}))
+    outputs = []
+    for args in (["--network", str(tmp_path / "model.ts")], ["--network", str(tmp_path / "model.pt"), "--network-def", str(tmp_path / "net.json")]):
+        out = tmp_path / f"pred{len(outputs)}.nii.gz"
+        result = runner.invoke(app, ["predict", str(scan_file), *args, "--transforms", "ct_wide", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        outputs.append(np.asarray(__import__("nibabel").load(str(out)).dataobj))
+    assert np.array_equal(outputs[0], outputs[1])  # the same network either way
+    missing = runner.invoke(app, ["predict", str(scan_file), "--network", str(tmp_path / "model.pt"), "--out", str(tmp_path / "x.nii.gz")])
+    assert missing.exit_code == 2 and "--network-def" in missing.output
+    unknown = runner.invoke(app, ["predict", str(scan_file), "--network", str(tmp_path / "model.ts"), "--transforms", "nope", "--out", str(tmp_path / "y.nii.gz")])
+    assert unknown.exit_code == 2 and "ct_abdomen" in unknown.output
