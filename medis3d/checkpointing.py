@@ -58,12 +58,19 @@ def enable_checkpointing(network: torch.nn.Module) -> tuple[int, str | None]:
     return wrapped, None
 
 
+def _has_stage(module: torch.nn.Module) -> bool:
+    return any(type(m).__name__ in STAGE_CLASSES for m in module.modules())
+
+
 def _wrap(parent: torch.nn.Module) -> int:
     count = 0
     for name, child in list(parent.named_children()):
         if isinstance(child, CheckpointedStage):
             continue
-        if type(child).__name__ in STAGE_CLASSES and any(p.numel() for p in child.parameters()):
+        # The items of a ModuleList (SegResNet's down/up levels, UNETR's ViT blocks) are whole
+        # stages: checkpointing each item keeps fewer tensors than checkpointing their blocks.
+        coarse = isinstance(parent, torch.nn.ModuleList) and any(p.numel() for p in child.parameters())
+        if coarse or (type(child).__name__ in STAGE_CLASSES and any(p.numel() for p in child.parameters())):
             parent._modules[name] = CheckpointedStage(child)
             count += 1
         else:
