@@ -10,9 +10,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout, without installing
@@ -70,7 +70,7 @@ def run_child(script: str, case: dict, timeout_s: float = 900) -> dict:
     """
     proc = subprocess.run(
         [sys.executable, script, "--child", json.dumps(case)],
-        capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
+        capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, check=False,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
