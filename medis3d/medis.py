@@ -41,7 +41,6 @@ class MedISResult:
     scale_note: str
     threshold: float
     time_s: float = 0.0
-    clean_score: float = float("nan")
     memory_plan: object | None = None  # medis3d.memory.MemoryPlan when --memory-budget chose the settings
 
     @property
@@ -147,7 +146,6 @@ class MedIS:
             scale_note=note,
             threshold=float(goal.threshold),
             time_s=time.perf_counter() - start,
-            clean_score=goal.score(clean_prediction),
         )
 
     def _run_member(self, attack_name: str, loss: str, budget: Budget, goal: Goal, volume: Volume) -> MemberResult:
@@ -164,7 +162,8 @@ class MedIS:
                 high, best = mid, trial
             else:
                 low = mid
-        best.trace = result.trace + best.trace if best is not result else result.trace
+        if best is not result:  # keep the full-budget run's trace in front of the smallest successful one's
+            best.trace = result.trace + best.trace
         return best
 
     def members(self) -> list[tuple[str, str]]:

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -56,7 +56,6 @@ class AttackOptions:
     norm: str = "linf"
     mask: Path | None = None  # region the perturbation may touch (e.g. the body)
     min_eps: bool = False
-    extra: dict = field(default_factory=dict)
 
     def formats(self, volume: Volume) -> tuple[str, ...]:
         """The formats the adversarial scan is written in, the first one measured."""
@@ -75,7 +74,8 @@ class AttackOptions:
         return (fmt,)
 
 
-def default_out_dir(scan: Path, name: str) -> Path:
+def default_out_dir(name: str) -> Path:
+    """``medis3d-out/<scan name>/``, beside where medis3d runs."""
     return Path("medis3d-out") / name
 
 
@@ -101,7 +101,7 @@ def read_segmentation(path: Path, volume: Volume, target: Target, what: str) -> 
             raise InputError(f"{path}: {what} must be a 3D label map for this model")
         if labels.max() >= target.out_channels:
             raise InputError(f"{path}: {what} has label {labels.max()}, the model has classes 0..{target.out_channels - 1}")
-        return labels[0].astype(np.uint16 if target.out_channels > 255 else np.uint8)
+        return labels[0].astype(target.label_dtype)
     if labels.shape[0] == target.out_channels:
         return (labels > 0).astype(np.uint8)
     if labels.shape[0] == 1:
@@ -109,10 +109,6 @@ def read_segmentation(path: Path, volume: Volume, target: Target, what: str) -> 
             return (labels > 0).astype(np.uint8)
         return np.stack([labels[0] == c + 1 for c in range(target.out_channels)]).astype(np.uint8)
     raise InputError(f"{path}: {what} has {labels.shape[0]} channels, the model has {target.out_channels}")
-
-
-def _label_dtype(target: Target):
-    return np.uint16 if target.out_channels > 255 else np.uint8
 
 
 def segmentation_metrics(target: Target, prediction: np.ndarray, reference: np.ndarray, spacing) -> dict:
@@ -156,7 +152,7 @@ def run_attack(
     """Attack one scan (a path, or a Volume already read) and write its outputs into ``out_dir``."""
     start = time.perf_counter()
     volume = scan if isinstance(scan, Volume) else read_volume(scan)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(Path(str(volume.path)), volume.name)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(volume.name)
     formats = options.formats(volume)
     target_file = None
     if options.target_mask is not None and str(options.target_mask) not in ("background", "foreground"):
@@ -383,18 +379,18 @@ def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, la
 
         names = {c: target.class_name(c) for c in target.foreground_classes}
         write_dicom_seg(volume, labels, stage / f"{name}.dcm", names, series_description=f"medis3d {name.replace('_', ' ')}")
-    write_nifti(volume, stage / f"{name}.nii.gz", labels, dtype=_label_dtype(target))
+    write_nifti(volume, stage / f"{name}.nii.gz", labels, dtype=target.label_dtype)
 
 
 def run_predict(scan: Path | str, target: Target, out_file: Path | str | None = None) -> tuple[Path, np.ndarray, Volume]:
     """Write the target's segmentation of ``scan`` on the scan's grid."""
     scan = Path(scan)
     volume = read_volume(scan)
-    out = Path(out_file) if out_file is not None else default_out_dir(scan, volume.name) / "prediction.nii.gz"
+    out = Path(out_file) if out_file is not None else default_out_dir(volume.name) / "prediction.nii.gz"
     if out.resolve() == scan.resolve():
         raise InputError(f"{scan}: refusing to overwrite the input with its prediction; choose another --out")
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise InputError(f"{out}: --out must be a .nii or .nii.gz file")
     prediction = target.predict(volume)
-    write_nifti(volume, out, prediction, dtype=_label_dtype(target))
+    write_nifti(volume, out, prediction, dtype=target.label_dtype)
     return out, prediction, volume

@@ -112,8 +112,9 @@ class Target:
     @property
     def foreground_classes(self) -> list[int]:
         """The output channels that count as the attacked structures (``--labels``; default all foreground)."""
-        if self.attacked_classes:
-            return list(self.attacked_classes)
+        return list(self.attacked_classes) if self.attacked_classes else self._all_foreground()
+
+    def _all_foreground(self) -> list[int]:
         return list(range(1, self.out_channels)) if self.activation == "softmax" else list(range(self.out_channels))
 
     def select_classes(self, spec: str | Sequence | None) -> None:
@@ -124,14 +125,19 @@ class Target:
         items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
         by_name = {v.lower(): k for k, v in self.class_names.items()}
         chosen = []
+        valid = self._all_foreground()
         for item in items:
             index = int(item) if str(item).isdigit() else by_name.get(str(item).lower())
-            valid = range(1, self.out_channels) if self.activation == "softmax" else range(self.out_channels)
             if index is None or index not in valid:
                 names = ", ".join(f"{c} ({self.class_name(c)})" for c in valid)
                 raise InputError(f"--labels: {item!r} is not an output channel of this model; choose from {names}")
             chosen.append(index)
         self.attacked_classes = sorted(set(chosen))
+
+    @property
+    def label_dtype(self) -> type:
+        """The integer type of this model's label maps."""
+        return np.uint16 if self.out_channels > 255 else np.uint8
 
     def class_name(self, index: int) -> str:
         return self.class_names.get(index, f"class_{index}")
@@ -230,14 +236,14 @@ class Target:
             inverted = self.preprocessing.invert(MetaTensor(labels, meta=dict(model_input.meta), applied_operations=ops))
             inverted = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted
         if self.activation == "softmax":
-            return inverted[0].round().cpu().numpy().astype(np.uint16 if self.out_channels > 255 else np.uint8)
+            return inverted[0].round().cpu().numpy().astype(self.label_dtype)
         return inverted.round().cpu().numpy().astype(np.uint8)
 
     # -- predictions --------------------------------------------------------------------------
     def segment(self, scan_logits: torch.Tensor) -> np.ndarray:
         """Label map from scan-grid logits: ``(I,J,K)`` class indices (softmax) or ``(C,I,J,K)`` 0/1 (sigmoid)."""
         if self.activation == "softmax":
-            return scan_logits[0].argmax(0).cpu().numpy().astype(np.uint16 if self.out_channels > 255 else np.uint8)
+            return scan_logits[0].argmax(0).cpu().numpy().astype(self.label_dtype)
         return (scan_logits[0] > 0).cpu().numpy().astype(np.uint8)
 
     def predict(self, volume: Volume) -> np.ndarray:

@@ -42,12 +42,7 @@ class APGD(Attack):
         eta = 2.0 * budget.eps
 
         def visit(t: int, x: torch.Tensor, last: bool):
-            written, ev, pred, score, success = self.evaluate(volume, x, None if last else objective)
-            trace.append(StepRecord(t, ev.loss, score, success, float((written - clean).abs().max())))
-            if self.progress is not None:
-                self.progress(self.member_name, t, budget.steps, score)
-            keeper.offer(t, written, pred, score, success)
-            return ev
+            return self.visit(volume, x, clean, t, None if last else objective, keeper, trace)[0]
 
         ev = visit(0, clean, budget.steps == 0)
         x, x_prev, grad, f_x = clean, clean, ev.grad, ev.loss

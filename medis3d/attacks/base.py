@@ -191,6 +191,17 @@ class Attack:
         score = self.goal.score(prediction)
         return written, evaluation, prediction, score, self.goal.succeeded(score)
 
+    def visit(self, volume: Volume, x: torch.Tensor, clean: torch.Tensor, t: int, objective, keeper: "BestIterate", trace: list):
+        """Evaluate iterate ``t`` as stored, record it in the trace and the keeper, report progress.
+
+        Returns the evaluation (its loss and gradient, when ``objective`` is given) and success."""
+        written, evaluation, prediction, score, success = self.evaluate(volume, x, objective)
+        trace.append(StepRecord(t, evaluation.loss, score, success, float((written - clean).abs().max())))
+        if self.progress is not None:
+            self.progress(self.member_name, t, self.budget.steps, score)
+        keeper.offer(t, written, prediction, score, success)
+        return evaluation, success
+
     def run(self, volume: Volume) -> MemberResult:
         start = time.perf_counter()
         clean = torch.from_numpy(volume.array).to(self.target.device)
@@ -200,11 +211,7 @@ class Attack:
         steps = self.budget.steps
         for t in range(steps + 1):
             last = t == steps
-            written, evaluation, prediction, score, success = self.evaluate(volume, x, None if last else self.objective(t))
-            trace.append(StepRecord(t, evaluation.loss, score, success, float((written - clean).abs().max())))
-            if self.progress is not None:
-                self.progress(self.member_name, t, steps, score)
-            keeper.offer(t, written, prediction, score, success)
+            evaluation, success = self.visit(volume, x, clean, t, None if last else self.objective(t), keeper, trace)
             if last or (success and self.early_stop):
                 break
             x = self.update(x, evaluation.grad, t, clean)
