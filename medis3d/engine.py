@@ -147,21 +147,29 @@ class WindowEngine:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Stitched float32 logits of ``x`` ``(B, C, *S)``, equal to MONAI's sliding-window inference."""
         x = _plain(x).float()
-        plan = self._plan(x.shape[2:], x.device)
+        return self._stitch(x, self._plan(x.shape[2:], x.device), self.network)
+
+    def _stitch(self, x: torch.Tensor, plan: _Plan, network: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Stitched logits, differentiable with respect to ``x`` when called with gradients enabled."""
         padded = self._pad(x, plan)
         output: torch.Tensor | None = None
         for window_batch in self._window_batches(x.shape[0], plan):
             windows = torch.cat([padded[s] for s in window_batch])
             with self._autocast(x.device):
-                logits = self._first(self.network(windows))
+                logits = self._first(network(windows))
             logits = logits.float() * plan.importance
             if output is None:
                 output = torch.zeros((x.shape[0], logits.shape[1], *plan.padded_shape), device=x.device)
             for k, s in enumerate(window_batch):
-                output[s] += logits[k : k + 1]
+                output[s] = output[s] + logits[k : k + 1]
         assert output is not None
-        output /= plan.count
+        output = output / plan.count
         return output[(slice(None), slice(None), *plan.crop)]
+
+    def fits_one_batch(self, x: torch.Tensor) -> bool:
+        """Whether every window of ``x`` goes into a single window batch (then one pass does it all)."""
+        plan = self._plan(x.shape[2:], x.device)
+        return len(plan.slices) * x.shape[0] <= max(1, int(self.settings.sw_batch_size))
 
     # -- pass 2 ---------------------------------------------------------------------------
     def input_gradient(self, x: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
@@ -198,7 +206,22 @@ class WindowEngine:
     def value_and_grad(
         self, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stitched logits, ``loss_fn(stitched)`` and its exact gradient with respect to ``x``."""
+        """Stitched logits, ``loss_fn(stitched)`` and its exact gradient with respect to ``x``.
+
+        When all windows fit in one window batch, the forward pass keeps its graph and one
+        backward pass gives the gradient (the memory is one window batch's either way); otherwise
+        pass 1 stitches without a graph and pass 2 back-propagates window batch by window batch.
+        """
+        x = _plain(x).float().detach()
+        if self.fits_one_batch(x):
+            leaf = x.requires_grad_(True)
+            dtype = self.precision.resolve(x.device)
+            scale = self.precision.loss_scale if dtype == torch.float16 else 1.0
+            with torch.enable_grad():
+                stitched = self._stitch(leaf, self._plan(x.shape[2:], x.device), self.gradient_network or self.network)
+                loss = loss_fn(stitched)
+                (grad,) = torch.autograd.grad(loss * scale, leaf)
+            return stitched.detach(), loss.detach(), grad / scale if scale != 1.0 else grad
         stitched = self.forward(x).requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(stitched)

@@ -207,18 +207,21 @@ class Target:
         leaf = x_native.detach().requires_grad_(True)
         with torch.enable_grad():
             model_in = self.model_input(leaf, volume)
-        stitched = self.engine.forward(model_in.detach()[None]).requires_grad_(True)
-        with torch.enable_grad():
+        on_scan: list[torch.Tensor] = []
+
+        def stitched_loss(stitched: torch.Tensor) -> torch.Tensor:
             scan_logits = self.to_scan_grid(stitched, model_in)
-            loss = loss_fn(scan_logits)
-            (upstream,) = torch.autograd.grad(loss, stitched)
-        segmentation = self._segmentation(stitched.detach(), model_in, scan_logits.detach())
-        model_grad = self.engine.input_gradient(model_in.detach()[None], upstream)[0]
+            on_scan.append(scan_logits.detach())
+            return loss_fn(scan_logits)
+
+        stitched, loss, model_grad = self.engine.value_and_grad(model_in.detach()[None], stitched_loss)
+        model_grad = model_grad[0]
+        segmentation = self._segmentation(stitched, model_in, on_scan[0])
         if model_in.requires_grad:
             (grad,) = torch.autograd.grad(model_in, leaf, grad_outputs=model_grad.to(model_in.dtype))
         else:  # preprocessing built no graph at all: treat it as identity
             grad = model_grad
-        return Evaluation(scan_logits.detach(), segmentation, float(loss.detach()), grad.detach())
+        return Evaluation(on_scan[0], segmentation, float(loss), grad.detach())
 
     def _segmentation(self, stitched: torch.Tensor, model_input: MetaTensor, scan_logits: torch.Tensor) -> np.ndarray:
         """The label map as the bundle's postprocessing makes it: from the inverted probabilities, or
@@ -263,7 +266,7 @@ class Target:
         if self.activation == "softmax":
             classes = ([0] if background else []) + self.foreground_classes
             return np.stack([seg == c for c in classes])
-        fg = seg.astype(bool)
+        fg = seg.astype(bool)[self.foreground_classes]  # one channel per label; --labels picks some
         if background:
             return np.concatenate([~fg.any(0, keepdims=True), fg])
         return fg

@@ -42,9 +42,11 @@ def test_input_gradient_equals_full_autograd(net, shape, roi, overlap, mode, pad
     assert rel <= 1e-4, rel
 
 
-def test_value_and_grad_of_a_global_loss(net):
+@pytest.mark.parametrize("window_batch", [2, 8])  # 8 windows in all: two passes, or one pass with its graph
+def test_value_and_grad_of_a_global_loss(net, window_batch):
     """A Dice-like loss over the whole stitched volume gets the same gradient as full autograd."""
-    engine = WindowEngine(net, WindowSettings((24, 24, 24), sw_batch_size=2, overlap=0.5, mode="gaussian"))
+    engine = WindowEngine(net, WindowSettings((24, 24, 24), sw_batch_size=window_batch, overlap=0.5, mode="gaussian"))
+    assert engine.fits_one_batch(torch.zeros(1, 1, 30, 30, 30)) == (window_batch == 8)
     x = torch.randn(1, 1, 30, 30, 30)
 
     def loss(logits):
