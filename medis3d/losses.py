@@ -337,6 +337,43 @@ def ce(activation: str) -> LossFn:
     return fn
 
 
+MARGIN_CAP = 1.0  # logit margin beyond which a flipped voxel stops pulling on the attack
+
+
+def margin(activation: str) -> LossFn:
+    """Class-balanced capped logit margin (a CW / DLR-style loss for dense outputs).
+
+    Per voxel, ``m = z(true) - max z(other)`` (sigmoid: ``(2y - 1) z`` per channel); the loss is
+    ``-max(m, -MARGIN_CAP)`` averaged over each reference class and then over the classes present.
+    Unlike cross-entropy, whose gradient vanishes on confidently right voxels and stays large on
+    voxels already wrong, every voxel still on its class pulls with the same weight and a voxel
+    stops pulling once it is wrong by the cap, so the budget goes to voxels not yet flipped; the
+    class balance keeps small structures from being drowned by the background.
+    """
+
+    def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if activation == "softmax":
+            onehot = _one_hot(target, logits, activation)
+            true = (logits * onehot).sum(1, keepdim=True)
+            other = logits.masked_fill(onehot.bool(), float("-inf")).amax(1, keepdim=True)
+            gap = (other - true).clamp_max(MARGIN_CAP)  # (B, 1, *S)
+            members = onehot
+        else:
+            sign = 2 * target.to(logits.dtype) - 1
+            gap = (-sign * logits).clamp_max(MARGIN_CAP)  # (B, C, *S), per label channel
+            members = torch.stack([target.to(logits.dtype), 1 - target.to(logits.dtype)], 0)
+            dims = tuple(range(3, members.ndim))
+            sizes = members.sum(dims)
+            per_class = (members * gap[None]).sum(dims) / sizes.clamp_min(1)
+            return (per_class * (sizes > 0)).sum() / (sizes > 0).sum().clamp_min(1)
+        dims = _spatial(members)
+        sizes = members.sum(dims)
+        per_class = (members * gap).sum(dims) / sizes.clamp_min(1)
+        return ((per_class * (sizes > 0)).sum(1) / (sizes > 0).sum(1).clamp_min(1)).mean()
+
+    return fn
+
+
 _FACTORIES: dict[str, LossFactory] = {
     "logcosh_dice": logcosh_dice,
     "bce_dice": bce_dice,
@@ -350,6 +387,7 @@ _FACTORIES: dict[str, LossFactory] = {
     "focal": focal,
     "generalized_dice": generalized_dice,
     "ce": ce,
+    "margin": margin,
 }
 LOSSES: dict[str, LossFactory] = {name: _in_float32(factory) for name, factory in _FACTORIES.items()}
 PAPER_LOSSES: tuple[str, ...] = ("logcosh_dice", "bce_dice", "exp_log", "structure", "lovasz", "combined")

@@ -241,3 +241,25 @@ def test_iterative_attack_with_each_loss_lowers_dice(tiny_segmenter, name):
     assert (adv - x).abs().max() <= eps + 1e-6
     assert _dice(clean == 1, clean == 1) == 1.0
     assert _dice(attacked == 1, clean == 1) < 0.99  # each loss drops it to about 0.95 here
+
+
+def test_margin_stops_pulling_on_flipped_voxels_and_balances_classes():
+    """Voxels wrong by more than the cap get no gradient; every class present weighs the same."""
+    from medis3d.losses import MARGIN_CAP
+
+    target = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    target[..., 0, 0, 0] = 1  # a one-voxel class beside 63 background voxels
+    logits = torch.zeros(1, 2, 4, 4, 4)
+    logits[:, 0] = 2.0  # background right by a margin of 2...
+    logits[0, 0, 0, 0, 1], logits[0, 1, 0, 0, 1] = -5.0, 5.0  # ...except one voxel already wrong by 10
+    logits[0, 1, 0, 0, 0] = 3.0  # the small class right by 1
+    logits.requires_grad_(True)
+    loss = get_loss("margin", "softmax")(logits, target)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad[0, :, 0, 0, 1].abs().sum() == 0  # flipped beyond the cap: no pull
+    # the single small-class voxel pulls as hard as all 63 background voxels together (62 still pulling)
+    small = grad[0, :, 0, 0, 0].abs().sum()
+    background = grad[0].abs().sum() - small
+    assert torch.isclose(background, small * 62 / 63)
+    expected = ((-1.0) + (62 * -2.0 + MARGIN_CAP) / 63) / 2  # mean over classes of the capped gaps
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
