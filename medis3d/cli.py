@@ -99,6 +99,7 @@ LABELS = typer.Option(None, "--labels", help="Output channels that count as the 
 NORM = typer.Option("linf", "--norm", help="Budget norm: linf or l2 (eps in the same units).")
 MASK = typer.Option(None, "--mask", help="Region the perturbation may touch (a mask on the scan's grid, e.g. the body).")
 MIN_EPS = typer.Option(False, "--min-eps", help="Find each member's smallest successful budget (early stop, or bisection for fixed-budget attacks).")
+SELECT = typer.Option("least", "--select", help="Fusion: least (the successful member with the least perturbation, the paper's) or strongest (the member closest to the goal at the budget: worst case over members).")
 ANONYMIZE = typer.Option(False, "--anonymize", help="DICOM output: remove patient identity (basic profile), remap UIDs.")
 
 
@@ -131,6 +132,7 @@ def _prepare(p: dict):
         steps=p["steps"], eps_units=p["eps_units"], label=p.get("label"), target_mask=p.get("target"),
         success=p["success"], seed=p["seed"], attacks=attacks, output_format=p["output_format"],
         seg_format=p["seg_format"], anonymize=p["anonymize"], norm=p["norm"], mask=p.get("mask"), min_eps=p["min_eps"],
+        select=p["select"],
     )
     if not options.eps > 0:
         raise InputError(f"--eps must be positive, got {options.eps}")
@@ -171,6 +173,7 @@ def attack(
     norm: str = NORM,
     mask: Optional[Path] = MASK,
     min_eps: bool = MIN_EPS,
+    select: str = SELECT,
     eps: str = EPS,
     step: str = STEP,
     steps: int = STEPS,
@@ -280,6 +283,7 @@ def batch(
     norm: str = NORM,
     mask: Optional[Path] = MASK,
     min_eps: bool = MIN_EPS,
+    select: str = SELECT,
     eps: str = EPS,
     step: str = STEP,
     steps: int = STEPS,

@@ -1,6 +1,8 @@
 """MedIS parallel fusion: run every (attack, loss) member and keep, per volume, the successful
-member with the least perturbation (fewest steps, so smallest L-inf; ties by the better score),
-or the strongest member when none succeeded."""
+member with the least perturbation (smallest size in the budget's norm, then fewest steps, then
+the better score), or the strongest member when none succeeded. ``select="strongest"`` keeps the
+member closest to the goal whatever its perturbation: the per-volume worst case over members at
+the budget, as a robust-accuracy evaluation (SEA) reports it."""
 
 from __future__ import annotations
 
@@ -48,15 +50,22 @@ class MedISResult:
         return self.members[self.selected]
 
 
-def select_member(members: Sequence[MemberResult], goal_targeted: bool) -> int:
+SELECTIONS = ("least", "strongest")
+
+
+def select_member(members: Sequence[MemberResult], goal_targeted: bool, select: str = "least", norm: str = "linf") -> int:
     """Index of the member MedIS keeps (see the module docstring)."""
     if not members:
         raise ValueError("no members to select from")
     better = (lambda s: -s) if goal_targeted else (lambda s: s)  # smaller key is better
+
+    def size(m: MemberResult) -> tuple[float, float]:
+        return (m.l2_native, m.linf_native) if norm == "l2" else (m.linf_native, m.l2_native)
+
     successful = [i for i, m in enumerate(members) if m.success]
-    if successful:
-        return min(successful, key=lambda i: (members[i].steps, members[i].linf_native, better(members[i].score), i))
-    return min(range(len(members)), key=lambda i: (better(members[i].score), members[i].linf_native, i))
+    if successful and select == "least":
+        return min(successful, key=lambda i: (size(members[i])[0], members[i].steps, size(members[i])[1], better(members[i].score), i))
+    return min(range(len(members)), key=lambda i: (better(members[i].score), *size(members[i]), i))
 
 
 @dataclass
@@ -81,6 +90,7 @@ class MedIS:
     seed: int = 0
     norm: str = "linf"
     min_eps: bool = False  # find each member's smallest successful budget (bisection for fixed-budget attacks)
+    select: str = "least"  # "least" perturbation among the successful (the paper's), or "strongest"
     bisection_steps: int = 4
     loss_names: list[str] = field(init=False)
 
@@ -99,6 +109,8 @@ class MedIS:
             raise InputError(f"--eps-units must be 'normalized' or 'native', got {self.eps_units!r}")
         if self.norm not in ("linf", "l2"):
             raise InputError(f"--norm must be linf or l2, got {self.norm!r}")
+        if self.select not in SELECTIONS:
+            raise InputError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if isinstance(self.attacks, str):
             self.attacks = [a.strip() for a in self.attacks.split(",") if a.strip()]
         for a in self.attacks:
@@ -130,7 +142,7 @@ class MedIS:
         members: list[MemberResult] = []
         for attack_name, loss in self.members():
             members.append(self._run_member(attack_name, loss, budget, goal, volume))
-        selected = select_member(members, goal.targeted)
+        selected = select_member(members, goal.targeted, self.select, self.norm)
         chosen = members[selected]
         return MedISResult(
             adversarial=volume.with_array(chosen.adversarial),

@@ -56,6 +56,7 @@ class AttackOptions:
     norm: str = "linf"
     mask: Path | None = None  # region the perturbation may touch (e.g. the body)
     min_eps: bool = False
+    select: str = "least"  # fusion: least perturbation among the successful, or strongest
 
     def formats(self, volume: Volume) -> tuple[str, ...]:
         """The formats the adversarial scan is written in, the first one measured."""
@@ -183,6 +184,7 @@ def run_attack(
         norm=options.norm,
         region=region,
         min_eps=options.min_eps,
+        select=options.select,
     )
     memory_plan = None
     if options.memory_budget:
@@ -295,6 +297,7 @@ def _write_outputs(
                 "norm": medis.norm,
                 "mask": str(options.mask) if options.mask else None,
                 "min_eps": medis.min_eps,
+                "select": medis.select,
                 "targeted": goal_targeted,
                 "target": target_spec,
                 "losses": list(medis.loss_names),

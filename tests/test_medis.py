@@ -1,5 +1,7 @@
 """MedIS: fusion selection rules, and real attacks on a small trained network."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -32,11 +34,28 @@ def test_selection_when_none_succeeded_keeps_strongest():
     assert select_member(members, goal_targeted=True) == 2
 
 
+def test_selection_by_perturbation_size_across_attacks():
+    """An attack with big steps (APGD) succeeds in fewer steps but with a larger L-inf: least perturbation wins."""
+    members = [member("a", True, 2, 8.0, 0.3), member("b", True, 5, 5.0, 0.45)]
+    assert select_member(members, goal_targeted=False) == 1
+    l2 = [dataclasses.replace(members[0], l2_native=1.0), dataclasses.replace(members[1], l2_native=9.0)]
+    assert select_member(l2, goal_targeted=False, norm="l2") == 0
+
+
+def test_strongest_selection_is_the_worst_case_over_members():
+    members = [member("a", True, 3, 3.0, 0.45), member("b", True, 8, 8.0, 0.1), member("c", False, 8, 8.0, 0.6)]
+    assert select_member(members, goal_targeted=False) == 0
+    assert select_member(members, goal_targeted=False, select="strongest") == 1
+    assert select_member(members, goal_targeted=True, select="strongest") == 2
+
+
 def test_bad_options_are_input_errors(tiny_target):
     with pytest.raises(InputError, match="unknown loss"):
         MedIS(tiny_target, losses="dice,nope")
     with pytest.raises(InputError, match="eps"):
         MedIS(tiny_target, eps=0)
+    with pytest.raises(InputError, match="--select"):
+        MedIS(tiny_target, select="best")
 
 
 def _dice(target, pred, ref):
