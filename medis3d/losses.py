@@ -354,22 +354,19 @@ def margin(activation: str) -> LossFn:
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if activation == "softmax":
             onehot = _one_hot(target, logits, activation)
-            true = (logits * onehot).sum(1, keepdim=True)
-            other = logits.masked_fill(onehot.bool(), float("-inf")).amax(1, keepdim=True)
-            gap = (other - true).clamp_max(MARGIN_CAP)  # (B, 1, *S)
-            members = onehot
+            true = (logits * onehot).sum(1)
+            other = logits.masked_fill(onehot.bool(), float("-inf")).amax(1)
+            gap = (other - true)[None]  # (1, B, *S)
+            members = onehot.movedim(1, 0)  # (C, B, *S): one mask per class
         else:
-            sign = 2 * target.to(logits.dtype) - 1
-            gap = (-sign * logits).clamp_max(MARGIN_CAP)  # (B, C, *S), per label channel
-            members = torch.stack([target.to(logits.dtype), 1 - target.to(logits.dtype)], 0)
-            dims = tuple(range(3, members.ndim))
-            sizes = members.sum(dims)
-            per_class = (members * gap[None]).sum(dims) / sizes.clamp_min(1)
-            return (per_class * (sizes > 0)).sum() / (sizes > 0).sum().clamp_min(1)
-        dims = _spatial(members)
+            labels = target.to(logits.dtype)
+            gap = ((1 - 2 * labels) * logits)[None]  # (1, B, C, *S)
+            members = torch.stack([labels, 1 - labels])  # (2, B, C, *S): each label and its complement
+        dims = tuple(range(members.ndim - (logits.ndim - 2), members.ndim))
         sizes = members.sum(dims)
-        per_class = (members * gap).sum(dims) / sizes.clamp_min(1)
-        return ((per_class * (sizes > 0)).sum(1) / (sizes > 0).sum(1).clamp_min(1)).mean()
+        per_class = (members * gap.clamp_max(MARGIN_CAP)).sum(dims) / sizes.clamp_min(1)
+        present = (sizes > 0).to(per_class.dtype)
+        return (per_class * present).sum() / present.sum().clamp_min(1)
 
     return fn
 
