@@ -60,29 +60,35 @@ def save_nifti(path: Path, array: np.ndarray, affine=SCAN_AFFINE) -> Path:
     return path
 
 
-def _train(bundle: Path) -> None:
+def train_tiny_unet(out_channels: int = 2, labels=None, loss_fn=None, steps: int = 120) -> torch.nn.Module:
+    """A tiny UNet trained for a few seconds on synthetic blob scans, in the tiny bundle's model space.
+
+    ``labels(seg)`` turns a scan's blob mask ``(I, J, K)`` into the training target on the scan's
+    grid, ``(1, ...)`` class indices (default) or ``(C, ...)`` channels; ``loss_fn`` matches it
+    (default: softmax Dice + CE on class indices)."""
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
     from monai.transforms import Orientation, ScaleIntensityRange, Spacing
     from monai.data import MetaTensor
 
+    labels = labels or (lambda seg: seg[None])
     torch.manual_seed(0)
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=out_channels, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
     xs, ys = [], []
     for seed in range(6):
         hu, seg = synthetic_scan(100 + seed)
         aff = torch.as_tensor(SCAN_AFFINE)
         img = MetaTensor(torch.from_numpy(hu[None].astype(np.float32)), affine=aff)
-        lab = MetaTensor(torch.from_numpy(seg[None].astype(np.float32)), affine=aff)
+        lab = MetaTensor(torch.from_numpy(np.asarray(labels(seg), dtype=np.float32)), affine=aff)
         img = ScaleIntensityRange(-100, 300, 0, 1, clip=True)(Spacing((1.5, 1.5, 1.5), mode="bilinear")(Orientation("RAS")(img)))
         lab = Spacing((1.5, 1.5, 1.5), mode="nearest")(Orientation("RAS")(lab))
         xs.append(img.as_tensor())
         ys.append(lab.as_tensor().round())
     rng = np.random.RandomState(0)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = loss_fn or DiceCELoss(to_onehot_y=True, softmax=True)
     net.train()
-    for _ in range(120):
+    for _ in range(steps):
         crops_x, crops_y = [], []
         for img, lab in zip(xs, ys):  # random 24^3 crops, the inferer's window size
             o = [rng.randint(0, s - 24 + 1) for s in img.shape[1:]]
@@ -93,8 +99,11 @@ def _train(bundle: Path) -> None:
         loss = loss_fn(net(torch.stack(crops_x)), torch.stack(crops_y))
         loss.backward()
         opt.step()
-    net.eval()
-    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    return net.eval()
+
+
+def _train(bundle: Path) -> None:
+    torch.save(train_tiny_unet().state_dict(), bundle / "models" / "model.pt")
 
 
 @pytest.fixture(scope="session")

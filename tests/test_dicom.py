@@ -479,3 +479,27 @@ def test_write_dicom_seg(tmp_path):
     # mask: (slices, rows, columns, segments)
     np.testing.assert_array_equal(mask[..., 0].transpose(2, 1, 0), labels == 1)
     np.testing.assert_array_equal(mask[..., 1].transpose(2, 1, 0), labels == 4)
+
+
+def test_write_dicom_seg_overlapping_labels(tmp_path):
+    """A multi-label (sigmoid) prediction, one 0/1 channel per label, becomes overlapping segments."""
+    hd = pytest.importorskip("highdicom")
+    from medis3d.io.dicom import write_dicom_seg
+
+    make_series(tmp_path / "src", stored_values(shape=(COLUMNS, ROWS, 4)))
+    source = read_dicom_series(tmp_path / "src")
+    labels = np.zeros((3, *source.spatial_shape), np.uint8)
+    labels[0, 2:10, 3:12, 0:4] = 1
+    labels[1, 4:8, 5:9, 1:3] = 1  # inside label 0
+    labels[2, 6:12, 6:14, 2] = 1  # overlaps both
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = write_dicom_seg(source, labels, tmp_path / "seg.dcm", {0: "halo", 2: "core"})
+        seg = hd.seg.segread(str(path))
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["halo", "core"]
+    mask = seg.get_pixels_by_source_instance(source.meta["sop_instance_uids"], segment_numbers=[1, 2],
+                                             assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(mask[..., 0].transpose(2, 1, 0), labels[0] == 1)
+    np.testing.assert_array_equal(mask[..., 1].transpose(2, 1, 0), labels[2] == 1)
+    with pytest.raises(InputError, match="channels"):
+        write_dicom_seg(source, labels, tmp_path / "bad.dcm", {3: "nothing"})

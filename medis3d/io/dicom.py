@@ -746,7 +746,9 @@ def write_dicom_seg(
     """Write a label map on the source grid as a DICOM SEG (binary, one segment per class) with highdicom.
 
     ``labels`` is ``(I, J, K)`` or ``(1, I, J, K)`` integers; ``class_names`` maps label values
-    (0 = background is never a segment) to names. Labels not named are left out. The SEG
+    (0 = background is never a segment) to names. Or, for a multi-label (sigmoid) model, ``labels``
+    is ``(C, I, J, K)`` 0/1 with ``C > 1``, one channel per label, which may overlap; ``class_names``
+    then maps channel indices (0 included) to names. Labels not named are left out. The SEG
     references the source instances and shares their study and frame of reference.
     """
     try:
@@ -759,14 +761,21 @@ def write_dicom_seg(
         raise InputError(f"{source.path}: not read from a DICOM series; cannot write a DICOM SEG")
     values = np.asarray(labels)
     values = values[0] if values.ndim == 4 and values.shape[0] == 1 else values
-    if values.shape != source.spatial_shape:
+    channels = values.ndim == 4  # one 0/1 channel per label (sigmoid), segments may overlap
+    if values.shape[-3:] != tuple(source.spatial_shape) or values.ndim not in (3, 4):
         raise InputError(f"{path}: label map of shape {values.shape} is not on the source grid {source.spatial_shape}")
-    named = sorted(int(v) for v in class_names if int(v) != 0)
+    named = sorted(int(v) for v in class_names if int(v) != 0 or channels)
+    if channels and any(v >= values.shape[0] for v in named):
+        raise InputError(f"{path}: class_names name channels {named}, the label map has {values.shape[0]}")
     if not named:
         raise InputError(f"{path}: no classes to write (class_names names only the background)")
-    segment_map = np.zeros(values.shape, dtype=np.uint16)
-    for number, value in enumerate(named, start=1):  # SEG segment numbers run 1..n
-        segment_map[values == value] = number
+    if channels:  # (slices, rows, columns, segments), one binary plane per segment
+        pixels = np.stack([np.transpose(values[v] > 0, (2, 1, 0)) for v in named], axis=-1).astype(np.uint8)
+    else:
+        segment_map = np.zeros(values.shape, dtype=np.uint16)
+        for number, value in enumerate(named, start=1):  # SEG segment numbers run 1..n
+            segment_map[values == value] = number
+        pixels = np.transpose(segment_map, (2, 1, 0))  # (slices, rows, columns)
     algorithm = hd.AlgorithmIdentificationSequence(name="medis3d", family=codes.cid7162.ArtificialIntelligence,
                                                    version="1")
     descriptions = [
@@ -783,7 +792,7 @@ def write_dicom_seg(
     base = source.meta.get("series_number")
     seg = hd.seg.Segmentation(
         source_images=list(headers),
-        pixel_array=np.ascontiguousarray(np.transpose(segment_map, (2, 1, 0))),  # (slices, rows, columns)
+        pixel_array=np.ascontiguousarray(pixels),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=generate_uid(),

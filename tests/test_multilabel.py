@@ -1,0 +1,132 @@
+"""Multi-label sigmoid models end to end: a tiny bundle with three overlapping labels (sigmoid,
+threshold 0.5), attacked through the command line; the written files are read back and checked."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from conftest import TINY_CONFIG, save_nifti, synthetic_scan, train_tiny_unet
+from medis3d.cli import app
+from medis3d.io import read_volume
+
+runner = CliRunner()
+NAMES = ("halo", "blob", "core")  # nested, so every blob voxel carries two or three labels
+EPS_HU = 60  # 15 % of the bundle's intensity window (-100..300 HU)
+
+
+def overlapping_labels(seg: np.ndarray) -> np.ndarray:
+    """``(3, I, J, K)`` 0/1: the blobs grown by two voxels, the blobs, the blobs shrunk by one."""
+    blob = seg > 0
+    return np.stack([ndimage.binary_dilation(blob, iterations=2), blob, ndimage.binary_erosion(blob)]).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sigmoid_bundle(tmp_path_factory):
+    from monai.losses import DiceCELoss
+
+    root = tmp_path_factory.mktemp("sigmoid_bundle")
+    (root / "configs").mkdir()
+    (root / "models").mkdir()
+    config = json.loads(json.dumps(TINY_CONFIG))
+    config["network_def"]["out_channels"] = len(NAMES)
+    config["postprocessing"]["transforms"] = [
+        {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+        {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5},
+    ]
+    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    (root / "configs" / "metadata.json").write_text(
+        json.dumps({"network_data_format": {"outputs": {"pred": {"channel_def": dict(enumerate(NAMES))}}}})
+    )
+    net = train_tiny_unet(len(NAMES), overlapping_labels, DiceCELoss(sigmoid=True), steps=80)
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    return root
+
+
+@pytest.fixture()
+def scan_and_labels(tmp_path):
+    hu, seg = synthetic_scan(7)
+    label = np.moveaxis(overlapping_labels(seg), 0, -1)  # 4D NIfTI, channels last
+    return save_nifti(tmp_path / "scan.nii.gz", hu), save_nifti(tmp_path / "labels.nii.gz", label)
+
+
+def _channels(path) -> np.ndarray:
+    """A written prediction as ``(C, I, J, K)``."""
+    return np.moveaxis(np.asarray(nib.load(str(path)).dataobj), -1, 0)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+def _attack(bundle, scan, label, out, *extra):
+    result = runner.invoke(app, ["attack", str(scan), "--bundle", str(bundle), "--label", str(label),
+                                 "--eps", str(EPS_HU), "--eps-units", "native", "--step", "10", "--steps", "5",
+                                 "--out", str(out), "--json", "--quiet", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_sigmoid_multilabel_attack_end_to_end(sigmoid_bundle, scan_and_labels, tmp_path):
+    scan, label = scan_and_labels
+    out = tmp_path / "out"
+    report = _attack(sigmoid_bundle, scan, label, out, "--losses", "all")
+    assert report["target"]["activation"] == "sigmoid"
+    assert report["target"]["classes"] == dict(zip("012", NAMES))
+    src = nib.load(str(scan))
+    ref = _channels(label).astype(bool)
+
+    # predictions: one channel per label, on the scan's grid, 0/1
+    for name in ("prediction_clean.nii.gz", "prediction_adversarial.nii.gz"):
+        pred = nib.load(str(out / name))
+        assert pred.shape == src.shape + (len(NAMES),), name
+        assert np.allclose(pred.affine, src.affine, atol=1e-5), name
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}, name
+    clean, adv = _channels(out / "prediction_clean.nii.gz").astype(bool), _channels(out / "prediction_adversarial.nii.gz").astype(bool)
+
+    # the model segments every label before the attack, and the labels overlap
+    assert (clean[0] & clean[1]).sum() > 0.5 * clean[1].sum()
+    clean_dice = [_dice(clean[c], ref[c]) for c in range(len(NAMES))]
+    assert min(clean_dice) > 0.6, clean_dice
+    assert report["clean"]["dice"] == pytest.approx(dict(zip(NAMES, clean_dice)), abs=1e-4)
+
+    # Dice drops, measured on what was written
+    adv_dice = [_dice(adv[c], ref[c]) for c in range(len(NAMES))]
+    assert report["adversarial"]["dice"] == pytest.approx(dict(zip(NAMES, adv_dice)), abs=1e-4)
+    assert report["success"] and np.mean(adv_dice) < np.mean(clean_dice) - 0.1, (clean_dice, adv_dice)
+    from medis3d.bundle import load_bundle
+
+    again = load_bundle(sigmoid_bundle).predict(read_volume(out / "adversarial.nii.gz"))
+    assert np.array_equal(again.astype(bool), adv)
+
+    # the L-inf budget holds in the written file (int16: quantisation adds at most half a unit)
+    written = nib.load(str(out / "adversarial.nii.gz"))
+    assert written.shape == src.shape and written.get_data_dtype() == np.int16
+    delta = written.get_fdata() - src.get_fdata()
+    assert 0 < np.abs(delta).max() <= EPS_HU + 0.5
+    assert report["perturbation"]["linf_native"] == pytest.approx(np.abs(delta).max())
+
+
+def test_sigmoid_labels_select_a_subset(sigmoid_bundle, scan_and_labels, tmp_path):
+    scan, label = scan_and_labels
+    out = tmp_path / "out"
+    report = _attack(sigmoid_bundle, scan, label, out, "--losses", "dice", "--labels", "core,0")  # by name and by index
+    ref = _channels(label).astype(bool)
+    clean, adv = _channels(out / "prediction_clean.nii.gz").astype(bool), _channels(out / "prediction_adversarial.nii.gz").astype(bool)
+    assert clean.shape[0] == len(NAMES)  # every label is still written
+    for part in ("clean", "adversarial"):  # only the chosen labels are scored, each under its own name
+        assert set(report[part]["dice"]) == {"halo", "core"}
+    assert report["clean"]["dice"]["core"] == pytest.approx(_dice(clean[2], ref[2]), abs=1e-4)
+    assert report["clean"]["dice"]["halo"] == pytest.approx(_dice(clean[0], ref[0]), abs=1e-4)
+    assert report["adversarial"]["dice"]["core"] == pytest.approx(_dice(adv[2], ref[2]), abs=1e-4)
+    ious = [(a & r).sum() / max(1, (a | r).sum()) for a, r in ((adv[0], ref[0]), (adv[2], ref[2]))]
+    assert report["adversarial"]["mean_iou"] == pytest.approx(float(np.mean(ious)), abs=1e-4)
+    assert report["success"] == (report["adversarial"]["mean_iou"] <= report["attack"]["success_threshold"])
+    bad = runner.invoke(app, ["attack", str(scan), "--bundle", str(sigmoid_bundle), "--labels", "3"])
+    assert bad.exit_code == 2 and "halo" in bad.output
