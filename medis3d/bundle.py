@@ -30,16 +30,44 @@ CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 _MISSING = object()
 
 
+def _shipped_folders() -> list[Path]:
+    """Where shipped bundles live: the source checkout's ``bundles/``, else where a wheel installs
+    them (``sys.prefix/share/medis3d/bundles``)."""
+    import sys
+
+    return [DEFAULT_BUNDLE.parent, Path(sys.prefix) / "share" / "medis3d" / "bundles"]
+
+
+def shipped_bundles() -> dict[str, Path]:
+    """The shipped bundles by name (``brain_t1_segresnet``, ``brain_t1_unetr``), checkout first."""
+    found: dict[str, Path] = {}
+    for folder in _shipped_folders():
+        if folder.is_dir():
+            for candidate in sorted(folder.iterdir()):
+                if (candidate / "configs").is_dir() and candidate.name not in found:
+                    found[candidate.name] = candidate
+    return found
+
+
 def default_bundle_path() -> Path:
     """The shipped default bundle (SegResNet brain extraction on T1 MRI): from the source
     checkout, else where a wheel installs it (``sys.prefix/share/medis3d/bundles``)."""
-    import sys
+    return shipped_bundles().get(DEFAULT_BUNDLE.name, DEFAULT_BUNDLE)
 
-    installed = Path(sys.prefix) / "share" / "medis3d" / "bundles" / DEFAULT_BUNDLE.name
-    for candidate in (DEFAULT_BUNDLE, installed):
-        if (candidate / "configs").is_dir():
-            return candidate
-    return DEFAULT_BUNDLE
+
+def resolve_bundle_path(path: str | Path | None) -> Path:
+    """A bundle path as given; or, where no such path exists and it is a bare name, the shipped
+    bundle of that name (``--bundle brain_t1_unetr``); ``None`` is the shipped default."""
+    if path is None:
+        return default_bundle_path()
+    bundle = Path(path)
+    if bundle.exists():
+        return bundle
+    shipped = shipped_bundles()
+    if len(bundle.parts) == 1 and bundle.name in shipped:
+        return shipped[bundle.name]
+    names = ", ".join(shipped) or "none found"
+    raise BundleError(f"{bundle}: no such bundle (a folder or .zip, or a shipped bundle's name: {names})")
 
 
 def read_config(path: Path) -> dict:
@@ -416,10 +444,9 @@ def load_bundle(
     device: str | torch.device = "cpu",
     precision: Precision | None = None,
 ) -> Target:
-    """Load a MONAI bundle (directory or .zip; default: the shipped brain bundle) as a :class:`Target`."""
-    bundle = Path(path) if path is not None else default_bundle_path()
-    if not bundle.exists():
-        raise BundleError(f"{bundle}: no such bundle")
+    """Load a MONAI bundle (directory or .zip, or a shipped bundle's name; default: the shipped
+    brain SegResNet) as a :class:`Target`."""
+    bundle = resolve_bundle_path(path)
     if bundle.is_file() and bundle.suffix == ".zip":
         bundle = _unpack_zip(bundle)
     elif not bundle.is_dir():

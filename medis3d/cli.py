@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-BUNDLE_HELP = "MONAI bundle folder or .zip (default: the shipped SegResNet brain extraction on T1 MRI)."
+BUNDLE_HELP = "MONAI bundle folder or .zip, or a shipped bundle's name: brain_t1_segresnet (the default; SegResNet brain extraction on T1 MRI) or brain_t1_unetr (UNETR, same task)."
 
 
 def _fail(message: str) -> None:
@@ -451,7 +451,7 @@ app.add_typer(bundle_app, name="bundle")
 
 @bundle_app.command("check")
 def bundle_check(
-    bundle: Path = typer.Argument(..., help="Bundle folder or .zip."),
+    bundle: Path = typer.Argument(..., help="Bundle folder or .zip, or a shipped bundle's name (brain_t1_segresnet, brain_t1_unetr)."),
     scan: Optional[Path] = typer.Argument(None, help="A scan to check gradients on (default: a synthetic one)."),
     config: Optional[str] = CONFIG,
     trust_bundle: bool = TRUST,

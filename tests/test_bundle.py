@@ -208,3 +208,35 @@ def test_bare_network_torchscript_and_state_dict(tmp_path, scan_file):
     assert missing.exit_code == 2 and "--network-def" in missing.output
     unknown = runner.invoke(app, ["predict", str(scan_file), "--network", str(tmp_path / "model.ts"), "--transforms", "nope", "--out", str(tmp_path / "y.nii.gz")])
     assert unknown.exit_code == 2 and "ct_abdomen" in unknown.output
+
+
+def test_shipped_bundle_by_name_and_local_folders_first(tmp_path, monkeypatch):
+    from medis3d.bundle import resolve_bundle_path, shipped_bundles
+
+    shipped = shipped_bundles()
+    assert {"brain_t1_segresnet", "brain_t1_unetr"} <= set(shipped)
+    assert resolve_bundle_path(None) == shipped["brain_t1_segresnet"]
+    monkeypatch.chdir(tmp_path)
+    assert resolve_bundle_path("brain_t1_unetr") == shipped["brain_t1_unetr"]
+    local = _bundle(tmp_path, {"network_def": NET}).rename(tmp_path / "brain_t1_unetr")  # a folder of that name wins
+    assert resolve_bundle_path("brain_t1_unetr") == Path("brain_t1_unetr") and load_bundle("brain_t1_unetr").name == "UNet"
+    with pytest.raises(BundleError, match="brain_t1_segresnet, brain_t1_unetr"):
+        resolve_bundle_path("no_such_bundle")
+    with pytest.raises(BundleError, match="no such bundle"):  # a path, not a bare name: never a shipped bundle
+        resolve_bundle_path(local.parent / "sub" / "brain_t1_segresnet")
+
+
+def test_shipped_bundles_from_a_wheel_install(tmp_path, monkeypatch):
+    """Without the checkout's bundles/, shipped bundles are found where a wheel puts them."""
+    import sys
+
+    import medis3d.bundle as bundle_module
+
+    installed = tmp_path / "prefix" / "share" / "medis3d" / "bundles"
+    for name in ("brain_t1_segresnet", "brain_t1_unetr"):
+        (installed / name / "configs").mkdir(parents=True)
+    monkeypatch.setattr(bundle_module, "DEFAULT_BUNDLE", tmp_path / "checkout" / "bundles" / "brain_t1_segresnet")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.chdir(tmp_path)
+    assert bundle_module.default_bundle_path() == installed / "brain_t1_segresnet"
+    assert bundle_module.resolve_bundle_path("brain_t1_unetr") == installed / "brain_t1_unetr"

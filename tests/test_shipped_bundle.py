@@ -1,5 +1,6 @@
-"""The shipped default bundle: valid metadata, runs in MONAI's own runner, and medis3d's attack
-workflow runs inside MONAI's runner through the config fragment."""
+"""The shipped bundles (SegResNet, UNETR): valid metadata, they run in MONAI's own runner and
+medis3d's prediction agrees with it, medis3d's attack workflow runs inside MONAI's runner through
+the config fragment, and a shipped bundle can be picked by name."""
 
 from __future__ import annotations
 
@@ -10,12 +11,22 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
 
-from medis3d.bundle import default_bundle_path, load_bundle
+from medis3d.bundle import default_bundle_path, load_bundle, shipped_bundles
+from medis3d.cli import app
+from medis3d.io import read_volume
 from medis3d.monai_workflow import fragment_path
 
-BUNDLE = default_bundle_path()
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = {"brain_t1_segresnet": "SegResNet", "brain_t1_unetr": "UNETR"}  # bundle name: network
+
+
+@pytest.fixture(params=sorted(SHIPPED))
+def bundle(request) -> Path:
+    return shipped_bundles()[request.param]
 
 
 def _head(folder: Path) -> Path:
@@ -29,44 +40,89 @@ def _head(folder: Path) -> Path:
     return path
 
 
-def test_metadata_verifies_offline():
+def test_both_shipped_and_segresnet_is_the_default():
+    assert set(SHIPPED) <= set(shipped_bundles())
+    assert default_bundle_path() == shipped_bundles()["brain_t1_segresnet"]
+
+
+def test_metadata_verifies_offline(bundle):
     from monai.bundle import verify_metadata
 
-    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(ROOT / "bundles" / "metadata_schema.json"))
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(ROOT / "bundles" / "metadata_schema.json"))
 
 
-def test_loads_safely_with_its_weights():
-    target = load_bundle()
-    assert target.name == "SegResNet" and target.activation == "softmax" and target.out_channels == 2
+def test_loads_safely_with_its_weights(bundle):
+    target = load_bundle(bundle.name)  # by name: the shipped bundle
+    assert target.source == str(bundle)
+    assert target.name == SHIPPED[bundle.name] and target.activation == "softmax" and target.out_channels == 2
     assert target.class_names == {0: "background", 1: "brain"}
     assert not any("random weights" in n for n in target.notices)
+    state = torch.load(str(bundle / "models" / "model.pt"), map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # a plain state dict
+    assert (bundle / "models" / "model.pt").stat().st_size < 25e6
+    assert (bundle / "LICENSE").is_file() and (bundle / "docs" / "README.md").is_file()
 
 
-def _monai_run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True, timeout=600, cwd=BUNDLE)
+def test_train_config_builds_the_inference_network(bundle):
+    """configs/train.json states the recipe as a SupervisedTrainer over the same network."""
+    from monai.bundle import ConfigParser
+
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert train["network_def"] == inference["network_def"]
+    assert train["train"]["trainer"]["_target_"] == "SupervisedTrainer"
+    parser = ConfigParser(train)
+    optimizer = parser.get_parsed_content("optimizer")
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    assert type(parser.get_parsed_content("network")).__name__ == SHIPPED[bundle.name]
+    assert scheduler.optimizer is optimizer
 
 
-def test_monai_bundle_run_inference(tmp_path):
+def _monai_run(bundle: Path, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True, timeout=600, cwd=bundle)
+
+
+def test_monai_bundle_run_agrees_with_medis3d(bundle, tmp_path):
     scan = _head(tmp_path / "data")
     out = tmp_path / "out"
-    done = _monai_run(["--config_file", "configs/inference.json", "--bundle_root", str(BUNDLE),
-                       "--dataset_dir", str(scan.parent), "--output_dir", str(out)])
+    done = _monai_run(bundle, ["--config_file", "configs/inference.json", "--bundle_root", str(bundle),
+                               "--dataset_dir", str(scan.parent), "--output_dir", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
     written = list(out.rglob("*.nii.gz"))
     assert len(written) == 1
     pred = nib.load(str(written[0]))
     assert pred.shape[:3] == (48, 56, 48) and np.allclose(pred.affine, nib.load(str(scan)).affine)
+    monai_mask = np.asarray(pred.dataobj).reshape(pred.shape[:3]) > 0
+    ours = load_bundle(bundle).predict(read_volume(scan))
+    assert ours.shape == monai_mask.shape
+    assert 0.02 < monai_mask.mean() < 0.98  # the model does segment something here: the comparison means something
+    disagree = np.logical_xor(ours > 0, monai_mask).mean()
+    assert disagree < 1e-3, f"{disagree:.2%} of voxels differ from monai.bundle run"
 
 
-def test_attack_workflow_inside_monai_runner(tmp_path):
+def test_attack_workflow_inside_monai_runner(bundle, tmp_path):
     scan = _head(tmp_path / "data")
     out = tmp_path / "out"
-    configs = json.dumps([str(BUNDLE / "configs" / "inference.json"), str(fragment_path())])
-    done = _monai_run(["attack", "--config_file", configs, "--bundle_root", str(BUNDLE), "--dataset_dir", str(scan.parent),
-                       "--output_dir", str(out), "--medis3d_attack#steps", "1", "--medis3d_attack#losses", "ce"])
+    configs = json.dumps([str(bundle / "configs" / "inference.json"), str(fragment_path())])
+    done = _monai_run(bundle, ["attack", "--config_file", configs, "--bundle_root", str(bundle), "--dataset_dir", str(scan.parent),
+                               "--output_dir", str(out), "--medis3d_attack#steps", "1", "--medis3d_attack#losses", "ce"])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "head" / "report.json").read_text())
     assert report["attack"]["losses"] == ["ce"] and report["attack"]["steps"] == 1
+    assert report["target"]["network"] == SHIPPED[bundle.name]
     adv = nib.load(str(out / "head" / "adversarial.nii.gz"))
     assert adv.shape == (48, 56, 48) and adv.get_data_dtype() == np.int16
     assert json.loads((out / "medis3d_summary.json").read_text())[0]["input"].endswith("head.nii.gz")
+
+
+def test_command_line_picks_a_shipped_bundle_by_name(tmp_path, monkeypatch):
+    """``--bundle brain_t1_unetr`` (attack, predict, batch, evaluate, bundle check load the same way)."""
+    scan = _head(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # no folder of that name here: the name means the shipped bundle
+    out = tmp_path / "pred.nii.gz"
+    result = CliRunner().invoke(app, ["predict", str(scan), "--bundle", "brain_t1_unetr", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = load_bundle(shipped_bundles()["brain_t1_unetr"]).predict(read_volume(scan))
+    assert np.array_equal(np.asarray(nib.load(str(out)).dataobj), expected)
+    unknown = CliRunner().invoke(app, ["attack", str(scan), "--bundle", "brain_t1_nosuch"])
+    assert unknown.exit_code == 2 and "brain_t1_unetr" in unknown.output  # the error names the shipped bundles
