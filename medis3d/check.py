@@ -64,8 +64,11 @@ def check_bundle(target: Target, scan: Path | None = None) -> dict:
 
     model_shape = target.model_shape(volume)
     roi = fall_back_tuple(target.window.roi_size, model_shape)
-    window = torch.randn((1, target.in_channels, *[min(r, 64) if r > 64 else r for r in roi]), device=target.device)
-    flow = gradient_flow(target.network, window)
+    small = [min(r, 64) for r in roi]  # a smaller probe is cheaper, where the network takes any size
+    try:
+        flow = gradient_flow(target.network, torch.randn((1, target.in_channels, *small), device=target.device))
+    except RuntimeError:  # a network with a fixed input size (UNETR's img_size) takes the window only
+        flow = gradient_flow(target.network, torch.randn((1, target.in_channels, *roi), device=target.device))
     prediction = evaluation.segmentation
     return {
         "bundle": target.source,

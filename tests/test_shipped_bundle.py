@@ -126,3 +126,12 @@ def test_command_line_picks_a_shipped_bundle_by_name(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(nib.load(str(out)).dataobj), expected)
     unknown = CliRunner().invoke(app, ["attack", str(scan), "--bundle", "brain_t1_nosuch"])
     assert unknown.exit_code == 2 and "brain_t1_unetr" in unknown.output  # the error names the shipped bundles
+
+
+def test_bundle_check_passes(bundle):
+    """``medis3d bundle check``: the gradient reaches the scan (UNETR takes only its 96^3 window)."""
+    result = CliRunner().invoke(app, ["bundle", "check", bundle.name, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["network"] == SHIPPED[bundle.name] and report["gradient"]["ok"]
+    assert report["gradient"]["fraction_of_voxels_reached"] > 0.5
