@@ -196,8 +196,20 @@ class Target:
         volume: Volume,
         loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Evaluation:
-        """Logits on the scan's grid for ``x_native`` and, with ``loss_fn``, the loss's exact native gradient."""
-        x_native = x_native.to(self.device, torch.float32)
+        """Logits on the scan's grid for ``x_native`` and, with ``loss_fn``, the loss's exact native gradient.
+
+        A network that cannot run on the windows (a window size it does not take, too little
+        memory) is an :class:`InputError` naming the scan and the window, not a traceback."""
+        try:
+            return self._evaluate(x_native.to(self.device, torch.float32), volume, loss_fn)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                f"{volume.path}: the network failed on its {'x'.join(map(str, self.window.roi_size))} windows "
+                f"(window batch {self.window.sw_batch_size}): {reason}"
+            ) from exc
+
+    def _evaluate(self, x_native: torch.Tensor, volume: Volume, loss_fn) -> Evaluation:
         if loss_fn is None:
             with torch.no_grad():
                 model_in = self.model_input(x_native, volume)

@@ -82,6 +82,7 @@ def _bad(tmp_path, scan_file, tiny_bundle):
         ([str(scan_file), "--eps", "0"], "eps"),
         ([str(scan_file), "--eps", "-1"], "eps"),
         ([str(scan_file), "--eps", "ten"], "eps"),
+        ([str(scan_file), "--roi", "23"], "23x23x23 windows"),  # the UNet cannot take an odd window
         ([str(scan_file), "--step", "1/0"], "step"),
     ]
 
