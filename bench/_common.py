@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout, without installing
     sys.path.insert(0, str(ROOT))
 
-THREADS = os.cpu_count() or 1
+THREADS = int(os.environ.get("BENCH_THREADS", 0)) or os.cpu_count() or 1  # BENCH_THREADS=1 to share the machine
 
 
 def set_threads() -> None:

