@@ -62,7 +62,7 @@ from medis3d.bundle import load_bundle
 from medis3d.io import read_volume
 from medis3d.io.volume import Volume
 from medis3d.losses import PAPER_LOSSES
-from medis3d.medis import select_member
+from medis3d.medis import select_member, smallest_budget
 from medis3d.metrics import dice_per_class
 from medis3d.target import Target
 
@@ -137,9 +137,7 @@ def mean_dice(case: Case, prediction: np.ndarray) -> float:
 
 def budget_for(case: Case, eps: float) -> Budget:
     scale, _ = case.target.intensity_scale(case.volume)
-    low, high = case.volume.storable_range()
-    return Budget(eps=eps / 255 * scale, step=STEP / 255 * scale, steps=STEPS,
-                  low=float(max(case.volume.array.min(), np.min(low))), high=float(min(case.volume.array.max(), np.max(high))))
+    return Budget.for_volume(case.volume, eps / 255 * scale, STEP / 255 * scale, STEPS)
 
 
 def run_member(case: Case, attack: str, loss: str, budget: Budget) -> MemberResult:
@@ -147,7 +145,7 @@ def run_member(case: Case, attack: str, loss: str, budget: Budget) -> MemberResu
     return ATTACKS[attack](case.target, loss, budget, goal, seed=0).run(case.volume)
 
 
-def smallest_budget(case: Case, attack: str, loss: str, full: MemberResult, budget: Budget, scale: float) -> float | None:
+def distortion_of(case: Case, attack: str, loss: str, full: MemberResult, budget: Budget, scale: float) -> float | None:
     """The smallest successful L-inf budget in /255 units (None: no success within the budget).
 
     IGSM stops at its first success, so its kept iterate's L-inf is that budget; the fixed-budget
@@ -156,16 +154,8 @@ def smallest_budget(case: Case, attack: str, loss: str, full: MemberResult, budg
         return None
     if attack in EARLY_STOP:
         return full.linf_native / scale * 255
-    low, high = 0.0, budget.eps
-    for _ in range(BISECTION_STEPS):
-        mid = (low + high) / 2
-        trial = run_member(case, attack, loss, Budget(eps=mid, step=budget.step * mid / budget.eps, steps=budget.steps,
-                                                      low=budget.low, high=budget.high))
-        if trial.success:
-            high = mid
-        else:
-            low = mid
-    return high / scale * 255
+    eps, _ = smallest_budget(lambda trial: run_member(case, attack, loss, trial), budget, full, BISECTION_STEPS)
+    return eps / scale * 255
 
 
 def model_space_labels(target: Target, segmentation: np.ndarray, volume: Volume) -> torch.Tensor:
@@ -265,7 +255,7 @@ def attack_case(case: Case, eps_list, distortion: bool) -> dict:
             members.append(m)
             row = {"dice": mean_dice(case, m.prediction), "success": m.success, "linf": m.linf_native / scale * 255, "steps": m.steps}
             if distortion and eps == max(eps_list):
-                row["distortion"] = smallest_budget(case, attack, loss, m, budget, scale)
+                row["distortion"] = distortion_of(case, attack, loss, m, budget, scale)
             row["time_s"] = time.perf_counter() - start
             rows[f"{attack}:{loss}"] = row
             log(f"  {case.target_name}/{case.network}/{case.name} eps {eps}/255 {attack}:{loss}: Dice {row['dice']:.3f}"

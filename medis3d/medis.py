@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +66,22 @@ def select_member(members: Sequence[MemberResult], goal_targeted: bool, select: 
     if successful and select == "least":
         return min(successful, key=lambda i: (size(members[i])[0], members[i].steps, size(members[i])[1], better(members[i].score), i))
     return min(range(len(members)), key=lambda i: (better(members[i].score), *size(members[i]), i))
+
+
+def smallest_budget(
+    run: Callable[[Budget], MemberResult], budget: Budget, full: MemberResult, bisection_steps: int
+) -> tuple[float, MemberResult]:
+    """Bisect eps (the step scaled with it) for the smallest budget at which ``run`` succeeds, given
+    ``full``, its successful run at ``budget``: that eps and the run there."""
+    low, high, best = 0.0, budget.eps, full
+    for _ in range(bisection_steps):
+        mid = (low + high) / 2
+        trial = run(dataclasses.replace(budget, eps=mid, step=budget.step * mid / budget.eps))
+        if trial.success:
+            high, best = mid, trial
+        else:
+            low = mid
+    return high, best
 
 
 @dataclass
@@ -129,16 +145,7 @@ class MedIS:
         reference = clean_prediction if reference is None else reference
         aim = self._aim(target_mask, clean_prediction)
         goal = Goal(self.target, reference, aim, self.success_threshold)
-        low, high = volume.storable_range()
-        budget = Budget(
-            eps=eps_native,
-            step=step_native,
-            steps=int(self.steps),
-            low=float(max(volume.array.min(), np.min(low))),
-            high=float(min(volume.array.max(), np.max(high))),
-            region=self.region,
-            norm=self.norm,
-        )
+        budget = Budget.for_volume(volume, eps_native, step_native, self.steps, region=self.region, norm=self.norm)
         members: list[MemberResult] = []
         for attack_name, loss in self.members():
             members.append(self._run_member(attack_name, loss, budget, goal, volume))
@@ -165,15 +172,9 @@ class MedIS:
         result = cls(self.target, loss, budget, goal, self.progress, seed=self.seed).run(volume)
         if not self.min_eps or cls.early_stop or not result.success:
             return result  # iterative attacks already stop at their first success: their L-inf is the distortion
-        low, high, best = 0.0, budget.eps, result
-        for _ in range(self.bisection_steps):  # fixed-budget attacks: bisect the budget
-            mid = (low + high) / 2
-            trial_budget = dataclasses.replace(budget, eps=mid, step=budget.step * mid / budget.eps)
-            trial = cls(self.target, loss, trial_budget, goal, self.progress, seed=self.seed).run(volume)
-            if trial.success:
-                high, best = mid, trial
-            else:
-                low = mid
+        _, best = smallest_budget(  # fixed-budget attacks: bisect the budget
+            lambda trial: cls(self.target, loss, trial, goal, self.progress, seed=self.seed).run(volume), budget, result,
+            self.bisection_steps)
         if best is not result:  # keep the full-budget run's trace in front of the smallest successful one's
             best.trace = result.trace + best.trace
         return best

@@ -72,6 +72,14 @@ class Budget:
     region: np.ndarray | None = None  # 0/1 mask broadcastable to (C, I, J, K): where changes may go
     norm: str = "linf"  # "linf" or "l2"
 
+    @classmethod
+    def for_volume(cls, volume: Volume, eps: float, step: float, steps: int, **options) -> "Budget":
+        """A budget in ``volume``'s units whose valid range is the scan's own intensity range within
+        what its stored type can hold (``options``: ``region``, ``norm``)."""
+        low, high = volume.storable_range()
+        return cls(eps=eps, step=step, steps=int(steps), low=float(max(volume.array.min(), np.min(low))),
+                   high=float(min(volume.array.max(), np.max(high))), **options)
+
     def _region(self, like: torch.Tensor) -> torch.Tensor | None:
         if self.region is None:
             return None
