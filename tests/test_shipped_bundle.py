@@ -72,6 +72,9 @@ def test_train_config_builds_the_inference_network(bundle):
     assert train["network_def"] == inference["network_def"]
     assert train["train"]["trainer"]["_target_"] == "SupervisedTrainer"
     parser = ConfigParser(train)
+    # The training data come from the train extra's packages (pydeface's mean head): only the
+    # recipe is checked here, so its one data path that imports a package is given directly.
+    parser["pydeface_head"] = "/data/mean_reg2mean.nii.gz"
     optimizer = parser.get_parsed_content("optimizer")
     scheduler = parser.get_parsed_content("lr_scheduler")
     assert type(parser.get_parsed_content("network")).__name__ == SHIPPED[bundle.name]
