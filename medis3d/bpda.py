@@ -19,6 +19,25 @@ def straight_through(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return inp + (out - inp).detach()
 
 
+class _ValueOf(torch.autograd.Function):
+    """``value`` forward, the gradient to ``stand_in`` backward."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
+
+
+def value_with_gradient_of(value: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
+    """BPDA: exactly ``value`` in the forward pass, the derivative of ``stand_in`` (same shape) backward."""
+    if value.shape != stand_in.shape:
+        raise ValueError(f"a stand-in needs the value's shape, got {tuple(stand_in.shape)} for {tuple(value.shape)}")
+    return _ValueOf.apply(value, stand_in)
+
+
 def straight_through_clamp(x: torch.Tensor, low=None, high=None) -> torch.Tensor:
     """Clamp in the forward pass; identity gradient, so clipped voxels still receive one."""
     if low is None and high is None:

@@ -26,10 +26,14 @@ STAND_INS = {
     "differentiable equivalent": "re-implemented without in-place operations (exact gradient)",
     "exact": "MONAI's own transform on tensors (exact gradient)",
 }
+PERCENTILES = ("percentiles computed by medis3d on tensors of any size, with their exact gradient (MONAI's own "
+               "switch to numpy above a million voxels and pass none); ")
 ALWAYS = [
     {"step": "argmax / threshold (postprocessing)", "stand_in": "losses on softmax / sigmoid probabilities"},
     {"step": "rounding to the stored type", "stand_in": "steps taken in float, every iterate evaluated as stored (quantised)"},
-    {"step": "resampling (Spacing, inverse)", "stand_in": "bilinear grid sampling, differentiable"},
+    {"step": "resampling (Spacing, inverse)", "stand_in": "bilinear grid sampling, differentiable; a downsampling Spacing "
+     "reads only the voxels its interpolation lands on (the rest cannot change the prediction); members with "
+     "gradient=smooth take a box average over every voxel a model voxel stands for"},
 ]
 
 
@@ -60,6 +64,10 @@ def check_bundle(target: Target, scan: Path | None = None) -> dict:
     evaluation = target.evaluate(x, volume, loss)
     grad = evaluation.grad
     reaching = float((grad != 0).float().mean())
+    paths = {}
+    for path in ("exact", "smooth"):  # the real forward's own derivative, and BPDA for the whole path
+        g = target.evaluate(x, volume, loss, gradient=path).grad
+        paths[path] = {"fraction_of_voxels_reached": float((g != 0).float().mean()), "input_grad_norm": float(g.norm())}
     from monai.utils import fall_back_tuple
 
     model_shape = target.model_shape(volume)
@@ -78,7 +86,8 @@ def check_bundle(target: Target, scan: Path | None = None) -> dict:
         "classes": {str(c): target.class_name(c) for c in range(target.out_channels)},
         "inferer": target.window.as_dict(),
         "preprocessing": [
-            {**step, "stand_in": STAND_INS.get(step["gradient"], step["gradient"])} for step in target.preprocessing.describe()
+            {**step, "stand_in": (PERCENTILES if step["transform"] == "ScaleIntensityRangePercentiles" else "")
+             + STAND_INS.get(step["gradient"], step["gradient"])} for step in target.preprocessing.describe()
         ],
         "other_non_differentiable_steps": ALWAYS,
         "notices": list(target.notices),
@@ -93,6 +102,7 @@ def check_bundle(target: Target, scan: Path | None = None) -> dict:
             "blocking_layers": flow["blocked"],
             "zero_gradient_layers": flow["zero"],
             "ok": bool(torch.isfinite(grad).all() and grad.abs().sum() > 0 and not flow["blocked"]),
+            "paths": paths,
         },
         "foreground_voxels": {target.class_name(c): int(m.sum()) for c, m in zip(fg, target.masks(prediction))},
     }

@@ -74,10 +74,22 @@ CONFIG = typer.Option(None, "--config", help="Bundle config file name (default: 
 TRUST = typer.Option(False, "--trust-bundle", help="Allow the bundle's config to run Python and its weights to unpickle code.")
 LABEL = typer.Option(None, "--label", help="Reference segmentation on the scan's grid (default: the clean prediction).")
 TARGET = typer.Option(None, "--target", help="Targeted attack: background (all black), foreground (all white) or a mask file.")
-LOSSES = typer.Option("all", "--losses", help="Comma-separated surrogate losses, or 'all' (the paper's six): logcosh_dice, bce_dice, exp_log, structure, lovasz, combined, dice, tversky, focal, generalized_dice, ce.")
+def _registry_help() -> tuple[str, str]:
+    from medis3d.attacks import ALIASES, ATTACKS
+    from medis3d.losses import LOSSES as REGISTRY
+
+    attacks = ", ".join(sorted(set(ATTACKS) - {"bim"}) + sorted(ALIASES))
+    return attacks, ", ".join(REGISTRY)
+
+
+_ATTACK_NAMES, _LOSS_NAMES = _registry_help()
+LOSSES = typer.Option(None, "--losses", help=f"Comma-separated surrogate losses fused with --attacks, or 'all' (the paper's six): {_LOSS_NAMES}. Default: the preset's members.")
 EPS = typer.Option("10/255", "--eps", help="Largest L-inf perturbation; a number or a fraction such as 8/255.")
-STEP = typer.Option("1/255", "--step", help="Step size (the paper's 1/255).")
-STEPS = typer.Option(10, "--steps", help="Most iterations per member.")
+STEP = typer.Option(None, "--step", help="Step size (default: the preset's; the paper's 1/255).")
+STEPS = typer.Option(None, "--steps", help="Most iterations per member (default: the preset's; the paper's 10).")
+PRESET = typer.Option(None, "--preset", help="default (three APGD members with SEA's losses, 20 iterations each), paper (MedIS as published: IGSM, the paper's six losses, 10 steps of 1/255) or reliable (the measured-strongest ensemble, per-volume worst case; slower).")
+MEMBERS = typer.Option(None, "--members", help="Explicit members, attack:loss\\[option=value,...], comma-separated, e.g. 'apgd:masked_ce\\[radii=sea],adam:cosine'; replaces --attacks x --losses.")
+RESTARTS = typer.Option(None, "--restarts", help="Random restarts of every APGD member (SEA's protocol).")
 EPS_UNITS = typer.Option("normalized", "--eps-units", help="normalized (fractions of the model's intensity range) or native (scan units, e.g. HU).")
 SUCCESS = typer.Option(None, "--success", help="Success threshold on mean IoU (default: <= 0.5 untargeted, >= 0.45 targeted).")
 DEVICE = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available).")
@@ -94,12 +106,12 @@ TRANSFORMS = typer.Option(None, "--transforms", help="Preprocessing preset for -
 MEMORY_BUDGET = typer.Option(None, "--memory-budget", help="Largest memory for the attack, e.g. 8GB: picks window batch, checkpointing and AMP from a probe window (reported).")
 OUTPUT_FORMAT = typer.Option("auto", "--output-format", help="nifti, dicom or both (default: the input's format).")
 SEG_FORMAT = typer.Option("nifti", "--seg-format", help="Predictions as nifti label maps, or also as DICOM SEG (dicom; DICOM inputs).")
-ATTACKS = typer.Option("igsm", "--attacks", help="Comma-separated attacks fused with the losses: igsm (the paper's), fgsm, pgd, segpgd, cospgd, apgd, dag.")
+ATTACKS = typer.Option(None, "--attacks", help=f"Comma-separated attacks (optimisers) fused with --losses: {_ATTACK_NAMES}. Default: the preset's members.")
 LABELS = typer.Option(None, "--labels", help="Output channels that count as the attacked structures, by index or name, e.g. 1,3 or liver,spleen (default: all foreground).")
 NORM = typer.Option("linf", "--norm", help="Budget norm: linf or l2 (eps in the same units).")
 MASK = typer.Option(None, "--mask", help="Region the perturbation may touch (a mask on the scan's grid, e.g. the body).")
 MIN_EPS = typer.Option(False, "--min-eps", help="Find each member's smallest successful budget (early stop, or bisection for fixed-budget attacks).")
-SELECT = typer.Option("least", "--select", help="Fusion: least (the successful member with the least perturbation, the paper's) or strongest (the member closest to the goal at the budget: worst case over members).")
+SELECT = typer.Option(None, "--select", help="Fusion: least (the successful member with the least perturbation, the paper's) or strongest (the member closest to the goal at the budget: worst case over members). Default: the preset's.")
 ANONYMIZE = typer.Option(False, "--anonymize", help="DICOM output: remove patient identity (basic profile), remap UIDs.")
 
 
@@ -117,22 +129,39 @@ def _parse_roi(text: Optional[str]):
     return values
 
 
+def resolve_members(p: dict) -> tuple[str, list, float | None, int, str]:
+    """The preset, members, step, steps and selection from a command's parameters: ``--members``, or
+    ``--attacks`` x ``--losses`` where either is given, else the preset's members; ``--step``, ``--steps``
+    and ``--select`` override the preset's."""
+    from medis3d.members import DEFAULT_PRESET, PRESETS, parse_members, product, with_restarts
+
+    name = p.get("preset") or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise InputError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    preset = PRESETS[name]
+    if p.get("members"):
+        members = parse_members(p["members"])
+    elif p.get("attacks") or p.get("losses"):
+        members = product(p.get("attacks") or "igsm", p.get("losses") or "all")
+    else:
+        members = preset.parsed()
+    members = with_restarts(members, p.get("restarts"))
+    step = parse_fraction(p["step"], "--step") if p.get("step") else preset.step
+    steps = int(p["steps"]) if p.get("steps") is not None else preset.steps
+    return name, members, step, steps, p.get("select") or preset.select
+
+
 def _prepare(p: dict):
     """Load and configure the target and collect the attack options from a command's parameters."""
-    from medis3d.losses import parse_losses
     from medis3d.pipeline import AttackOptions
 
-    try:
-        parse_losses(p["losses"])
-    except ValueError as exc:
-        raise InputError(str(exc))
-    attacks = [a.strip() for a in p.get("attacks", "igsm").split(",") if a.strip()]
+    preset, members, step, steps, select = resolve_members(p)
     options = AttackOptions(
-        losses=p["losses"], eps=parse_fraction(p["eps"], "--eps"), step=parse_fraction(p["step"], "--step"),
-        steps=p["steps"], eps_units=p["eps_units"], label=p.get("label"), target_mask=p.get("target"),
-        success=p["success"], seed=p["seed"], attacks=attacks, output_format=p["output_format"],
+        members=[m.name for m in members], preset=preset, eps=parse_fraction(p["eps"], "--eps"), step=step,
+        steps=steps, eps_units=p["eps_units"], label=p.get("label"), target_mask=p.get("target"),
+        success=p["success"], seed=p["seed"], output_format=p["output_format"],
         seg_format=p["seg_format"], anonymize=p["anonymize"], norm=p["norm"], mask=p.get("mask"), min_eps=p["min_eps"],
-        select=p["select"],
+        select=select,
     )
     if not options.eps > 0:
         raise InputError(f"--eps must be positive, got {options.eps}")
@@ -149,10 +178,7 @@ def _prepare(p: dict):
         roi_size=_parse_roi(p["roi"]), overlap=p["overlap"], sw_batch_size=p["sw_batch_size"], mode=p["window_mode"],
         checkpoint=p["checkpoint"], amp=p["amp"],
     )
-    from medis3d.medis import MedIS
-
-    members = len(MedIS(tgt, losses=options.losses, attacks=options.attacks, norm=options.norm).members())
-    return tgt, options, members
+    return tgt, options, len(members)
 
 
 @app.command()
@@ -167,16 +193,19 @@ def attack(
     transforms: Optional[str] = TRANSFORMS,
     label: Optional[Path] = LABEL,
     target: Optional[str] = TARGET,
-    losses: str = LOSSES,
-    attacks: str = ATTACKS,
+    preset: Optional[str] = PRESET,
+    members: Optional[str] = MEMBERS,
+    losses: Optional[str] = LOSSES,
+    attacks: Optional[str] = ATTACKS,
+    restarts: Optional[int] = RESTARTS,
     labels: Optional[str] = LABELS,
     norm: str = NORM,
     mask: Optional[Path] = MASK,
     min_eps: bool = MIN_EPS,
-    select: str = SELECT,
+    select: Optional[str] = SELECT,
     eps: str = EPS,
-    step: str = STEP,
-    steps: int = STEPS,
+    step: Optional[str] = STEP,
+    steps: Optional[int] = STEPS,
     eps_units: str = EPS_UNITS,
     success: Optional[float] = SUCCESS,
     device: Optional[str] = DEVICE,
@@ -204,7 +233,7 @@ def attack(
         if quiet or json_out:
             report = run_attack(scan, tgt, options, out)
         else:
-            report = _with_progress(lambda cb: run_attack(scan, tgt, options, out, progress=cb), members, steps)
+            report = _with_progress(lambda cb: run_attack(scan, tgt, options, out, progress=cb), members, options.steps)
     except Medis3dError as exc:
         _fail(str(exc))
         return
@@ -277,16 +306,19 @@ def batch(
     network_def: Optional[Path] = NETWORK_DEF,
     transforms: Optional[str] = TRANSFORMS,
     target: Optional[str] = typer.Option(None, "--target", help="Targeted attack: background or foreground."),
-    losses: str = LOSSES,
-    attacks: str = ATTACKS,
+    preset: Optional[str] = PRESET,
+    members: Optional[str] = MEMBERS,
+    losses: Optional[str] = LOSSES,
+    attacks: Optional[str] = ATTACKS,
+    restarts: Optional[int] = RESTARTS,
     labels: Optional[str] = LABELS,
     norm: str = NORM,
     mask: Optional[Path] = MASK,
     min_eps: bool = MIN_EPS,
-    select: str = SELECT,
+    select: Optional[str] = SELECT,
     eps: str = EPS,
-    step: str = STEP,
-    steps: int = STEPS,
+    step: Optional[str] = STEP,
+    steps: Optional[int] = STEPS,
     eps_units: str = EPS_UNITS,
     success: Optional[float] = SUCCESS,
     device: Optional[str] = DEVICE,
@@ -374,32 +406,35 @@ def evaluate(
     bundle: Optional[Path] = BUNDLE,
     config: Optional[str] = CONFIG,
     trust_bundle: bool = TRUST,
-    attacks: str = typer.Option("igsm,pgd", "--attacks", help="Comma-separated attacks: igsm, fgsm, pgd, segpgd, cospgd, apgd, dag."),
-    losses: str = LOSSES,
+    preset: Optional[str] = typer.Option(None, "--preset", help="reliable (the default here: the measured-strongest ensemble) or paper (MedIS as published)."),
+    members: Optional[str] = MEMBERS,
+    attacks: Optional[str] = ATTACKS,
+    losses: Optional[str] = LOSSES,
+    restarts: Optional[int] = RESTARTS,
     eps: str = typer.Option("1/255,2/255,4/255,8/255", "--eps", help="Comma-separated budgets (numbers or fractions)."),
-    step: str = STEP,
-    steps: int = STEPS,
+    step: Optional[str] = STEP,
+    steps: Optional[int] = STEPS,
     eps_units: str = EPS_UNITS,
     success: Optional[float] = SUCCESS,
+    diagnose: bool = typer.Option(False, "--diagnose", help="Also run the gradient-masking checks (medis3d diagnose) on each volume at the largest budget, into diagnose/."),
     device: Optional[str] = DEVICE,
     seed: int = SEED,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Evaluate robustness over a dataset: every volume x attack x loss x eps, with MedIS fusion (resumable)."""
+    """Evaluate robustness over a dataset: every volume x member x eps, with MedIS fusion and the worst case (resumable)."""
     _quiet_warnings()
     from medis3d.evaluate import evaluate_dataset, read_dataset
-    from medis3d.medis import MedIS
 
+    params = dict(locals(), preset=preset or "reliable")
     try:
         eps_list = [parse_fraction(e.strip(), "--eps") for e in eps.split(",") if e.strip()]
         if not eps_list or min(eps_list) <= 0:
             raise InputError(f"--eps must be positive budgets, got {eps!r}")
+        _, member_list, step_value, steps_value, _ = resolve_members(params)
         cases = read_dataset(dataset, labels)
         tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
-        attack_list = [a.strip() for a in attacks.split(",") if a.strip()]
-        members = MedIS(tgt, losses=losses, attacks=attack_list).members()
-        kwargs = dict(attacks=attack_list, losses=losses, eps_list=eps_list, step=parse_fraction(step, "--step"), steps=steps,
-                      eps_units=eps_units, success=success, seed=seed)
+        kwargs = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
+                      eps_units=eps_units, success=success, seed=seed, diagnose=diagnose)
         if quiet:
             evaluate_dataset(tgt, cases, out, **kwargs)
         else:
@@ -407,13 +442,70 @@ def evaluate(
 
             with Progress(TextColumn("[bold]volumes x budgets"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                           TimeElapsedColumn(), TimeRemainingColumn()) as progress:
-                task = progress.add_task("eval", total=len(cases) * len(eps_list), info=f"{len(members)} members")
+                task = progress.add_task("eval", total=len(cases) * (len(eps_list) + int(diagnose)), info=f"{len(member_list)} members")
                 evaluate_dataset(tgt, cases, out, progress=lambda name: progress.advance(task), **kwargs)
     except Medis3dError as exc:
         _fail(str(exc))
         return
     if not quiet:
-        typer.echo(f"{len(cases)} volume(s), {len(eps_list)} budget(s), {len(members)} member(s): see {out / 'report.md'}")
+        typer.echo(f"{len(cases)} volume(s), {len(eps_list)} budget(s), {len(member_list)} member(s): see {out / 'report.md'}")
+
+
+@app.command()
+def diagnose(
+    scan: Path = typer.Argument(..., help="NIfTI file or DICOM series."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the checks as JSON to this file (default: medis3d-out/<scan name>/diagnose.json)."),
+    bundle: Optional[Path] = BUNDLE,
+    config: Optional[str] = CONFIG,
+    trust_bundle: bool = TRUST,
+    network: Optional[Path] = NETWORK,
+    network_def: Optional[Path] = NETWORK_DEF,
+    transforms: Optional[str] = TRANSFORMS,
+    label: Optional[Path] = LABEL,
+    member: str = typer.Option("apgd:masked_ce_balanced", "--member", help="The white-box member the checks run (attack:loss\\[options])."),
+    eps: str = typer.Option("8/255", "--eps", help="The budget of the step-doubling, restart and random-search checks."),
+    step: str = typer.Option("1/255", "--step", help="Step size of step-based members (APGD chooses its own)."),
+    steps: int = typer.Option(20, "--steps", help="Iterations of the member (doubled in the step-doubling check)."),
+    queries: int = typer.Option(200, "--queries", help="Forward passes of the gradient-free random search."),
+    device: Optional[str] = DEVICE,
+    seed: int = SEED,
+    json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """Check an attack on SCAN for gradient masking: eps sweep, step doubling, restarts, random search, finite differences, layers."""
+    _quiet_warnings()
+    from medis3d.diagnose import Diagnose
+    from medis3d.io import read_volume
+    from medis3d.pipeline import default_out_dir, read_segmentation
+    from medis3d.report import write_json
+
+    try:
+        bare = {"network": network, "network_def": network_def, "transforms": transforms}
+        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare)
+        volume = read_volume(scan)
+        reference = read_segmentation(Path(label), volume, tgt, "label") if label else None
+        path = out or default_out_dir(volume.name) / "diagnose.json"
+        if path.resolve() == Path(scan).resolve():
+            raise InputError(f"{scan}: refusing to overwrite the input; choose another --out")
+        show = (lambda m: typer.echo(f"  {m}", err=True)) if not (quiet or json_out) else None
+        result = Diagnose(tgt, member=member, eps=parse_fraction(eps, "--eps"), steps=steps, step=parse_fraction(step, "--step"),
+                          queries=queries, seed=seed, progress=show)(volume, reference)
+        report = result.as_dict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, report)
+    except Medis3dError as exc:
+        _fail(str(exc))
+        return
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        for check in report["checks"]:
+            mark = "FLAG" if check["flagged"] else "ok  "
+            typer.echo(f"{mark} {check['check']}" + (f": {check['cause']}" if check["cause"] else ""))
+        verdict = "signs of gradient masking: see the flags" if result.flagged else "no sign of gradient masking"
+        typer.echo(f"{verdict} ({report['time_s']:.0f} s); the checks are in {path}")
+    if result.flagged:
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -493,6 +585,8 @@ def bundle_check(
         f"gradient check on {report['scan']} (model space {report['model_shape']}): {verdict}; "
         f"|grad| {g['input_grad_norm']:.3g}, {g['fraction_of_voxels_reached'] * 100:.1f}% of voxels reached"
     )
+    for path, info in g.get("paths", {}).items():
+        console.print(f"  {path} gradient path: {info['fraction_of_voxels_reached'] * 100:.1f}% of voxels reached")
     if g["blocking_layers"]:
         console.print(f"[red]layers that block the gradient:[/red] {', '.join(g['blocking_layers'])}")
     if g["zero_gradient_layers"]:

@@ -5,31 +5,30 @@ Markdown report. Resumable: each member's outcome is cached as it finishes."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from medis3d.attacks import OWN_LOSS
 from medis3d.errors import InputError
 from medis3d.io import read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
 from medis3d.io.volume import make_names_unique, safe_name
 from medis3d.medis import MedIS, select_member
-from medis3d.metrics import dice_per_class, hd95_per_class, mean_iou, perturbation_norms
+from medis3d.metrics import confusion_counts, dice_per_class, flipped_fraction, hd95_per_class, mean_iou, perturbation_norms
 from medis3d.pipeline import read_segmentation
 from medis3d.report import clean_json
 from medis3d.target import Target
 
 COLUMNS = [
-    "volume", "attack", "loss", "eps", "clean_dice", "adversarial_dice", "clean_dice_per_class", "adversarial_dice_per_class",
+    "volume", "member", "attack", "loss", "eps", "clean_dice", "adversarial_dice", "clean_dice_per_class", "adversarial_dice_per_class",
     "adversarial_hd95", "clean_mean_iou", "adversarial_mean_iou", "success", "linf_native", "l2_native",
-    "linf_normalized", "l2_normalized", "steps", "time_s",
+    "linf_normalized", "l2_normalized", "steps", "time_s", "flipped_fraction", "counts",
 ]
 
 
@@ -80,22 +79,30 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def member_row(target: Target, case: Case, attack: str, loss: str, eps: float, member, reference, clean_pred, volume, scale, elapsed) -> dict:
+def member_row(target: Target, case: Case, member, eps: float, result, reference, clean_pred, volume, scale) -> dict:
+    """One results.csv row: a member's outcome on one volume at one budget."""
     names = [target.class_name(c) for c in target.foreground_classes]
     clean_d = dice_per_class(target.masks(clean_pred), target.masks(reference))
-    adv_d = dice_per_class(target.masks(member.prediction), target.masks(reference))
-    norms = perturbation_norms(member.adversarial - volume.array, scale)
+    adv_d = dice_per_class(target.masks(result.prediction), target.masks(reference))
+    norms = perturbation_norms(result.adversarial - volume.array, scale)
     return {
-        "volume": case.name, "attack": attack, "loss": loss, "eps": eps,
+        "volume": case.name, "member": member.name, "attack": member.attack, "loss": member.loss, "eps": eps,
         "clean_dice": _mean(clean_d), "adversarial_dice": _mean(adv_d),
         "clean_dice_per_class": json.dumps(dict(zip(names, [round(v, 6) for v in clean_d]))),
         "adversarial_dice_per_class": json.dumps(dict(zip(names, [round(v, 6) for v in adv_d]))),
-        "adversarial_hd95": _mean(hd95_per_class(target.masks(member.prediction), target.masks(reference), volume.spacing)),
+        "adversarial_hd95": _mean(hd95_per_class(target.masks(result.prediction), target.masks(reference), volume.spacing)),
         "clean_mean_iou": mean_iou(target.masks(clean_pred), target.masks(reference)),
-        "adversarial_mean_iou": mean_iou(target.masks(member.prediction), target.masks(reference)),
-        "success": bool(member.success), "steps": member.steps, "time_s": round(elapsed, 3),
+        "adversarial_mean_iou": mean_iou(target.masks(result.prediction), target.masks(reference)),
+        "success": bool(result.success), "steps": result.steps, "time_s": round(result.time_s, 3),
+        "flipped_fraction": flipped_fraction(target, result.prediction, reference),
+        "counts": json.dumps(confusion_counts(target, result.prediction, reference)),
         **{k: norms[k] for k in ("linf_native", "l2_native", "linf_normalized", "l2_normalized")},
     }
+
+
+def _cache_file(cache: Path, case: Case, member, eps: float) -> Path:
+    digest = hashlib.sha1(member.name.encode()).hexdigest()[:8]
+    return cache / case.name / f"{safe_name(member.name)}_{digest}_{eps:.6g}.json"
 
 
 def evaluate_dataset(
@@ -103,81 +110,153 @@ def evaluate_dataset(
     cases: Sequence[Case],
     out: Path,
     *,
-    attacks: Sequence[str],
-    losses: str | Sequence[str],
+    attacks: Sequence[str] = ("igsm",),
+    losses: str | Sequence[str] = "all",
+    members: str | Sequence | None = None,
     eps_list: Sequence[float],
     step: float,
     steps: int,
     eps_units: str = "normalized",
     success: float | None = None,
     seed: int = 0,
+    diagnose: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run every member on every case at every budget (cached), then write the tables and plot."""
+    """Run every member on every case at every budget (cached), then write the tables and plot; with
+    ``diagnose``, the gradient-masking checks on each case at the largest budget (``diagnose/<case>.json``)."""
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     rows: list[dict] = []
+    diagnoses: dict[str, dict] = {}
     for case in cases:
         volume = read_volume(case.image)
         reference = read_segmentation(case.label, volume, target, "label") if case.label else None
+        clean_prediction = None
         for eps in eps_list:
-            medis = MedIS(target, losses=losses, attacks=attacks, eps=eps, step=min(step, eps), steps=steps,
-                          eps_units=eps_units, success_threshold=success, seed=seed)
-            pending = [(a, l) for a, l in medis.members() if not (cache / case.name / f"{a}_{l}_{eps:.6g}.json").is_file()]
-            if pending:
-                started = time.perf_counter()
-                medis_pending = MedIS(target, losses=[l for a, l in pending if a not in OWN_LOSS] or "ce",
-                                      attacks=sorted({a for a, _ in pending}), eps=eps, step=min(step, eps), steps=steps,
-                                      eps_units=eps_units, success_threshold=success, seed=seed)
-                result = medis_pending(volume, reference=reference)
-                scale = result.native_per_normalized
-                for m in result.members:
-                    loss = m.loss if m.attack not in OWN_LOSS else m.attack
-                    if (m.attack, loss) not in pending:
-                        continue
-                    row = member_row(target, case, m.attack, loss, eps, m, result.reference, result.clean_prediction, volume, scale,
-                                     m.time_s or (time.perf_counter() - started))
-                    write_text_atomic(cache / case.name / f"{m.attack}_{loss}_{eps:.6g}.json", json.dumps(clean_json(row)))
+            medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
+                          steps=steps, eps_units=eps_units, success_threshold=success, seed=seed)
+            setting = None
+            for member in medis.members():
+                path = _cache_file(cache, case, member, eps)
+                if not path.is_file():
+                    if setting is None:
+                        setting = medis.prepare(volume, reference, clean_prediction=clean_prediction)
+                        clean_prediction = setting.clean_prediction
+                    result = medis.run_member(member, setting.budget, setting.goal, volume, setting.factor)
+                    row = member_row(target, case, member, eps, result, setting.goal.reference, setting.clean_prediction,
+                                     volume, setting.scale)
+                    write_text_atomic(path, json.dumps(clean_json(row)))
+                rows.append(json.loads(path.read_text()))
             if progress is not None:
                 progress(case.name)
-            for a, l in medis.members():
-                rows.append(json.loads((cache / case.name / f"{a}_{l}_{eps:.6g}.json").read_text()))
+        if diagnose:
+            diagnoses[case.name] = _diagnose_case(target, case, volume, reference, out / "diagnose", max(eps_list), step,
+                                                  steps, eps_units, seed, members)
+            if progress is not None:
+                progress(case.name)
     fused = fusion_rows(rows, success)
     all_rows = rows + fused
     _write_csv(out / "results.csv", all_rows)
     summary = summarise(all_rows)
+    if diagnose:
+        summary["diagnose"] = {name: {"flagged": d["flagged"], "flags": [c["check"] for c in d["checks"] if c["flagged"]]}
+                               for name, d in diagnoses.items()}
     write_text_atomic(out / "summary.json", json.dumps(clean_json(summary), indent=2) + "\n")
     plot_robustness(out / "robustness.png", summary)
     write_text_atomic(out / "report.md", markdown_report(summary, len(cases)))
     return summary
 
 
+def _diagnose_case(target: Target, case: Case, volume, reference, folder: Path, eps: float, step: float, steps: int,
+                   eps_units: str, seed: int, members) -> dict:
+    """The gradient-masking checks on one case (cached in ``folder``), with the study's first APGD member
+    (else its first member) at the largest budget."""
+    from medis3d.diagnose import DEFAULT_MEMBER, Diagnose
+    from medis3d.members import parse_members
+
+    path = folder / f"{case.name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    chosen = DEFAULT_MEMBER
+    if members:
+        parsed = parse_members(members)
+        chosen = next((m for m in parsed if m.attack == "apgd"), parsed[0]).name
+    if eps_units != "normalized":
+        scale, _ = target.intensity_scale(volume)
+        eps, step = eps / scale, step / scale
+    result = Diagnose(target, member=chosen, eps=eps, step=step, steps=steps, seed=seed)(volume, reference).as_dict()
+    write_text_atomic(path, json.dumps(clean_json(result), indent=2))
+    return result
+
+
 def fusion_rows(rows: list[dict], threshold: float | None) -> list[dict]:
-    """MedIS fusion per (volume, eps): over each attack's losses, and over every member ("medis_full")."""
+    """Fusions per (volume, eps), selected from the members' recorded outcomes by :func:`select_member`:
+    MedIS (least perturbation among the successful) over each attack's members (``medis_<attack>``)
+    and over every member (``medis_full``), and the per-volume worst case over every member
+    (``worst_case``: the member closest to the goal, as SEA reports its ensemble)."""
     from medis3d.attacks import MemberResult
 
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["volume"], r["eps"], r["attack"]), []).append(r)
+        groups.setdefault((r["volume"], r["eps"], f"medis_{r['attack']}"), []).append(r)
         groups.setdefault((r["volume"], r["eps"], "medis_full"), []).append(r)
-    for (volume, eps, attack), members in groups.items():
-        if attack != "medis_full" and len(members) < 2:
+        groups.setdefault((r["volume"], r["eps"], "worst_case"), []).append(r)
+    for (volume, eps, name), members in groups.items():
+        if name.startswith("medis_") and name != "medis_full" and len(members) < 2:
             continue
-        proxies = [MemberResult(m["attack"], m["loss"], m["success"], m["steps"], np.zeros(1), np.zeros(1), m["adversarial_mean_iou"], m["linf_native"]) for m in members]
-        chosen = members[select_member(proxies, goal_targeted=False)]
-        out.append({**chosen, "attack": "medis_full" if attack == "medis_full" else f"medis_{attack}", "loss": f"{chosen['attack']}:{chosen['loss']}"})
+        proxies = [MemberResult(m["attack"], m["loss"], m["success"], m["steps"], np.zeros(1), np.zeros(1),
+                                m["adversarial_mean_iou"], m["linf_native"], l2_native=m["l2_native"]) for m in members]
+        chosen = members[select_member(proxies, goal_targeted=False, select="strongest" if name == "worst_case" else "least")]
+        out.append({**chosen, "attack": name, "loss": chosen.get("member") or f"{chosen['attack']}:{chosen['loss']}",
+                    "member": name})
+    return out
+
+
+def greedy_worst_case(rows: list[dict]) -> dict[str, float]:
+    """SEA's dataset-level worst case (Croce et al. 2024): per eps, one member's outcome per volume, chosen
+    greedily (volume by volume, repeated until nothing changes) to minimise the dataset Dice, the Dice of
+    each class pooled over all volumes (``2 sum TP / (2 sum TP + sum FP + sum FN)``), averaged over classes.
+    Per-volume mean Dice is minimised by each volume's worst member alone; a pooled metric is not."""
+    by_eps: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        if r.get("counts") and not r["attack"].startswith(("medis", "worst")):
+            by_eps.setdefault(f"{r['eps']:.6g}", {}).setdefault(r["volume"], []).append(r)
+    out = {}
+    for eps, volumes in by_eps.items():
+        options = {v: [json.loads(r["counts"]) for r in rs] for v, rs in volumes.items()}
+        classes = sorted({c for opts in options.values() for o in opts for c in o})
+
+        def pooled(choice: dict[str, int]) -> float:
+            values = []
+            for c in classes:
+                tp = sum(options[v][i].get(c, [0, 0, 0])[0] for v, i in choice.items())
+                fp = sum(options[v][i].get(c, [0, 0, 0])[1] for v, i in choice.items())
+                fn = sum(options[v][i].get(c, [0, 0, 0])[2] for v, i in choice.items())
+                values.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0)
+            return float(np.mean(values)) if values else float("nan")
+
+        choice = {v: 0 for v in options}
+        for _ in range(3):
+            changed = False
+            for v in options:
+                best = min(range(len(options[v])), key=lambda i: (pooled({**choice, v: i}), i != choice[v]))
+                changed |= best != choice[v]
+                choice[v] = best
+            if not changed:
+                break
+        out[eps] = pooled(choice)
     return out
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per attack and eps: mean robust Dice, attack success rate, mean distortion; loss wins."""
+    """Per member, fusion and eps: mean clean and robust Dice, attack success rate, mean distortion; which
+    members the full fusion chose; SEA's greedy dataset-level worst case."""
     table: dict[str, dict] = {}
     for r in rows:
-        fused = r["attack"].startswith("medis")
-        key = r["attack"] if fused else f"{r['attack']}:{r['loss']}"
+        key = r["attack"] if r["attack"].startswith(("medis", "worst")) else (r.get("member") or f"{r['attack']}:{r['loss']}")
         table.setdefault(key, {}).setdefault(f"{r['eps']:.6g}", []).append(r)
-    summary: dict = {"per_member": {}, "fusion": {}, "loss_wins": {}}
+    summary: dict = {"per_member": {}, "fusion": {}, "loss_wins": {}, "greedy_dataset_dice": greedy_worst_case(rows)}
     for key, by_eps in table.items():
         entry = {}
         for eps, rs in by_eps.items():
@@ -189,7 +268,7 @@ def summarise(rows: list[dict]) -> dict:
                 "mean_distortion_linf_normalized": _mean(r["linf_normalized"] for r in succ) if succ else None,
                 "volumes": len(rs),
             }
-        summary["fusion" if key.startswith("medis") else "per_member"][key] = entry
+        summary["fusion" if key.startswith(("medis", "worst")) else "per_member"][key] = entry
     for r in rows:
         if r["attack"] == "medis_full":
             summary["loss_wins"][r["loss"]] = summary["loss_wins"].get(r["loss"], 0) + 1

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss, GeneralizedDiceLoss, TverskyLoss
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]  # fn(logits, target, t=0, steps=1, targeted=False) -> scalar
 LossFactory = Callable[[str], LossFn]
 
 ACTIVATIONS = ("softmax", "sigmoid")
@@ -47,6 +47,14 @@ EXP_LOG_OFFSET = 1e-6  # x**0.3 has an infinite slope at 0: (x + 1e-6)**0.3 keep
 TVERSKY_ALPHA_BETA = (0.3, 0.7)  # false positives, false negatives (Salehi et al. 2017); 0.5/0.5 is Dice
 COMBINED_WEIGHTS = {"logcosh_dice": 0.21, "bce_dice": 0.18, "exp_log": 0.20, "structure": 0.15, "lovasz": 0.26}
 _POOLS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+# Losses that take the iteration and the direction: ``(logits, target, t, steps, targeted)``.
+STEP_AWARE = frozenset({"segpgd", "cospgd", "masked_ce", "masked_ce_balanced", "masked_spherical"})
+# Losses whose value is taken over a mask (or a schedule) that changes between iterates: APGD's
+# step-size control compares iterates by plain cross-entropy for them, as SEA does.
+TRACKED_BY_CE = frozenset({"segpgd", "masked_ce", "masked_ce_balanced", "masked_spherical"})
+# Losses whose pull stops (or fades) on a voxel once it is flipped, by design: their value is not
+# monotone in how wrong the prediction is (everything flipped leaves nothing to pull on).
+STOPS_AT_FLIPPED = frozenset({"segpgd", "cospgd", "masked_ce", "masked_ce_balanced", "masked_spherical"})
 
 
 # -- shared pieces -----------------------------------------------------------------------------
@@ -57,8 +65,12 @@ def _in_float32(factory: LossFactory) -> LossFactory:
     def make(activation: str) -> LossFn:
         loss = factory(activation)
 
-        def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        step_aware = factory.__name__ in STEP_AWARE
+
+        def fn(logits: torch.Tensor, target: torch.Tensor, t: int = 0, steps: int = 1, targeted: bool = False) -> torch.Tensor:
             with torch.autocast(logits.device.type, enabled=False):
+                if step_aware:
+                    return loss(logits.float(), target, t, steps, targeted)
                 return loss(logits.float(), target)
 
         return fn
@@ -371,6 +383,152 @@ def margin(activation: str) -> LossFn:
     return fn
 
 
+# -- step-aware and masked losses (SegPGD, CosPGD, SEA) ------------------------------------------
+# These take ``(logits, target, t, steps, targeted)``: the iteration ``t`` of ``steps`` (SegPGD's
+# schedule) and whether the attack descends towards a target (then "still to change" means "not
+# yet on target" rather than "still right").
+def _voxel_correct(logits: torch.Tensor, target: torch.Tensor, activation: str) -> torch.Tensor:
+    """Whether each voxel's prediction agrees with ``target``: ``(B, *S)`` (softmax) or ``(B, C, *S)`` (sigmoid)."""
+    if activation == "softmax":
+        return logits.argmax(1) == _labels(target)
+    return (logits > 0) == (target > 0.5)
+
+
+def _still_to_change(logits: torch.Tensor, target: torch.Tensor, activation: str, targeted: bool) -> torch.Tensor:
+    """The voxels an attack still has to move: right ones (untargeted) or ones not yet on target (targeted)."""
+    correct = _voxel_correct(logits.detach(), target, activation)
+    return ~correct if targeted else correct
+
+
+def _binary_pair(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid channels as two-class problems: probabilities and one-hot ``(B, 2, C, *S)`` ("out", "in")."""
+    p = torch.sigmoid(logits)
+    y = target.to(logits.dtype)
+    return torch.stack([1 - p, p], 1), torch.stack([1 - y, y], 1)
+
+
+def segpgd(activation: str) -> LossFn:
+    """SegPGD's loss (Gu et al., ECCV 2022): per-voxel CE of the right voxels weighted ``1 - lambda(t)`` and
+    of the wrong ones ``lambda(t)``, ``lambda(t) = t / (2T)`` (the paper's ``(t-1)/2T`` counting from 1);
+    targeted, the voxels not yet on target come first."""
+
+    def fn(logits, target, t=0, steps=1, targeted=False):
+        lam = t / (2.0 * max(1, steps))
+        ce = _voxel_cross_entropy(logits, target, activation)
+        first = _still_to_change(logits, target, activation, targeted)
+        return torch.where(first, 1.0 - lam, lam).mul(ce).mean()
+
+    return fn
+
+
+def cospgd(activation: str) -> LossFn:
+    """CosPGD's loss (Agnihotri & Keuper, ICML 2024): per-voxel CE weighted by the detached cosine between
+    the predicted distribution and the one-hot target (``1 - cosine`` when targeted), so voxels already
+    wrong (or already on target) pull less."""
+
+    def fn(logits, target, t=0, steps=1, targeted=False):
+        ce = _voxel_cross_entropy(logits, target, activation)
+        with torch.no_grad():
+            if activation == "softmax":
+                cos = F.cosine_similarity(torch.softmax(logits, 1), _one_hot(target, logits, activation), dim=1)
+            else:
+                probs, onehot = _binary_pair(logits, target)
+                cos = F.cosine_similarity(probs, onehot, dim=1)
+        return ((1 - cos if targeted else cos) * ce).mean()
+
+    return fn
+
+
+def js(activation: str) -> LossFn:
+    """Jensen-Shannon divergence between the predicted distribution and the one-hot target, per voxel, mean
+    (SEA, Croce, Singh & Hein, ECCV 2024): bounded by ln 2, so a flipped voxel stops pulling."""
+
+    def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if activation == "softmax":
+            log_p = torch.log_softmax(logits, 1)
+            q = _one_hot(target, logits, activation)
+            p = log_p.exp()
+        else:
+            p, q = _binary_pair(logits, target)
+            log_p = torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], 1)
+        m = (p + q) / 2
+        log_m = torch.log(m.clamp_min(1e-12))
+        kl_pm = (p * (log_p - log_m)).sum(1)
+        kl_qm = torch.where(q > 0, q * (torch.log(q.clamp_min(1e-12)) - log_m), torch.zeros_like(q)).sum(1)
+        return ((kl_pm + kl_qm) / 2).mean()
+
+    return fn
+
+
+def masked_ce(activation: str) -> LossFn:
+    """Cross-entropy of the voxels still to change only (SEA's masked CE): the budget goes to voxels not yet flipped."""
+
+    def fn(logits, target, t=0, steps=1, targeted=False):
+        mask = _still_to_change(logits, target, activation, targeted)
+        return (_voxel_cross_entropy(logits, target, activation) * mask).mean()
+
+    return fn
+
+
+def _class_members(target: torch.Tensor, logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """One 0/1 mask per reference class, ``(K, B, ...)`` shaped like the per-voxel losses: softmax classes, or
+    for sigmoid each label and its complement."""
+    if activation == "softmax":
+        return _one_hot(target, logits, activation).movedim(1, 0)
+    labels = target.to(logits.dtype)
+    return torch.stack([labels, 1 - labels])
+
+
+def masked_ce_balanced(activation: str) -> LossFn:
+    """Class-balanced masked CE: the masked CE averaged within each reference class (weights ``1/N_c``) and
+    then over the classes present, so every class's Dice is pulled on alike, small ones included."""
+
+    def fn(logits, target, t=0, steps=1, targeted=False):
+        mask = _still_to_change(logits, target, activation, targeted)
+        voxel = _voxel_cross_entropy(logits, target, activation) * mask
+        members = _class_members(target, logits, activation)
+        dims = tuple(range(1, members.ndim))
+        sizes = members.sum(dims)
+        per_class = (members * voxel[None]).sum(dims) / sizes.clamp_min(1)
+        present = (sizes > 0).to(per_class.dtype)
+        return (per_class * present).sum() / present.sum().clamp_min(1)
+
+    return fn
+
+
+def masked_spherical(activation: str) -> LossFn:
+    """Masked spherical loss (SEA): minus the target's entry of the unit-normalised logit vector
+    ``z_y / ||z||`` (sigmoid: of the two-class probability vector ``p_y / ||p||``), on the voxels still
+    to change; its scale does not grow with confidence, so every such voxel pulls alike."""
+
+    def fn(logits, target, t=0, steps=1, targeted=False):
+        mask = _still_to_change(logits, target, activation, targeted)
+        if activation == "softmax":
+            onehot = _one_hot(target, logits, activation)
+            score = (logits * onehot).sum(1) / logits.norm(dim=1).clamp_min(1e-6)
+        else:
+            probs, onehot = _binary_pair(logits, target)
+            score = (probs * onehot).sum(1) / probs.norm(dim=1).clamp_min(1e-6)
+        return (-score * mask).mean()
+
+    return fn
+
+
+def cosine(activation: str) -> LossFn:
+    """``1 - cos`` between the predicted distribution and the one-hot target per voxel, mean: the cosine loss
+    of projected-Adam attacks (Halmosi et al., ECCV 2024), bounded, so flipped voxels stop pulling."""
+
+    def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if activation == "softmax":
+            cos = F.cosine_similarity(torch.softmax(logits, 1), _one_hot(target, logits, activation), dim=1)
+        else:
+            probs, onehot = _binary_pair(logits, target)
+            cos = F.cosine_similarity(probs, onehot, dim=1)
+        return (1 - cos).mean()
+
+    return fn
+
+
 _FACTORIES: dict[str, LossFactory] = {
     "logcosh_dice": logcosh_dice,
     "bce_dice": bce_dice,
@@ -385,6 +543,13 @@ _FACTORIES: dict[str, LossFactory] = {
     "generalized_dice": generalized_dice,
     "ce": ce,
     "margin": margin,
+    "segpgd": segpgd,
+    "cospgd": cospgd,
+    "js": js,
+    "masked_ce": masked_ce,
+    "masked_ce_balanced": masked_ce_balanced,
+    "masked_spherical": masked_spherical,
+    "cosine": cosine,
 }
 LOSSES: dict[str, LossFactory] = {name: _in_float32(factory) for name, factory in _FACTORIES.items()}
 PAPER_LOSSES: tuple[str, ...] = ("logcosh_dice", "bce_dice", "exp_log", "structure", "lovasz", "combined")

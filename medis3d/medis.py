@@ -14,11 +14,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from medis3d.attacks import ATTACKS, OWN_LOSS, Budget, Goal, MemberResult
+from medis3d.attacks import ATTACKS, Budget, Goal, MemberResult
 from medis3d.attacks.base import ProgressFn
 from medis3d.errors import InputError
 from medis3d.io.volume import Volume
 from medis3d.losses import parse_losses
+from medis3d.members import RADII, Member, parse_members, product
 from medis3d.target import Target
 
 PAPER_STEP = 1 / 255
@@ -44,6 +45,7 @@ class MedISResult:
     threshold: float
     time_s: float = 0.0
     memory_plan: object | None = None  # medis3d.memory.MemoryPlan when --memory-budget chose the settings
+    flip_budgets: dict | None = None  # with min_eps: eps50 / eps90 (native units; None: not reached within eps)
 
     @property
     def chosen(self) -> MemberResult:
@@ -51,6 +53,19 @@ class MedISResult:
 
 
 SELECTIONS = ("least", "strongest")
+
+
+@dataclass
+class Setting:
+    """One volume as a fusion's members attack it: the goal, the budget (native units) and the clean prediction."""
+
+    volume: Volume
+    goal: Goal
+    budget: Budget
+    factor: float  # native units per unit of --eps (the intensity scale, or 1 for --eps-units native)
+    scale: float  # native units per unit of the model's normalised intensity range
+    note: str
+    clean_prediction: np.ndarray
 
 
 def select_member(members: Sequence[MemberResult], goal_targeted: bool, select: str = "least", norm: str = "linf") -> int:
@@ -100,6 +115,7 @@ class MedIS:
     steps: int = PAPER_STEPS
     eps_units: str = "normalized"
     attacks: Sequence[str] = ("igsm",)
+    members_spec: str | Sequence | None = None  # explicit members (attack:loss[options]) instead of attacks x losses
     success_threshold: float | None = None
     progress: ProgressFn | None = None
     region: np.ndarray | None = None
@@ -129,65 +145,106 @@ class MedIS:
             raise InputError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if isinstance(self.attacks, str):
             self.attacks = [a.strip() for a in self.attacks.split(",") if a.strip()]
-        for a in self.attacks:
-            if a not in ATTACKS:
-                raise InputError(f"unknown attack {a!r}; choose from: {', '.join(sorted(ATTACKS))}")
+        self._members = parse_members(self.members_spec) if self.members_spec else product(self.attacks, self.loss_names)
+
+    def prepare(self, volume: Volume, reference: np.ndarray | None = None, target_mask: np.ndarray | str | None = None,
+                clean_prediction: np.ndarray | None = None) -> "Setting":
+        """What every member of this fusion shares on ``volume``: the goal, the budget in native units, and
+        the clean prediction (computed unless given)."""
+        scale, note = self.target.intensity_scale(volume)
+        factor = scale if self.eps_units == "normalized" else 1.0
+        if clean_prediction is None:
+            clean_prediction = self.target.predict(volume)
+        reference = clean_prediction if reference is None else reference
+        aim = self._aim(target_mask, clean_prediction)
+        goal = Goal(self.target, reference, aim, self.success_threshold)
+        budget = Budget.for_volume(volume, self.eps * factor, self.step * factor, self.steps, region=self.region, norm=self.norm)
+        return Setting(volume, goal, budget, factor, scale, note, clean_prediction)
 
     def __call__(
         self, volume: Volume, reference: np.ndarray | None = None, target_mask: np.ndarray | str | None = None
     ) -> MedISResult:
         start = time.perf_counter()
         torch.manual_seed(self.seed)
-        scale, note = self.target.intensity_scale(volume)
-        factor = scale if self.eps_units == "normalized" else 1.0
-        eps_native, step_native = self.eps * factor, self.step * factor
-        clean_prediction = self.target.predict(volume)
-        reference = clean_prediction if reference is None else reference
-        aim = self._aim(target_mask, clean_prediction)
-        goal = Goal(self.target, reference, aim, self.success_threshold)
-        budget = Budget.for_volume(volume, eps_native, step_native, self.steps, region=self.region, norm=self.norm)
-        members: list[MemberResult] = []
-        for attack_name, loss in self.members():
-            members.append(self._run_member(attack_name, loss, budget, goal, volume))
+        setting = self.prepare(volume, reference, target_mask)
+        goal, budget = setting.goal, setting.budget
+        members = [self.run_member(member, budget, goal, volume, setting.factor) for member in self.members()]
         selected = select_member(members, goal.targeted, self.select, self.norm)
         chosen = members[selected]
+        flips = self.flip_budgets(self.members()[selected], setting) if self.min_eps and not goal.targeted else None
         return MedISResult(
             adversarial=volume.with_array(chosen.adversarial),
             members=members,
             selected=selected,
             success=chosen.success,
-            clean_prediction=clean_prediction,
-            reference=reference,
-            aim=aim,
-            eps_native=eps_native,
-            step_native=step_native,
-            native_per_normalized=scale,
-            scale_note=note,
+            clean_prediction=setting.clean_prediction,
+            reference=goal.reference,
+            aim=goal.aim,
+            eps_native=budget.eps,
+            step_native=budget.step,
+            native_per_normalized=setting.scale,
+            scale_note=setting.note,
             threshold=float(goal.threshold),
             time_s=time.perf_counter() - start,
+            flip_budgets=flips,
         )
 
-    def _run_member(self, attack_name: str, loss: str, budget: Budget, goal: Goal, volume: Volume) -> MemberResult:
-        cls = ATTACKS[attack_name]
-        result = cls(self.target, loss, budget, goal, self.progress, seed=self.seed).run(volume)
-        if not self.min_eps or cls.early_stop or not result.success:
+    def flip_budgets(self, member: Member, setting: "Setting") -> dict:
+        """eps50 and eps90 of ``member``: the smallest budgets (bisection in ``(0, eps]``) at which it flips half and
+        nine tenths of the reference structure's voxels, in native units; None where ``eps`` does not reach it."""
+        out = {}
+        for name, share in (("eps50", 0.5), ("eps90", 0.9)):
+            goal = Goal(self.target, setting.goal.reference, threshold=1.0 - share, metric="unflipped")
+            full = self.run_member(member, setting.budget, goal, setting.volume, setting.factor, bisect=False)
+            if not full.success:
+                out[name] = None
+                continue
+            cls = ATTACKS[member.attack]
+            if cls.early_stop or cls.minimal:  # its first (or least) success is the smallest budget it needs
+                out[name] = full.linf_native
+                continue
+            out[name], _ = smallest_budget(
+                lambda trial: self.run_member(member, trial, goal, setting.volume, setting.factor, bisect=False),
+                setting.budget, full, self.bisection_steps)
+        return out
+
+    def run_member(self, member: Member, budget: Budget, goal: Goal, volume: Volume, factor: float = 1.0,
+                   bisect: bool = True) -> MemberResult:
+        """Run one member at ``budget`` (its own ``steps`` and ``step``, in ``--eps`` units times ``factor``,
+        where it sets them); with ``min_eps``, its smallest successful budget."""
+        cls = ATTACKS[member.attack]
+        changes = {}
+        if member.option("steps") is not None:
+            changes["steps"] = int(member.option("steps"))
+        if member.option("step") is not None:
+            changes["step"] = float(member.option("step")) * factor
+        budget = dataclasses.replace(budget, **changes) if changes else budget
+        # least-perturbation fusion needs a member's first success only; the worst case needs its strongest point
+        kwargs = {"gradient": member.option("gradient", "standard"), "transfer": member.option("transfer", 0.0),
+                  "stop_at_success": self.select == "least" and not cls.minimal}
+        if member.attack == "apgd":
+            kwargs.update(random_start=member.option("random_start", False), restarts=member.option("restarts", 1),
+                          radii=RADII[member.option("radii", "none")])
+        if member.attack == "lowfreq" and member.option("factor"):
+            kwargs["factor"] = member.option("factor")
+        label = member.name if member.options else None
+
+        def run(trial: Budget) -> MemberResult:
+            out = cls(self.target, member.loss, trial, goal, self.progress, seed=self.seed, label=label, **kwargs).run(volume)
+            out.member = member.name
+            return out
+
+        result = run(budget)
+        if not (self.min_eps and bisect) or cls.early_stop or cls.minimal or not result.success:
             return result  # iterative attacks already stop at their first success: their L-inf is the distortion
-        _, best = smallest_budget(  # fixed-budget attacks: bisect the budget
-            lambda trial: cls(self.target, loss, trial, goal, self.progress, seed=self.seed).run(volume), budget, result,
-            self.bisection_steps)
+        _, best = smallest_budget(run, budget, result, self.bisection_steps)  # fixed-budget attacks: bisect the budget
         if best is not result:  # keep the full-budget run's trace in front of the smallest successful one's
             best.trace = result.trace + best.trace
         return best
 
-    def members(self) -> list[tuple[str, str]]:
-        """The (attack, loss) pairs fused; attacks with their own loss are one member each."""
-        pairs: list[tuple[str, str]] = []
-        for attack_name in self.attacks:
-            if attack_name in OWN_LOSS:
-                pairs.append((attack_name, attack_name))
-            else:
-                pairs.extend((attack_name, loss) for loss in self.loss_names)
-        return pairs
+    def members(self) -> list[Member]:
+        """The members fused: ``members_spec``, or every attack with every loss (attacks with their own loss once)."""
+        return list(self._members)
 
     def _aim(self, target_mask, clean_prediction: np.ndarray) -> np.ndarray | None:
         if target_mask is None:

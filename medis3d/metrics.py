@@ -74,3 +74,22 @@ def perturbation_norms(delta_native: np.ndarray, native_per_normalized: float) -
         "linf_normalized": linf / native_per_normalized,
         "l2_normalized": l2 / native_per_normalized,
     }
+
+
+def flipped_fraction(target, prediction: np.ndarray, reference: np.ndarray) -> float:
+    """The fraction of the reference's structure voxels (its foreground classes together) that the
+    prediction no longer gives their reference class: how much of the structure the attack flipped."""
+    pred, ref = target.masks(prediction), target.masks(reference)
+    total = int(ref.sum())
+    if total == 0:
+        return 0.0
+    return float((ref & ~pred).sum() / total)
+
+
+def confusion_counts(target, prediction: np.ndarray, reference: np.ndarray) -> dict[str, list[int]]:
+    """Per foreground class: ``[TP, FP, FN]`` voxel counts of the prediction against the reference."""
+    pred, ref = target.masks(prediction), target.masks(reference)
+    out = {}
+    for c, p, r in zip(target.foreground_classes, pred, ref):
+        out[target.class_name(c)] = [int((p & r).sum()), int((p & ~r).sum()), int((~p & r).sum())]
+    return out

@@ -18,7 +18,8 @@ from medis3d.errors import InputError
 from medis3d.io import read_volume, write_nifti
 from medis3d.io.volume import Volume
 from medis3d.medis import PAPER_EPS, PAPER_STEP, PAPER_STEPS, MedIS, MedISResult
-from medis3d.metrics import dice_per_class, hd95_per_class, iou_per_class, mean_iou, perturbation_norms, smooth_mean_iou
+from medis3d.metrics import (dice_per_class, flipped_fraction, hd95_per_class, iou_per_class, mean_iou, perturbation_norms,
+                             smooth_mean_iou)
 from medis3d.report import SCHEMA, peak_memory_mb, write_json, write_overview
 from medis3d.target import Target
 
@@ -39,6 +40,8 @@ OUTPUT_FILES = (
 class AttackOptions:
     """Everything ``medis3d attack`` takes besides the scan and the target."""
 
+    members: Sequence[str] = ()  # member names (attack:loss[options]); empty: --attacks x --losses below
+    preset: str = "paper"
     losses: str | Sequence[str] = "all"
     eps: float = PAPER_EPS
     step: float = PAPER_STEP
@@ -120,6 +123,7 @@ def segmentation_metrics(target: Target, prediction: np.ndarray, reference: np.n
         "iou": dict(zip(names, iou_per_class(pm, rm))),
         "mean_iou": mean_iou(pm, rm),
         "hd95": dict(zip(names, hd95_per_class(pm, rm, spacing))),
+        "flipped_fraction": flipped_fraction(target, prediction, reference),
     }
 
 
@@ -172,6 +176,7 @@ def run_attack(
     aim = read_segmentation(target_file, volume, target, "target") if target_file else options.target_mask
     medis = MedIS(
         target,
+        members_spec=list(options.members) or None,
         losses=options.losses,
         eps=options.eps,
         step=options.step,
@@ -293,14 +298,16 @@ def _write_outputs(
             },
             "attack": {
                 "name": "medis",
-                "attacks": list(medis.attacks),
+                "preset": options.preset,
+                "members": [m.name for m in medis.members()],
+                "attacks": list(dict.fromkeys(m.attack for m in medis.members())),
                 "norm": medis.norm,
                 "mask": str(options.mask) if options.mask else None,
                 "min_eps": medis.min_eps,
                 "select": medis.select,
                 "targeted": goal_targeted,
                 "target": target_spec,
-                "losses": list(medis.loss_names),
+                "losses": list(dict.fromkeys(m.loss for m in medis.members())),
                 "eps": medis.eps,
                 "step": medis.step,
                 "steps": medis.steps,
@@ -319,8 +326,12 @@ def _write_outputs(
             "clean": segmentation_metrics(target, result.clean_prediction, result.reference, volume.spacing),
             "adversarial": segmentation_metrics(target, adversarial_prediction, result.reference, volume.spacing),
             "perturbation": norms,
+            "flip_budgets": None if result.flip_budgets is None else {
+                f"{k}_{unit}": (None if v is None else v / (result.native_per_normalized if unit == "normalized" else 1.0))
+                for k, v in result.flip_budgets.items() for unit in ("native", "normalized")},
             "success": bool(success),
             "selected": {
+                "member": chosen.name,
                 "attack": chosen.attack,
                 "loss": chosen.loss,
                 "steps": chosen.steps,
@@ -329,6 +340,7 @@ def _write_outputs(
             },
             "members": [
                 {
+                    "member": m.name,
                     "attack": m.attack,
                     "loss": m.loss,
                     "success": m.success,
@@ -339,8 +351,10 @@ def _write_outputs(
                     "mean_iou": m.score if not goal_targeted else None,
                     "target_mean_iou": m.score if goal_targeted else None,
                     "time_s": m.time_s,
+                    "flipped_fraction": flipped_fraction(target, m.prediction, result.reference),
                     "trace": [
-                        {"step": r.step, "loss": r.loss, "score": r.score, "success": r.success} for r in m.trace
+                        {"step": r.step, "loss": r.loss, "score": r.score, "success": r.success, "in_budget": r.in_budget}
+                        for r in m.trace
                     ],
                 }
                 for m in result.members

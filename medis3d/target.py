@@ -148,13 +148,14 @@ class Target:
         meta = {"affine": affine, "original_affine": affine.clone(), "spatial_shape": np.array(volume.spatial_shape)}
         return MetaTensor(x_native, meta=meta)
 
-    def model_input(self, x_native: torch.Tensor, volume: Volume) -> MetaTensor:
-        """The preprocessed, model-space input ``(C, *S)``; differentiable in ``x_native``."""
+    def model_input(self, x_native: torch.Tensor, volume: Volume, gradient: str = "standard") -> MetaTensor:
+        """The preprocessed, model-space input ``(C, *S)``; differentiable in ``x_native`` by the ``gradient``
+        path (``standard``, ``smooth`` or ``exact``: :mod:`medis3d.transforms_diff`)."""
         if x_native.shape[0] != self.in_channels:
             raise InputError(
                 f"{volume.path}: the model takes {self.in_channels} channel(s), the scan has {x_native.shape[0]}"
             )
-        return self.preprocessing(self._meta_tensor(x_native, volume))
+        return self.preprocessing(self._meta_tensor(x_native, volume), gradient=gradient)
 
     def to_scan_grid(self, stitched: torch.Tensor, model_input: MetaTensor) -> torch.Tensor:
         """Map stitched logits ``(1, K, *S_model)`` to logits on the scan's grid ``(1, K, I, J, K)``.
@@ -179,6 +180,13 @@ class Target:
         with torch.no_grad():
             return tuple(self.model_input(torch.from_numpy(volume.array).to(self.device), volume).shape[1:])
 
+    def model_spacing(self, volume: Volume) -> tuple[float, float, float]:
+        """The voxel size (mm) of ``volume`` in model space (after the preprocessing's resampling)."""
+        with torch.no_grad():
+            model_in = self.model_input(torch.from_numpy(volume.array).to(self.device), volume)
+        affine = np.asarray(model_in.affine, dtype=np.float64)
+        return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
     def settings(self) -> dict:
         """What the engine runs with, for reports."""
         return {
@@ -195,13 +203,15 @@ class Target:
         x_native: torch.Tensor,
         volume: Volume,
         loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        gradient: str = "standard",
     ) -> Evaluation:
-        """Logits on the scan's grid for ``x_native`` and, with ``loss_fn``, the loss's exact native gradient.
+        """Logits on the scan's grid for ``x_native`` and, with ``loss_fn``, the loss's native gradient
+        (exact through the network and the windows; through the preprocessing by the ``gradient`` path).
 
         A network that cannot run on the windows (a window size it does not take, too little
         memory) is an :class:`InputError` naming the scan and the window, not a traceback."""
         try:
-            return self._evaluate(x_native.to(self.device, torch.float32), volume, loss_fn)
+            return self._evaluate(x_native.to(self.device, torch.float32), volume, loss_fn, gradient)
         except RuntimeError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(
@@ -209,7 +219,7 @@ class Target:
                 f"(window batch {self.window.sw_batch_size}): {reason}"
             ) from exc
 
-    def _evaluate(self, x_native: torch.Tensor, volume: Volume, loss_fn) -> Evaluation:
+    def _evaluate(self, x_native: torch.Tensor, volume: Volume, loss_fn, gradient: str = "standard") -> Evaluation:
         if loss_fn is None:
             with torch.no_grad():
                 model_in = self.model_input(x_native, volume)
@@ -218,7 +228,7 @@ class Target:
                 return Evaluation(scan_logits, self._segmentation(stitched, model_in, scan_logits))
         leaf = x_native.detach().requires_grad_(True)
         with torch.enable_grad():
-            model_in = self.model_input(leaf, volume)
+            model_in = self.model_input(leaf, volume, gradient)
         on_scan: list[torch.Tensor] = []
 
         def stitched_loss(stitched: torch.Tensor) -> torch.Tensor:

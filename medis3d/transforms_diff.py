@@ -1,11 +1,23 @@
 """Differentiable preprocessing built from a bundle's MONAI transforms, run in the scan's space.
 
 MONAI's array transforms already pass gradients on tensors for the spatial and most intensity
-steps (Orientation, Spacing, ScaleIntensityRange, ScaleIntensityRangePercentiles,
-CropForeground, SpatialPad ...), so they are reused as they are. Intensity clipping is replaced
-by a straight-through clamp (BPDA) so voxels outside the window still receive a gradient;
-NormalizeIntensity (in-place in MONAI) gets a differentiable equivalent; steps that block the
-gradient are passed straight through and listed.
+steps (Orientation, Spacing, ScaleIntensityRange, CropForeground, SpatialPad ...), so they are
+reused as they are. Intensity clipping is replaced by a straight-through clamp (BPDA) so voxels
+outside the window still receive a gradient; NormalizeIntensity (in-place in MONAI) gets a
+differentiable equivalent; ScaleIntensityRangePercentiles is computed by medis3d (MONAI switches
+to numpy above a million voxels and then passes no gradient through its percentiles); steps that
+block the gradient are passed straight through and listed.
+
+Three gradient paths, one forward (every path computes exactly the bundle's values):
+
+* ``"standard"``: each step's own derivative, except that clamps are straight-through (the attack's
+  default).
+* ``"smooth"``: BPDA for the whole path: the forward value of each step, the derivative of a smooth
+  stand-in: a downsampling ``Spacing`` takes its gradient through a box average over the voxels
+  each output voxel stands for (not just the ones its interpolation reads), and a percentile through
+  a kernel-smoothed quantile (every voxel near it moves it, not just the one or two it lands on).
+* ``"exact"``: the real forward's own derivative, clamps included (zero outside the window), for
+  checking gradients against finite differences.
 """
 
 from __future__ import annotations
@@ -14,11 +26,12 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform
 
-from medis3d.bpda import straight_through, straight_through_clamp
+from medis3d.bpda import straight_through, straight_through_clamp, value_with_gradient_of
 
 # Steps that our own I/O already does (loading, channel-first, type conversion).
 IO_STEPS = {
@@ -29,15 +42,25 @@ IO_STEPS = {
 DICT_ONLY_ARGS = {"keys", "allow_missing_keys", "meta_keys", "meta_key_postfix", "source_key", "overwrite", "image_key"}
 
 
+GRADIENT_PATHS = ("standard", "smooth", "exact")
+
+
 @dataclass
 class Step:
-    """One preprocessing step: its MONAI name, the callable, and how its gradient is obtained."""
+    """One preprocessing step: its MONAI name, the callable, and how its gradient is obtained.
+
+    ``exact_fn`` computes the same values with the step's true derivative (where ``fn`` uses a
+    straight-through stand-in); ``smooth_fn`` computes a smooth stand-in whose derivative the
+    ``"smooth"`` path takes (its values are replaced by ``fn``'s)."""
 
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     gradient: str  # "exact", "straight-through clamp", "straight-through", "differentiable equivalent"
     invertible: InvertibleTransform | None = None
     args: dict = field(default_factory=dict)
+    exact_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    smooth_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    smooth: str = ""  # what the smooth stand-in is, for reports
 
 
 class NormalizeIntensityDiff:
@@ -77,6 +100,103 @@ class NormalizeIntensityDiff:
         return out
 
 
+def quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """``np.percentile(flat, 100 q)`` (linear interpolation) for any size, differentiable like ``torch.quantile``
+    (which refuses large inputs; MONAI's percentile goes through numpy above a million elements)."""
+    n = flat.numel()
+    pos = q * (n - 1)
+    below = int(np.floor(pos))
+    frac = pos - below
+    low = torch.kthvalue(flat, below + 1).values
+    if frac == 0 or below + 1 >= n:
+        return low
+    high = torch.kthvalue(flat, below + 2).values
+    return low + frac * (high - low)
+
+
+def smoothed(flat: torch.Tensor, value: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """``value`` in the forward pass; backward, the first-order change of a quantile under a perturbation:
+    the Gaussian-kernel-weighted mean of the voxels' changes near it (a kernel-smoothed quantile)."""
+    with torch.no_grad():
+        weights = torch.exp(-0.5 * ((flat - value) / bandwidth) ** 2)
+        weights = weights / weights.sum().clamp_min(1e-12)
+    return value.detach() + (weights * (flat - flat.detach())).sum()
+
+
+class PercentileScaling:
+    """``monai.transforms.ScaleIntensityRangePercentiles`` computed on tensors of any size, with its three
+    gradients: the percentiles' own (``exact``), or a kernel-smoothed quantile's (``smooth``); the clip
+    straight-through (``standard``, ``smooth``) or exact."""
+
+    def __init__(self, lower: float, upper: float, b_min=None, b_max=None, clip: bool = False, relative: bool = False,
+                 channel_wise: bool = False, dtype=None):
+        if not 0 <= lower <= 100 or not 0 <= upper <= 100 or lower > upper:
+            raise ValueError(f"percentiles must satisfy 0 <= lower <= upper <= 100, got {lower}, {upper}")
+        self.lower, self.upper, self.b_min, self.b_max = float(lower), float(upper), b_min, b_max
+        self.clip, self.relative, self.channel_wise = bool(clip), bool(relative), bool(channel_wise)
+
+    def _targets(self) -> tuple:
+        b_min, b_max = self.b_min, self.b_max
+        if self.relative:
+            if b_min is None or b_max is None:
+                raise ValueError("If it is relative, b_min and b_max should not be None.")
+            b_min, b_max = (b_max - b_min) * (self.lower / 100.0) + b_min, (b_max - b_min) * (self.upper / 100.0) + b_min
+        return b_min, b_max
+
+    def _bounds(self, flat: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = quantile(flat, self.lower / 100), quantile(flat, self.upper / 100)
+        if mode != "smooth":
+            return low, high
+        with torch.no_grad():
+            spread = float(high - low) or 1.0
+            out = []
+            for q, v in ((self.lower, low), (self.upper, high)):
+                near = quantile(flat.detach(), min(q + 1, 100) / 100) - quantile(flat.detach(), max(q - 1, 0) / 100)
+                out.append(max(0.5 * float(near), 0.01 * spread))
+        return smoothed(flat, low, out[0]), smoothed(flat, high, out[1])
+
+    def _scale(self, img: torch.Tensor, mode: str) -> torch.Tensor:
+        a_min, a_max = self._bounds(img.reshape(-1), mode)
+        b_min, b_max = self._targets()
+        if float((a_max - a_min).detach()) == 0.0:
+            return img - a_min if b_min is None else img - a_min + b_min
+        out = (img - a_min) / (a_max - a_min)
+        if b_min is not None and b_max is not None:
+            out = out * (b_max - b_min) + b_min
+        if self.clip:
+            out = torch.clamp(out, b_min, b_max) if mode == "exact" else straight_through_clamp(out, b_min, b_max)
+        return out
+
+    def __call__(self, img: torch.Tensor, mode: str = "standard") -> torch.Tensor:
+        plain = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        plain = plain.float()
+        if self.channel_wise:
+            out = torch.stack([self._scale(plain[c], mode) for c in range(plain.shape[0])])
+        else:
+            out = self._scale(plain, mode)
+        return MetaTensor(out, meta=img.meta, applied_operations=list(img.applied_operations)) if isinstance(img, MetaTensor) else out
+
+
+def _box_before_spacing(transform, pixdim) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The smooth stand-in of a downsampling ``Spacing``: a box average over the input voxels each output
+    voxel stands for, then the resampling; its gradient reaches every voxel the output covers."""
+    import torch.nn.functional as F
+
+    def fn(img: torch.Tensor) -> torch.Tensor:
+        spacing = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(0)) if isinstance(img, MetaTensor) else np.ones(3)
+        target = np.resize(np.asarray(pixdim, dtype=np.float64).reshape(-1), 3)
+        kernel = [max(1, int(round(t / s))) if t > 0 else 1 for t, s in zip(target, spacing)]
+        kernel = [k if k % 2 == 1 else k + 1 for k in kernel]  # odd, centred on the voxel it averages around
+        if max(kernel) == 1:
+            return transform(img)
+        plain = img.as_tensor() if isinstance(img, MetaTensor) else img
+        pad = [p for k in reversed(kernel) for p in (k // 2, k // 2)]
+        blurred = F.avg_pool3d(F.pad(plain[None].float(), pad, mode="replicate"), kernel, stride=1)[0]
+        return transform(MetaTensor(blurred, meta=img.meta, applied_operations=list(img.applied_operations)))
+
+    return fn
+
+
 def array_transform_class(name: str):
     """The MONAI array transform class for a (dictionary or array) transform name."""
     from monai.bundle.config_item import ComponentLocator
@@ -105,10 +225,15 @@ def build_step(name: str, args: dict[str, Any]) -> Step | None:
     if base == "NormalizeIntensity":
         kwargs.pop("dtype", None)
         return Step(base, NormalizeIntensityDiff(**kwargs), "differentiable equivalent", args=kwargs)
+    if base == "ScaleIntensityRangePercentiles":
+        scaling = PercentileScaling(**kwargs)
+        gradient = "straight-through clamp" if scaling.clip else "exact"
+        return Step(base, scaling, gradient, None, kwargs, exact_fn=lambda x: scaling(x, "exact"),
+                    smooth_fn=lambda x: scaling(x, "smooth"), smooth="kernel-smoothed percentiles")
     if cls is None:
         raise ValueError(f"unknown transform {name!r}")
     clip = None
-    if base in ("ScaleIntensityRange", "ScaleIntensityRangePercentiles") and kwargs.get("clip"):
+    if base == "ScaleIntensityRange" and kwargs.get("clip"):
         kwargs["clip"] = False
         b_min, b_max = kwargs.get("b_min"), kwargs.get("b_max")
         clip = (b_min, b_max)
@@ -120,7 +245,13 @@ def build_step(name: str, args: dict[str, Any]) -> Step | None:
         def clipped(x, _t=transform, _low=low, _high=high):
             return straight_through_clamp(_t(x), _low, _high)
 
-        return Step(base, clipped, "straight-through clamp", invertible, kwargs | {"clip": True})
+        def exact_clipped(x, _t=transform, _low=low, _high=high):
+            return torch.clamp(_t(x), _low, _high)
+
+        return Step(base, clipped, "straight-through clamp", invertible, kwargs | {"clip": True}, exact_fn=exact_clipped)
+    if base == "Spacing" and "pixdim" in kwargs:
+        return Step(base, transform, "exact", invertible, kwargs, smooth_fn=_box_before_spacing(transform, kwargs["pixdim"]),
+                    smooth="box average over the voxels each model voxel stands for")
     return Step(base, transform, "exact", invertible, kwargs)
 
 
@@ -131,9 +262,13 @@ class DifferentiablePreprocessing:
         self.steps = steps
         self._checked = False
 
-    def __call__(self, x: MetaTensor) -> MetaTensor:
+    def __call__(self, x: MetaTensor, gradient: str = "standard") -> MetaTensor:
+        """The model-space input; its gradient by the ``gradient`` path (module docstring)."""
+        if gradient not in GRADIENT_PATHS:
+            raise ValueError(f"unknown gradient path {gradient!r}; choose from {', '.join(GRADIENT_PATHS)}")
         for step in self.steps:
-            out = step.fn(x)
+            fn = step.exact_fn if gradient == "exact" and step.exact_fn is not None else step.fn
+            out = fn(x)
             if not isinstance(out, torch.Tensor):
                 out = torch.as_tensor(out)
             if x.requires_grad and not out.requires_grad and step.gradient == "exact":
@@ -141,6 +276,12 @@ class DifferentiablePreprocessing:
                 step.gradient = "straight-through"
             if step.gradient == "straight-through" and x.requires_grad and not out.requires_grad:
                 out = straight_through(x, out)
+            if gradient == "smooth" and step.smooth_fn is not None and x.requires_grad:
+                stand_in = step.smooth_fn(x)
+                stand_in = stand_in.as_tensor() if isinstance(stand_in, MetaTensor) else stand_in
+                value = out.as_tensor() if isinstance(out, MetaTensor) else out
+                bpda = value_with_gradient_of(value, stand_in)  # the step's value, the stand-in's derivative
+                out = MetaTensor(bpda, meta=out.meta, applied_operations=list(out.applied_operations)) if isinstance(out, MetaTensor) else bpda
             x = out if isinstance(out, MetaTensor) else MetaTensor(out, meta=getattr(x, "meta", None))
         return x
 
@@ -153,7 +294,8 @@ class DifferentiablePreprocessing:
         return out
 
     def describe(self) -> list[dict]:
-        return [{"transform": s.name, "gradient": s.gradient, "args": _jsonable(s.args)} for s in self.steps]
+        return [{"transform": s.name, "gradient": s.gradient, "smooth_stand_in": s.smooth or None, "args": _jsonable(s.args)}
+                for s in self.steps]
 
 
 def _jsonable(value):

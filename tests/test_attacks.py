@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from medis3d.attacks import ATTACKS
+from medis3d.attacks import ALIASES, ATTACKS
 from medis3d.attacks.apgd import checkpoints
 from medis3d.cli import app
 from medis3d.io import read_volume, write_nifti
@@ -17,8 +17,8 @@ from medis3d.medis import MedIS
 from medis3d.metrics import dice_per_class
 
 runner = CliRunner()
-ZOO = ["fgsm", "igsm", "pgd", "segpgd", "cospgd", "apgd", "dag"]
-assert set(ZOO) == set(ATTACKS) - {"bim"}  # every attack is tested (bim is igsm)
+ZOO = ["fgsm", "igsm", "pgd", "segpgd", "cospgd", "apgd", "adam", "fmn", "lowfreq", "dag"]
+assert set(ZOO) == (set(ATTACKS) - {"bim"}) | set(ALIASES)  # every attack is tested (bim is igsm; segpgd, cospgd are pgd with their losses)
 EPS = 24 / 255
 
 
@@ -77,12 +77,12 @@ def test_min_eps_bisects_fixed_budget_attacks(tiny_target, scan_file):
 
 def test_fusion_over_attacks_and_losses(tiny_target, scan_file):
     medis = MedIS(tiny_target, losses="ce,dice", attacks="igsm,pgd,segpgd")
-    assert medis.members() == [("igsm", "ce"), ("igsm", "dice"), ("pgd", "ce"), ("pgd", "dice"), ("segpgd", "segpgd")]
+    assert [m.name for m in medis.members()] == ["igsm:ce", "igsm:dice", "pgd:ce", "pgd:dice", "pgd:segpgd"]
 
 
 def test_apgd_checkpoints():
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-    assert set(ATTACKS) >= set(ZOO)
+    assert set(ATTACKS) | set(ALIASES) >= set(ZOO)
 
 
 def test_unknown_attack_is_an_input_error(tiny_bundle, scan_file, tmp_path):

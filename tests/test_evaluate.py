@@ -33,16 +33,31 @@ def test_evaluate_datalist_writes_tables_and_plot_and_resumes(tiny_bundle, tmp_p
     assert result.exit_code == 0, result.output
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    members = [r for r in rows if not r["attack"].startswith("medis")]
+    members = [r for r in rows if not r["attack"].startswith(("medis", "worst"))]
     assert len(members) == 2 * 2 * 4  # volumes x budgets x (attack x loss)
     fused = [r for r in rows if r["attack"] == "medis_full"]
     assert len(fused) == 2 * 2
+    worst = [r for r in rows if r["attack"] == "worst_case"]
+    assert len(worst) == 2 * 2
+    for w in worst:  # the per-volume worst case: no member of that volume and budget left less Dice
+        same = [float(r["adversarial_mean_iou"]) for r in members if r["volume"] == w["volume"] and r["eps"] == w["eps"]]
+        assert float(w["adversarial_mean_iou"]) == min(same)
+    for r in members:
+        assert 0.0 <= float(r["flipped_fraction"]) <= 1.0
     for r in members:
         assert float(r["linf_normalized"]) <= float(r["eps"]) + 0.5 / 400 + 1e-6
         assert float(r["adversarial_dice"]) <= float(r["clean_dice"]) + 1e-6 or r["attack"] == "pgd"
     summary = json.loads((out / "summary.json").read_text())
     assert {"igsm:ce", "igsm:dice", "pgd:ce", "pgd:dice"} <= set(summary["per_member"])
     assert "medis_full" in summary["fusion"] and sum(summary["loss_wins"].values()) == 4
+    # SEA's greedy dataset-level worst case is at most the dataset Dice of any single member's outcomes
+    for eps, greedy in summary["greedy_dataset_dice"].items():
+        assert 0.0 <= greedy <= 1.0
+        for key in summary["per_member"]:
+            pooled = [json.loads(r["counts"])["blob"] for r in members if f"{float(r['eps']):.6g}" == eps and r["member"] == key]
+            assert len(pooled) == 2  # both volumes, [TP, FP, FN] of the blob class
+            tp, fp, fn = (sum(c[i] for c in pooled) for i in range(3))
+            assert greedy <= 2 * tp / (2 * tp + fp + fn) + 1e-9
     for eps, entry in summary["fusion"]["medis_full"].items():
         best_single = max(summary["per_member"][k][eps]["attack_success_rate"] for k in summary["per_member"])
         assert entry["attack_success_rate"] >= best_single  # fusion succeeds wherever any member does

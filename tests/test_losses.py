@@ -12,6 +12,7 @@ from medis3d.losses import (
     COMBINED_WEIGHTS,
     LOSSES,
     PAPER_LOSSES,
+    STOPS_AT_FLIPPED,
     _lovasz_extension,
     get_loss,
     parse_losses,
@@ -93,13 +94,46 @@ def test_finite_for_saturated_logits(name, activation):
         assert torch.isfinite(value) and torch.isfinite(grad).all()
 
 
+MONOTONE = [name for name in LOSSES if name not in STOPS_AT_FLIPPED]
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", MONOTONE)
 def test_lower_when_prediction_agrees(name, activation):
     logits, target = _case(activation)
     fn = get_loss(name, activation)
     good = _agreeing_logits(target, activation, logits.shape[1])
     assert fn(good, target) < fn(logits, target) < fn(-good, target)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("name", sorted(STOPS_AT_FLIPPED))
+def test_masked_losses_pull_only_on_voxels_still_to_change(name, activation):
+    """SegPGD (at its first step) and SEA's masked losses: a flipped voxel neither counts nor pulls; CosPGD:
+    a voxel flipped with confidence hardly pulls. A voxel still right pulls; less confidence on the right
+    voxels is a higher loss (the spherical loss is scale-free instead: confidence alone does not move it)."""
+    logits, target = _case(activation)
+    channels = logits.shape[1]
+    fn = get_loss(name, activation)
+    logits = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn(logits, target), logits)
+    if activation == "softmax":
+        right = logits.detach().argmax(1) == target[:, 0]
+        per_voxel = grad.abs().sum(1)
+    else:
+        right = (logits.detach() > 0) == (target > 0.5)
+        per_voxel = grad.abs()
+    assert per_voxel[right].sum() > 0
+    if name != "cospgd":
+        assert per_voxel[~right].sum() == 0
+    good = _agreeing_logits(target, activation, channels, margin=4.0)
+    unsure = _agreeing_logits(target, activation, channels, margin=0.5)
+    if name == "masked_spherical" and activation == "softmax":
+        assert torch.isclose(fn(good, target), fn(unsure, target))
+    else:
+        assert fn(good, target) < fn(unsure, target)
+    flipped = -_agreeing_logits(target, activation, channels, margin=8.0)
+    assert abs(float(fn(flipped, target))) < (1e-2 if name == "cospgd" else 1e-12)  # all flipped: nothing left to pull
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -112,7 +146,12 @@ def test_two_dimensional_slices(name, activation):
     (grad,) = torch.autograd.grad(fn(logits2d, target2d), logits2d)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     good = _agreeing_logits(target2d, activation, logits.shape[1])
-    assert fn(good, target2d) < fn(-good, target2d)
+    if name in STOPS_AT_FLIPPED:  # nothing left to pull on once every voxel is flipped
+        flipped = -_agreeing_logits(target2d, activation, logits.shape[1], margin=8.0)
+        assert float(fn(flipped, target2d)) == pytest.approx(0.0, abs=1e-2)
+        assert fn(logits2d, target2d) != 0
+    else:
+        assert fn(good, target2d) < fn(-good, target2d)
 
 
 @pytest.mark.parametrize("name", ["combined", "lovasz", "exp_log", "structure"])

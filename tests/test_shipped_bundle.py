@@ -138,3 +138,10 @@ def test_bundle_check_passes(bundle):
     report = json.loads(result.output)
     assert report["network"] == SHIPPED[bundle.name] and report["gradient"]["ok"]
     assert report["gradient"]["fraction_of_voxels_reached"] > 0.5
+    steps = {s["transform"]: s for s in report["preprocessing"]}
+    # the percentiles have a gradient at any size (MONAI's own have none above a million voxels), and say so
+    assert "any size" in steps["ScaleIntensityRangePercentiles"]["stand_in"]
+    assert steps["ScaleIntensityRangePercentiles"]["smooth_stand_in"] == "kernel-smoothed percentiles"
+    assert steps["Spacing"]["smooth_stand_in"].startswith("box average")
+    paths = report["gradient"]["paths"]
+    assert paths["smooth"]["fraction_of_voxels_reached"] >= paths["exact"]["fraction_of_voxels_reached"] > 0

@@ -1,21 +1,33 @@
-"""APGD (Croce & Hein, ICML 2020): step size 2*eps at start, momentum 0.75, and at checkpoints
-p0 = 0, p1 = 0.22, p(j+1) = p(j) + max(p(j) - p(j-1) - 0.03, 0.06) of the iterations the step is
-halved and the search restarts from the best point when fewer than 75% of the steps since the
-last checkpoint improved the loss, or when the step was not reduced and the best loss did not
-change. Returns the best iterate."""
+"""APGD (Croce & Hein, ICML 2020), as SEA runs it for segmentation (Croce, Singh & Hein, ECCV 2024).
+
+Step size 2*eps at start, momentum 0.75, and at checkpoints p0 = 0, p1 = 0.22,
+p(j+1) = p(j) + max(p(j) - p(j-1) - 0.03, 0.06) of the iterations the step is halved and the
+search restarts from the best point when fewer than 75% of the steps since the last checkpoint
+improved the loss, or when the step was not reduced and the best loss did not change. Where the
+ascended loss is masked or scheduled (its value not comparable between iterates), the checks
+compare iterates by plain cross-entropy, as SEA does.
+
+Options: a random start (``random_start``), ``restarts`` (each from a new random point, the
+best over all kept), and progressive radius reduction (``radii``: SEA's 2 eps, 1.5 eps, eps over
+3:3:4 of the iterations; each stage starts from the best iterate of the last, projected onto the
+smaller ball, with the step reset to 2 eps of the stage). Only iterates inside the budget are
+kept; the iterate returned is the one whose prediction is closest to the goal.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
 import torch
 
-from medis3d.attacks.base import Attack, BestIterate, MemberResult, StepRecord
+from medis3d.attacks.base import Attack, BestIterate, Budget, MemberResult, Objective, StepRecord
 from medis3d.io.volume import Volume
 
 RHO = 0.75
 MOMENTUM = 0.75
+SEA_RADII = ((2.0, 3), (1.5, 3), (1.0, 4))  # (radius in eps, share of the iterations)
 
 
 def checkpoints(iterations: int) -> list[int]:
@@ -26,40 +38,84 @@ def checkpoints(iterations: int) -> list[int]:
     return sorted({math.ceil(round(q * iterations, 9)) for q in p if 0 < q <= 1.0})
 
 
+def stage_iterations(total: int, radii) -> list[int]:
+    """Iterations of each radius stage: ``total`` split by the stages' shares, the last stage taking the rest."""
+    shares = [share for _, share in radii]
+    counts = [int(total * share / sum(shares)) for share in shares[:-1]]
+    return counts + [total - sum(counts)]
+
+
 class APGD(Attack):
     """Auto-PGD with the member's surrogate loss (the original uses CE or the DLR loss)."""
 
     name = "apgd"
     early_stop = False
 
+    def __init__(self, *args, random_start: bool = False, restarts: int = 1, radii=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_random_start = bool(random_start)
+        self.restarts = max(1, int(restarts))
+        self.radii = tuple(radii) if radii else ((1.0, 1),)
+        from medis3d.losses import TRACKED_BY_CE, get_loss
+
+        self.track = get_loss("ce", self.target.activation) if self.loss_name in TRACKED_BY_CE else None
+
+    def objective(self, t: int, steps: int | None = None) -> Objective:
+        return Objective(self.loss, self.goal, t, self.budget.steps if steps is None else steps, self.track)
+
     def run(self, volume: Volume) -> MemberResult:
         start = time.perf_counter()
-        budget = self.budget
         clean = torch.from_numpy(volume.array).to(self.target.device)
-        objective = self.objective(0)
-        keeper = BestIterate(self.goal)
+        keeper = self.keeper()
         trace: list[StepRecord] = []
+        counts = stage_iterations(self.budget.steps, self.radii)
+        total = self.restarts * (sum(counts) + len(counts))
+        self._visits = 0
+        for restart in range(self.restarts):
+            x = self.random_start(clean) if (self.use_random_start or restart > 0) else clean
+            for (factor, _), iterations in zip(self.radii, counts):
+                stage = dataclasses.replace(self.budget, eps=self.budget.eps * factor, steps=iterations)
+                x = stage.project(x, clean)
+                x = self._stage(volume, clean, x, stage, keeper, trace, in_budget=factor <= 1.0, total=total)
+                if self._stopped(keeper):
+                    break
+            if self._stopped(keeper):
+                break
+        return keeper.result(self, clean, trace, time.perf_counter() - start)
+
+    def _stopped(self, keeper: BestIterate) -> bool:
+        return self.stop_at_success and keeper.best is not None and bool(keeper.best[4])
+
+    def _stage(self, volume: Volume, clean: torch.Tensor, x: torch.Tensor, budget: Budget, keeper: BestIterate,
+               trace: list, in_budget: bool, total: int) -> torch.Tensor:
+        """One APGD run of ``budget.steps`` iterations from ``x`` inside ``budget``; the best iterate by the tracked loss."""
+        steps = budget.steps
         eta = 2.0 * budget.eps
 
-        def visit(t: int, x: torch.Tensor, last: bool):
-            return self.visit(volume, x, clean, t, None if last else objective, keeper, trace)[0]
+        def visit(k: int, point: torch.Tensor, last: bool):
+            objective = None if last else self.objective(k, steps)
+            ev = self.visit(volume, point, clean, self._visits, objective, keeper, trace, in_budget=in_budget, total=total)[0]
+            self._visits += 1
+            return ev, (objective.tracked if objective is not None else None)
 
-        ev = visit(0, clean, budget.steps == 0)
-        x, x_prev, grad, f_x = clean, clean, ev.grad, ev.loss
+        ev, f_x = visit(0, x, steps == 0 and in_budget)
+        if steps == 0:
+            return x
+        x_prev, grad = x, ev.grad
         x_max, grad_max, f_max = x, grad, f_x
-        marks = set(checkpoints(budget.steps))
+        marks = set(checkpoints(steps))
         improved, since, eta_before, f_max_before = 0, 0, eta, f_max
-        for k in range(budget.steps):
-            last = k == budget.steps - 1
+        for k in range(steps):
+            last = k == steps - 1 and in_budget  # the final stage's last iterate needs no gradient
             z = budget.project(x + eta * budget.direction(grad), clean)
             x_new = z if k == 0 else budget.project(x + MOMENTUM * (z - x) + (1 - MOMENTUM) * (x - x_prev), clean)
-            ev = visit(k + 1, x_new, last)
-            if last:
+            ev, f_new = visit(k + 1, x_new, last)
+            if last or self._stopped(keeper):
                 break
-            improved += int(ev.loss > f_x)
-            if ev.loss > f_max:
-                x_max, grad_max, f_max = x_new, ev.grad, ev.loss
-            x_prev, x, grad, f_x = x, x_new, ev.grad, ev.loss
+            improved += int(f_new > f_x)
+            if f_new > f_max:
+                x_max, grad_max, f_max = x_new, ev.grad, f_new
+            x_prev, x, grad, f_x = x, x_new, ev.grad, f_new
             if k + 1 in marks:
                 window = k + 1 - since
                 stalled = improved < RHO * window or (eta == eta_before and f_max == f_max_before)
@@ -68,4 +124,4 @@ class APGD(Attack):
                     eta /= 2.0
                     x, x_prev, grad, f_x = x_max, x_max, grad_max, f_max
                 improved, since = 0, k + 1
-        return keeper.result(self, clean, trace, time.perf_counter() - start)
+        return x_max

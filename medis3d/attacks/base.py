@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from medis3d.io.volume import Volume
-from medis3d.metrics import mean_iou, smooth_mean_iou
+from medis3d.metrics import flipped_fraction, mean_iou, smooth_mean_iou
 from medis3d.target import Target
 
 # The paper's success criteria: untargeted when mean IoU against the reference drops to 0.5 or
@@ -37,6 +37,7 @@ class Goal:
     reference: np.ndarray
     aim: np.ndarray | None = None  # the target segmentation of a targeted attack
     threshold: float | None = None
+    metric: str = "iou"  # untargeted: "iou" (mean IoU), or "unflipped" (the share of the structure not yet flipped)
 
     def __post_init__(self) -> None:
         if self.threshold is None:
@@ -50,6 +51,8 @@ class Goal:
     def score(self, prediction: np.ndarray) -> float:
         if self.targeted:
             return smooth_mean_iou(self.target.masks(prediction), self.target.masks(self.aim))
+        if self.metric == "unflipped":
+            return 1.0 - flipped_fraction(self.target, prediction, self.reference)
         return mean_iou(self.target.masks(prediction), self.target.masks(self.reference))
 
     def succeeded(self, score: float) -> bool:
@@ -119,6 +122,7 @@ class StepRecord:
     score: float
     success: bool
     linf_native: float
+    in_budget: bool = True  # False for the wider balls of APGD's progressive radius reduction (never kept)
 
 
 @dataclass
@@ -136,10 +140,11 @@ class MemberResult:
     trace: list[StepRecord] = field(default_factory=list)
     time_s: float = 0.0
     l2_native: float = 0.0
+    member: str = ""  # the member's full name, with its options
 
     @property
     def name(self) -> str:
-        return f"{self.attack}:{self.loss}"
+        return self.member or f"{self.attack}:{self.loss}"
 
 
 class Attack:
@@ -154,14 +159,23 @@ class Attack:
     name = "attack"
     early_stop = True  # stop at the first successful iterate (least perturbation)
     uses_loss = True
+    minimal = False  # searches for the least successful perturbation itself (no bisection for --min-eps)
 
-    def __init__(self, target: Target, loss: str, budget: Budget, goal: Goal, progress: ProgressFn | None = None, seed: int = 0):
+    def __init__(self, target: Target, loss: str, budget: Budget, goal: Goal, progress: ProgressFn | None = None, seed: int = 0,
+                 gradient: str = "standard", transfer: float = 0.0, label: str | None = None, stop_at_success: bool = False):
         from medis3d.losses import get_loss
 
         self.target, self.loss_name, self.budget, self.goal = target, loss, budget, goal
         self.loss = get_loss(loss, target.activation) if self.uses_loss else None
         self.progress = progress
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        # the gradient path through the preprocessing ("standard", or "smooth": BPDA for the whole path),
+        # and the share of the iterations that take the smooth path first (a transfer start, then white-box)
+        self.gradient, self.transfer = gradient, float(transfer)
+        self._gradient_now = "smooth" if self.transfer > 0 else gradient
+        self._label = label
+        # a fixed-budget attack may stop at its first success (MedIS's least-perturbation fusion needs no more)
+        self.stop_at_success = bool(stop_at_success) or self.early_stop
 
     @property
     def label(self) -> str:
@@ -170,23 +184,28 @@ class Attack:
     @property
     def member_name(self) -> str:
         """How progress and tables name this member: the loss for IGSM (the paper's), else attack:loss."""
+        if self._label:
+            return self._label
         if not self.uses_loss:
             return self.name
         return self.loss_name if self.name == "igsm" else f"{self.name}:{self.loss_name}"
 
-    def objective(self, t: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The function whose gradient is ascended at step ``t``: the loss (untargeted) or minus it (targeted)."""
-        sign = -1.0 if self.goal.targeted else 1.0
-        aim = self.goal.loss_target
-        loss = self.loss
-
-        def fn(scan_logits: torch.Tensor) -> torch.Tensor:
-            return sign * loss(scan_logits, aim)
-
-        return fn
+    def objective(self, t: int, steps: int | None = None) -> "Objective":
+        """The function whose gradient is ascended at step ``t`` of ``steps``: the loss (untargeted) or minus it (targeted)."""
+        return Objective(self.loss, self.goal, t, self.budget.steps if steps is None else steps)
 
     def start(self, clean: torch.Tensor) -> torch.Tensor:
         return clean.clone()
+
+    def random_start(self, clean: torch.Tensor, budget: Budget | None = None) -> torch.Tensor:
+        """A uniform random point of the L-inf ball (L2: a random direction and radius), inside the valid range."""
+        budget = budget or self.budget
+        noise = torch.rand(clean.shape, generator=self.generator, dtype=clean.dtype).to(clean.device) * 2 - 1
+        if budget.norm == "l2":
+            noise = noise / noise.norm().clamp_min(1e-12) * budget.eps * float(torch.rand(1, generator=self.generator))
+        else:
+            noise = noise * budget.eps
+        return budget.project(clean + noise, clean)
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
         return self.budget.project(x + self.budget.step * self.budget.direction(grad), clean)
@@ -194,49 +213,91 @@ class Attack:
     def evaluate(self, volume: Volume, x: torch.Tensor, objective=None):
         """The iterate as stored, the evaluation there, its prediction, score and success."""
         written = torch.from_numpy(volume.quantise(x.cpu().numpy())).to(self.target.device)
-        evaluation = self.target.evaluate(written, volume, objective)
+        evaluation = self.target.evaluate(written, volume, objective, gradient=self._gradient_now)
         prediction = evaluation.segmentation
         score = self.goal.score(prediction)
         return written, evaluation, prediction, score, self.goal.succeeded(score)
 
-    def visit(self, volume: Volume, x: torch.Tensor, clean: torch.Tensor, t: int, objective, keeper: "BestIterate", trace: list):
-        """Evaluate iterate ``t`` as stored, record it in the trace and the keeper, report progress.
+    def visit(self, volume: Volume, x: torch.Tensor, clean: torch.Tensor, t: int, objective, keeper: "BestIterate", trace: list,
+              in_budget: bool = True, total: int | None = None):
+        """Evaluate iterate ``t`` as stored, record it in the trace and (``in_budget``) the keeper, report progress.
 
         Returns the evaluation (its loss and gradient, when ``objective`` is given) and success."""
+        if self.transfer > 0:
+            self._gradient_now = "smooth" if t < self.transfer * (total or self.budget.steps) else self.gradient
         written, evaluation, prediction, score, success = self.evaluate(volume, x, objective)
-        trace.append(StepRecord(t, evaluation.loss, score, success, float((written - clean).abs().max())))
+        trace.append(StepRecord(t, evaluation.loss, score, success, float((written - clean).abs().max()), in_budget))
         if self.progress is not None:
-            self.progress(self.member_name, t, self.budget.steps, score)
-        keeper.offer(t, written, prediction, score, success)
+            self.progress(self.member_name, t, total or self.budget.steps, score)
+        if in_budget:
+            keeper.offer(t, written, prediction, score, success)
+        self.after_visit(success, written)
         return evaluation, success
+
+    def after_visit(self, success: bool, written: torch.Tensor) -> None:
+        """What the attack learns from the iterate just evaluated (as stored), before its next step."""
+
+    def keeper(self) -> "BestIterate":
+        """What the attack returns: its first success (iterative attacks whose perturbation grows step by step:
+        the least perturbation), else the iterate closest to the goal (fixed-budget attacks: the strongest)."""
+        return BestIterate(self.goal, first_success=self.early_stop)
 
     def run(self, volume: Volume) -> MemberResult:
         start = time.perf_counter()
         clean = torch.from_numpy(volume.array).to(self.target.device)
         x = self.start(clean)
-        keeper = BestIterate(self.goal)
+        keeper = self.keeper()
         trace: list[StepRecord] = []
         steps = self.budget.steps
         for t in range(steps + 1):
             last = t == steps
             evaluation, success = self.visit(volume, x, clean, t, None if last else self.objective(t), keeper, trace)
-            if last or (success and self.early_stop):
+            if last or (success and self.stop_at_success):
                 break
             x = self.update(x, evaluation.grad, t, clean)
         return keeper.result(self, clean, trace, time.perf_counter() - start)
 
 
-class BestIterate:
-    """Keeps the iterate closest to the goal (the first successful one, if any)."""
+class Objective:
+    """What an attack ascends at one step: ``sign * loss(logits, aim, t, steps, targeted)`` (minus for targeted
+    attacks), and, for APGD's step-size control, a value to compare iterates by (``tracked``): the loss
+    itself, or plain cross-entropy where the loss is masked or scheduled (SEA)."""
 
-    def __init__(self, goal: Goal):
-        self.goal = goal
+    def __init__(self, loss, goal: Goal, t: int, steps: int, track=None):
+        self.loss, self.goal, self.t, self.steps, self.track = loss, goal, t, steps, track
+        self.sign = -1.0 if goal.targeted else 1.0
+        self.tracked: float | None = None
+
+    def __call__(self, scan_logits: torch.Tensor) -> torch.Tensor:
+        aim = self.goal.loss_target
+        value = self.sign * self.loss(scan_logits, aim, self.t, self.steps, self.goal.targeted)
+        if self.track is None:
+            self.tracked = float(value.detach())
+        else:
+            with torch.no_grad():
+                self.tracked = float(self.sign * self.track(scan_logits.detach(), aim))
+        return value
+
+
+class BestIterate:
+    """Keeps the iterate closest to the goal; with ``first_success``, the first successful one once there is
+    one (the least perturbation of an attack whose perturbation grows step by step); with ``least``, the
+    successful one with the smallest perturbation (``size``), for attacks that shrink it after succeeding."""
+
+    def __init__(self, goal: Goal, least: bool = False, size: Callable[[torch.Tensor], float] | None = None,
+                 first_success: bool = True):
+        self.goal, self.least, self.size, self.first_success = goal, least, size, first_success
         self.best: tuple | None = None
 
     def offer(self, t: int, written: torch.Tensor, prediction: np.ndarray, score: float, success: bool) -> None:
         if self.best is not None and self.best[4]:
-            return  # already successful: the first success is the least perturbation
-        if self.best is None or success or self.goal.better(score, self.best[3]):
+            if self.least:
+                if success and self.size(written) < self.size(self.best[1]):
+                    self.best = (t, written, prediction, score, success)
+                return
+            if self.first_success:
+                return  # already successful: the first success is the least perturbation
+        if self.best is None or (success and not self.best[4]) or self.goal.better(score, self.best[3]):
             self.best = (t, written, prediction, score, success)
 
     def result(self, attack: "Attack", clean: torch.Tensor, trace: list[StepRecord], time_s: float) -> MemberResult:

@@ -27,7 +27,7 @@ class DAG(Attack):
             return aim
         return torch.zeros_like(aim)
 
-    def objective(self, t: int):
+    def objective(self, t: int, steps: int | None = None):
         aim = self._aim()
         activation = self.target.activation
 

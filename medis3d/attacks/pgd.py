@@ -15,9 +15,4 @@ class PGD(Attack):
     early_stop = False
 
     def start(self, clean: torch.Tensor) -> torch.Tensor:
-        noise = torch.rand(clean.shape, generator=self.generator, dtype=clean.dtype).to(clean.device) * 2 - 1
-        if self.budget.norm == "l2":
-            noise = noise / noise.norm().clamp_min(1e-12) * self.budget.eps * float(torch.rand(1, generator=self.generator))
-        else:
-            noise = noise * self.budget.eps
-        return self.budget.project(clean + noise, clean)
+        return self.random_start(clean)

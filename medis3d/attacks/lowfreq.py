@@ -1,0 +1,61 @@
+"""A low-frequency attack: PGD on a coarse grid, upsampled trilinearly to the scan.
+
+The perturbation is ``up(u)`` with ``u`` on a grid ``factor`` times coarser than the scan in each
+axis and ``up`` trilinear interpolation (a convex combination, so ``|up(u)| <= |u|`` keeps the
+L-inf budget); the gradient reaches ``u`` through ``up``'s adjoint. By default one coarse cell
+spans two model voxels, so the perturbation is smooth at the model's own scale: a 1 mm scan seen
+by a 2 mm model gets no energy in the voxels the resampling skips, and the search has a
+different geometry from per-voxel sign steps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from medis3d.attacks.base import Attack
+from medis3d.io.volume import Volume
+
+MODEL_VOXELS_PER_CELL = 2.0
+
+
+class LowFrequency(Attack):
+    """PGD (sign steps, L2 normalised steps) on a coarse grid; ``factor``: scan voxels per coarse cell."""
+
+    name = "lowfreq"
+    early_stop = False
+
+    def __init__(self, *args, factor=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.factor = factor
+
+    def run(self, volume: Volume):
+        factor = self.factor
+        if factor is None:
+            model = self.target.model_spacing(volume)
+            factor = [max(1, round(MODEL_VOXELS_PER_CELL * m / s)) for m, s in zip(model, volume.spacing)]
+        self._factors = [int(f) for f in (factor if isinstance(factor, (list, tuple)) else [factor] * 3)]
+        return super().run(volume)
+
+    def _expand(self, u: torch.Tensor, shape) -> torch.Tensor:
+        return F.interpolate(u[None], size=tuple(shape), mode="trilinear", align_corners=True)[0]
+
+    def start(self, clean: torch.Tensor) -> torch.Tensor:
+        coarse = [max(2, math.ceil((s - 1) / f) + 1) for s, f in zip(clean.shape[1:], self._factors)]
+        self._u = torch.zeros((clean.shape[0], *coarse), dtype=clean.dtype, device=clean.device)
+        return clean.clone()
+
+    def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
+        region = self.budget._region(grad)
+        if region is not None:
+            grad = grad * region
+        u = self._u.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad((self._expand(u, clean.shape[1:]) * grad).sum(), u)
+        if self.budget.norm == "l2":
+            u = u.detach() + self.budget.step * g / g.norm().clamp_min(1e-12)
+        else:
+            u = (u.detach() + self.budget.step * torch.sign(g)).clamp(-self.budget.eps, self.budget.eps)
+        self._u = u
+        return self.budget.project(clean + self._expand(u, clean.shape[1:]), clean)

@@ -1,0 +1,306 @@
+"""Gradient-masking checks on one scan (``medis3d diagnose``), after Carlini et al., "On Evaluating
+Adversarial Robustness" (2019): an attack result is an upper bound on robustness only if the attack
+did not stop short, and these checks look for the signs that it did.
+
+* **eps sweep**: the member at doubling budgets until it succeeds; flagged when nothing succeeds by
+  64/255, or when a larger budget leaves more Dice than a smaller one.
+* **step doubling**: twice the iterations; flagged when that still lowers Dice by more than 0.02
+  (the attack had not converged).
+* **restarts**: the member from random starts; flagged when the best restart lowers Dice by more than
+  0.02 below the single run.
+* **random search**: a gradient-free search (Square-attack style: random +-eps cubes, kept when the
+  loss rises) with forward passes only; flagged when it beats the white-box member at the same budget.
+* **gradient vs finite differences**: the Target's gradient through the real forward (no stand-ins:
+  the ``exact`` path) against central differences of the loss along directions on a sample of voxels;
+  flagged when they disagree.
+* **layers**: for each preprocessing step, how much of the scan its gradient reaches and how well its
+  first-order change predicts the real change at the attack's scale; each flag names the step (or the
+  network) that is the likely cause.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from medis3d.attacks import Budget
+from medis3d.io.volume import Volume
+from medis3d.losses import get_loss
+from medis3d.medis import MedIS
+from medis3d.members import Member, parse_members
+from medis3d.metrics import dice_per_class
+from medis3d.target import Target
+
+SWEEP = (2, 4, 8, 16, 32, 64)  # in 1/255 of the model's normalised intensity range
+SWEEP_LIMIT = 64
+DOUBLING_TOLERANCE = 0.02
+RESTART_TOLERANCE = 0.02
+FD_TOLERANCE = 0.1  # relative error of the directional derivative
+DEFAULT_MEMBER = "apgd:masked_ce_balanced"
+
+
+@dataclass
+class Check:
+    """One check's outcome: what was measured, and a flag with its likely cause where it found masking."""
+
+    name: str
+    measured: dict
+    flagged: bool = False
+    cause: str = ""
+
+    def as_dict(self) -> dict:
+        return {"check": self.name, "flagged": self.flagged, "cause": self.cause or None, **self.measured}
+
+
+@dataclass
+class Diagnosis:
+    """Every check on one scan."""
+
+    scan: str
+    member: str
+    eps: float
+    checks: list[Check] = field(default_factory=list)
+    time_s: float = 0.0
+
+    @property
+    def flagged(self) -> bool:
+        return any(c.flagged for c in self.checks)
+
+    def as_dict(self) -> dict:
+        return {"scan": self.scan, "member": self.member, "eps": self.eps, "flagged": self.flagged,
+                "checks": [c.as_dict() for c in self.checks], "time_s": self.time_s}
+
+
+def _mean_dice(target: Target, prediction: np.ndarray, reference: np.ndarray) -> float:
+    ref = target.masks(reference)
+    present = ref.reshape(len(ref), -1).any(1)
+    values = np.asarray(dice_per_class(target.masks(prediction), ref))
+    return float(values[present].mean()) if present.any() else float(values.mean())
+
+
+class Diagnose:
+    """The checks of the module docstring for ``target`` on one volume, with one white-box member."""
+
+    def __init__(self, target: Target, member: str = DEFAULT_MEMBER, eps: float = 8 / 255, steps: int = 20,
+                 step: float = 1 / 255, queries: int = 200, restarts: int = 2, fd_voxels: int = 2000, seed: int = 0,
+                 progress: Callable[[str], None] | None = None):
+        self.target, self.eps, self.steps, self.step, self.seed = target, float(eps), int(steps), float(step), seed
+        self.member = parse_members(member)[0]
+        self.queries, self.restarts, self.fd_voxels = int(queries), int(restarts), int(fd_voxels)
+        self.progress = progress or (lambda message: None)
+
+    # -- running a member ---------------------------------------------------------------------
+    def _medis(self, eps: float, steps: int | None = None, member: Member | None = None) -> MedIS:
+        return MedIS(self.target, members_spec=[member or self.member], eps=eps, step=min(self.step, eps),
+                     steps=steps or self.steps, seed=self.seed)
+
+    def _run(self, volume: Volume, reference: np.ndarray, eps: float, steps: int | None = None, member: Member | None = None):
+        medis = self._medis(eps, steps, member)
+        setting = medis.prepare(volume, reference, clean_prediction=reference)
+        result = medis.run_member(medis.members()[0], setting.budget, setting.goal, volume, setting.factor)
+        return result, _mean_dice(self.target, result.prediction, reference), setting
+
+    # -- the checks ---------------------------------------------------------------------------
+    def __call__(self, volume: Volume, reference: np.ndarray | None = None) -> Diagnosis:
+        start = time.perf_counter()
+        reference = self.target.predict(volume) if reference is None else reference
+        diagnosis = Diagnosis(str(volume.path or volume.name), self.member.name, self.eps)
+        base, base_dice, setting = self._run(volume, reference, self.eps)
+        self.progress(f"white-box {self.member.name} at {self.eps * 255:.3g}/255: Dice {base_dice:.3f}")
+        diagnosis.checks.append(self.eps_sweep(volume, reference))
+        diagnosis.checks.append(self.step_doubling(volume, reference, base_dice))
+        diagnosis.checks.append(self.restart_check(volume, reference, base_dice))
+        diagnosis.checks.append(self.random_search(volume, reference, base_dice, setting))
+        diagnosis.checks.append(self.finite_differences(volume, reference))
+        diagnosis.checks.append(self.layers(volume, reference, setting.budget))
+        diagnosis.time_s = time.perf_counter() - start
+        return diagnosis
+
+    def eps_sweep(self, volume: Volume, reference: np.ndarray) -> Check:
+        rows = []
+        for e in SWEEP:
+            result, dice, _ = self._run(volume, reference, e / 255)
+            rows.append({"eps_255": e, "dice": dice, "mean_iou": result.score, "success": result.success})
+            self.progress(f"eps sweep {e}/255: Dice {dice:.3f}{' (success)' if result.success else ''}")
+            if result.success:
+                break
+        broken = next((r["eps_255"] for r in rows if r["success"]), None)
+        worse = [(a["eps_255"], b["eps_255"]) for a, b in zip(rows, rows[1:]) if b["dice"] > a["dice"] + 0.01]
+        measured = {"sweep": rows, "smallest_successful_eps_255": broken}
+        if broken is None:
+            return Check("eps_sweep", measured, True, f"no success by {SWEEP_LIMIT}/255: the attack stops short, or the "
+                         "model's preprocessing or a layer masks the gradient (see the layer and finite-difference checks)")
+        if worse:
+            return Check("eps_sweep", measured, True, f"a larger budget left more Dice ({worse[0][1]}/255 vs {worse[0][0]}/255): "
+                         "the optimiser does not converge at the larger budget (step size, iterations)")
+        return Check("eps_sweep", measured)
+
+    def step_doubling(self, volume: Volume, reference: np.ndarray, base_dice: float) -> Check:
+        _, doubled, _ = self._run(volume, reference, self.eps, steps=2 * self.steps)
+        gain = base_dice - doubled
+        self.progress(f"step doubling: {self.steps} -> {2 * self.steps} steps, Dice {base_dice:.3f} -> {doubled:.3f}")
+        measured = {"steps": self.steps, "dice": base_dice, "doubled_steps": 2 * self.steps, "doubled_dice": doubled, "gain": gain}
+        if gain > DOUBLING_TOLERANCE:
+            return Check("step_doubling", measured, True, f"twice the iterations lowered Dice by {gain:.3f}: not converged; "
+                         "use more --steps (or the reliable preset)")
+        return Check("step_doubling", measured)
+
+    def restart_check(self, volume: Volume, reference: np.ndarray, base_dice: float) -> Check:
+        options = dict(self.member.options) | {"restarts": self.restarts, "random_start": True}
+        member = Member("apgd", self.member.loss, tuple(sorted(options.items()))) if self.member.attack == "apgd" else self.member
+        if member.attack != "apgd":  # other attacks: independent runs with different seeds
+            dices = []
+            for seed in range(self.restarts):
+                medis = MedIS(self.target, members_spec=[member], eps=self.eps, step=min(self.step, self.eps), steps=self.steps, seed=seed + 1)
+                setting = medis.prepare(volume, reference, clean_prediction=reference)
+                r = medis.run_member(member, setting.budget, setting.goal, volume, setting.factor)
+                dices.append(_mean_dice(self.target, r.prediction, reference))
+            best = min(dices)
+        else:
+            _, best, _ = self._run(volume, reference, self.eps, member=member)
+        gain = base_dice - best
+        self.progress(f"restarts ({self.restarts}): Dice {base_dice:.3f} -> {best:.3f}")
+        measured = {"restarts": self.restarts, "dice": base_dice, "best_restart_dice": best, "gain": gain}
+        if gain > RESTART_TOLERANCE:
+            return Check("restarts", measured, True, f"random restarts lowered Dice by {gain:.3f}: the single run is "
+                         "stuck in a poor local optimum; use --restarts")
+        return Check("restarts", measured)
+
+    def random_search(self, volume: Volume, reference: np.ndarray, white_box_dice: float, setting) -> Check:
+        budget = setting.budget
+        loss = get_loss("ce", self.target.activation)
+        aim = setting.goal.loss_target
+        clean = torch.from_numpy(volume.array).to(self.target.device)
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def value(x: torch.Tensor) -> tuple[float, np.ndarray]:
+            written = torch.from_numpy(volume.quantise(x.cpu().numpy())).to(self.target.device)
+            ev = self.target.evaluate(written, volume)
+            return float(loss(ev.scan_logits, aim)), ev.segmentation
+
+        signs = (torch.randint(0, 2, (clean.shape[0], 1, 1, clean.shape[-1]), generator=gen) * 2 - 1).to(clean)
+        x = budget.project(clean + budget.eps * signs.expand_as(clean), clean)  # vertical stripes, as Square attack starts
+        best, segmentation = value(x)
+        shape = clean.shape[1:]
+        for q in range(self.queries):
+            fraction = 0.1 * (0.5 ** int(8 * q / max(1, self.queries)))  # the cube's share of the volume, halving
+            side = [max(1, int(round(s * fraction ** (1 / 3)))) for s in shape]
+            corner = [int(torch.randint(0, s - w + 1, (1,), generator=gen)) for s, w in zip(shape, side)]
+            window = (slice(None), *(slice(c, c + w) for c, w in zip(corner, side)))
+            trial = x.clone()
+            sign = float(torch.randint(0, 2, (1,), generator=gen) * 2 - 1)
+            trial[window] = clean[window] + sign * budget.eps
+            trial = budget.project(trial, clean)
+            v, seg = value(trial)
+            if v > best:
+                x, best, segmentation = trial, v, seg
+        dice = _mean_dice(self.target, segmentation, reference)
+        self.progress(f"random search ({self.queries} queries): Dice {dice:.3f} (white-box {white_box_dice:.3f})")
+        measured = {"queries": self.queries, "dice": dice, "white_box_dice": white_box_dice}
+        if dice < white_box_dice - 0.01:
+            return Check("random_search", measured, True, "a gradient-free search beat the white-box attack: the gradient "
+                         "misleads it (masked or shattered); see the layer and finite-difference checks")
+        return Check("random_search", measured)
+
+    def finite_differences(self, volume: Volume, reference: np.ndarray) -> Check:
+        """Directional derivatives along +-1 on a random sample of voxels (and along the gradient's sign there),
+        the Target's exact gradient against central differences through the real forward."""
+        loss = get_loss("ce", self.target.activation)
+        aim = self.target.loss_target(reference)
+        x = torch.from_numpy(volume.array).to(self.target.device).double().float()
+        ev = self.target.evaluate(x, volume, lambda logits: loss(logits, aim), gradient="exact")
+        grad = ev.grad
+        gen = torch.Generator().manual_seed(self.seed)
+        n = grad.numel()
+        sample = torch.randperm(n, generator=gen)[: min(self.fd_voxels, n)]
+        reached = grad.reshape(-1)[sample] != 0
+        scale, _ = self.target.intensity_scale(volume)
+        h = scale / 255  # one step of 1/255 of the intensity range
+        rows = []
+        for kind in ("random", "gradient sign"):
+            direction = torch.zeros(n)
+            if kind == "random":
+                direction[sample] = (torch.randint(0, 2, (len(sample),), generator=gen) * 2 - 1).float()
+            else:
+                direction[sample] = torch.sign(grad.reshape(-1)[sample].cpu())
+            direction = direction.reshape(grad.shape).to(grad)
+            predicted = float((grad * direction).sum())
+            plus = self.target.evaluate(x + h * direction, volume).scan_logits
+            minus = self.target.evaluate(x - h * direction, volume).scan_logits
+            measured_fd = (float(loss(plus, aim)) - float(loss(minus, aim))) / (2 * h)
+            denominator = max(abs(measured_fd), abs(predicted), 1e-12)
+            rows.append({"direction": kind, "gradient": predicted, "finite_difference": measured_fd,
+                         "relative_error": abs(predicted - measured_fd) / denominator})
+        self.progress("finite differences: " + ", ".join(f"{r['direction']} {r['relative_error']:.2g}" for r in rows))
+        measured = {"voxels": int(len(sample)), "fraction_reached": float(reached.float().mean()), "step_native": h, "directions": rows}
+        bad = [r for r in rows if r["relative_error"] > FD_TOLERANCE]
+        if bad:
+            zero = abs(bad[0]["gradient"]) < 1e-3 * abs(bad[0]["finite_difference"])
+            cause = ("the gradient is (near) zero where the loss changes: a layer zeroes it" if zero else
+                     "the gradient disagrees with the loss's real change")
+            return Check("finite_differences", measured, True, cause + "; " + self._culprit(volume, reference))
+        return Check("finite_differences", measured)
+
+    def _culprit(self, volume: Volume, reference: np.ndarray) -> str:
+        """The network's own gradient checked the same way in model space: names it, or the preprocessing."""
+        from medis3d.bpda import gradient_flow
+
+        with torch.no_grad():
+            model_in = self.target.model_input(torch.from_numpy(volume.array).to(self.target.device), volume)
+        roi = [min(int(r), int(s)) if int(r) > 0 else int(s) for r, s in zip(self.target.window.roi_size, model_in.shape[1:])]
+        window = model_in.as_tensor()[(None, slice(None), *(slice(0, r) for r in roi))].float()
+        try:
+            flow = gradient_flow(self.target.network, window)
+        except RuntimeError:
+            flow = {"blocked": [], "zero": []}
+        if flow["blocked"] or flow["zero"]:
+            return f"network layers that block or zero the gradient: {', '.join((flow['blocked'] + flow['zero'])[:5])}"
+        return "the network passes gradients; look at the preprocessing steps (layer check)"
+
+    def layers(self, volume: Volume, reference: np.ndarray, budget: Budget) -> Check:
+        """Per preprocessing step: the share of the scan its gradient reaches, and how well the gradient of the
+        model input predicts the real change of the model input under a step of the attack's size."""
+        x = torch.from_numpy(volume.array).to(self.target.device)
+        steps = []
+        gen = torch.Generator().manual_seed(self.seed)
+        for path in ("exact", "standard", "smooth"):
+            leaf = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                model_in = self.target.model_input(leaf, volume, path)
+                weights = torch.rand(model_in.shape, generator=gen).to(model_in)
+                (grad,) = torch.autograd.grad((model_in * weights).sum(), leaf)
+            direction = torch.sign(grad)
+            with torch.no_grad():
+                moved = self.target.model_input(x + budget.eps * direction, volume)
+                real = float(((moved - model_in.detach()) * weights).sum())
+            predicted = float(budget.eps * (grad * direction).sum())
+            steps.append({"path": path, "fraction_of_scan_reached": float((grad != 0).float().mean()),
+                          "first_order_change": predicted, "real_change_at_eps": real,
+                          "ratio": real / predicted if predicted else None})
+        per_step = []
+        for step in self.target.preprocessing.steps:
+            per_step.append({"transform": step.name, "gradient": step.gradient, "smooth_stand_in": step.smooth or None})
+        measured = {"paths": steps, "steps": per_step}
+        exact = steps[0]
+        causes = []
+        if exact["fraction_of_scan_reached"] < 0.5:
+            spacing = [s for s in self.target.preprocessing.steps if s.name == "Spacing"]
+            clamps = [s for s in self.target.preprocessing.steps if "clamp" in s.gradient]
+            if spacing and steps[1]["fraction_of_scan_reached"] < 0.5:
+                causes.append(f"Spacing: the model reads {steps[1]['fraction_of_scan_reached']:.0%} of the scan's voxels "
+                              "(the rest cannot change its prediction; the smooth path spreads the gradient over them)")
+            elif clamps:
+                causes.append(f"{clamps[0].name}: its clamp zeroes the exact gradient of "
+                              f"{1 - exact['fraction_of_scan_reached']:.0%} of the voxels (medis3d passes it straight through)")
+        ratio = steps[1]["ratio"]
+        if ratio is not None and not 0.5 <= ratio <= 2.0:
+            intensity = [s.name for s in self.target.preprocessing.steps if "Intensity" in s.name or "Normalize" in s.name]
+            causes.append(f"{', '.join(intensity) or 'the preprocessing'}: its first-order change predicts {ratio:.2f}x "
+                          "less than the real change at the attack's budget (the attacker's gradient misleads it); "
+                          "try members with gradient=smooth")
+        self.progress("layers: " + ", ".join(f"{s['path']} reaches {s['fraction_of_scan_reached']:.0%}" for s in steps))
+        return Check("layers", measured, bool(causes) and ratio is not None and not 0.5 <= ratio <= 2.0, "; ".join(causes))

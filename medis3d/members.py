@@ -1,0 +1,198 @@
+"""Members of a MedIS fusion and the presets that choose them.
+
+A member is an optimiser (an attack) ascending a loss, with options, written
+``attack:loss[option=value,...]``, e.g. ``apgd:masked_ce[radii=sea,random_start=1]``. Any attack runs
+with any loss (DAG brings its own). Options:
+
+* ``steps``, ``step``: this member's iterations and step size (``step`` in the units of ``--eps``);
+* ``random_start``, ``restarts``, ``radii`` (``sea``: 2, 1.5, 1 eps over 3:3:4 of the iterations): APGD's;
+* ``gradient`` (``standard`` or ``smooth``: BPDA for the whole preprocessing path), ``transfer`` (the
+  share of the iterations taken through the smooth path before finishing white-box);
+* ``factor``: the low-frequency attack's scan voxels per coarse cell.
+
+Presets (``--preset``, :data:`PRESETS`): ``default`` (what ``medis3d attack`` runs) is MedIS's fusion over
+three APGD members with SEA's losses at no more network passes than the paper's; ``paper`` is MedIS as
+published (IGSM with the paper's six losses, 10/255, steps of 1/255, 10 iterations); ``reliable`` is
+the measured-best ensemble, reported as the per-volume worst case over its members.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from medis3d.attacks import ALIASES, ATTACKS, OWN_LOSS
+from medis3d.errors import InputError
+from medis3d.losses import LOSSES, parse_losses
+
+OPTIONS: dict[str, type] = {"steps": int, "step": float, "random_start": bool, "restarts": int, "radii": str,
+                            "gradient": str, "transfer": float, "factor": int}
+RADII = {"sea": ((2.0, 3), (1.5, 3), (1.0, 4)), "none": ((1.0, 1),)}
+GRADIENTS = ("standard", "smooth")
+
+
+def _value(key: str, text: str) -> Any:
+    kind = OPTIONS[key]
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key} takes 0 or 1, got {text!r}")
+    if kind is float and "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return kind(text)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One fusion member: ``attack`` ascending ``loss`` with ``options`` (sorted ``(key, value)`` pairs)."""
+
+    attack: str
+    loss: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        if not self.options:
+            return f"{self.attack}:{self.loss}"
+        shown = ",".join(f"{k}={_shown(v)}" for k, v in self.options)
+        return f"{self.attack}:{self.loss}[{shown}]"
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
+
+    @classmethod
+    def parse(cls, text: str) -> "Member":
+        """``attack:loss[k=v,...]``, ``attack`` (an attack with its own loss, or an alias such as ``segpgd``)."""
+        text = text.strip()
+        options: dict[str, Any] = {}
+        if "[" in text:
+            if not text.endswith("]"):
+                raise InputError(f"member {text!r}: options go in brackets at the end, e.g. apgd:ce[restarts=2]")
+            text, inner = text[:-1].split("[", 1)
+            for item in filter(None, (i.strip() for i in inner.split(","))):
+                key, _, value = item.partition("=")
+                key = key.strip()
+                if key not in OPTIONS or not value:
+                    raise InputError(f"member option {item!r}: choose from {', '.join(f'{k}=...' for k in OPTIONS)}")
+                try:
+                    options[key] = _value(key, value.strip())
+                except ValueError as exc:
+                    raise InputError(f"member option {item!r}: {exc}")
+        attack, _, loss = text.partition(":")
+        attack, loss = attack.strip(), loss.strip()
+        if attack in ALIASES and not loss:
+            attack, loss = ALIASES[attack]
+        elif attack in OWN_LOSS and not loss:
+            loss = attack
+        if attack not in ATTACKS:
+            raise InputError(f"unknown attack {attack!r}; choose from: {', '.join(sorted(ATTACKS))} (or {', '.join(ALIASES)})")
+        if attack not in OWN_LOSS and loss not in LOSSES:
+            raise InputError(f"member {text!r}: unknown loss {loss!r}; choose from: {', '.join(LOSSES)}")
+        if options.get("radii", "none") not in RADII:
+            raise InputError(f"member {text!r}: radii must be one of {', '.join(RADII)}")
+        if options.get("gradient", "standard") not in GRADIENTS:
+            raise InputError(f"member {text!r}: gradient must be one of {', '.join(GRADIENTS)}")
+        return cls(attack, loss, tuple(sorted(options.items())))
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        in_255 = value * 255
+        if abs(in_255 - round(in_255)) < 1e-9 and round(in_255) != 0:
+            return f"{round(in_255)}/255"  # parses back to the same float
+        return repr(value)
+    return str(value)
+
+
+def product(attacks, losses) -> list[Member]:
+    """``--attacks`` x ``--losses``: every attack with every loss; attacks with their own loss (and the
+    aliases ``segpgd``, ``cospgd``) are one member each."""
+    if isinstance(attacks, str):
+        attacks = [a.strip() for a in attacks.split(",") if a.strip()]
+    try:
+        loss_names = parse_losses(losses)
+    except ValueError as exc:
+        raise InputError(str(exc))
+    members: list[Member] = []
+    for attack in attacks:
+        if attack in ALIASES or attack in OWN_LOSS:
+            members.append(Member.parse(attack))
+        elif attack in ATTACKS:
+            members.extend(Member(attack, loss) for loss in loss_names)
+        else:
+            raise InputError(f"unknown attack {attack!r}; choose from: {', '.join(sorted(ATTACKS))} (or {', '.join(ALIASES)})")
+    return list(dict.fromkeys(members))
+
+
+def parse_members(spec) -> list[Member]:
+    """Members from ``"apgd:ce,apgd:js[restarts=2]"`` or a list (commas inside brackets stay with their member)."""
+    items = spec if not isinstance(spec, str) else _split(spec)
+    members = [m if isinstance(m, Member) else Member.parse(str(m)) for m in items if str(m).strip()]
+    if not members:
+        raise InputError("no member given; e.g. --members apgd:ce,apgd:masked_ce")
+    return list(dict.fromkeys(members))
+
+
+def _split(text: str) -> list[str]:
+    out, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            out.append(current)
+            current = ""
+        else:
+            current += ch
+    return out + [current]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named attack configuration: its members and the budget settings they run with."""
+
+    name: str
+    members: tuple[str, ...]
+    step: float
+    steps: int
+    select: str
+    about: str
+
+    def parsed(self) -> list[Member]:
+        return parse_members(list(self.members))
+
+
+PAPER_MEMBERS = tuple(f"igsm:{loss}" for loss in ("logcosh_dice", "bce_dice", "exp_log", "structure", "lovasz", "combined"))
+PRESETS: dict[str, Preset] = {
+    "paper": Preset("paper", PAPER_MEMBERS, 1 / 255, 10, "least",
+                    "MedIS as published: IGSM with the paper's six losses, steps of 1/255, 10 iterations"),
+}
+SEA = "radii=sea,random_start=1"
+PRESETS["reliable"] = Preset(
+    "reliable",
+    (f"apgd:masked_ce[{SEA}]", f"apgd:masked_ce_balanced[{SEA}]", f"apgd:js[{SEA}]", f"apgd:masked_spherical[{SEA}]",
+     "apgd:ce[gradient=smooth]", "adam:cosine[step=2/255]"),
+    1 / 255, 100, "strongest",
+    "SEA's four APGD members with radius reduction, APGD-CE through the smooth preprocessing, projected Adam; "
+    "per-volume worst case")
+PRESETS["default"] = Preset(
+    "default", ("apgd:masked_spherical", "apgd:masked_ce", "apgd:js"), 1 / 255, 20, "least",
+    "MedIS fusion of three APGD members with SEA's losses, 20 iterations each (no more network passes than the "
+    "paper's six IGSM members of 10), least perturbation among the successful")
+DEFAULT_PRESET = "default"
+
+
+def with_restarts(members: list[Member], restarts: int | None) -> list[Member]:
+    """``--restarts N`` for every APGD member that does not set its own (each restart from a random start)."""
+    if not restarts or restarts <= 1:
+        return members
+    out = []
+    for m in members:
+        if m.attack == "apgd" and m.option("restarts") is None:
+            m = Member(m.attack, m.loss, tuple(sorted(dict(m.options, restarts=int(restarts)).items())))
+        out.append(m)
+    return out

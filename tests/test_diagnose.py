@@ -1,0 +1,82 @@
+"""Gradient-masking checks: a model with a layer that zeroes its gradient is flagged, with the cause
+named; the honest tiny model passes the gradient checks; the command writes its report and exits 1
+on a flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from medis3d.cli import app
+from medis3d.diagnose import Diagnose
+from medis3d.io import read_volume
+
+runner = CliRunner()
+
+
+class _ZeroGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+class Masked(torch.nn.Module):
+    """The network behind a layer whose forward is the identity and whose gradient is zero."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        return self.network(_ZeroGradient.apply(x))
+
+
+def _checks(diagnosis) -> dict:
+    return {c.name: c for c in diagnosis.checks}
+
+
+def test_a_layer_that_zeroes_the_gradient_is_flagged(tiny_target, scan_file):
+    masked = dataclasses.replace(tiny_target, network=Masked(tiny_target.network), notices=[])
+    volume = read_volume(scan_file)
+    diagnosis = Diagnose(masked, eps=24 / 255, steps=3, queries=30, restarts=1, fd_voxels=400)(volume)
+    checks = _checks(diagnosis)
+    assert diagnosis.flagged
+    assert checks["finite_differences"].flagged and "zero" in checks["finite_differences"].cause
+    assert checks["eps_sweep"].flagged and checks["eps_sweep"].measured["smallest_successful_eps_255"] is None
+    assert checks["random_search"].flagged  # a gradient-free search beats an attack that cannot move
+    assert checks["random_search"].measured["dice"] < checks["random_search"].measured["white_box_dice"]
+
+
+def test_the_honest_model_passes_the_gradient_checks(tiny_target, scan_file):
+    volume = read_volume(scan_file)
+    diagnosis = Diagnose(tiny_target, eps=24 / 255, steps=4, queries=30, restarts=1, fd_voxels=400)(volume)
+    checks = _checks(diagnosis)
+    assert not checks["finite_differences"].flagged, checks["finite_differences"].measured
+    for row in checks["finite_differences"].measured["directions"]:
+        assert row["relative_error"] < 0.1
+    assert not checks["random_search"].flagged
+    assert checks["eps_sweep"].measured["smallest_successful_eps_255"] is not None
+    sweep = checks["eps_sweep"].measured["sweep"]
+    assert [r["eps_255"] for r in sweep] == [2, 4, 8, 16, 32, 64][: len(sweep)]
+    layers = checks["layers"].measured["paths"]
+    assert {p["path"] for p in layers} == {"exact", "standard", "smooth"}
+
+
+def test_diagnose_command_writes_its_checks(tiny_bundle, scan_file, tmp_path):
+    out = tmp_path / "d.json"
+    result = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--eps", "24/255", "--steps", "3",
+                                 "--queries", "20", "--out", str(out), "--quiet"])
+    assert result.exit_code in (0, 1), result.output[-2000:]
+    report = json.loads(out.read_text())
+    assert {c["check"] for c in report["checks"]} == {"eps_sweep", "step_doubling", "restarts", "random_search",
+                                                        "finite_differences", "layers"}
+    assert (result.exit_code == 1) == report["flagged"]
+    missing = runner.invoke(app, ["diagnose", str(tmp_path / "nope.nii.gz"), "--bundle", str(tiny_bundle)])
+    assert missing.exit_code == 2 and "nope.nii.gz" in missing.output

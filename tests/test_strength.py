@@ -1,0 +1,172 @@
+"""What makes attacks strong: members (attack x loss x options), SEA's APGD (random start, restarts,
+progressive radius reduction), the gradient paths through the preprocessing (percentiles of any
+size, smooth stand-ins), and presets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ScaleIntensityRangePercentiles, Spacing
+from typer.testing import CliRunner
+
+from medis3d.attacks.apgd import SEA_RADII, stage_iterations
+from medis3d.cli import app
+from medis3d.errors import InputError
+from medis3d.io import read_volume
+from medis3d.medis import MedIS
+from medis3d.members import PRESETS, Member, parse_members, product, with_restarts
+from medis3d.metrics import dice_per_class
+from medis3d.transforms_diff import PercentileScaling, quantile
+
+runner = CliRunner()
+
+
+def _dice(target, pred, ref) -> float:
+    return dice_per_class(target.masks(pred), target.masks(ref))[0]
+
+
+# -- members --------------------------------------------------------------------------------------
+def test_member_names_round_trip_and_options_are_checked():
+    m = Member.parse("apgd:masked_ce[restarts=2,radii=sea,random_start=1,step=2/255]")
+    assert m.attack == "apgd" and m.loss == "masked_ce"
+    assert m.option("restarts") == 2 and m.option("radii") == "sea" and m.option("random_start") is True
+    assert m.option("step") == pytest.approx(2 / 255)
+    assert Member.parse(m.name) == m  # the name is the member
+    assert Member.parse("segpgd") == Member("pgd", "segpgd")  # the old attack names are PGD with their loss
+    assert Member.parse("dag").loss == "dag"
+    assert [x.name for x in parse_members("apgd:ce[restarts=2,radii=sea],adam:cosine")] == [
+        "apgd:ce[radii=sea,restarts=2]", "adam:cosine"]
+    for bad in ("apgd:nope", "wobble:ce", "apgd:ce[speed=3]", "apgd:ce[radii=huge]", "apgd:ce[restarts=x]"):
+        with pytest.raises(InputError):
+            Member.parse(bad)
+    assert [x.name for x in product("igsm,cospgd", "ce,dice")] == ["igsm:ce", "igsm:dice", "pgd:cospgd"]
+    assert [x.name for x in with_restarts([Member("apgd", "ce"), Member("igsm", "ce")], 3)] == ["apgd:ce[restarts=3]", "igsm:ce"]
+
+
+def test_presets_name_valid_members():
+    assert {"paper", "reliable"} <= set(PRESETS)
+    assert [m.name for m in PRESETS["paper"].parsed()] == [
+        "igsm:logcosh_dice", "igsm:bce_dice", "igsm:exp_log", "igsm:structure", "igsm:lovasz", "igsm:combined"]
+    assert PRESETS["paper"].steps == 10 and PRESETS["paper"].step == pytest.approx(1 / 255)
+    assert PRESETS["reliable"].select == "strongest"
+    for preset in PRESETS.values():
+        assert preset.parsed()
+
+
+# -- SEA's APGD -----------------------------------------------------------------------------------
+def test_radius_schedule_splits_iterations_3_3_4():
+    assert stage_iterations(100, SEA_RADII) == [30, 30, 40]
+    assert stage_iterations(10, SEA_RADII) == [3, 3, 4]
+    assert sum(stage_iterations(7, SEA_RADII)) == 7
+
+
+def test_apgd_with_radius_reduction_and_restarts_keeps_its_budget_and_is_deterministic(tiny_target, scan_file):
+    volume = read_volume(scan_file)
+    spec = "apgd:masked_ce[radii=sea,restarts=2,random_start=1]"
+
+    def run():
+        return MedIS(tiny_target, members_spec=spec, eps=16 / 255, steps=6, seed=5)(volume)
+
+    result = run()
+    member = result.chosen
+    eps = result.eps_native
+    # the wider balls are searched (and recorded as such) but never kept: the result is inside eps
+    wide = [r for r in member.trace if not r.in_budget]
+    assert wide and max(r.linf_native for r in wide) > eps * 1.2
+    assert member.linf_native <= eps + 0.5 + 1e-4  # int16: rounding adds at most half a unit
+    assert len(member.trace) == 2 * (6 + 3)  # two restarts, three stages of 2+2+2 iterations plus each stage's start
+    assert _dice(tiny_target, tiny_target.predict(result.adversarial), result.clean_prediction) < 0.97
+    again = run()
+    assert np.array_equal(again.adversarial.array, result.adversarial.array)
+    other = MedIS(tiny_target, members_spec=spec, eps=16 / 255, steps=6, seed=6)(volume)
+    assert not np.array_equal(other.adversarial.array, result.adversarial.array)  # the seed drives the random starts
+
+
+def test_apgd_masked_loss_steps_by_cross_entropy(tiny_target):
+    from medis3d.attacks import APGD, Budget, Goal
+
+    ref = np.zeros((4, 4, 4), np.uint8)
+    goal = Goal(tiny_target, ref)
+    budget = Budget(eps=1.0, step=0.1, steps=2)
+    assert APGD(tiny_target, "masked_ce", budget, goal).track is not None  # masked: compared by plain CE
+    assert APGD(tiny_target, "ce", budget, goal).track is None
+
+
+# -- the gradient paths through the preprocessing ------------------------------------------------
+@pytest.mark.parametrize("size", [(20, 20, 20), (110, 100, 100)])  # under and over MONAI's 1e6-voxel numpy switch
+def test_percentile_scaling_equals_monai_with_a_gradient_at_any_size(size):
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand((1, *size), generator=g) * 200 - 20
+    ours = PercentileScaling(0.5, 99.5, 0.0, 1.0, clip=True)
+    theirs = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)
+    assert torch.allclose(ours(img), torch.as_tensor(theirs(img)).float(), atol=1e-5)
+    assert float(quantile(img.reshape(-1), 0.995)) == pytest.approx(float(np.percentile(img.numpy(), 99.5)), rel=1e-6)
+    leaf = img.clone().requires_grad_(True)
+    for mode, reached in (("exact", 1), ("smooth", 100)):
+        out = ours(leaf, mode)
+        (grad,) = torch.autograd.grad(out.sum(), leaf)
+        # d(sum out)/dx includes the percentiles' own dependence on x: at the voxels the percentiles land on
+        # (exact), or spread over the voxels near them (smooth); a detached percentile would give neither
+        bound_voxels = (grad.abs() > 2 * grad.abs().median()).sum()
+        assert bound_voxels >= reached, mode
+
+
+def test_smooth_path_reaches_every_voxel_of_a_downsampled_scan_with_the_same_forward():
+    from medis3d.transforms_diff import DifferentiablePreprocessing, build_step
+
+    pre = DifferentiablePreprocessing([build_step("Spacingd", {"keys": "image", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"}),
+                                       build_step("ScaleIntensityRangePercentilesd", {"keys": "image", "lower": 0.5, "upper": 99.5,
+                                                                                        "b_min": 0.0, "b_max": 1.0, "clip": True})])
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand((1, 32, 32, 32), generator=g) * 100).requires_grad_(True)
+    reached, values = {}, {}
+    for path in ("standard", "smooth", "exact"):
+        out = pre(MetaTensor(x, affine=torch.eye(4, dtype=torch.float64)), gradient=path)
+        values[path] = out.detach().as_tensor()
+        (grad,) = torch.autograd.grad((out * torch.rand(out.shape, generator=g)).sum(), x)
+        reached[path] = float((grad != 0).float().mean())
+    reference = Spacing(pixdim=(2.0, 2.0, 2.0), mode="bilinear")(MetaTensor(x.detach(), affine=torch.eye(4, dtype=torch.float64)))
+    assert values["standard"].shape == reference.shape
+    assert torch.equal(values["standard"], values["smooth"]) and torch.equal(values["standard"], values["exact"])
+    assert reached["standard"] < 0.2  # the 2 mm grid's interpolation reads one voxel in eight
+    assert reached["smooth"] == 1.0  # the box stand-in spreads it over every voxel a model voxel stands for
+
+
+def test_smooth_and_transfer_members_lower_dice(tiny_target, scan_file):
+    volume = read_volume(scan_file)
+    result = MedIS(tiny_target, members_spec="apgd:ce[gradient=smooth],pgd:ce[transfer=0.5]", eps=24 / 255, steps=6,
+                   select="strongest")(volume)
+    for m in result.members:
+        assert _dice(tiny_target, m.prediction, result.clean_prediction) < 0.98, m.name
+        assert m.linf_native <= result.eps_native + 0.5 + 1e-4
+
+
+def test_minimal_norm_member_finds_a_smaller_budget_than_it_was_given(tiny_target, scan_file):
+    volume = read_volume(scan_file)
+    result = MedIS(tiny_target, members_spec="fmn:margin", eps=64 / 255, step=4 / 255, steps=20, success_threshold=0.9)(volume)
+    assert result.chosen.success
+    assert result.chosen.linf_native < 0.8 * result.eps_native
+
+
+# -- the command line ------------------------------------------------------------------------------
+def test_attack_with_members_and_preset_on_the_command_line(tiny_bundle, scan_file, tmp_path):
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--members",
+                                 "apgd:js[radii=sea],adam:cosine[step=2/255]", "--eps", "24/255", "--steps", "4",
+                                 "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output[-2000:]
+    report = json.loads(result.output)
+    assert report["attack"]["members"] == ["apgd:js[radii=sea]", "adam:cosine[step=2/255]"]
+    assert {m["member"] for m in report["members"]} == set(report["attack"]["members"])
+    assert 0 <= report["adversarial"]["flipped_fraction"] <= 1
+    assert report["adversarial"]["flipped_fraction"] > report["clean"]["flipped_fraction"]
+    paper = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--preset", "paper", "--steps", "1",
+                                "--out", str(tmp_path / "p"), "--json"])
+    assert paper.exit_code == 0, paper.output[-2000:]
+    assert json.loads(paper.output)["attack"]["members"] == list(PRESETS["paper"].members)
+    bad = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--preset", "nope", "--out", str(tmp_path / "n")])
+    assert bad.exit_code == 2 and "--preset" in bad.output and not (tmp_path / "n").exists()
