@@ -37,7 +37,7 @@ def test_attack_lowers_dice_within_budget_and_is_deterministic(tiny_target, scan
     assert _dice(tiny_target, adversarial, clean) < (0.99 if attack == "dag" else 0.97), attack
     written = write_nifti(result.adversarial, tmp_path / "adversarial.nii.gz")  # the budget holds in the file
     delta = read_volume(written).array - volume.array
-    assert np.abs(delta).max() <= result.eps_native + 0.5 + 1e-4  # int16: rounding adds at most half a unit
+    assert np.abs(delta).max() <= result.eps_native + 1e-4  # quantised toward the clean scan where rounding would leave the ball
     assert _dice(tiny_target, tiny_target.predict(read_volume(written)), clean) == _dice(tiny_target, adversarial, clean)
     again = run()
     assert np.array_equal(again.adversarial.array, result.adversarial.array)

@@ -58,7 +58,7 @@ def test_batch_nifti_and_dicom_with_one_corrupt_input(tiny_bundle, batch_input, 
     assert summary["done"] == 3 and summary["failed"] == 1
     for r in done:
         assert float(r["clean_dice"]) == pytest.approx(1.0)  # reference = clean prediction
-        assert float(r["linf_normalized"]) <= 16 / 255 + 0.5 / 400 + 1e-6
+        assert float(r["linf_normalized"]) <= 16 / 255 + 1e-6
 
 
 def _cli(*args: str) -> list[str]:
@@ -124,7 +124,7 @@ def test_attack_dicom_series_both_formats_seg_and_anonymize(tiny_bundle, tmp_pat
     nifti = read_volume(out / "adversarial.nii.gz")
     assert np.allclose(series.affine, nifti.affine, atol=1e-4)
     assert np.abs(series.array - nifti.array).max() <= 0.5 + 1e-4  # within quantisation
-    assert np.abs(series.array - native[None]).max() <= 16 / 255 * 400 + 0.5 + 1e-3  # budget holds in the series
+    assert np.abs(series.array - native[None]).max() <= 16 / 255 * 400 + 1e-3  # budget holds in the series
     first = pydicom.dcmread(next((out / "adversarial").iterdir()))
     assert "ADVERSARIAL" in first.SeriesDescription and list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"]
     assert str(first.PatientName) != "Doe^Jane" and first.PatientID != "PAT-001"

@@ -210,9 +210,12 @@ class Attack:
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
         return self.budget.project(x + self.budget.step * self.budget.direction(grad), clean)
 
-    def evaluate(self, volume: Volume, x: torch.Tensor, objective=None):
-        """The iterate as stored, the evaluation there, its prediction, score and success."""
-        written = torch.from_numpy(volume.quantise(x.cpu().numpy())).to(self.target.device)
+    def evaluate(self, volume: Volume, x: torch.Tensor, objective=None, clean: torch.Tensor | None = None):
+        """The iterate as stored (inside the L-inf ball around ``clean``), the evaluation there, its prediction,
+        score and success."""
+        inside = clean is not None and self.budget.norm == "linf"
+        stored = volume.quantise(x.cpu().numpy(), clean.cpu().numpy() if inside else None, self.budget.eps if inside else None)
+        written = torch.from_numpy(stored).to(self.target.device)
         evaluation = self.target.evaluate(written, volume, objective, gradient=self._gradient_now)
         prediction = evaluation.segmentation
         score = self.goal.score(prediction)
@@ -225,7 +228,7 @@ class Attack:
         Returns the evaluation (its loss and gradient, when ``objective`` is given) and success."""
         if self.transfer > 0:
             self._gradient_now = "smooth" if t < self.transfer * (total or self.budget.steps) else self.gradient
-        written, evaluation, prediction, score, success = self.evaluate(volume, x, objective)
+        written, evaluation, prediction, score, success = self.evaluate(volume, x, objective, clean if in_budget else None)
         trace.append(StepRecord(t, evaluation.loss, score, success, float((written - clean).abs().max()), in_budget))
         if self.progress is not None:
             self.progress(self.member_name, t, total or self.budget.steps, score)

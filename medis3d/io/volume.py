@@ -81,17 +81,24 @@ class Volume:
         ends = (info.min * slope + intercept, info.max * slope + intercept)
         return np.minimum(*ends), np.maximum(*ends)
 
-    def quantise(self, array: np.ndarray) -> np.ndarray:
-        """Native values as the file will hold them: rounded to the stored type and clipped."""
+    def quantise(self, array: np.ndarray, clean: np.ndarray | None = None, eps: float | None = None) -> np.ndarray:
+        """Native values as the file will hold them: rounded to the stored type and clipped. With ``clean`` and an
+        L-inf ``eps``, a value that rounding would take out of the ball around ``clean`` is rounded toward ``clean``
+        instead, so the stored perturbation stays within ``eps``."""
         array = np.asarray(array, dtype=np.float64)
         if self.channel_volumes:  # each channel as its own file stores it
-            return np.stack([v.quantise(array[c : c + 1])[0] for c, v in enumerate(self.channel_volumes)])
+            return np.stack([v.quantise(array[c : c + 1], None if clean is None else clean[c : c + 1], eps)[0]
+                             for c, v in enumerate(self.channel_volumes)])
         if not self.is_integer:
             return array.astype(np.float32)
         info = np.iinfo(self.stored_dtype)
         slope = np.asarray(self.slope, dtype=np.float64)
         intercept = np.asarray(self.intercept, dtype=np.float64)
-        stored = np.clip(np.rint((array - intercept) / slope), info.min, info.max)
+        stored = np.rint((array - intercept) / slope)
+        if clean is not None and eps is not None:
+            ends = ((np.asarray(clean, np.float64) - eps - intercept) / slope, (np.asarray(clean, np.float64) + eps - intercept) / slope)
+            stored = np.clip(stored, np.ceil(np.minimum(*ends) - 1e-6), np.floor(np.maximum(*ends) + 1e-6))
+        stored = np.clip(stored, info.min, info.max)
         return (stored * slope + intercept).astype(np.float32)
 
     def to_stored(self, array: np.ndarray) -> np.ndarray:
