@@ -9,8 +9,9 @@ workflow to any bundle::
 It runs MedIS over the bundle's own ``datalist`` (its own image key), writing each volume's
 adversarial scan, predictions and report into ``output_dir/<name>/``, next to what the
 bundle's inference writes, and ``medis3d_summary.json`` there. Its settings (losses, eps,
-step, steps, eps_units) can be overridden on the command line like any config value, e.g.
-``--medis3d_attack#steps 20``.
+step, steps, eps_units, and members: ``attack:loss[options],...`` in place of IGSM with the
+losses) can be overridden on the command line like any config value, e.g.
+``--medis3d_attack#steps 20`` or ``--medis3d_attack#members apgd:masked_spherical,apgd:js``.
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ class BundleAttack:
         steps: int = 10,
         eps_units: str = "normalized",
         device: str | None = None,
+        members: str | None = None,
     ):
         self.bundle_root, self.datalist, self.output_dir = Path(bundle_root), list(datalist), Path(output_dir)
         self.image_key, self.config = image_key, config
         self.losses, self.eps, self.step, self.steps, self.eps_units = losses, float(eps), float(step), int(steps), eps_units
         self.device = device
+        self.members = members  # attack:loss[options],... instead of IGSM with ``losses``
 
     def run(self) -> list[dict]:
         import torch
@@ -59,7 +62,11 @@ class BundleAttack:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # MONAI's runner already executes this config's code: the user trusts it.
         target = load_bundle(self.bundle_root, config=self.config, trust=True, device=device)
-        options = AttackOptions(losses=self.losses, eps=self.eps, step=self.step, steps=self.steps, eps_units=self.eps_units)
+        from medis3d.members import parse_members
+
+        members = [m.name for m in parse_members(self.members)] if self.members else ()
+        options = AttackOptions(members=members, preset="" if members else "paper", losses=self.losses, eps=self.eps,
+                                step=self.step, steps=self.steps, eps_units=self.eps_units)
         rows = []
         for item in self.datalist:
             path = Path(item[self.image_key] if isinstance(item, dict) else item)
