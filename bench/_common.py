@@ -115,14 +115,14 @@ def paired_ratio(numerator: Callable[[], object], denominator: Callable[[], obje
 class Goal:
     """A figure's goal: ``value <op> bound``."""
 
-    op: str  # "<=" or ">="
+    op: str  # "<=", "<", ">=" or ">"
     bound: float
     what: str
 
     def met(self, value: float | None) -> bool:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
-        return value <= self.bound if self.op == "<=" else value >= self.bound
+        return {"<=": value <= self.bound, "<": value < self.bound, ">=": value >= self.bound, ">": value > self.bound}[self.op]
 
 
 def print_table(goals: dict[str, Goal], values: dict[str, float | None], notes: dict[str, str],
