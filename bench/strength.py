@@ -67,7 +67,7 @@ from medis3d.target import Target
 
 CACHE = ROOT / "bench" / ".cache" / "strength"
 PGD = ("pgd:ce", 20)  # (member, iterations); steps of 1/255
-BEST_SINGLE = ("apgd:margin", 20)
+BEST_SINGLE = ("apgd:margin", 20)  # the strongest single member of the earlier zoo
 SWEEP = (2, 4, 8, 16, 32, 64, 128)  # x/255 (a factor 2 apart: each point costs a full reliable run), for the smallest budget that breaks every volume
 SWEEP_START = 8  # searched from here: down while it still breaks every volume, else up until it does
 ZERO_SWEEP = (32, 64, 128, 255)  # for the smallest budget that leaves Dice <= 0.1
@@ -281,7 +281,8 @@ def per_case(flat: dict, name: str, figure: str, cases: list[Case], rows: list) 
     flat[f"{name}_{figure}"] = mean_of(rows)
     if len(cases) > 1:
         for case, row in zip(cases, rows):
-            flat[f"{name}_{figure}_{case.name}"] = None if row is None else row["dice"]
+            label = case.name if len({c.network for c in cases}) == 1 else f"{case.network}_{case.name}"
+            flat[f"{name}_{figure}_{label}"] = None if row is None else row["dice"]
 
 
 def smallest_breaking(runner: Runner, cases: list[Case], sweep, test, select: str) -> float | None:

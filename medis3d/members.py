@@ -173,14 +173,15 @@ PRESETS: dict[str, Preset] = {
 }
 PRESETS["reliable"] = Preset(
     "reliable",
-    ("apgd:masked_spherical", "apgd:masked_ce", "apgd:js", "apgd:ce[gradient=smooth]"),
+    ("apgd:masked_spherical", "apgd:js", "apgd:margin", "apgd:ce[gradient=smooth]"),
     1 / 255, 50, "strongest",
-    "APGD with three of SEA's losses and with cross-entropy through the smooth preprocessing (BPDA for the "
-    "whole path), 50 iterations each; per-volume worst case")
+    "APGD with two of SEA's losses, the capped margin and cross-entropy through the smooth preprocessing (BPDA "
+    "for the whole path), 50 iterations each; per-volume worst case")
 PRESETS["default"] = Preset(
-    "default", ("apgd:masked_spherical", "apgd:masked_ce", "apgd:js"), 1 / 255, 20, "least",
-    "MedIS fusion of three APGD members with SEA's losses, 20 iterations each (no more network passes than the "
-    "paper's six IGSM members of 10), least perturbation among the successful")
+    "default", ("apgd:masked_spherical", "apgd:js", "apgd:margin"), 1 / 255, 20, "least",
+    "MedIS fusion of three APGD members (SEA's masked spherical and Jensen-Shannon losses, the capped margin), 20 "
+    "iterations each (no more network passes than the paper's six IGSM members of 10), least perturbation among "
+    "the successful")
 DEFAULT_PRESET = "default"
 
 
