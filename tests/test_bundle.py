@@ -104,11 +104,17 @@ def test_normalize_intensity_nonzero_is_differentiable(tmp_path):
 
 
 # --- real third-party bundle configs -----------------------------------------------------
-def _zoo_copy(name: str, tmp_path: Path) -> Path:
-    """A temporary copy of a model-zoo bundle with random weights as models/model.pt."""
+def _zoo_copy(name: str, tmp_path: Path, roi: int | None = None) -> Path:
+    """A temporary copy of a model-zoo bundle with random weights as models/model.pt (and, for CPU, its
+    sliding window's ``roi_size`` set to ``roi``: both medis3d and MONAI then run that configuration)."""
     src = ZOO / name
     dst = tmp_path / name
     shutil.copytree(src, dst)
+    if roi is not None:
+        config = dst / "configs" / "inference.json"
+        parsed = json.loads(config.read_text())
+        parsed["inferer"]["roi_size"] = [roi] * 3
+        config.write_text(json.dumps(parsed, indent=2))
     (dst / "models").mkdir(exist_ok=True)
     target = load_bundle(dst)  # random init
     torch.manual_seed(0)
@@ -150,10 +156,12 @@ def _monai_prediction(bundle: Path, scan: Path, network: torch.nn.Module) -> np.
 
 
 @needs_zoo
-@pytest.mark.parametrize("name", ["spleen_ct_segmentation", "wholeBody_ct_segmentation", "swin_unetr_btcv_segmentation"])
-def test_model_zoo_bundle_agrees_with_monai_and_attacks(name, tmp_path):
-    bundle = _zoo_copy(name, tmp_path)
-    scan = _ct(tmp_path)
+@pytest.mark.parametrize("name,roi", [("spleen_ct_segmentation", None),  # the bundle's own 96^3 windows
+                                      ("wholeBody_ct_segmentation", 64), ("swin_unetr_btcv_segmentation", 64)])
+def test_model_zoo_bundle_agrees_with_monai_and_attacks(name, roi, tmp_path):
+    bundle = _zoo_copy(name, tmp_path, roi)
+    # the two large networks on a scan that one 64^3 window covers at their spacing (CPU time)
+    scan = _ct(tmp_path) if roi is None else _ct(tmp_path, shape=(56, 48, 28))
     target = load_bundle(bundle)
     from medis3d.io import read_volume
     from medis3d.metrics import dice_per_class

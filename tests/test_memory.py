@@ -40,7 +40,7 @@ def test_parse_size():
 
 CHILD = r"""
 import json, sys, numpy as np, torch
-torch.set_num_threads(2)
+torch.set_num_threads(int(sys.argv[2]))  # the test process's share of the cores (pytest-xdist)
 from monai.networks.nets import SegResNet
 from medis3d.engine import WindowSettings
 from medis3d.io.volume import Volume
@@ -73,7 +73,9 @@ print(json.dumps({"used": peak - base, "plan": plan.as_dict() if plan else None}
 
 def _child(budget: int) -> dict:
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", CHILD, str(budget)], capture_output=True, text=True, timeout=600, cwd=root)
+    import torch
+
+    out = subprocess.run([sys.executable, "-c", CHILD, str(budget), str(torch.get_num_threads())], capture_output=True, text=True, timeout=600, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
