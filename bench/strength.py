@@ -190,10 +190,12 @@ class Runner:
         """A member's iterations: as asked, or in a quick run a sixteenth of them (at least two)."""
         return max(2, steps // 16) if self.quick else steps
 
+    def _member_key(self, case: Case, spec: str, eps: float, steps: int, select: str) -> dict:
+        return {"case": [case.target_name, case.network, case.name], "member": spec, "eps": eps, "steps": self.steps(steps),
+                "select": select}
+
     def has(self, case: Case, spec: str, eps: float, steps: int, select: str) -> bool:
-        steps = self.steps(steps)
-        return self._path({"case": [case.target_name, case.network, case.name], "member": spec, "eps": eps, "steps": steps,
-                           "select": select}).exists()
+        return self._path(self._member_key(case, spec, eps, steps, select)).exists()
 
     def _cached(self, key: dict, compute, what: str) -> dict | None:
         path = self._path(key)
@@ -213,8 +215,8 @@ class Runner:
 
     def member(self, case: Case, spec: str, eps: float, steps: int, select: str = "strongest", what: str = "") -> dict | None:
         """One member at ``eps``/255 (steps of 1/255 unless the member sets its own), scored on the written file."""
-        steps = self.steps(steps)
-        key = {"case": [case.target_name, case.network, case.name], "member": spec, "eps": eps, "steps": steps, "select": select}
+        key = self._member_key(case, spec, eps, steps, select)
+        steps = key["steps"]
 
         def compute() -> dict:
             medis = MedIS(case.target, members_spec=[spec], eps=eps / 255, step=1 / 255, steps=steps, select=select)
