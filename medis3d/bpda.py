@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from medis3d.reductions import channel_argmax
+
 
 def straight_through(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` in the forward pass, identity gradient to ``inp`` (shapes must match)."""
@@ -53,7 +55,7 @@ def straight_through_round(x: torch.Tensor) -> torch.Tensor:
 def straight_through_argmax(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """One-hot argmax in the forward pass; the softmax's gradient in the backward pass."""
     soft = torch.softmax(logits, dim=dim)
-    hard = torch.zeros_like(soft).scatter_(dim, soft.argmax(dim=dim, keepdim=True), 1.0)
+    hard = torch.zeros_like(soft).scatter_(dim, channel_argmax(soft, dim, keepdim=True), 1.0)
     return soft + (hard - soft).detach()
 
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss, GeneralizedDiceLoss, TverskyLoss
 
+from medis3d.reductions import channel_argmax
+
 LossFn = Callable[..., torch.Tensor]  # fn(logits, target, t=0, steps=1, targeted=False) -> scalar
 LossFactory = Callable[[str], LossFn]
 
@@ -390,7 +392,7 @@ def margin(activation: str) -> LossFn:
 def _voxel_correct(logits: torch.Tensor, target: torch.Tensor, activation: str) -> torch.Tensor:
     """Whether each voxel's prediction agrees with ``target``: ``(B, *S)`` (softmax) or ``(B, C, *S)`` (sigmoid)."""
     if activation == "softmax":
-        return logits.argmax(1) == _labels(target)
+        return channel_argmax(logits, 1) == _labels(target)
     return (logits > 0) == (target > 0.5)
 
 

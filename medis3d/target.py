@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from medis3d.reductions import channel_argmax
 from medis3d.engine import Precision, WindowEngine, WindowSettings
 from medis3d.errors import InputError
 from medis3d.io.volume import Volume
@@ -254,7 +255,7 @@ class Target:
 
         with torch.no_grad():
             if self.activation == "softmax":
-                labels = stitched[0].argmax(0, keepdim=True).float()
+                labels = channel_argmax(stitched[0], 0, keepdim=True).float()
             else:
                 labels = (stitched[0] > 0).float()
             ops = convert_applied_interp_mode([dict(op) for op in model_input.applied_operations], mode="nearest")
@@ -268,7 +269,7 @@ class Target:
     def segment(self, scan_logits: torch.Tensor) -> np.ndarray:
         """Label map from scan-grid logits: ``(I,J,K)`` class indices (softmax) or ``(C,I,J,K)`` 0/1 (sigmoid)."""
         if self.activation == "softmax":
-            return scan_logits[0].argmax(0).cpu().numpy().astype(self.label_dtype)
+            return channel_argmax(scan_logits[0], 0).cpu().numpy().astype(self.label_dtype)
         return (scan_logits[0] > 0).cpu().numpy().astype(np.uint8)
 
     def predict(self, volume: Volume) -> np.ndarray:

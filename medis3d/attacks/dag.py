@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from medis3d.attacks.base import Attack
+from medis3d.reductions import channel_argmax
 
 ON_TARGET = 0.99  # stop once this fraction of voxels is on target
 
@@ -34,7 +35,7 @@ class DAG(Attack):
         def fn(scan_logits: torch.Tensor) -> torch.Tensor:
             logits = scan_logits.float()
             if activation == "softmax":
-                current = logits.argmax(1, keepdim=True)
+                current = channel_argmax(logits, 1, keepdim=True)
                 active = (current != aim).float()
                 gap = logits.gather(1, aim.long()) - logits.gather(1, current)
                 self._on_target = 1.0 - float(active.mean())
