@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -337,8 +336,8 @@ def batch(
 ) -> None:
     """Attack every volume under INPUT_DIR; resumable; shards across processes under torchrun."""
     _quiet_warnings()
-    from medis3d.batch import Shard, discover, pending, run_one, write_summary
-    from medis3d.pipeline import run_attack
+    from medis3d.batch import Shard, discover
+    from medis3d.io.outputs import check_output_folder, output_lock, writing
 
     if target not in (None, "background", "foreground"):
         _fail(f"--target in batch must be background or foreground, got {target!r}")
@@ -350,11 +349,21 @@ def batch(
             raise InputError(f"{input_dir}: no NIfTI volume or DICOM image series found")
         if out.resolve() == input_dir.resolve() or input_dir.resolve() in out.resolve().parents:
             raise InputError(f"{out}: the output folder must not be inside the input folder {input_dir}")
+        check_output_folder(out)
         tgt, options, _ = _prepare(params)
+        with output_lock(out, part=f"batch rank {shard.rank}"), writing(out):
+            code = _run_batch(items, out, tgt, options, shard, quiet)
     except Medis3dError as exc:
         shard.close()
         _fail(str(exc))
         return
+    raise typer.Exit(code=code)
+
+
+def _run_batch(items, out: Path, tgt, options, shard, quiet: bool) -> int:
+    from medis3d.batch import pending, run_one, write_summary
+    from medis3d.pipeline import run_attack
+
     out.mkdir(parents=True, exist_ok=True)
     todo = list(pending(shard.mine(items), out))
     skipped = len(shard.mine(items)) - len(todo)
@@ -395,7 +404,7 @@ def batch(
     shard.close()
     if shard.rank != 0:
         code = 1 if failures else 0
-    raise typer.Exit(code=code)
+    return code
 
 
 @app.command()
@@ -604,12 +613,10 @@ def bundle_fragment() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        typer.echo("medis3d: interrupted", err=True)
-        sys.exit(130)
+    """The ``medis3d`` command (see :func:`medis3d.__main__.main`, which installs the signal handling first)."""
+    from medis3d.__main__ import main as entry
+
+    entry()
 
 
 if __name__ == "__main__":

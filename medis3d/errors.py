@@ -13,3 +13,7 @@ class InputError(Medis3dError):
 
 class BundleError(Medis3dError):
     """A bundle that cannot be loaded, or one refused by the safe loader."""
+
+
+class OutputError(Medis3dError):
+    """An output location that cannot be written: not a folder, no permission, the disk full, or in use."""

@@ -17,6 +17,7 @@ import numpy as np
 from medis3d.errors import InputError
 from medis3d.io import read_volume
 from medis3d.io.atomic import write_text_atomic
+from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.nifti import is_nifti
 from medis3d.io.volume import make_names_unique, safe_name
 from medis3d.medis import MedIS, select_member
@@ -123,7 +124,18 @@ def evaluate_dataset(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Run every member on every case at every budget (cached), then write the tables and plot; with
-    ``diagnose``, the gradient-masking checks on each case at the largest budget (``diagnose/<case>.json``)."""
+    ``diagnose``, the gradient-masking checks on each case at the largest budget (``diagnose/<case>.json``).
+
+    ``out`` is checked before any work, held against a second run, and a failed write is one line."""
+    check_output_folder(out)
+    with output_lock(out), writing(out):
+        return _evaluate_dataset(target, cases, out, attacks=attacks, losses=losses, members=members, eps_list=eps_list,
+                                 step=step, steps=steps, eps_units=eps_units, success=success, seed=seed, diagnose=diagnose,
+                                 progress=progress)
+
+
+def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attacks, losses, members, eps_list, step, steps,
+                      eps_units, success, seed, diagnose, progress) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     rows: list[dict] = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,14 @@ import torch
 
 from medis3d.errors import InputError
 from medis3d.io import read_volume, write_nifti
+from medis3d.io.atomic import staging_folder
+from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import Volume
 from medis3d.medis import PAPER_EPS, PAPER_STEP, PAPER_STEPS, MedIS, MedISResult
 from medis3d.metrics import (dice_per_class, flipped_fraction, hd95_per_class, iou_per_class, mean_iou, perturbation_norms,
                              smooth_mean_iou)
 from medis3d.report import SCHEMA, peak_memory_mb, write_json, write_overview
+from medis3d.signals import deferred
 from medis3d.target import Target
 
 OUTPUT_FILES = (
@@ -165,6 +167,13 @@ def run_attack(
     sources = list(volume.meta.get("dicom_files", [])) if volume.format == "dicom" else []
     sources += [v.path for v in volume.channel_volumes or []]
     _guard_inputs(out, [volume.path, options.label, target_file, options.mask, *sources])
+    check_output_folder(out)
+    with output_lock(out):
+        return _attack_and_write(volume, target, options, out, formats, target_file, progress, start)
+
+
+def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, out: Path, formats, target_file: Path | None,
+                      progress, start: float) -> dict:
     reference = read_segmentation(Path(options.label), volume, target, "label") if options.label else None
     region = None
     if options.mask is not None:
@@ -254,8 +263,13 @@ def _write_outputs(
     formats: Sequence[str],
     options: AttackOptions,
 ) -> dict:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    with writing(out):
+        return _write_staged(volume, target, medis, result, out, start, target_spec, formats, options)
+
+
+def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISResult, out: Path, start: float,
+                  target_spec: str | None, formats: Sequence[str], options: AttackOptions) -> dict:
+    stage = staging_folder(out, suffix=".partial")
     try:
         # Success is measured on what is written: read the file back and run the model on it.
         written = _write_adversarial(volume, result, stage, formats, options, medis)
@@ -379,11 +393,12 @@ def _write_outputs(
             f"L-inf {norms['linf_normalized'] * 255:.1f}/255 = {norms['linf_native']:.3g} native units)",
         )
         write_json(stage / "report.json", report)
-        out.mkdir(parents=True, exist_ok=True)
-        for entry in sorted(stage.iterdir()):
-            if (out / entry.name).is_dir():  # an earlier run's DICOM series: replace it whole
-                shutil.rmtree(out / entry.name)
-            os.replace(entry, out / entry.name)
+        with deferred():  # a signal now would leave some outputs moved and others not
+            out.mkdir(parents=True, exist_ok=True)
+            for entry in sorted(stage.iterdir()):
+                if (out / entry.name).is_dir():  # an earlier run's DICOM series: replace it whole
+                    shutil.rmtree(out / entry.name)
+                os.replace(entry, out / entry.name)
         report["output_dir"] = str(out)
         return report
     finally:

@@ -1,4 +1,9 @@
-"""Atomic file writes: a file is either complete or absent, never half-written."""
+"""Atomic file writes: a file is either complete or absent, never half-written.
+
+Staging files and folders come from ``tempfile`` (private: 0600 / 0700); what is moved into
+place gets the modes any other tool would create it with under the user's umask (0644 / 0755
+under the usual 022), so colleagues and services on a shared machine can read the results.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,22 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+def umask_mode(folder: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file (``0o666``) or folder (``0o777``) under the umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
+def staging_folder(beside: Path, suffix: str = ".partial") -> Path:
+    """A new hidden folder next to ``beside`` for writing its contents before they move into place,
+    with the mode of a folder created normally (it may itself become the output)."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=suffix, dir=beside.parent))
+    os.chmod(folder, umask_mode(folder=True))
+    return folder
 
 
 @contextlib.contextmanager
@@ -20,6 +41,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

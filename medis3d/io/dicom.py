@@ -23,7 +23,6 @@ import datetime
 import os
 import secrets
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from medis3d.errors import InputError
+from medis3d.io.atomic import staging_folder
 from medis3d.io.volume import Volume
 
 __all__ = [
@@ -601,8 +601,7 @@ def write_dicom_series(
     now = datetime.datetime.now()
     width = max(4, len(str(len(headers))))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    staging = staging_folder(out_dir)
     try:
         names = []
         for k, header in enumerate(headers):

@@ -1,0 +1,93 @@
+"""Where a run writes: checked before the work starts, held against a second run, and write failures
+turned into one line that names the folder (the staging folder is removed, nothing is left half-written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from medis3d.errors import OutputError
+
+_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def reason(exc: OSError) -> str:
+    """A short reason for an OS error: the disk full, permission denied, or the system's own words."""
+    return _REASONS.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: the output path is a file, not a folder; choose another --out")
+    existing = out
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{out}: cannot create the output folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot write the output folder: permission denied on {existing}")
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Turn an OS error while writing into ``out`` into one :class:`OutputError` line."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise OutputError(f"{out}: could not write the outputs{where}: {reason(exc)}; nothing was written") from exc
+
+
+def _lock_path(out: Path, part: str) -> Path:
+    key = hashlib.sha256(f"{out.resolve()}\0{part}".encode()).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / f"medis3d-{key}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, part: str = "") -> Iterator[None]:
+    """Hold ``out`` for this run: a second run into the same folder is refused while this one works.
+
+    The lock is an advisory ``flock`` on a file in the temporary folder named after the output
+    folder's resolved path (nothing is created beside the outputs before they are written), removed
+    when the run ends; a lock file replaced while being taken is taken again, so two runs never both
+    hold one. ``part`` names a share of the folder that runs may hold apart (a torchrun rank)."""
+    path = _lock_path(out, part)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file: a read-only descriptor locks as well
+            fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputError(f"{out}: another medis3d run{f' (pid {holder})' if holder else ''} is writing into this folder; "
+                              "wait for it to finish or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed it as we opened it: take the new one
+    try:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
