@@ -12,6 +12,7 @@ import importlib
 import json
 import operator
 import re
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -70,8 +71,32 @@ def resolve_bundle_path(path: str | Path | None) -> Path:
     raise BundleError(f"{bundle}: no such bundle (a folder or .zip, or a shipped bundle's name: {names})")
 
 
+MAX_CONFIG_BYTES = 8 * 2**20  # real bundle configs are kilobytes
+MAX_CONFIG_NODES = 1_000_000  # values in the config as read, YAML aliases counted each time they are used
+MAX_ZIP_BYTES = 16 * 2**30  # unpacked size of a bundle archive (the largest model-zoo weights are a few hundred MB)
+
+
+def _count_nodes(data: Any, limit: int) -> int:
+    """How many values ``data`` holds, counting shared (aliased) parts at each use, stopping past ``limit``."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
 def read_config(path: Path) -> dict:
-    """Read a JSON or YAML bundle config file."""
+    """Read a JSON or YAML bundle config file (refusing one too large to be a config)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read the config ({exc.strerror})")
+    if size > MAX_CONFIG_BYTES:
+        raise BundleError(f"{path}: the config is {size / 2**20:.0f} MB; bundle configs are kilobytes, refused")
     try:
         text = path.read_text()
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -84,7 +109,13 @@ def read_config(path: Path) -> dict:
         raise BundleError(f"{path}: cannot parse the config ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
     if not isinstance(data, dict):
         raise BundleError(f"{path}: a bundle config must be a mapping at its top level")
+    if _count_nodes(data, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
+        raise BundleError(f"{path}: the config expands to more than {MAX_CONFIG_NODES:,} values (YAML aliases included); refused")
     return data
+
+
+def _shortened(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class SafeConfig:
@@ -129,7 +160,7 @@ class SafeConfig:
                     return literal_expression(value[1:], lambda ref: self.resolve("@" + ref, where, depth + 1))
                 except ValueError:
                     raise BundleError(
-                        f"{self.source}: refused to evaluate the Python expression {value!r} at {where}; "
+                        f"{self.source}: refused to evaluate the Python expression {_shortened(value)!r} at {where}; "
                         "re-run with --trust-bundle if you trust this bundle"
                     )
             if value.startswith("@"):
@@ -188,10 +219,42 @@ _SAFE_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.l
                  ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
 
 
+# pure builtins a data expression may call (on data only, positional arguments), and the longest
+# sequence one may make (``[0] * 10**9`` or ``list(range(10**12))`` would exhaust memory, not run code)
+_SAFE_CALLS: dict[str, Any] = {f.__name__: f for f in (len, min, max, sum, abs, int, float, bool, str, round, tuple, list,
+                                                        sorted, range, any, all)}
+_MAX_ITEMS = 1_000_000
+_DTYPE_NAMES = ("float16", "float32", "float64", "bfloat16", "half", "float", "double", "int8", "int16", "int32",
+                "int64", "uint8", "uint16", "uint32", "uint64", "bool", "bool_", "long", "int", "short", "complex64")
+
+
+def _dtype(module: str, name: str) -> Any:
+    """``torch.float32``, ``numpy.float32`` / ``np.float32`` and the like: names of dtypes, nothing else."""
+    if name not in _DTYPE_NAMES:
+        return None
+    if module == "torch":
+        value = getattr(torch, name, None)
+        return value if isinstance(value, torch.dtype) else None
+    if module in ("numpy", "np"):
+        import numpy
+
+        value = getattr(numpy, name, None)
+        return value if isinstance(value, type) and issubclass(value, numpy.generic) else None
+    return None
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, range) and len(value) > _MAX_ITEMS:
+        raise ValueError("range too long")
+    return value
+
+
 def literal_expression(expression: str, reference) -> Any:
     """Evaluate a bundle ``$`` expression made only of data: literals, lists, arithmetic,
-    comparisons, ``and``/``or``/``not``, ``x if c else y`` and ``@references``. Anything else
-    (names, calls, attributes, imports) raises ValueError: nothing is executed."""
+    comparisons, ``and``/``or``/``not``, ``x if c else y``, indexing, ``@references``, calls of
+    pure builtins on data (``len``, ``min``, ``max``, ``int``, ``range``...) and dtype names
+    (``torch.float32``, ``numpy.float32``). Anything else (other names, calls, attributes,
+    imports, comprehensions) raises ValueError: nothing is executed."""
     refs: dict[str, str] = {}
 
     def placeholder(match: re.Match) -> str:
@@ -201,8 +264,8 @@ def literal_expression(expression: str, reference) -> Any:
 
     try:
         tree = ast.parse(_REF.sub(placeholder, expression.strip()), mode="eval")
-    except SyntaxError as exc:
-        raise ValueError(str(exc))
+    except (SyntaxError, RecursionError, MemoryError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}")
 
     def ev(node):
         if isinstance(node, ast.Expression):
@@ -223,7 +286,23 @@ def literal_expression(expression: str, reference) -> Any:
             left, right = ev(node.left), ev(node.right)
             if isinstance(node.op, ast.Pow) and abs(right) > 64:
                 raise ValueError("exponent too large")
+            if isinstance(node.op, ast.Mult):
+                for seq, times in ((left, right), (right, left)):
+                    if isinstance(seq, (str, bytes, list, tuple)) and isinstance(times, int) and len(seq) * times > _MAX_ITEMS:
+                        raise ValueError("sequence too long")
             return _SAFE_BINOPS[type(node.op)](left, right)
+        if isinstance(node, ast.Subscript):
+            return ev(node.value)[ev(node.slice)]
+        if isinstance(node, ast.Slice):
+            return slice(*(None if part is None else ev(part) for part in (node.lower, node.upper, node.step)))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            dtype = _dtype(node.value.id, node.attr)
+            if dtype is not None:
+                return dtype
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SAFE_CALLS
+                and not node.keywords and not any(isinstance(a, ast.Starred) for a in node.args)):
+            args = [_bounded(ev(a)) for a in node.args]
+            return _bounded(_SAFE_CALLS[node.func.id](*args))
         if isinstance(node, ast.BoolOp):
             values = [ev(v) for v in node.values]
             return all(values) if isinstance(node.op, ast.And) else any(values)
@@ -239,7 +318,12 @@ def literal_expression(expression: str, reference) -> Any:
             return ev(node.body) if ev(node.test) else ev(node.orelse)
         raise ValueError(f"not a data expression: {ast.dump(node)[:80]}")
 
-    return ev(tree)
+    try:
+        return ev(tree)
+    except ValueError:
+        raise
+    except Exception as exc:  # data that does not fit the operation (len(5), 1 / 0, a missing index): still data
+        raise ValueError(f"{type(exc).__name__}: {exc}")
 
 
 def resolve_component(name: str, source: Path | str = "", allow_any: bool = False):
@@ -265,16 +349,39 @@ def resolve_component(name: str, source: Path | str = "", allow_any: bool = Fals
     return getattr(importlib.import_module(module), name)
 
 
-def _unpack_zip(path: Path) -> Path:
-    out = Path(tempfile.mkdtemp(prefix="medis3d-bundle-"))
-    with zipfile.ZipFile(path) as zf:
-        for member in zf.namelist():
-            target = (out / member).resolve()
-            if not str(target).startswith(str(out.resolve())):
-                raise BundleError(f"{path}: refused a zip entry outside the bundle ({member})")
-        zf.extractall(out)
-    entries = [p for p in out.iterdir() if p.is_dir()]
-    return entries[0] if len(entries) == 1 and not (out / "configs").exists() else out
+def _unpack_zip(path: Path, out: Path) -> Path:
+    """Unpack a bundle archive into the (temporary) folder ``out``; entries that would land outside it,
+    links, and archives that unpack to more than :data:`MAX_ZIP_BYTES` are refused before anything is written."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BundleError(f"{path}: not a readable zip archive ({exc})")
+    with zf:
+        root = out.resolve()
+        total = 0
+        for info in zf.infolist():
+            target = (root / info.filename).resolve()
+            if target != root and root not in target.parents:
+                raise BundleError(f"{path}: refused a zip entry outside the bundle ({info.filename})")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise BundleError(f"{path}: refused a link inside the archive ({info.filename})")
+            total += info.file_size
+        if total > MAX_ZIP_BYTES:
+            raise BundleError(f"{path}: the archive unpacks to {total / 2**30:.1f} GB; refused (limit {MAX_ZIP_BYTES / 2**30:.0f} GB)")
+        try:
+            zf.extractall(root)
+        except (zipfile.BadZipFile, OSError, RuntimeError) as exc:
+            raise BundleError(f"{path}: cannot unpack the archive ({exc})")
+    entries = [p for p in root.iterdir() if p.is_dir()]
+    return entries[0] if len(entries) == 1 and not (root / "configs").exists() else root
+
+
+def _inside(bundle: Path, path: Path, what: str) -> Path:
+    """``path``, refused when it (or a link on the way) leads outside the bundle folder."""
+    root, real = bundle.resolve(), path.resolve()
+    if real != root and root not in real.parents:
+        raise BundleError(f"{path}: refused the {what}: it leads outside the bundle (to {real})")
+    return path
 
 
 def find_config(bundle: Path, config: str | None) -> Path:
@@ -318,9 +425,10 @@ def _load_state(net: torch.nn.Module, path: Path, trust: bool) -> None:
 
 
 def _build_network(
-    cfg: SafeConfig, ts_path: Path | None, pt_path: Path | None, notices: list[str]
+    cfg: SafeConfig, ts_path: Path | None, pt_path: Path | None, notices: list[str], random_weights: bool = False
 ) -> tuple[torch.nn.Module, str, dict]:
-    """The network from ``network_def`` and a state dict, or a TorchScript model."""
+    """The network from ``network_def`` and a state dict, or a TorchScript model; without either, an error
+    (``random_weights``: the network's random initialisation, with a notice)."""
     has_ts = ts_path is not None and ts_path.is_file()
     has_pt = pt_path is not None and pt_path.is_file()
     if not cfg.has("network_def"):
@@ -341,8 +449,11 @@ def _build_network(
         _load_state(net, pt_path, cfg.trust)
     elif has_ts:
         net = _load_torchscript(ts_path)
-    else:
+    elif random_weights:
         notices.append("no models/model.pt or model.ts: the network has random weights")
+    else:
+        raise BundleError(f"{cfg.source}: the bundle has no weights (models/model.pt or models/model.ts); refusing to stand in "
+                          "a randomly initialised network")
     return net, type(net).__name__, args
 
 
@@ -443,22 +554,41 @@ def load_bundle(
     trust: bool = False,
     device: str | torch.device = "cpu",
     precision: Precision | None = None,
+    random_weights: bool = False,
 ) -> Target:
     """Load a MONAI bundle (directory or .zip, or a shipped bundle's name; default: the shipped
-    brain SegResNet) as a :class:`Target`."""
+    brain SegResNet) as a :class:`Target`. A bundle without weights is refused unless
+    ``random_weights`` asks for the network's random initialisation (to check a config)."""
     bundle = resolve_bundle_path(path)
     if bundle.is_file() and bundle.suffix == ".zip":
-        bundle = _unpack_zip(bundle)
-    elif not bundle.is_dir():
+        # unpacked into a temporary folder that is always removed: everything is in memory once loaded
+        with tempfile.TemporaryDirectory(prefix="medis3d-bundle-") as tmp:
+            return _load_folder(_unpack_zip(bundle, Path(tmp)), str(bundle), config, trust, device, precision, random_weights)
+    if not bundle.is_dir():
         raise BundleError(f"{bundle}: a bundle is a directory (or .zip) with configs/ and models/")
-    config_path = find_config(bundle, config)
+    return _load_folder(bundle, str(bundle), config, trust, device, precision, random_weights)
+
+
+def _load_folder(bundle: Path, source: str, config: str | None, trust: bool, device, precision, random_weights: bool) -> Target:
+    config_path = _inside(bundle, find_config(bundle, config), "config")
     cfg = SafeConfig(read_config(config_path), config_path, trust=trust)
-    return _target_from(cfg, bundle / "models" / "model.ts", bundle / "models" / "model.pt", str(bundle), device, precision, _class_names(bundle))
+    models = bundle / "models"
+    ts, pt = (_inside(bundle, models / name, "weights") if (models / name).exists() else models / name
+              for name in ("model.ts", "model.pt"))
+    meta = bundle / "configs" / "metadata.json"
+    if meta.exists():
+        _inside(bundle, meta, "metadata")
+    return _target_from(cfg, ts, pt, source, device, precision, _class_names(bundle), random_weights)
 
 
-def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precision, class_names: dict) -> Target:
+def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precision, class_names: dict,
+                 random_weights: bool = False) -> Target:
     notices: list[str] = []
-    network, net_name, net_args = _build_network(cfg, ts_path, pt_path, notices)
+    imports = cfg.raw("imports") if not cfg.trust else None
+    if isinstance(imports, list) and imports:
+        names = ", ".join(str(i).lstrip("$").replace("import ", "").strip() for i in imports)
+        notices.append(f"the config's imports ({names}) were not run: the safe loader needs none of them")
+    network, net_name, net_args = _build_network(cfg, ts_path, pt_path, notices, random_weights)
     preprocessing = _preprocessing(cfg)
     window = _window_settings(cfg)
     in_channels = int(net_args.get("in_channels", 0) or 0)

@@ -32,7 +32,8 @@ def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="monai")
 
 
-def _load_target(bundle: Optional[Path], config: Optional[str], trust: bool, device: str, bare: Optional[dict] = None):
+def _load_target(bundle: Optional[Path], config: Optional[str], trust: bool, device: str, bare: Optional[dict] = None,
+                 random_weights: bool = False):
     import torch
 
     from medis3d.bundle import load_bundle, load_network
@@ -46,7 +47,7 @@ def _load_target(bundle: Optional[Path], config: Optional[str], trust: bool, dev
             bare["network"], network_def=bare.get("network_def"), transforms=bare.get("transforms") or "mr_t1_brain",
             trust=trust, device=device,
         )
-    return load_bundle(bundle, config=config, trust=trust, device=device)
+    return load_bundle(bundle, config=config, trust=trust, device=device, random_weights=random_weights)
 
 
 def parse_fraction(text: str, option: str) -> float:
@@ -564,7 +565,8 @@ def bundle_check(
     from medis3d.check import check_bundle
 
     try:
-        tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
+        # a config can be checked before its weights exist (a notice says the weights are random)
+        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), random_weights=True)
         report = check_bundle(tgt, scan)
     except Medis3dError as exc:
         _fail(str(exc))

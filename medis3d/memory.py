@@ -144,3 +144,35 @@ def plan_memory(target, model_shape, budget_bytes: int) -> MemoryPlan:
                 best = plan
     assert best is not None
     return best
+
+
+def available_device_bytes(device: torch.device) -> float:
+    """Free memory on ``device``: the CUDA allocator's free bytes, or what the kernel says is available."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    from medis3d.io.limits import available_bytes
+
+    return available_bytes()
+
+
+def check_machine_fits(target, model_shape, volume) -> None:
+    """Refuse, before the attack starts, a volume whose attack cannot fit in this machine's memory at any
+    setting: its volume-size buffers (model space and the scan grid) and the weights alone exceed what is free."""
+    from medis3d.errors import InputError
+    from medis3d.io.limits import human
+
+    scan_voxels = 1
+    for s in volume.spatial_shape:
+        scan_voxels *= int(s)
+    # scan grid: the iterate, the clean scan and the gradient (x channels); logits and their gradient (x classes)
+    scan = 4 * scan_voxels * (3 * volume.channels + 2 * target.out_channels)
+    weights = sum(p.numel() * p.element_size() for p in target.network.parameters())
+    need = volume_buffers(target, model_shape) + scan + weights
+    free = available_device_bytes(target.device)
+    if need > free:
+        raise InputError(
+            f"{volume.path}: attacking this volume needs at least {human(need)} of memory on {target.device} (its volume-size "
+            f"buffers at model shape {'x'.join(map(str, model_shape))} and the weights, before any window), more than the "
+            f"{human(free)} free; use a machine with more memory or a coarser resampling"
+        )

@@ -3,6 +3,7 @@ atomically, and measure the outcome on the volume as written (read back from dis
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -201,16 +202,18 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, ou
         select=options.select,
     )
     memory_plan = None
-    if options.memory_budget:
-        from medis3d.memory import plan_memory
+    from medis3d.memory import check_machine_fits, plan_memory
 
+    check_machine_fits(target, target.model_shape(volume), volume)
+    if options.memory_budget:
         memory_plan = plan_memory(target, target.model_shape(volume), options.memory_budget)
-        target.configure(sw_batch_size=memory_plan.sw_batch_size, checkpoint=memory_plan.checkpoint, amp=memory_plan.amp)
         if not memory_plan.fits:
-            target.notices.append(
-                f"--memory-budget {options.memory_budget / 2**20:.0f} MB: the smallest settings are estimated at "
-                f"{memory_plan.estimate_bytes / 2**20:.0f} MB; running with them"
+            raise InputError(
+                f"--memory-budget {options.memory_budget / 2**20:.0f} MB is below what any setting needs for {volume.path}: "
+                f"the smallest (window batch {memory_plan.sw_batch_size}, checkpointing{', AMP' if memory_plan.amp else ''}) "
+                f"is estimated at {memory_plan.estimate_bytes / 2**20:.0f} MB; give at least {math.ceil(memory_plan.estimate_bytes / 2**20)} MB"
             )
+        target.configure(sw_batch_size=memory_plan.sw_batch_size, checkpoint=memory_plan.checkpoint, amp=memory_plan.amp)
     if target.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target.device)
     result = medis(volume, reference=reference, target_mask=aim)

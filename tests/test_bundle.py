@@ -74,7 +74,7 @@ def test_refused_bundle_on_the_command_line_is_one_line(tmp_path, scan_file):
 
 def test_trusted_bundle_evaluates_expressions(tmp_path):
     net = dict(NET, out_channels="$1 + 1")
-    target = load_bundle(_bundle(tmp_path, {"network_def": net}), trust=True)
+    target = load_bundle(_bundle(tmp_path, {"network_def": net}), trust=True, random_weights=True)
     assert target.out_channels == 2
 
 
@@ -116,7 +116,7 @@ def _zoo_copy(name: str, tmp_path: Path, roi: int | None = None) -> Path:
         parsed["inferer"]["roi_size"] = [roi] * 3
         config.write_text(json.dumps(parsed, indent=2))
     (dst / "models").mkdir(exist_ok=True)
-    target = load_bundle(dst)  # random init
+    target = load_bundle(dst, random_weights=True)  # random init, saved as the copy's weights
     torch.manual_seed(0)
     torch.save(target.network.state_dict(), dst / "models" / "model.pt")
     return dst
@@ -227,7 +227,7 @@ def test_shipped_bundle_by_name_and_local_folders_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_bundle_path("brain_t1_unetr") == shipped["brain_t1_unetr"]
     local = _bundle(tmp_path, {"network_def": NET}).rename(tmp_path / "brain_t1_unetr")  # a folder of that name wins
-    assert resolve_bundle_path("brain_t1_unetr") == Path("brain_t1_unetr") and load_bundle("brain_t1_unetr").name == "UNet"
+    assert resolve_bundle_path("brain_t1_unetr") == Path("brain_t1_unetr") and load_bundle("brain_t1_unetr", random_weights=True).name == "UNet"
     with pytest.raises(BundleError, match="brain_t1_segresnet, brain_t1_unetr"):
         resolve_bundle_path("no_such_bundle")
     with pytest.raises(BundleError, match="no such bundle"):  # a path, not a bare name: never a shipped bundle
@@ -248,3 +248,143 @@ def test_shipped_bundles_from_a_wheel_install(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert bundle_module.default_bundle_path() == installed / "brain_t1_segresnet"
     assert bundle_module.resolve_bundle_path("brain_t1_unetr") == installed / "brain_t1_unetr"
+
+
+# -- hostile bundles: refused with one line, nothing written outside a temporary folder that is removed
+def _zip(path: Path, entries: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    import stat
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+        for name, target in (links or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return path
+
+
+@pytest.fixture()
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    """A temporary folder of the test's own (other tests unpack bundles in parallel)."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _bundle_temps(folder: Path) -> list[Path]:
+    return list(folder.glob("medis3d-bundle-*"))
+
+
+@pytest.mark.parametrize("name, why", [("../escaped.txt", "outside the bundle"), ("/tmp/escaped-absolute.txt", "outside the bundle"),
+                                       ("bundle/configs/../../../escaped.txt", "outside the bundle")])
+def test_zip_entries_outside_the_bundle_refused(tmp_path, private_tmp, name, why):
+    config = json.dumps({"network_def": NET}).encode()
+    archive = _zip(tmp_path / "evil.zip", {"bundle/configs/inference.json": config, name: b"pwned"})
+    with pytest.raises(BundleError, match=why):
+        load_bundle(archive)
+    assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/escaped-absolute.txt").exists()
+    assert _bundle_temps(private_tmp) == []  # the temporary folder is removed
+
+
+def test_zip_links_and_zip_bombs_refused(tmp_path, private_tmp, monkeypatch):
+    import medis3d.bundle as bundle_module
+
+    config = json.dumps({"network_def": NET}).encode()
+    linked = _zip(tmp_path / "link.zip", {"bundle/configs/inference.json": config}, links={"bundle/models/model.pt": "/etc/passwd"})
+    with pytest.raises(BundleError, match="refused a link inside the archive"):
+        load_bundle(linked)
+    monkeypatch.setattr(bundle_module, "MAX_ZIP_BYTES", 1000)  # a bomb declares its size; no need to build a real one
+    big = _zip(tmp_path / "big.zip", {"bundle/configs/inference.json": config, "bundle/models/pad.bin": bytes(5000)})
+    with pytest.raises(BundleError, match="unpacks to .* refused"):
+        load_bundle(big)
+    assert _bundle_temps(private_tmp) == []
+
+
+def test_zip_bundle_loads_and_leaves_no_temporary_folder(tmp_path, private_tmp):
+    from monai.networks.nets import UNet
+
+    root = _bundle(tmp_path, {"network_def": NET}, weights=UNet(3, 1, 2, (4, 8), (2,)).state_dict())
+    archive = shutil.make_archive(str(tmp_path / "b"), "zip", root.parent, root.name)
+    target = load_bundle(archive)
+    assert target.source == archive and _bundle_temps(private_tmp) == []
+
+
+@pytest.mark.parametrize("part", ["configs/inference.json", "models/model.pt", "configs/metadata.json"])
+def test_links_out_of_a_bundle_folder_refused(tmp_path, part):
+    from monai.networks.nets import UNet
+
+    root = _bundle(tmp_path, {"network_def": NET}, weights=UNet(3, 1, 2, (4, 8), (2,)).state_dict())
+    (root / "configs" / "metadata.json").write_text("{}")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    moved = outside / Path(part).name
+    (root / part).rename(moved)
+    (root / part).symlink_to(moved)
+    with pytest.raises(BundleError, match="leads outside the bundle"):
+        load_bundle(root)
+    line = runner.invoke(app, ["bundle", "check", str(root)]).output.strip().splitlines()
+    assert len(line) == 1 and "leads outside the bundle" in line[0]
+
+
+def test_config_outside_the_bundle_refused(tmp_path):
+    root = _bundle(tmp_path, {"network_def": NET})
+    (tmp_path / "elsewhere.json").write_text(json.dumps({"network_def": NET}))
+    with pytest.raises(BundleError, match="refused the config: it leads outside the bundle"):
+        load_bundle(root, config="../elsewhere.json")
+
+
+def test_enormous_configs_refused(tmp_path, monkeypatch):
+    import medis3d.bundle as bundle_module
+
+    root = _bundle(tmp_path, {"network_def": NET, "padding": "x" * 3000})
+    monkeypatch.setattr(bundle_module, "MAX_CONFIG_BYTES", 2000)
+    with pytest.raises(BundleError, match="the config is .* MB; bundle configs are kilobytes"):
+        load_bundle(root)
+    monkeypatch.undo()
+    # a YAML "billion laughs": a few hundred bytes that expand to 10^9 values through aliases
+    laughs = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]" for i in range(8)]
+    (root / "configs" / "inference.json").unlink()
+    (root / "configs" / "inference.yaml").write_text("\n".join(laughs) + "\nnetwork_def: *i\n")
+    with pytest.raises(BundleError, match="expands to more than 1,000,000 values"):
+        load_bundle(root)
+
+
+def test_a_bundle_without_weights_is_refused_not_randomly_initialised(tmp_path, scan_file):
+    root = _bundle(tmp_path, {"network_def": NET})
+    with pytest.raises(BundleError, match="the bundle has no weights"):
+        load_bundle(root)
+    result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(root), "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2 and "the bundle has no weights" in result.output and not (tmp_path / "out").exists()
+    target = load_bundle(root, random_weights=True)  # asked for: allowed, and said
+    assert any("random weights" in n for n in target.notices)
+    check = runner.invoke(app, ["bundle", "check", str(root), "--json"])  # a config can be checked before it has weights
+    assert check.exit_code == 0, check.output
+
+
+def test_harmless_data_expressions_load_and_code_stays_refused(tmp_path):
+    from monai.networks.nets import UNet
+
+    net = dict(NET, out_channels="$max(len(@labels), 2)", channels="$[4, 8][:len(@labels)]", strides="$tuple([2])")
+    config = {"imports": ["$import glob", "$import numpy"], "labels": ["background", "spleen"], "network_def": net,
+              "dtype": "$torch.float32", "np_dtype": "$numpy.float32"}
+    root = _bundle(tmp_path, config, weights=UNet(3, 1, 2, (4, 8), (2,)).state_dict())
+    target = load_bundle(root)
+    assert target.out_channels == 2 and target.name == "UNet"
+    assert any("imports (glob, numpy) were not run" in n for n in target.notices)
+    from medis3d.bundle import SafeConfig
+
+    cfg = SafeConfig(config, root / "configs" / "inference.json")
+    assert cfg.resolve("$torch.float32", "dtype") is torch.float32 and cfg.resolve("$numpy.float32", "np") is np.float32
+    assert cfg.resolve("$sorted(@labels)[-1]", "x") == "spleen" and cfg.resolve("$list(range(3))", "x") == [0, 1, 2]
+    for code in ("$__import__('os').system('true')", "$open('/etc/passwd').read()", "$torch.load('x')", "$numpy.fromfile('x')",
+                 "$getattr(@labels, 'append')", "$().__class__.__bases__", "$[0] * 10**9", "$list(range(10**12))",
+                 "$glob.glob('*')", "$[i for i in @labels]", "$len(5)", "$" + "-" * 100000 + "1"):
+        with pytest.raises(BundleError, match="refused to evaluate the Python expression") as info:
+            cfg.resolve(code, "x")
+        assert len(str(info.value)) < 400  # one readable line, even for a huge expression

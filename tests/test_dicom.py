@@ -262,6 +262,18 @@ def test_non_image_objects_are_skipped_with_a_notice(ct):
         read_dicom_series(folder / "report.dcm")
 
 
+@pytest.mark.parametrize("keyword", ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"])
+def test_a_slice_that_cannot_be_placed_refuses_the_series_not_shortens_it(ct, keyword):
+    folder, files, _, _ = ct
+    broken = pydicom.dcmread(files[3])
+    delattr(broken, keyword)
+    broken.save_as(files[3])
+    for given in (folder, files[0]):  # the folder, or another file of the series
+        with pytest.warns(SkippedDicomWarning), pytest.raises(InputError, match=rf"slice {files[3].name} has no {keyword}; "
+                                                                                 r"refusing to read the series without it"):
+            read_dicom_series(given)
+
+
 def test_folder_without_image_series(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("hello")

@@ -1,4 +1,5 @@
-"""How a run ends when something goes wrong around it: signals, the output folder, a second run.
+"""How a run ends when something goes wrong around it (signals, the output folder, a second run),
+and inputs beyond the usual (odd paths, links, NIfTI-2, scaled integers, lying headers).
 
 Each case ends with one line, exit 2 (130 / 143 for a signal), nothing partial, the inputs untouched.
 """
@@ -6,19 +7,23 @@ Each case ends with one line, exit 2 (130 / 143 for a signal), nothing partial, 
 from __future__ import annotations
 
 import errno
+import gzip
+import json
 import os
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import save_nifti, synthetic_scan
+from conftest import SCAN_AFFINE, save_nifti, synthetic_scan
 from medis3d.cli import app
 from medis3d.io.outputs import output_lock
 from test_dicom import make_series
@@ -187,3 +192,115 @@ def test_a_second_batch_into_the_same_folder_is_refused(tiny_bundle, tmp_path):
         result = runner.invoke(app, ["batch", str(inputs), "--out", str(out), "--bundle", str(tiny_bundle), *FAST])
         assert "another medis3d run" in _one_line_error(result)
         assert not out.exists()
+
+
+# -- inputs --------------------------------------------------------------------------------------
+def _scaled_int16(path: Path) -> Path:
+    hu, _ = synthetic_scan(5)
+    image = nib.Nifti1Image(np.round((hu + 1024) / 2).astype(np.int16), SCAN_AFFINE)
+    image.header.set_slope_inter(2.0, -1024.0)
+    nib.save(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", ["spaces and non-ASCII", "symlink", "nifti2 .nii", "scaled int16"])
+def test_inputs_read_and_written_as_they_are(tiny_bundle, tmp_path, case):
+    folder = tmp_path / "in put" / "ünïcødé"
+    folder.mkdir(parents=True)
+    hu, _ = synthetic_scan(4)
+    if case == "spaces and non-ASCII":
+        scan = save_nifti(folder / "scän 1.nii.gz", hu)
+    elif case == "symlink":
+        scan = folder / "link.nii.gz"
+        scan.symlink_to(save_nifti(tmp_path / "real.nii.gz", hu))
+    elif case == "nifti2 .nii":
+        scan = folder / "scan.nii"
+        nib.save(nib.Nifti2Image(hu.astype(np.float32), SCAN_AFFINE), str(scan))
+    else:
+        scan = _scaled_int16(folder / "scaled.nii.gz")
+    before = scan.read_bytes()
+    out = tmp_path / "öut put"
+    result = _attack(tiny_bundle, scan, out)
+    assert result.exit_code == 0, result.output
+    assert scan.read_bytes() == before and (case != "symlink" or scan.is_symlink())
+    source, written = nib.load(str(scan)), nib.load(str(out / "adversarial.nii.gz"))
+    assert type(written) is type(source)  # NIfTI-2 stays NIfTI-2
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert written.get_data_dtype() == source.get_data_dtype()
+    if case == "scaled int16":  # the scaling is kept exactly and the stored values stay integers of the source type
+        assert (written.dataobj.slope, written.dataobj.inter) == (2.0, -1024.0)
+        raw = np.asarray(written.dataobj.get_unscaled())
+        assert raw.dtype == np.int16
+    report = json.loads((out / "report.json").read_text())
+    assert report["input"]["path"] == str(scan)
+    assert 0 < np.abs(written.get_fdata() - source.get_fdata()).max() <= report["attack"]["eps_native"] + 1e-4
+
+
+def _small_nii(path: Path) -> bytearray:
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(path))
+    return bytearray(path.read_bytes())
+
+
+def test_headers_claiming_more_than_the_file_or_memory_holds(tmp_path):
+    from medis3d.errors import InputError
+    from medis3d.io import read_volume
+
+    truncated = tmp_path / "truncated.nii"
+    raw = _small_nii(truncated)
+    truncated.write_bytes(bytes(raw[:-100]))
+    with pytest.raises(InputError, match=r"truncated.nii: the header describes 4x4x4 float32 voxels \(256 bytes\), but the file holds"):
+        read_volume(truncated)
+    huge = tmp_path / "huge.nii"
+    raw = _small_nii(huge)
+    struct.pack_into("<4h", raw, 40, 3, 30000, 30000, 30000)  # dim[0..3]
+    huge.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"30000x30000x30000 float32 voxels \(108 TB\), but the file holds 256 bytes"):
+        read_volume(huge)
+    compressed = tmp_path / "huge.nii.gz"  # a compressed file's size says nothing: memory is the limit
+    compressed.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(InputError, match=r"huge.nii.gz: the volume \(30000x30000x30000 voxels\) needs about 216 TB of memory"):
+        read_volume(compressed)
+
+
+def test_the_same_command_writes_the_same_bytes(tiny_bundle, scan_file, tmp_path):
+    outs = [tmp_path / "one", tmp_path / "two"]
+    for out in outs:
+        result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(out), "--quiet",
+                                     "--steps", "4", "--seed", "3"])
+        assert result.exit_code == 0, result.output
+        time.sleep(1.1)  # a gzip header stamped with the time would differ
+    for name in ("adversarial.nii.gz", "perturbation.nii.gz", "prediction_clean.nii.gz", "prediction_adversarial.nii.gz"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+    def measured_apart(report: dict) -> dict:  # times and the process's peak memory are measurements, not results
+        report.pop("time_s"), report.pop("peak_memory_mb")
+        for member in report["members"]:
+            member.pop("time_s")
+        return report
+
+    one, two = (measured_apart(json.loads((out / "report.json").read_text())) for out in outs)
+    assert one == two
+
+
+# -- resource limits -------------------------------------------------------------------------------
+def test_a_memory_budget_no_setting_meets_is_refused_with_the_smallest(tiny_bundle, scan_file, tmp_path):
+    out = tmp_path / "out"
+    line = _one_line_error(_attack(tiny_bundle, scan_file, out, "--memory-budget", "1MB"))
+    assert "--memory-budget 1 MB is below what any setting needs" in line and "give at least" in line
+    smallest = int(line.rsplit("give at least ", 1)[1].split()[0])
+    assert not out.exists()
+    result = _attack(tiny_bundle, scan_file, out, "--memory-budget", f"{smallest}MB")  # the budget it names works
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["target"]["memory_plan"]["fits"]
+
+
+def test_a_volume_too_large_for_the_machine_is_refused_before_the_attack(tiny_bundle, scan_file, tmp_path, monkeypatch):
+    import medis3d.memory as memory
+    import medis3d.medis as medis
+
+    monkeypatch.setattr(memory, "available_device_bytes", lambda device: 2e6)  # a machine with 2 MB free
+    monkeypatch.setattr(medis.MedIS, "__call__", lambda *a, **k: pytest.fail("the attack started"))
+    out = tmp_path / "out"
+    line = _one_line_error(_attack(tiny_bundle, scan_file, out))
+    assert str(scan_file) in line and "needs at least" in line and "more than the 2 MB free" in line
+    assert not out.exists()

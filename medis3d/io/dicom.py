@@ -129,6 +129,9 @@ class SeriesInfo:
     study_uid: str
     files: tuple[Path, ...]
     headers: tuple[Dataset, ...] = field(repr=False)
+    # image slices of this series that cannot be placed (no position, orientation or spacing): reading
+    # the series without them would give a shorter volume, so reading it is refused
+    incomplete: tuple[tuple[Path, str], ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -224,6 +227,9 @@ def _read_header(path: Path) -> tuple[Dataset | None, bool, str | None]:
     return ds, has_pixels, None
 
 
+_UNPLACED = "not a positioned slice"  # an image slice of a series that lacks its geometry
+
+
 def _not_an_image(ds: Dataset, has_pixels: bool) -> str | None:
     """Why a header is not an image slice of a series, or None when it is one."""
     sop = str(ds.get("SOPClassUID", "") or "")
@@ -238,13 +244,14 @@ def _not_an_image(ds: Dataset, has_pixels: bool) -> str | None:
         return None  # an image; reading it explains that multi-frame objects are not supported
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if not ds.get(keyword):
-            return f"no {keyword}, not a positioned slice ({kind})"
+            return f"no {keyword}, {_UNPLACED} ({kind})"
     return None
 
 
 def _scan(folder: Path, recursive: bool) -> tuple[list[SeriesInfo], list[tuple[Path, str]]]:
     groups: dict[str, list[tuple[Path, Dataset]]] = {}
     skipped: list[tuple[Path, str]] = []
+    incomplete: dict[str, list[tuple[Path, str]]] = {}
     for path in _walk_files(folder, recursive):
         ds, has_pixels, problem = _read_header(path)
         if problem is not None:
@@ -254,14 +261,17 @@ def _scan(folder: Path, recursive: bool) -> tuple[list[SeriesInfo], list[tuple[P
         reason = _not_an_image(ds, has_pixels)
         if reason is not None:
             skipped.append((path, reason))
+            if _UNPLACED in reason and ds.get("SeriesInstanceUID"):
+                incomplete.setdefault(str(ds.SeriesInstanceUID), []).append((path, reason))
             continue
         groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
-    series = [_series_info(uid, members, skipped) for uid, members in groups.items()]
+    series = [_series_info(uid, members, skipped, incomplete.get(uid, [])) for uid, members in groups.items()]
     series.sort(key=lambda s: (str(s.folder), s.study_uid, s.series_number or 0, s.description, s.uid))
     return series, skipped
 
 
-def _series_info(uid: str, members: list[tuple[Path, Dataset]], skipped: list[tuple[Path, str]]) -> SeriesInfo:
+def _series_info(uid: str, members: list[tuple[Path, Dataset]], skipped: list[tuple[Path, str]],
+                 incomplete: list[tuple[Path, str]] = ()) -> SeriesInfo:
     seen: dict[str, Path] = {}
     kept: list[tuple[Path, Dataset]] = []
     for path, ds in members:
@@ -281,6 +291,7 @@ def _series_info(uid: str, members: list[tuple[Path, Dataset]], skipped: list[tu
         study_uid=str(first.get("StudyInstanceUID", "") or ""),
         files=tuple(p for p, _ in kept),
         headers=tuple(d for _, d in kept),
+        incomplete=tuple(incomplete),
     )
 
 
@@ -354,7 +365,7 @@ def read_dicom_series(path: Path | str | SeriesInfo, series_uid: str | None = No
     if not chosen or path.resolve() not in {f.resolve() for f in chosen[0].files}:
         # the file itself is hidden (or vanished meanwhile): at least read what is there
         members = list(zip(chosen[0].files, chosen[0].headers)) if chosen else []
-        chosen = [_series_info(uid, [(path, header), *members], [])]
+        chosen = [_series_info(uid, [(path, header), *members], [], chosen[0].incomplete if chosen else ())]
     return _read_series(chosen[0])
 
 
@@ -384,6 +395,11 @@ def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...]:
 def _read_series(info: SeriesInfo) -> Volume:
     files, headers = list(info.files), list(info.headers)
     where = f"{info.folder}: series " + (f"{info.description!r} ({info.uid})" if info.description else info.uid)
+    if info.incomplete:
+        path, reason = info.incomplete[0]
+        more = f" (and {len(info.incomplete) - 1} more)" if len(info.incomplete) > 1 else ""
+        raise InputError(f"{where}: slice {path.name} has {reason.split(',')[0]}{more}; refusing to read the series "
+                         "without it (a shorter volume); fix or remove that file")
     for f, h in zip(files, headers):
         if _frames(h) > 1:
             raise InputError(f"{f}: multi-frame DICOM ({UID(str(h.get('SOPClassUID', ''))).name}, "
@@ -482,11 +498,16 @@ def _read_series(info: SeriesInfo) -> Volume:
         intercepts[k] = _number(h, "RescaleIntercept", 0.0)
         if slopes[k] == 0:
             raise InputError(f"{f}: RescaleSlope is 0")
+        if not (np.isfinite(slopes[k]) and np.isfinite(intercepts[k])):
+            raise InputError(f"{f}: RescaleSlope / RescaleIntercept are not finite ({slopes[k]:g}, {intercepts[k]:g})")
         pixels, syntax = _read_pixels(f)
         transfer_syntax = transfer_syntax or syntax
         if pixels.shape != (rows, columns):
             raise InputError(f"{f}: pixel data of shape {pixels.shape}, expected {rows} x {columns}")
         data[:, :, k] = (pixels.astype(np.float64) * slopes[k] + intercepts[k]).T
+        if not np.isfinite(data[:, :, k]).all():
+            raise InputError(f"{f}: values out of the float32 range after RescaleSlope {slopes[k]:g} / "
+                             f"RescaleIntercept {intercepts[k]:g}")
 
     def per_slice(values: np.ndarray) -> float | np.ndarray:
         return float(values[0]) if np.all(values == values[0]) else values.reshape(1, 1, -1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -9,6 +10,7 @@ import numpy as np
 
 from medis3d.errors import InputError
 from medis3d.io.atomic import atomic_path
+from medis3d.io.limits import available_bytes, human
 from medis3d.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -34,6 +36,7 @@ def read_nifti(path: Path | str) -> Volume:
         shape = shape[:-1]
     if len(shape) not in (3, 4) or min(shape[:3]) < 2:
         raise InputError(f"{path}: expected a 3D volume (or 4D with channels last), got shape {tuple(image.shape)}")
+    _check_size(path, image)
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as exc:
@@ -41,13 +44,17 @@ def read_nifti(path: Path | str) -> Volume:
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{path}: the header's geometry cannot be interpreted (voxel-to-world matrix "
+                         f"{np.array2string(affine[:3], precision=4, separator=',').replace(chr(10), '')}: not finite or singular)")
     array = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
     # nibabel moves the header's scaling onto the data proxy when it loads a file
     slope = getattr(image.dataobj, "slope", None)
     intercept = getattr(image.dataobj, "inter", None)
     return Volume(
         array=np.ascontiguousarray(array, dtype=np.float32),
-        affine=np.asarray(image.affine, dtype=np.float64),
+        affine=affine,
         path=path,
         format="nifti",
         stored_dtype=np.dtype(image.get_data_dtype()),
@@ -55,6 +62,28 @@ def read_nifti(path: Path | str) -> Volume:
         intercept=0.0 if intercept is None or not np.isfinite(intercept) else float(intercept),
         meta={"header": image.header.copy()},
     )
+
+
+# reading makes the float32 voxels and a contiguous channel-first copy of them
+READ_COPIES = 2
+
+
+def _check_size(path: Path, image) -> None:
+    """Refuse a header that claims more voxel data than the file holds (uncompressed files) or than
+    memory can take, before anything is allocated."""
+    voxels = math.prod(int(n) for n in image.shape)
+    stored = voxels * np.dtype(image.get_data_dtype()).itemsize
+    offset = int(getattr(image.dataobj, "offset", 0) or 0)
+    if not path.name.lower().endswith(".gz"):
+        have = path.stat().st_size - offset
+        if have < stored:
+            raise InputError(f"{path}: the header describes {'x'.join(map(str, image.shape))} {image.get_data_dtype()} voxels "
+                             f"({human(stored)}), but the file holds {human(max(have, 0))} of voxel data: truncated, or a wrong header")
+    need = voxels * 4 * READ_COPIES
+    free = available_bytes()
+    if need > free:
+        raise InputError(f"{path}: the volume ({'x'.join(map(str, image.shape))} voxels) needs about {human(need)} of memory to "
+                         f"read, more than the {human(free)} available")
 
 
 def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = None, *, dtype=None) -> Path:
@@ -80,7 +109,8 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     else:
         stored, slope, intercept = np.asarray(values).astype(dtype), 1.0, 0.0
     header = header if isinstance(header, nib.Nifti1Header) else nib.Nifti1Header()
-    image = nib.Nifti1Image(stored, volume.affine, header)
+    kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image  # a NIfTI-2 source stays NIfTI-2
+    image = kind(stored, volume.affine, header)
     image.set_data_dtype(stored.dtype)
     image.header.set_slope_inter(float(slope), float(intercept))
     if header.get("sform_code", 0) == 0 and header.get("qform_code", 0) == 0:
