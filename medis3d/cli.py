@@ -34,12 +34,10 @@ def _quiet_warnings() -> None:
 
 def _load_target(bundle: Optional[Path], config: Optional[str], trust: bool, device: str, bare: Optional[dict] = None,
                  random_weights: bool = False):
-    import torch
 
     from medis3d.bundle import load_bundle, load_network
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    _check_device(device)
     if bare and bare.get("network"):
         if bundle is not None:
             raise InputError("give either --bundle or --network, not both")
@@ -48,6 +46,27 @@ def _load_target(bundle: Optional[Path], config: Optional[str], trust: bool, dev
             trust=trust, device=device,
         )
     return load_bundle(bundle, config=config, trust=trust, device=device, random_weights=random_weights)
+
+
+def _check_device(device: str) -> None:
+    """Refuse a ``--device`` that is not there (never fall back to another one)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device}: not a device name; use cpu, cuda, cuda:N or mps")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"--device {device}: Apple MPS is not available on this machine")
+    elif parsed.type != "cpu":
+        raise InputError(f"--device {device}: medis3d runs on cpu, cuda or mps, not {parsed.type}")
 
 
 def parse_fraction(text: str, option: str) -> float:
@@ -292,6 +311,8 @@ def _print_summary(report: dict) -> None:
         + ", ".join(f"{k} {clean['dice'][k]:.3f} -> {adv['dice'][k]:.3f}" for k in clean["dice"])
         + f"; mean IoU {clean['mean_iou']:.3f} -> {adv['mean_iou']:.3f}"
     )
+    for notice in report["outputs"].get("notices", []):
+        console.print(f"[yellow]notice:[/yellow] {notice}")
     console.print(f"Outputs in {report['output_dir']} ({report['time_s']:.1f} s)")
 
 

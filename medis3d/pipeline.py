@@ -300,7 +300,8 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
                 "spacing": list(volume.spacing),
                 "stored_dtype": str(volume.stored_dtype),
             },
-            "outputs": {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format},
+            "outputs": {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format,
+                        "notices": _output_notices(volume, formats)},
             "target": {
                 "bundle": target.source,
                 "network": target.name,
@@ -406,6 +407,20 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         return report
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _output_notices(volume: Volume, formats: Sequence[str]) -> list[str]:
+    """What the outputs do differently from the input, said once in the report and the summary."""
+    notices = []
+    syntax = volume.meta.get("transfer_syntax_uid") if volume.format == "dicom" else None
+    if syntax and "dicom" in formats:
+        from pydicom.uid import UID
+
+        uid = UID(str(syntax))
+        if uid.is_transfer_syntax and uid.is_compressed:
+            notices.append(f"the source series is compressed ({uid.name}); the adversarial series is written uncompressed "
+                           "(Explicit VR Little Endian), so every perturbed value is stored exactly")
+    return notices
 
 
 def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, labels: np.ndarray, options: AttackOptions) -> None:

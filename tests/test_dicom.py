@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -274,6 +275,40 @@ def test_a_slice_that_cannot_be_placed_refuses_the_series_not_shortens_it(ct, ke
             read_dicom_series(given)
 
 
+def test_colour_and_secondary_capture_objects_beside_a_series_are_skipped_with_a_notice(ct):
+    folder, files, native, _ = ct
+    rgb = pydicom.dcmread(files[0])
+    rgb.SeriesInstanceUID = generate_uid()
+    rgb.SOPInstanceUID = rgb.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    rgb.SamplesPerPixel, rgb.PhotometricInterpretation, rgb.PlanarConfiguration = 3, "RGB", 0
+    rgb.BitsAllocated = rgb.BitsStored = 8
+    rgb.HighBit, rgb.PixelRepresentation = 7, 0
+    rgb.PixelData = bytes(rgb.Rows * rgb.Columns * 3)
+    rgb.save_as(folder / "screenshot.dcm")
+    capture = pydicom.dcmread(files[1])
+    capture.SeriesInstanceUID = generate_uid()
+    capture.SOPInstanceUID = capture.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    capture.save_as(folder / "capture.dcm")
+    with pytest.warns(SkippedDicomWarning) as record:
+        volume = read_dicom_series(folder)
+    np.testing.assert_array_equal(volume.array[0], native)
+    skipped = {p.name: reason for p, reason in record[0].message.skipped}
+    assert "a colour image (RGB, 3 samples per pixel)" in skipped["screenshot.dcm"]
+    assert "a secondary capture" in skipped["capture.dcm"]
+
+
+def test_gantry_tilt_is_a_clear_error(tmp_path):
+    files, _, _ = make_series(tmp_path / "tilted", stored_values())
+    for k, path in enumerate(sorted(files, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))):
+        ds = pydicom.dcmread(path)  # each slice shifted along the rows as it goes: 10 degrees of tilt
+        position = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [f"{position[0]:.6f}", f"{position[1] + k * 2.5 * np.tan(np.radians(10)):.6f}", f"{position[2]:.6f}"]
+        ds.save_as(path)
+    with pytest.raises(InputError, match=r"tilted 10.00 degrees from the slice normal \(gantry tilt"):
+        read_dicom_series(tmp_path / "tilted")
+
+
 def test_folder_without_image_series(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("hello")
@@ -515,3 +550,34 @@ def test_write_dicom_seg_overlapping_labels(tmp_path):
     np.testing.assert_array_equal(mask[..., 1].transpose(2, 1, 0), labels[2] == 1)
     with pytest.raises(InputError, match="channels"):
         write_dicom_seg(source, labels, tmp_path / "bad.dcm", {3: "nothing"})
+
+
+def test_compressed_series_decode_and_the_adversarial_is_written_uncompressed(tmp_path, tiny_bundle):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from medis3d.cli import app
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    plain = tmp_path / "plain"
+    make_series(plain, stored_values(np.int16, (64, 64, 8)), spacing=(1.5, 1.5, 2.0))
+    reference = read_dicom_series(plain).array
+    for syntax in (RLELossless, JPEGLSLossless, JPEG2000Lossless):  # JPEG 2000 needs 32+ pixels a side
+        folder = tmp_path / syntax.name.replace(" ", "_")
+        shutil.copytree(plain, folder)
+        for path in folder.iterdir():
+            ds = pydicom.dcmread(path)
+            ds.compress(syntax)
+            ds.save_as(path)
+        volume = read_dicom_series(folder)
+        assert volume.meta["transfer_syntax_uid"] == syntax
+        np.testing.assert_array_equal(volume.array, reference)  # lossless: the same values
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["attack", str(tmp_path / JPEGLSLossless.name.replace(" ", "_")), "--bundle", str(tiny_bundle),
+                                      "--out", str(out), "--losses", "ce", "--steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert any("compressed (JPEG-LS Lossless" in n and "written uncompressed" in n for n in report["outputs"]["notices"])
+    written = sorted((out / "adversarial").iterdir())
+    assert len(written) == 8 and all(pydicom.dcmread(p).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian for p in written)

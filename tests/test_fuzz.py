@@ -175,15 +175,18 @@ def _fuzz_dicom(folder: Path, base: Path, mutations) -> None:
                 ds = pydicom.dcmread(path)
             except Exception:  # an earlier mutation already broke the file: leave it broken
                 continue
-            if what == "delete":
-                if value in ds:
-                    delattr(ds, value)
-            elif what == "pixels":
-                if ds.get("PixelData"):
-                    ds.PixelData = ds.PixelData[: value * 7]
-            else:
-                setattr(ds, what, value)
-            ds.save_as(path)
+            try:
+                if what == "delete":
+                    if value in ds:
+                        delattr(ds, value)
+                elif what == "pixels":
+                    if ds.get("PixelData"):
+                        ds.PixelData = ds.PixelData[: value * 7]
+                else:
+                    setattr(ds, what, value)
+                ds.save_as(path)
+            except Exception:  # pydicom cannot write what an earlier byte flip made of it: a broken file, fine
+                continue
     _reads_or_refuses(folder)
 
 

@@ -304,3 +304,41 @@ def test_a_volume_too_large_for_the_machine_is_refused_before_the_attack(tiny_bu
     line = _one_line_error(_attack(tiny_bundle, scan_file, out))
     assert str(scan_file) in line and "needs at least" in line and "more than the 2 MB free" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("device, why", [("tpu", "not a device name"), ("meta", "runs on cpu, cuda or mps, not meta"),
+                                         ("cuda:3", "CUDA"), ("mps", "MPS")])
+def test_a_device_that_is_not_there_is_refused(tiny_bundle, scan_file, tmp_path, device, why):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 3 or device == "mps" and torch.backends.mps.is_available():
+        pytest.skip(f"{device} is present here")
+    line = _one_line_error(_attack(tiny_bundle, scan_file, tmp_path / "out", "--device", device))
+    assert f"--device {device}" in line and why in line and not (tmp_path / "out").exists()
+
+
+def test_a_signal_stops_a_batch_cleanly_and_the_rerun_resumes(tiny_bundle, tmp_path, import_cpu_seconds):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k in range(3):
+        save_nifti(inputs / f"v{k}.nii.gz", synthetic_scan(k)[0])
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    never = ["--losses", "ce", "--steps", "1000000", "--success", "-1", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "medis3d", "batch", str(inputs), "--out", str(out), "--bundle", str(tiny_bundle),
+                             *never], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while _cpu_seconds(proc.pid) < import_cpu_seconds + 3.0 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and not _leftovers(tmp_path)
+    assert not list(out.glob("*/report.json")) and not (out / "summary.csv").exists()
+    rerun = subprocess.run([sys.executable, "-m", "medis3d", "batch", str(inputs), "--out", str(out), "--bundle", str(tiny_bundle),
+                            *FAST], env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.parent.name for p in out.glob("*/report.json")) == ["v0", "v1", "v2"]

@@ -31,12 +31,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from medis3d.errors import InputError
 from medis3d.io.atomic import staging_folder
+from medis3d.io.limits import available_bytes, human
 from medis3d.io.volume import Volume
 
 __all__ = [
@@ -59,6 +60,7 @@ _TRAILING_PADDING = 0xFFFCFFFC
 _DEFER_BYTES = 64 * 1024
 
 # SOP classes that are never image slices, even when they carry pixel data (SEG, RT dose ...).
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # screenshots, scanned documents (and the multi-frame kinds, .7.x)
 _NON_IMAGE_SOP_ROOTS = (
     "1.2.840.10008.5.1.4.1.1.88",  # structured reports
     "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration, fiducials, segmentation, surfaces
@@ -219,9 +221,9 @@ def _read_header(path: Path) -> tuple[Dataset | None, bool, str | None]:
             del ds[tag]
     try:
         for tag in list(ds.keys()):
-            raw = ds.get_item(tag)
-            if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
-                ds[tag]  # load a deferred value now, so the header no longer needs the file
+            # convert every value now (a deferred one is read from the file, so the header no longer needs it): a
+            # value that cannot be decoded (an unknown VR, a bad length) makes the file unreadable here, not later
+            ds[tag]
     except Exception as exc:
         return None, False, f"unreadable DICOM ({_first_line(exc)})"
     return ds, has_pixels, None
@@ -240,6 +242,15 @@ def _not_an_image(ds: Dataset, has_pixels: bool) -> str | None:
         return f"no pixel data ({kind})"
     if not ds.get("SeriesInstanceUID"):
         return f"no SeriesInstanceUID ({kind})"
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        samples = 0
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return f"a colour image ({photometric}, {samples} samples per pixel), not a greyscale slice ({kind})"
+    if sop == _SECONDARY_CAPTURE or sop.startswith(_SECONDARY_CAPTURE + "."):
+        return f"a secondary capture, not an acquired slice ({kind})"
     if _frames(ds) > 1:
         return None  # an image; reading it explains that multi-frame objects are not supported
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
@@ -378,7 +389,12 @@ def _frames(ds: Dataset) -> int:
 
 def _number(ds: Dataset, keyword: str, default: float) -> float:
     value = ds.get(keyword)
-    return default if value is None or value == "" else float(value)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{getattr(ds, 'filename', None) or 'DICOM header'}: malformed {keyword} {_show(value)}") from None
 
 
 def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...]:
@@ -393,6 +409,17 @@ def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...]:
 
 
 def _read_series(info: SeriesInfo) -> Volume:
+    """The series as a volume; a header too malformed for any check below is still one line naming the series."""
+    try:
+        return _read_checked_series(info)
+    except (InputError, MemoryError):
+        raise
+    except Exception as exc:  # values of the wrong kind where a number or text was due (a corrupted header)
+        raise InputError(f"{info.folder}: series {info.uid}: malformed header values ({type(exc).__name__}: "
+                         f"{_first_line(exc)})") from exc
+
+
+def _read_checked_series(info: SeriesInfo) -> Volume:
     files, headers = list(info.files), list(info.headers)
     where = f"{info.folder}: series " + (f"{info.description!r} ({info.uid})" if info.description else info.uid)
     if info.incomplete:
@@ -479,6 +506,11 @@ def _read_series(info: SeriesInfo) -> Volume:
         raise InputError(f"{where}: slice positions do not lie on a straight line "
                          f"({files[i].name} is {off_line[i]:.3g} mm off)")
 
+    sideways = float(np.linalg.norm(step - (step @ normal) * normal))
+    if sideways > 1e-3 * abs(float(step @ normal)):  # gantry tilt: a sheared grid, which ITK-based viewers cannot show
+        angle = float(np.degrees(np.arctan2(sideways, abs(float(step @ normal)))))
+        raise InputError(f"{where}: the slices are tilted {angle:.2f} degrees from the slice normal (gantry tilt: a sheared "
+                         "grid); resample the series to a regular grid first (e.g. dcm2niix corrects gantry tilt)")
     lps = np.eye(4)
     lps[:3, 0] = row_cos * spacing[1]  # i: along a row, one column to the next
     lps[:3, 1] = col_cos * spacing[0]  # j: down a column, one row to the next
@@ -487,6 +519,10 @@ def _read_series(info: SeriesInfo) -> Volume:
     affine = LPS_TO_RAS @ lps
 
     rows, columns = int(first.Rows), int(first.Columns)
+    need = 4.0 * columns * rows * len(files) * 2  # the float32 volume and the channel-first copy made of it
+    if need > available_bytes():
+        raise InputError(f"{where}: {columns} x {rows} x {len(files)} voxels need about {human(need)} of memory to read, "
+                         f"more than the {human(available_bytes())} available")
     data = np.empty((columns, rows, len(files)), dtype=np.float32)
     slopes = np.empty(len(files))
     intercepts = np.empty(len(files))
@@ -553,7 +589,11 @@ def _read_pixels(path: Path) -> tuple[np.ndarray, str]:
     try:
         return np.asarray(ds.pixel_array), str(syntax)
     except Exception as exc:
-        if syntax.is_compressed:
+        try:
+            compressed = syntax.is_compressed
+        except (ValueError, TypeError):  # not a transfer syntax UID at all
+            raise InputError(f"{path}: unknown transfer syntax {str(syntax)!r}; its pixel data cannot be decoded")
+        if compressed:
             raise InputError(f"{path}: pixel data compressed as {syntax.name} cannot be decoded "
                              f"({_first_line(exc)}); install a decoder (pylibjpeg with its plugins, or python-gdcm) "
                              "or decompress the series first (e.g. gdcmconv --raw)")
