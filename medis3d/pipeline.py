@@ -420,6 +420,12 @@ def _output_notices(volume: Volume, formats: Sequence[str]) -> list[str]:
         if uid.is_transfer_syntax and uid.is_compressed:
             notices.append(f"the source series is compressed ({uid.name}); the adversarial series is written uncompressed "
                            "(Explicit VR Little Endian), so every perturbed value is stored exactly")
+    source = volume.meta.get("multi_frame_source") if volume.format == "dicom" else None
+    if source and "dicom" in formats:
+        from pydicom.uid import UID
+
+        notices.append(f"the source is one {UID(source).name} object with {volume.spatial_shape[2]} frames; the adversarial "
+                       "series is written as classic single-frame images, one per frame, each referencing its source frame")
     return notices
 
 

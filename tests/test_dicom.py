@@ -581,3 +581,36 @@ def test_compressed_series_decode_and_the_adversarial_is_written_uncompressed(tm
     assert any("compressed (JPEG-LS Lossless" in n and "written uncompressed" in n for n in report["outputs"]["notices"])
     written = sorted((out / "adversarial").iterdir())
     assert len(written) == 8 and all(pydicom.dcmread(p).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian for p in written)
+
+
+def test_enhanced_multi_frame_ct_reads_as_its_classic_series_and_is_written_classic(tmp_path, tiny_bundle):
+    import highdicom as hd
+    from typer.testing import CliRunner
+
+    from medis3d.cli import app
+
+    classic = tmp_path / "classic"
+    files, _, _ = make_series(classic, stored_values(np.int16, (24, 20, 6)), spacing=(1.5, 1.5, 2.0), slopes=1.0, intercepts=-1024.0)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=[pydicom.dcmread(f) for f in files], series_instance_uid=generate_uid(), series_number=9,
+        sop_instance_uid=generate_uid(), instance_number=1)
+    folder = tmp_path / "enhanced"
+    folder.mkdir()
+    enhanced.save_as(folder / "volume.dcm")
+    want, got = read_dicom_series(classic), read_dicom_series(folder)
+    np.testing.assert_array_equal(got.array, want.array)
+    np.testing.assert_allclose(got.affine, want.affine, atol=1e-5)
+    assert got.meta["multi_frame_source"] == "1.2.840.10008.5.1.4.1.1.2.2"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["attack", str(folder), "--bundle", str(tiny_bundle), "--out", str(out), "--losses", "ce",
+                                      "--steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert any("written as classic single-frame images" in n for n in report["outputs"]["notices"])
+    written = [pydicom.dcmread(p) for p in sorted((out / "adversarial").iterdir())]
+    assert len(written) == 6 and {str(d.SOPClassUID) for d in written} == {CTImageStorage}
+    frames = sorted(int(d.SourceImageSequence[0].ReferencedFrameNumber) for d in written)
+    assert frames == [1, 2, 3, 4, 5, 6]
+    assert all(d.SourceImageSequence[0].ReferencedSOPInstanceUID == enhanced.SOPInstanceUID for d in written)
+    back = read_dicom_series(out / "adversarial")  # the classic series reads back on the source's grid
+    np.testing.assert_allclose(back.affine, want.affine, atol=1e-5)

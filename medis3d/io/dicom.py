@@ -380,6 +380,49 @@ def read_dicom_series(path: Path | str | SeriesInfo, series_uid: str | None = No
     return _read_series(chosen[0])
 
 
+_ENHANCED_TO_CLASSIC = {  # enhanced (multi-frame) image storage -> the classic single-frame class of its slices
+    "1.2.840.10008.5.1.4.1.1.2.1": "1.2.840.10008.5.1.4.1.1.2",  # Enhanced CT -> CT
+    "1.2.840.10008.5.1.4.1.1.2.2": "1.2.840.10008.5.1.4.1.1.2",  # Legacy Converted Enhanced CT -> CT
+    "1.2.840.10008.5.1.4.1.1.4.1": "1.2.840.10008.5.1.4.1.1.4",  # Enhanced MR -> MR
+    "1.2.840.10008.5.1.4.1.1.4.4": "1.2.840.10008.5.1.4.1.1.4",  # Legacy Converted Enhanced MR -> MR
+    "1.2.840.10008.5.1.4.1.1.128.1": "1.2.840.10008.5.1.4.1.1.128",  # Legacy Converted Enhanced PET -> PET
+}
+_FUNCTIONAL_GROUPS = {  # functional group sequence -> the attributes a classic slice carries at top level
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+}
+
+
+def _frames_as_slices(path: Path, ds: Dataset) -> list[Dataset]:
+    """An enhanced multi-frame object's frames as classic slice headers (shared and per-frame functional
+    groups moved to the top level), each knowing its frame (``_medis3d_frame``) and its source's class."""
+    shared = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != _frames(ds):
+        raise InputError(f"{path}: {_frames(ds)} frames but {len(per_frame)} per-frame functional groups")
+    base = Dataset()
+    for element in ds:
+        if element.keyword not in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "NumberOfFrames"):
+            base.add(copy.deepcopy(element))
+    base.SOPClassUID = _ENHANCED_TO_CLASSIC[str(ds.SOPClassUID)]
+    slices = []
+    for k, groups in enumerate(per_frame):
+        header = copy.deepcopy(base)
+        for source in (shared[0], groups):  # per-frame values override shared ones
+            for sequence, keywords in _FUNCTIONAL_GROUPS.items():
+                item = source.get(sequence)
+                if item:
+                    for keyword in keywords:
+                        if keyword in item[0]:
+                            setattr(header, keyword, item[0].data_element(keyword).value)
+        header._medis3d_frame = k
+        header._medis3d_source_class = str(ds.SOPClassUID)
+        slices.append(header)
+    return slices
+
+
 def _frames(ds: Dataset) -> int:
     try:
         return int(ds.get("NumberOfFrames", 1) or 1)
@@ -429,8 +472,13 @@ def _read_checked_series(info: SeriesInfo) -> Volume:
                          "without it (a shorter volume); fix or remove that file")
     for f, h in zip(files, headers):
         if _frames(h) > 1:
-            raise InputError(f"{f}: multi-frame DICOM ({UID(str(h.get('SOPClassUID', ''))).name}, "
-                             f"{_frames(h)} frames) is not supported; convert it to one file per slice first")
+            sop = str(h.get("SOPClassUID", ""))
+            if sop not in _ENHANCED_TO_CLASSIC or len(files) > 1:
+                raise InputError(f"{f}: multi-frame DICOM ({UID(sop).name}, {_frames(h)} frames) is not supported"
+                                 f"{' beside other files of its series' if sop in _ENHANCED_TO_CLASSIC else ''}; "
+                                 "convert it to one file per slice first")
+            headers = _frames_as_slices(f, h)
+            files = [f] * len(headers)
     if len(files) < 2:
         raise InputError(f"{where}: only one image slice; a 3D volume needs at least 2")
 
@@ -527,6 +575,7 @@ def _read_checked_series(info: SeriesInfo) -> Volume:
     slopes = np.empty(len(files))
     intercepts = np.empty(len(files))
     transfer_syntax = ""
+    decoded: dict[Path, tuple[np.ndarray, str]] = {}
     for k, (f, h) in enumerate(zip(files, headers)):
         if "ModalityLUTSequence" in h and "RescaleSlope" not in h:
             raise InputError(f"{f}: a Modality LUT Sequence (instead of RescaleSlope/Intercept) is not supported")
@@ -536,7 +585,13 @@ def _read_checked_series(info: SeriesInfo) -> Volume:
             raise InputError(f"{f}: RescaleSlope is 0")
         if not (np.isfinite(slopes[k]) and np.isfinite(intercepts[k])):
             raise InputError(f"{f}: RescaleSlope / RescaleIntercept are not finite ({slopes[k]:g}, {intercepts[k]:g})")
-        pixels, syntax = _read_pixels(f)
+        frame = getattr(h, "_medis3d_frame", None)
+        if frame is None:
+            pixels, syntax = _read_pixels(f)
+        else:  # one frame of an enhanced object: decode the object once
+            if f not in decoded:
+                decoded[f] = _read_pixels(f)
+            pixels, syntax = decoded[f][0][frame], decoded[f][1]
         transfer_syntax = transfer_syntax or syntax
         if pixels.shape != (rows, columns):
             raise InputError(f"{f}: pixel data of shape {pixels.shape}, expected {rows} x {columns}")
@@ -561,6 +616,7 @@ def _read_checked_series(info: SeriesInfo) -> Volume:
         "series_number": int(number) if number not in (None, "") else None,
         "modality": info.modality,
         "transfer_syntax_uid": transfer_syntax,
+        "multi_frame_source": str(getattr(first, "_medis3d_source_class", "") or ""),
         "patient": {kw: str(first.get(kw)) for kw in _PATIENT_STUDY_KEYWORDS if kw in first},
     }
     return Volume(
@@ -710,8 +766,9 @@ def _derived_slice(
     for keyword in _STALE_PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
-    source_sop_class = str(header.get("SOPClassUID", ""))
+    source_sop_class = getattr(header, "_medis3d_source_class", None) or str(header.get("SOPClassUID", ""))
     source_sop_instance = str(header.get("SOPInstanceUID", ""))
+    source_frame = getattr(header, "_medis3d_frame", None)
     if anonymize:
         _anonymize(ds, uid_map)
         source_sop_instance = _remapped(uid_map, source_sop_instance)
@@ -729,6 +786,8 @@ def _derived_slice(
     reference = Dataset()
     reference.ReferencedSOPClassUID = source_sop_class
     reference.ReferencedSOPInstanceUID = source_sop_instance
+    if source_frame is not None:
+        reference.ReferencedFrameNumber = source_frame + 1
     purpose = Dataset()
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _SOURCE_IMAGE_PURPOSE
     reference.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
@@ -747,7 +806,7 @@ def _derived_slice(
     ds.add(DataElement(0x7FE00010, "OB" if bits == 8 else "OW", data))
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = source_sop_class
+    meta.MediaStorageSOPClassUID = str(ds.SOPClassUID)
     meta.MediaStorageSOPInstanceUID = sop_instance
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
