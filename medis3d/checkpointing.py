@@ -48,6 +48,8 @@ def enable_checkpointing(network: torch.nn.Module) -> tuple[int, str | None]:
     flagged = 0
     for module in network.modules():
         if hasattr(module, "use_checkpoint") and isinstance(getattr(module, "use_checkpoint"), bool):
+            if not hasattr(module, "_medis3d_use_checkpoint"):
+                module._medis3d_use_checkpoint = module.use_checkpoint  # what the bundle set, for disable_checkpointing
             module.use_checkpoint = True
             flagged += 1
     if flagged:
@@ -56,6 +58,23 @@ def enable_checkpointing(network: torch.nn.Module) -> tuple[int, str | None]:
     if wrapped == 0:
         return 0, f"{type(network).__name__}: no known stages to checkpoint, running without it"
     return wrapped, None
+
+
+def disable_checkpointing(network: torch.nn.Module) -> None:
+    """Undo :func:`enable_checkpointing`: unwrap the stages and put back the networks' own flags."""
+    for module in network.modules():
+        if hasattr(module, "_medis3d_use_checkpoint"):
+            module.use_checkpoint = module._medis3d_use_checkpoint
+            del module._medis3d_use_checkpoint
+    _unwrap(network)
+
+
+def _unwrap(parent: torch.nn.Module) -> None:
+    for name, child in list(parent.named_children()):
+        if isinstance(child, CheckpointedStage):
+            parent._modules[name] = child.module
+            child = child.module
+        _unwrap(child)
 
 
 def _has_stage(module: torch.nn.Module) -> bool:

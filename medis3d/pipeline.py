@@ -3,6 +3,8 @@ atomically, and measure the outcome on the volume as written (read back from dis
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -12,7 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from medis3d.errors import InputError
 from medis3d.io import read_volume, write_nifti
@@ -22,7 +23,7 @@ from medis3d.io.volume import Volume
 from medis3d.medis import PAPER_EPS, PAPER_STEP, PAPER_STEPS, MedIS, MedISResult
 from medis3d.metrics import (dice_per_class, flipped_fraction, hd95_per_class, iou_per_class, mean_iou, perturbation_norms,
                              smooth_mean_iou)
-from medis3d.report import SCHEMA, peak_memory_mb, write_json, write_overview
+from medis3d.report import SCHEMA, peak_memory_mb, reset_peak_memory, write_json, write_overview
 from medis3d.signals import deferred
 from medis3d.target import Target
 
@@ -169,8 +170,27 @@ def run_attack(
     sources += [v.path for v in volume.channel_volumes or []]
     _guard_inputs(out, [volume.path, options.label, target_file, options.mask, *sources])
     check_output_folder(out)
-    with output_lock(out):
+    with output_lock(out), _run_state(target):
         return _attack_and_write(volume, target, options, out, formats, target_file, progress, start)
+
+
+@contextlib.contextmanager
+def _run_state(target: Target):
+    """What one run changes on the shared target (window settings and precision from a memory plan, checkpointing,
+    notices) is put back when it ends, so the next volume of a batch starts as the first did; the peak memory
+    reported is this run's."""
+    window, precision, checkpointing, notices = dataclasses.replace(target.window), target.precision, target.checkpointing, list(target.notices)
+    reset_peak_memory(target.device)
+    try:
+        yield
+    finally:
+        target.window, target.precision, target.notices[:] = window, precision, notices
+        if target.checkpointing and not checkpointing:
+            from medis3d.checkpointing import disable_checkpointing
+
+            disable_checkpointing(target.network)
+            target.checkpointing = False
+        target.reset_engine()
 
 
 def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, out: Path, formats, target_file: Path | None,
@@ -214,8 +234,6 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, ou
                 f"is estimated at {memory_plan.estimate_bytes / 2**20:.0f} MB; give at least {math.ceil(memory_plan.estimate_bytes / 2**20)} MB"
             )
         target.configure(sw_batch_size=memory_plan.sw_batch_size, checkpoint=memory_plan.checkpoint, amp=memory_plan.amp)
-    if target.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(target.device)
     result = medis(volume, reference=reference, target_mask=aim)
     result.memory_plan = memory_plan
     target_spec = None if options.target_mask is None else str(options.target_mask)

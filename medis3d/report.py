@@ -15,14 +15,42 @@ from medis3d.io.atomic import atomic_path, write_text_atomic
 SCHEMA = "medis3d.report/1"
 
 
-def peak_memory_mb(device=None) -> float:
-    """Peak memory of this process: GPU memory on CUDA, resident memory otherwise."""
+def _is_cuda(device) -> bool:
     try:
         import torch
 
-        if device is not None and torch.device(device).type == "cuda":
-            return torch.cuda.max_memory_allocated(device) / 2**20
+        return device is not None and torch.device(device).type == "cuda"
     except Exception:
+        return False
+
+
+def reset_peak_memory(device=None) -> None:
+    """Start measuring the peak anew (CUDA's allocator peak; on Linux the process's resident high-water mark)."""
+    if _is_cuda(device):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device=None) -> float:
+    """Peak memory since :func:`reset_peak_memory`: GPU memory on CUDA, resident memory otherwise (``VmHWM``
+    on Linux; elsewhere the process's lifetime peak)."""
+    if _is_cuda(device):
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -342,3 +343,35 @@ def test_a_signal_stops_a_batch_cleanly_and_the_rerun_resumes(tiny_bundle, tmp_p
                             *FAST], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.parent.name for p in out.glob("*/report.json")) == ["v0", "v1", "v2"]
+
+
+# -- batch volumes share a target, not its state ---------------------------------------------------------
+def test_one_volume_leaves_the_target_as_it_found_it(tiny_bundle, tmp_path, monkeypatch):
+    import medis3d.memory as memory
+    from medis3d.bundle import load_bundle
+    from medis3d.checkpointing import CheckpointedStage
+    from medis3d.memory import MemoryPlan
+    from medis3d.pipeline import AttackOptions, run_attack
+    from medis3d.report import peak_memory_mb, reset_peak_memory
+
+    target = load_bundle(tiny_bundle)
+    before = (target.window.as_dict(), target.checkpointing, target.precision, list(target.notices))
+    weights = {k: v.clone() for k, v in target.network.state_dict().items()}
+    # the first volume's memory plan asks for window batch 1, checkpointing and AMP; the second's budget is plenty
+    plans = iter([MemoryPlan(1, True, True, 10, 2**30, True), MemoryPlan(4, False, False, 10, 2**30, True)])
+    monkeypatch.setattr(memory, "plan_memory", lambda *args: next(plans))
+    options = AttackOptions(losses="ce", steps=2, eps=16 / 255, step=8 / 255, memory_budget=2**30)
+    first = run_attack(save_nifti(tmp_path / "a.nii.gz", synthetic_scan(1)[0]), target, options, tmp_path / "a")
+    assert first["target"]["settings"]["checkpoint"] and first["target"]["settings"]["amp"]
+    assert (target.window.as_dict(), target.checkpointing, target.precision, list(target.notices)) == before
+    assert not any(isinstance(m, CheckpointedStage) for m in target.network.modules())
+    assert all(torch.equal(v, weights[k]) for k, v in target.network.state_dict().items())  # the same network, unwrapped
+    second = run_attack(save_nifti(tmp_path / "b.nii.gz", synthetic_scan(2)[0]), target, options, tmp_path / "b")
+    assert not second["target"]["settings"]["checkpoint"] and not second["target"]["settings"]["amp"]
+    assert second["target"]["inferer"]["sw_batch_size"] == 4 and second["target"]["notices"] == before[3]
+    if Path("/proc/self/clear_refs").exists():  # the peak reported is the run's, not the process's
+        big = np.ones(200 * 2**20 // 8)
+        high = peak_memory_mb()
+        del big
+        reset_peak_memory()
+        assert peak_memory_mb() < high - 100
