@@ -336,6 +336,11 @@ def test_config_outside_the_bundle_refused(tmp_path):
     (tmp_path / "elsewhere.json").write_text(json.dumps({"network_def": NET}))
     with pytest.raises(BundleError, match="refused the config: it leads outside the bundle"):
         load_bundle(root, config="../elsewhere.json")
+    # a config that pulls part of another file in by reference (MONAI's % macro): never read by the safe loader
+    included = dict(NET, channels=f"%{tmp_path / 'elsewhere.json'}::network_def::channels")
+    (root / "configs" / "inference.json").write_text(json.dumps({"network_def": included}))
+    with pytest.raises(BundleError, match="macro .* is not supported by the safe loader"):
+        load_bundle(root)
 
 
 def test_enormous_configs_refused(tmp_path, monkeypatch):

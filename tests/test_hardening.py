@@ -375,3 +375,29 @@ def test_one_volume_leaves_the_target_as_it_found_it(tiny_bundle, tmp_path, monk
         del big
         reset_peak_memory()
         assert peak_memory_mb() < high - 100
+
+
+def test_a_signal_stops_an_evaluate_cleanly_and_the_rerun_resumes(tiny_bundle, tmp_path, import_cpu_seconds):
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(2):
+        save_nifti(images / f"v{k}.nii.gz", synthetic_scan(k)[0])
+    out = tmp_path / "study"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    base = [sys.executable, "-m", "medis3d", "evaluate", str(images), "--out", str(out), "--bundle", str(tiny_bundle),
+            "--members", "pgd:ce", "--eps", "8/255", "--quiet"]
+    proc = subprocess.Popen([*base, "--steps", "1000000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while _cpu_seconds(proc.pid) < import_cpu_seconds + 3.0 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and not _leftovers(tmp_path)
+    assert not (out / "summary.json").exists() and not (out / "results.csv").exists()  # no partial study
+    rerun = subprocess.run([*base, "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads((out / "summary.json").read_text()) and (out / "results.csv").is_file()
