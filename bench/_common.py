@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout, without installing
     sys.path.insert(0, str(ROOT))
 
+from medis3d.io.limits import available_bytes, status_mb  # noqa: E402  (after the path above)
+
 THREADS = int(os.environ.get("BENCH_THREADS", 0)) or os.cpu_count() or 1  # BENCH_THREADS=1 to share the machine
 
 
@@ -29,11 +31,10 @@ def set_threads() -> None:
 
 
 def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    value = status_mb(field)
+    if value is None:
+        raise RuntimeError(f"no {field} in /proc/self/status")
+    return value
 
 
 def start_peak() -> float:
@@ -55,11 +56,7 @@ def peak_mb() -> float:
 
 def available_mb() -> float:
     """Memory the kernel says can be had without swapping (``MemAvailable``), in MiB."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    return math.inf
+    return available_bytes() / 2**20
 
 
 def run_child(script: str, case: dict, timeout_s: float = 900) -> dict:

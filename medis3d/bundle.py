@@ -572,12 +572,10 @@ def load_bundle(
 def _load_folder(bundle: Path, source: str, config: str | None, trust: bool, device, precision, random_weights: bool) -> Target:
     config_path = _inside(bundle, find_config(bundle, config), "config")
     cfg = SafeConfig(read_config(config_path), config_path, trust=trust)
-    models = bundle / "models"
-    ts, pt = (_inside(bundle, models / name, "weights") if (models / name).exists() else models / name
-              for name in ("model.ts", "model.pt"))
-    meta = bundle / "configs" / "metadata.json"
-    if meta.exists():
-        _inside(bundle, meta, "metadata")
+    ts, pt, meta = bundle / "models" / "model.ts", bundle / "models" / "model.pt", bundle / "configs" / "metadata.json"
+    for part, what in ((ts, "weights"), (pt, "weights"), (meta, "metadata")):
+        if part.exists():
+            _inside(bundle, part, what)
     return _target_from(cfg, ts, pt, source, device, precision, _class_names(bundle), random_weights)
 
 

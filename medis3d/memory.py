@@ -9,6 +9,7 @@ buffers (padded input, stitched logits, count map, gradients) are added from the
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -110,11 +111,14 @@ class MemoryPlan:
         }
 
 
+def weight_bytes(network: torch.nn.Module) -> int:
+    """Bytes of the network's parameters."""
+    return sum(p.numel() * p.element_size() for p in network.parameters())
+
+
 def volume_buffers(target, spatial_shape) -> int:
     """Bytes of the volume-size buffers of one attack step (float32)."""
-    voxels = 1
-    for s in spatial_shape:
-        voxels *= int(s)
+    voxels = math.prod(int(s) for s in spatial_shape)
     # model space: input, its padded copy and gradient (x in_channels); stitched logits, the
     # upstream gradient and its padded copy (x out_channels); count map
     return 4 * voxels * (3 * target.in_channels + 3 * target.out_channels + 1)
@@ -126,7 +130,7 @@ def plan_memory(target, model_shape, budget_bytes: int) -> MemoryPlan:
 
     roi = fall_back_tuple(target.window.roi_size, model_shape)
     window = torch.zeros((1, target.in_channels, *roi), device=target.device)
-    fixed = volume_buffers(target, model_shape) + sum(p.numel() * p.element_size() for p in target.network.parameters())
+    fixed = volume_buffers(target, model_shape) + weight_bytes(target.network)
     amp_dtype = torch.float16 if target.device.type == "cuda" else torch.bfloat16
     probes = {False: probe_window(target.network, window, None), True: probe_window(target.network, window, amp_dtype)}
     batch_sizes = sorted({max(1, int(target.window.sw_batch_size)), 4, 2, 1}, reverse=True)
@@ -159,16 +163,11 @@ def available_device_bytes(device: torch.device) -> float:
 def check_machine_fits(target, model_shape, volume) -> None:
     """Refuse, before the attack starts, a volume whose attack cannot fit in this machine's memory at any
     setting: its volume-size buffers (model space and the scan grid) and the weights alone exceed what is free."""
-    from medis3d.errors import InputError
     from medis3d.io.limits import human
 
-    scan_voxels = 1
-    for s in volume.spatial_shape:
-        scan_voxels *= int(s)
     # scan grid: the iterate, the clean scan and the gradient (x channels); logits and their gradient (x classes)
-    scan = 4 * scan_voxels * (3 * volume.channels + 2 * target.out_channels)
-    weights = sum(p.numel() * p.element_size() for p in target.network.parameters())
-    need = volume_buffers(target, model_shape) + scan + weights
+    scan = 4 * math.prod(int(s) for s in volume.spatial_shape) * (3 * volume.channels + 2 * target.out_channels)
+    need = volume_buffers(target, model_shape) + scan + weight_bytes(target.network)
     free = available_device_bytes(target.device)
     if need > free:
         raise InputError(

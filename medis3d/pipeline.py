@@ -429,19 +429,17 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
 
 def _output_notices(volume: Volume, formats: Sequence[str]) -> list[str]:
     """What the outputs do differently from the input, said once in the report and the summary."""
-    notices = []
-    syntax = volume.meta.get("transfer_syntax_uid") if volume.format == "dicom" else None
-    if syntax and "dicom" in formats:
-        from pydicom.uid import UID
+    notices: list[str] = []
+    if volume.format != "dicom" or "dicom" not in formats:
+        return notices
+    from pydicom.uid import UID
 
-        uid = UID(str(syntax))
-        if uid.is_transfer_syntax and uid.is_compressed:
-            notices.append(f"the source series is compressed ({uid.name}); the adversarial series is written uncompressed "
-                           "(Explicit VR Little Endian), so every perturbed value is stored exactly")
-    source = volume.meta.get("multi_frame_source") if volume.format == "dicom" else None
-    if source and "dicom" in formats:
-        from pydicom.uid import UID
-
+    syntax = UID(str(volume.meta.get("transfer_syntax_uid") or ""))
+    if syntax and syntax.is_transfer_syntax and syntax.is_compressed:
+        notices.append(f"the source series is compressed ({syntax.name}); the adversarial series is written uncompressed "
+                       "(Explicit VR Little Endian), so every perturbed value is stored exactly")
+    source = volume.meta.get("multi_frame_source")
+    if source:
         notices.append(f"the source is one {UID(source).name} object with {volume.spatial_shape[2]} frames; the adversarial "
                        "series is written as classic single-frame images, one per frame, each referencing its source frame")
     return notices

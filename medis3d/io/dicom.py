@@ -37,7 +37,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from medis3d.errors import InputError
 from medis3d.io.atomic import staging_folder
-from medis3d.io.limits import available_bytes, human
+from medis3d.io.limits import check_readable
 from medis3d.io.volume import Volume
 
 __all__ = [
@@ -501,10 +501,7 @@ def _read_checked_series(info: SeriesInfo) -> Volume:
                "pixel type (BitsAllocated, PixelRepresentation)")
     check_same(lambda h: str(h.get("PhotometricInterpretation", "")), "PhotometricInterpretation")
 
-    first = headers[0]
-    photometric = str(first.get("PhotometricInterpretation", "MONOCHROME2"))
-    if int(first.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise InputError(f"{where}: colour images ({photometric}) are not supported, only greyscale")
+    first = headers[0]  # greyscale: colour objects never join a series (see _not_an_image)
     bits, signed = int(first.get("BitsAllocated", 16)), int(first.get("PixelRepresentation", 0)) == 1
     if bits not in (8, 16, 32):
         raise InputError(f"{where}: BitsAllocated {bits} is not supported (8, 16 or 32)")
@@ -567,10 +564,7 @@ def _read_checked_series(info: SeriesInfo) -> Volume:
     affine = LPS_TO_RAS @ lps
 
     rows, columns = int(first.Rows), int(first.Columns)
-    need = 4.0 * columns * rows * len(files) * 2  # the float32 volume and the channel-first copy made of it
-    if need > available_bytes():
-        raise InputError(f"{where}: {columns} x {rows} x {len(files)} voxels need about {human(need)} of memory to read, "
-                         f"more than the {human(available_bytes())} available")
+    check_readable(where, (columns, rows, len(files)))
     data = np.empty((columns, rows, len(files)), dtype=np.float32)
     slopes = np.empty(len(files))
     intercepts = np.empty(len(files))

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Sequence
+
+from medis3d.errors import InputError
+
+# reading makes the float32 voxels and a contiguous channel-first copy of them
+READ_COPIES = 2
 
 
 def available_bytes() -> float:
@@ -27,3 +33,24 @@ def human(nbytes: float) -> str:
         if nbytes >= size:
             return f"{nbytes / size:.3g} {unit}"
     return f"{int(nbytes)} bytes"
+
+
+def status_mb(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``...) in MiB, or None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_readable(where: object, shape: Sequence[int]) -> None:
+    """Refuse, before allocating, a volume of ``shape`` voxels whose reading would not fit in free memory."""
+    need = math.prod(int(n) for n in shape) * 4 * READ_COPIES
+    free = available_bytes()
+    if need > free:
+        raise InputError(f"{where}: the volume ({'x'.join(map(str, shape))} voxels) needs about {human(need)} of memory to "
+                         f"read, more than the {human(free)} available")

@@ -10,7 +10,7 @@ import numpy as np
 
 from medis3d.errors import InputError
 from medis3d.io.atomic import atomic_path
-from medis3d.io.limits import available_bytes, human
+from medis3d.io.limits import check_readable, human
 from medis3d.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -64,10 +64,6 @@ def read_nifti(path: Path | str) -> Volume:
     )
 
 
-# reading makes the float32 voxels and a contiguous channel-first copy of them
-READ_COPIES = 2
-
-
 def _check_size(path: Path, image) -> None:
     """Refuse a header that claims more voxel data than the file holds (uncompressed files) or than
     memory can take, before anything is allocated."""
@@ -79,11 +75,7 @@ def _check_size(path: Path, image) -> None:
         if have < stored:
             raise InputError(f"{path}: the header describes {'x'.join(map(str, image.shape))} {image.get_data_dtype()} voxels "
                              f"({human(stored)}), but the file holds {human(max(have, 0))} of voxel data: truncated, or a wrong header")
-    need = voxels * 4 * READ_COPIES
-    free = available_bytes()
-    if need > free:
-        raise InputError(f"{path}: the volume ({'x'.join(map(str, image.shape))} voxels) needs about {human(need)} of memory to "
-                         f"read, more than the {human(free)} available")
+    check_readable(path, image.shape)
 
 
 def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = None, *, dtype=None) -> Path:
