@@ -31,11 +31,24 @@ from test_dicom import make_series
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict:
+    """The environment of a medis3d subprocess: this checkout first, the test's thread count (set by conftest)."""
+    return dict(os.environ, PYTHONPATH=str(ROOT))
 FAST = ["--losses", "ce", "--steps", "2", "--eps", "16/255", "--step", "8/255", "--quiet"]
 
 
 def _attack(tiny_bundle, scan: Path, out: Path, *extra: str):
     return runner.invoke(app, ["attack", str(scan), "--bundle", str(tiny_bundle), "--out", str(out), *FAST, *extra])
+
+
+def _scan_folder(folder: Path, count: int) -> Path:
+    """A folder of ``count`` synthetic scans, v0.nii.gz ... (the inputs of a batch or a study)."""
+    folder.mkdir()
+    for k in range(count):
+        save_nifti(folder / f"v{k}.nii.gz", synthetic_scan(k)[0])
+    return folder
 
 
 def _one_line_error(result) -> str:
@@ -79,32 +92,45 @@ def _cpu_seconds(pid: int) -> float:
 def import_cpu_seconds() -> float:
     """CPU seconds the command line's imports take here (torch and MONAI: several on a slow machine)."""
     code = "import time; import medis3d.cli, medis3d.pipeline, medis3d.bundle; print(time.process_time())"
-    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                          timeout=120, check=True)
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120, check=True)
     return float(done.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see the run's CPU time")
+def _medis3d(*args: str) -> list[str]:
+    return [sys.executable, "-m", "medis3d", *args]
+
+
+def _interrupted(cmd: list[str], signum: int, after_cpu_s: float) -> tuple[int, str]:
+    """Run ``cmd``, send it ``signum`` once it has used ``after_cpu_s`` CPU seconds (it must still be running), and
+    return its exit code and stderr; one signal must be enough: it has 60 s to end."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc to see the run's CPU time")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while _cpu_seconds(proc.pid) < after_cpu_s and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, stderr
+
+
+# a run that would never end: it cannot succeed (mean IoU <= -1) and has a million steps
+NEVER = ["--losses", "ce", "--steps", "1000000", "--success", "-1", "--quiet"]
+
+
 @pytest.mark.parametrize("signum, when", [(signal.SIGINT, "attack"), (signal.SIGTERM, "attack"), (signal.SIGINT, "imports")])
 def test_a_signal_ends_the_run_cleanly(tiny_bundle, scan_file, tmp_path, import_cpu_seconds, signum, when):
     out = tmp_path / "out"
     before = scan_file.read_bytes()
-    # a run that would never end: it cannot succeed (mean IoU <= -1) and has a million steps
-    cmd = [sys.executable, "-m", "medis3d", "attack", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(out),
-           "--losses", "ce", "--steps", "1000000", "--success", "-1", "--quiet"]
     # during the imports, or well into the attack (the tiny bundle loads and predicts in well under 3 CPU seconds)
     wait = 0.3 if when == "imports" else import_cpu_seconds + 3.0
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while _cpu_seconds(proc.pid) < wait and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signum)
-        stdout, stderr = proc.communicate(timeout=60)  # one signal is enough
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signum, stderr
+    code, stderr = _interrupted(_medis3d("attack", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(out), *NEVER),
+                                signum, wait)
+    assert code == 128 + signum, stderr
     lines = [line for line in stderr.splitlines() if line.strip() and "Warning" not in line and "warn" not in line]
     assert lines[-1] == f"medis3d: interrupted by {signal.Signals(signum).name}; nothing partial was left behind", stderr
     assert "Traceback" not in stderr
@@ -126,7 +152,7 @@ def test_signals_wait_while_outputs_move_into_place():
         "except Interrupted as exc:\n"
         "    print('interrupted after the block', exc.exit_code, flush=True)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
     assert done.stdout.split("\n")[:2] == ["block finished", "interrupted after the block 143"], done.stdout + done.stderr
 
 
@@ -185,9 +211,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tiny_bundle, scan_file, tm
 
 
 def test_a_second_batch_into_the_same_folder_is_refused(tiny_bundle, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    save_nifti(inputs / "a.nii.gz", synthetic_scan(1)[0])
+    inputs = _scan_folder(tmp_path / "in", 1)
     out = tmp_path / "out"
     with output_lock(out, part="batch rank 0"):
         result = runner.invoke(app, ["batch", str(inputs), "--out", str(out), "--bundle", str(tiny_bundle), *FAST])
@@ -310,8 +334,6 @@ def test_a_volume_too_large_for_the_machine_is_refused_before_the_attack(tiny_bu
 @pytest.mark.parametrize("device, why", [("tpu", "not a device name"), ("meta", "runs on cpu, cuda or mps, not meta"),
                                          ("cuda:3", "CUDA"), ("mps", "MPS")])
 def test_a_device_that_is_not_there_is_refused(tiny_bundle, scan_file, tmp_path, device, why):
-    import torch
-
     if device.startswith("cuda") and torch.cuda.device_count() > 3 or device == "mps" and torch.backends.mps.is_available():
         pytest.skip(f"{device} is present here")
     line = _one_line_error(_attack(tiny_bundle, scan_file, tmp_path / "out", "--device", device))
@@ -319,28 +341,14 @@ def test_a_device_that_is_not_there_is_refused(tiny_bundle, scan_file, tmp_path,
 
 
 def test_a_signal_stops_a_batch_cleanly_and_the_rerun_resumes(tiny_bundle, tmp_path, import_cpu_seconds):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for k in range(3):
-        save_nifti(inputs / f"v{k}.nii.gz", synthetic_scan(k)[0])
+    inputs = _scan_folder(tmp_path / "in", 3)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    never = ["--losses", "ce", "--steps", "1000000", "--success", "-1", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "medis3d", "batch", str(inputs), "--out", str(out), "--bundle", str(tiny_bundle),
-                             *never], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while _cpu_seconds(proc.pid) < import_cpu_seconds + 3.0 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stderr
+    base = _medis3d("batch", str(inputs), "--out", str(out), "--bundle", str(tiny_bundle))
+    code, stderr = _interrupted([*base, *NEVER], signal.SIGINT, import_cpu_seconds + 3.0)
+    assert code == 130, stderr
     assert "Traceback" not in stderr and not _leftovers(tmp_path)
     assert not list(out.glob("*/report.json")) and not (out / "summary.csv").exists()
-    rerun = subprocess.run([sys.executable, "-m", "medis3d", "batch", str(inputs), "--out", str(out), "--bundle", str(tiny_bundle),
-                            *FAST], env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([*base, *FAST], env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.parent.name for p in out.glob("*/report.json")) == ["v0", "v1", "v2"]
 
@@ -378,26 +386,14 @@ def test_one_volume_leaves_the_target_as_it_found_it(tiny_bundle, tmp_path, monk
 
 
 def test_a_signal_stops_an_evaluate_cleanly_and_the_rerun_resumes(tiny_bundle, tmp_path, import_cpu_seconds):
-    images = tmp_path / "images"
-    images.mkdir()
-    for k in range(2):
-        save_nifti(images / f"v{k}.nii.gz", synthetic_scan(k)[0])
+    images = _scan_folder(tmp_path / "images", 2)
     out = tmp_path / "study"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    base = [sys.executable, "-m", "medis3d", "evaluate", str(images), "--out", str(out), "--bundle", str(tiny_bundle),
-            "--members", "pgd:ce", "--eps", "8/255", "--quiet"]
-    proc = subprocess.Popen([*base, "--steps", "1000000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while _cpu_seconds(proc.pid) < import_cpu_seconds + 3.0 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, stderr
+    base = _medis3d("evaluate", str(images), "--out", str(out), "--bundle", str(tiny_bundle), "--members", "pgd:ce",
+                    "--eps", "8/255", "--quiet")
+    code, stderr = _interrupted([*base, "--steps", "1000000"], signal.SIGTERM, import_cpu_seconds + 3.0)
+    assert code == 143, stderr
     assert "Traceback" not in stderr and not _leftovers(tmp_path)
     assert not (out / "summary.json").exists() and not (out / "results.csv").exists()  # no partial study
-    rerun = subprocess.run([*base, "--steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([*base, "--steps", "2"], env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads((out / "summary.json").read_text()) and (out / "results.csv").is_file()
