@@ -230,7 +230,8 @@ class MedIS:
         label = member.name if member.options else None
 
         def run(trial: Budget) -> MemberResult:
-            out = cls(self.target, member.loss, trial, goal, self.progress, seed=self.seed, label=label, **kwargs).run(volume)
+            seed = self.seed + int(member.option("seed", 0))
+            out = cls(self.target, member.loss, trial, goal, self.progress, seed=seed, label=label, **kwargs).run(volume)
             out.member = member.name
             return out
 

@@ -54,7 +54,14 @@ def test_presets_name_valid_members():
     assert PRESETS["paper"].steps == 10 and PRESETS["paper"].step == pytest.approx(1 / 255)
     assert PRESETS["reliable"].select == "strongest"
     for preset in PRESETS.values():
-        assert preset.parsed()
+        members = preset.parsed()
+        # members that start at random draw their starts from different seeds (else they share one start)
+        seeds = [m.option("seed", 0) for m in members if m.option("random_start") or (m.option("restarts") or 1) > 1]
+        assert len(seeds) == len(set(seeds)), preset.name
+    # the default makes no more gradient passes than the paper's six members of ten steps
+    default, paper = PRESETS["default"], PRESETS["paper"]
+    passes = sum((m.option("steps") or default.steps) * (m.option("restarts") or 1) for m in default.parsed())
+    assert default.select == "least" and passes <= len(paper.members) * paper.steps
 
 
 # -- SEA's APGD -----------------------------------------------------------------------------------
@@ -87,6 +94,18 @@ def test_apgd_with_radius_reduction_and_restarts_keeps_its_budget_and_is_determi
     # under the paper's least-perturbation selection a success is all that is needed: it stops there
     least = MedIS(tiny_target, members_spec=spec, eps=16 / 255, steps=6, seed=5)(volume).chosen
     assert least.success and least.trace[-1].success and len(least.trace) < len(member.trace)
+
+
+def test_a_members_seed_is_added_to_the_runs_seed(tiny_target, scan_file):
+    volume = read_volume(scan_file)
+    assert Member.parse("apgd:js[random_start=1,seed=2]").option("seed") == 2
+
+    def run(spec: str, seed: int) -> np.ndarray:
+        return MedIS(tiny_target, members_spec=spec, eps=16 / 255, steps=2, seed=seed, select="strongest")(volume).adversarial.array
+
+    offset = run("apgd:ce[random_start=1,seed=1]", 5)
+    assert np.array_equal(offset, run("apgd:ce[random_start=1]", 6))
+    assert not np.array_equal(offset, run("apgd:ce[random_start=1]", 5))
 
 
 def test_apgd_masked_loss_steps_by_cross_entropy(tiny_target):
