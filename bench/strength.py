@@ -191,8 +191,8 @@ class Runner:
         return max(2, steps // 16) if self.quick else steps
 
     def _member_key(self, case: Case, spec: str, eps: float, steps: int, select: str) -> dict:
-        return {"case": [case.target_name, case.network, case.name], "member": spec, "eps": eps, "steps": self.steps(steps),
-                "select": select}
+        return {"case": [case.target_name, case.network, case.name], "member": spec, "eps": _spelled(eps),
+                "steps": self.steps(steps), "select": select}
 
     def has(self, case: Case, spec: str, eps: float, steps: int, select: str) -> bool:
         return self._path(self._member_key(case, spec, eps, steps, select)).exists()
@@ -250,10 +250,31 @@ class Runner:
                 "evaluations": sum(r["evaluations"] for r in rows), "gradient_passes": sum(r["gradient_passes"] for r in rows),
                 "time_s": sum(r.get("time_s", 0.0) for r in rows), "members": rows}
 
+    def breaks(self, case: Case, preset: str, eps: float, what: str = "") -> bool | None:
+        """Whether the preset succeeds on ``case`` at ``eps``: whether any member does (mean IoU <= 0.5).
+
+        A member's success does not depend on the selection (a member whose strongest iterate fails never
+        succeeded), so outcomes cached under either selection count; members not yet measured run in order
+        under the paper's selection, each until its first success, and none runs once one has succeeded.
+        ``None`` where the cache cannot tell (``cached_only``)."""
+        p = PRESETS[preset]
+        members = [(m.name, m.option("steps") or p.steps) for m in p.parsed()]
+        missing = []
+        for name, steps in members:
+            cached = [s for s in ("strongest", "least") if self.has(case, name, eps, steps, s)]
+            if cached and self.member(case, name, eps, steps, cached[0])["success"]:
+                return True
+            if not cached:
+                missing.append((name, steps))
+        if missing and self.cached_only:
+            self.missing += len(missing)
+            return None
+        return any(self.member(case, name, eps, steps, "least", what or f"{preset} sweep")["success"] for name, steps in missing)
+
     def plain(self, case: Case, kind: str, eps: float, steps: int = 20) -> dict | None:
         """The independent PGD-CE (``plain``: through MONAI's transforms; ``transfer``: through the stand-in)."""
         steps = self.steps(steps)
-        key = {"case": [case.target_name, case.network, case.name], "plain": kind, "eps": eps, "steps": steps}
+        key = {"case": [case.target_name, case.network, case.name], "plain": kind, "eps": _spelled(eps), "steps": steps}
 
         def compute() -> dict:
             scale, _ = case.target.intensity_scale(case.volume)
@@ -264,6 +285,11 @@ class Runner:
             return out
 
         return self._cached(key, compute, kind)
+
+
+def _spelled(eps: float):
+    """A budget as the cache keys spell it: 10 and 10.0 are one budget."""
+    return int(eps) if float(eps).is_integer() else float(eps)
 
 
 def mean(values) -> float | None:
@@ -287,21 +313,18 @@ def per_case(flat: dict, name: str, figure: str, cases: list[Case], rows: list) 
             flat[f"{name}_{figure}_{label}"] = None if row is None else row["dice"]
 
 
-def smallest_breaking(runner: Runner, cases: list[Case], sweep, test, select: str) -> float | None:
-    """The first budget of ``sweep`` at which ``test`` holds of the reliable preset's outcomes on ``cases``
-    (``None`` where the sweep ran out, or stopped at a budget not measured).
-
-    Success does not depend on the selection (a member whose strongest iterate fails never succeeded), so the
-    ``least`` sweep, which stops each member at its first success, reuses worst-case runs already made."""
-    reliable = PRESETS["reliable"]
+def smallest_breaking(runner: Runner, cases: list[Case], sweep) -> float | None:
+    """The first budget of ``sweep`` at which the reliable preset succeeds on every one of ``cases`` (``None``
+    where the sweep ran out, or stopped at a budget not measured)."""
 
     def holds(eps: float) -> bool | None:
-        outcomes = []
-        for case in cases:
-            done = all(runner.has(case, m.name, eps, m.option("steps") or reliable.steps, "strongest") for m in reliable.parsed())
-            outcomes.append(runner.fusion(case, "reliable", eps, select="strongest" if done else select,
-                                          what=f"reliable sweep ({select})"))
-        return None if any(o is None for o in outcomes) else test(outcomes)
+        unknown = False
+        for case in cases:  # one volume left unbroken settles it: the rest need not run
+            outcome = runner.breaks(case, "reliable", eps, what="reliable sweep (success)")
+            if outcome is False:
+                return False
+            unknown |= outcome is None
+        return None if unknown else True
 
     sweep = list(sweep)
     start = sweep.index(SWEEP_START) if SWEEP_START in sweep else 0
@@ -367,7 +390,7 @@ def measure_target(runner: Runner, name: str, cases: list[Case], stages: tuple[s
     if name == "brain" and ("default" in stages or "paper" in stages):
         flat.update(default_figures(runner, cases, stages))
     if "sweep" in stages:
-        flat[f"{name}_eps_all_broken"] = smallest_breaking(runner, cases, SWEEP, lambda rs: all(r["success"] for r in rs), "least")
+        flat[f"{name}_eps_all_broken"] = smallest_breaking(runner, cases, SWEEP)
         start = flat[f"{name}_eps_all_broken"] or 0
         zero = [e for e in ZERO_SWEEP if e >= start] or ZERO_SWEEP[-1:]
         flat[f"{name}_eps_dice01"] = None
