@@ -286,26 +286,40 @@ def _with_progress(fn, members: int, steps: int):
     return result
 
 
+def verdict(report: dict) -> str:
+    """What the attack did, in words: success or not against its threshold, the reference, and what to try next."""
+    attack, sel = report["attack"], report["selected"]
+    chosen = next((m for m in report["members"] if m.get("member") == sel["member"]), report["members"][0])
+    targeted = attack["targeted"]
+    score = chosen["target_mean_iou"] if targeted else report["adversarial"]["mean_iou"]  # the latter: on the written file
+    metric = "mean IoU with the target" if targeted else "mean IoU"
+    relation = (">=" if report["success"] else "<") if targeted else ("<=" if report["success"] else ">")
+    reference = ("the label file" if attack["reference"] == "label file" else "the model's clean prediction")
+    budget = f"L-inf {report['perturbation']['linf_normalized'] * 255:.2f}/255 ({report['perturbation']['linf_native']:.4g} native units)"
+    measured = f"{metric} {score:.3f} {relation} {attack['success_threshold']:g}; reference = {reference}"
+    if report["success"]:
+        return f"Attack succeeded ({measured}): member {sel['member']} after {sel['steps']} step(s), {budget}."
+    return (f"Attack not successful at this budget ({measured}); the strongest member, {sel['member']}, used {budget}. "
+            "Try a larger --eps, more --steps, --restarts 3, or --preset reliable.")
+
+
 def _print_summary(report: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     table = Table(title="MedIS members", show_lines=False)
-    for col in ("loss", "success", "steps", "L-inf (x/255)", "score"):
+    for col in ("member", "success", "steps", "L-inf (x/255)", "score"):
         table.add_column(col)
     for m in report["members"]:
         score = m["mean_iou"] if m["mean_iou"] is not None else m["target_mean_iou"]
-        table.add_row(m["loss"], "yes" if m["success"] else "no", str(m["steps"]), f"{m['linf_normalized'] * 255:.2f}", f"{score:.3f}")
+        table.add_row(escape(m["member"]), "yes" if m["success"] else "no", str(m["steps"]), f"{m['linf_normalized'] * 255:.2f}",
+                      f"{score:.3f}")
     console.print(table)
     clean, adv = report["clean"], report["adversarial"]
-    sel = report["selected"]
-    verdict = "[green]succeeded[/green]" if report["success"] else "[red]failed[/red]"
-    console.print(
-        f"Attack {verdict}: selected [bold]{sel['loss']}[/bold] after {sel['steps']} step(s), "
-        f"L-inf {report['perturbation']['linf_normalized'] * 255:.2f}/255 "
-        f"({report['perturbation']['linf_native']:.4g} native units)."
-    )
+    colour = "green" if report["success"] else "red"
+    console.print(f"[{colour}]{escape(verdict(report))}[/{colour}]")
     console.print(
         "Dice clean -> adversarial: "
         + ", ".join(f"{k} {clean['dice'][k]:.3f} -> {adv['dice'][k]:.3f}" for k in clean["dice"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from medis3d.cli import app
+from medis3d.cli import app, verdict
 from medis3d.io import read_volume
 
 runner = CliRunner()
@@ -50,6 +50,14 @@ def test_attack_end_to_end(tiny_bundle, scan_and_label, tmp_path):
     written_pred = np.asarray(nib.load(str(out / "prediction_adversarial.nii.gz")).dataobj)
     assert np.array_equal(pred, written_pred)
     assert report["adversarial"]["dice"]["blob"] < report["clean"]["dice"]["blob"]
+    # what the summary says, in words: against the threshold, the reference named, and what to try when it fails
+    words = verdict(report)
+    assert words.startswith("Attack succeeded" if report["success"] else "Attack not successful at this budget")
+    assert f"mean IoU {report['adversarial']['mean_iou']:.3f}" in words and "reference = the label file" in words
+    failed = {**report, "success": False, "attack": {**report["attack"], "reference": "clean prediction"}}
+    words = verdict(failed)
+    assert words.startswith("Attack not successful at this budget") and "> 0.5" in words
+    assert "reference = the model's clean prediction" in words and "--preset reliable" in words
 
 
 def test_predict_writes_on_scan_grid(tiny_bundle, scan_file, tmp_path):
