@@ -289,9 +289,9 @@ def _with_progress(fn, members: int, steps: int):
 def verdict(report: dict) -> str:
     """What the attack did, in words: success or not against its threshold, the reference, and what to try next."""
     attack, sel = report["attack"], report["selected"]
-    chosen = next((m for m in report["members"] if m.get("member") == sel["member"]), report["members"][0])
     targeted = attack["targeted"]
-    score = chosen["target_mean_iou"] if targeted else report["adversarial"]["mean_iou"]  # the latter: on the written file
+    # the written file's score, which decided success
+    score = (report["adversarial"]["against_target"] if targeted else report["adversarial"])["mean_iou"]
     metric = "mean IoU with the target" if targeted else "mean IoU"
     relation = (">=" if report["success"] else "<") if targeted else ("<=" if report["success"] else ">")
     reference = ("the label file" if attack["reference"] == "label file" else "the model's clean prediction")

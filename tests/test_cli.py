@@ -58,6 +58,9 @@ def test_attack_end_to_end(tiny_bundle, scan_and_label, tmp_path):
     words = verdict(failed)
     assert words.startswith("Attack not successful at this budget") and "> 0.5" in words
     assert "reference = the model's clean prediction" in words and "--preset reliable" in words
+    targeted = {**report, "success": True, "attack": {**report["attack"], "targeted": True},
+                "adversarial": {**report["adversarial"], "against_target": {"mean_iou": 0.62}}}
+    assert f"mean IoU with the target 0.620 >= {report['attack']['success_threshold']:g}" in verdict(targeted)
 
 
 def test_predict_writes_on_scan_grid(tiny_bundle, scan_file, tmp_path):
