@@ -9,7 +9,7 @@ of the upstream gradient (``importance / count``), accumulating the input gradie
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -111,6 +111,18 @@ class WindowEngine:
         plan = _Plan(pad, padded, slices, importance, count, crop)
         self._plans = {key: plan}  # one volume shape at a time; plans hold full-size buffers
         return plan
+
+    @contextmanager
+    def shared_by(self, members: int):
+        """While in the block, a pass carries ``members`` volumes (members batched): their windows share a window
+        batch ``members`` times the inferer's, so each member keeps its window batch and, where one member's windows
+        fit in one batch, the members' windows do too (one pass with its graph, not two)."""
+        before = self.settings.sw_batch_size
+        self.settings.sw_batch_size = max(1, int(before)) * max(1, int(members))
+        try:
+            yield self
+        finally:
+            self.settings.sw_batch_size = before
 
     def window_count(self, spatial_shape: Sequence[int]) -> int:
         return len(self._plan(spatial_shape, torch.device("cpu")).slices)

@@ -122,6 +122,7 @@ def evaluate_dataset(
     seed: int = 0,
     diagnose: bool = False,
     progress: Callable[[str], None] | None = None,
+    together: int | None = None,
 ) -> dict:
     """Run every member on every case at every budget (cached), then write the tables and plot; with
     ``diagnose``, the gradient-masking checks on each case at the largest budget (``diagnose/<case>.json``).
@@ -131,11 +132,13 @@ def evaluate_dataset(
     with output_lock(out), writing(out):
         return _evaluate_dataset(target, cases, out, attacks=attacks, losses=losses, members=members, eps_list=eps_list,
                                  step=step, steps=steps, eps_units=eps_units, success=success, seed=seed, diagnose=diagnose,
-                                 progress=progress)
+                                 progress=progress, together=together)
 
 
 def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attacks, losses, members, eps_list, step, steps,
-                      eps_units, success, seed, diagnose, progress) -> dict:
+                      eps_units, success, seed, diagnose, progress, together=None) -> dict:
+    from medis3d.memory import auto_together
+
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     rows: list[dict] = []
@@ -147,18 +150,17 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
         for eps in eps_list:
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed)
-            setting = None
-            for member in medis.members():
-                path = _cache_file(cache, case, member, eps)
-                if not path.is_file():
-                    if setting is None:
-                        setting = medis.prepare(volume, reference, clean_prediction=clean_prediction)
-                        clean_prediction = setting.clean_prediction
-                    result = medis.run_member(member, setting.budget, setting.goal, volume, setting.factor)
+            missing = [m for m in medis.members() if not _cache_file(cache, case, m, eps).is_file()]
+            if missing:  # the members not cached yet (batched through the network with --together)
+                setting = medis.prepare(volume, reference, clean_prediction=clean_prediction)
+                clean_prediction = setting.clean_prediction
+                medis.together = together or auto_together(target, target.model_shape(volume), len(missing))
+                results = medis.run_members(missing, setting.budget, setting.goal, volume, setting.factor)
+                for member, result in zip(missing, results):
                     row = member_row(target, case, member, eps, result, setting.goal.reference, setting.clean_prediction,
                                      volume, setting.scale)
-                    write_text_atomic(path, json.dumps(clean_json(row)))
-                rows.append(json.loads(path.read_text()))
+                    write_text_atomic(_cache_file(cache, case, member, eps), json.dumps(clean_json(row)))
+            rows.extend(json.loads(_cache_file(cache, case, m, eps).read_text()) for m in medis.members())
             if progress is not None:
                 progress(case.name)
         if diagnose:

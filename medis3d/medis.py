@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from medis3d.attacks import ATTACKS, Budget, Goal, MemberResult
-from medis3d.attacks.base import ProgressFn
+from medis3d.attacks import ATTACKS, Attack, Budget, Goal, MemberResult
+from medis3d.attacks.base import ProgressFn, Together, drive_together
 from medis3d.errors import InputError
 from medis3d.io.volume import Volume
 from medis3d.losses import parse_losses
@@ -46,6 +46,7 @@ class MedISResult:
     time_s: float = 0.0
     memory_plan: object | None = None  # medis3d.memory.MemoryPlan when --memory-budget chose the settings
     flip_budgets: dict | None = None  # with min_eps: eps50 / eps90 (native units; None: not reached within eps)
+    together: dict | None = None  # members batched: passes taken, members per pass (largest, mean); None: one by one
 
     @property
     def chosen(self) -> MemberResult:
@@ -124,7 +125,9 @@ class MedIS:
     min_eps: bool = False  # find each member's smallest successful budget (bisection for fixed-budget attacks)
     select: str = "least"  # "least" perturbation among the successful (the paper's), or "strongest"
     bisection_steps: int = 4
+    together: int = 1  # members that share each pass through the network (1: one after another)
     loss_names: list[str] = field(init=False)
+    together_log: Together | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         try:
@@ -141,6 +144,8 @@ class MedIS:
             raise InputError(f"--eps-units must be 'normalized' or 'native', got {self.eps_units!r}")
         if self.norm not in ("linf", "l2"):
             raise InputError(f"--norm must be linf or l2, got {self.norm!r}")
+        if int(self.together) < 1:
+            raise InputError(f"--together must be at least 1, got {self.together}")
         if self.select not in SELECTIONS:
             raise InputError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if isinstance(self.attacks, str):
@@ -168,7 +173,7 @@ class MedIS:
         torch.manual_seed(self.seed)
         setting = self.prepare(volume, reference, target_mask)
         goal, budget = setting.goal, setting.budget
-        members = [self.run_member(member, budget, goal, volume, setting.factor) for member in self.members()]
+        members = self.run_members(self.members(), budget, goal, volume, setting.factor)
         selected = select_member(members, goal.targeted, self.select, self.norm)
         chosen = members[selected]
         flips = self.flip_budgets(self.members()[selected], setting) if self.min_eps and not goal.targeted else None
@@ -187,6 +192,7 @@ class MedIS:
             threshold=float(goal.threshold),
             time_s=time.perf_counter() - start,
             flip_budgets=flips,
+            together=self.together_log.as_dict() if self.together_log else None,
         )
 
     def flip_budgets(self, member: Member, setting: "Setting") -> dict:
@@ -212,13 +218,36 @@ class MedIS:
                    bisect: bool = True) -> MemberResult:
         """Run one member at ``budget`` (its own ``steps`` and ``step``, in ``--eps`` units times ``factor``,
         where it sets them); with ``min_eps``, its smallest successful budget."""
-        cls = ATTACKS[member.attack]
+        budget = self.member_budget(member, budget, factor)
+        return self._finish(member, budget, self.attack(member, budget, goal).run(volume), goal, volume, bisect)
+
+    def run_members(self, members: Sequence[Member], budget: Budget, goal: Goal, volume: Volume,
+                    factor: float = 1.0) -> list[MemberResult]:
+        """:meth:`run_member` of each of ``members``; with ``together`` above 1, up to that many of them share
+        each pass through the network (:func:`medis3d.attacks.base.drive_together`); ``self.together_log``
+        then says how they were grouped."""
+        if self.together <= 1 or len(members) < 2:
+            self.together_log = None
+            return [self.run_member(member, budget, goal, volume, factor) for member in members]
+        budgets = [self.member_budget(member, budget, factor) for member in members]
+        self.together_log = Together()
+        steps = [self.attack(m, b, goal).iterate(volume) for m, b in zip(members, budgets)]
+        results = drive_together(steps, self.target, volume, self.together, self.together_log)
+        return [self._finish(m, b, r, goal, volume) for m, b, r in zip(members, budgets, results)]
+
+    @staticmethod
+    def member_budget(member: Member, budget: Budget, factor: float = 1.0) -> Budget:
+        """``budget`` with the member's own ``steps`` and ``step`` (in ``--eps`` units times ``factor``) where it sets them."""
         changes = {}
         if member.option("steps") is not None:
             changes["steps"] = int(member.option("steps"))
         if member.option("step") is not None:
             changes["step"] = float(member.option("step")) * factor
-        budget = dataclasses.replace(budget, **changes) if changes else budget
+        return dataclasses.replace(budget, **changes) if changes else budget
+
+    def attack(self, member: Member, budget: Budget, goal: Goal) -> Attack:
+        """The attack object of ``member`` at ``budget`` (already the member's: :meth:`member_budget`)."""
+        cls = ATTACKS[member.attack]
         # least-perturbation fusion needs a member's first success only; the worst case needs its strongest point
         kwargs = {"gradient": member.option("gradient", "standard"), "transfer": member.option("transfer", 0.0),
                   "stop_at_success": self.select == "least" and not cls.minimal}
@@ -228,16 +257,22 @@ class MedIS:
         if member.attack == "lowfreq" and member.option("factor"):
             kwargs["factor"] = member.option("factor")
         label = member.name if member.options else None
+        seed = self.seed + int(member.option("seed", 0))
+        return cls(self.target, member.loss, budget, goal, self.progress, seed=seed, label=label, **kwargs)
+
+    def _finish(self, member: Member, budget: Budget, result: MemberResult, goal: Goal, volume: Volume,
+                bisect: bool = True) -> MemberResult:
+        """The member's result named; with ``min_eps``, a fixed-budget attack's smallest successful budget (bisection)."""
+        result.member = member.name
+        cls = ATTACKS[member.attack]
+        if not (self.min_eps and bisect) or cls.early_stop or cls.minimal or not result.success:
+            return result  # iterative attacks already stop at their first success: their L-inf is the distortion
 
         def run(trial: Budget) -> MemberResult:
-            seed = self.seed + int(member.option("seed", 0))
-            out = cls(self.target, member.loss, trial, goal, self.progress, seed=seed, label=label, **kwargs).run(volume)
+            out = self.attack(member, trial, goal).run(volume)
             out.member = member.name
             return out
 
-        result = run(budget)
-        if not (self.min_eps and bisect) or cls.early_stop or cls.minimal or not result.success:
-            return result  # iterative attacks already stop at their first success: their L-inf is the distortion
         _, best = smallest_budget(run, budget, result, self.bisection_steps)  # fixed-budget attacks: bisect the budget
         if best is not result:  # keep the full-budget run's trace in front of the smallest successful one's
             best.trace = result.trace + best.trace

@@ -64,6 +64,7 @@ class AttackOptions:
     mask: Path | None = None  # region the perturbation may touch (e.g. the body)
     min_eps: bool = False
     select: str = "least"  # fusion: least perturbation among the successful, or strongest
+    together: int | None = None  # members that share each pass through the network; None: as many as memory allows
 
     def formats(self, volume: Volume) -> tuple[str, ...]:
         """The formats the adversarial scan is written in, the first one measured."""
@@ -222,11 +223,14 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, ou
         select=options.select,
     )
     memory_plan = None
-    from medis3d.memory import check_machine_fits, plan_memory
+    from medis3d.memory import auto_together, check_machine_fits, plan_memory
 
-    check_machine_fits(target, target.model_shape(volume), volume)
+    model_shape = target.model_shape(volume)
+    check_machine_fits(target, model_shape, volume)
+    count = len(medis.members())
     if options.memory_budget:
-        memory_plan = plan_memory(target, target.model_shape(volume), options.memory_budget)
+        memory_plan = plan_memory(target, model_shape, options.memory_budget,
+                                  members=min(count, options.together or auto_together(target, model_shape, count)))
         if not memory_plan.fits:
             raise InputError(
                 f"--memory-budget {options.memory_budget / 2**20:.0f} MB is below what any setting needs for {volume.path}: "
@@ -234,6 +238,11 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, ou
                 f"is estimated at {memory_plan.estimate_bytes / 2**20:.0f} MB; give at least {math.ceil(memory_plan.estimate_bytes / 2**20)} MB"
             )
         target.configure(sw_batch_size=memory_plan.sw_batch_size, checkpoint=memory_plan.checkpoint, amp=memory_plan.amp)
+        medis.together = memory_plan.together
+    elif options.together:
+        medis.together = options.together
+    else:
+        medis.together = auto_together(target, model_shape, count)
     result = medis(volume, reference=reference, target_mask=aim)
     result.memory_plan = memory_plan
     target_spec = None if options.target_mask is None else str(options.target_mask)
@@ -358,6 +367,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
                 else "mean IoU vs reference over foreground classes <= threshold",
                 "reference": "label file" if result.reference is not result.clean_prediction else "clean prediction",
                 "seed": medis.seed,
+                "together": {"members": medis.together, **(result.together or {})},
             },
             "clean": segmentation_metrics(target, result.clean_prediction, result.reference, volume.spacing),
             "adversarial": segmentation_metrics(target, adversarial_prediction, result.reference, volume.spacing),

@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 
 from medis3d.reductions import channel_argmax
-from medis3d.engine import Precision, WindowEngine, WindowSettings
+from medis3d.engine import Precision, WindowEngine, WindowSettings, _plain
 from medis3d.errors import InputError
 from medis3d.io.volume import Volume
 from medis3d.transforms_diff import DifferentiablePreprocessing
@@ -219,6 +219,70 @@ class Target:
                 f"{volume.path}: the network failed on its {'x'.join(map(str, self.window.roi_size))} windows "
                 f"(window batch {self.window.sw_batch_size}): {reason}"
             ) from exc
+
+    def evaluate_many(
+        self,
+        xs: Sequence[torch.Tensor],
+        volume: Volume,
+        loss_fns: Sequence[Callable[[torch.Tensor], torch.Tensor] | None],
+        gradient: str = "standard",
+    ) -> list[Evaluation]:
+        """:meth:`evaluate` of several iterates of ``volume`` in one pass: their windows go through the network
+        together, in window batches of the inferer's ``sw_batch_size`` times the number of iterates. Either every ``loss_fns`` entry is a
+        loss (each iterate gets the gradient of its own loss) or none is. One iterate is :meth:`evaluate`."""
+        if len(xs) == 1:
+            return [self.evaluate(xs[0], volume, loss_fns[0], gradient)]
+        with_loss = [fn is not None for fn in loss_fns]
+        if any(with_loss) and not all(with_loss):
+            raise ValueError("evaluate_many: give a loss for every iterate or for none")
+        try:
+            with self.engine.shared_by(len(xs)):
+                return self._evaluate_many([x.to(self.device, torch.float32) for x in xs], volume,
+                                           list(loss_fns) if all(with_loss) else None, gradient)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                f"{volume.path}: the network failed on {len(xs)} iterates' {'x'.join(map(str, self.window.roi_size))} "
+                f"windows together (window batch {self.window.sw_batch_size} x {len(xs)}): {reason}"
+            ) from exc
+
+    def _evaluate_many(self, xs: list[torch.Tensor], volume: Volume, loss_fns, gradient: str) -> list[Evaluation]:
+        if loss_fns is None:
+            with torch.no_grad():
+                model_ins = [self.model_input(x, volume) for x in xs]
+                stitched = self.engine.forward(torch.stack([_plain(m) for m in model_ins]))
+                out = []
+                for i, model_in in enumerate(model_ins):
+                    scan_logits = self.to_scan_grid(stitched[i:i + 1], model_in).detach()
+                    out.append(Evaluation(scan_logits, self._segmentation(stitched[i:i + 1], model_in, scan_logits)))
+                return out
+        leaves = [x.detach().requires_grad_(True) for x in xs]
+        with torch.enable_grad():
+            model_ins = [self.model_input(leaf, volume, gradient) for leaf in leaves]
+        on_scan: list[torch.Tensor] = []
+        losses: list[float] = []
+
+        def stitched_loss(stitched: torch.Tensor) -> torch.Tensor:
+            total = stitched.new_zeros(())
+            for i, (model_in, loss_fn) in enumerate(zip(model_ins, loss_fns)):
+                scan_logits = self.to_scan_grid(stitched[i:i + 1], model_in)
+                on_scan.append(scan_logits.detach())
+                loss = loss_fn(scan_logits)
+                losses.append(float(loss.detach()))
+                total = total + loss  # the members' losses are independent: each input's gradient is its own loss's
+            return total
+
+        batch = torch.stack([_plain(m.detach()) for m in model_ins])
+        stitched, _, model_grads = self.engine.value_and_grad(batch, stitched_loss)
+        out = []
+        for i, (leaf, model_in) in enumerate(zip(leaves, model_ins)):
+            segmentation = self._segmentation(stitched[i:i + 1], model_in, on_scan[i])
+            if model_in.requires_grad:
+                (grad,) = torch.autograd.grad(model_in, leaf, grad_outputs=model_grads[i].to(model_in.dtype))
+            else:
+                grad = model_grads[i]
+            out.append(Evaluation(on_scan[i], segmentation, losses[i], grad.detach()))
+        return out
 
     def _evaluate(self, x_native: torch.Tensor, volume: Volume, loss_fn, gradient: str = "standard") -> Evaluation:
         if loss_fn is None:

@@ -20,13 +20,16 @@ def test_attack_end_to_end(tiny_bundle, scan_and_label, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(
         app, ["attack", str(scan), "--bundle", str(tiny_bundle), "--label", str(label), "--losses", "dice,ce",
-              "--eps", "24", "--eps-units", "native", "--step", "4", "--steps", "6", "--out", str(out), "--json"],
+              "--eps", "24", "--eps-units", "native", "--step", "4", "--steps", "6", "--out", str(out), "--json",
+              "--together", "2"],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert REPORT_KEYS <= set(report)
     assert report["schema"] == "medis3d.report/1"
     assert {"name", "targeted", "losses", "eps", "step", "steps", "eps_units"} <= set(report["attack"])
+    # the two members shared every pass through the network
+    assert report["attack"]["together"]["members"] == 2 and report["attack"]["together"]["largest"] == 2
     assert {"linf_native", "l2_native", "linf_normalized"} <= set(report["perturbation"])
     assert {"loss", "success", "steps", "linf_normalized", "mean_iou"} <= set(report["members"][0])
     assert {"dice", "mean_iou", "hd95"} <= set(report["clean"])
@@ -95,6 +98,7 @@ def _bad(tmp_path, scan_file, tiny_bundle):
         ([str(scan_file), "--eps", "ten"], "eps"),
         ([str(scan_file), "--roi", "23"], "23x23x23 windows"),  # the UNet cannot take an odd window
         ([str(scan_file), "--step", "1/0"], "step"),
+        ([str(scan_file), "--together", "0"], "--together"),
     ]
 
 

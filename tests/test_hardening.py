@@ -367,7 +367,7 @@ def test_one_volume_leaves_the_target_as_it_found_it(tiny_bundle, tmp_path, monk
     weights = {k: v.clone() for k, v in target.network.state_dict().items()}
     # the first volume's memory plan asks for window batch 1, checkpointing and AMP; the second's budget is plenty
     plans = iter([MemoryPlan(1, True, True, 10, 2**30, True), MemoryPlan(4, False, False, 10, 2**30, True)])
-    monkeypatch.setattr(memory, "plan_memory", lambda *args: next(plans))
+    monkeypatch.setattr(memory, "plan_memory", lambda *args, **kwargs: next(plans))
     options = AttackOptions(losses="ce", steps=2, eps=16 / 255, step=8 / 255, memory_budget=2**30)
     first = run_attack(save_nifti(tmp_path / "a.nii.gz", synthetic_scan(1)[0]), target, options, tmp_path / "a")
     assert first["target"]["settings"]["checkpoint"] and first["target"]["settings"]["amp"]

@@ -47,7 +47,7 @@ from medis3d.io.volume import Volume
 from medis3d.target import Target
 from medis3d.transforms_diff import DifferentiablePreprocessing
 from medis3d.memory import plan_memory
-budget = int(sys.argv[1])
+budget, members = int(sys.argv[1]), int(sys.argv[3])
 torch.manual_seed(0)
 net = SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=8)
 target = Target(network=net, preprocessing=DifferentiablePreprocessing([]), window=WindowSettings((64, 64, 64), sw_batch_size=4, overlap=0.25))
@@ -56,8 +56,9 @@ x = torch.from_numpy(vol.array)
 target.evaluate(x[:, :32, :32, :32].contiguous(), Volume(array=vol.array[:, :32, :32, :32].copy(), affine=np.eye(4)))  # warm up the allocator
 plan = None
 if budget:
-    plan = plan_memory(target, target.model_shape(vol), budget)
+    plan = plan_memory(target, target.model_shape(vol), budget, members=members)
     target.configure(sw_batch_size=plan.sw_batch_size, checkpoint=plan.checkpoint, amp=plan.amp)
+together = plan.together if plan else members
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -65,17 +66,21 @@ def status(key):
 base = status("VmRSS:")
 with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current resident size
     f.write("5")
-target.evaluate(x, vol, lambda l: torch.softmax(l, 1)[:, 1].mean())
+loss = lambda l: torch.softmax(l, 1)[:, 1].mean()
+for start in range(0, members, together):  # members batched as MedIS(together=...) batches them
+    n = min(together, members - start)
+    target.evaluate_many([x + k for k in range(n)], vol, [loss] * n)
 peak = status("VmHWM:")
 print(json.dumps({"used": peak - base, "plan": plan.as_dict() if plan else None}))
 """
 
 
-def _child(budget: int) -> dict:
+def _child(budget: int, members: int = 1) -> dict:
     root = Path(__file__).resolve().parent.parent
     import torch
 
-    out = subprocess.run([sys.executable, "-c", CHILD, str(budget), str(torch.get_num_threads())], capture_output=True, text=True, timeout=600, cwd=root)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(budget), str(torch.get_num_threads()), str(members)],
+                         capture_output=True, text=True, timeout=600, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -88,3 +93,31 @@ def test_memory_budget_keeps_measured_peak_under_budget():
     assert run["plan"]["fits"], run
     assert run["plan"]["sw_batch_size"] < 4 or run["plan"]["checkpoint"] or run["plan"]["amp"]
     assert run["used"] <= budget, (run, budget, free)
+
+
+def test_memory_budget_counts_members_that_share_a_pass():
+    """Three members batched: the plan shrinks how many share a pass (or the window batch) to keep the measured
+    peak of the batched gradient pass under the budget."""
+    budget = 700 * 2**20
+    free = _child(0, members=3)["used"]  # all three together at the inferer's settings
+    assert free > budget, "the budget must be tighter than three members together for the test to mean anything"
+    run = _child(budget, members=3)
+    plan = run["plan"]
+    assert plan["fits"], run
+    assert plan["together"] < 3 or plan["sw_batch_size"] < 4 or plan["checkpoint"] or plan["amp"]
+    assert run["used"] <= budget, (run, budget, free)
+
+
+def test_members_together_fits_the_members_in_the_budget(tiny_target):
+    import numpy as np
+
+    from medis3d.io.volume import Volume
+    from medis3d.memory import auto_together, members_together, volume_buffers, weight_bytes
+
+    shape = tiny_target.model_shape(Volume(array=np.zeros((1, 40, 36, 32), np.float32), affine=np.eye(4)))
+    assert members_together(tiny_target, shape, 1, 0) == 1
+    assert members_together(tiny_target, shape, 8, 2**40) == 8
+    assert members_together(tiny_target, shape, 8, 0) == 1  # never none
+    small = weight_bytes(tiny_target.network) + 2.5 * volume_buffers(tiny_target, shape)
+    assert members_together(tiny_target, shape, 8, small) <= 2
+    assert auto_together(tiny_target, shape, 8) == 1  # on a CPU: one at a time (batched measured slower there)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from medis3d.attacks.base import Attack, BestIterate, Budget, MemberResult, Objective, StepRecord
+from medis3d.attacks.base import Attack, BestIterate, Budget, Objective, StepRecord
 from medis3d.io.volume import Volume
 
 RHO = 0.75
@@ -63,7 +63,7 @@ class APGD(Attack):
     def objective(self, t: int, steps: int | None = None) -> Objective:
         return Objective(self.loss, self.goal, t, self.budget.steps if steps is None else steps, self.track)
 
-    def run(self, volume: Volume) -> MemberResult:
+    def iterate(self, volume: Volume):
         start = time.perf_counter()
         clean = torch.from_numpy(volume.array).to(self.target.device)
         keeper = self.keeper()
@@ -76,7 +76,7 @@ class APGD(Attack):
             for (factor, _), iterations in zip(self.radii, counts):
                 stage = dataclasses.replace(self.budget, eps=self.budget.eps * factor, steps=iterations)
                 x = stage.project(x, clean)
-                x = self._stage(volume, clean, x, stage, keeper, trace, in_budget=factor <= 1.0, total=total)
+                x = yield from self._stage(volume, clean, x, stage, keeper, trace, in_budget=factor <= 1.0, total=total)
                 if self._stopped(keeper):
                     break
             if self._stopped(keeper):
@@ -94,11 +94,12 @@ class APGD(Attack):
 
         def visit(k: int, point: torch.Tensor, last: bool):
             objective = None if last else self.objective(k, steps)
-            ev = self.visit(volume, point, clean, self._visits, objective, keeper, trace, in_budget=in_budget, total=total)[0]
+            ev = (yield from self.visit(volume, point, clean, self._visits, objective, keeper, trace, in_budget=in_budget,
+                                        total=total))[0]
             self._visits += 1
             return ev, (objective.tracked if objective is not None else None)
 
-        ev, f_x = visit(0, x, steps == 0 and in_budget)
+        ev, f_x = yield from visit(0, x, steps == 0 and in_budget)
         if steps == 0:
             return x
         x_prev, grad = x, ev.grad
@@ -109,7 +110,7 @@ class APGD(Attack):
             last = k == steps - 1 and in_budget  # the final stage's last iterate needs no gradient
             z = budget.project(x + eta * budget.direction(grad), clean)
             x_new = z if k == 0 else budget.project(x + MOMENTUM * (z - x) + (1 - MOMENTUM) * (x - x_prev), clean)
-            ev, f_new = visit(k + 1, x_new, last)
+            ev, f_new = yield from visit(k + 1, x_new, last)
             if last or self._stopped(keeper):
                 break
             improved += int(f_new > f_x)

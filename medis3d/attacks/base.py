@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,79 @@ UNTARGETED_SUCCESS = 0.5
 TARGETED_SUCCESS = 0.45
 
 ProgressFn = Callable[[str, int, int, float], None]
+
+
+@dataclass
+class Request:
+    """One pass an attack asks the Target for: the iterate as stored, and (with ``objective``) the gradient of
+    that objective by the ``gradient`` path. Attacks are generators of requests (:meth:`Attack.iterate`), so one
+    member can be run alone (:func:`drive`) or several through the network together (:func:`drive_together`)."""
+
+    x: torch.Tensor
+    objective: Callable[[torch.Tensor], torch.Tensor] | None
+    gradient: str = "standard"
+
+
+Steps = Generator[Request, object, "MemberResult"]
+
+
+def drive(steps: Steps, target: Target, volume: Volume) -> "MemberResult":
+    """Run one attack's requests through ``target``, one pass at a time; its result."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(target.evaluate(request.x, volume, request.objective, gradient=request.gradient))
+    except StopIteration as stop:
+        return stop.value
+
+
+@dataclass
+class Together:
+    """How members ran together: the passes taken and, for each pass, how many members shared it."""
+
+    passes: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"passes": self.passes, "largest": max(self.sizes, default=0),
+                "mean": round(sum(self.sizes) / len(self.sizes), 2) if self.sizes else 0.0}
+
+
+def drive_together(members: Sequence[Steps], target: Target, volume: Volume, group: int | None = None,
+                   log: Together | None = None) -> list["MemberResult"]:
+    """Run several attacks' requests through ``target`` together: at every round, each member still running
+    contributes its pending request; requests of one kind (gradient or not, and by which path) go through the
+    network as one batch of up to ``group`` members (all when None). A member that has finished (its own
+    early success or its last iterate) leaves the batch. Each member's results are those of :func:`drive`,
+    up to float rounding of the batched network."""
+    results: list = [None] * len(members)
+    pending: dict[int, Request] = {}
+
+    def advance(i: int, answer=None, first: bool = False) -> None:
+        try:
+            pending[i] = next(members[i]) if first else members[i].send(answer)
+        except StopIteration as stop:
+            pending.pop(i, None)
+            results[i] = stop.value
+
+    for i in range(len(members)):
+        advance(i, first=True)
+    size = max(1, int(group)) if group else max(1, len(members))
+    while pending:
+        kinds: dict[tuple, list[int]] = {}
+        for i, request in pending.items():
+            kinds.setdefault((request.objective is None, request.gradient), []).append(i)
+        for (_, gradient), indices in kinds.items():
+            for start in range(0, len(indices), size):
+                chunk = indices[start:start + size]
+                requests = [pending[i] for i in chunk]
+                answers = target.evaluate_many([r.x for r in requests], volume, [r.objective for r in requests], gradient)
+                if log is not None:
+                    log.passes += 1
+                    log.sizes.append(len(chunk))
+                for i, answer in zip(chunk, answers):
+                    advance(i, answer)
+    return results
 
 
 @dataclass
@@ -211,24 +284,26 @@ class Attack:
         return self.budget.project(x + self.budget.step * self.budget.direction(grad), clean)
 
     def evaluate(self, volume: Volume, x: torch.Tensor, objective=None, clean: torch.Tensor | None = None):
-        """The iterate as stored (inside the L-inf ball around ``clean``), the evaluation there, its prediction,
-        score and success."""
+        """(A generator: ``yield from``.) The iterate as stored (inside the L-inf ball around ``clean``), the
+        evaluation there, its prediction, score and success."""
         inside = clean is not None and self.budget.norm == "linf"
         stored = volume.quantise(x.cpu().numpy(), clean.cpu().numpy() if inside else None, self.budget.eps if inside else None)
         written = torch.from_numpy(stored).to(self.target.device)
-        evaluation = self.target.evaluate(written, volume, objective, gradient=self._gradient_now)
+        evaluation = yield Request(written, objective, self._gradient_now)
         prediction = evaluation.segmentation
         score = self.goal.score(prediction)
         return written, evaluation, prediction, score, self.goal.succeeded(score)
 
     def visit(self, volume: Volume, x: torch.Tensor, clean: torch.Tensor, t: int, objective, keeper: "BestIterate", trace: list,
               in_budget: bool = True, total: int | None = None):
-        """Evaluate iterate ``t`` as stored, record it in the trace and (``in_budget``) the keeper, report progress.
+        """(A generator: ``yield from``.) Evaluate iterate ``t`` as stored, record it in the trace and
+        (``in_budget``) the keeper, report progress.
 
         Returns the evaluation (its loss and gradient, when ``objective`` is given) and success."""
         if self.transfer > 0:
             self._gradient_now = "smooth" if t < self.transfer * (total or self.budget.steps) else self.gradient
-        written, evaluation, prediction, score, success = self.evaluate(volume, x, objective, clean if in_budget else None)
+        written, evaluation, prediction, score, success = yield from self.evaluate(volume, x, objective,
+                                                                                   clean if in_budget else None)
         trace.append(StepRecord(t, evaluation.loss, score, success, float((written - clean).abs().max()), in_budget))
         if self.progress is not None:
             self.progress(self.member_name, t, total or self.budget.steps, score)
@@ -246,6 +321,12 @@ class Attack:
         return BestIterate(self.goal, first_success=self.early_stop)
 
     def run(self, volume: Volume) -> MemberResult:
+        """Attack ``volume`` alone, one pass through the Target at a time."""
+        return drive(self.iterate(volume), self.target, volume)
+
+    def iterate(self, volume: Volume) -> Steps:
+        """The attack as a generator: yields each :class:`Request`, receives its evaluation, returns the result.
+        Its time is the wall time from its first request to its result (shared passes count fully)."""
         start = time.perf_counter()
         clean = torch.from_numpy(volume.array).to(self.target.device)
         x = self.start(clean)
@@ -254,7 +335,7 @@ class Attack:
         steps = self.budget.steps
         for t in range(steps + 1):
             last = t == steps
-            evaluation, success = self.visit(volume, x, clean, t, None if last else self.objective(t), keeper, trace)
+            evaluation, success = yield from self.visit(volume, x, clean, t, None if last else self.objective(t), keeper, trace)
             if last or (success and self.stop_at_success):
                 break
             x = self.update(x, evaluation.grad, t, clean)

@@ -11,6 +11,6 @@ class FGSM(Attack):
     name = "fgsm"
     early_stop = False
 
-    def run(self, volume):
+    def iterate(self, volume):
         self.budget = type(self.budget)(**{**self.budget.__dict__, "steps": 1, "step": self.budget.eps})
-        return super().run(volume)
+        return (yield from super().iterate(volume))

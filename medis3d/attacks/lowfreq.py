@@ -30,13 +30,13 @@ class LowFrequency(Attack):
         super().__init__(*args, **kwargs)
         self.factor = factor
 
-    def run(self, volume: Volume):
+    def iterate(self, volume: Volume):
         factor = self.factor
         if factor is None:
             model = self.target.model_spacing(volume)
             factor = [max(1, round(MODEL_VOXELS_PER_CELL * m / s)) for m, s in zip(model, volume.spacing)]
         self._factors = [int(f) for f in (factor if isinstance(factor, (list, tuple)) else [factor] * 3)]
-        return super().run(volume)
+        return (yield from super().iterate(volume))
 
     def _expand(self, u: torch.Tensor, shape) -> torch.Tensor:
         return F.interpolate(u[None], size=tuple(shape), mode="trilinear", align_corners=True)[0]

@@ -1,0 +1,101 @@
+"""Members batched through the network (``MedIS(together=N)``, ``--together``): the same members, traces and
+selection as run one after another; members that finish leave the batch; the memory plan counts them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medis3d.attacks.base import Together, drive_together
+from medis3d.io import read_volume
+from medis3d.medis import MedIS
+
+# members of different optimisers, losses and starts, some stopping early (least-perturbation fusion)
+MEMBERS = ("igsm:dice,igsm:ce,pgd:ce,apgd:masked_spherical[random_start=1],apgd:js[random_start=1,seed=1],"
+           "adam:cosine,apgd:ce[radii=sea],lowfreq:ce")
+
+
+def _run(target, volume, together: int, select: str = "least", eps: float = 12 / 255, steps: int = 6):
+    medis = MedIS(target, members_spec=MEMBERS, eps=eps, step=2 / 255, steps=steps, select=select, together=together)
+    return medis, medis(volume)
+
+
+def _same_members(a, b):
+    assert [m.name for m in a.members] == [m.name for m in b.members]
+    for x, y in zip(a.members, b.members):
+        assert x.success == y.success, x.name
+        assert x.steps == y.steps, x.name
+        assert len(x.trace) == len(y.trace), x.name
+        assert [s.success for s in x.trace] == [s.success for s in y.trace], x.name
+        np.testing.assert_allclose([s.score for s in x.trace], [s.score for s in y.trace], atol=2e-3, err_msg=x.name)
+        losses = [(s.loss, t.loss) for s, t in zip(x.trace, y.trace) if s.loss is not None]
+        np.testing.assert_allclose([p for p, _ in losses], [q for _, q in losses], rtol=1e-3, atol=1e-5, err_msg=x.name)
+        assert x.score == pytest.approx(y.score, abs=2e-3), x.name
+        # the kept iterate as stored: integers, so float rounding in the batched network moves few voxels if any
+        assert np.mean(x.adversarial != y.adversarial) < 1e-3, x.name
+    assert a.selected == b.selected
+
+
+@pytest.mark.parametrize("select", ["least", "strongest"])
+def test_members_together_match_members_one_by_one(tiny_target, scan_file, select):
+    volume = read_volume(scan_file)
+    _, alone = _run(tiny_target, volume, 1, select)
+    medis, together = _run(tiny_target, volume, 8, select)
+    _same_members(alone, together)
+    assert alone.together is None
+    assert together.together["largest"] == 8
+    # the budget holds in what is kept, batched or not
+    for m in together.members:
+        assert np.abs(m.adversarial - volume.array).max() <= together.eps_native + 1e-4
+
+
+def test_groups_of_members_match_too(tiny_target, scan_file):
+    volume = read_volume(scan_file)
+    _, alone = _run(tiny_target, volume, 1)
+    _, grouped = _run(tiny_target, volume, 3)
+    _same_members(alone, grouped)
+    assert grouped.together["largest"] == 3
+
+
+def test_a_member_that_finishes_leaves_the_batch(tiny_target, scan_file):
+    """IGSM stops at its first success (a large budget: at once), the APGD member runs its iterations: after the
+    IGSM member's last pass, the APGD member's passes carry it alone."""
+    volume = read_volume(scan_file)
+    medis = MedIS(tiny_target, members_spec="igsm:ce,apgd:ce", eps=48 / 255, step=24 / 255, steps=8, select="strongest",
+                  together=2)
+    setting = medis.prepare(volume)
+    budget = setting.budget
+    attacks = [medis.attack(m, budget, setting.goal) for m in medis.members()]
+    log = Together()
+    results = drive_together([a.iterate(volume) for a in attacks], tiny_target, volume, 2, log)
+    igsm, apgd = results
+    assert igsm.success and len(igsm.trace) < len(apgd.trace)
+    assert log.passes == len(apgd.trace)  # one pass per APGD iterate: the IGSM member rode along while it ran
+    assert log.sizes.count(2) == len(igsm.trace) and log.sizes.count(1) == len(apgd.trace) - len(igsm.trace)
+
+
+def test_evaluate_many_equals_evaluate(tiny_target, scan_file):
+    volume = read_volume(scan_file)
+    clean = torch.from_numpy(volume.array)
+    xs = [clean, clean + 20.0, clean - 15.0]
+    reference = tiny_target.loss_target(tiny_target.predict(volume))
+    losses = [lambda l, w=w: w * torch.nn.functional.nll_loss(l, reference[:, 0]) for w in (1.0, 2.0, 0.5)]
+    many = tiny_target.evaluate_many(xs, volume, losses)
+    for x, fn, ev in zip(xs, losses, many):
+        one = tiny_target.evaluate(x, volume, fn)
+        assert ev.loss == pytest.approx(one.loss, rel=1e-5)
+        assert torch.allclose(ev.grad, one.grad, rtol=1e-4, atol=1e-6 * float(one.grad.abs().max()))
+        assert np.array_equal(ev.segmentation, one.segmentation)
+    plain = tiny_target.evaluate_many(xs, volume, [None] * 3)
+    for x, ev in zip(xs, plain):
+        assert ev.grad is None and np.array_equal(ev.segmentation, tiny_target.evaluate(x, volume).segmentation)
+    with pytest.raises(ValueError):
+        tiny_target.evaluate_many(xs[:2], volume, [losses[0], None])
+
+
+def test_together_must_be_positive(tiny_target):
+    from medis3d.errors import InputError
+
+    with pytest.raises(InputError, match="--together"):
+        MedIS(tiny_target, together=0)
