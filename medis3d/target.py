@@ -214,11 +214,17 @@ class Target:
         try:
             return self._evaluate(x_native.to(self.device, torch.float32), volume, loss_fn, gradient)
         except RuntimeError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(
-                f"{volume.path}: the network failed on its {'x'.join(map(str, self.window.roi_size))} windows "
-                f"(window batch {self.window.sw_batch_size}): {reason}"
-            ) from exc
+            raise self._network_failure(volume, exc) from exc
+
+    def _network_failure(self, volume: Volume, exc: RuntimeError, iterates: int = 1) -> InputError:
+        """The one-line error for a network that failed on this volume's windows (``iterates`` of them batched)."""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        roi = "x".join(map(str, self.window.roi_size))
+        if iterates == 1:
+            return InputError(f"{volume.path}: the network failed on its {roi} windows "
+                              f"(window batch {self.window.sw_batch_size}): {reason}")
+        return InputError(f"{volume.path}: the network failed on {iterates} iterates' {roi} windows together "
+                          f"(window batch {self.window.sw_batch_size} x {iterates}): {reason}")
 
     def evaluate_many(
         self,
@@ -228,8 +234,9 @@ class Target:
         gradient: str = "standard",
     ) -> list[Evaluation]:
         """:meth:`evaluate` of several iterates of ``volume`` in one pass: their windows go through the network
-        together, in window batches of the inferer's ``sw_batch_size`` times the number of iterates. Either every ``loss_fns`` entry is a
-        loss (each iterate gets the gradient of its own loss) or none is. One iterate is :meth:`evaluate`."""
+        together, in window batches of the inferer's ``sw_batch_size`` times the number of iterates. Either every
+        ``loss_fns`` entry is a loss (each iterate gets the gradient of its own loss) or none is. One iterate is
+        :meth:`evaluate`."""
         if len(xs) == 1:
             return [self.evaluate(xs[0], volume, loss_fns[0], gradient)]
         with_loss = [fn is not None for fn in loss_fns]
@@ -240,11 +247,7 @@ class Target:
                 return self._evaluate_many([x.to(self.device, torch.float32) for x in xs], volume,
                                            list(loss_fns) if all(with_loss) else None, gradient)
         except RuntimeError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(
-                f"{volume.path}: the network failed on {len(xs)} iterates' {'x'.join(map(str, self.window.roi_size))} "
-                f"windows together (window batch {self.window.sw_batch_size} x {len(xs)}): {reason}"
-            ) from exc
+            raise self._network_failure(volume, exc, len(xs)) from exc
 
     def _evaluate_many(self, xs: list[torch.Tensor], volume: Volume, loss_fns, gradient: str) -> list[Evaluation]:
         if loss_fns is None:
