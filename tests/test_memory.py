@@ -121,3 +121,26 @@ def test_members_together_fits_the_members_in_the_budget(tiny_target):
     small = weight_bytes(tiny_target.network) + 2.5 * volume_buffers(tiny_target, shape)
     assert members_together(tiny_target, shape, 8, small) <= 2
     assert auto_together(tiny_target, shape, 8) == 1  # on a CPU: one at a time (batched measured slower there)
+
+
+def test_plan_never_picks_amp_where_it_is_slow(tiny_target, monkeypatch):
+    """On a CPU without bfloat16 instructions AMP costs 46x the time: a tight budget gets checkpointing and a smaller
+    window batch, or the refusal, never AMP; ``--amp`` there says so in a notice."""
+    import numpy as np
+
+    from medis3d import memory
+    from medis3d.io.volume import Volume
+
+    shape = tiny_target.model_shape(Volume(array=np.zeros((1, 40, 36, 32), np.float32), affine=np.eye(4)))
+    monkeypatch.setattr(memory, "amp_is_fast", lambda device: False)
+    for budget in (1, 2**20, 8 * 2**20, 2**30):
+        assert not memory.plan_memory(tiny_target, shape, budget).amp
+    monkeypatch.setattr(memory, "amp_is_fast", lambda device: True)
+    assert memory.plan_memory(tiny_target, shape, 1).amp  # nothing fits: the smallest estimate, which uses AMP
+    monkeypatch.setattr(memory, "amp_is_fast", lambda device: False)
+    tiny_target.configure(amp=True)
+    try:
+        assert any("bfloat16" in n for n in tiny_target.notices)
+    finally:
+        tiny_target.configure(amp=False)
+        tiny_target.notices[:] = [n for n in tiny_target.notices if "bfloat16" not in n]
