@@ -377,11 +377,9 @@ def figure_step_time(sizes: Sizes, out: Results) -> None:
                f"ratios {', '.join(f'{r:.3f}' for r in timing['ratios'])}")
 
 
-def figure_members_time(sizes: Sizes, out: Results) -> None:
-    """MedIS with the paper's six losses against each of them run alone, no early stop."""
+def members_target(sizes: Sizes):
+    """The members figures' Target (SegResNet, no preprocessing) and synthetic volume."""
     from medis3d.io.volume import Volume
-    from medis3d.losses import PAPER_LOSSES
-    from medis3d.medis import MedIS
     from medis3d.target import Target
     from medis3d.transforms_diff import DifferentiablePreprocessing
 
@@ -389,7 +387,16 @@ def figure_members_time(sizes: Sizes, out: Results) -> None:
     x, _ = make_volume(sizes.members_shape)
     target = Target(network=build_network("segresnet", w.roi), preprocessing=DifferentiablePreprocessing([]),
                     window=w.settings(), activation="softmax", out_channels=2)
-    volume = Volume(array=x[0].numpy(), affine=np.eye(4))
+    return target, Volume(array=x[0].numpy(), affine=np.eye(4))
+
+
+def figure_members_time(sizes: Sizes, out: Results) -> None:
+    """MedIS with the paper's six losses against each of them run alone, no early stop."""
+    from medis3d.losses import PAPER_LOSSES
+    from medis3d.medis import MedIS
+
+    w = sizes.members_window
+    target, volume = members_target(sizes)
 
     def attack(losses) -> Callable[[], object]:
         return lambda: MedIS(target, losses=losses, steps=sizes.members_steps, success_threshold=-1.0)(volume)
@@ -410,16 +417,10 @@ FUSION12 = tuple(f"apgd:{loss}[random_start=1,seed={k}]" for k, loss in enumerat
 def _together_ratio(sizes: Sizes, members, steps: int, repeats: int) -> dict:
     """Members batched (``MedIS(together=len(members))``) against the same members one after another, paired;
     the two runs' members are checked to agree (success, steps kept, score within 0.002)."""
-    from medis3d.io.volume import Volume
     from medis3d.medis import MedIS
-    from medis3d.target import Target
-    from medis3d.transforms_diff import DifferentiablePreprocessing
 
     w = sizes.members_window
-    x, _ = make_volume(sizes.members_shape)
-    target = Target(network=build_network("segresnet", w.roi), preprocessing=DifferentiablePreprocessing([]),
-                    window=w.settings(), activation="softmax", out_channels=2)
-    volume = Volume(array=x[0].numpy(), affine=np.eye(4))
+    target, volume = members_target(sizes)
     results = {}
 
     def attack(together: int) -> Callable[[], object]:

@@ -149,6 +149,12 @@ def _parse_roi(text: Optional[str]):
     return values
 
 
+def _check_together(together: Optional[int]) -> None:
+    """``--together``, checked before the target loads (so a bad value costs no loading)."""
+    if together is not None and together < 1:
+        raise InputError(f"--together must be at least 1, got {together}")
+
+
 def resolve_members(p: dict) -> tuple[str, list, float | None, int, str]:
     """The preset, members, step, steps and selection from a command's parameters: ``--members``, or
     ``--attacks`` x ``--losses`` where either is given, else the preset's members; ``--step``, ``--steps``
@@ -183,8 +189,7 @@ def _prepare(p: dict):
         seg_format=p["seg_format"], anonymize=p["anonymize"], norm=p["norm"], mask=p.get("mask"), min_eps=p["min_eps"],
         select=select, together=p.get("together"),
     )
-    if options.together is not None and options.together < 1:
-        raise InputError(f"--together must be at least 1, got {options.together}")
+    _check_together(options.together)
     if not options.eps > 0:
         raise InputError(f"--eps must be positive, got {options.eps}")
     if not options.step > 0:
@@ -481,8 +486,7 @@ def evaluate(
         eps_list = [parse_fraction(e.strip(), "--eps") for e in eps.split(",") if e.strip()]
         if not eps_list or min(eps_list) <= 0:
             raise InputError(f"--eps must be positive budgets, got {eps!r}")
-        if together is not None and together < 1:
-            raise InputError(f"--together must be at least 1, got {together}")
+        _check_together(together)
         _, member_list, step_value, steps_value, _ = resolve_members(params)
         cases = read_dataset(dataset, labels)
         tgt = _load_target(bundle, config, trust_bundle, device or _default_device())

@@ -147,6 +147,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
         volume = read_volume(case.image)
         reference = read_segmentation(case.label, volume, target, "label") if case.label else None
         clean_prediction = None
+        per_pass = None
         for eps in eps_list:
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed)
@@ -154,7 +155,9 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
             if missing:  # the members not cached yet (batched through the network with --together)
                 setting = medis.prepare(volume, reference, clean_prediction=clean_prediction)
                 clean_prediction = setting.clean_prediction
-                medis.together = together or auto_together(target, target.model_shape(volume), len(missing))
+                if per_pass is None:  # once per volume: the default needs the model-space shape (a preprocessing run)
+                    per_pass = together or auto_together(target, target.model_shape(volume), len(medis.members()))
+                medis.together = per_pass
                 results = medis.run_members(missing, setting.budget, setting.goal, volume, setting.factor)
                 for member, result in zip(missing, results):
                     row = member_row(target, case, member, eps, result, setting.goal.reference, setting.clean_prediction,

@@ -131,14 +131,10 @@ def plan_memory(target, model_shape, budget_bytes: int, members: int = 1) -> Mem
     ``model_shape``: the first setting, in order of cost, whose estimate fits. Members that share a pass each
     bring their volume-size buffers and their window batch (the shared window batch is
     ``sw_batch_size * together``); their number shrinks before anything slower is switched on."""
-    from monai.utils import fall_back_tuple
-
-    roi = fall_back_tuple(target.window.roi_size, model_shape)
-    window = torch.zeros((1, target.in_channels, *roi), device=target.device)
     per_member = volume_buffers(target, model_shape)
     weights = weight_bytes(target.network)
     amp_dtype = torch.float16 if target.device.type == "cuda" else torch.bfloat16
-    probes = _LazyProbes(target.network, window, amp_dtype)  # the AMP probe only if AMP is considered
+    probes = _LazyProbes(target.network, _probe_window_input(target, model_shape), amp_dtype)  # AMP's only if considered
     batch_sizes = sorted({max(1, int(target.window.sw_batch_size)), 4, 2, 1}, reverse=True)
     batch_sizes = [b for b in batch_sizes if b <= max(1, int(target.window.sw_batch_size))]
     best: MemoryPlan | None = None
@@ -150,7 +146,7 @@ def plan_memory(target, model_shape, budget_bytes: int, members: int = 1) -> Mem
         per_window = probe.checkpointed if checkpoint else probe.activations
         for batch in batch_sizes:
             for group in range(max(1, int(members)), 0, -1):
-                estimate = int(weights + group * (per_member + SAFETY * batch * per_window))
+                estimate = int(weights + group * _member_bytes(per_member, batch, per_window))
                 plan = MemoryPlan(batch, checkpoint, amp, estimate, budget_bytes, estimate <= budget_bytes, group)
                 if plan.fits:
                     return plan
@@ -158,6 +154,19 @@ def plan_memory(target, model_shape, budget_bytes: int, members: int = 1) -> Mem
                     best = plan
     assert best is not None
     return best
+
+
+def _probe_window_input(target, model_shape) -> torch.Tensor:
+    """One window of zeros at the target's window size (its roi, fallen back to the volume where smaller)."""
+    from monai.utils import fall_back_tuple
+
+    roi = fall_back_tuple(target.window.roi_size, model_shape)
+    return torch.zeros((1, target.in_channels, *roi), device=target.device)
+
+
+def _member_bytes(volume_bytes: int, batch: int, per_window: int) -> float:
+    """What one member adds to a pass: its volume-size buffers and its window batch's activations (with slack)."""
+    return volume_bytes + SAFETY * batch * per_window
 
 
 def amp_is_fast(device: torch.device) -> bool:
@@ -187,16 +196,11 @@ class _LazyProbes(dict):
 def members_together(target, model_shape, members: int, budget_bytes: float) -> int:
     """How many of ``members`` can share each pass within ``budget_bytes`` at the target's current settings
     (window batch, checkpointing, AMP): each brings its volume-size buffers and its window batch. At least 1."""
-    from monai.utils import fall_back_tuple
-
     if members <= 1:
         return 1
-    roi = fall_back_tuple(target.window.roi_size, model_shape)
-    window = torch.zeros((1, target.in_channels, *roi), device=target.device)
-    amp_dtype = target.precision.resolve(target.device)
-    probe = probe_window(target.network, window, amp_dtype)
+    probe = probe_window(target.network, _probe_window_input(target, model_shape), target.precision.resolve(target.device))
     per_window = probe.checkpointed if target.checkpointing else probe.activations
-    each = volume_buffers(target, model_shape) + SAFETY * max(1, int(target.window.sw_batch_size)) * per_window
+    each = _member_bytes(volume_buffers(target, model_shape), max(1, int(target.window.sw_batch_size)), per_window)
     room = budget_bytes - weight_bytes(target.network)
     return int(max(1, min(members, room // each)))
 

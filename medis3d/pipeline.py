@@ -64,7 +64,7 @@ class AttackOptions:
     mask: Path | None = None  # region the perturbation may touch (e.g. the body)
     min_eps: bool = False
     select: str = "least"  # fusion: least perturbation among the successful, or strongest
-    together: int | None = None  # members that share each pass through the network; None: as many as memory allows
+    together: int | None = None  # members that share each pass through the network; None: memory.auto_together
 
     def formats(self, volume: Volume) -> tuple[str, ...]:
         """The formats the adversarial scan is written in, the first one measured."""

@@ -218,10 +218,7 @@ class Target:
 
         A network that cannot run on the windows (a window size it does not take, too little
         memory) is an :class:`InputError` naming the scan and the window, not a traceback."""
-        try:
-            return self._evaluate(x_native.to(self.device, torch.float32), volume, loss_fn, gradient)
-        except RuntimeError as exc:
-            raise self._network_failure(volume, exc) from exc
+        return self.evaluate_many([x_native], volume, [loss_fn], gradient)[0]
 
     def _network_failure(self, volume: Volume, exc: RuntimeError, iterates: int = 1) -> InputError:
         """The one-line error for a network that failed on this volume's windows (``iterates`` of them batched)."""
@@ -242,10 +239,7 @@ class Target:
     ) -> list[Evaluation]:
         """:meth:`evaluate` of several iterates of ``volume`` in one pass: their windows go through the network
         together, in window batches of the inferer's ``sw_batch_size`` times the number of iterates. Either every
-        ``loss_fns`` entry is a loss (each iterate gets the gradient of its own loss) or none is. One iterate is
-        :meth:`evaluate`."""
-        if len(xs) == 1:
-            return [self.evaluate(xs[0], volume, loss_fns[0], gradient)]
+        ``loss_fns`` entry is a loss (each iterate gets the gradient of its own loss) or none is."""
         with_loss = [fn is not None for fn in loss_fns]
         if any(with_loss) and not all(with_loss):
             raise ValueError("evaluate_many: give a loss for every iterate or for none")
@@ -289,36 +283,10 @@ class Target:
             segmentation = self._segmentation(stitched[i:i + 1], model_in, on_scan[i])
             if model_in.requires_grad:
                 (grad,) = torch.autograd.grad(model_in, leaf, grad_outputs=model_grads[i].to(model_in.dtype))
-            else:
+            else:  # preprocessing built no graph at all: treat it as identity
                 grad = model_grads[i]
             out.append(Evaluation(on_scan[i], segmentation, losses[i], grad.detach()))
         return out
-
-    def _evaluate(self, x_native: torch.Tensor, volume: Volume, loss_fn, gradient: str = "standard") -> Evaluation:
-        if loss_fn is None:
-            with torch.no_grad():
-                model_in = self.model_input(x_native, volume)
-                stitched = self.engine.forward(model_in[None])
-                scan_logits = self.to_scan_grid(stitched, model_in).detach()
-                return Evaluation(scan_logits, self._segmentation(stitched, model_in, scan_logits))
-        leaf = x_native.detach().requires_grad_(True)
-        with torch.enable_grad():
-            model_in = self.model_input(leaf, volume, gradient)
-        on_scan: list[torch.Tensor] = []
-
-        def stitched_loss(stitched: torch.Tensor) -> torch.Tensor:
-            scan_logits = self.to_scan_grid(stitched, model_in)
-            on_scan.append(scan_logits.detach())
-            return loss_fn(scan_logits)
-
-        stitched, loss, model_grad = self.engine.value_and_grad(model_in.detach()[None], stitched_loss)
-        model_grad = model_grad[0]
-        segmentation = self._segmentation(stitched, model_in, on_scan[0])
-        if model_in.requires_grad:
-            (grad,) = torch.autograd.grad(model_in, leaf, grad_outputs=model_grad.to(model_in.dtype))
-        else:  # preprocessing built no graph at all: treat it as identity
-            grad = model_grad
-        return Evaluation(on_scan[0], segmentation, float(loss), grad.detach())
 
     def _segmentation(self, stitched: torch.Tensor, model_input: MetaTensor, scan_logits: torch.Tensor) -> np.ndarray:
         """The label map as the bundle's postprocessing makes it: from the inverted probabilities, or
