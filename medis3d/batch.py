@@ -13,11 +13,11 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from medis3d.errors import InputError, Medis3dError
+from medis3d.errors import InputError, Medis3dError, first_line
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
 from medis3d.io.volume import make_names_unique, safe_name
@@ -26,7 +26,7 @@ STATUS_FILE = "status.json"
 SUMMARY_COLUMNS = [
     "name", "input", "status", "error", "clean_dice", "adversarial_dice", "clean_mean_iou",
     "adversarial_mean_iou", "success", "selected_loss", "selected_steps", "linf_normalized",
-    "linf_native", "eps", "eps_units", "time_s",
+    "linf_native", "eps", "eps_units", "time_s", "notices",
 ]
 
 
@@ -38,6 +38,7 @@ class BatchItem:
     kind: str  # "nifti" or "dicom"
     path: Path
     series: object | None = None  # medis3d.io.dicom.SeriesInfo for DICOM
+    notices: list[str] = field(default_factory=list)  # e.g. DICOM files beside the series that were skipped
 
     def read(self):
         from medis3d.io import read_volume
@@ -61,7 +62,7 @@ def discover(input_dir: Path) -> list[BatchItem]:
             if rel.lower().endswith(ext):
                 rel = rel[: -len(ext)]
         items.append(BatchItem(safe_name(rel.replace("/", "__")), "nifti", path))
-    from medis3d.io.dicom import find_series
+    from medis3d.io.dicom import SkippedDicomWarning, find_series, skipped_notice
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -70,11 +71,23 @@ def discover(input_dir: Path) -> list[BatchItem]:
         except InputError:
             series = []
     notices = [str(w.message) for w in caught]
+    skipped = [entry for w in caught if isinstance(w.message, SkippedDicomWarning) for entry in w.message.skipped]
     for info in sorted(series, key=lambda s: (str(s.folder), s.uid)):
         description = safe_name(info.description or info.modality or "series", "series")
-        items.append(BatchItem(f"{description}_{safe_name(info.uid[-12:])}", "dicom", info.folder, info))
-    discover.notices = notices  # type: ignore[attr-defined]
-    return make_names_unique(items)
+        # the files a single attack of this series' folder would report as skipped: those in it or below it
+        beside = [(p, why) for p, why in skipped if info.folder in p.parents]
+        items.append(BatchItem(f"{description}_{safe_name(info.uid[-12:])}", "dicom", info.folder, info,
+                               [skipped_notice(info.folder, beside)] if beside else []))
+    return Discovered(make_names_unique(items), notices)
+
+
+class Discovered(list):
+    """The items :func:`discover` found, with the notices of the search itself (every DICOM file skipped, also
+    those beside no series) for the batch's summary."""
+
+    def __init__(self, items: list[BatchItem], notices: list[str]):
+        super().__init__(items)
+        self.notices = list(notices)
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -99,7 +112,8 @@ def _row_from(item: BatchItem, folder: Path) -> dict:
     except (OSError, ValueError):
         row.update(status="pending")
         return row
-    row.update(status=status.get("status", ""), error=status.get("error", ""), time_s=status.get("time_s", ""))
+    row.update(status=status.get("status", ""), error=status.get("error", ""), time_s=status.get("time_s", ""),
+               notices="; ".join(status.get("notices") or []))
     if status.get("status") != "done":
         return row
     report = json.loads((folder / "report.json").read_text())
@@ -130,7 +144,9 @@ def write_summary(items: list[BatchItem], out_dir: Path) -> list[dict]:
     writer.writerows(rows)
     write_text_atomic(out_dir / "summary.csv", buffer.getvalue())
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "pending")}
-    write_text_atomic(out_dir / "summary.json", json.dumps({"volumes": len(rows), **counts, "rows": rows}, indent=2) + "\n")
+    notices = list(getattr(items, "notices", []))  # the search's own, as discover found them
+    write_text_atomic(out_dir / "summary.json",
+                      json.dumps({"volumes": len(rows), **counts, "notices": notices, "rows": rows}, indent=2) + "\n")
     return rows
 
 
@@ -145,8 +161,10 @@ def run_one(item: BatchItem, out_dir: Path, attack: Callable[[object, Path], dic
     except Medis3dError as exc:
         status = {"status": "failed", "error": str(exc), "time_s": round(time.perf_counter() - start, 3)}
     except Exception as exc:  # one volume's failure must not stop the batch
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         status = {"status": "failed", "error": f"{item.path}: {type(exc).__name__}: {message}", "time_s": round(time.perf_counter() - start, 3)}
+    if item.notices:
+        status["notices"] = list(item.notices)
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / STATUS_FILE, json.dumps(status) + "\n")
     return status

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from medis3d.engine import Precision, WindowSettings
-from medis3d.errors import BundleError
+from medis3d.errors import BundleError, first_line
 from medis3d.target import Target
 from medis3d.transforms_diff import DifferentiablePreprocessing, build_step
 
@@ -106,7 +106,7 @@ def read_config(path: Path) -> dict:
         else:
             data = json.loads(text)
     except Exception as exc:
-        raise BundleError(f"{path}: cannot parse the config ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        raise BundleError(f"{path}: cannot parse the config ({first_line(exc)})")
     if not isinstance(data, dict):
         raise BundleError(f"{path}: a bundle config must be a mapping at its top level")
     if _count_nodes(data, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
@@ -400,7 +400,7 @@ def _load_torchscript(path: Path) -> torch.nn.Module:
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        raise BundleError(f"{path}: cannot load the TorchScript model ({str(exc).splitlines()[0]})")
+        raise BundleError(f"{path}: cannot load the TorchScript model ({first_line(exc)})")
 
 
 def _load_state(net: torch.nn.Module, path: Path, trust: bool) -> None:
@@ -408,7 +408,7 @@ def _load_state(net: torch.nn.Module, path: Path, trust: bool) -> None:
         state = torch.load(str(path), map_location="cpu", weights_only=not trust)
     except Exception as exc:
         raise BundleError(
-            f"{path}: refused or unreadable weights ({str(exc).splitlines()[0][:200]}); "
+            f"{path}: refused or unreadable weights ({first_line(exc)[:200]}); "
             "weights load with weights_only=True unless --trust-bundle"
         )
     if isinstance(state, dict):
@@ -421,7 +421,7 @@ def _load_state(net: torch.nn.Module, path: Path, trust: bool) -> None:
     try:
         net.load_state_dict(state)
     except Exception as exc:
-        raise BundleError(f"{path}: weights do not fit network_def ({str(exc).splitlines()[0][:200]})")
+        raise BundleError(f"{path}: weights do not fit network_def ({first_line(exc)[:200]})")
 
 
 def _build_network(
@@ -512,7 +512,7 @@ def _preprocessing(cfg: SafeConfig) -> DifferentiablePreprocessing:
         try:
             step = build_step(name, args)
         except Exception as exc:
-            raise BundleError(f"{cfg.source}: preprocessing step {name} cannot be used ({str(exc).splitlines()[0]})")
+            raise BundleError(f"{cfg.source}: preprocessing step {name} cannot be used ({first_line(exc)})")
         if step is not None:
             steps.append(step)
     return DifferentiablePreprocessing(steps)
@@ -623,13 +623,14 @@ def transforms_preset(name_or_file: str | Path) -> tuple[dict, Path]:
 
     path = Path(name_or_file)
     if not path.is_file():
-        for folder in (TRANSFORMS_DIR, Path(sys.prefix) / "share" / "medis3d" / "transforms"):
+        folders = [f for f in (TRANSFORMS_DIR, Path(sys.prefix) / "share" / "medis3d" / "transforms") if f.is_dir()]
+        for folder in folders:  # the checkout's, else where a wheel installs them
             if (folder / f"{name_or_file}.json").is_file():
                 path = folder / f"{name_or_file}.json"
                 break
         else:
-            names = sorted(p.stem for p in TRANSFORMS_DIR.glob("*.json")) if TRANSFORMS_DIR.is_dir() else []
-            raise BundleError(f"{name_or_file}: no such preprocessing preset or file (presets: {', '.join(names)})")
+            names = sorted({p.stem for f in folders for p in f.glob("*.json")})
+            raise BundleError(f"{name_or_file}: no such preprocessing preset or file (presets: {', '.join(names) or 'none installed'})")
     data = read_config(path)
     if "preprocessing" not in data:
         raise BundleError(f"{path}: a preprocessing preset needs a 'preprocessing' entry")

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from medis3d.errors import InputError, Medis3dError
+from medis3d.html_report import verdict
 
 app = typer.Typer(
     add_completion=False,
@@ -261,7 +262,7 @@ def attack(
         if quiet or json_out:
             report = run_attack(scan, tgt, options, out)
         else:
-            report = _with_progress(lambda cb: run_attack(scan, tgt, options, out, progress=cb), members, options.steps)
+            report = _with_progress(lambda cb: run_attack(scan, tgt, options, out, progress=cb), members)
     except Medis3dError as exc:
         _fail(str(exc))
         return
@@ -271,45 +272,14 @@ def attack(
         _print_summary(report)
 
 
-def _with_progress(fn, members: int, steps: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _with_progress(fn, members: int):
+    """``fn(progress)`` with an attack's progress shown: its phases, then its ``members`` (bars on a terminal, plain
+    lines on stderr otherwise; nothing before the first phase, so an input error found earlier is its only line)."""
+    from medis3d.progress import Reporter
 
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), transient=False,
-    ) as progress:
-        overall = progress.add_task("members", total=members, info="")
-        tasks: dict[str, int] = {}
-
-        def callback(loss: str, t: int, total: int, score: float) -> None:
-            if loss not in tasks:
-                tasks[loss] = progress.add_task(f"  {loss}", total=total, info="")
-            progress.update(tasks[loss], completed=t, info=f"score {score:.3f}")
-            if t == 0 and len(tasks) > 1:
-                progress.advance(overall)
-
-        result = fn(callback)
-        progress.update(overall, completed=members)
-        for task in tasks.values():
-            progress.update(task, completed=progress.tasks[task].total)
-    return result
-
-
-def verdict(report: dict) -> str:
-    """What the attack did, in words: success or not against its threshold, the reference, and what to try next."""
-    attack, sel = report["attack"], report["selected"]
-    targeted = attack["targeted"]
-    # the written file's score, which decided success
-    score = (report["adversarial"]["against_target"] if targeted else report["adversarial"])["mean_iou"]
-    metric = "mean IoU with the target" if targeted else "mean IoU"
-    relation = (">=" if report["success"] else "<") if targeted else ("<=" if report["success"] else ">")
-    reference = ("the label file" if attack["reference"] == "label file" else "the model's clean prediction")
-    budget = f"L-inf {report['perturbation']['linf_normalized'] * 255:.2f}/255 ({report['perturbation']['linf_native']:.4g} native units)"
-    measured = f"{metric} {score:.3f} {relation} {attack['success_threshold']:g}; reference = {reference}"
-    if report["success"]:
-        return f"Attack succeeded ({measured}): member {sel['member']} after {sel['steps']} step(s), {budget}."
-    return (f"Attack not successful at this budget ({measured}); the strongest member, {sel['member']}, used {budget}. "
-            "Try a larger --eps, more --steps, --restarts 3, or --preset reliable.")
+    with Reporter() as reporter:
+        reporter.count("members", members)
+        return fn(reporter)
 
 
 def _print_summary(report: dict) -> None:
@@ -333,6 +303,7 @@ def _print_summary(report: dict) -> None:
         "Dice clean -> adversarial: "
         + ", ".join(f"{k} {clean['dice'][k]:.3f} -> {adv['dice'][k]:.3f}" for k in clean["dice"])
         + f"; mean IoU {clean['mean_iou']:.3f} -> {adv['mean_iou']:.3f}"
+        + ("" if report["attack"]["reference"] == "label file" else " (reference = the model's clean prediction)")
     )
     for notice in report["outputs"].get("notices", []):
         console.print(f"[yellow]notice:[/yellow] {notice}")
@@ -420,18 +391,16 @@ def _run_batch(items, out: Path, tgt, options, shard, quiet: bool) -> int:
     failures = 0
     show = not quiet and shard.rank == 0
     if show:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from medis3d.progress import Reporter
 
-        with Progress(
-            TextColumn("[bold]volumes"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-        ) as progress:
-            task = progress.add_task("volumes", total=len(todo), info=f"{skipped} already done")
+        with Reporter() as reporter:  # a bar with an ETA on a terminal, a line per volume in a log
+            reporter.count("volumes", len(todo), item="volume", info=f"{skipped} already done")
             for item in todo:
-                progress.update(task, info=f"{item.name} | failed {failures}")
-                failures += run_one(item, out, attack_one)["status"] != "done"
-                progress.advance(task)
-            progress.update(task, info=f"failed {failures}, {skipped} already done")
+                reporter.info(f"{item.name} | failed {failures}")
+                status = run_one(item, out, attack_one)
+                failures += status["status"] != "done"
+                reporter.advance(item.name, status["status"] + (f": {status['error']}" if status.get("error") else ""))
+            reporter.info(f"failed {failures}, {skipped} already done")
     else:
         for item in todo:
             failures += run_one(item, out, attack_one)["status"] != "done"
@@ -453,12 +422,60 @@ def _run_batch(items, out: Path, tgt, options, shard, quiet: bool) -> int:
     return code
 
 
+def _bundle_name(bundle: Optional[Path]) -> str:
+    """How a bundle is named in a study: its folder's (or .zip's) name, the default bundle's name when none."""
+    if bundle is None:
+        from medis3d.bundle import DEFAULT_BUNDLE
+
+        return DEFAULT_BUNDLE.name
+    name = Path(bundle).name
+    return name[:-4] if name.endswith(".zip") else name
+
+
+def _load_victims(spec: Optional[str], trust: bool, device: str) -> list:
+    """The ``--victim`` bundles, each loaded as a target (a bad one is the usual one-line error)."""
+    from medis3d.evaluate import Victim
+
+    if spec is None:
+        return []
+    names = [v.strip() for v in spec.split(",") if v.strip()]
+    if not names:
+        raise InputError(f"--victim needs one or more bundles, got {spec!r}")
+    victims = []
+    for name in names:
+        victims.append(Victim(_bundle_name(Path(name)), _load_target(Path(name), None, trust, device)))
+    if len({v.name for v in victims}) < len(victims):
+        raise InputError(f"--victim {spec}: two victims have the same name")
+    return victims
+
+
+def _study_settings(params: dict, member_list, eps_list, step, steps) -> dict:
+    """Everything needed to reproduce a study: the options as given, the members as run, and a command line
+    that repeats it (the dataset, then every option that was set, as ``--name value``)."""
+    import shlex
+
+    import medis3d
+
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()
+             if isinstance(v, (str, int, float, bool, Path)) and k != "quiet"}
+    words = ["medis3d", "evaluate", str(given.get("dataset", ""))]
+    for key, value in given.items():
+        if key == "dataset" or value is False:
+            continue
+        words.append("--" + key.replace("_", "-"))
+        if value is not True:
+            words.append(str(value))
+    return {"command": " ".join(shlex.quote(w) for w in words), "options": given, "members": [m.name for m in member_list],
+            "eps": list(eps_list), "step": step, "steps": steps, "medis3d": medis3d.__version__}
+
+
 @app.command()
 def evaluate(
     dataset: Path = typer.Argument(..., help="Decathlon-style datalist JSON (test/testing/validation entries) or a folder of images."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: results.csv, summary.json, robustness.png, report.md."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: report.html (the study on one page), results.csv, summary.json, robustness.png, report.md."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
-    bundle: Optional[Path] = BUNDLE,
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "--source", "-b", help=BUNDLE_HELP + " The attacks are made on this model (the transfer source)."),
+    victim: Optional[str] = typer.Option(None, "--victim", help="Comma-separated bundles (folders, .zip or shipped names) that every adversarial is also scored on: a transfer matrix (the black-box threat) in results.csv, summary.json and report.html."),
     config: Optional[str] = CONFIG,
     trust_bundle: bool = TRUST,
     preset: Optional[str] = typer.Option(None, "--preset", help="reliable (the default here: the measured-strongest ensemble) or paper (MedIS as published)."),
@@ -490,17 +507,22 @@ def evaluate(
         _, member_list, step_value, steps_value, _ = resolve_members(params)
         cases = read_dataset(dataset, labels)
         tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
+        victims = _load_victims(victim, trust_bundle, device or _default_device())
         kwargs = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
-                      eps_units=eps_units, success=success, seed=seed, diagnose=diagnose, together=together)
+                      eps_units=eps_units, success=success, seed=seed, diagnose=diagnose, together=together,
+                      victims=victims, source=_bundle_name(bundle),
+                      settings=_study_settings(params, member_list, eps_list, step_value, steps_value))
         if quiet:
             evaluate_dataset(tgt, cases, out, **kwargs)
         else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from medis3d.io.outputs import check_output_folder
+            from medis3d.progress import Reporter
 
-            with Progress(TextColumn("[bold]volumes x budgets"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                          TimeElapsedColumn(), TimeRemainingColumn()) as progress:
-                task = progress.add_task("eval", total=len(cases) * (len(eps_list) + int(diagnose)), info=f"{len(member_list)} members")
-                evaluate_dataset(tgt, cases, out, progress=lambda name: progress.advance(task), **kwargs)
+            check_output_folder(out)  # before the bar: a bad --out is its one line
+            with Reporter() as reporter:  # a bar with an ETA on a terminal, a line per volume x budget in a log
+                reporter.count("volumes x budgets", len(cases) * (len(eps_list) + int(diagnose)), item="volume x budget")
+                reporter.info(f"{len(member_list)} members")
+                evaluate_dataset(tgt, cases, out, progress=lambda name: reporter.advance(name), **kwargs)
     except Medis3dError as exc:
         _fail(str(exc))
         return

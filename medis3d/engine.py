@@ -20,6 +20,23 @@ from monai.inferers.utils import _get_scan_interval
 from monai.utils import PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
 
 
+class WindowFailure(RuntimeError):
+    """The network's forward or backward pass (or the windowing around it: padding, stitching) failed on a
+    window batch: a window size the network does not take, too little memory. Raised only from the engine's
+    network stages, so a failure elsewhere (the loss, the inverse preprocessing) keeps its own message."""
+
+
+@contextmanager
+def _window_stage() -> Iterator[None]:
+    """Turn a RuntimeError raised inside the block (the network running on windows) into a :class:`WindowFailure`."""
+    try:
+        yield
+    except WindowFailure:
+        raise
+    except RuntimeError as exc:
+        raise WindowFailure(str(exc)) from exc
+
+
 @dataclass
 class WindowSettings:
     """Sliding-window inferer settings, named as MONAI's ``SlidingWindowInferer`` names them."""
@@ -163,6 +180,10 @@ class WindowEngine:
 
     def _stitch(self, x: torch.Tensor, plan: _Plan, network: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Stitched logits, differentiable with respect to ``x`` when called with gradients enabled."""
+        with _window_stage():
+            return self._stitch_windows(x, plan, network)
+
+    def _stitch_windows(self, x: torch.Tensor, plan: _Plan, network: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         padded = self._pad(x, plan)
         output: torch.Tensor | None = None
         for window_batch in self._window_batches(x.shape[0], plan):
@@ -186,6 +207,10 @@ class WindowEngine:
     # -- pass 2 ---------------------------------------------------------------------------
     def input_gradient(self, x: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
         """Gradient with respect to ``x`` of ``sum(upstream * forward(x))``, exact, window by window."""
+        with _window_stage():
+            return self._input_gradient(x, upstream)
+
+    def _input_gradient(self, x: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
         x = _plain(x).float().detach()
         plan = self._plan(x.shape[2:], x.device)
         leaf = x.requires_grad_(True)
@@ -231,8 +256,13 @@ class WindowEngine:
             scale = self.precision.loss_scale if dtype == torch.float16 else 1.0
             with torch.enable_grad():
                 stitched = self._stitch(leaf, self._plan(x.shape[2:], x.device), self.gradient_network or self.network)
-                loss = loss_fn(stitched)
-                (grad,) = torch.autograd.grad(loss * scale, leaf)
+                # the loss's gradient first, then the network's backward pass with it (the chain rule split in two,
+                # the same gradient): a failure of the loss is the loss's, only the network's is a WindowFailure
+                value = stitched.detach().requires_grad_(True)
+                loss = loss_fn(value)
+                (upstream,) = torch.autograd.grad(loss, value)
+                with _window_stage():
+                    (grad,) = torch.autograd.grad(stitched, leaf, grad_outputs=upstream * scale)
             return stitched.detach(), loss.detach(), grad / scale if scale != 1.0 else grad
         stitched = self.forward(x).requires_grad_(True)
         with torch.enable_grad():

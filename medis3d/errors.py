@@ -17,3 +17,9 @@ class BundleError(Medis3dError):
 
 class OutputError(Medis3dError):
     """An output location that cannot be written: not a folder, no permission, the disk full, or in use."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name where it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,6 +1,8 @@
 """Robustness evaluation over a dataset: every volume x attack x loss x budget, with MedIS
-fusion computed from the members, into results.csv, summary.json, robustness.png and a
-Markdown report. Resumable: each member's outcome is cached as it finishes."""
+fusion computed from the members, into results.csv, summary.json, robustness.png, a
+Markdown report and a self-contained report.html. With victims, every adversarial made on the
+source model is also scored on each victim model (transfer). Resumable: each member's outcome
+is cached as it finishes."""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medis3d.errors import InputError
+from medis3d.html_report import dice_curves, evaluation_page, reference_words
 from medis3d.io import read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.nifti import is_nifti
-from medis3d.io.volume import make_names_unique, safe_name
+from medis3d.io.volume import make_names_unique, safe_name, scan_name
 from medis3d.medis import MedIS, select_member
 from medis3d.metrics import confusion_counts, dice_per_class, flipped_fraction, hd95_per_class, mean_iou, perturbation_norms
 from medis3d.pipeline import read_segmentation
@@ -29,8 +32,32 @@ from medis3d.target import Target
 COLUMNS = [
     "volume", "member", "attack", "loss", "eps", "clean_dice", "adversarial_dice", "clean_dice_per_class", "adversarial_dice_per_class",
     "adversarial_hd95", "clean_mean_iou", "adversarial_mean_iou", "success", "linf_native", "l2_native",
-    "linf_normalized", "l2_normalized", "steps", "time_s", "flipped_fraction", "counts",
+    "linf_normalized", "l2_normalized", "steps", "time_s", "flipped_fraction", "counts", "transfer",
 ]
+
+
+@dataclass
+class Victim:
+    """A model the source's adversarials are scored on (transfer): its name as given and its target."""
+
+    name: str
+    target: Target
+
+
+@dataclass
+class _VictimCase:
+    """A victim on one volume: its reference (the label, else its own clean prediction) and clean Dice."""
+
+    victim: Victim
+    reference: np.ndarray
+    clean_dice: float
+
+    def score(self, adversarial) -> dict:
+        """The victim's clean and adversarial mean Dice on the adversarial volume ``adversarial``."""
+        t = self.victim.target
+        prediction = t.predict(adversarial)
+        return {"clean_dice": self.clean_dice,
+                "adversarial_dice": _mean(dice_per_class(t.masks(prediction), t.masks(self.reference)))}
 
 
 @dataclass
@@ -61,7 +88,7 @@ def read_dataset(dataset: Path, labels: Path | None = None) -> list[Case]:
             label = entry.get("label") if isinstance(entry, dict) else None
             image_path = (dataset.parent / image).resolve()
             label_path = (dataset.parent / label).resolve() if label else None
-            cases.append(Case(safe_name(Path(image).name.split(".nii")[0]), image_path, label_path))
+            cases.append(Case(scan_name(image), image_path, label_path))
         return make_names_unique(cases)
     if dataset.is_dir():
         images = sorted(p for p in dataset.iterdir() if p.is_file() and is_nifti(p))
@@ -70,7 +97,7 @@ def read_dataset(dataset: Path, labels: Path | None = None) -> list[Case]:
         cases = []
         for image in images:
             label = labels / image.name if labels is not None and (labels / image.name).is_file() else None
-            cases.append(Case(safe_name(image.name.split(".nii")[0]), image, label))
+            cases.append(Case(scan_name(image), image, label))
         return make_names_unique(cases)
     raise InputError(f"{dataset}: no such datalist or folder")
 
@@ -123,20 +150,36 @@ def evaluate_dataset(
     diagnose: bool = False,
     progress: Callable[[str], None] | None = None,
     together: int | None = None,
+    victims: Sequence[Victim] = (),
+    source: str | None = None,
+    settings: dict | None = None,
 ) -> dict:
-    """Run every member on every case at every budget (cached), then write the tables and plot; with
-    ``diagnose``, the gradient-masking checks on each case at the largest budget (``diagnose/<case>.json``).
+    """Run every member on every case at every budget (cached), then write the tables, the plot and the
+    reports; with ``diagnose``, the gradient-masking checks on each case at the largest budget
+    (``diagnose/<case>.json``); with ``victims``, each member's adversarial is also scored on every victim
+    (``transfer`` in each row, a transfer matrix in the summary). ``source`` names ``target`` there, and
+    ``settings`` (the study's options and command line) go into the summary and the HTML report as they are.
 
     ``out`` is checked before any work, held against a second run, and a failed write is one line."""
     check_output_folder(out)
     with output_lock(out), writing(out):
         return _evaluate_dataset(target, cases, out, attacks=attacks, losses=losses, members=members, eps_list=eps_list,
                                  step=step, steps=steps, eps_units=eps_units, success=success, seed=seed, diagnose=diagnose,
-                                 progress=progress, together=together)
+                                 progress=progress, together=together, victims=victims, source=source, settings=settings)
+
+
+def _cached_row(path: Path, victims: Sequence[Victim]) -> dict | None:
+    """The member's cached row, or None where it is not cached or lacks a victim's transfer score."""
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    transfer = json.loads(row.get("transfer") or "{}")
+    return row if all(v.name in transfer for v in victims) else None
 
 
 def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attacks, losses, members, eps_list, step, steps,
-                      eps_units, success, seed, diagnose, progress, together=None) -> dict:
+                      eps_units, success, seed, diagnose, progress, together=None, victims: Sequence[Victim] = (),
+                      source: str | None = None, settings: dict | None = None) -> dict:
     from medis3d.memory import auto_together
 
     out.mkdir(parents=True, exist_ok=True)
@@ -148,22 +191,34 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
         reference = read_segmentation(case.label, volume, target, "label") if case.label else None
         clean_prediction = None
         per_pass = None
+        victim_cases: list[_VictimCase] | None = None
         for eps in eps_list:
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed)
-            missing = [m for m in medis.members() if not _cache_file(cache, case, m, eps).is_file()]
+            cached = {m.name: _cached_row(_cache_file(cache, case, m, eps), victims) for m in medis.members()}
+            missing = [m for m in medis.members() if cached[m.name] is None]
+            ran: dict[str, tuple] = {}
             if missing:  # the members not cached yet (batched through the network with --together)
                 setting = medis.prepare(volume, reference, clean_prediction=clean_prediction)
                 clean_prediction = setting.clean_prediction
                 if per_pass is None:  # once per volume: the default needs the model-space shape (a preprocessing run)
                     per_pass = together or auto_together(target, target.model_shape(volume), len(medis.members()))
+                if victims and victim_cases is None:
+                    victim_cases = [_victim_case(v, case, volume) for v in victims]
                 medis.together = per_pass
                 results = medis.run_members(missing, setting.budget, setting.goal, volume, setting.factor)
                 for member, result in zip(missing, results):
                     row = member_row(target, case, member, eps, result, setting.goal.reference, setting.clean_prediction,
                                      volume, setting.scale)
+                    adversarial = volume.with_array(result.adversarial)
+                    row["transfer"] = json.dumps(clean_json({vc.victim.name: vc.score(adversarial) for vc in victim_cases or []}))
                     write_text_atomic(_cache_file(cache, case, member, eps), json.dumps(clean_json(row)))
-            rows.extend(json.loads(_cache_file(cache, case, m, eps).read_text()) for m in medis.members())
+                    cached[member.name] = json.loads(_cache_file(cache, case, member, eps).read_text())
+                    ran[member.name] = (result, setting)
+            case_rows = [cached[m.name] for m in medis.members()]
+            rows.extend(case_rows)
+            if eps == max(eps_list):
+                _write_case_overview(target, case, volume, case_rows, ran, success, cache)
             if progress is not None:
                 progress(case.name)
         if diagnose:
@@ -175,13 +230,98 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     all_rows = rows + fused
     _write_csv(out / "results.csv", all_rows)
     summary = summarise(all_rows)
+    summary["volumes"] = per_volume(all_rows, cache)
+    references = {case.name: "label" if case.label else "clean prediction" for case in cases}
+    for v in summary["volumes"]:
+        v["reference"] = references.get(v["volume"], "clean prediction")
+    if victims:
+        summary["transfer"] = transfer_matrix(all_rows, source or "source", [v.name for v in victims])
     if diagnose:
         summary["diagnose"] = {name: {"flagged": d["flagged"], "flags": [c["check"] for c in d["checks"] if c["flagged"]]}
                                for name, d in diagnoses.items()}
+    if settings is not None:
+        summary["settings"] = settings
     write_text_atomic(out / "summary.json", json.dumps(clean_json(summary), indent=2) + "\n")
-    plot_robustness(out / "robustness.png", summary)
+    plot_robustness(out / "robustness.png", summary, eps_units)
     write_text_atomic(out / "report.md", markdown_report(summary, len(cases)))
+    write_text_atomic(out / "report.html", evaluation_page(summary, out))
     return summary
+
+
+def _victim_case(victim: Victim, case: Case, volume) -> _VictimCase:
+    """The victim's reference on ``case`` (its label, else the victim's own clean prediction) and clean Dice."""
+    t = victim.target
+    clean = t.predict(volume)
+    reference = read_segmentation(case.label, volume, t, "label") if case.label else clean
+    return _VictimCase(victim, reference, _mean(dice_per_class(t.masks(clean), t.masks(reference))))
+
+
+def _overview_file(cache: Path, case: Case) -> Path:
+    return cache / case.name / "overview.png"
+
+
+def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dict], ran: dict, success, cache: Path) -> None:
+    """The overview of the member the full fusion chose at the largest budget, where it ran in this session
+    (a member cached by an earlier run kept no adversarial: its overview stays as that run wrote it)."""
+    from medis3d.report import write_overview
+
+    chosen = next(r for r in fusion_rows(case_rows, success) if r["attack"] == "medis_full")["loss"]
+    if chosen not in ran:
+        return
+    result, setting = ran[chosen]
+    clean_any = target.masks(setting.clean_prediction).any(0)
+    adv_any = target.masks(result.prediction).any(0)
+    row = next(r for r in case_rows if r["member"] == chosen)
+    verdict = "succeeded" if row["success"] else "failed"
+    write_overview(_overview_file(cache, case), volume.array[0], result.adversarial[0], clean_any, adv_any, volume.affine,
+                   title=f"{case.name}: {chosen} {verdict} at {row['eps'] * 255:.3g}/255, Dice {row['adversarial_dice']:.3f}")
+
+
+def per_volume(rows: list[dict], cache: Path) -> list[dict]:
+    """A line per volume: clean Dice, the full fusion's and the worst case's Dice at each budget, the smallest
+    budget at which the full fusion succeeded, the member it chose there (else at the largest budget), the
+    members' time, and the overview's path where one was written."""
+    volumes: dict[str, dict] = {}
+    for r in rows:
+        v = volumes.setdefault(r["volume"], {"volume": r["volume"], "clean_dice": r["clean_dice"], "medis_full": {},
+                                             "worst_case": {}, "time_s": 0.0, "smallest_successful_eps": None,
+                                             "winner": None})
+        eps = f"{r['eps']:.6g}"
+        if r["attack"] in ("medis_full", "worst_case"):
+            v[r["attack"]][eps] = r["adversarial_dice"]
+        else:
+            v["time_s"] += float(r["time_s"] or 0.0)
+    for name, v in volumes.items():
+        fused = sorted((r for r in rows if r["volume"] == name and r["attack"] == "medis_full"), key=lambda r: r["eps"])
+        wins = [r for r in fused if r["success"]]
+        if wins:
+            v["smallest_successful_eps"], v["winner"] = wins[0]["eps"], wins[0]["loss"]
+        elif fused:
+            v["winner"] = fused[-1]["loss"]
+        overview = cache / name / "overview.png"
+        v["overview"] = str(overview.relative_to(cache.parent)) if overview.is_file() else None
+    return list(volumes.values())
+
+
+def transfer_matrix(rows: list[dict], source: str, victims: Sequence[str]) -> dict:
+    """Mean Dice over volumes of the adversarials made on ``source``, scored on the source and on each victim:
+    per budget, for the full fusion's and the worst case's choice, with each model's clean Dice."""
+    out: dict = {"source": source, "victims": list(victims), "models": [source, *victims], "clean": {}, "by_eps": {}}
+    fused = [r for r in rows if r["attack"] in ("medis_full", "worst_case")]
+    first = [r for r in fused if r["attack"] == "medis_full" and r["eps"] == min(x["eps"] for x in fused)]
+    out["clean"][source] = _mean(r["clean_dice"] for r in first)
+    for name in victims:
+        out["clean"][name] = _mean(json.loads(r["transfer"])[name]["clean_dice"] for r in first)
+    for r in fused:
+        entry = out["by_eps"].setdefault(f"{r['eps']:.6g}", {}).setdefault(r["attack"], {})
+        entry.setdefault(source, []).append(r["adversarial_dice"])
+        for name, scores in json.loads(r["transfer"]).items():
+            entry.setdefault(name, []).append(scores["adversarial_dice"])
+    for by_fusion in out["by_eps"].values():
+        for entry in by_fusion.values():
+            for name in list(entry):
+                entry[name] = _mean(entry[name])
+    return out
 
 
 def _diagnose_case(target: Target, case: Case, volume, reference, folder: Path, eps: float, step: float, steps: int,
@@ -300,33 +440,16 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
-def plot_robustness(path: Path, summary: dict) -> None:
-    """Mean robust Dice against eps, one line per member, fusion highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_robustness(path: Path, summary: dict, units: str = "normalized") -> None:
+    """``robustness.png``: mean Dice and success rate against eps, one line per member, the fusions in bold."""
     from medis3d.io.atomic import atomic_path
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for group, style in (("per_member", dict(lw=1, alpha=0.6)), ("fusion", dict(lw=3))):
-        for key, by_eps in summary[group].items():
-            eps = sorted(by_eps, key=float)
-            ax.plot([float(e) * 255 for e in eps], [by_eps[e]["mean_robust_dice"] for e in eps], marker="o", label=key, **style)
-    ax.set_xlabel("eps (x/255 of the intensity range)")
-    ax.set_ylabel("mean Dice under attack")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+        tmp.write_bytes(dice_curves(summary, units))
 
 
 def markdown_report(summary: dict, volumes: int) -> str:
-    lines = [f"# medis3d robustness evaluation\n\n{volumes} volume(s).\n", "| attack | eps (x/255) | mean clean Dice | mean robust Dice | success rate | mean distortion (x/255) |", "|---|---|---|---|---|---|"]
+    lines = [f"# medis3d robustness evaluation\n\n{volumes} volume(s); {reference_words(summary)}.\n", "| attack | eps (x/255) | mean clean Dice | mean robust Dice | success rate | mean distortion (x/255) |", "|---|---|---|---|---|---|"]
     for group in ("fusion", "per_member"):
         for key, by_eps in summary[group].items():
             for eps in sorted(by_eps, key=float):
@@ -336,5 +459,14 @@ def markdown_report(summary: dict, volumes: int) -> str:
                              f"{e['mean_robust_dice']:.3f} | {e['attack_success_rate']:.2f} | {'-' if dist is None else f'{dist * 255:.2f}'} |")
     if summary["loss_wins"]:
         lines.append("\nMembers chosen by the full fusion: " + ", ".join(f"{k} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
-    lines.append("\n![robustness](robustness.png)\n")
+    if summary.get("transfer"):
+        t = summary["transfer"]
+        lines.append(f"\n## Transfer: adversarials made on {t['source']}, mean Dice on each model\n")
+        lines.append("| adversarial | eps (x/255) | " + " | ".join(t["models"]) + " |")
+        lines.append("|---|---|" + "---|" * len(t["models"]))
+        lines.append("| clean | 0 | " + " | ".join(f"{t['clean'][m]:.3f}" for m in t["models"]) + " |")
+        for eps in sorted(t["by_eps"], key=float):
+            for fusion, entry in t["by_eps"][eps].items():
+                lines.append(f"| {fusion} | {float(eps) * 255:.3g} | " + " | ".join(f"{entry.get(m, float('nan')):.3f}" for m in t["models"]) + " |")
+    lines.append("\n![robustness](robustness.png)\n\nThe whole study on one page: [report.html](report.html)\n")
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from medis3d.errors import InputError
 from medis3d.io.volume import Volume
 from medis3d.losses import parse_losses
 from medis3d.members import RADII, Member, parse_members, product
+from medis3d.progress import MEMBERS, notify
 from medis3d.target import Target
 
 PAPER_STEP = 1 / 255
@@ -159,6 +160,7 @@ class MedIS:
         scale, note = self.target.intensity_scale(volume)
         factor = scale if self.eps_units == "normalized" else 1.0
         if clean_prediction is None:
+            notify(self.progress, "phase", "clean prediction")
             clean_prediction = self.target.predict(volume)
         reference = clean_prediction if reference is None else reference
         aim = self._aim(target_mask, clean_prediction)
@@ -173,10 +175,14 @@ class MedIS:
         torch.manual_seed(self.seed)
         setting = self.prepare(volume, reference, target_mask)
         goal, budget = setting.goal, setting.budget
+        notify(self.progress, "phase", MEMBERS)
         members = self.run_members(self.members(), budget, goal, volume, setting.factor)
         selected = select_member(members, goal.targeted, self.select, self.norm)
         chosen = members[selected]
-        flips = self.flip_budgets(self.members()[selected], setting) if self.min_eps and not goal.targeted else None
+        flips = None
+        if self.min_eps and not goal.targeted:
+            notify(self.progress, "phase", f"eps50 and eps90 of {chosen.name}")
+            flips = self.flip_budgets(self.members()[selected], setting)
         return MedISResult(
             adversarial=volume.with_array(chosen.adversarial),
             members=members,
@@ -219,7 +225,8 @@ class MedIS:
         """Run one member at ``budget`` (its own ``steps`` and ``step``, in ``--eps`` units times ``factor``,
         where it sets them); with ``min_eps``, its smallest successful budget."""
         budget = self.member_budget(member, budget, factor)
-        return self._finish(member, budget, self.attack(member, budget, goal).run(volume), goal, volume, bisect)
+        attack = self.attack(member, budget, goal)
+        return self._done(attack, self._finish(member, budget, attack.run(volume), goal, volume, bisect))
 
     def run_members(self, members: Sequence[Member], budget: Budget, goal: Goal, volume: Volume,
                     factor: float = 1.0) -> list[MemberResult]:
@@ -231,9 +238,14 @@ class MedIS:
             return [self.run_member(member, budget, goal, volume, factor) for member in members]
         budgets = [self.member_budget(member, budget, factor) for member in members]
         self.together_log = Together()
-        steps = [self.attack(m, b, goal).iterate(volume) for m, b in zip(members, budgets)]
-        results = drive_together(steps, self.target, volume, self.together, self.together_log)
-        return [self._finish(m, b, r, goal, volume) for m, b, r in zip(members, budgets, results)]
+        attacks = [self.attack(m, b, goal) for m, b in zip(members, budgets)]
+        results = drive_together([a.iterate(volume) for a in attacks], self.target, volume, self.together, self.together_log)
+        return [self._done(a, self._finish(m, b, r, goal, volume)) for a, m, b, r in zip(attacks, members, budgets, results)]
+
+    def _done(self, attack: Attack, result: MemberResult) -> MemberResult:
+        """Tell the progress a member has finished (under the name its steps were reported by)."""
+        notify(self.progress, "member_done", attack.member_name, result.success, result.steps, result.score)
+        return result
 
     @staticmethod
     def member_budget(member: Member, budget: Budget, factor: float = 1.0) -> Budget:

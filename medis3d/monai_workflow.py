@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from medis3d.io.volume import safe_name
+from medis3d.io.volume import scan_name
 
 FRAGMENT = Path(__file__).resolve().parent / "fragments" / "attack.json"
 
@@ -70,7 +70,7 @@ class BundleAttack:
         rows = []
         for item in self.datalist:
             path = Path(item[self.image_key] if isinstance(item, dict) else item)
-            name = safe_name(path.name.split(".nii")[0])
+            name = scan_name(path)
             report = run_attack(path, target, options, self.output_dir / name)
             rows.append({"input": str(path), "output_dir": report["output_dir"], "success": report["success"],
                          "selected": report["selected"], "clean_dice": report["clean"]["dice"],

@@ -16,13 +16,14 @@ from typing import Sequence
 import numpy as np
 
 from medis3d.errors import InputError
-from medis3d.io import read_volume, write_nifti
+from medis3d.io import check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import Volume
 from medis3d.medis import PAPER_EPS, PAPER_STEP, PAPER_STEPS, MedIS, MedISResult
 from medis3d.metrics import (dice_per_class, flipped_fraction, hd95_per_class, iou_per_class, mean_iou, perturbation_norms,
                              smooth_mean_iou)
+from medis3d.progress import notify
 from medis3d.report import SCHEMA, peak_memory_mb, reset_peak_memory, write_json, write_overview
 from medis3d.signals import deferred
 from medis3d.target import Target
@@ -36,6 +37,7 @@ OUTPUT_FILES = (
     "prediction_clean.dcm",
     "prediction_adversarial.dcm",
     "report.json",
+    "report.html",
     "overview.png",
 )
 
@@ -152,6 +154,13 @@ def _guard_inputs(out_dir: Path, inputs: Sequence[Path]) -> None:
             raise InputError(f"{out_dir}: refusing to write outputs inside the input series folder {p}")
 
 
+def _scan_name(scan: Path | str) -> str:
+    """How progress names a scan: its file or folder name (the channel files' names, comma-separated)."""
+    text = str(scan)
+    parts = text.split(",") if "," in text and not Path(text).exists() else [text]
+    return ", ".join(Path(p.strip()).name for p in parts if p.strip())
+
+
 def run_attack(
     scan: Path | str | Volume,
     target: Target,
@@ -159,9 +168,18 @@ def run_attack(
     out_dir: Path | str | None = None,
     progress=None,
 ) -> dict:
-    """Attack one scan (a path, or a Volume already read) and write its outputs into ``out_dir``."""
+    """Attack one scan (a path, or a Volume already read) and write its outputs into ``out_dir``.
+
+    ``progress(member, t, total, score)`` is called at every step; where it has ``phase(name)`` and
+    ``member_done(...)`` (a :class:`medis3d.progress.Reporter`), it also hears of the phases and each member's end."""
     start = time.perf_counter()
-    volume = scan if isinstance(scan, Volume) else read_volume(scan)
+    if isinstance(scan, Volume):
+        volume = scan
+    else:
+        if progress is not None:
+            check_scan(scan)  # a scan that is not there or not a scan is an error before any progress shows
+        notify(progress, "phase", f"loading {_scan_name(scan)}")
+        volume = read_volume(scan)
     out = Path(out_dir) if out_dir is not None else default_out_dir(volume.name)
     formats = options.formats(volume)
     target_file = None
@@ -246,6 +264,7 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, ou
     result = medis(volume, reference=reference, target_mask=aim)
     result.memory_plan = memory_plan
     target_spec = None if options.target_mask is None else str(options.target_mask)
+    notify(progress, "phase", "writing outputs")
     return _write_outputs(volume, target, medis, result, out, start, target_spec, formats, options)
 
 
@@ -414,6 +433,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         clean_any = target.masks(result.clean_prediction).any(0)
         adv_any = target.masks(adversarial_prediction).any(0)
         verdict = "succeeded" if success else "failed"
+        units = "HU" if str(volume.meta.get("modality") or "").upper() == "CT" else "intensity units"
         write_overview(
             stage / "overview.png",
             volume.array[0],
@@ -423,8 +443,12 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
             volume.affine,
             title=f"{volume.name}: attack {verdict} ({chosen.loss}, {chosen.steps} steps, "
             f"L-inf {norms['linf_normalized'] * 255:.1f}/255 = {norms['linf_native']:.3g} native units)",
+            dice=report["adversarial"]["dice"],
+            reference=report["attack"]["reference"],
+            units=units,
         )
         write_json(stage / "report.json", report)
+        _write_attack_page(stage, report, delta, result.eps_native, units)
         with deferred():  # a signal now would leave some outputs moved and others not
             out.mkdir(parents=True, exist_ok=True)
             for entry in sorted(stage.iterdir()):
@@ -435,6 +459,16 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         return report
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_attack_page(stage: Path, report: dict, delta: np.ndarray, eps_native: float, units: str) -> None:
+    """``report.html``: the report for a person, with the overview (already staged) and the perturbation's histogram."""
+    from medis3d.html_report import attack_page
+    from medis3d.io.atomic import write_text_atomic
+    from medis3d.report import render_perturbation_histogram
+
+    histogram = render_perturbation_histogram(delta, units=units, eps_native=eps_native)
+    write_text_atomic(stage / "report.html", attack_page(report, (stage / "overview.png").read_bytes(), histogram))
 
 
 def _output_notices(volume: Volume, formats: Sequence[str]) -> list[str]:

@@ -16,8 +16,8 @@ import torch
 from monai.data import MetaTensor
 
 from medis3d.reductions import channel_argmax
-from medis3d.engine import Precision, WindowEngine, WindowSettings, _plain
-from medis3d.errors import InputError
+from medis3d.engine import Precision, WindowEngine, WindowFailure, WindowSettings, _plain
+from medis3d.errors import InputError, first_line
 from medis3d.io.volume import Volume
 from medis3d.transforms_diff import DifferentiablePreprocessing
 
@@ -217,12 +217,13 @@ class Target:
         (exact through the network and the windows; through the preprocessing by the ``gradient`` path).
 
         A network that cannot run on the windows (a window size it does not take, too little
-        memory) is an :class:`InputError` naming the scan and the window, not a traceback."""
+        memory) is an :class:`InputError` naming the scan and the window, not a traceback; a run-time error of
+        the preprocessing, of its inverse or of ``loss_fn`` is one naming those, with its own message."""
         return self.evaluate_many([x_native], volume, [loss_fn], gradient)[0]
 
-    def _network_failure(self, volume: Volume, exc: RuntimeError, iterates: int = 1) -> InputError:
+    def _network_failure(self, volume: Volume, exc: WindowFailure, iterates: int = 1) -> InputError:
         """The one-line error for a network that failed on this volume's windows (``iterates`` of them batched)."""
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         roi = "x".join(map(str, self.window.roi_size))
         if iterates == 1:
             return InputError(f"{volume.path}: the network failed on its {roi} windows "
@@ -247,8 +248,11 @@ class Target:
             with self.engine.shared_by(len(xs)):
                 return self._evaluate_many([x.to(self.device, torch.float32) for x in xs], volume,
                                            list(loss_fns) if all(with_loss) else None, gradient)
-        except RuntimeError as exc:
-            raise self._network_failure(volume, exc, len(xs)) from exc
+        except WindowFailure as exc:  # only the network on its windows: the loss's or the inverse's errors are their own
+            raise self._network_failure(volume, exc, len(xs)) from exc.__cause__
+        except RuntimeError as exc:  # the preprocessing, its inverse or the loss: one line naming them, not the network
+            raise InputError(f"{volume.path}: the preprocessing, its inverse or the attack's loss failed (not the network): "
+                             f"{first_line(exc)}") from exc
 
     def _evaluate_many(self, xs: list[torch.Tensor], volume: Volume, loss_fns, gradient: str) -> list[Evaluation]:
         if loss_fns is None:
@@ -341,14 +345,19 @@ class Target:
         """Native units that make 1.0 of the model's normalised intensity range, and how it was found."""
         for step in self.preprocessing.steps:
             a = step.args
-            span_b = float(a.get("b_max", 1.0) or 1.0) - float(a.get("b_min", 0.0) or 0.0)
+            # the output range the window maps to; MONAI rescales to b_min..b_max only when both are given (None is
+            # its default, 0..1), and 0 is a bound like any other (b_min=-1, b_max=0 spans 1, not 2)
+            b_min, b_max = a.get("b_min"), a.get("b_max")
+            span_b = 1.0 if b_min is None or b_max is None else float(b_max) - float(b_min)
             if step.name == "ScaleIntensityRange" and a.get("a_max") is not None and a.get("a_min") is not None:
                 span = (float(a["a_max"]) - float(a["a_min"])) / (span_b or 1.0)
                 return abs(span), f"ScaleIntensityRange window {a['a_min']}..{a['a_max']} -> {a.get('b_min', 0)}..{a.get('b_max', 1)}"
             if step.name == "ScaleIntensityRangePercentiles":
                 lo, hi = float(a.get("lower", 0.5)), float(a.get("upper", 99.5))
                 p_lo, p_hi = np.percentile(volume.array, [lo, hi])
-                span = (p_hi - p_lo) / (span_b or 1.0)
+                if a.get("relative") and b_min is not None and b_max is not None:
+                    span_b *= (hi - lo) / 100.0  # relative: the percentiles map to that share of b_min..b_max
+                span = abs(p_hi - p_lo) / (abs(span_b) or 1.0)
                 return float(max(span, 1e-6)), f"the scan's {lo}-{hi} percentile range {p_lo:.4g}..{p_hi:.4g} (ScaleIntensityRangePercentiles)"
         p_lo, p_hi = np.percentile(volume.array, [0.5, 99.5])
         return float(max(p_hi - p_lo, 1e-6)), f"the scan's 0.5-99.5 percentile range {p_lo:.4g}..{p_hi:.4g} (no fixed intensity window)"

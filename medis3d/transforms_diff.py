@@ -100,6 +100,39 @@ class NormalizeIntensityDiff:
         return out
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_value(name: str, value: Any) -> None:
+    """Refuse an intensity argument (a window bound, a target bound) that is given but is not a number (a string, a
+    list: MONAI takes it and fails on the first scan) or is NaN (every voxel would become NaN); None is not given."""
+    if value is None:
+        return
+    if not _number(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if np.isnan(float(value)):
+        raise ValueError(f"{name} is NaN: every voxel would become NaN")
+
+
+def check_clip_bounds(low: Any, high: Any, names: tuple[str, str] = ("b_min", "b_max")) -> None:
+    """Refuse bounds a clip cannot use, with a ValueError naming the problem: one that is not a number or is NaN
+    (:func:`check_value`), or a lower bound above the upper one (every voxel would become the upper bound: the model
+    would see a constant image). None is no bound."""
+    for name, value in zip(names, (low, high)):
+        check_value(name, value)
+    if low is not None and high is not None and float(low) > float(high):
+        raise ValueError(f"clip=True with {names[0]} {low} > {names[1]} {high} would make every voxel {high} "
+                         "(the model would see a constant image)")
+
+
+def _clamp(x: torch.Tensor, low, high, exact: bool) -> torch.Tensor:
+    """The clip: its own derivative (``exact``) or straight-through; no bound at all is no clip."""
+    if low is None and high is None:
+        return x
+    return torch.clamp(x, low, high) if exact else straight_through_clamp(x, low, high)
+
+
 def quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
     """``np.percentile(flat, 100 q)`` (linear interpolation) for any size, differentiable like ``torch.quantile``
     (which refuses large inputs; MONAI's percentile goes through numpy above a million elements)."""
@@ -132,8 +165,14 @@ class PercentileScaling:
                  channel_wise: bool = False, dtype=None):
         if not 0 <= lower <= 100 or not 0 <= upper <= 100 or lower > upper:
             raise ValueError(f"percentiles must satisfy 0 <= lower <= upper <= 100, got {lower}, {upper}")
+        if relative and (b_min is None or b_max is None):  # found when the step is built, not on the first scan
+            raise ValueError("relative=True needs both b_min and b_max")
         self.lower, self.upper, self.b_min, self.b_max = float(lower), float(upper), b_min, b_max
         self.clip, self.relative, self.channel_wise = bool(clip), bool(relative), bool(channel_wise)
+        check_value("b_min", b_min)
+        check_value("b_max", b_max)
+        if self.clip:
+            check_clip_bounds(*self._targets())
 
     def _targets(self) -> tuple:
         b_min, b_max = self.b_min, self.b_max
@@ -164,7 +203,7 @@ class PercentileScaling:
         if b_min is not None and b_max is not None:
             out = out * (b_max - b_min) + b_min
         if self.clip:
-            out = torch.clamp(out, b_min, b_max) if mode == "exact" else straight_through_clamp(out, b_min, b_max)
+            out = _clamp(out, b_min, b_max, exact=mode == "exact")
         return out
 
     def __call__(self, img: torch.Tensor, mode: str = "standard") -> torch.Tensor:
@@ -233,9 +272,13 @@ def build_step(name: str, args: dict[str, Any]) -> Step | None:
     if cls is None:
         raise ValueError(f"unknown transform {name!r}")
     clip = None
+    if base == "ScaleIntensityRange":
+        for arg in ("a_min", "a_max", "b_min", "b_max"):  # MONAI takes any value here and fails (or gives NaN) later
+            check_value(arg, kwargs.get(arg))
     if base == "ScaleIntensityRange" and kwargs.get("clip"):
         kwargs["clip"] = False
         b_min, b_max = kwargs.get("b_min"), kwargs.get("b_max")
+        check_clip_bounds(b_min, b_max)
         clip = (b_min, b_max)
     transform = cls(**kwargs)
     invertible = transform if isinstance(transform, InvertibleTransform) else None
@@ -246,7 +289,7 @@ def build_step(name: str, args: dict[str, Any]) -> Step | None:
             return straight_through_clamp(_t(x), _low, _high)
 
         def exact_clipped(x, _t=transform, _low=low, _high=high):
-            return torch.clamp(_t(x), _low, _high)
+            return _clamp(_t(x), _low, _high, exact=True)
 
         return Step(base, clipped, "straight-through clamp", invertible, kwargs | {"clip": True}, exact_fn=exact_clipped)
     if base == "Spacing" and "pixdim" in kwargs:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import save_nifti, synthetic_scan
 from medis3d.cli import app
-from test_dicom import make_series
+from test_dicom import make_series, structured_report
 
 runner = CliRunner()
 FAST = ["--losses", "ce", "--steps", "2", "--eps", "16/255", "--step", "8/255", "--quiet"]
@@ -131,3 +131,27 @@ def test_attack_dicom_series_both_formats_seg_and_anonymize(tiny_bundle, tmp_pat
     seg = pydicom.dcmread(out / "prediction_adversarial.dcm")
     assert seg.Modality == "SEG"
     assert not any(p.name == "adversarial" for p in (tmp_path / "series").iterdir())  # source untouched
+
+
+def test_batch_keeps_the_dicom_skip_notices(tiny_bundle, tmp_path):
+    """What `attack` of a DICOM folder reports as skipped is kept by batch: in that volume's status.json and its
+    summary row (csv and json); every skip of the search, also beside no series, in summary.json's notices."""
+    root = tmp_path / "in"
+    hu, _ = synthetic_scan(3)
+    make_series(root / "dicom", (hu.astype(np.int32) + 1024).astype(np.int16), spacing=(1.2, 1.2, 1.2), description="CT test")
+    structured_report(root / "dicom" / "report.dcm")
+    structured_report(root / "elsewhere" / "lonely.dcm")  # beside no series: no volume to report it
+    save_nifti(root / "a.nii.gz", synthetic_scan(1)[0])
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["batch", str(root), "--out", str(out), "--bundle", str(tiny_bundle), *FAST])
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    dicom = next(r for n, r in rows.items() if n.startswith("CT_test"))
+    assert dicom["status"] == "done"
+    assert "skipped 1 DICOM file(s)" in dicom["notices"] and "report.dcm: Basic Text SR" in dicom["notices"]
+    assert "lonely.dcm" not in dicom["notices"] and rows["a"]["notices"] == ""
+    status = json.loads((out / dicom["name"] / "status.json").read_text())
+    assert status["notices"] == [dicom["notices"]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert next(r for r in summary["rows"] if r["name"] == dicom["name"])["notices"] == dicom["notices"]
+    assert any("report.dcm" in n and "lonely.dcm" in n for n in summary["notices"])

@@ -250,6 +250,32 @@ def test_shipped_bundles_from_a_wheel_install(tmp_path, monkeypatch):
     assert bundle_module.resolve_bundle_path("brain_t1_unetr") == installed / "brain_t1_unetr"
 
 
+def test_preprocessing_presets_from_a_wheel_install(tmp_path, monkeypatch):
+    """The wheel installs every preset of transforms/ under share/medis3d/transforms, and --network finds them there
+    without the checkout's folder."""
+    import shutil
+    import sys
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    import medis3d.bundle as bundle_module
+
+    checkout = Path(bundle_module.__file__).resolve().parent.parent
+    data_files = tomllib.loads((checkout / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    installed_by_wheel = {p.name for pattern in data_files["share/medis3d/transforms"] for p in checkout.glob(pattern)}
+    presets = sorted(checkout.glob("transforms/*.json"))
+    assert presets and {p.name for p in presets} <= installed_by_wheel
+    installed = tmp_path / "prefix" / "share" / "medis3d" / "transforms"
+    installed.mkdir(parents=True)
+    for preset in presets:
+        shutil.copy(preset, installed / preset.name)
+    monkeypatch.setattr(bundle_module, "TRANSFORMS_DIR", tmp_path / "checkout" / "transforms")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    data, path = bundle_module.transforms_preset("mr_t1_brain")
+    assert path == installed / "mr_t1_brain.json" and "preprocessing" in data
+    with pytest.raises(BundleError, match=r"no such preprocessing preset or file \(presets: ct_abdomen, "):
+        bundle_module.transforms_preset("no_such_preset")
+
+
 # -- hostile bundles: refused with one line, nothing written outside a temporary folder that is removed
 def _zip(path: Path, entries: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
     import stat
@@ -393,3 +419,60 @@ def test_harmless_data_expressions_load_and_code_stays_refused(tmp_path):
         with pytest.raises(BundleError, match="refused to evaluate the Python expression") as info:
             cfg.resolve(code, "x")
         assert len(str(info.value)) < 400  # one readable line, even for a huge expression
+
+
+def _with_window(tmp_path: Path, window: dict, name: str = "ScaleIntensityRanged") -> Path:
+    from monai.networks.nets import UNet
+
+    steps = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+             {"_target_": name, "keys": "image", **window}]
+    config = {"network_def": NET, "preprocessing": {"_target_": "Compose", "transforms": steps},
+              "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 16], "sw_batch_size": 4}}
+    return _bundle(tmp_path, config, weights=UNet(3, 1, 2, (4, 8), (2,)).state_dict())
+
+
+@pytest.mark.parametrize("name, window, why", [
+    ("ScaleIntensityRanged", dict(a_min=-100, a_max=300, b_min=1, b_max=0, clip=True), "b_min 1 > b_max 0 would make every voxel 0"),
+    ("ScaleIntensityRanged", dict(a_min=-100, a_max=300, b_min=float("nan"), b_max=1, clip=True), "b_min is NaN"),
+    ("ScaleIntensityRanged", dict(a_min=-100, a_max=300, b_min="0", b_max=1, clip=True), "b_min must be a number, got '0'"),
+    ("ScaleIntensityRangePercentilesd", dict(lower=1, upper=99, b_min=1, b_max=0, clip=True), "b_min 1 > b_max 0"),
+    ("ScaleIntensityRangePercentilesd", dict(lower=1, upper=99, b_min=None, b_max=None, clip=True, relative=True),
+     "relative=True needs both b_min and b_max"),
+])
+def test_clip_bounds_the_clamp_cannot_use_are_refused_with_one_line(tmp_path, scan_file, name, window, why):
+    """Found when the bundle is loaded, naming the step and the problem: not a silently constant (or NaN) model input,
+    nor a traceback from the straight-through clamp on the first scan."""
+    root = _with_window(tmp_path, window, name)
+    with pytest.raises(BundleError, match=rf"preprocessing step {name} cannot be used \(.*{why}"):
+        load_bundle(root)
+    result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(root), "--out", str(tmp_path / "out"), "--quiet",
+                                 "--steps", "1"])
+    assert result.exit_code == 2 and why in result.output, result.output[-2000:]
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_clip_without_bounds_and_a_zero_bound_still_load_and_run(tmp_path, scan_file):
+    """A clip with no bound at all clips nothing on every gradient path (the exact one included); b_max=0 is a bound."""
+    from medis3d.io import read_volume
+
+    vol = read_volume(scan_file)
+    x = torch.from_numpy(vol.array)
+    for window, low, high in ((dict(a_min=-100, a_max=300, b_min=None, b_max=None, clip=True), -1.0, 1.5),
+                              (dict(a_min=-100, a_max=300, b_min=-1, b_max=0, clip=True), -1.0, 0.0)):
+        target = load_bundle(_with_window(tmp_path / str(high), window))
+        for path in ("standard", "exact", "smooth"):
+            model_in = target.model_input(x, vol, path)
+            assert model_in.min() >= low and model_in.max() <= high and model_in.max() > model_in.min()
+        assert target.evaluate(x, vol, lambda logits: logits.sum(), gradient="exact").grad.abs().sum() > 0
+
+
+def test_zip_members_beside_the_folder_with_its_name_as_prefix_are_refused(tmp_path):
+    """``../x_evil/...`` from a folder ``x``: a sibling whose name starts with the folder's is outside it."""
+    from medis3d.bundle import _unpack_zip
+
+    out = tmp_path / "x"
+    out.mkdir()
+    archive = _zip(tmp_path / "evil.zip", {"bundle/configs/inference.json": b"{}", "../x_evil/configs/inference.json": b"pwned"})
+    with pytest.raises(BundleError, match=r"refused a zip entry outside the bundle \(../x_evil/configs/inference.json\)"):
+        _unpack_zip(archive, out)
+    assert not (tmp_path / "x_evil").exists() and list(out.iterdir()) == []

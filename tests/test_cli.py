@@ -1,6 +1,8 @@
 """The command line end to end on a small scan, and its handling of bad input."""
 
+import html
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -33,8 +35,13 @@ def test_attack_end_to_end(tiny_bundle, scan_and_label, tmp_path):
     assert {"linf_native", "l2_native", "linf_normalized"} <= set(report["perturbation"])
     assert {"loss", "success", "steps", "linf_normalized", "mean_iou"} <= set(report["members"][0])
     assert {"dice", "mean_iou", "hd95"} <= set(report["clean"])
-    for name in ("adversarial.nii.gz", "perturbation.nii.gz", "prediction_clean.nii.gz", "prediction_adversarial.nii.gz", "report.json", "overview.png"):
+    for name in ("adversarial.nii.gz", "perturbation.nii.gz", "prediction_clean.nii.gz", "prediction_adversarial.nii.gz", "report.json",
+                 "overview.png", "report.html"):
         assert (out / name).is_file(), name
+    page = (out / "report.html").read_text()  # self-contained: every figure embedded, nothing fetched
+    assert not re.findall(r"""(?:src|href)\s*=\s*["'](?!data:|#)""", page)
+    assert 'id="overview"' in page and 'id="traces"' in page and 'id="histogram"' in page
+    assert html.escape(verdict(report), quote=True) in page and "reference = the label file" in page
     src = nib.load(str(scan))
     adv = nib.load(str(out / "adversarial.nii.gz"))
     assert adv.shape == src.shape and np.allclose(adv.affine, src.affine, atol=1e-5)

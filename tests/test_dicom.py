@@ -234,8 +234,8 @@ def test_two_series_in_one_folder(tmp_path):
         read_dicom_series(folder, series_uid="1.2.3")
 
 
-def test_non_image_objects_are_skipped_with_a_notice(ct):
-    folder, files, native, _ = ct
+def structured_report(path: Path) -> Path:
+    """A DICOM Basic Text SR: DICOM, but not an image slice (reading a folder skips it, with a notice)."""
     sr = Dataset()
     sr.file_meta = FileMetaDataset()
     sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -245,7 +245,14 @@ def test_non_image_objects_are_skipped_with_a_notice(ct):
     sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID
     sr.SeriesInstanceUID = generate_uid()
     sr.Modality = "SR"
-    sr.save_as(folder / "report.dcm", enforce_file_format=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sr.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_non_image_objects_are_skipped_with_a_notice(ct):
+    folder, files, native, _ = ct
+    structured_report(folder / "report.dcm")
     no_pixels = pydicom.dcmread(files[0])
     del no_pixels.PixelData
     no_pixels.SOPInstanceUID = no_pixels.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -526,6 +533,25 @@ def test_write_dicom_seg(tmp_path):
     # mask: (slices, rows, columns, segments)
     np.testing.assert_array_equal(mask[..., 0].transpose(2, 1, 0), labels == 1)
     np.testing.assert_array_equal(mask[..., 1].transpose(2, 1, 0), labels == 4)
+
+
+def test_dicom_seg_names_the_medis3d_version_that_wrote_it(tmp_path):
+    """SoftwareVersions (and the segmentation algorithm's version) is medis3d's own, read back with pydicom."""
+    pytest.importorskip("highdicom")
+    import medis3d
+    from medis3d.io.dicom import write_dicom_seg
+
+    make_series(tmp_path / "src", stored_values(shape=(COLUMNS, ROWS, 4)))
+    source = read_dicom_series(tmp_path / "src")
+    labels = np.zeros(source.spatial_shape, np.uint8)
+    labels[2:6, 3:9, 1:3] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = write_dicom_seg(source, labels, tmp_path / "seg.dcm", {1: "liver"})
+    seg = pydicom.dcmread(path)
+    assert seg.SoftwareVersions == medis3d.__version__ and seg.Manufacturer == "medis3d"
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "medis3d" and algorithm.AlgorithmVersion == medis3d.__version__
 
 
 def test_write_dicom_seg_overlapping_labels(tmp_path):

@@ -78,3 +78,85 @@ def test_evaluate_folder_with_labels(tiny_bundle, tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["volume"] for r in rows} == {"case1", "case2"}
     assert all(float(r["clean_dice"]) > 0.8 for r in rows)  # against the real labels
+
+
+def _victim_bundle(tiny_bundle, folder, noise: float):
+    """A copy of the tiny bundle; with ``noise``, its weights perturbed (another model of the same task)."""
+    import shutil
+
+    import torch
+
+    shutil.copytree(tiny_bundle, folder)
+    if noise:
+        state = torch.load(folder / "models" / "model.pt")
+        generator = torch.Generator().manual_seed(1)
+        state = {k: v + noise * v.std() * torch.randn(v.shape, generator=generator) if v.is_floating_point() and v.numel() > 1 else v
+                 for k, v in state.items()}
+        torch.save(state, folder / "models" / "model.pt")
+    return folder
+
+
+def test_evaluate_transfer_scores_each_adversarial_on_every_victim(tiny_bundle, tmp_path):
+    root = _dataset(tmp_path)
+    twin = _victim_bundle(tiny_bundle, tmp_path / "twin", 0.0)  # the source's own weights: transfer must equal white-box
+    other = _victim_bundle(tiny_bundle, tmp_path / "other", 0.3)
+    out = tmp_path / "transfer"
+    args = ["evaluate", str(root / "dataset.json"), "--out", str(out), "--source", str(tiny_bundle), "--attacks", "igsm",
+            "--losses", "ce,dice", "--eps", "8/255,24/255", "--step", "4/255", "--steps", "2", "--quiet"]
+    result = runner.invoke(app, [*args, "--victim", f"{twin},{other}"])
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * (2 + 3)  # volumes x budgets x (members + medis_igsm, medis_full, worst_case)
+    for r in rows:
+        transfer = json.loads(r["transfer"])
+        assert set(transfer) == {"twin", "other"}
+        assert abs(transfer["twin"]["adversarial_dice"] - float(r["adversarial_dice"])) < 1e-6
+        assert abs(transfer["twin"]["clean_dice"] - float(r["clean_dice"])) < 1e-6  # both against the label
+        assert 0.0 <= transfer["other"]["adversarial_dice"] <= 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    matrix = summary["transfer"]
+    assert matrix["source"] == tiny_bundle.name and matrix["models"] == [tiny_bundle.name, "twin", "other"]
+    for by_fusion in matrix["by_eps"].values():
+        assert set(by_fusion) == {"medis_full", "worst_case"}
+        for entry in by_fusion.values():
+            assert abs(entry["twin"] - entry[tiny_bundle.name]) < 1e-6
+    page = (out / "report.html").read_text()
+    assert "Transfer: adversarials made on" in page and "twin" in page
+    # a victim added later: the members run again for its scores; the others keep theirs
+    third = _victim_bundle(tiny_bundle, tmp_path / "third", 0.3)
+    again = runner.invoke(app, [*args, "--victim", f"twin,{third}".replace("twin", str(twin))])
+    assert again.exit_code == 0, again.output
+    with open(out / "results.csv") as f:
+        assert all(set(json.loads(r["transfer"])) >= {"twin", "third"} for r in csv.DictReader(f))
+
+
+def test_evaluate_refuses_a_missing_victim_before_any_work(tiny_bundle, tmp_path):
+    root = _dataset(tmp_path)
+    out = tmp_path / "nowhere"
+    result = runner.invoke(app, ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(tiny_bundle),
+                                 "--victim", str(tmp_path / "no_such_bundle"), "--quiet"])
+    assert result.exit_code != 0
+    assert "no_such_bundle" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_evaluate_resume_runs_only_the_members_not_cached(tiny_bundle, tmp_path):
+    root = _dataset(tmp_path)
+    out = tmp_path / "resume"
+    args = ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(tiny_bundle), "--attacks", "igsm,pgd",
+            "--losses", "ce,dice", "--eps", "8/255", "--step", "4/255", "--steps", "2", "--quiet"]
+    assert runner.invoke(app, args).exit_code == 0
+    files = sorted((out / "cache").rglob("*.json"))
+    assert len(files) == 2 * 4
+    lost = [f for f in files if f.parent.name == "case1" and f.name.startswith(("igsm_dice", "pgd_ce"))]
+    assert len(lost) == 2  # one member of each attack: pending are igsm:dice and pgd:ce, not the cross product
+    kept = {f: f.stat().st_mtime_ns for f in files if f not in lost}
+    for f in lost:
+        f.unlink()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert all(f.is_file() for f in lost)
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept  # nothing else ran again
+    with open(out / "results.csv") as f:
+        assert len([r for r in csv.DictReader(f) if not r["attack"].startswith(("medis", "worst"))]) == 2 * 4

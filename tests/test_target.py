@@ -1,6 +1,7 @@
 """The Target attacks what MONAI runs: same preprocessing, same prediction, exact gradients in the scan's space."""
 
 import numpy as np
+import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
@@ -71,3 +72,85 @@ def test_clipped_voxels_still_get_gradient(tiny_target, scan_file):
 def test_intensity_scale_from_window(tiny_target, scan_file):
     scale, note = tiny_target.intensity_scale(read_volume(scan_file))
     assert scale == 400.0 and "ScaleIntensityRange" in note
+
+
+def _small_target(network=None, **clip):
+    """A Target on an untrained tiny UNet (or ``network``), 24^3 windows, the tiny bundle's preprocessing."""
+    from monai.networks.nets import UNet
+
+    from medis3d.engine import WindowSettings
+    from medis3d.target import Target
+    from medis3d.transforms_diff import DifferentiablePreprocessing, build_step
+
+    torch.manual_seed(0)
+    window = dict(a_min=-100, a_max=300, b_min=0, b_max=1, clip=True) | clip
+    steps = [build_step("Orientationd", {"axcodes": "RAS"}), build_step("Spacingd", {"pixdim": [1.5, 1.5, 1.5]}),
+             build_step("ScaleIntensityRanged", window)]
+    return Target(network or UNet(3, 1, 2, (4, 8), (2,)), DifferentiablePreprocessing(steps), WindowSettings(roi_size=(24, 24, 24)))
+
+
+class _BackwardFails(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward says no")
+
+
+class _Failing(torch.nn.Module):
+    """Two output channels; fails in its forward or (``backward=True``) in its backward pass."""
+
+    def __init__(self, backward: bool = False):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+        self.backward_fails = backward
+
+    def forward(self, x):
+        if not self.backward_fails:
+            raise RuntimeError("forward says no")
+        return _BackwardFails.apply(self.conv(x))
+
+
+def test_only_the_networks_own_failures_are_reported_as_the_network_failing(scan_file, monkeypatch):
+    """A RuntimeError of the loss or of the inverse preprocessing is one line with its own message, naming those; only
+    the network's forward or backward pass on its windows is 'the network failed on its windows' (one window batch
+    or several)."""
+    from medis3d.errors import InputError
+
+    vol = read_volume(scan_file)
+    x = torch.from_numpy(vol.array)
+    target = _small_target()
+
+    def bad_loss(logits):
+        raise RuntimeError("the loss exploded")
+
+    for batch in (4, 1000):  # several window batches (two passes), or all windows in one (one pass with its graph)
+        target.configure(sw_batch_size=batch)
+        with pytest.raises(InputError, match="its inverse or the attack's loss failed \\(not the network\\): the loss exploded$"):
+            target.evaluate(x, vol, bad_loss)
+    with monkeypatch.context() as m:
+        m.setattr(target.preprocessing, "invert", lambda t: (_ for _ in ()).throw(RuntimeError("the inverse exploded")))
+        with pytest.raises(InputError, match="\\(not the network\\): the inverse exploded$"):
+            target.evaluate(x, vol)
+        with pytest.raises(InputError, match="\\(not the network\\): the inverse exploded$"):
+            target.evaluate(x, vol, lambda logits: logits.sum())
+    assert target.evaluate(x, vol, lambda logits: logits.sum()).grad.abs().sum() > 0  # nothing left broken
+
+    cases = [(_Failing(), "forward says no", None), (_Failing(), "forward says no", torch.sum),
+             (_Failing(backward=True), "backward says no", torch.sum)]
+    for network, says, loss in cases:
+        failing = _small_target(network)
+        for batch in (4, 1000):
+            failing.configure(sw_batch_size=batch)
+            with pytest.raises(InputError, match=f"the network failed on its 24x24x24 windows .*: {says}$"):
+                failing.evaluate(x, vol, loss)
+
+
+def test_intensity_scale_reads_a_zero_bound_as_zero(scan_file):
+    """ScaleIntensityRange -100..300 -> -1..0 spans 1 model unit: 400 HU per unit, not 200 (b_max=0 read as 1)."""
+    vol = read_volume(scan_file)
+    scale, note = _small_target(b_min=-1, b_max=0).intensity_scale(vol)
+    assert scale == 400.0 and "-1..0" in note
+    assert _small_target(b_min=0, b_max=2).intensity_scale(vol)[0] == 200.0

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from medis3d.errors import InputError
-from medis3d.io.nifti import is_nifti, read_nifti, write_nifti
+from medis3d.io.nifti import is_nifti, open_nifti, read_nifti, write_nifti
 from medis3d.io.volume import Volume, safe_name
 
-__all__ = ["Volume", "read_volume", "read_channels", "write_nifti", "safe_name", "is_nifti"]
+__all__ = ["Volume", "read_volume", "read_channels", "check_scan", "write_nifti", "safe_name", "is_nifti"]
 
 
 def read_channels(paths: list[Path | str]) -> Volume:
@@ -27,21 +27,48 @@ def read_channels(paths: list[Path | str]) -> Volume:
                   stored_dtype=np.dtype(np.float32), meta={"channel_volumes": volumes, "header": first.meta.get("header")})
 
 
-def read_volume(path: Path | str) -> Volume:
-    """Read a scan: a NIfTI file, or a DICOM series (its folder or any file of it); several
-    files separated by commas are the channels of one scan."""
+def _channel_paths(path: Path | str) -> list[str] | None:
+    """The files of a comma-separated scan (one per channel), or None for one file or folder."""
     text = str(path)
     if "," in text and not Path(text).exists():
-        return read_channels([p.strip() for p in text.split(",") if p.strip()])
-    path = Path(path)
+        return [p.strip() for p in text.split(",") if p.strip()]
+    return None
+
+
+def _kind(path: Path) -> str:
+    """"nifti" or "dicom", from the name and a look at the file(s); the usual error for anything else."""
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_file() and is_nifti(path):
-        return read_nifti(path)
+        return "nifti"
     try:
         from medis3d.io import dicom
     except ImportError:  # pragma: no cover - DICOM support ships with the package
         dicom = None
     if dicom is not None and dicom.looks_like_dicom(path):
-        return dicom.read_dicom_series(path)
+        return "dicom"
     raise InputError(f"{path}: not a NIfTI file (.nii, .nii.gz) or a DICOM series")
+
+
+def check_scan(path: Path | str) -> None:
+    """Raise the error :func:`read_volume` would for a scan that is not there, is neither NIfTI nor DICOM,
+    or is a NIfTI file whose header cannot be read, without reading its voxel data (a cheap check before
+    a command shows its progress)."""
+    channels = _channel_paths(path)
+    for p in channels if channels is not None else [path]:
+        if _kind(Path(p)) == "nifti":
+            open_nifti(p)
+
+
+def read_volume(path: Path | str) -> Volume:
+    """Read a scan: a NIfTI file, or a DICOM series (its folder or any file of it); several
+    files separated by commas are the channels of one scan."""
+    channels = _channel_paths(path)
+    if channels is not None:
+        return read_channels(channels)
+    path = Path(path)
+    if _kind(path) == "nifti":
+        return read_nifti(path)
+    from medis3d.io import dicom
+
+    return dicom.read_dicom_series(path)

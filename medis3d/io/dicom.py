@@ -35,7 +35,8 @@ from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from medis3d.errors import InputError
+from medis3d import __version__
+from medis3d.errors import InputError, first_line
 from medis3d.io.atomic import staging_folder
 from medis3d.io.limits import check_readable
 from medis3d.io.volume import Volume
@@ -214,7 +215,7 @@ def _read_header(path: Path) -> tuple[Dataset | None, bool, str | None]:
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
     except Exception as exc:
-        return None, False, f"unreadable DICOM ({_first_line(exc)})"
+        return None, False, f"unreadable DICOM ({first_line(exc)})"
     has_pixels = any(tag in ds for tag in _PIXEL_TAGS)
     for tag in (*_PIXEL_TAGS, _TRAILING_PADDING):
         if tag in ds:
@@ -225,7 +226,7 @@ def _read_header(path: Path) -> tuple[Dataset | None, bool, str | None]:
             # value that cannot be decoded (an unknown VR, a bad length) makes the file unreadable here, not later
             ds[tag]
     except Exception as exc:
-        return None, False, f"unreadable DICOM ({_first_line(exc)})"
+        return None, False, f"unreadable DICOM ({first_line(exc)})"
     return ds, has_pixels, None
 
 
@@ -306,16 +307,17 @@ def _series_info(uid: str, members: list[tuple[Path, Dataset]], skipped: list[tu
     )
 
 
+def skipped_notice(folder: Path, skipped: list[tuple[Path, str]]) -> str:
+    """The one-line notice for DICOM files under ``folder`` left out of every series (the first three named)."""
+    shown = "; ".join(f"{p.name}: {reason}" for p, reason in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return f"{folder}: skipped {len(skipped)} DICOM file(s) that are not image slices ({shown}{more})"
+
+
 def _warn_skipped(folder: Path, skipped: list[tuple[Path, str]]) -> None:
     if not skipped:
         return
-    shown = "; ".join(f"{p.name}: {reason}" for p, reason in skipped[:3])
-    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-    warnings.warn(
-        SkippedDicomWarning(f"{folder}: skipped {len(skipped)} DICOM file(s) that are not image slices ({shown}{more})",
-                            skipped),
-        stacklevel=3,
-    )
+    warnings.warn(SkippedDicomWarning(skipped_notice(folder, skipped), skipped), stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -459,7 +461,7 @@ def _read_series(info: SeriesInfo) -> Volume:
         raise
     except Exception as exc:  # values of the wrong kind where a number or text was due (a corrupted header)
         raise InputError(f"{info.folder}: series {info.uid}: malformed header values ({type(exc).__name__}: "
-                         f"{_first_line(exc)})") from exc
+                         f"{first_line(exc)})") from exc
 
 
 def _read_checked_series(info: SeriesInfo) -> Volume:
@@ -630,7 +632,7 @@ def _read_pixels(path: Path) -> tuple[np.ndarray, str]:
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:
-        raise InputError(f"{path}: cannot be read ({_first_line(exc)})")
+        raise InputError(f"{path}: cannot be read ({first_line(exc)})")
     if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: the syntax is the one pydicom found
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
@@ -645,9 +647,9 @@ def _read_pixels(path: Path) -> tuple[np.ndarray, str]:
             raise InputError(f"{path}: unknown transfer syntax {str(syntax)!r}; its pixel data cannot be decoded")
         if compressed:
             raise InputError(f"{path}: pixel data compressed as {syntax.name} cannot be decoded "
-                             f"({_first_line(exc)}); install a decoder (pylibjpeg with its plugins, or python-gdcm) "
+                             f"({first_line(exc)}); install a decoder (pylibjpeg with its plugins, or python-gdcm) "
                              "or decompress the series first (e.g. gdcmconv --raw)")
-        raise InputError(f"{path}: pixel data cannot be decoded ({_first_line(exc)})")
+        raise InputError(f"{path}: pixel data cannot be decoded ({first_line(exc)})")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -890,7 +892,7 @@ def write_dicom_seg(
             segment_map[values == value] = number
         pixels = np.transpose(segment_map, (2, 1, 0))  # (slices, rows, columns)
     algorithm = hd.AlgorithmIdentificationSequence(name="medis3d", family=codes.cid7162.ArtificialIntelligence,
-                                                   version="1")
+                                                   version=__version__)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -914,7 +916,7 @@ def write_dicom_seg(
         instance_number=1,
         manufacturer="medis3d",
         manufacturer_model_name="medis3d",
-        software_versions="0.1",
+        software_versions=__version__,
         device_serial_number="0",
         series_description=series_description[:64],
     )
@@ -932,6 +934,3 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medis3d.errors import InputError
+from medis3d.errors import InputError, first_line
 from medis3d.io.atomic import atomic_path
 from medis3d.io.limits import check_readable, human
 from medis3d.io.volume import Volume
@@ -20,17 +20,23 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def read_nifti(path: Path | str) -> Volume:
-    """Read a 3D (or 4D multi-channel) NIfTI file into a channel-first :class:`Volume`."""
-    path = Path(path)
+def open_nifti(path: Path | str):
+    """The NIfTI image at ``path`` with its header read and its voxel data not yet (nibabel's proxy)."""
     try:
         image = nib.load(str(path))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file")
     except Exception as exc:  # nibabel raises many types for a file it cannot parse
-        raise InputError(f"{path}: not a readable NIfTI volume ({_first_line(exc)})")
+        raise InputError(f"{path}: not a readable NIfTI volume ({first_line(exc)})")
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI volume")
+    return image
+
+
+def read_nifti(path: Path | str) -> Volume:
+    """Read a 3D (or 4D multi-channel) NIfTI file into a channel-first :class:`Volume`."""
+    path = Path(path)
+    image = open_nifti(path)
     shape = image.shape
     while len(shape) > 3 and shape[-1] == 1:  # (I, J, K, 1) is still 3D
         shape = shape[:-1]
@@ -40,7 +46,7 @@ def read_nifti(path: Path | str) -> Volume:
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as exc:
-        raise InputError(f"{path}: voxel data cannot be read ({_first_line(exc)})")
+        raise InputError(f"{path}: voxel data cannot be read ({first_line(exc)})")
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite")
@@ -113,6 +119,3 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     return path
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -45,14 +45,7 @@ class Volume:
     @property
     def name(self) -> str:
         """A file-system-safe name for outputs (file name without its extensions)."""
-        if self.path is None:
-            return "volume"
-        base = self.path.name
-        for ext in (".nii.gz", ".nii", ".dcm"):
-            if base.lower().endswith(ext):
-                base = base[: -len(ext)]
-                break
-        return safe_name(base)
+        return "volume" if self.path is None else scan_name(self.path)
 
     @property
     def is_integer(self) -> bool:
@@ -110,6 +103,16 @@ class Volume:
         intercept = np.asarray(self.intercept, dtype=np.float64)
         stored = np.clip(np.rint((np.asarray(array, np.float64) - intercept) / slope), info.min, info.max)
         return stored.astype(self.stored_dtype)
+
+
+def scan_name(path: Path | str) -> str:
+    """A scan's name for its outputs: the file (or folder) name without ``.nii.gz``, ``.nii`` or ``.dcm``, made safe."""
+    base = Path(path).name
+    for ext in (".nii.gz", ".nii", ".dcm"):
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+            break
+    return safe_name(base)
 
 
 def safe_name(text: str, default: str = "volume") -> str:

@@ -1,0 +1,131 @@
+"""report.html: self-contained pages (figures embedded, nothing fetched), rendered in headless Chromium, where
+the figures load, the volume table sorts, a row opens its overview and the console stays free of errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import save_nifti, synthetic_scan
+from medis3d.cli import app
+
+runner = CliRunner()
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def study(tiny_bundle, tmp_path_factory) -> Path:
+    """A small real study: three volumes with labels, two members, two budgets."""
+    root = tmp_path_factory.mktemp("study")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    entries = []
+    for i in (1, 2, 3):
+        hu, seg = synthetic_scan(30 + i)
+        save_nifti(root / "images" / f"case{i}.nii.gz", hu)
+        save_nifti(root / "labels" / f"case{i}.nii.gz", seg)
+        entries.append({"image": f"images/case{i}.nii.gz", "label": f"labels/case{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"test": entries}))
+    out = root / "eval"
+    result = runner.invoke(app, ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(tiny_bundle),
+                                 "--attacks", "igsm", "--losses", "ce,dice", "--eps", "8/255,32/255", "--step", "8/255",
+                                 "--steps", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _external_references(page: str) -> list[str]:
+    return re.findall(r"""(?:src|href)\s*=\s*["'](?!data:|#)([^"']+)""", page)
+
+
+def test_evaluation_page_is_self_contained_and_complete(study):
+    page = (study / "report.html").read_text()
+    assert _external_references(page) == []  # every figure embedded: the page opens anywhere, offline
+    summary = json.loads((study / "summary.json").read_text())
+    for section in ("Dice against the budget", "Members and fusions", "Volumes", "How often each member won", "Settings"):
+        assert section in page
+    assert page.count("<dialog") == 3 and page.count("data:image/png;base64,") >= 1 + 3  # the curves, an overview per volume
+    assert summary["settings"]["command"].startswith("medis3d evaluate ") and "--losses ce,dice" in summary["settings"]["command"]
+    assert "reference = the labels" in page
+    for v in summary["volumes"]:
+        assert v["overview"] and (study / v["overview"]).is_file()
+        assert set(v["medis_full"]) == {f"{8 / 255:.6g}", f"{32 / 255:.6g}"}
+        assert v["winner"] in ("igsm:ce", "igsm:dice")
+
+
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage",
+                 "--window-size=1280,1600"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+
+
+def _need_browser():
+    missing = [name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if path is None]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("selenium")
+    if missing:
+        if os.environ.get("MEDIS3D_REQUIRE_BROWSER"):
+            pytest.fail(f"browser test required but {', '.join(missing)} missing (bash setup.sh installs them)")
+        pytest.skip(f"{', '.join(missing)} not installed (bash setup.sh installs them)")
+
+
+def test_page_in_headless_chromium(study, tmp_path):
+    _need_browser()
+    from selenium.webdriver.common.by import By
+
+    driver = _browser()
+    try:
+        driver.get((study / "report.html").resolve().as_uri())
+        images = driver.find_elements(By.TAG_NAME, "img")
+        assert len(images) >= 4
+        loaded = driver.execute_script("return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+        assert all(loaded), loaded  # every figure decoded, the hidden overviews too
+        shot = tmp_path / "report.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+        def column(index: int) -> list[str]:
+            return [row.find_elements(By.TAG_NAME, "td")[index].get_attribute("data-value") or row.find_elements(By.TAG_NAME, "td")[index].text
+                    for row in driver.find_elements(By.CSS_SELECTOR, "#volumes tbody tr")]
+
+        header = driver.find_elements(By.CSS_SELECTOR, "#volumes thead th")
+        clean = next(i for i, th in enumerate(header) if th.text == "clean Dice")
+        header[clean].click()
+        ascending = [float(v) for v in column(clean)]
+        assert ascending == sorted(ascending)
+        header[clean].click()
+        descending = [float(v) for v in column(clean)]
+        assert descending == sorted(ascending, reverse=True)
+        names = driver.find_elements(By.CSS_SELECTOR, "#volumes tbody tr")
+        header[0].click()  # by name: case1, case2, case3
+        assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in driver.find_elements(By.CSS_SELECTOR, "#volumes tbody tr")] == \
+            ["case1", "case2", "case3"] and len(names) == 3
+
+        row = driver.find_elements(By.CSS_SELECTOR, "#volumes tbody tr")[1]
+        dialog = driver.find_element(By.ID, row.get_attribute("data-dialog"))
+        assert not dialog.is_displayed()
+        row.click()
+        assert dialog.is_displayed() and driver.execute_script("return arguments[0].open", dialog)
+        assert "case2" in dialog.text
+        overview = dialog.find_element(By.TAG_NAME, "img")
+        assert driver.execute_script("return arguments[0].naturalWidth", overview) > 100
+        dialog.find_element(By.CSS_SELECTOR, "button.close").click()
+        assert not driver.execute_script("return arguments[0].open", dialog)
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+        assert errors == []
+    finally:
+        driver.quit()
