@@ -432,8 +432,9 @@ def _bundle_name(bundle: Optional[Path]) -> str:
     return name[:-4] if name.endswith(".zip") else name
 
 
-def _load_victims(spec: Optional[str], trust: bool, device: str) -> list:
-    """The ``--victim`` bundles, each loaded as a target (a bad one is the usual one-line error)."""
+def _load_victims(spec: Optional[str], source, source_name: str, trust: bool, device: str) -> list:
+    """The ``--victim`` bundles, each loaded as a target (a bad one is the usual one-line error), each named
+    apart from the source and the others, and each predicting the source's classes."""
     from medis3d.evaluate import Victim
 
     if spec is None:
@@ -441,11 +442,22 @@ def _load_victims(spec: Optional[str], trust: bool, device: str) -> list:
     names = [v.strip() for v in spec.split(",") if v.strip()]
     if not names:
         raise InputError(f"--victim needs one or more bundles, got {spec!r}")
+
+    def classes(t) -> list[str]:
+        return [t.class_name(c) for c in range(t.out_channels)]
+
     victims = []
     for name in names:
-        victims.append(Victim(_bundle_name(Path(name)), _load_target(Path(name), None, trust, device)))
-    if len({v.name for v in victims}) < len(victims):
-        raise InputError(f"--victim {spec}: two victims have the same name")
+        victim = Victim(_bundle_name(Path(name)), _load_target(Path(name), None, trust, device))
+        if victim.name == source_name:
+            raise InputError(f"--victim {name}: named like the source ({source_name}), which every study scores anyway; "
+                             "give a victim in a folder of another name")
+        if victim.name in {v.name for v in victims}:
+            raise InputError(f"--victim {spec}: two victims are named {victim.name}; give them folders of different names")
+        if (victim.target.activation, classes(victim.target)) != (source.activation, classes(source)):
+            raise InputError(f"--victim {name}: predicts {', '.join(classes(victim.target))} ({victim.target.activation}), the source "
+                             f"{', '.join(classes(source))} ({source.activation}); transfer needs the same classes")
+        victims.append(victim)
     return victims
 
 
@@ -507,7 +519,7 @@ def evaluate(
         _, member_list, step_value, steps_value, _ = resolve_members(params)
         cases = read_dataset(dataset, labels)
         tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
-        victims = _load_victims(victim, trust_bundle, device or _default_device())
+        victims = _load_victims(victim, tgt, _bundle_name(bundle), trust_bundle, device or _default_device())
         kwargs = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
                       eps_units=eps_units, success=success, seed=seed, diagnose=diagnose, together=together,
                       victims=victims, source=_bundle_name(bundle),

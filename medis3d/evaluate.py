@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medis3d.errors import InputError
-from medis3d.html_report import dice_curves, evaluation_page, reference_words
+from medis3d.html_report import dice_curves, eps_label, evaluation_page, reference_words
 from medis3d.io import read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
@@ -218,7 +218,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
             case_rows = [cached[m.name] for m in medis.members()]
             rows.extend(case_rows)
             if eps == max(eps_list):
-                _write_case_overview(target, case, volume, case_rows, ran, success, cache)
+                _write_case_overview(target, case, volume, case_rows, ran, success, cache, eps_units)
             if progress is not None:
                 progress(case.name)
         if diagnose:
@@ -230,6 +230,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     all_rows = rows + fused
     _write_csv(out / "results.csv", all_rows)
     summary = summarise(all_rows)
+    summary["eps_units"] = eps_units
     summary["volumes"] = per_volume(all_rows, cache)
     references = {case.name: "label" if case.label else "clean prediction" for case in cases}
     for v in summary["volumes"]:
@@ -243,7 +244,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
         summary["settings"] = settings
     write_text_atomic(out / "summary.json", json.dumps(clean_json(summary), indent=2) + "\n")
     plot_robustness(out / "robustness.png", summary, eps_units)
-    write_text_atomic(out / "report.md", markdown_report(summary, len(cases)))
+    write_text_atomic(out / "report.md", markdown_report(summary, len(cases), eps_units))
     write_text_atomic(out / "report.html", evaluation_page(summary, out))
     return summary
 
@@ -260,9 +261,11 @@ def _overview_file(cache: Path, case: Case) -> Path:
     return cache / case.name / "overview.png"
 
 
-def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dict], ran: dict, success, cache: Path) -> None:
+def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dict], ran: dict, success, cache: Path,
+                         eps_units: str) -> None:
     """The overview of the member the full fusion chose at the largest budget, where it ran in this session
-    (a member cached by an earlier run kept no adversarial: its overview stays as that run wrote it)."""
+    (a member cached by an earlier run kept no adversarial: an overview is shown only where ``overview.json``
+    says it is of the member chosen now, at this budget)."""
     from medis3d.report import write_overview
 
     chosen = next(r for r in fusion_rows(case_rows, success) if r["attack"] == "medis_full")["loss"]
@@ -273,8 +276,11 @@ def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dic
     adv_any = target.masks(result.prediction).any(0)
     row = next(r for r in case_rows if r["member"] == chosen)
     verdict = "succeeded" if row["success"] else "failed"
-    write_overview(_overview_file(cache, case), volume.array[0], result.adversarial[0], clean_any, adv_any, volume.affine,
-                   title=f"{case.name}: {chosen} {verdict} at {row['eps'] * 255:.3g}/255, Dice {row['adversarial_dice']:.3f}")
+    path = _overview_file(cache, case)
+    write_overview(path, volume.array[0], result.adversarial[0], clean_any, adv_any, volume.affine,
+                   title=f"{case.name}: {chosen} {verdict} at {eps_label(row['eps'], eps_units)}",
+                   dice=row["adversarial_dice"], reference="label" if case.label else "clean prediction")
+    write_text_atomic(path.with_suffix(".json"), json.dumps({"member": chosen, "eps": f"{row['eps']:.6g}"}))
 
 
 def per_volume(rows: list[dict], cache: Path) -> list[dict]:
@@ -282,6 +288,7 @@ def per_volume(rows: list[dict], cache: Path) -> list[dict]:
     budget at which the full fusion succeeded, the member it chose there (else at the largest budget), the
     members' time, and the overview's path where one was written."""
     volumes: dict[str, dict] = {}
+    fused_rows: dict[str, list[dict]] = {}
     for r in rows:
         v = volumes.setdefault(r["volume"], {"volume": r["volume"], "clean_dice": r["clean_dice"], "medis_full": {},
                                              "worst_case": {}, "time_s": 0.0, "smallest_successful_eps": None,
@@ -289,17 +296,23 @@ def per_volume(rows: list[dict], cache: Path) -> list[dict]:
         eps = f"{r['eps']:.6g}"
         if r["attack"] in ("medis_full", "worst_case"):
             v[r["attack"]][eps] = r["adversarial_dice"]
-        else:
+        if r["attack"] == "medis_full":
+            fused_rows.setdefault(r["volume"], []).append(r)
+        elif not r["attack"].startswith(("medis", "worst")):  # the members' own time (a fusion row repeats one)
             v["time_s"] += float(r["time_s"] or 0.0)
     for name, v in volumes.items():
-        fused = sorted((r for r in rows if r["volume"] == name and r["attack"] == "medis_full"), key=lambda r: r["eps"])
+        fused = sorted(fused_rows.get(name, []), key=lambda r: r["eps"])
         wins = [r for r in fused if r["success"]]
         if wins:
             v["smallest_successful_eps"], v["winner"] = wins[0]["eps"], wins[0]["loss"]
         elif fused:
             v["winner"] = fused[-1]["loss"]
         overview = cache / name / "overview.png"
-        v["overview"] = str(overview.relative_to(cache.parent)) if overview.is_file() else None
+        v["overview"] = None
+        if fused and overview.is_file() and overview.with_suffix(".json").is_file():
+            made = json.loads(overview.with_suffix(".json").read_text())  # of the member chosen now, at this budget?
+            if made == {"member": fused[-1]["loss"], "eps": f"{fused[-1]['eps']:.6g}"}:
+                v["overview"] = str(overview.relative_to(cache.parent))
     return list(volumes.values())
 
 
@@ -308,15 +321,17 @@ def transfer_matrix(rows: list[dict], source: str, victims: Sequence[str]) -> di
     per budget, for the full fusion's and the worst case's choice, with each model's clean Dice."""
     out: dict = {"source": source, "victims": list(victims), "models": [source, *victims], "clean": {}, "by_eps": {}}
     fused = [r for r in rows if r["attack"] in ("medis_full", "worst_case")]
-    first = [r for r in fused if r["attack"] == "medis_full" and r["eps"] == min(x["eps"] for x in fused)]
+    smallest = min((r["eps"] for r in fused), default=None)
+    first = [r for r in fused if r["attack"] == "medis_full" and r["eps"] == smallest]
     out["clean"][source] = _mean(r["clean_dice"] for r in first)
     for name in victims:
         out["clean"][name] = _mean(json.loads(r["transfer"])[name]["clean_dice"] for r in first)
     for r in fused:
         entry = out["by_eps"].setdefault(f"{r['eps']:.6g}", {}).setdefault(r["attack"], {})
         entry.setdefault(source, []).append(r["adversarial_dice"])
-        for name, scores in json.loads(r["transfer"]).items():
-            entry.setdefault(name, []).append(scores["adversarial_dice"])
+        scores = json.loads(r["transfer"])
+        for name in victims:  # the victims asked for (a row may also hold an earlier run's)
+            entry.setdefault(name, []).append(scores[name]["adversarial_dice"])
     for by_fusion in out["by_eps"].values():
         for entry in by_fusion.values():
             for name in list(entry):
@@ -448,25 +463,25 @@ def plot_robustness(path: Path, summary: dict, units: str = "normalized") -> Non
         tmp.write_bytes(dice_curves(summary, units))
 
 
-def markdown_report(summary: dict, volumes: int) -> str:
-    lines = [f"# medis3d robustness evaluation\n\n{volumes} volume(s); {reference_words(summary)}.\n", "| attack | eps (x/255) | mean clean Dice | mean robust Dice | success rate | mean distortion (x/255) |", "|---|---|---|---|---|---|"]
+def markdown_report(summary: dict, volumes: int, units: str = "normalized") -> str:
+    lines = [f"# medis3d robustness evaluation\n\n{volumes} volume(s); {reference_words(summary)}.\n", "| attack | eps | mean clean Dice | mean robust Dice | success rate | mean L-inf of the successful |", "|---|---|---|---|---|---|"]
     for group in ("fusion", "per_member"):
         for key, by_eps in summary[group].items():
             for eps in sorted(by_eps, key=float):
                 e = by_eps[eps]
                 dist = e["mean_distortion_linf_normalized"]
-                lines.append(f"| {'**' + key + '**' if group == 'fusion' else key} | {float(eps) * 255:.3g} | {e['mean_clean_dice']:.3f} | "
-                             f"{e['mean_robust_dice']:.3f} | {e['attack_success_rate']:.2f} | {'-' if dist is None else f'{dist * 255:.2f}'} |")
+                lines.append(f"| {'**' + key + '**' if group == 'fusion' else key} | {eps_label(eps, units)} | {e['mean_clean_dice']:.3f} | "
+                             f"{e['mean_robust_dice']:.3f} | {e['attack_success_rate']:.2f} | {'-' if dist is None else eps_label(dist)} |")
     if summary["loss_wins"]:
         lines.append("\nMembers chosen by the full fusion: " + ", ".join(f"{k} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
     if summary.get("transfer"):
         t = summary["transfer"]
         lines.append(f"\n## Transfer: adversarials made on {t['source']}, mean Dice on each model\n")
-        lines.append("| adversarial | eps (x/255) | " + " | ".join(t["models"]) + " |")
+        lines.append("| adversarial | eps | " + " | ".join(t["models"]) + " |")
         lines.append("|---|---|" + "---|" * len(t["models"]))
         lines.append("| clean | 0 | " + " | ".join(f"{t['clean'][m]:.3f}" for m in t["models"]) + " |")
         for eps in sorted(t["by_eps"], key=float):
             for fusion, entry in t["by_eps"][eps].items():
-                lines.append(f"| {fusion} | {float(eps) * 255:.3g} | " + " | ".join(f"{entry.get(m, float('nan')):.3f}" for m in t["models"]) + " |")
+                lines.append(f"| {fusion} | {eps_label(eps, units)} | " + " | ".join(f"{entry.get(m, float('nan')):.3f}" for m in t["models"]) + " |")
     lines.append("\n![robustness](robustness.png)\n\nThe whole study on one page: [report.html](report.html)\n")
     return "\n".join(lines) + "\n"

@@ -181,7 +181,7 @@ def study_verdict(summary: dict, units: str = "normalized") -> tuple[str, str]:
     worst = summary.get("fusion", {}).get("worst_case", {}).get(largest, {})
     text = (f"At {eps_label(largest, units)} the attack succeeded on {broken} of {n} volume(s): mean Dice "
             f"{_num(e['mean_clean_dice'])} clean, {_num(e['mean_robust_dice'])} under MedIS fusion"
-            + (f", {_num(worst['mean_robust_dice'])} in the per-volume worst case" if worst else "") + f" ({reference}).")
+            + (f", {_num(worst['mean_robust_dice'])} in the per-volume worst case" if worst else "") + f"; {reference}.")
     if broken < n:
         text += (" Not successful on every volume at this budget: try larger --eps, more --steps, --restarts 3 or "
                  "--preset reliable before reading this as robustness.")
@@ -192,7 +192,7 @@ def study_verdict(summary: dict, units: str = "normalized") -> tuple[str, str]:
 def evaluation_page(summary: dict, out: Path) -> str:
     """``report.html`` of an ``evaluate`` study from its summary (and the per-volume overviews under ``out``)."""
     settings = summary.get("settings") or {}
-    units = (settings.get("options") or {}).get("eps_units", "normalized")
+    units = summary.get("eps_units") or (settings.get("options") or {}).get("eps_units", "normalized")
     volumes = summary.get("volumes", [])
     parts = [f"<h1>medis3d robustness study</h1><p class=\"muted\">{len(volumes)} volume(s)"
              + (f"; model {_e(summary['transfer']['source'])}" if summary.get("transfer") else "")

@@ -249,7 +249,9 @@ class Reporter:
 
         console = self.console or Console(stderr=True)
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), Counted(), TextColumn("{task.fields[info]}"),
+            # markup off: member names carry options in brackets (apgd:js[seed=1]) that rich would read as tags
+            TextColumn("{task.description}", style="bold", markup=False), BarColumn(), Counted(),
+            TextColumn("{task.fields[info]}", markup=False),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, get_time=self.clock,
         )
         self._progress.start()

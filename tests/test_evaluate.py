@@ -128,7 +128,20 @@ def test_evaluate_transfer_scores_each_adversarial_on_every_victim(tiny_bundle, 
     again = runner.invoke(app, [*args, "--victim", f"twin,{third}".replace("twin", str(twin))])
     assert again.exit_code == 0, again.output
     with open(out / "results.csv") as f:
-        assert all(set(json.loads(r["transfer"])) >= {"twin", "third"} for r in csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    assert all(set(json.loads(r["transfer"])) >= {"twin", "third"} for r in rows)
+    matrix = json.loads((out / "summary.json").read_text())["transfer"]
+    assert matrix["models"] == [tiny_bundle.name, "twin", "third"]  # the victims asked for, not an earlier run's
+    for eps, by_fusion in matrix["by_eps"].items():
+        for fusion, entry in by_fusion.items():
+            assert set(entry) == {tiny_bundle.name, "twin", "third"}
+            scores = [json.loads(r["transfer"])["third"]["adversarial_dice"] for r in rows
+                      if r["attack"] == fusion and f"{float(r['eps']):.6g}" == eps]
+            assert len(scores) == 2 and abs(entry["third"] - sum(scores) / 2) < 1e-9
+    summary = json.loads((out / "summary.json").read_text())
+    for v in summary["volumes"]:  # the members' own time, each counted once
+        member_time = sum(float(r["time_s"]) for r in rows if r["volume"] == v["volume"] and r["attack"] == "igsm")
+        assert abs(v["time_s"] - member_time) < 1e-6
 
 
 def test_evaluate_refuses_a_missing_victim_before_any_work(tiny_bundle, tmp_path):
@@ -139,6 +152,9 @@ def test_evaluate_refuses_a_missing_victim_before_any_work(tiny_bundle, tmp_path
     assert result.exit_code != 0
     assert "no_such_bundle" in result.output and "Traceback" not in result.output
     assert not out.exists()
+    same = runner.invoke(app, ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(tiny_bundle),
+                               "--victim", str(tiny_bundle), "--quiet"])
+    assert same.exit_code != 0 and "named like the source" in same.output and not out.exists()
 
 
 def test_evaluate_resume_runs_only_the_members_not_cached(tiny_bundle, tmp_path):
@@ -147,7 +163,7 @@ def test_evaluate_resume_runs_only_the_members_not_cached(tiny_bundle, tmp_path)
     args = ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(tiny_bundle), "--attacks", "igsm,pgd",
             "--losses", "ce,dice", "--eps", "8/255", "--step", "4/255", "--steps", "2", "--quiet"]
     assert runner.invoke(app, args).exit_code == 0
-    files = sorted((out / "cache").rglob("*.json"))
+    files = sorted(f for f in (out / "cache").rglob("*.json") if f.name != "overview.json")  # a member's outcome each
     assert len(files) == 2 * 4
     lost = [f for f in files if f.parent.name == "case1" and f.name.startswith(("igsm_dice", "pgd_ce"))]
     assert len(lost) == 2  # one member of each attack: pending are igsm:dice and pgd:ce, not the cross product

@@ -140,3 +140,19 @@ def test_attack_in_a_log_prints_phases_and_members(tiny_bundle, scan_file, tmp_p
     assert texts[-1] == "writing outputs"
     assert "medis3d:" not in result.stdout  # stdout is the summary only
     assert "MedIS members" in result.stdout
+
+
+def test_terminal_labels_are_shown_as_written_not_read_as_markup():
+    """Member options in brackets stay on the bar, and a name that looks like a closing tag does not crash it."""
+    import io
+
+    from rich.console import Console
+
+    from medis3d.progress import Reporter
+
+    buffer = io.StringIO()
+    with Reporter(interactive=True, console=Console(file=buffer, force_terminal=True, width=160)) as reporter:
+        reporter.phase("members")
+        reporter("apgd:js[random_start=1,seed=1]", 1, 2, 0.5)
+        reporter.phase("loading odd[/x]name.nii.gz")
+    assert "apgd:js[random_start=1,seed=1]" in buffer.getvalue() and "odd[/x]name" in buffer.getvalue()
