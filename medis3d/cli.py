@@ -519,10 +519,11 @@ def evaluate(
         _, member_list, step_value, steps_value, _ = resolve_members(params)
         cases = read_dataset(dataset, labels)
         tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
-        victims = _load_victims(victim, tgt, _bundle_name(bundle), trust_bundle, device or _default_device())
+        source = _bundle_name(bundle)
+        victims = _load_victims(victim, tgt, source, trust_bundle, device or _default_device())
         kwargs = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
                       eps_units=eps_units, success=success, seed=seed, diagnose=diagnose, together=together,
-                      victims=victims, source=_bundle_name(bundle),
+                      victims=victims, source=source,
                       settings=_study_settings(params, member_list, eps_list, step_value, steps_value))
         if quiet:
             evaluate_dataset(tgt, cases, out, **kwargs)

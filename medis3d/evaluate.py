@@ -212,8 +212,9 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                                      volume, setting.scale)
                     adversarial = volume.with_array(result.adversarial)
                     row["transfer"] = json.dumps(clean_json({vc.victim.name: vc.score(adversarial) for vc in victim_cases or []}))
-                    write_text_atomic(_cache_file(cache, case, member, eps), json.dumps(clean_json(row)))
-                    cached[member.name] = json.loads(_cache_file(cache, case, member, eps).read_text())
+                    text = json.dumps(clean_json(row))
+                    write_text_atomic(_cache_file(cache, case, member, eps), text)
+                    cached[member.name] = json.loads(text)  # as a resumed run reads it back
                     ran[member.name] = (result, setting)
             case_rows = [cached[m.name] for m in medis.members()]
             rows.extend(case_rows)
@@ -231,10 +232,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     _write_csv(out / "results.csv", all_rows)
     summary = summarise(all_rows)
     summary["eps_units"] = eps_units
-    summary["volumes"] = per_volume(all_rows, cache)
-    references = {case.name: "label" if case.label else "clean prediction" for case in cases}
-    for v in summary["volumes"]:
-        v["reference"] = references.get(v["volume"], "clean prediction")
+    summary["volumes"] = per_volume(all_rows, cache, {case.name: "label" if case.label else "clean prediction" for case in cases})
     if victims:
         summary["transfer"] = transfer_matrix(all_rows, source or "source", [v.name for v in victims])
     if diagnose:
@@ -283,16 +281,17 @@ def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dic
     write_text_atomic(path.with_suffix(".json"), json.dumps({"member": chosen, "eps": f"{row['eps']:.6g}"}))
 
 
-def per_volume(rows: list[dict], cache: Path) -> list[dict]:
+def per_volume(rows: list[dict], cache: Path, references: dict[str, str]) -> list[dict]:
     """A line per volume: clean Dice, the full fusion's and the worst case's Dice at each budget, the smallest
     budget at which the full fusion succeeded, the member it chose there (else at the largest budget), the
-    members' time, and the overview's path where one was written."""
+    members' time, what Dice was measured against (``references``: "label" or "clean prediction" per volume),
+    and the overview's path where one was written."""
     volumes: dict[str, dict] = {}
     fused_rows: dict[str, list[dict]] = {}
     for r in rows:
         v = volumes.setdefault(r["volume"], {"volume": r["volume"], "clean_dice": r["clean_dice"], "medis_full": {},
                                              "worst_case": {}, "time_s": 0.0, "smallest_successful_eps": None,
-                                             "winner": None})
+                                             "winner": None, "reference": references.get(r["volume"], "clean prediction")})
         eps = f"{r['eps']:.6g}"
         if r["attack"] in ("medis_full", "worst_case"):
             v[r["attack"]][eps] = r["adversarial_dice"]

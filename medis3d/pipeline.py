@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from medis3d.errors import InputError
-from medis3d.io import check_scan, read_volume, write_nifti
+from medis3d.io import channel_paths, check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import Volume
@@ -156,9 +156,7 @@ def _guard_inputs(out_dir: Path, inputs: Sequence[Path]) -> None:
 
 def _scan_name(scan: Path | str) -> str:
     """How progress names a scan: its file or folder name (the channel files' names, comma-separated)."""
-    text = str(scan)
-    parts = text.split(",") if "," in text and not Path(text).exists() else [text]
-    return ", ".join(Path(p.strip()).name for p in parts if p.strip())
+    return ", ".join(Path(p).name for p in channel_paths(scan) or [str(scan).strip()])
 
 
 def run_attack(

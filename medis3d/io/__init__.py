@@ -27,7 +27,7 @@ def read_channels(paths: list[Path | str]) -> Volume:
                   stored_dtype=np.dtype(np.float32), meta={"channel_volumes": volumes, "header": first.meta.get("header")})
 
 
-def _channel_paths(path: Path | str) -> list[str] | None:
+def channel_paths(path: Path | str) -> list[str] | None:
     """The files of a comma-separated scan (one per channel), or None for one file or folder."""
     text = str(path)
     if "," in text and not Path(text).exists():
@@ -54,7 +54,7 @@ def check_scan(path: Path | str) -> None:
     """Raise the error :func:`read_volume` would for a scan that is not there, is neither NIfTI nor DICOM,
     or is a NIfTI file whose header cannot be read, without reading its voxel data (a cheap check before
     a command shows its progress)."""
-    channels = _channel_paths(path)
+    channels = channel_paths(path)
     for p in channels if channels is not None else [path]:
         if _kind(Path(p)) == "nifti":
             open_nifti(p)
@@ -63,7 +63,7 @@ def check_scan(path: Path | str) -> None:
 def read_volume(path: Path | str) -> Volume:
     """Read a scan: a NIfTI file, or a DICOM series (its folder or any file of it); several
     files separated by commas are the channels of one scan."""
-    channels = _channel_paths(path)
+    channels = channel_paths(path)
     if channels is not None:
         return read_channels(channels)
     path = Path(path)
