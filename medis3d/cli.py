@@ -1,4 +1,4 @@
-"""The medis3d command line: attack, batch, evaluate, predict, bundle (typer app, rich progress)."""
+"""The medis3d command line: attack, batch, evaluate, harden, diagnose, predict, bundle (typer app, rich progress)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-BUNDLE_HELP = "MONAI bundle folder or .zip, or a shipped bundle's name: brain_t1_segresnet (the default; SegResNet brain extraction on T1 MRI) or brain_t1_unetr (UNETR, same task)."
+BUNDLE_HELP = "MONAI bundle folder or .zip, or a shipped bundle's name: brain_t1_segresnet (the default; SegResNet brain extraction on T1 MRI), brain_t1_unetr (UNETR, same task) or brain_t1_segresnet_robust (the default, adversarially hardened by medis3d harden)."
 
 
 def _fail(message: str) -> None:
@@ -541,6 +541,100 @@ def evaluate(
         return
     if not quiet:
         typer.echo(f"{len(cases)} volume(s), {len(eps_list)} budget(s), {len(member_list)} member(s): see {out / 'report.md'}")
+
+
+def _parse_crop(text: Optional[str]) -> Optional[tuple]:
+    if not text:
+        return None
+    try:
+        crop = tuple(int(v) for v in text.lower().replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        crop = ()
+    if len(crop) not in (1, 2, 3) or min(crop) < 8:
+        raise InputError(f"--crop must be a size such as 96 or 96x96x64 (at least 8 voxels a side), got {text!r}")
+    return crop
+
+
+@app.command()
+def harden(
+    bundle: str = typer.Argument(..., help=BUNDLE_HELP + " The bundle to harden (it is read, never changed)."),
+    dataset: Path = typer.Argument(..., help="Decathlon-style datalist JSON with training entries (and validation or test entries), or a folder of images with --labels."),
+    out: Path = typer.Option(..., "--out", "-o", help="A new or empty folder: the hardened MONAI bundle (configs, models/model.pt, docs/ with the before/after figures) and evaluation/ (both studies). Rerun with the same --out to continue an interrupted run."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
+    eps: str = typer.Option("8/255", "--eps", help="L-inf radius of the training attack, in the model's normalised intensity units."),
+    attack_steps: int = typer.Option(2, "--attack-steps", help="PGD steps per training batch (from a random start)."),
+    attack_step: Optional[str] = typer.Option(None, "--attack-step", help="PGD step size (default: 2.5 eps / --attack-steps)."),
+    attack_loss: str = typer.Option("ce", "--attack-loss", help="The loss the training attack ascends (any of --losses in attack)."),
+    adv_weight: float = typer.Option(0.5, "--adv-weight", help="Training loss = (1 - w) clean + w adversarial."),
+    warmup: float = typer.Option(0.3, "--warmup", help="Share of the steps over which eps grows linearly from 0."),
+    steps: int = typer.Option(200, "--steps", help="Optimiser steps."),
+    batch: int = typer.Option(2, "--batch", help="Crops per step."),
+    crop: Optional[str] = typer.Option(None, "--crop", help="Crop size in model-space voxels, e.g. 64 or 96x96x64 (default: the inferer's window)."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (warm-up, then cosine to a tenth)."),
+    val_split: float = typer.Option(0.2, "--val-split", help="Share of the volumes held out for validation where the dataset sets none aside."),
+    save_every: int = typer.Option(20, "--save-every", help="Steps between checkpoints (what a rerun continues from)."),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
+    checkpoint: bool = typer.Option(False, "--checkpoint", help="Gradient checkpointing of the network's stages (less memory, more time)."),
+    eval_eps: str = typer.Option("4/255,8/255", "--eval-eps", help="Budgets of the closing comparison of source and hardened model."),
+    eval_preset: str = typer.Option("reliable", "--eval-preset", help="Attack preset of the closing comparison (reliable: the strongest ensemble)."),
+    eval_members: Optional[str] = typer.Option(None, "--eval-members", help="Explicit members of the closing comparison (replaces --eval-preset's)."),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Iterations per member in the comparison (default: the preset's)."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the closing comparison (the bundle then has no robustness figures)."),
+    trust_bundle: bool = TRUST,
+    device: Optional[str] = DEVICE,
+    seed: int = SEED,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Adversarially fine-tune a MONAI bundle into a more robust bundle, and measure robustness before and after."""
+    _quiet_warnings()
+    from medis3d.harden import HardenOptions
+    from medis3d.harden import harden as run_harden
+    from medis3d.members import PRESETS, parse_members
+
+    try:
+        eval_list = tuple(parse_fraction(e.strip(), "--eval-eps") for e in eval_eps.split(",") if e.strip())
+        if eval_preset not in PRESETS:
+            raise InputError(f"--eval-preset must be one of {', '.join(PRESETS)}, got {eval_preset!r}")
+        members_given = tuple(m.name for m in parse_members(eval_members)) if eval_members else None
+        options = HardenOptions(
+            eps=parse_fraction(eps, "--eps"), attack_steps=attack_steps,
+            attack_step=parse_fraction(attack_step, "--attack-step") if attack_step else None, attack_loss=attack_loss,
+            adv_weight=adv_weight, warmup=warmup, steps=steps, batch=batch, crop=_parse_crop(crop), lr=lr, seed=seed, amp=amp,
+            checkpoint=checkpoint, save_every=save_every, val_split=val_split, evaluate=not no_eval, eval_eps=eval_list,
+            eval_preset=eval_preset, eval_members=members_given, eval_steps=eval_steps)
+        options.check()
+        dev = device or _default_device()
+        _check_device(dev)
+        if quiet:
+            result = run_harden(bundle, dataset, out, options, labels=labels, trust=trust_bundle, device=dev)
+        else:
+            from medis3d.progress import Reporter
+
+            with Reporter() as reporter:
+                def progress(kind: str, info: dict) -> None:
+                    if kind == "phase":
+                        reporter.phase(info["text"])
+                    elif kind == "train":
+                        reporter.count("training steps", info["total"], item="step")
+                        reporter.phase("training")
+                    elif kind == "step":
+                        reporter("adversarial fine-tuning", info["step"], options.steps, info["adversarial_loss"])
+                    elif kind == "eval":
+                        reporter.advance(info["volume"])
+
+                result = run_harden(bundle, dataset, out, options, labels=labels, trust=trust_bundle, device=dev,
+                                    progress=progress)
+    except Medis3dError as exc:
+        _fail(str(exc))
+        return
+    if not quiet:
+        typer.echo(f"hardened bundle in {result.out} ({result.train_minutes:.1f} min of training)")
+        if result.comparison:
+            for role, model in result.comparison["models"].items():
+                curve = ", ".join(f"{e * 255:g}/255: {d:.3f}" for e, d in model["curve"])
+                typer.echo(f"  {role}: clean Dice {model['clean_dice']:.3f}; worst case {curve}")
+        for notice in result.notices:
+            typer.echo(f"  notice: {notice}")
 
 
 @app.command()

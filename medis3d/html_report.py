@@ -336,3 +336,54 @@ def attack_page(report: dict, overview_png: bytes | None, histogram_png: bytes |
     settings = {k: report.get(k) for k in ("input", "target", "attack", "perturbation", "outputs")}
     parts.append(_settings_block(settings))
     return _page(f"medis3d attack: {name}", "\n".join(parts))
+
+
+def harden_verdict(comparison: dict) -> tuple[str, str]:
+    """The comparison of ``harden`` in words, and the verdict's class (``bad`` where hardening did not help)."""
+    models = comparison.get("models", {})
+    source, hardened = models.get("source"), models.get("hardened")
+    if not source or not hardened or not source.get("curve") or not hardened.get("curve"):
+        return "No comparison was made.", ""
+    eps, dice_hardened = max(hardened["curve"])
+    dice_source = dict(source["curve"]).get(eps)
+    text = (f"At {eps_label(eps)} the hardened model keeps a mean Dice of {_num(dice_hardened)} under the worst case over "
+            f"{len(comparison.get('members', []))} attack member(s), against {_num(dice_source)} for the source; clean Dice "
+            f"{_num(hardened['clean_dice'])} against {_num(source['clean_dice'])}.")
+    helped = dice_source is not None and dice_hardened > dice_source
+    if not helped:
+        text += " Hardening did not make it more robust at this budget."
+    return text, "" if helped else "bad"
+
+
+def harden_page(comparison: dict, plot_png: bytes, recipe: dict, settings: dict, source: str,
+                studies: Sequence[str] = ("../evaluation/source/report.html", "../evaluation/hardened/report.html")) -> str:
+    """``docs/report.html`` of a hardened bundle: the verdict, Dice under attack against eps for both models, the
+    before/after table with eps50, the recipe, links to both studies' pages, and every setting."""
+    text, cls = harden_verdict(comparison)
+    models = comparison.get("models", {})
+    budgets = sorted({e for m in models.values() for e, _ in m.get("curve", [])})
+    rows = []
+    for role in ("source", "hardened"):
+        m = models.get(role)
+        if not m:
+            continue
+        by_eps = dict(m.get("curve", []))
+        e50 = m.get("eps50")
+        rows.append([_cell(role), _cell(_num(m.get("clean_dice")), m.get("clean_dice"))]
+                    + [_cell(_num(by_eps.get(e)), by_eps.get(e)) for e in budgets]
+                    + [_cell(eps_label(e50) if e50 else f"> {eps_label(max(budgets))}" if budgets else "-", e50 or "")])
+    table = _table(["model", "clean Dice"] + [f"Dice at {eps_label(e)}" for e in budgets] + ["eps50"], rows, table_id="comparison")
+    recipe_items = "".join(f"<li><b>{_e(k.replace('_', ' '))}</b>: {_e(v if not isinstance(v, list) else ', '.join(map(str, v)) or '-')}</li>"
+                           for k, v in recipe.items())
+    links = " and ".join(f"<a href=\"{_e(link)}\">{_e(role)}</a>" for role, link in zip(("source", "hardened"), studies))
+    body = (f"<h1>{_e(source)}: robustness before and after hardening</h1>"
+            f"<p class=\"verdict {cls}\" id=\"verdict\">{_e(text)}</p>"
+            f"<img class=\"figure\" alt=\"Dice against eps, both models\" src=\"{data_uri(plot_png)}\">"
+            f"<h2>Before and after</h2>{table}"
+            "<p class=\"muted\">Dice against the labels of the validation volumes, the per-volume worst case over the members "
+            f"({_e(', '.join(comparison.get('members', [])))}; {_e(comparison.get('steps'))} iterations each). eps50: the budget "
+            "at which the mean Dice falls to half the clean Dice, interpolated between the budgets measured.</p>"
+            f"<p>Each model's full study: {links}.</p>"
+            f"<h2>Recipe</h2><ul>{recipe_items}</ul>"
+            + _settings_block(settings))
+    return _page(f"{source}: hardening", body)

@@ -21,7 +21,7 @@ from medis3d.io import read_volume
 from medis3d.monai_workflow import fragment_path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = {"brain_t1_segresnet": "SegResNet", "brain_t1_unetr": "UNETR"}  # bundle name: network
+SHIPPED = {"brain_t1_segresnet": "SegResNet", "brain_t1_unetr": "UNETR", "brain_t1_segresnet_robust": "SegResNet"}  # bundle name: network
 
 
 @pytest.fixture(params=sorted(SHIPPED))
@@ -49,6 +49,21 @@ def test_metadata_verifies_offline(bundle):
     from monai.bundle import verify_metadata
 
     verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(ROOT / "bundles" / "metadata_schema.json"))
+
+
+def test_a_wheel_installs_every_shipped_bundle(bundle):
+    """pyproject's data-files carry each shipped bundle's configs, weights, README and licence."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    data_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    installed = {p.resolve() for patterns in data_files.values() for pattern in patterns for p in ROOT.glob(pattern)}
+    needed = [*sorted((bundle / "configs").glob("*.json")), bundle / "models" / "model.pt", bundle / "docs" / "README.md",
+              bundle / "LICENSE"]
+    assert [p for p in needed if p.resolve() not in installed] == []
+    for folder, patterns in data_files.items():
+        for pattern in patterns:
+            if pattern.startswith(f"bundles/{bundle.name}/"):
+                assert folder == f"share/medis3d/{Path(pattern).parent}".rstrip("/"), (folder, pattern)
 
 
 def test_loads_safely_with_its_weights(bundle):

@@ -1,0 +1,776 @@
+"""``medis3d harden``: adversarial fine-tuning of a MONAI bundle's network into a new, more robust bundle.
+
+The network is fine-tuned on random crops of the training volumes in model space (the bundle's own
+inference preprocessing, exactly as :class:`~medis3d.target.Target` runs it; labels resampled onto
+the same grid), each step on a mix of the clean crops and adversarial ones made by a few steps of
+PGD with a random start inside an L-inf ball whose radius grows over a warm-up (Madry et al. 2018).
+The adversarial crops ascend a loss from medis3d's registry (:mod:`medis3d.losses`) and are kept in
+the ball and the model's intensity range by :class:`~medis3d.attacks.base.Budget`. The training
+loss is the bundle's own (``loss`` in its train config, MONAI and torch classes only) or DiceCE;
+augmentation is the random transforms of the train config's preprocessing, where there is one.
+
+Everything the run needs to continue sits in ``<out>/.harden/`` (the last checkpoint, the
+settings); a second run with the same ``--out`` continues from there. The bundle itself (the
+source's configs with inference unchanged, the new weights, ``metadata.json`` with a new version
+and the robustness figures, ``docs/README.md`` with the recipe and a before/after table) is staged
+and only moved into ``<out>`` when everything, the closing evaluation included, has finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from medis3d.errors import BundleError, InputError, OutputError, first_line
+from medis3d.html_report import harden_page
+from medis3d.evaluate import Case, read_dataset
+from medis3d.io import read_volume
+from medis3d.io.atomic import atomic_path, write_text_atomic
+from medis3d.io.outputs import check_output_folder, output_lock, writing
+from medis3d.io.volume import make_names_unique, scan_name
+from medis3d.target import Target
+
+STATE_DIR = ".harden"
+TRAIN_CONFIG_NAMES = ("train.json", "train.yaml", "train.yml")
+# crops are made here, on tensors already in model space: a config's own crops, pads, loading and type
+# conversions are left out of the augmentation
+_LEFT_OUT = ("Crop", "Pad", "Load", "EnsureType", "ToTensor", "ToNumpy", "EnsureChannelFirst", "Save", "CopyItems")
+_SETTINGS_THAT_MAY_CHANGE = ("steps", "save_every", "eval_eps", "eval_preset", "eval_members", "eval_steps", "evaluate")
+
+
+@dataclass(frozen=True)
+class HardenOptions:
+    """How the network is fine-tuned, and how source and result are compared at the end."""
+
+    eps: float = 8 / 255  # the L-inf radius of the training attack, in the model's normalised intensity units
+    attack_steps: int = 2  # PGD steps per training batch
+    attack_step: float | None = None  # PGD step size; default 2.5 eps / steps (Madry et al.)
+    attack_loss: str = "ce"  # the loss the training attack ascends (medis3d.losses)
+    adv_weight: float = 0.5  # training loss = (1 - w) clean + w adversarial
+    warmup: float = 0.3  # share of the steps over which eps grows linearly from 0
+    steps: int = 200  # optimiser steps
+    batch: int = 2  # crops per step
+    crop: tuple[int, ...] | None = None  # crop size (model-space voxels); default: the inferer's window
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    seed: int = 0
+    amp: bool = False
+    checkpoint: bool = False  # gradient checkpointing of the network's stages
+    save_every: int = 20  # steps between checkpoints
+    val_split: float = 0.2  # share of a folder dataset (or of training entries without validation ones) held out
+    evaluate: bool = True
+    eval_eps: tuple[float, ...] = (4 / 255, 8 / 255)
+    eval_preset: str = "reliable"
+    eval_members: tuple[str, ...] | None = None
+    eval_steps: int | None = None
+
+    def attack_step_size(self) -> float:
+        return self.attack_step if self.attack_step is not None else 2.5 * self.eps / max(1, self.attack_steps)
+
+    def eps_at(self, step: int) -> float:
+        """The training radius at optimiser step ``step`` (0-based): linear from eps / warm-up steps up to eps."""
+        ramp = max(1, int(round(self.warmup * self.steps)))
+        return self.eps * min(1.0, (step + 1) / ramp)
+
+    def check(self) -> None:
+        problems = [
+            (self.eps > 0, f"--eps must be positive, got {self.eps}"),
+            (self.attack_steps >= 1, f"--attack-steps must be at least 1, got {self.attack_steps}"),
+            (0 <= self.adv_weight <= 1, f"--adv-weight must lie in [0, 1], got {self.adv_weight}"),
+            (0 <= self.warmup <= 1, f"--warmup must lie in [0, 1], got {self.warmup}"),
+            (self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
+            (self.batch >= 1, f"--batch must be at least 1, got {self.batch}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.save_every >= 1, f"--save-every must be at least 1, got {self.save_every}"),
+            (0 < self.val_split < 1, f"--val-split must lie strictly between 0 and 1, got {self.val_split}"),
+            (all(e > 0 for e in self.eval_eps), f"--eval-eps must be positive budgets, got {self.eval_eps}"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise InputError(message)
+        from medis3d.losses import LOSSES
+
+        if self.attack_loss not in LOSSES:
+            raise InputError(f"--attack-loss must be one of {', '.join(sorted(LOSSES))}, got {self.attack_loss!r}")
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def _entries(data: dict, key: str, dataset: Path) -> list[Case]:
+    cases = []
+    for entry in data.get(key) or []:
+        image = entry["image"] if isinstance(entry, dict) else entry
+        label = entry.get("label") if isinstance(entry, dict) else None
+        if not label:
+            raise InputError(f"{dataset}: {key} entry {image} has no label; hardening trains on labelled volumes")
+        images = [str((dataset.parent / i).resolve()) for i in image] if isinstance(image, list) else [str((dataset.parent / image).resolve())]
+        cases.append(Case(scan_name(images[0]), Path(",".join(images)), (dataset.parent / label).resolve()))
+    return cases
+
+
+def _split(cases: list[Case], share: float, where: Path) -> tuple[list[Case], list[Case]]:
+    """The last ``share`` of ``cases`` (by name, at least one) held out for validation."""
+    if len(cases) < 2:
+        raise InputError(f"{where}: needs at least two labelled volumes (one to train on, one to validate), has {len(cases)}")
+    held = min(len(cases) - 1, max(1, int(round(share * len(cases)))))
+    return cases[:-held], cases[-held:]
+
+
+def read_training_dataset(dataset: Path, labels: Path | None = None, val_split: float = 0.2) -> tuple[list[Case], list[Case]]:
+    """Training and validation cases: a Decathlon-style datalist's ``training`` entries and its
+    ``validation`` (else ``test`` / ``testing``) entries with labels, or a folder of images with ``labels``
+    named alike; where nothing is set aside for validation, the last ``val_split`` of the training cases."""
+    dataset = Path(dataset)
+    if dataset.is_file():
+        try:
+            data = json.loads(dataset.read_text())
+        except ValueError as exc:
+            raise InputError(f"{dataset}: not a JSON datalist ({exc})")
+        if not isinstance(data, dict) or not data.get("training"):
+            raise InputError(f"{dataset}: no 'training' entries")
+        train = make_names_unique(_entries(data, "training", dataset))
+        for key in ("validation", "test", "testing"):
+            if data.get(key):
+                return train, make_names_unique(_entries(data, key, dataset))
+        return _split(train, val_split, dataset)
+    if dataset.is_dir():
+        if labels is None:
+            raise InputError(f"{dataset}: a folder dataset needs --labels DIR (labels named like the images)")
+        cases = read_dataset(dataset, labels)
+        missing = [c.image.name for c in cases if c.label is None]
+        if missing:
+            raise InputError(f"{labels}: no label for {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return _split(cases, val_split, dataset)
+    raise InputError(f"{dataset}: no such datalist or folder")
+
+
+@dataclass
+class ModelSpaceCase:
+    """One training volume in model space: the preprocessed image ``(C, *S)``, its label on the same grid
+    (``(1, *S)`` class indices for softmax, ``(C, *S)`` 0/1 channels for sigmoid) and the image's range."""
+
+    name: str
+    image: torch.Tensor
+    label: torch.Tensor
+    low: float
+    high: float
+
+
+def label_to_model_space(target: Target, segmentation: np.ndarray, scan_affine: np.ndarray, model_input) -> torch.Tensor:
+    """A label on the scan's grid (as :meth:`Target.segment` gives it) on the model-space grid of
+    ``model_input``: each class's mask resampled linearly through the affines, then the most likely class
+    (softmax) or a threshold at 0.5 (sigmoid), as a bundle's training preprocessing resamples masks."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    seg = np.asarray(segmentation)
+    if target.activation == "softmax":
+        masks = np.stack([seg == c for c in range(target.out_channels)]).astype(np.float32)
+    else:
+        masks = seg.astype(np.float32)
+    source = MetaTensor(torch.from_numpy(masks), affine=torch.as_tensor(np.asarray(scan_affine), dtype=torch.float64))
+    resampled = SpatialResample(mode="bilinear", padding_mode="zeros")(
+        source, dst_affine=torch.as_tensor(np.asarray(model_input.affine), dtype=torch.float64),
+        spatial_size=tuple(model_input.shape[1:]))
+    values = torch.as_tensor(np.asarray(resampled), dtype=torch.float32)
+    if target.activation == "softmax":
+        return values.argmax(0, keepdim=True).to(torch.uint8)
+    return (values > 0.5).to(torch.uint8)
+
+
+def model_space_case(target: Target, case: Case) -> ModelSpaceCase:
+    """Read ``case`` (image and label, checked as ``attack --label`` checks them) into model space."""
+    from medis3d.pipeline import read_segmentation
+
+    volume = read_volume(case.image)
+    segmentation = read_segmentation(case.label, volume, target, "label")
+    with torch.no_grad():
+        model_input = target.model_input(torch.from_numpy(volume.array), volume)
+    image = torch.as_tensor(np.asarray(model_input.as_tensor()), dtype=torch.float32).clone()
+    label = label_to_model_space(target, segmentation, volume.affine, model_input)
+    if not (label > 0).any():
+        raise InputError(f"{case.label}: the label marks no structure in the model's field of view")
+    return ModelSpaceCase(case.name, image, label, float(image.min()), float(image.max()))
+
+
+# -- the bundle's training pieces ----------------------------------------------------------------
+
+
+def find_train_config(bundle: Path) -> Path | None:
+    for name in TRAIN_CONFIG_NAMES:
+        path = bundle / "configs" / name
+        if path.is_file():
+            return path
+    return None
+
+
+def training_loss(cfg, activation: str, notices: list[str]) -> tuple[torch.nn.Module, str]:
+    """The train config's ``loss`` (MONAI or torch, through the safe loader), else DiceCE for the activation."""
+    from monai.losses import DiceCELoss
+
+    if cfg is not None and cfg.has("loss"):
+        try:
+            cls, args = cfg.instantiate("loss")
+            return cls(**args), f"{cls.__name__}({', '.join(f'{k}={v}' for k, v in args.items())}) from {cfg.source.name}"
+        except (BundleError, TypeError, ValueError) as exc:
+            notices.append(f"the train config's loss cannot be used ({first_line(exc)}); trained with DiceCE")
+    if activation == "softmax":
+        return DiceCELoss(to_onehot_y=True, softmax=True), "DiceCELoss(to_onehot_y=True, softmax=True)"
+    return DiceCELoss(sigmoid=True), "DiceCELoss(sigmoid=True)"
+
+
+def _transform_list(cfg) -> tuple[str | None, list]:
+    for key in ("train#random_transforms", "train#preprocessing#transforms", "train#preprocessing", "train_preprocessing#transforms"):
+        node = cfg.raw(key)
+        if isinstance(node, list):
+            return key, node
+    return None, []
+
+
+def augmentation(cfg, notices: list[str]) -> tuple[list, list[str]]:
+    """The train config's preprocessing from its first random transform on: its augmentation, and what it does
+    between and after (a label threshold, an intensity rescaling after the intensity augmentation), on
+    ``image`` / ``label`` only. Crops, pads and type conversions are left out (crops are made here); each
+    transform is built through the safe loader, and one that cannot be built is left out with a notice."""
+    if cfg is None:
+        return [], []
+    key, nodes = _transform_list(cfg)
+    names_in_order = [str(n.get("_target_", "")).rpartition(".")[2] if isinstance(n, dict) else "" for n in nodes]
+    first = next((i for i, n in enumerate(names_in_order) if n.startswith("Rand")), len(nodes))
+    transforms, names = [], []
+    for i in range(first, len(nodes)):
+        short = names_in_order[i]
+        if not short or any(part in short for part in _LEFT_OUT):
+            continue
+        try:
+            from medis3d.bundle import resolve_component
+
+            name, args = cfg.component_args(f"{key}#{i}")
+            keys = args.get("keys")
+            keys = [keys] if isinstance(keys, str) else list(keys or [])
+            if not keys or not set(keys) <= {"image", "label"}:
+                notices.append(f"augmentation {short} acts on {keys}, not image / label; left out")
+                continue
+            cls = resolve_component(str(name), cfg.source, allow_any=cfg.trust)
+            transforms.append(cls(**args))
+            names.append(short)
+        except Exception as exc:  # a transform this MONAI cannot build is not worth stopping the run for
+            notices.append(f"augmentation {short} cannot be built ({first_line(exc)[:120]}); left out")
+    return transforms, names
+
+
+# -- the training attack -------------------------------------------------------------------------
+
+
+def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, eps: float, step: float,
+                      steps: int, low: float, high: float, generator: torch.Generator, autocast=None) -> torch.Tensor:
+    """PGD with a uniform random start in the L-inf ball of radius ``eps`` around ``x`` (clipped to
+    ``[low, high]``): ``steps`` signed-gradient steps of size ``step`` ascending ``loss_fn(logits, y)``."""
+    from medis3d.attacks.base import Budget
+
+    budget = Budget(eps=eps, step=step, steps=steps, low=low, high=high)
+    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * eps
+    adv = budget.project(x + noise, x).detach()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        with autocast() if autocast is not None else _nothing():
+            logits = network(adv)
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        grad, = torch.autograd.grad(loss_fn(logits.float(), y), adv)
+        adv = budget.project(adv.detach() + step * budget.direction(grad), x).detach()
+    return adv
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class HardenResult:
+    """What a finished run wrote: the bundle folder and the comparison of source and hardened model."""
+
+    out: Path
+    comparison: dict | None
+    train_minutes: float
+    notices: list[str] = field(default_factory=list)
+
+
+def _digest(cases: Sequence[Case], source: Path) -> str:
+    text = "\n".join([str(source.resolve())] + [f"{c.image}|{c.label}" for c in cases])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _settings(options: HardenOptions) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()}
+
+
+def _crop_size(options: HardenOptions, target: Target, spatial_dims: int) -> tuple[int, ...]:
+    if options.crop:
+        crop = tuple(int(c) for c in options.crop)
+        return crop * spatial_dims if len(crop) == 1 else crop
+    roi = [int(r) for r in target.window.roi_size]
+    return tuple(r if r > 0 else 96 for r in roi)
+
+
+def _schedule(optimizer, steps: int):
+    warm = max(1, min(20, steps // 10))
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _autocast_for(device: torch.device, enabled: bool):
+    if not enabled:
+        return None
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Sampler:
+    """Crops for optimiser step ``i``: the same ones on every run (random state from the seed and ``i``)."""
+
+    def __init__(self, cases: list[ModelSpaceCase], transforms: list, crop: tuple[int, ...], batch: int, seed: int,
+                 activation: str, classes: int):
+        from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
+
+        self.cases, self.batch, self.seed, self.activation, self.classes = cases, batch, seed, activation, classes
+        self.compose = Compose([*transforms, SpatialPadd(keys=["image", "label"], spatial_size=list(crop)),
+                                RandSpatialCropd(keys=["image", "label"], roi_size=list(crop), random_size=False)])
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, i])
+        images, labels = [], []
+        for k in range(self.batch):
+            case = self.cases[int(rng.integers(len(self.cases)))]
+            self.compose.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            out = self.compose({"image": case.image.clone(), "label": case.label.float()})
+            image = torch.as_tensor(np.asarray(out["image"]), dtype=torch.float32)
+            label = torch.as_tensor(np.asarray(out["label"]), dtype=torch.float32)
+            if self.activation == "softmax":  # an interpolating augmentation leaves fractions: back to classes
+                label = label.round().clamp(0, self.classes - 1)
+            else:
+                label = (label > 0.5).float()
+            images.append(image)
+            labels.append(label)
+        return torch.stack(images), torch.stack(labels)
+
+
+def _prepare_out(out: Path, state: Path) -> None:
+    """``out`` must be new, empty, or a run of ours to continue: a finished bundle or a user's folder is never
+    written over."""
+    check_output_folder(out)
+    if out.exists() and any(out.iterdir()) and not state.is_dir():
+        what = "already holds a bundle" if (out / "configs").exists() else "is not empty"
+        raise OutputError(f"{out}: {what}; harden writes a new bundle into a new or empty folder, choose another --out")
+
+
+def harden(source: str | Path | None, dataset: Path, out: Path, options: HardenOptions = HardenOptions(), *,
+           labels: Path | None = None, trust: bool = False, device: str = "cpu", name: str | None = None,
+           progress: Callable[[str, dict], None] | None = None) -> HardenResult:
+    """Fine-tune ``source`` (a bundle folder, .zip or shipped name) on ``dataset`` and write the hardened bundle
+    to ``out``; at the end, with ``options.evaluate``, compare both on the validation cases with the same
+    attacks and budgets. ``progress(kind, info)`` hears of each phase and optimiser step."""
+    from medis3d.bundle import SafeConfig, _unpack_zip, load_bundle, read_config, resolve_bundle_path
+
+    options.check()
+    out = Path(out)
+    state = out / STATE_DIR
+    _prepare_out(out, state)
+    bundle = resolve_bundle_path(source)
+    with tempfile.TemporaryDirectory(prefix="medis3d-harden-") as tmp:
+        if bundle.is_file() and bundle.suffix == ".zip":
+            bundle = _unpack_zip(bundle, Path(tmp))
+        if not (bundle / "configs").is_dir():
+            raise BundleError(f"{bundle}: a bundle is a directory (or .zip) with configs/ and models/")
+        target = load_bundle(bundle, trust=trust, device=device)
+        if isinstance(target.network, torch.jit.ScriptModule) or not (bundle / "models" / "model.pt").is_file():
+            raise BundleError(f"{bundle}: harden needs a network_def and models/model.pt (a TorchScript-only bundle cannot be "
+                              "fine-tuned and written back)")
+        train, validation = read_training_dataset(dataset, labels, options.val_split)
+        note = _emit(progress)
+        note("phase", {"text": f"reading {len(train)} training and {len(validation)} validation volume(s)"})
+        train_cases = [model_space_case(target, c) for c in train]
+        for case in validation:  # checked before anything is written, like the training volumes
+            from medis3d.pipeline import read_segmentation
+
+            read_segmentation(case.label, read_volume(case.image), target, "label")
+        train_path = find_train_config(bundle)
+        train_cfg = SafeConfig(read_config(train_path), train_path, trust=trust) if train_path else None
+        with output_lock(out), writing(out):
+            return _run(target, bundle, train_cases, validation, out, state, options, train_cfg, trust, device,
+                        name or _bundle_label(source, bundle), note, _digest(train + validation, bundle))
+
+
+def _bundle_label(source, bundle: Path) -> str:
+    if source is None:
+        return bundle.name
+    text = Path(str(source)).name
+    return text[:-4] if text.endswith(".zip") else text
+
+
+def _emit(progress):
+    def note(kind: str, info: dict) -> None:
+        if progress is not None:
+            progress(kind, info)
+    return note
+
+
+def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], validation: list[Case], out: Path, state: Path,
+         options: HardenOptions, train_cfg, trust: bool, device: str, source_name: str, note, digest: str) -> HardenResult:
+    from medis3d.checkpointing import disable_checkpointing, enable_checkpointing
+    from medis3d.losses import get_loss
+    from medis3d.memory import amp_is_fast
+
+    notices: list[str] = []
+    dev = torch.device(device)
+    network = copy.deepcopy(target.network).to(dev)
+    for parameter in network.parameters():  # a Target's network is frozen: only inputs get gradients there
+        parameter.requires_grad_(True)
+    loss_fn, loss_name = training_loss(train_cfg, target.activation, notices)
+    transforms, aug_names = augmentation(train_cfg, notices)
+    attack_loss = get_loss(options.attack_loss, target.activation)
+    crop = _crop_size(options, target, train_cases[0].image.dim() - 1)
+    sampler = _Sampler(train_cases, transforms, crop, options.batch, options.seed, target.activation, target.out_channels)
+    if options.amp and not amp_is_fast(dev):
+        notices.append("--amp on a CPU without bfloat16 instructions: much slower than float32 here")
+    autocast = _autocast_for(dev, options.amp)
+    scaler = torch.amp.GradScaler("cuda") if options.amp and dev.type == "cuda" else None
+    if options.checkpoint:
+        _, notice = enable_checkpointing(network)
+        if notice:
+            notices.append(notice)
+    low = min(c.low for c in train_cases)
+    high = max(c.high for c in train_cases)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    scheduler = _schedule(optimizer, options.steps)
+    checkpoint_file = state / "checkpoint.pt"
+    settings = _settings(options)
+    start, log, train_s = 0, [], 0.0
+    if checkpoint_file.is_file():
+        saved = torch.load(str(checkpoint_file), map_location=dev, weights_only=False)
+        fixed = {k: v for k, v in settings.items() if k not in _SETTINGS_THAT_MAY_CHANGE}
+        were = {k: v for k, v in saved["settings"].items() if k not in _SETTINGS_THAT_MAY_CHANGE}
+        if saved.get("digest") != digest or were != fixed:
+            changed = sorted(k for k in fixed if fixed[k] != were.get(k)) or ["the bundle or the dataset"]
+            raise OutputError(f"{out}: holds a hardening run with other settings ({', '.join(changed)}); continue it with "
+                              "the same ones or choose another --out")
+        if options.steps < saved["step"]:
+            raise OutputError(f"{out}: its run has done {saved['step']} steps already, more than --steps {options.steps}")
+        network.load_state_dict(saved["network"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        start, log, train_s = saved["step"], saved["log"], saved["train_s"]
+        note("phase", {"text": f"continuing from step {start} of {options.steps} ({checkpoint_file})"})
+
+    def save(step: int) -> None:
+        state.mkdir(parents=True, exist_ok=True)
+        payload = {"step": step, "network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "log": log,
+                   "train_s": train_s, "settings": settings, "digest": digest}
+        with atomic_path(checkpoint_file) as tmp:
+            torch.save(payload, str(tmp))
+
+    state.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(state / "settings.json", json.dumps({"source": str(bundle), "settings": settings}, indent=2) + "\n")
+    note("train", {"total": options.steps, "done": start})
+    for i in range(start, options.steps):
+        began = time.perf_counter()
+        torch.manual_seed(options.seed * 1_000_003 + i)
+        x, y = sampler(i)
+        x, y = x.to(dev), y.to(dev)
+        eps = options.eps_at(i)
+        network.eval()
+        generator = torch.Generator().manual_seed(options.seed * 7919 + i)
+        adv = adversarial_batch(network, x, y.long() if target.activation == "softmax" else y, attack_loss, eps, options.attack_step_size() * eps / options.eps,
+                                options.attack_steps, low, high, generator, autocast)
+        network.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast() if autocast is not None else _nothing():
+            logits = network(torch.cat([x, adv]))
+        logits = (logits[0] if isinstance(logits, (tuple, list)) else logits).float()
+        n = x.shape[0]
+        clean_loss, adv_loss = loss_fn(logits[:n], y), loss_fn(logits[n:], y)
+        loss = (1 - options.adv_weight) * clean_loss + options.adv_weight * adv_loss
+        if not torch.isfinite(loss):
+            raise InputError(f"step {i + 1}: the training loss is not finite ({float(loss)}); try a smaller --lr")
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        train_s += time.perf_counter() - began
+        log.append({"step": i + 1, "eps": eps, "clean_loss": float(clean_loss.detach()), "adversarial_loss": float(adv_loss.detach()),
+                    "lr": optimizer.param_groups[0]["lr"], "time_s": round(time.perf_counter() - began, 3)})
+        note("step", log[-1])
+        if (i + 1) % options.save_every == 0 or i + 1 == options.steps:
+            save(i + 1)
+    if options.checkpoint:
+        disable_checkpointing(network)
+    staged = state / "bundle"
+    _stage_bundle(bundle, staged, network)
+    comparison = None
+    if options.evaluate:
+        comparison = compare(bundle, staged, source_name, validation, state / "evaluation", options, trust, device, note)
+    recipe = {"loss": loss_name, "augmentation": aug_names, "crop": list(crop), "model_range": [low, high],
+              "train_minutes": round(train_s / 60, 2), "device": str(dev), "notices": notices,
+              "training_volumes": [c.name for c in train_cases], "validation_volumes": [c.name for c in validation]}
+    _write_docs(bundle, staged, source_name, options, recipe, comparison, log)
+    _publish(state, staged, out)
+    return HardenResult(out, comparison, round(train_s / 60, 2), notices)
+
+
+def _stage_bundle(source: Path, staged: Path, network: torch.nn.Module) -> None:
+    """The source bundle's files (configs unchanged, its docs kept under docs/source/) with the new weights."""
+    if staged.exists():
+        shutil.rmtree(staged)
+    ignore = shutil.ignore_patterns("models", "eval", "__pycache__", ".harden")
+    shutil.copytree(source, staged, ignore=ignore, symlinks=False)
+    docs = staged / "docs"
+    if docs.is_dir():
+        kept = [p for p in docs.iterdir()]
+        (docs / "source").mkdir()
+        for p in kept:
+            shutil.move(str(p), str(docs / "source" / p.name))
+    (staged / "models").mkdir()
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    torch.save(state, str(staged / "models" / "model.pt"))
+
+
+# -- the comparison ---------------------------------------------------------------------------------
+
+
+def compare(source: Path, hardened: Path, source_name: str, cases: Sequence[Case], folder: Path, options: HardenOptions,
+            trust: bool, device: str, note) -> dict:
+    """Run ``evaluate`` on ``cases`` for the source and the hardened bundle at the same budgets with the same
+    members, and tabulate clean Dice, Dice under the per-volume worst case, the attack success rate and eps50."""
+    from medis3d.bundle import load_bundle
+    from medis3d.evaluate import evaluate_dataset
+    from medis3d.members import PRESETS, parse_members
+
+    preset = PRESETS[options.eval_preset]
+    members = parse_members(list(options.eval_members)) if options.eval_members else preset.parsed()
+    steps = options.eval_steps or preset.steps
+    studies = {}
+    for role, path in (("source", source), ("hardened", hardened)):
+        target = load_bundle(path, trust=trust, device=device)
+        note("phase", {"text": f"evaluating the {role} model on {len(cases)} volume(s) at {len(options.eval_eps)} budget(s)"})
+        studies[role] = evaluate_dataset(target, cases, folder / role, members=[m.name for m in members],
+                                         eps_list=list(options.eval_eps), step=preset.step, steps=steps,
+                                         source=source_name if role == "source" else f"{source_name}_robust",
+                                         progress=lambda name: note("eval", {"volume": name}))
+    return comparison_table(studies, [m.name for m in members], steps)
+
+
+def _eps_key(eps: float) -> str:
+    return f"{eps:.6g}"
+
+
+def eps50(curve: Sequence[tuple[float, float]], clean: float) -> float | None:
+    """The smallest budget at which the Dice curve ``[(eps, dice), ...]`` (eps > 0) falls to half the clean Dice,
+    interpolated between the budgets measured (linearly from eps 0, where Dice is the clean Dice, to the first
+    budget; linearly in log eps between two budgets); None where it stays above."""
+    half = clean / 2
+    e0, d0 = 0.0, clean
+    for eps, dice in sorted(curve):
+        if dice <= half:
+            w = (d0 - half) / (d0 - dice) if d0 > dice else 1.0
+            if e0 <= 0:
+                return float(w * eps)
+            return float(math.exp(math.log(e0) + w * (math.log(eps) - math.log(e0))))
+        e0, d0 = eps, dice
+    return None
+
+
+def comparison_table(studies: dict, members: list[str], steps: int) -> dict:
+    """Per model and budget: mean clean Dice, mean Dice under the worst case over the members, success rate."""
+    rows, models = [], {}
+    for role, summary in studies.items():
+        worst = summary["fusion"].get("worst_case", {})
+        curve = []
+        clean = None
+        for key, entry in sorted(worst.items(), key=lambda kv: float(kv[0])):
+            clean = entry["mean_clean_dice"]
+            curve.append((float(key), entry["mean_robust_dice"]))
+            rows.append({"model": role, "eps": float(key), "eps_255": round(float(key) * 255, 3), "clean_dice": clean,
+                         "worst_case_dice": entry["mean_robust_dice"], "attack_success_rate": entry["attack_success_rate"],
+                         "volumes": entry["volumes"]})
+        models[role] = {"clean_dice": clean, "curve": curve, "eps50": eps50(curve, clean) if clean is not None else None}
+    return {"rows": rows, "models": models, "members": members, "steps": steps}
+
+
+def comparison_plot(comparison: dict) -> bytes:
+    """Dice under the worst case against eps, one curve per model (the clean Dice at eps 0). PNG bytes."""
+    from medis3d.report import figure_png, new_figure
+
+    fig = new_figure((6, 4))
+    ax = fig.subplots()
+    for role, style in (("source", "o-"), ("hardened", "s-")):
+        model = comparison["models"].get(role)
+        if not model or model["clean_dice"] is None:
+            continue
+        xs = [0.0] + [e * 255 for e, _ in model["curve"]]
+        ys = [model["clean_dice"]] + [d for _, d in model["curve"]]
+        ax.plot(xs, ys, style, label=role)
+    ax.set_xlabel("eps (x 1/255 of the model's intensity range)")
+    ax.set_ylabel("mean Dice, worst case over the members")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Robustness before and after hardening")
+    return figure_png(fig)
+
+
+def _table_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _bump(version: str) -> str:
+    parts = version.split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return "0.1.0"
+    return f"{major}.{minor + 1}.0"
+
+
+def _per255(eps: float) -> str:
+    """A budget in 1/255 steps as a short number: 4, 8, 12.5."""
+    return f"{round(eps * 255, 2):g}"
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _write_docs(source: Path, staged: Path, source_name: str, options: HardenOptions, recipe: dict, comparison: dict | None,
+                log: list[dict]) -> None:
+    docs = staged / "docs"
+    docs.mkdir(exist_ok=True)
+    write_text_atomic(docs / "hardening_log.json", json.dumps({"recipe": recipe, "settings": _settings(options), "steps": log},
+                                                            indent=1) + "\n")
+    if comparison is not None:
+        write_text_atomic(docs / "robustness.json", json.dumps(comparison, indent=2) + "\n")
+        write_text_atomic(docs / "robustness.csv", _table_csv(comparison["rows"]))
+        plot = comparison_plot(comparison)
+        with atomic_path(docs / "robustness.png") as tmp:
+            tmp.write_bytes(plot)
+        write_text_atomic(docs / "report.html", harden_page(comparison, plot, recipe, _settings(options), source_name))
+    meta_path = staged / "configs" / "metadata.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        previous = str(meta.get("version", "0.0.0"))
+        version = _bump(previous)
+        meta["version"] = version
+        meta["changelog"] = {version: f"adversarially fine-tuned from {source_name} {previous} by medis3d harden "
+                                      f"(PGD-{options.attack_steps}, eps {_per255(options.eps)}/255, {options.steps} steps)",
+                             **(meta.get("changelog") or {})}
+        if meta.get("name"):
+            meta["name"] = f"{meta['name']} (adversarially hardened)"
+        hardening = {"source_bundle": source_name, "source_version": previous, "settings": _settings(options), "recipe": recipe,
+                     "source_eval_metrics": meta.get("eval_metrics") or {}}
+        metrics = {}  # the source's figures are of the source's weights: they move to medis3d_hardening
+        if comparison is not None:
+            hardening["robustness"] = comparison["models"]
+            for role, model in comparison["models"].items():
+                metrics[f"{role}_validation_clean_dice"] = model["clean_dice"]
+                for eps, dice in model["curve"]:
+                    metrics[f"{role}_validation_worst_case_dice_eps_{_per255(eps)}_255"] = dice
+        meta["eval_metrics"] = metrics
+        meta["medis3d_hardening"] = hardening
+        write_text_atomic(meta_path, json.dumps(meta, indent=4) + "\n")
+    write_text_atomic(docs / "README.md", readme(source_name, options, recipe, comparison))
+
+
+def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: dict | None) -> str:
+    """The hardened bundle's docs/README.md: what it is, the recipe, the before/after table."""
+    lines = [f"# {source_name}, adversarially hardened by medis3d", "",
+             f"The network of `{source_name}`, fine-tuned by `medis3d harden` on adversarial examples. Configs are the "
+             "source's (inference unchanged); `models/model.pt` holds the new weights. The source's own documentation is "
+             "kept in `docs/source/`.", "",
+             "## Recipe", "",
+             f"* Training volumes: {', '.join(recipe['training_volumes'])}; validation volumes: "
+             f"{', '.join(recipe['validation_volumes']) or '-'}.",
+             f"* {options.steps} AdamW steps (lr {options.lr:g}, weight decay {options.weight_decay:g}, warm-up then cosine), "
+             f"{options.batch} crop(s) of {'x'.join(map(str, recipe['crop']))} model-space voxels per step, seed {options.seed}.",
+             f"* Adversarial crops: PGD, {options.attack_steps} step(s) of {options.attack_step_size() * 255:.3g}/255 from a "
+             f"uniform random start, L-inf eps {_per255(options.eps)}/255 of the model's intensity range "
+             f"({recipe['model_range'][0]:.3g} to {recipe['model_range'][1]:.3g}), growing linearly over the first "
+             f"{options.warmup:.0%} of the steps; the attack ascends `{options.attack_loss}`.",
+             f"* Loss: (1 - {options.adv_weight:g}) x clean + {options.adv_weight:g} x adversarial, each {recipe['loss']}.",
+             f"* Augmentation: {', '.join(recipe['augmentation']) or 'random crops only'}.",
+             f"* Training time: {recipe['train_minutes']:.1f} min on {recipe['device']}.", ""]
+    if recipe["notices"]:
+        lines += ["Notices:", ""] + [f"* {n}" for n in recipe["notices"]] + [""]
+    if comparison is not None:
+        lines += ["## Robustness before and after (validation volumes)", "",
+                  f"`medis3d evaluate` with the same members ({', '.join(comparison['members'])}; {comparison['steps']} "
+                  "iterations each) on both models; Dice against the labels, the per-volume worst case over the members.", "",
+                  "| model | clean Dice | " + " | ".join(f"Dice at {_per255(e)}/255" for e in options.eval_eps) + " | eps50 |",
+                  "|---|---|" + "---|" * len(options.eval_eps) + "---|"]
+        for role in ("source", "hardened"):
+            model = comparison["models"].get(role)
+            if not model:
+                continue
+            by_eps = {_eps_key(e): d for e, d in model["curve"]}
+            e50 = model["eps50"]
+            lines.append(f"| {role} | {_fmt(model['clean_dice'])} | "
+                         + " | ".join(_fmt(by_eps.get(_eps_key(e))) for e in options.eval_eps)
+                         + f" | {f'{e50 * 255:.1f}/255' if e50 else f'above {_per255(max(options.eval_eps))}/255'} |")
+        lines += ["", "eps50: the smallest budget at which the mean Dice falls to half the clean Dice (interpolated between "
+                      "the budgets measured: linearly from eps 0 to the first, in log eps between two). `robustness.csv`, `robustness.json` and `robustness.png` beside "
+                      "this file hold the figures.", ""]
+    lines += ["## Limits", "",
+              "* Robust to the attacks and budgets above on the validation volumes, not certified: a stronger or different "
+              "attack, or a larger budget, may still break it.",
+              "* Adversarial training trades some clean accuracy for robustness; compare the clean Dice above before use.", ""]
+    return "\n".join(lines)
+
+
+def _publish(state: Path, staged: Path, out: Path) -> None:
+    """Move the staged bundle (and the evaluation studies) into ``out``, then drop the training state."""
+    for item in sorted(staged.iterdir()):
+        destination = out / item.name
+        if destination.exists():
+            raise OutputError(f"{destination}: exists; harden never writes over files")
+        shutil.move(str(item), str(destination))
+    evaluation = state / "evaluation"
+    if evaluation.is_dir():
+        shutil.move(str(evaluation), str(out / "evaluation"))
+    shutil.rmtree(state)
+
+
+__all__ = ["HardenOptions", "HardenResult", "harden", "read_training_dataset", "model_space_case", "label_to_model_space",
+           "adversarial_batch", "eps50", "comparison_table"]

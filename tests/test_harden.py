@@ -1,0 +1,235 @@
+"""medis3d harden: adversarial fine-tuning of a bundle into a new bundle that loads, predicts and scores,
+is more robust than its source, continues from its checkpoint, and refuses bad data before writing anything."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import save_nifti, synthetic_scan
+from medis3d.bundle import load_bundle
+from medis3d.cli import app
+from medis3d.harden import (HardenOptions, adversarial_batch, eps50, harden, label_to_model_space, model_space_case,
+                            read_training_dataset)
+from medis3d.io import read_volume
+from medis3d.metrics import dice_per_class
+
+runner = CliRunner()
+FAST = ["--steps", "4", "--crop", "24", "--batch", "2", "--save-every", "2", "--quiet"]
+EVAL = ["--eval-eps", "8/255,48/255", "--eval-members", "pgd:ce", "--eval-steps", "3"]
+
+
+def _dataset(tmp_path: Path, train: int = 3, validation: int = 1) -> Path:
+    root = tmp_path / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    entries = {"training": [], "validation": []}
+    for i in range(train + validation):
+        hu, seg = synthetic_scan(300 + i)
+        save_nifti(root / f"case{i}.nii.gz", hu)
+        save_nifti(root / f"case{i}_seg.nii.gz", seg)
+        entries["training" if i < train else "validation"].append({"image": f"case{i}.nii.gz", "label": f"case{i}_seg.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps(entries))
+    return root / "dataset.json"
+
+
+def _one_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("medis3d: error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_harden_writes_a_bundle_that_loads_predicts_and_scores(tiny_bundle, tmp_path):
+    dataset = _dataset(tmp_path)
+    out = tmp_path / "robust"
+    result = runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(out), *FAST, *EVAL])
+    assert result.exit_code == 0, result.output
+    # a complete bundle: the source's configs, inference unchanged; new weights; nothing left of the run's state
+    assert (out / "configs" / "inference.json").read_text() == (tiny_bundle / "configs" / "inference.json").read_text()
+    assert not (out / ".harden").exists()
+    new = torch.load(str(out / "models" / "model.pt"), weights_only=True)
+    old = torch.load(str(tiny_bundle / "models" / "model.pt"), weights_only=True)
+    assert new.keys() == old.keys() and any(not torch.equal(new[k], old[k]) for k in new)
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    assert meta["version"] == "0.1.0" and "0.1.0" in meta["changelog"]  # the tiny source has no version: 0.0.0 -> 0.1.0
+    assert meta["medis3d_hardening"]["settings"]["steps"] == 4
+    # it passes bundle check, loads, predicts and scores like any bundle
+    check = runner.invoke(app, ["bundle", "check", str(out), "--json"])
+    assert check.exit_code == 0, check.output[-2000:]
+    assert json.loads(check.output)["gradient"]["ok"]
+    scan = dataset.parent / "case3.nii.gz"
+    label = read_volume(dataset.parent / "case3_seg.nii.gz").array[0] > 0
+    target = load_bundle(out)
+    prediction = target.predict(read_volume(scan))
+    assert prediction.shape == label.shape
+    assert dice_per_class(target.masks(prediction), target.masks(label.astype(np.uint8)))[0] > 0.5
+    # the closing comparison: both studies, the table, the plot, the README's before/after table
+    for role in ("source", "hardened"):
+        summary = json.loads((out / "evaluation" / role / "summary.json").read_text())
+        assert set(summary["fusion"]["worst_case"]) == {f"{8 / 255:.6g}", f"{48 / 255:.6g}"}
+        assert (out / "evaluation" / role / "report.html").is_file()
+    comparison = json.loads((out / "docs" / "robustness.json").read_text())
+    assert {r["model"] for r in comparison["rows"]} == {"source", "hardened"} and len(comparison["rows"]) == 4
+    assert (out / "docs" / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "model,eps" in (out / "docs" / "robustness.csv").read_text().splitlines()[0]
+    readme = (out / "docs" / "README.md").read_text()
+    assert "| source |" in readme and "| hardened |" in readme and "PGD, 2 step(s)" in readme
+    table = [line for line in readme.splitlines() if line.startswith(("| source |", "| hardened |"))]
+    assert len(table) == 2 and all(" - |" not in line for line in table), table  # a figure in every cell
+    assert "Dice at 8/255 | Dice at 48/255" in readme
+    assert set(meta["eval_metrics"]) == {f"{role}_validation_{what}" for role in ("source", "hardened")
+                                         for what in ("clean_dice", "worst_case_dice_eps_8_255", "worst_case_dice_eps_48_255")}
+    # the comparison's page: self-contained (the figure embedded), the verdict in words, links to both studies
+    page = (out / "docs" / "report.html").read_text()
+    assert "hardened model keeps a mean Dice of" in page and "data:image/png;base64," in page
+    assert 'id="comparison"' in page and "<td class=\"text\">source</td>" in page and "<td class=\"text\">hardened</td>" in page
+    links = re.findall(r"""(?:src|href)\s*=\s*["'](?!data:|#)([^"']+)""", page)
+    assert links == ["../evaluation/source/report.html", "../evaluation/hardened/report.html"]
+    assert all((out / "docs" / link).resolve().is_file() for link in links)
+
+
+def test_hardening_makes_the_model_more_robust(tiny_bundle, tmp_path):
+    """Against the attack it was not trained with (APGD on the scan, through the bundle's preprocessing), the
+    hardened model keeps more Dice than its source at the same budget, and its clean Dice holds."""
+    dataset = _dataset(tmp_path, train=4, validation=2)
+    options = HardenOptions(eps=48 / 255, steps=60, crop=(24,), batch=4, lr=3e-3, warmup=0.2, save_every=60,
+                            eval_eps=(32 / 255,), eval_members=("apgd:ce",), eval_steps=10)
+    result = harden(tiny_bundle, dataset, tmp_path / "robust", options)
+    source, hardened = result.comparison["models"]["source"], result.comparison["models"]["hardened"]
+    assert hardened["clean_dice"] > source["clean_dice"] - 0.1
+    assert hardened["curve"][0][1] > source["curve"][0][1] + 0.1, result.comparison["models"]
+
+
+def test_a_rerun_continues_from_the_checkpoint(tiny_bundle, tmp_path):
+    """Stopped after its checkpoint at step 2, a rerun continues there and ends with the weights of a run that
+    was never stopped."""
+    dataset = _dataset(tmp_path)
+    options = HardenOptions(steps=4, crop=(24,), batch=2, save_every=2, evaluate=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_third(kind, info):
+        if kind == "step" and info["step"] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        harden(tiny_bundle, dataset, tmp_path / "stopped", options, progress=stop_at_third)
+    assert (tmp_path / "stopped" / ".harden" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "stopped" / "models").exists()  # no bundle before the run has finished
+    events = []
+    harden(tiny_bundle, dataset, tmp_path / "stopped", options, progress=lambda kind, info: events.append((kind, info)))
+    assert [info["step"] for kind, info in events if kind == "step"] == [3, 4]
+    assert any(kind == "phase" and "continuing from step 2" in info["text"] for kind, info in events)
+    harden(tiny_bundle, dataset, tmp_path / "straight", options)
+    resumed = torch.load(str(tmp_path / "stopped" / "models" / "model.pt"), weights_only=True)
+    straight = torch.load(str(tmp_path / "straight" / "models" / "model.pt"), weights_only=True)
+    for key in straight:
+        assert torch.allclose(resumed[key], straight[key], atol=1e-5), key
+    log = json.loads((tmp_path / "stopped" / "docs" / "hardening_log.json").read_text())
+    assert [s["step"] for s in log["steps"]] == [1, 2, 3, 4]
+
+
+def test_a_rerun_with_other_settings_is_refused(tiny_bundle, tmp_path):
+    dataset = _dataset(tmp_path)
+    out = tmp_path / "run"
+
+    def stop(kind, info):
+        if kind == "step" and info["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        harden(tiny_bundle, dataset, out, HardenOptions(steps=4, crop=(24,), save_every=2, evaluate=False), progress=stop)
+    result = runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(out), *FAST, "--eps", "4/255", "--no-eval"])
+    line = _one_line(result)
+    assert "other settings (eps)" in line and str(out) in line
+
+
+def test_bad_data_is_one_line_and_nothing_is_written(tiny_bundle, tmp_path):
+    dataset = _dataset(tmp_path)
+    data = json.loads(dataset.read_text())
+    # a training entry without a label
+    unlabelled = dataset.parent / "unlabelled.json"
+    unlabelled.write_text(json.dumps({"training": [{"image": "case0.nii.gz"}] + data["training"], "validation": data["validation"]}))
+    out = tmp_path / "out1"
+    line = _one_line(runner.invoke(app, ["harden", str(tiny_bundle), str(unlabelled), "--out", str(out), *FAST]))
+    assert str(unlabelled) in line and "no label" in line and not out.exists()
+    # a label of another shape than its image
+    hu, seg = synthetic_scan(400, shape=(30, 30, 30))
+    save_nifti(dataset.parent / "small_seg.nii.gz", seg)
+    mismatched = dataset.parent / "mismatched.json"
+    mismatched.write_text(json.dumps({"training": data["training"] + [{"image": "case0.nii.gz", "label": "small_seg.nii.gz"}],
+                                      "validation": data["validation"]}))
+    out = tmp_path / "out2"
+    line = _one_line(runner.invoke(app, ["harden", str(tiny_bundle), str(mismatched), "--out", str(out), *FAST]))
+    assert "small_seg.nii.gz" in line and "shape" in line and not out.exists()
+    # a folder without --labels, and one volume only
+    out = tmp_path / "out3"
+    line = _one_line(runner.invoke(app, ["harden", str(tiny_bundle), str(dataset.parent), "--out", str(out), *FAST]))
+    assert "--labels" in line and not out.exists()
+    lonely = dataset.parent / "lonely.json"
+    lonely.write_text(json.dumps({"training": data["training"][:1]}))
+    line = _one_line(runner.invoke(app, ["harden", str(tiny_bundle), str(lonely), "--out", str(tmp_path / "out4"), *FAST]))
+    assert "at least two labelled volumes" in line and not (tmp_path / "out4").exists()
+    # a folder of the user's is never written into
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    line = _one_line(runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(mine), *FAST]))
+    assert "not empty" in line and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # options
+    line = _one_line(runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(tmp_path / "o5"), *FAST,
+                                         "--adv-weight", "2"]))
+    assert "--adv-weight" in line and not (tmp_path / "o5").exists()
+    line = _one_line(runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(tmp_path / "o6"), *FAST,
+                                         "--attack-loss", "nope"]))
+    assert "--attack-loss" in line
+
+
+def test_labels_land_on_the_model_grid(tiny_target, tmp_path):
+    """The label resampled into model space agrees with the network's own model-space prediction, whose scan-grid
+    form it was made from (the geometry of the preprocessing is followed, orientation and spacing included)."""
+    hu, _ = synthetic_scan(7)
+    volume = read_volume(save_nifti(tmp_path / "scan.nii.gz", hu))
+    prediction = tiny_target.predict(volume)
+    with torch.no_grad():
+        model_input = tiny_target.model_input(torch.from_numpy(volume.array), volume)
+        logits = tiny_target.engine.forward(model_input.as_tensor()[None])
+    own = logits.argmax(1)[0]
+    label = label_to_model_space(tiny_target, prediction, volume.affine, model_input)[0]
+    assert label.shape == own.shape
+    agree = 2 * ((label == 1) & (own == 1)).sum() / ((label == 1).sum() + (own == 1).sum())
+    assert agree > 0.9, float(agree)
+
+
+def test_training_attack_stays_in_its_ball_and_raises_the_loss(tiny_target, tmp_path):
+    from medis3d.losses import get_loss
+
+    hu, seg = synthetic_scan(9)
+    dataset = tmp_path / "d.json"
+    save_nifti(tmp_path / "s.nii.gz", hu)
+    save_nifti(tmp_path / "l.nii.gz", seg)
+    dataset.write_text(json.dumps({"training": [{"image": "s.nii.gz", "label": "l.nii.gz"}] * 2}))
+    train, validation = read_training_dataset(dataset)
+    case = model_space_case(tiny_target, train[0])
+    x, y = case.image[None, :, :24, :24, :24], case.label[None, :, :24, :24, :24].long()
+    loss = get_loss("ce", "softmax")
+    eps = 16 / 255
+    adv = adversarial_batch(tiny_target.network, x, y, loss, eps, 2.5 * eps / 3, 3, case.low, case.high, torch.Generator().manual_seed(0))
+    assert float((adv - x).abs().max()) <= eps + 1e-6
+    assert float(adv.min()) >= case.low and float(adv.max()) <= case.high
+    with torch.no_grad():
+        assert float(loss(tiny_target.network(adv), y)) > float(loss(tiny_target.network(x), y))
+
+
+def test_eps50_interpolates_where_dice_halves():
+    assert eps50([(1.0, 0.8), (2.0, 0.6), (4.0, 0.2)], clean=0.9) == pytest.approx(2 * 2 ** ((0.6 - 0.45) / 0.4))
+    assert eps50([(1.0, 0.8), (2.0, 0.7)], clean=0.9) is None
+    assert eps50([(1.0, 0.1)], clean=0.9) == pytest.approx(0.45 / 0.8)  # from eps 0, where Dice is the clean Dice
