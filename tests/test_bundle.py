@@ -228,7 +228,7 @@ def test_shipped_bundle_by_name_and_local_folders_first(tmp_path, monkeypatch):
     assert resolve_bundle_path("brain_t1_unetr") == shipped["brain_t1_unetr"]
     local = _bundle(tmp_path, {"network_def": NET}).rename(tmp_path / "brain_t1_unetr")  # a folder of that name wins
     assert resolve_bundle_path("brain_t1_unetr") == Path("brain_t1_unetr") and load_bundle("brain_t1_unetr", random_weights=True).name == "UNet"
-    with pytest.raises(BundleError, match="brain_t1_segresnet, brain_t1_unetr"):
+    with pytest.raises(BundleError, match="brain_t1_segresnet, brain_t1_segresnet_robust, brain_t1_unetr"):
         resolve_bundle_path("no_such_bundle")
     with pytest.raises(BundleError, match="no such bundle"):  # a path, not a bare name: never a shipped bundle
         resolve_bundle_path(local.parent / "sub" / "brain_t1_segresnet")
