@@ -50,6 +50,14 @@ def shipped_bundles() -> dict[str, Path]:
     return found
 
 
+def bundle_name(bundle: str | Path | None) -> str:
+    """How a bundle is named in a study: its folder's (or .zip's) name, the default bundle's name when none."""
+    if bundle is None:
+        return DEFAULT_BUNDLE.name
+    name = Path(bundle).name
+    return name[:-4] if name.endswith(".zip") else name
+
+
 def default_bundle_path() -> Path:
     """The shipped default bundle (SegResNet brain extraction on T1 MRI): from the source
     checkout, else where a wheel installs it (``sys.prefix/share/medis3d/bundles``)."""

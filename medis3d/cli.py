@@ -423,13 +423,10 @@ def _run_batch(items, out: Path, tgt, options, shard, quiet: bool) -> int:
 
 
 def _bundle_name(bundle: Optional[Path]) -> str:
-    """How a bundle is named in a study: its folder's (or .zip's) name, the default bundle's name when none."""
-    if bundle is None:
-        from medis3d.bundle import DEFAULT_BUNDLE
+    """How a bundle is named in a study (:func:`medis3d.bundle.bundle_name`)."""
+    from medis3d.bundle import bundle_name
 
-        return DEFAULT_BUNDLE.name
-    name = Path(bundle).name
-    return name[:-4] if name.endswith(".zip") else name
+    return bundle_name(bundle)
 
 
 def _load_victims(spec: Optional[str], source, source_name: str, trust: bool, device: str) -> list:

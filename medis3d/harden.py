@@ -18,6 +18,7 @@ and only moved into ``<out>`` when everything, the closing evaluation included, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -287,20 +288,12 @@ def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_
     adv = budget.project(x + noise, x).detach()
     for _ in range(steps):
         adv.requires_grad_(True)
-        with autocast() if autocast is not None else _nothing():
+        with autocast() if autocast is not None else contextlib.nullcontext():
             logits = network(adv)
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
         grad, = torch.autograd.grad(loss_fn(logits.float(), y), adv)
         adv = budget.project(adv.detach() + step * budget.direction(grad), x).detach()
     return adv
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -395,7 +388,7 @@ def harden(source: str | Path | None, dataset: Path, out: Path, options: HardenO
     """Fine-tune ``source`` (a bundle folder, .zip or shipped name) on ``dataset`` and write the hardened bundle
     to ``out``; at the end, with ``options.evaluate``, compare both on the validation cases with the same
     attacks and budgets. ``progress(kind, info)`` hears of each phase and optimiser step."""
-    from medis3d.bundle import SafeConfig, _unpack_zip, load_bundle, read_config, resolve_bundle_path
+    from medis3d.bundle import SafeConfig, _unpack_zip, bundle_name, load_bundle, read_config, resolve_bundle_path
 
     options.check()
     out = Path(out)
@@ -423,14 +416,7 @@ def harden(source: str | Path | None, dataset: Path, out: Path, options: HardenO
         train_cfg = SafeConfig(read_config(train_path), train_path, trust=trust) if train_path else None
         with output_lock(out), writing(out):
             return _run(target, bundle, train_cases, validation, out, state, options, train_cfg, trust, device,
-                        name or _bundle_label(source, bundle), note, _digest(train + validation, bundle))
-
-
-def _bundle_label(source, bundle: Path) -> str:
-    if source is None:
-        return bundle.name
-    text = Path(str(source)).name
-    return text[:-4] if text.endswith(".zip") else text
+                        name or bundle_name(source), note, _digest(train + validation, bundle))
 
 
 def _emit(progress):
@@ -510,7 +496,7 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
                                 options.attack_steps, low, high, generator, autocast)
         network.train()
         optimizer.zero_grad(set_to_none=True)
-        with autocast() if autocast is not None else _nothing():
+        with autocast() if autocast is not None else contextlib.nullcontext():
             logits = network(torch.cat([x, adv]))
         logits = (logits[0] if isinstance(logits, (tuple, list)) else logits).float()
         n = x.shape[0]
