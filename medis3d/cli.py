@@ -498,6 +498,7 @@ def evaluate(
     eps_units: str = EPS_UNITS,
     success: Optional[float] = SUCCESS,
     diagnose: bool = typer.Option(False, "--diagnose", help="Also run the gradient-masking checks (medis3d diagnose) on each volume at the largest budget, into diagnose/."),
+    stop_at_success: bool = typer.Option(False, "--stop-at-success", help="Stop each member at its first success (mean IoU <= the threshold). Faster, and the success rate is the same, but Dice at a budget where a member succeeds is then where it stopped, not the lowest it reaches: without it every member runs all its iterations and keeps its strongest iterate."),
     device: Optional[str] = DEVICE,
     seed: int = SEED,
     together: Optional[int] = TOGETHER,
@@ -520,7 +521,7 @@ def evaluate(
         victims = _load_victims(victim, tgt, source, trust_bundle, device or _default_device())
         kwargs = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
                       eps_units=eps_units, success=success, seed=seed, diagnose=diagnose, together=together,
-                      victims=victims, source=source,
+                      victims=victims, source=source, stop_at_success=stop_at_success,
                       settings=_study_settings(params, member_list, eps_list, step_value, steps_value))
         if quiet:
             evaluate_dataset(tgt, cases, out, **kwargs)

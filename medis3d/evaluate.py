@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medis3d.errors import InputError
-from medis3d.html_report import dice_curves, eps_label, evaluation_page, reference_words
+from medis3d.html_report import dice_curves, eps_label, evaluation_page, reference_words, stopping_words
 from medis3d.io import read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
@@ -33,6 +33,7 @@ COLUMNS = [
     "volume", "member", "attack", "loss", "eps", "clean_dice", "adversarial_dice", "clean_dice_per_class", "adversarial_dice_per_class",
     "adversarial_hd95", "clean_mean_iou", "adversarial_mean_iou", "success", "linf_native", "l2_native",
     "linf_normalized", "l2_normalized", "steps", "time_s", "flipped_fraction", "counts", "transfer",
+    "stop_at_success",
 ]
 
 
@@ -67,6 +68,22 @@ class Case:
     label: Path | None
 
 
+def datalist_cases(entries: Sequence, dataset: Path, key: str, need_label: str | None = None) -> list[Case]:
+    """Cases from a datalist's ``key`` entries (an image path, a list of channel paths, or ``{"image", "label"}``),
+    paths relative to the datalist; with ``need_label`` (why), an entry without a label is an input error."""
+    cases = []
+    for entry in entries:
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        label = entry.get("label") if isinstance(entry, dict) else None
+        if not image:
+            raise InputError(f"{dataset}: a {key} entry has no image: {entry!r}")
+        if need_label and not label:
+            raise InputError(f"{dataset}: {key} entry {image} has no label; {need_label}")
+        images = [str((dataset.parent / i).resolve()) for i in image] if isinstance(image, list) else [str((dataset.parent / image).resolve())]
+        cases.append(Case(scan_name(images[0]), Path(",".join(images)), (dataset.parent / label).resolve() if label else None))
+    return cases
+
+
 def read_dataset(dataset: Path, labels: Path | None = None) -> list[Case]:
     """A Decathlon-style datalist (``test``, ``testing`` or ``validation``) or a folder of images."""
     dataset = Path(dataset)
@@ -82,13 +99,7 @@ def read_dataset(dataset: Path, labels: Path | None = None) -> list[Case]:
                 break
         if entries is None:
             raise InputError(f"{dataset}: no 'test', 'testing' or 'validation' entries")
-        cases = []
-        for entry in entries:
-            image = entry["image"] if isinstance(entry, dict) else entry
-            label = entry.get("label") if isinstance(entry, dict) else None
-            image_path = (dataset.parent / image).resolve()
-            label_path = (dataset.parent / label).resolve() if label else None
-            cases.append(Case(scan_name(image), image_path, label_path))
+        cases = datalist_cases(entries, dataset, key)
         return make_names_unique(cases)
     if dataset.is_dir():
         images = sorted(p for p in dataset.iterdir() if p.is_file() and is_nifti(p))
@@ -153,6 +164,7 @@ def evaluate_dataset(
     victims: Sequence[Victim] = (),
     source: str | None = None,
     settings: dict | None = None,
+    stop_at_success: bool = False,
 ) -> dict:
     """Run every member on every case at every budget (cached), then write the tables, the plot and the
     reports; with ``diagnose``, the gradient-masking checks on each case at the largest budget
@@ -160,26 +172,35 @@ def evaluate_dataset(
     (``transfer`` in each row, a transfer matrix in the summary). ``source`` names ``target`` there, and
     ``settings`` (the study's options and command line) go into the summary and the HTML report as they are.
 
+    Each member runs all its iterations and its row is its strongest iterate (the lowest Dice it reaches in the
+    budget), unless ``stop_at_success``: then it stops at its first success (faster, and enough for the success
+    rate and the least-perturbation fusion, but Dice at a budget where it succeeds is where it stopped).
+
     ``out`` is checked before any work, held against a second run, and a failed write is one line."""
     check_output_folder(out)
     with output_lock(out), writing(out):
         return _evaluate_dataset(target, cases, out, attacks=attacks, losses=losses, members=members, eps_list=eps_list,
                                  step=step, steps=steps, eps_units=eps_units, success=success, seed=seed, diagnose=diagnose,
-                                 progress=progress, together=together, victims=victims, source=source, settings=settings)
+                                 progress=progress, together=together, victims=victims, source=source, settings=settings,
+                                 stop_at_success=stop_at_success)
 
 
-def _cached_row(path: Path, victims: Sequence[Victim]) -> dict | None:
-    """The member's cached row, or None where it is not cached or lacks a victim's transfer score."""
+def _cached_row(path: Path, victims: Sequence[Victim], stop_at_success: bool) -> dict | None:
+    """The member's cached row, or None where it is not cached, lacks a victim's transfer score, or succeeded
+    under the other stopping rule (a member that never succeeded ran the same iterations under both; rows from
+    before the rule was recorded stopped at success)."""
     if not path.is_file():
         return None
     row = json.loads(path.read_text())
     transfer = json.loads(row.get("transfer") or "{}")
+    if row.get("success") and bool(row.get("stop_at_success", True)) != stop_at_success:
+        return None
     return row if all(v.name in transfer for v in victims) else None
 
 
 def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attacks, losses, members, eps_list, step, steps,
                       eps_units, success, seed, diagnose, progress, together=None, victims: Sequence[Victim] = (),
-                      source: str | None = None, settings: dict | None = None) -> dict:
+                      source: str | None = None, settings: dict | None = None, stop_at_success: bool = False) -> dict:
     from medis3d.memory import auto_together
 
     out.mkdir(parents=True, exist_ok=True)
@@ -194,8 +215,9 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
         victim_cases: list[_VictimCase] | None = None
         for eps in eps_list:
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
-                          steps=steps, eps_units=eps_units, success_threshold=success, seed=seed)
-            cached = {m.name: _cached_row(_cache_file(cache, case, m, eps), victims) for m in medis.members()}
+                          steps=steps, eps_units=eps_units, success_threshold=success, seed=seed,
+                          stop_at_success=stop_at_success)
+            cached = {m.name: _cached_row(_cache_file(cache, case, m, eps), victims, stop_at_success) for m in medis.members()}
             missing = [m for m in medis.members() if cached[m.name] is None]
             ran: dict[str, tuple] = {}
             if missing:  # the members not cached yet (batched through the network with --together)
@@ -211,6 +233,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                     row = member_row(target, case, member, eps, result, setting.goal.reference, setting.clean_prediction,
                                      volume, setting.scale)
                     adversarial = volume.with_array(result.adversarial)
+                    row["stop_at_success"] = bool(stop_at_success)
                     row["transfer"] = json.dumps(clean_json({vc.victim.name: vc.score(adversarial) for vc in victim_cases or []}))
                     text = json.dumps(clean_json(row))
                     write_text_atomic(_cache_file(cache, case, member, eps), text)
@@ -232,6 +255,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     _write_csv(out / "results.csv", all_rows)
     summary = summarise(all_rows)
     summary["eps_units"] = eps_units
+    summary["stop_at_success"] = bool(stop_at_success)
     summary["volumes"] = per_volume(all_rows, cache, {case.name: "label" if case.label else "clean prediction" for case in cases})
     if victims:
         summary["transfer"] = transfer_matrix(all_rows, source or "source", [v.name for v in victims])
@@ -463,7 +487,7 @@ def plot_robustness(path: Path, summary: dict, units: str = "normalized") -> Non
 
 
 def markdown_report(summary: dict, volumes: int, units: str = "normalized") -> str:
-    lines = [f"# medis3d robustness evaluation\n\n{volumes} volume(s); {reference_words(summary)}.\n", "| attack | eps | mean clean Dice | mean robust Dice | success rate | mean L-inf of the successful |", "|---|---|---|---|---|---|"]
+    lines = [f"# medis3d robustness evaluation\n\n{volumes} volume(s); {reference_words(summary)}; {stopping_words(summary)}.\n", "| attack | eps | mean clean Dice | mean robust Dice | success rate | mean L-inf of the successful |", "|---|---|---|---|---|---|"]
     for group in ("fusion", "per_member"):
         for key, by_eps in summary[group].items():
             for eps in sorted(by_eps, key=float):

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 from medis3d.errors import BundleError, InputError, OutputError, first_line
-from medis3d.html_report import harden_page
-from medis3d.evaluate import Case, read_dataset
+from medis3d.html_report import harden_page, number
+from medis3d.evaluate import Case, datalist_cases, read_dataset
 from medis3d.io import read_volume
 from medis3d.io.atomic import atomic_path, write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
-from medis3d.io.volume import make_names_unique, scan_name
+from medis3d.io.volume import make_names_unique
 from medis3d.target import Target
 
 STATE_DIR = ".harden"
@@ -112,15 +112,7 @@ class HardenOptions:
 
 
 def _entries(data: dict, key: str, dataset: Path) -> list[Case]:
-    cases = []
-    for entry in data.get(key) or []:
-        image = entry["image"] if isinstance(entry, dict) else entry
-        label = entry.get("label") if isinstance(entry, dict) else None
-        if not label:
-            raise InputError(f"{dataset}: {key} entry {image} has no label; hardening trains on labelled volumes")
-        images = [str((dataset.parent / i).resolve()) for i in image] if isinstance(image, list) else [str((dataset.parent / image).resolve())]
-        cases.append(Case(scan_name(images[0]), Path(",".join(images)), (dataset.parent / label).resolve()))
-    return cases
+    return datalist_cases(data.get(key) or [], dataset, key, need_label="hardening trains on labelled volumes")
 
 
 def _split(cases: list[Case], share: float, where: Path) -> tuple[list[Case], list[Case]]:
@@ -539,6 +531,9 @@ def _stage_bundle(source: Path, staged: Path, network: torch.nn.Module) -> None:
         shutil.rmtree(staged)
     ignore = shutil.ignore_patterns("models", "eval", "__pycache__", ".harden")
     shutil.copytree(source, staged, ignore=ignore, symlinks=False)
+    dropped = sorted((staged / "scripts").glob("train*.py")) if (staged / "scripts").is_dir() else []
+    for script in dropped:  # it would train the source from scratch into this folder, overwriting the hardened weights
+        script.unlink()
     docs = staged / "docs"
     if docs.is_dir():
         kept = [p for p in docs.iterdir()]
@@ -657,10 +652,6 @@ def _per255(eps: float) -> str:
     return f"{round(eps * 255, 2):g}"
 
 
-def _fmt(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _write_docs(source: Path, staged: Path, source_name: str, options: HardenOptions, recipe: dict, comparison: dict | None,
                 log: list[dict]) -> None:
     docs = staged / "docs"
@@ -732,8 +723,8 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
                 continue
             by_eps = {_eps_key(e): d for e, d in model["curve"]}
             e50 = model["eps50"]
-            lines.append(f"| {role} | {_fmt(model['clean_dice'])} | "
-                         + " | ".join(_fmt(by_eps.get(_eps_key(e))) for e in options.eval_eps)
+            lines.append(f"| {role} | {number(model['clean_dice'])} | "
+                         + " | ".join(number(by_eps.get(_eps_key(e))) for e in options.eval_eps)
                          + f" | {f'{e50 * 255:.1f}/255' if e50 else f'above {_per255(max(options.eval_eps))}/255'} |")
         lines += ["", "eps50: the smallest budget at which the mean Dice falls to half the clean Dice (interpolated between "
                       "the budgets measured: linearly from eps 0 to the first, in log eps between two). `robustness.csv`, `robustness.json` and `robustness.png` beside "

@@ -68,7 +68,7 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _num(value: Any, digits: int = 3) -> str:
+def number(value: Any, digits: int = 3) -> str:
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -167,6 +167,14 @@ def reference_words(summary: dict) -> str:
     return "reference = the label where given, else the model's clean prediction"
 
 
+def stopping_words(summary: dict) -> str:
+    """How the members ran, in words: every iteration (the lowest Dice each reached), or until their first success."""
+    if summary.get("stop_at_success"):
+        return ("members stopped at their first success (--stop-at-success): Dice where a member succeeded is where it "
+                "stopped, not the lowest it reaches")
+    return "every member ran all its iterations: its Dice is the lowest it reached in the budget"
+
+
 def study_verdict(summary: dict, units: str = "normalized") -> tuple[str, str]:
     """The study in one sentence (and its tone: "bad" where every volume broke, else plain): what the full fusion did at the largest
     budget, on how many volumes, and the Dice it left."""
@@ -180,8 +188,9 @@ def study_verdict(summary: dict, units: str = "normalized") -> tuple[str, str]:
     reference = reference_words(summary)
     worst = summary.get("fusion", {}).get("worst_case", {}).get(largest, {})
     text = (f"At {eps_label(largest, units)} the attack succeeded on {broken} of {n} volume(s): mean Dice "
-            f"{_num(e['mean_clean_dice'])} clean, {_num(e['mean_robust_dice'])} under MedIS fusion"
-            + (f", {_num(worst['mean_robust_dice'])} in the per-volume worst case" if worst else "") + f"; {reference}.")
+            f"{number(e['mean_clean_dice'])} clean, {number(e['mean_robust_dice'])} under MedIS fusion"
+            + (f", {number(worst['mean_robust_dice'])} in the per-volume worst case" if worst else "") + f"; {reference}; "
+            f"{stopping_words(summary)}.")
     if broken < n:
         text += (" Not successful on every volume at this budget: try larger --eps, more --steps, --restarts 3 or "
                  "--preset reliable before reading this as robustness.")
@@ -217,7 +226,7 @@ def evaluation_page(summary: dict, out: Path) -> str:
     if summary.get("transfer"):
         parts.append(_transfer_table(summary["transfer"], units))
     if summary.get("greedy_dataset_dice"):
-        rows = [[_cell(eps_label(e, units), float(e)), _cell(_num(v), v)] for e, v in sorted(summary["greedy_dataset_dice"].items(), key=lambda kv: float(kv[0]))]
+        rows = [[_cell(eps_label(e, units), float(e)), _cell(number(v), v)] for e, v in sorted(summary["greedy_dataset_dice"].items(), key=lambda kv: float(kv[0]))]
         parts.append("<h2>Dataset-level worst case</h2><p class=\"muted\">SEA's greedy choice of one member per volume that "
                      "minimises the Dice pooled over all volumes.</p>" + _table(["eps", "pooled Dice"], rows))
     parts.append(_settings_block(settings))
@@ -231,9 +240,9 @@ def _fusion_table(summary: dict, units: str) -> str:
             for eps in sorted(by_eps, key=float):
                 e = by_eps[eps]
                 dist = e.get("mean_distortion_linf_normalized")
-                rows.append([_cell(key), _cell(eps_label(eps, units), float(eps)), _cell(_num(e["mean_clean_dice"]), e["mean_clean_dice"]),
-                             _cell(_num(e["mean_robust_dice"]), e["mean_robust_dice"]),
-                             _cell(_num(e["attack_success_rate"], 2), e["attack_success_rate"]),
+                rows.append([_cell(key), _cell(eps_label(eps, units), float(eps)), _cell(number(e["mean_clean_dice"]), e["mean_clean_dice"]),
+                             _cell(number(e["mean_robust_dice"]), e["mean_robust_dice"]),
+                             _cell(number(e["attack_success_rate"], 2), e["attack_success_rate"]),
                              _cell("-" if dist is None else eps_label(dist), dist), _cell(e.get("volumes", ""))])
     return ("<h2>Members and fusions</h2>" + _table(["attack", "eps", "mean clean Dice", "mean Dice under attack", "success rate",
                                                      "mean L-inf of the successful", "volumes"], rows, sortable=True, table_id="members"))
@@ -248,9 +257,9 @@ def _volume_table(volumes: Sequence[dict], out: Path, units: str) -> str:
         largest = budgets[-1] if budgets else None
         worst = v.get("worst_case", {}).get(largest) if largest else None
         smallest = v.get("smallest_successful_eps")
-        cells = [_cell(v["volume"]), _cell(_num(v["clean_dice"]), v["clean_dice"])]
-        cells += [_cell(_num(v["medis_full"].get(e)), v["medis_full"].get(e)) for e in budgets]
-        cells += [_cell(_num(worst), worst), _cell("none" if smallest is None else eps_label(smallest, units),
+        cells = [_cell(v["volume"]), _cell(number(v["clean_dice"]), v["clean_dice"])]
+        cells += [_cell(number(v["medis_full"].get(e)), v["medis_full"].get(e)) for e in budgets]
+        cells += [_cell(number(worst), worst), _cell("none" if smallest is None else eps_label(smallest, units),
                                                    "" if smallest is None else smallest),
                   _cell(v.get("winner") or "-"), _cell(f"{v.get('time_s', 0):.0f}", v.get("time_s", 0))]
         rows.append(cells)
@@ -271,10 +280,10 @@ def _volume_table(volumes: Sequence[dict], out: Path, units: str) -> str:
 
 def _transfer_table(transfer: dict, units: str) -> str:
     models = transfer["models"]
-    rows = [[_cell("clean"), _cell("0", 0)] + [_cell(_num(transfer["clean"].get(m)), transfer["clean"].get(m)) for m in models]]
+    rows = [[_cell("clean"), _cell("0", 0)] + [_cell(number(transfer["clean"].get(m)), transfer["clean"].get(m)) for m in models]]
     for eps in sorted(transfer["by_eps"], key=float):
         for fusion, entry in transfer["by_eps"][eps].items():
-            rows.append([_cell(fusion), _cell(eps_label(eps, units), float(eps))] + [_cell(_num(entry.get(m)), entry.get(m)) for m in models])
+            rows.append([_cell(fusion), _cell(eps_label(eps, units), float(eps))] + [_cell(number(entry.get(m)), entry.get(m)) for m in models])
     return (f"<h2>Transfer: adversarials made on {_e(transfer['source'])}</h2><p class=\"muted\">Mean Dice of each model on the "
             "adversarials the attack made on the source (first column): the black-box threat, where the attacker does not "
             "have the victim's weights.</p>" + _table(["adversarial", "eps"] + list(models), rows, sortable=True, table_id="transfer"))
@@ -312,9 +321,9 @@ def attack_page(report: dict, overview_png: bytes | None, histogram_png: bytes |
     parts = [f"<h1>medis3d attack: {_e(name)}</h1>",
              f"<p class=\"verdict {'bad' if report['success'] else ''}\" id=\"verdict\">{_e(verdict(report))}</p>"]
     clean, adv = report["clean"], report["adversarial"]
-    rows = [[_cell(k), _cell(_num(clean["dice"][k]), clean["dice"][k]), _cell(_num(adv["dice"].get(k)), adv["dice"].get(k))]
+    rows = [[_cell(k), _cell(number(clean["dice"][k]), clean["dice"][k]), _cell(number(adv["dice"].get(k)), adv["dice"].get(k))]
             for k in clean["dice"]]
-    rows.append([_cell("mean IoU"), _cell(_num(clean["mean_iou"]), clean["mean_iou"]), _cell(_num(adv["mean_iou"]), adv["mean_iou"])])
+    rows.append([_cell("mean IoU"), _cell(number(clean["mean_iou"]), clean["mean_iou"]), _cell(number(adv["mean_iou"]), adv["mean_iou"])])
     reference = "the label file" if report["attack"]["reference"] == "label file" else "the model's clean prediction (clean Dice is 1.000 by definition)"
     parts.append(f"<h2>Segmentation, clean and attacked</h2><p class=\"muted\">reference = {_e(reference)}</p>"
                  + _table(["class", "clean Dice", "Dice under attack"], rows))
@@ -324,7 +333,7 @@ def attack_page(report: dict, overview_png: bytes | None, histogram_png: bytes |
     members = report.get("members", [])
     member_rows = [[_cell(m["member"]), _cell("yes" if m["success"] else "no"), _cell(m["steps"]),
                     _cell(eps_label(m["linf_normalized"]), m["linf_normalized"]),
-                    _cell(_num(m["mean_iou"] if m["mean_iou"] is not None else m["target_mean_iou"])),
+                    _cell(number(m["mean_iou"] if m["mean_iou"] is not None else m["target_mean_iou"])),
                     _cell(f"{m['time_s']:.1f}", m["time_s"])] for m in members]
     parts.append("<h2>Members</h2>" + _table(["member", "success", "steps", "L-inf", "score", "time (s)"], member_rows, sortable=True))
     if any(m.get("trace") for m in members):
@@ -346,9 +355,9 @@ def harden_verdict(comparison: dict) -> tuple[str, str]:
         return "No comparison was made.", ""
     eps, dice_hardened = max(hardened["curve"])
     dice_source = dict(source["curve"]).get(eps)
-    text = (f"At {eps_label(eps)} the hardened model keeps a mean Dice of {_num(dice_hardened)} under the worst case over "
-            f"{len(comparison.get('members', []))} attack member(s), against {_num(dice_source)} for the source; clean Dice "
-            f"{_num(hardened['clean_dice'])} against {_num(source['clean_dice'])}.")
+    text = (f"At {eps_label(eps)} the hardened model keeps a mean Dice of {number(dice_hardened)} under the worst case over "
+            f"{len(comparison.get('members', []))} attack member(s), against {number(dice_source)} for the source; clean Dice "
+            f"{number(hardened['clean_dice'])} against {number(source['clean_dice'])}.")
     helped = dice_source is not None and dice_hardened > dice_source
     if not helped:
         text += " Hardening did not make it more robust at this budget."
@@ -369,8 +378,8 @@ def harden_page(comparison: dict, plot_png: bytes, recipe: dict, settings: dict,
             continue
         by_eps = dict(m.get("curve", []))
         e50 = m.get("eps50")
-        rows.append([_cell(role), _cell(_num(m.get("clean_dice")), m.get("clean_dice"))]
-                    + [_cell(_num(by_eps.get(e)), by_eps.get(e)) for e in budgets]
+        rows.append([_cell(role), _cell(number(m.get("clean_dice")), m.get("clean_dice"))]
+                    + [_cell(number(by_eps.get(e)), by_eps.get(e)) for e in budgets]
                     + [_cell(eps_label(e50) if e50 else f"> {eps_label(max(budgets))}" if budgets else "-", e50 or "")])
     table = _table(["model", "clean Dice"] + [f"Dice at {eps_label(e)}" for e in budgets] + ["eps50"], rows, table_id="comparison")
     recipe_items = "".join(f"<li><b>{_e(k.replace('_', ' '))}</b>: {_e(v if not isinstance(v, list) else ', '.join(map(str, v)) or '-')}</li>"

@@ -127,6 +127,9 @@ class MedIS:
     select: str = "least"  # "least" perturbation among the successful (the paper's), or "strongest"
     bisection_steps: int = 4
     together: int = 1  # members that share each pass through the network (1: one after another)
+    # None: members stop at their first success where the selection needs no more ("least"); False: every member runs
+    # all its iterations and keeps its strongest iterate (the lowest Dice it reaches: robustness curves)
+    stop_at_success: bool | None = None
     loss_names: list[str] = field(init=False)
     together_log: Together | None = field(init=False, default=None)
 
@@ -261,8 +264,11 @@ class MedIS:
         """The attack object of ``member`` at ``budget`` (already the member's: :meth:`member_budget`)."""
         cls = ATTACKS[member.attack]
         # least-perturbation fusion needs a member's first success only; the worst case needs its strongest point
+        stop = True if self.select == "least" and not cls.minimal else None
+        if self.stop_at_success is not None:
+            stop = self.stop_at_success
         kwargs = {"gradient": member.option("gradient", "standard"), "transfer": member.option("transfer", 0.0),
-                  "stop_at_success": self.select == "least" and not cls.minimal}
+                  "stop_at_success": stop}
         if member.attack == "apgd":
             kwargs.update(random_start=member.option("random_start", False), restarts=member.option("restarts", 1),
                           radii=RADII[member.option("radii", "none")])

@@ -176,3 +176,64 @@ def test_evaluate_resume_runs_only_the_members_not_cached(tiny_bundle, tmp_path)
     assert {f: f.stat().st_mtime_ns for f in kept} == kept  # nothing else ran again
     with open(out / "results.csv") as f:
         assert len([r for r in csv.DictReader(f) if not r["attack"].startswith(("medis", "worst"))]) == 2 * 4
+
+
+def test_evaluate_members_run_to_their_strongest_point_unless_told_to_stop_at_success(tiny_bundle, tmp_path):
+    """By default a member that succeeds keeps going and its row is the lowest score it reached (a robustness curve
+    that is not cut at the success threshold); --stop-at-success rows are where the member first succeeded. A cached
+    row made under the other rule is run again only where the member succeeded (otherwise both rules ran alike)."""
+    root = _dataset(tmp_path)
+    out = tmp_path / "stop"
+    args = ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(tiny_bundle), "--members", "pgd:ce",
+            "--eps", "1/255,96/255", "--step", "24/255", "--steps", "6", "--quiet"]
+
+    def rows():
+        with open(out / "results.csv") as f:
+            return {(r["volume"], r["eps"]): r for r in csv.DictReader(f) if r["attack"] == "pgd"}
+
+    assert runner.invoke(app, [*args, "--stop-at-success"]).exit_code == 0
+    stopped = rows()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_at_success"] is True and "--stop-at-success" in summary["settings"]["command"]
+    assert "stopped at their first success" in (out / "report.md").read_text()
+    large = [k for k in stopped if float(k[1]) > 0.1]
+    small = [k for k in stopped if float(k[1]) < 0.1]
+    assert all(stopped[k]["success"] == "True" and int(stopped[k]["steps"]) < 6 for k in large)  # stopped early
+    assert all(stopped[k]["success"] == "False" for k in small)
+    files = {f: f.stat().st_mtime_ns for f in (out / "cache").rglob("*.json") if f.name != "overview.json"}
+
+    result = runner.invoke(app, args)  # the default: every member runs all its iterations
+    assert result.exit_code == 0, result.output
+    full = rows()
+    for k in large:  # rerun: the same iterates as far as the stop, then more; the row is the best of them
+        assert full[k]["stop_at_success"] == "False"
+        assert full[k]["success"] == "True"
+        assert float(full[k]["adversarial_mean_iou"]) <= float(stopped[k]["adversarial_mean_iou"]) + 1e-9
+        assert float(full[k]["linf_normalized"]) <= float(k[1]) + 1e-6
+    assert any(float(full[k]["adversarial_mean_iou"]) < float(stopped[k]["adversarial_mean_iou"]) - 1e-3 for k in large)
+    for f, mtime in files.items():  # the unsuccessful rows were kept, the successful ones made again
+        again = f.stat().st_mtime_ns != mtime
+        assert again == f.name.endswith(f"_{96 / 255:.6g}.json"), f.name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_at_success"] is False
+    assert "ran all its iterations" in (out / "report.md").read_text()
+
+
+def test_datalist_entries_with_channel_lists_and_missing_parts(tmp_path):
+    """One reader for evaluate's and harden's datalist entries: a list of channel paths is one case named after its
+    first channel, paths are relative to the datalist, and an entry without an image (or, where needed, a label)
+    is one line naming the datalist."""
+    import pytest
+
+    from medis3d.errors import InputError
+    from medis3d.evaluate import datalist_cases
+
+    datalist = tmp_path / "sub" / "dataset.json"
+    cases = datalist_cases([{"image": ["t1.nii.gz", "t2.nii.gz"], "label": "seg.nii.gz"}, "solo.nii.gz"], datalist, "test")
+    assert [c.name for c in cases] == ["t1", "solo"]
+    assert str(cases[0].image) == f"{tmp_path / 'sub' / 't1.nii.gz'},{tmp_path / 'sub' / 't2.nii.gz'}"
+    assert cases[0].label == tmp_path / "sub" / "seg.nii.gz" and cases[1].label is None
+    with pytest.raises(InputError, match="dataset.json: a test entry has no image"):
+        datalist_cases([{"label": "seg.nii.gz"}], datalist, "test")
+    with pytest.raises(InputError, match="training entry solo.nii.gz has no label; labels needed"):
+        datalist_cases(["solo.nii.gz"], datalist, "training", need_label="labels needed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +49,16 @@ def _one_line(result) -> str:
 
 def test_harden_writes_a_bundle_that_loads_predicts_and_scores(tiny_bundle, tmp_path):
     dataset = _dataset(tmp_path)
+    source = tmp_path / "source"
+    shutil.copytree(tiny_bundle, source)
+    (source / "scripts").mkdir()
+    (source / "scripts" / "train.py").write_text("# trains the source from scratch\n")
+    (source / "scripts" / "transforms.py").write_text("# code the configs may import\n")
     out = tmp_path / "robust"
-    result = runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(out), *FAST, *EVAL])
+    result = runner.invoke(app, ["harden", str(source), str(dataset), "--out", str(out), *FAST, *EVAL])
     assert result.exit_code == 0, result.output
+    # the source's scripts come along, except its training script (it would retrain from scratch into this folder)
+    assert sorted(p.name for p in (out / "scripts").iterdir()) == ["transforms.py"]
     # a complete bundle: the source's configs, inference unchanged; new weights; nothing left of the run's state
     assert (out / "configs" / "inference.json").read_text() == (tiny_bundle / "configs" / "inference.json").read_text()
     assert not (out / ".harden").exists()

@@ -235,7 +235,8 @@ class Attack:
     minimal = False  # searches for the least successful perturbation itself (no bisection for --min-eps)
 
     def __init__(self, target: Target, loss: str, budget: Budget, goal: Goal, progress: ProgressFn | None = None, seed: int = 0,
-                 gradient: str = "standard", transfer: float = 0.0, label: str | None = None, stop_at_success: bool = False):
+                 gradient: str = "standard", transfer: float = 0.0, label: str | None = None,
+                 stop_at_success: bool | None = None):
         from medis3d.losses import get_loss
 
         self.target, self.loss_name, self.budget, self.goal = target, loss, budget, goal
@@ -247,8 +248,11 @@ class Attack:
         self.gradient, self.transfer = gradient, float(transfer)
         self._gradient_now = "smooth" if self.transfer > 0 else gradient
         self._label = label
-        # a fixed-budget attack may stop at its first success (MedIS's least-perturbation fusion needs no more)
-        self.stop_at_success = bool(stop_at_success) or self.early_stop
+        # True: stop at the first success (MedIS's least-perturbation fusion needs no more); None: the attack's own
+        # rule (``early_stop``); False: run every iteration and keep the strongest iterate, successful or not (the
+        # lowest Dice the attack reaches in the budget, for robustness curves)
+        self.stop_at_success = self.early_stop if stop_at_success is None else bool(stop_at_success)
+        self.keep_strongest = stop_at_success is False
 
     @property
     def label(self) -> str:
@@ -318,7 +322,7 @@ class Attack:
     def keeper(self) -> "BestIterate":
         """What the attack returns: its first success (iterative attacks whose perturbation grows step by step:
         the least perturbation), else the iterate closest to the goal (fixed-budget attacks: the strongest)."""
-        return BestIterate(self.goal, first_success=self.early_stop)
+        return BestIterate(self.goal, first_success=self.early_stop and self.stop_at_success)
 
     def run(self, volume: Volume) -> MemberResult:
         """Attack ``volume`` alone, one pass through the Target at a time."""

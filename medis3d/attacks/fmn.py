@@ -24,6 +24,8 @@ class FMN(Attack):
     minimal = True
 
     def keeper(self) -> BestIterate:
+        if self.keep_strongest:  # asked for the lowest score in the budget, not the least successful perturbation
+            return BestIterate(self.goal, first_success=False)
         return BestIterate(self.goal, least=True, size=lambda written: self.budget.size(written - self._clean))
 
     def start(self, clean: torch.Tensor) -> torch.Tensor:
