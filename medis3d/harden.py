@@ -714,7 +714,7 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
     if comparison is not None:
         lines += ["## Robustness before and after (validation volumes)", "",
                   f"`medis3d evaluate` with the same members ({', '.join(comparison['members'])}; {comparison['steps']} "
-                  "iterations each) on both models; Dice against the labels, the per-volume worst case over the members.", "",
+                  "iterations each) on both models; Dice against the labels, the per-volume worst case over the members, each run to its last iteration (its lowest Dice in the budget).", "",
                   "| model | clean Dice | " + " | ".join(f"Dice at {_per255(e)}/255" for e in options.eval_eps) + " | eps50 |",
                   "|---|---|" + "---|" * len(options.eval_eps) + "---|"]
         for role in ("source", "hardened"):
