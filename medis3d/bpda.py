@@ -1,8 +1,8 @@
 """Differentiable stand-ins for non-differentiable layers (BPDA), and a gradient-flow check.
 
 Each stand-in computes the exact forward value and, in the backward pass, the gradient of a
-smooth approximation (identity for clamps and rounding, softmax / sigmoid for argmax and
-thresholds), so that gradients reach the input (Athalye et al., 2018).
+smooth approximation (identity for clamps; a differentiable stand-in's derivative for other steps),
+so that gradients reach the input (Athalye et al., 2018).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-
-from medis3d.reductions import channel_argmax
 
 
 def straight_through(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -45,24 +43,6 @@ def straight_through_clamp(x: torch.Tensor, low=None, high=None) -> torch.Tensor
     if low is None and high is None:
         return x
     return x + (torch.clamp(x, min=low, max=high) - x).detach()
-
-
-def straight_through_round(x: torch.Tensor) -> torch.Tensor:
-    """Round in the forward pass; identity gradient."""
-    return x + (torch.round(x) - x).detach()
-
-
-def straight_through_argmax(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """One-hot argmax in the forward pass; the softmax's gradient in the backward pass."""
-    soft = torch.softmax(logits, dim=dim)
-    hard = torch.zeros_like(soft).scatter_(dim, channel_argmax(soft, dim, keepdim=True), 1.0)
-    return soft + (hard - soft).detach()
-
-
-def straight_through_threshold(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Binary threshold of the sigmoid in the forward pass; the sigmoid's gradient backward."""
-    soft = torch.sigmoid(logits)
-    return soft + ((soft > threshold).to(soft.dtype) - soft).detach()
 
 
 def gradient_flow(module: torch.nn.Module, sample: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:

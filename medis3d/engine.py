@@ -98,7 +98,6 @@ class WindowEngine:
     network: Callable[[torch.Tensor], torch.Tensor]
     settings: WindowSettings = field(default_factory=WindowSettings)
     precision: Precision = field(default_factory=Precision)
-    gradient_network: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. checkpointed
     _plans: dict = field(default_factory=dict, repr=False)
 
     # -- planning -------------------------------------------------------------------------
@@ -221,7 +220,6 @@ class WindowEngine:
         upstream_padded[(slice(None), slice(None), *plan.crop)] = upstream.float()
         upstream_padded /= plan.count
         grad_padded = torch.zeros_like(padded)
-        network = self.gradient_network or self.network
         dtype = self.precision.resolve(x.device)
         scale = self.precision.loss_scale if dtype == torch.float16 else 1.0
         for window_batch in self._window_batches(x.shape[0], plan):
@@ -229,7 +227,7 @@ class WindowEngine:
             share = torch.cat([upstream_padded[s] for s in window_batch]) * plan.importance
             with torch.enable_grad():
                 with self._autocast(x.device):
-                    logits = self._first(network(windows))
+                    logits = self._first(self.network(windows))
                 (window_grad,) = torch.autograd.grad(logits.float(), windows, grad_outputs=share * scale)
             if scale != 1.0:
                 window_grad = window_grad / scale
@@ -255,7 +253,7 @@ class WindowEngine:
             dtype = self.precision.resolve(x.device)
             scale = self.precision.loss_scale if dtype == torch.float16 else 1.0
             with torch.enable_grad():
-                stitched = self._stitch(leaf, self._plan(x.shape[2:], x.device), self.gradient_network or self.network)
+                stitched = self._stitch(leaf, self._plan(x.shape[2:], x.device), self.network)
                 # the loss's gradient first, then the network's backward pass with it (the chain rule split in two,
                 # the same gradient): a failure of the loss is the loss's, only the network's is a WindowFailure
                 value = stitched.detach().requires_grad_(True)

@@ -52,7 +52,6 @@ class Target:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: Precision = field(default_factory=Precision)
     notices: list[str] = field(default_factory=list)
-    gradient_network: torch.nn.Module | None = None
     checkpointing: bool = False
     attacked_classes: list[int] | None = None
 
@@ -66,7 +65,7 @@ class Target:
     @property
     def engine(self) -> WindowEngine:
         if self._engine is None:
-            self._engine = WindowEngine(self.network, self.window, self.precision, self.gradient_network)
+            self._engine = WindowEngine(self.network, self.window, self.precision)
         return self._engine
 
     def reset_engine(self) -> None:
