@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from _common import (
     THREADS,
     Goal,

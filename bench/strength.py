@@ -53,10 +53,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from _common import ROOT, Goal as Figure, print_table, set_threads
 
 import organs
 import reference as plain
+from _common import ROOT, Goal as Figure, print_table, set_threads
+
 from medis3d.bundle import default_bundle_path, load_bundle
 from medis3d.io import read_volume
 from medis3d.io.volume import Volume
@@ -97,7 +98,7 @@ class Case:
     reference: np.ndarray
     name: str
     image: nib.Nifti1Image
-    bundle: "plain.Bundle | None" = None  # MONAI's own run of the bundle, to score on the written file
+    bundle: plain.Bundle | None = None  # MONAI's own run of the bundle, to score on the written file
 
 
 # -- data ---------------------------------------------------------------------------------------------

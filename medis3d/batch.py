@@ -13,9 +13,9 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from medis3d.errors import InputError, Medis3dError, first_line
 from medis3d.io.atomic import write_text_atomic
@@ -180,7 +180,7 @@ class Shard:
     initialised: bool = False
 
     @classmethod
-    def from_env(cls) -> "Shard":
+    def from_env(cls) -> Shard:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()

@@ -7,7 +7,7 @@ so that gradients reach the input (Athalye et al., 2018).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

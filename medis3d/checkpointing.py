@@ -47,7 +47,7 @@ def enable_checkpointing(network: torch.nn.Module) -> tuple[int, str | None]:
         return 0, "TorchScript network: gradient checkpointing is not possible, running without it"
     flagged = 0
     for module in network.modules():
-        if hasattr(module, "use_checkpoint") and isinstance(getattr(module, "use_checkpoint"), bool):
+        if hasattr(module, "use_checkpoint") and isinstance(module.use_checkpoint, bool):
             if not hasattr(module, "_medis3d_use_checkpoint"):
                 module._medis3d_use_checkpoint = module.use_checkpoint  # what the bundle set, for disable_checkpointing
             module.use_checkpoint = True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,7 +32,7 @@ def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="monai")
 
 
-def _load_target(bundle: Optional[Path], config: Optional[str], trust: bool, device: str, bare: Optional[dict] = None,
+def _load_target(bundle: Path | None, config: str | None, trust: bool, device: str, bare: dict | None = None,
                  random_weights: bool = False):
 
     from medis3d.bundle import load_bundle, load_network
@@ -136,7 +135,7 @@ TOGETHER = typer.Option(None, "--together", help="Members that share each pass t
 ANONYMIZE = typer.Option(False, "--anonymize", help="DICOM output: remove patient identity (basic profile), remap UIDs.")
 
 
-def _parse_roi(text: Optional[str]):
+def _parse_roi(text: str | None):
     if text is None:
         return None
     try:
@@ -150,7 +149,7 @@ def _parse_roi(text: Optional[str]):
     return values
 
 
-def _check_together(together: Optional[int]) -> None:
+def _check_together(together: int | None) -> None:
     """``--together``, checked before the target loads (so a bad value costs no loading)."""
     if together is not None and together < 1:
         raise InputError(f"--together must be at least 1, got {together}")
@@ -212,40 +211,40 @@ def _prepare(p: dict):
 @app.command()
 def attack(
     scan: Path = typer.Argument(..., help="NIfTI file (.nii/.nii.gz) or DICOM series (folder or any file of it)."),
-    out: Optional[Path] = OUT_DIR,
-    bundle: Optional[Path] = BUNDLE,
-    config: Optional[str] = CONFIG,
+    out: Path | None = OUT_DIR,
+    bundle: Path | None = BUNDLE,
+    config: str | None = CONFIG,
     trust_bundle: bool = TRUST,
-    network: Optional[Path] = NETWORK,
-    network_def: Optional[Path] = NETWORK_DEF,
-    transforms: Optional[str] = TRANSFORMS,
-    label: Optional[Path] = LABEL,
-    target: Optional[str] = TARGET,
-    preset: Optional[str] = PRESET,
-    members: Optional[str] = MEMBERS,
-    losses: Optional[str] = LOSSES,
-    attacks: Optional[str] = ATTACKS,
-    restarts: Optional[int] = RESTARTS,
-    labels: Optional[str] = LABELS,
+    network: Path | None = NETWORK,
+    network_def: Path | None = NETWORK_DEF,
+    transforms: str | None = TRANSFORMS,
+    label: Path | None = LABEL,
+    target: str | None = TARGET,
+    preset: str | None = PRESET,
+    members: str | None = MEMBERS,
+    losses: str | None = LOSSES,
+    attacks: str | None = ATTACKS,
+    restarts: int | None = RESTARTS,
+    labels: str | None = LABELS,
     norm: str = NORM,
-    mask: Optional[Path] = MASK,
+    mask: Path | None = MASK,
     min_eps: bool = MIN_EPS,
-    select: Optional[str] = SELECT,
+    select: str | None = SELECT,
     eps: str = EPS,
-    step: Optional[str] = STEP,
-    steps: Optional[int] = STEPS,
+    step: str | None = STEP,
+    steps: int | None = STEPS,
     eps_units: str = EPS_UNITS,
-    success: Optional[float] = SUCCESS,
-    device: Optional[str] = DEVICE,
+    success: float | None = SUCCESS,
+    device: str | None = DEVICE,
     amp: bool = AMP,
     checkpoint: bool = CHECKPOINT,
-    sw_batch_size: Optional[int] = SW_BATCH,
-    overlap: Optional[float] = OVERLAP,
-    roi: Optional[str] = ROI,
-    window_mode: Optional[str] = WINDOW_MODE,
+    sw_batch_size: int | None = SW_BATCH,
+    overlap: float | None = OVERLAP,
+    roi: str | None = ROI,
+    window_mode: str | None = WINDOW_MODE,
     seed: int = SEED,
-    memory_budget: Optional[str] = MEMORY_BUDGET,
-    together: Optional[int] = TOGETHER,
+    memory_budget: str | None = MEMORY_BUDGET,
+    together: int | None = TOGETHER,
     output_format: str = OUTPUT_FORMAT,
     seg_format: str = SEG_FORMAT,
     anonymize: bool = ANONYMIZE,
@@ -314,38 +313,38 @@ def _print_summary(report: dict) -> None:
 def batch(
     input_dir: Path = typer.Argument(..., help="Folder holding NIfTI volumes and/or DICOM series (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one sub-folder per volume, summary.csv and summary.json."),
-    bundle: Optional[Path] = BUNDLE,
-    config: Optional[str] = CONFIG,
+    bundle: Path | None = BUNDLE,
+    config: str | None = CONFIG,
     trust_bundle: bool = TRUST,
-    network: Optional[Path] = NETWORK,
-    network_def: Optional[Path] = NETWORK_DEF,
-    transforms: Optional[str] = TRANSFORMS,
-    target: Optional[str] = typer.Option(None, "--target", help="Targeted attack: background or foreground."),
-    preset: Optional[str] = PRESET,
-    members: Optional[str] = MEMBERS,
-    losses: Optional[str] = LOSSES,
-    attacks: Optional[str] = ATTACKS,
-    restarts: Optional[int] = RESTARTS,
-    labels: Optional[str] = LABELS,
+    network: Path | None = NETWORK,
+    network_def: Path | None = NETWORK_DEF,
+    transforms: str | None = TRANSFORMS,
+    target: str | None = typer.Option(None, "--target", help="Targeted attack: background or foreground."),
+    preset: str | None = PRESET,
+    members: str | None = MEMBERS,
+    losses: str | None = LOSSES,
+    attacks: str | None = ATTACKS,
+    restarts: int | None = RESTARTS,
+    labels: str | None = LABELS,
     norm: str = NORM,
-    mask: Optional[Path] = MASK,
+    mask: Path | None = MASK,
     min_eps: bool = MIN_EPS,
-    select: Optional[str] = SELECT,
+    select: str | None = SELECT,
     eps: str = EPS,
-    step: Optional[str] = STEP,
-    steps: Optional[int] = STEPS,
+    step: str | None = STEP,
+    steps: int | None = STEPS,
     eps_units: str = EPS_UNITS,
-    success: Optional[float] = SUCCESS,
-    device: Optional[str] = DEVICE,
+    success: float | None = SUCCESS,
+    device: str | None = DEVICE,
     amp: bool = AMP,
     checkpoint: bool = CHECKPOINT,
-    sw_batch_size: Optional[int] = SW_BATCH,
-    overlap: Optional[float] = OVERLAP,
-    roi: Optional[str] = ROI,
-    window_mode: Optional[str] = WINDOW_MODE,
+    sw_batch_size: int | None = SW_BATCH,
+    overlap: float | None = OVERLAP,
+    roi: str | None = ROI,
+    window_mode: str | None = WINDOW_MODE,
     seed: int = SEED,
-    memory_budget: Optional[str] = MEMORY_BUDGET,
-    together: Optional[int] = TOGETHER,
+    memory_budget: str | None = MEMORY_BUDGET,
+    together: int | None = TOGETHER,
     output_format: str = OUTPUT_FORMAT,
     seg_format: str = SEG_FORMAT,
     anonymize: bool = ANONYMIZE,
@@ -422,14 +421,14 @@ def _run_batch(items, out: Path, tgt, options, shard, quiet: bool) -> int:
     return code
 
 
-def _bundle_name(bundle: Optional[Path]) -> str:
+def _bundle_name(bundle: Path | None) -> str:
     """How a bundle is named in a study (:func:`medis3d.bundle.bundle_name`)."""
     from medis3d.bundle import bundle_name
 
     return bundle_name(bundle)
 
 
-def _load_victims(spec: Optional[str], source, source_name: str, trust: bool, device: str) -> list:
+def _load_victims(spec: str | None, source, source_name: str, trust: bool, device: str) -> list:
     """The ``--victim`` bundles, each loaded as a target (a bad one is the usual one-line error), each named
     apart from the source and the others, and each predicting the source's classes."""
     from medis3d.evaluate import Victim
@@ -482,26 +481,26 @@ def _study_settings(params: dict, member_list, eps_list, step, steps) -> dict:
 def evaluate(
     dataset: Path = typer.Argument(..., help="Decathlon-style datalist JSON (test/testing/validation entries) or a folder of images."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: report.html (the study on one page), results.csv, summary.json, robustness.png, report.md."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "--source", "-b", help=BUNDLE_HELP + " The attacks are made on this model (the transfer source)."),
-    victim: Optional[str] = typer.Option(None, "--victim", help="Comma-separated bundles (folders, .zip or shipped names) that every adversarial is also scored on: a transfer matrix (the black-box threat) in results.csv, summary.json and report.html."),
-    config: Optional[str] = CONFIG,
+    labels: Path | None = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
+    bundle: Path | None = typer.Option(None, "--bundle", "--source", "-b", help=BUNDLE_HELP + " The attacks are made on this model (the transfer source)."),
+    victim: str | None = typer.Option(None, "--victim", help="Comma-separated bundles (folders, .zip or shipped names) that every adversarial is also scored on: a transfer matrix (the black-box threat) in results.csv, summary.json and report.html."),
+    config: str | None = CONFIG,
     trust_bundle: bool = TRUST,
-    preset: Optional[str] = typer.Option(None, "--preset", help="reliable (the default here: the measured-strongest ensemble) or paper (MedIS as published)."),
-    members: Optional[str] = MEMBERS,
-    attacks: Optional[str] = ATTACKS,
-    losses: Optional[str] = LOSSES,
-    restarts: Optional[int] = RESTARTS,
+    preset: str | None = typer.Option(None, "--preset", help="reliable (the default here: the measured-strongest ensemble) or paper (MedIS as published)."),
+    members: str | None = MEMBERS,
+    attacks: str | None = ATTACKS,
+    losses: str | None = LOSSES,
+    restarts: int | None = RESTARTS,
     eps: str = typer.Option("1/255,2/255,4/255,8/255", "--eps", help="Comma-separated budgets (numbers or fractions)."),
-    step: Optional[str] = STEP,
-    steps: Optional[int] = STEPS,
+    step: str | None = STEP,
+    steps: int | None = STEPS,
     eps_units: str = EPS_UNITS,
-    success: Optional[float] = SUCCESS,
+    success: float | None = SUCCESS,
     diagnose: bool = typer.Option(False, "--diagnose", help="Also run the gradient-masking checks (medis3d diagnose) on each volume at the largest budget, into diagnose/."),
     stop_at_success: bool = typer.Option(False, "--stop-at-success", help="Stop each member at its first success (mean IoU <= the threshold). Faster, and the success rate is the same, but Dice at a budget where a member succeeds is then where it stopped, not the lowest it reaches: without it every member runs all its iterations and keeps its strongest iterate."),
-    device: Optional[str] = DEVICE,
+    device: str | None = DEVICE,
     seed: int = SEED,
-    together: Optional[int] = TOGETHER,
+    together: int | None = TOGETHER,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Evaluate robustness over a dataset: every volume x member x eps, with MedIS fusion and the worst case (resumable)."""
@@ -541,7 +540,7 @@ def evaluate(
         typer.echo(f"{len(cases)} volume(s), {len(eps_list)} budget(s), {len(member_list)} member(s): see {out / 'report.md'}")
 
 
-def _parse_crop(text: Optional[str]) -> Optional[tuple]:
+def _parse_crop(text: str | None) -> tuple | None:
     if not text:
         return None
     try:
@@ -558,16 +557,16 @@ def harden(
     bundle: str = typer.Argument(..., help=BUNDLE_HELP + " The bundle to harden (it is read, never changed)."),
     dataset: Path = typer.Argument(..., help="Decathlon-style datalist JSON with training entries (and validation or test entries), or a folder of images with --labels."),
     out: Path = typer.Option(..., "--out", "-o", help="A new or empty folder: the hardened MONAI bundle (configs, models/model.pt, docs/ with the before/after figures) and evaluation/ (both studies). Rerun with the same --out to continue an interrupted run."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
+    labels: Path | None = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
     eps: str = typer.Option("8/255", "--eps", help="L-inf radius of the training attack, in the model's normalised intensity units."),
     attack_steps: int = typer.Option(2, "--attack-steps", help="PGD steps per training batch (from a random start)."),
-    attack_step: Optional[str] = typer.Option(None, "--attack-step", help="PGD step size (default: 2.5 eps / --attack-steps)."),
+    attack_step: str | None = typer.Option(None, "--attack-step", help="PGD step size (default: 2.5 eps / --attack-steps)."),
     attack_loss: str = typer.Option("ce", "--attack-loss", help="The loss the training attack ascends (any of --losses in attack)."),
     adv_weight: float = typer.Option(0.5, "--adv-weight", help="Training loss = (1 - w) clean + w adversarial."),
     warmup: float = typer.Option(0.3, "--warmup", help="Share of the steps over which eps grows linearly from 0."),
     steps: int = typer.Option(200, "--steps", help="Optimiser steps."),
     batch: int = typer.Option(2, "--batch", help="Crops per step."),
-    crop: Optional[str] = typer.Option(None, "--crop", help="Crop size in model-space voxels, e.g. 64 or 96x96x64 (default: the inferer's window)."),
+    crop: str | None = typer.Option(None, "--crop", help="Crop size in model-space voxels, e.g. 64 or 96x96x64 (default: the inferer's window)."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (warm-up, then cosine to a tenth)."),
     val_split: float = typer.Option(0.2, "--val-split", help="Share of the volumes held out for validation where the dataset sets none aside."),
     save_every: int = typer.Option(20, "--save-every", help="Steps between checkpoints (what a rerun continues from)."),
@@ -575,18 +574,17 @@ def harden(
     checkpoint: bool = typer.Option(False, "--checkpoint", help="Gradient checkpointing of the network's stages (less memory, more time)."),
     eval_eps: str = typer.Option("4/255,8/255", "--eval-eps", help="Budgets of the closing comparison of source and hardened model."),
     eval_preset: str = typer.Option("reliable", "--eval-preset", help="Attack preset of the closing comparison (reliable: the strongest ensemble)."),
-    eval_members: Optional[str] = typer.Option(None, "--eval-members", help="Explicit members of the closing comparison (replaces --eval-preset's)."),
-    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Iterations per member in the comparison (default: the preset's)."),
+    eval_members: str | None = typer.Option(None, "--eval-members", help="Explicit members of the closing comparison (replaces --eval-preset's)."),
+    eval_steps: int | None = typer.Option(None, "--eval-steps", help="Iterations per member in the comparison (default: the preset's)."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the closing comparison (the bundle then has no robustness figures)."),
     trust_bundle: bool = TRUST,
-    device: Optional[str] = DEVICE,
+    device: str | None = DEVICE,
     seed: int = SEED,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Adversarially fine-tune a MONAI bundle into a more robust bundle, and measure robustness before and after."""
     _quiet_warnings()
-    from medis3d.harden import HardenOptions
-    from medis3d.harden import harden as run_harden
+    from medis3d.harden import HardenOptions, harden as run_harden
     from medis3d.members import PRESETS, parse_members
 
     try:
@@ -638,20 +636,20 @@ def harden(
 @app.command()
 def diagnose(
     scan: Path = typer.Argument(..., help="NIfTI file or DICOM series."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the checks as JSON to this file (default: medis3d-out/<scan name>/diagnose.json)."),
-    bundle: Optional[Path] = BUNDLE,
-    config: Optional[str] = CONFIG,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the checks as JSON to this file (default: medis3d-out/<scan name>/diagnose.json)."),
+    bundle: Path | None = BUNDLE,
+    config: str | None = CONFIG,
     trust_bundle: bool = TRUST,
-    network: Optional[Path] = NETWORK,
-    network_def: Optional[Path] = NETWORK_DEF,
-    transforms: Optional[str] = TRANSFORMS,
-    label: Optional[Path] = LABEL,
+    network: Path | None = NETWORK,
+    network_def: Path | None = NETWORK_DEF,
+    transforms: str | None = TRANSFORMS,
+    label: Path | None = LABEL,
     member: str = typer.Option("apgd:masked_ce_balanced", "--member", help="The white-box member the checks run (attack:loss\\[options])."),
     eps: str = typer.Option("8/255", "--eps", help="The budget of the step-doubling, restart and random-search checks."),
     step: str = typer.Option("1/255", "--step", help="Step size of step-based members (APGD chooses its own)."),
     steps: int = typer.Option(20, "--steps", help="Iterations of the member (doubled in the step-doubling check)."),
     queries: int = typer.Option(200, "--queries", help="Forward passes of the gradient-free random search."),
-    device: Optional[str] = DEVICE,
+    device: str | None = DEVICE,
     seed: int = SEED,
     json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
@@ -695,14 +693,14 @@ def diagnose(
 @app.command()
 def predict(
     scan: Path = typer.Argument(..., help="NIfTI file or DICOM series."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: medis3d-out/<scan name>/prediction.nii.gz)."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help=BUNDLE_HELP),
-    config: Optional[str] = CONFIG,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output file (default: medis3d-out/<scan name>/prediction.nii.gz)."),
+    bundle: Path | None = typer.Option(None, "--bundle", "-b", help=BUNDLE_HELP),
+    config: str | None = CONFIG,
     trust_bundle: bool = TRUST,
-    network: Optional[Path] = NETWORK,
-    network_def: Optional[Path] = NETWORK_DEF,
-    transforms: Optional[str] = TRANSFORMS,
-    device: Optional[str] = DEVICE,
+    network: Path | None = NETWORK,
+    network_def: Path | None = NETWORK_DEF,
+    transforms: str | None = TRANSFORMS,
+    device: str | None = DEVICE,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Segment SCAN with the target and write the label map on the scan's grid."""
@@ -728,10 +726,10 @@ app.add_typer(bundle_app, name="bundle")
 @bundle_app.command("check")
 def bundle_check(
     bundle: Path = typer.Argument(..., help="Bundle folder or .zip, or a shipped bundle's name (brain_t1_segresnet, brain_t1_unetr)."),
-    scan: Optional[Path] = typer.Argument(None, help="A scan to check gradients on (default: a synthetic one)."),
-    config: Optional[str] = CONFIG,
+    scan: Path | None = typer.Argument(None, help="A scan to check gradients on (default: a synthetic one)."),
+    config: str | None = CONFIG,
     trust_bundle: bool = TRUST,
-    device: Optional[str] = DEVICE,
+    device: str | None = DEVICE,
     json_out: bool = typer.Option(False, "--json", help="Print the check as JSON."),
 ) -> None:
     """Load BUNDLE safely, list what will be attacked, and check that gradients reach the scan."""

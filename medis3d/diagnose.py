@@ -21,8 +21,8 @@ did not stop short, and these checks look for the signs that it did.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch

@@ -10,9 +10,9 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -20,8 +20,8 @@ from medis3d.errors import InputError
 from medis3d.html_report import dice_curves, eps_label, evaluation_page, reference_words, stopping_words
 from medis3d.io import read_volume
 from medis3d.io.atomic import write_text_atomic
-from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.nifti import is_nifti
+from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import make_names_unique, safe_name, scan_name
 from medis3d.medis import MedIS, select_member
 from medis3d.metrics import confusion_counts, dice_per_class, flipped_fraction, hd95_per_class, mean_iou, perturbation_norms

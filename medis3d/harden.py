@@ -28,16 +28,16 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from medis3d.errors import BundleError, InputError, OutputError, first_line
-from medis3d.html_report import harden_page, number
 from medis3d.evaluate import Case, datalist_cases, read_dataset
+from medis3d.html_report import harden_page, number
 from medis3d.io import read_volume
 from medis3d.io.atomic import atomic_path, write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing

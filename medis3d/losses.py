@@ -29,8 +29,8 @@ foreground at all; MONAI then returns a constant, so we fall back to uniform wei
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import wraps
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

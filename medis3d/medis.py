@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -157,7 +157,7 @@ class MedIS:
         self._members = parse_members(self.members_spec) if self.members_spec else product(self.attacks, self.loss_names)
 
     def prepare(self, volume: Volume, reference: np.ndarray | None = None, target_mask: np.ndarray | str | None = None,
-                clean_prediction: np.ndarray | None = None) -> "Setting":
+                clean_prediction: np.ndarray | None = None) -> Setting:
         """What every member of this fusion shares on ``volume``: the goal, the budget in native units, and
         the clean prediction (computed unless given)."""
         scale, note = self.target.intensity_scale(volume)
@@ -204,7 +204,7 @@ class MedIS:
             together=self.together_log.as_dict() if self.together_log else None,
         )
 
-    def flip_budgets(self, member: Member, setting: "Setting") -> dict:
+    def flip_budgets(self, member: Member, setting: Setting) -> dict:
         """eps50 and eps90 of ``member``: the smallest budgets (bisection in ``(0, eps]``) at which it flips half and
         nine tenths of the reference structure's voxels, in native units; None where ``eps`` does not reach it."""
         out = {}

@@ -67,7 +67,7 @@ class Member:
         return dict(self.options).get(key, default)
 
     @classmethod
-    def parse(cls, text: str) -> "Member":
+    def parse(cls, text: str) -> Member:
         """``attack:loss[k=v,...]``, ``attack`` (an attack with its own loss, or an alias such as ``segpgd``)."""
         text = text.strip()
         options: dict[str, Any] = {}

@@ -17,8 +17,8 @@ losses) can be overridden on the command line like any config value, e.g.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from medis3d.io.volume import scan_name
 

@@ -9,9 +9,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -21,8 +21,15 @@ from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import Volume
 from medis3d.medis import PAPER_EPS, PAPER_STEP, PAPER_STEPS, MedIS, MedISResult
-from medis3d.metrics import (dice_per_class, flipped_fraction, hd95_per_class, iou_per_class, mean_iou, perturbation_norms,
-                             smooth_mean_iou)
+from medis3d.metrics import (
+    dice_per_class,
+    flipped_fraction,
+    hd95_per_class,
+    iou_per_class,
+    mean_iou,
+    perturbation_norms,
+    smooth_mean_iou,
+)
 from medis3d.progress import notify
 from medis3d.report import SCHEMA, peak_memory_mb, reset_peak_memory, write_json, write_overview
 from medis3d.signals import deferred

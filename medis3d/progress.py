@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from medis3d.errors import Medis3dError
 
@@ -94,7 +95,7 @@ class Reporter:
 
     # -- the context manager ------------------------------------------------------------------------------
 
-    def __enter__(self) -> "Reporter":
+    def __enter__(self) -> Reporter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -6,8 +6,9 @@ import io
 import json
 import math
 import resource
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -178,10 +179,9 @@ def render_overview(
     the panels are shown in RAS orientation whatever the file's. ``dice`` (a number, or one per class whose mean
     is shown) and ``reference`` (what it was measured against) go in the title when given.
     """
+    import nibabel.orientations as nio
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
-
-    import nibabel.orientations as nio
 
     ornt = nio.io_orientation(affine)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))

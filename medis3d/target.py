@@ -8,19 +8,18 @@ scan's own grid, so what is optimised is what is written and measured.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medis3d.reductions import channel_argmax
 from medis3d.engine import Precision, WindowEngine, WindowFailure, WindowSettings, _plain
 from medis3d.errors import InputError, first_line
 from medis3d.io.volume import Volume
+from medis3d.reductions import channel_argmax
 from medis3d.transforms_diff import DifferentiablePreprocessing
-
 
 _EPS = 1e-6
 
@@ -81,7 +80,7 @@ class Target:
         checkpoint: bool | None = None,
         amp: bool | None = None,
         amp_dtype: torch.dtype | None = None,
-    ) -> "Target":
+    ) -> Target:
         """Override the bundle's inferer settings, and switch checkpointing and mixed precision."""
         if roi_size is not None:
             self.window.roi_size = tuple(int(v) for v in roi_size)

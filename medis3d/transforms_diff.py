@@ -23,8 +23,9 @@ Three gradient paths, one forward (every path computes exactly the bundle's valu
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -71,10 +71,10 @@ def train_tiny_unet(out_channels: int = 2, labels=None, loss_fn=None, steps: int
     ``labels(seg)`` turns a scan's blob mask ``(I, J, K)`` into the training target on the scan's
     grid, ``(1, ...)`` class indices (default) or ``(C, ...)`` channels; ``loss_fn`` matches it
     (default: softmax Dice + CE on class indices)."""
+    from monai.data import MetaTensor
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
     from monai.transforms import Orientation, ScaleIntensityRange, Spacing
-    from monai.data import MetaTensor
 
     labels = labels or (lambda seg: seg[None])
     torch.manual_seed(0)

@@ -3,7 +3,6 @@ and is deterministic for a seed; L2 budgets, regions and the smallest successful
 
 from __future__ import annotations
 
-
 import nibabel as nib
 import numpy as np
 import pytest

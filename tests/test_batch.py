@@ -17,8 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import save_nifti, synthetic_scan
-from medis3d.cli import app
 from test_dicom import make_series, structured_report
+
+from medis3d.cli import app
 
 runner = CliRunner()
 FAST = ["--losses", "ce", "--steps", "2", "--eps", "16/255", "--step", "8/255", "--quiet"]

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import SCAN_AFFINE, synthetic_scan
+
 from medis3d.cli import app
 
 runner = CliRunner()

@@ -581,10 +581,10 @@ def test_write_dicom_seg_overlapping_labels(tmp_path):
 def test_compressed_series_decode_and_the_adversarial_is_written_uncompressed(tmp_path, tiny_bundle):
     import shutil
 
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
     from typer.testing import CliRunner
 
     from medis3d.cli import app
-    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
     plain = tmp_path / "plain"
     make_series(plain, stored_values(np.int16, (64, 64, 8)), spacing=(1.5, 1.5, 2.0))

@@ -6,6 +6,7 @@ import json
 from typer.testing import CliRunner
 
 from conftest import save_nifti, synthetic_scan
+
 from medis3d.cli import app
 
 runner = CliRunner()

@@ -18,13 +18,13 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from test_dicom import make_series
 
 from medis3d.errors import Medis3dError
 from medis3d.io import read_volume
 from medis3d.io.volume import Volume
-from test_dicom import make_series
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # skipped-file notices of broken series
 DEFAULT_CASES = 250

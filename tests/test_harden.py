@@ -14,10 +14,18 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import save_nifti, synthetic_scan
+
 from medis3d.bundle import load_bundle
 from medis3d.cli import app
-from medis3d.harden import (HardenOptions, adversarial_batch, eps50, harden, label_to_model_space, model_space_case,
-                            read_training_dataset)
+from medis3d.harden import (
+    HardenOptions,
+    adversarial_batch,
+    eps50,
+    harden,
+    label_to_model_space,
+    model_space_case,
+    read_training_dataset,
+)
 from medis3d.io import read_volume
 from medis3d.metrics import dice_per_class
 

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import SCAN_AFFINE, save_nifti, synthetic_scan
+from test_dicom import make_series
+
 from medis3d.cli import app
 from medis3d.io.outputs import output_lock
-from test_dicom import make_series
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,8 +321,8 @@ def test_a_memory_budget_no_setting_meets_is_refused_with_the_smallest(tiny_bund
 
 
 def test_a_volume_too_large_for_the_machine_is_refused_before_the_attack(tiny_bundle, scan_file, tmp_path, monkeypatch):
-    import medis3d.memory as memory
     import medis3d.medis as medis
+    import medis3d.memory as memory
 
     monkeypatch.setattr(memory, "available_device_bytes", lambda device: 2e6)  # a machine with 2 MB free
     monkeypatch.setattr(medis.MedIS, "__call__", lambda *a, **k: pytest.fail("the attack started"))

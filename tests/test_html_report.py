@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import save_nifti, synthetic_scan
+
 from medis3d.cli import app
 
 runner = CliRunner()

@@ -13,6 +13,7 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from conftest import TINY_CONFIG, save_nifti, synthetic_scan, train_tiny_unet
+
 from medis3d.cli import app
 from medis3d.io import read_volume
 

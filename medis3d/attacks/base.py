@@ -4,8 +4,8 @@ budget (L-inf ball in native units, valid intensity range, optional region), and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ class Request:
 Steps = Generator[Request, object, "MemberResult"]
 
 
-def drive(steps: Steps, target: Target, volume: Volume) -> "MemberResult":
+def drive(steps: Steps, target: Target, volume: Volume) -> MemberResult:
     """Run one attack's requests through ``target``, one pass at a time; its result."""
     try:
         request = next(steps)
@@ -59,7 +59,7 @@ class Together:
 
 
 def drive_together(members: Sequence[Steps], target: Target, volume: Volume, group: int | None = None,
-                   log: Together | None = None) -> list["MemberResult"]:
+                   log: Together | None = None) -> list[MemberResult]:
     """Run several attacks' requests through ``target`` together: at every round, each member still running
     contributes its pending request; requests of one kind (gradient or not, and by which path) go through the
     network as one batch of up to ``group`` members (all when None). A member that has finished (its own
@@ -149,7 +149,7 @@ class Budget:
     norm: str = "linf"  # "linf" or "l2"
 
     @classmethod
-    def for_volume(cls, volume: Volume, eps: float, step: float, steps: int, **options) -> "Budget":
+    def for_volume(cls, volume: Volume, eps: float, step: float, steps: int, **options) -> Budget:
         """A budget in ``volume``'s units whose valid range is the scan's own intensity range within
         what its stored type can hold (``options``: ``region``, ``norm``)."""
         low, high = volume.storable_range()
@@ -267,7 +267,7 @@ class Attack:
             return self.name
         return self.loss_name if self.name == "igsm" else f"{self.name}:{self.loss_name}"
 
-    def objective(self, t: int, steps: int | None = None) -> "Objective":
+    def objective(self, t: int, steps: int | None = None) -> Objective:
         """The function whose gradient is ascended at step ``t`` of ``steps``: the loss (untargeted) or minus it (targeted)."""
         return Objective(self.loss, self.goal, t, self.budget.steps if steps is None else steps)
 
@@ -298,7 +298,7 @@ class Attack:
         score = self.goal.score(prediction)
         return written, evaluation, prediction, score, self.goal.succeeded(score)
 
-    def visit(self, volume: Volume, x: torch.Tensor, clean: torch.Tensor, t: int, objective, keeper: "BestIterate", trace: list,
+    def visit(self, volume: Volume, x: torch.Tensor, clean: torch.Tensor, t: int, objective, keeper: BestIterate, trace: list,
               in_budget: bool = True, total: int | None = None):
         """(A generator: ``yield from``.) Evaluate iterate ``t`` as stored, record it in the trace and
         (``in_budget``) the keeper, report progress.
@@ -319,7 +319,7 @@ class Attack:
     def after_visit(self, success: bool, written: torch.Tensor) -> None:
         """What the attack learns from the iterate just evaluated (as stored), before its next step."""
 
-    def keeper(self) -> "BestIterate":
+    def keeper(self) -> BestIterate:
         """What the attack returns: its first success (iterative attacks whose perturbation grows step by step:
         the least perturbation), else the iterate closest to the goal (fixed-budget attacks: the strongest)."""
         return BestIterate(self.goal, first_success=self.early_stop and self.stop_at_success)
@@ -388,7 +388,7 @@ class BestIterate:
         if self.best is None or (success and not self.best[4]) or self.goal.better(score, self.best[3]):
             self.best = (t, written, prediction, score, success)
 
-    def result(self, attack: "Attack", clean: torch.Tensor, trace: list[StepRecord], time_s: float) -> MemberResult:
+    def result(self, attack: Attack, clean: torch.Tensor, trace: list[StepRecord], time_s: float) -> MemberResult:
         assert self.best is not None
         t, written, prediction, score, success = self.best
         return MemberResult(

@@ -10,8 +10,8 @@ import fcntl
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from medis3d.errors import OutputError
 

@@ -51,12 +51,12 @@ class Volume:
     def is_integer(self) -> bool:
         return np.issubdtype(self.stored_dtype, np.integer)
 
-    def with_array(self, array: np.ndarray) -> "Volume":
+    def with_array(self, array: np.ndarray) -> Volume:
         """The same scan (geometry, storage, metadata) holding other voxel values."""
         return replace(self, array=np.asarray(array, dtype=np.float32))
 
     @property
-    def channel_volumes(self) -> list["Volume"] | None:
+    def channel_volumes(self) -> list[Volume] | None:
         """The per-channel source volumes of a scan given as one file per channel."""
         return self.meta.get("channel_volumes")
 
