@@ -102,7 +102,7 @@ def read_config(path: Path) -> dict:
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise BundleError(f"{path}: cannot read the config ({exc.strerror})")
+        raise BundleError(f"{path}: cannot read the config ({exc.strerror})") from exc
     if size > MAX_CONFIG_BYTES:
         raise BundleError(f"{path}: the config is {size / 2**20:.0f} MB; bundle configs are kilobytes, refused")
     try:
@@ -114,7 +114,7 @@ def read_config(path: Path) -> dict:
         else:
             data = json.loads(text)
     except Exception as exc:
-        raise BundleError(f"{path}: cannot parse the config ({first_line(exc)})")
+        raise BundleError(f"{path}: cannot parse the config ({first_line(exc)})") from exc
     if not isinstance(data, dict):
         raise BundleError(f"{path}: a bundle config must be a mapping at its top level")
     if _count_nodes(data, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
@@ -166,11 +166,11 @@ class SafeConfig:
                     return self._parser.get_parsed_content(where) if self._parser is not None else value
                 try:  # plain data expressions (literals, arithmetic, conditionals on references) are safe
                     return literal_expression(value[1:], lambda ref: self.resolve("@" + ref, where, depth + 1))
-                except ValueError:
+                except ValueError as exc:
                     raise BundleError(
                         f"{self.source}: refused to evaluate the Python expression {_shortened(value)!r} at {where}; "
                         "re-run with --trust-bundle if you trust this bundle"
-                    )
+                    ) from exc
             if value.startswith("@"):
                 ref = value[1:]
                 target = self._lookup(ref)
@@ -273,7 +273,7 @@ def literal_expression(expression: str, reference) -> Any:
     try:
         tree = ast.parse(_REF.sub(placeholder, expression.strip()), mode="eval")
     except (SyntaxError, RecursionError, MemoryError) as exc:
-        raise ValueError(f"{type(exc).__name__}: {exc}")
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
 
     def ev(node):
         if isinstance(node, ast.Expression):
@@ -331,7 +331,7 @@ def literal_expression(expression: str, reference) -> Any:
     except ValueError:
         raise
     except Exception as exc:  # data that does not fit the operation (len(5), 1 / 0, a missing index): still data
-        raise ValueError(f"{type(exc).__name__}: {exc}")
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def resolve_component(name: str, source: Path | str = "", allow_any: bool = False):
@@ -347,8 +347,8 @@ def resolve_component(name: str, source: Path | str = "", allow_any: bool = Fals
             )
         try:
             return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError):
-            raise BundleError(f"{source}: _target_ {name!r} cannot be found")
+        except (ImportError, AttributeError) as exc:
+            raise BundleError(f"{source}: _target_ {name!r} cannot be found") from exc
     module = ComponentLocator().get_component_module_name(name)
     if isinstance(module, list):
         module = module[0]
@@ -363,7 +363,7 @@ def _unpack_zip(path: Path, out: Path) -> Path:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise BundleError(f"{path}: not a readable zip archive ({exc})")
+        raise BundleError(f"{path}: not a readable zip archive ({exc})") from exc
     with zf:
         root = out.resolve()
         total = 0
@@ -379,7 +379,7 @@ def _unpack_zip(path: Path, out: Path) -> Path:
         try:
             zf.extractall(root)
         except (zipfile.BadZipFile, OSError, RuntimeError) as exc:
-            raise BundleError(f"{path}: cannot unpack the archive ({exc})")
+            raise BundleError(f"{path}: cannot unpack the archive ({exc})") from exc
     entries = [p for p in root.iterdir() if p.is_dir()]
     return entries[0] if len(entries) == 1 and not (root / "configs").exists() else root
 
@@ -408,7 +408,7 @@ def _load_torchscript(path: Path) -> torch.nn.Module:
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        raise BundleError(f"{path}: cannot load the TorchScript model ({first_line(exc)})")
+        raise BundleError(f"{path}: cannot load the TorchScript model ({first_line(exc)})") from exc
 
 
 def _load_state(net: torch.nn.Module, path: Path, trust: bool) -> None:
@@ -418,7 +418,7 @@ def _load_state(net: torch.nn.Module, path: Path, trust: bool) -> None:
         raise BundleError(
             f"{path}: refused or unreadable weights ({first_line(exc)[:200]}); "
             "weights load with weights_only=True unless --trust-bundle"
-        )
+        ) from exc
     if isinstance(state, dict):
         for key in ("model", "state_dict", "network", "model_state_dict"):
             if key in state and isinstance(state[key], dict):
@@ -429,7 +429,7 @@ def _load_state(net: torch.nn.Module, path: Path, trust: bool) -> None:
     try:
         net.load_state_dict(state)
     except Exception as exc:
-        raise BundleError(f"{path}: weights do not fit network_def ({first_line(exc)[:200]})")
+        raise BundleError(f"{path}: weights do not fit network_def ({first_line(exc)[:200]})") from exc
 
 
 def _build_network(
@@ -437,11 +437,11 @@ def _build_network(
 ) -> tuple[torch.nn.Module, str, dict]:
     """The network from ``network_def`` and a state dict, or a TorchScript model; without either, an error
     (``random_weights``: the network's random initialisation, with a notice)."""
-    has_ts = ts_path is not None and ts_path.is_file()
-    has_pt = pt_path is not None and pt_path.is_file()
+    ts = ts_path if ts_path is not None and ts_path.is_file() else None
+    pt = pt_path if pt_path is not None and pt_path.is_file() else None
     if not cfg.has("network_def"):
-        if has_ts:
-            return _load_torchscript(ts_path), "TorchScript", {}
+        if ts is not None:
+            return _load_torchscript(ts), "TorchScript", {}
         raise BundleError(f"{cfg.source}: no network_def, and no TorchScript model (models/model.ts)")
     cls, args = cfg.instantiate("network_def")
     try:
@@ -452,11 +452,11 @@ def _build_network(
             notices.append("network_def passes img_size, which this MONAI version removed; ignored it")
             net = cls(**args)
         else:
-            raise BundleError(f"{cfg.source}: network_def cannot be built ({exc})")
-    if has_pt:
-        _load_state(net, pt_path, cfg.trust)
-    elif has_ts:
-        net = _load_torchscript(ts_path)
+            raise BundleError(f"{cfg.source}: network_def cannot be built ({exc})") from exc
+    if pt is not None:
+        _load_state(net, pt, cfg.trust)
+    elif ts is not None:
+        net = _load_torchscript(ts)
     elif random_weights:
         notices.append("no models/model.pt or model.ts: the network has random weights")
     else:
@@ -520,7 +520,7 @@ def _preprocessing(cfg: SafeConfig) -> DifferentiablePreprocessing:
         try:
             step = build_step(name, args)
         except Exception as exc:
-            raise BundleError(f"{cfg.source}: preprocessing step {name} cannot be used ({first_line(exc)})")
+            raise BundleError(f"{cfg.source}: preprocessing step {name} cannot be used ({first_line(exc)})") from exc
         if step is not None:
             steps.append(step)
     return DifferentiablePreprocessing(steps)
@@ -677,8 +677,8 @@ def load_network(
     if is_ts and network.suffix.lower() in (".pt", ".pth", ".ckpt"):
         try:  # a .pt file may hold TorchScript too
             torch.jit.load(str(network), map_location="cpu")
-        except Exception:
-            raise BundleError(f"{network}: not TorchScript; a state dict needs --network-def")
+        except Exception as exc:
+            raise BundleError(f"{network}: not TorchScript; a state dict needs --network-def") from exc
     return _target_from(
         cfg, network if is_ts else None, None if is_ts else network, str(network), device, precision, {}
     )

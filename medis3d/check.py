@@ -62,12 +62,12 @@ def check_bundle(target: Target, scan: Path | None = None) -> dict:
         return probs[:, fg].mean()
 
     evaluation = target.evaluate(x, volume, loss)
-    grad = evaluation.grad
-    reaching = float((grad != 0).float().mean())
+    grad = evaluation.gradient()
+    reaching = float(grad.ne(0).float().mean())
     paths = {}
     for path in ("exact", "smooth"):  # the real forward's own derivative, and BPDA for the whole path
-        g = target.evaluate(x, volume, loss, gradient=path).grad
-        paths[path] = {"fraction_of_voxels_reached": float((g != 0).float().mean()), "input_grad_norm": float(g.norm())}
+        g = target.evaluate(x, volume, loss, gradient=path).gradient()
+        paths[path] = {"fraction_of_voxels_reached": float(g.ne(0).float().mean()), "input_grad_norm": float(g.norm())}
     from monai.utils import fall_back_tuple
 
     model_shape = target.model_shape(volume)

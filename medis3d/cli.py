@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from medis3d.errors import InputError, Medis3dError
 from medis3d.html_report import verdict
+
+if TYPE_CHECKING:  # imported where used: `medis3d --help` does not load torch
+    from medis3d.members import Member
+    from medis3d.pipeline import AttackOptions
+    from medis3d.target import Target
 
 app = typer.Typer(
     add_completion=False,
@@ -54,8 +60,8 @@ def _check_device(device: str) -> None:
 
     try:
         parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise InputError(f"--device {device}: not a device name; use cpu, cuda, cuda:N or mps")
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"--device {device}: not a device name; use cpu, cuda, cuda:N or mps") from exc
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: CUDA is not available on this machine")
@@ -76,8 +82,8 @@ def parse_fraction(text: str, option: str) -> float:
             num, den = text.split("/", 1)
             return float(num) / float(den)
         return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise InputError(f"{option} must be a number or a fraction such as 8/255, got {text!r}")
+    except (ValueError, ZeroDivisionError) as exc:
+        raise InputError(f"{option} must be a number or a fraction such as 8/255, got {text!r}") from exc
 
 
 def _default_device() -> str:
@@ -140,8 +146,8 @@ def _parse_roi(text: str | None):
         return None
     try:
         values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise InputError(f"--roi must be one size or three, e.g. 96 or 96,96,64; got {text!r}")
+    except ValueError as exc:
+        raise InputError(f"--roi must be one size or three, e.g. 96 or 96,96,64; got {text!r}") from exc
     if len(values) == 1:
         values *= 3
     if len(values) != 3 or min(values) < 1:
@@ -155,7 +161,7 @@ def _check_together(together: int | None) -> None:
         raise InputError(f"--together must be at least 1, got {together}")
 
 
-def resolve_members(p: dict) -> tuple[str, list, float | None, int, str]:
+def resolve_members(p: dict) -> tuple[str, list[Member], float, int, str]:
     """The preset, members, step, steps and selection from a command's parameters: ``--members``, or
     ``--attacks`` x ``--losses`` where either is given, else the preset's members; ``--step``, ``--steps``
     and ``--select`` override the preset's."""
@@ -177,7 +183,7 @@ def resolve_members(p: dict) -> tuple[str, list, float | None, int, str]:
     return name, members, step, steps, p.get("select") or preset.select
 
 
-def _prepare(p: dict):
+def _prepare(p: dict) -> tuple[Target, AttackOptions, int]:
     """Load and configure the target and collect the attack options from a command's parameters."""
     from medis3d.pipeline import AttackOptions
 
@@ -257,11 +263,11 @@ def attack(
 
     params = dict(locals(), device=device or _default_device())
     try:
-        tgt, options, members = _prepare(params)
+        tgt, options, member_count = _prepare(params)
         if quiet or json_out:
             report = run_attack(scan, tgt, options, out)
         else:
-            report = _with_progress(lambda cb: run_attack(scan, tgt, options, out, progress=cb), members)
+            report = _with_progress(lambda cb: run_attack(scan, tgt, options, out, progress=cb), member_count)
     except Medis3dError as exc:
         _fail(str(exc))
         return
@@ -442,7 +448,7 @@ def _load_victims(spec: str | None, source, source_name: str, trust: bool, devic
     def classes(t) -> list[str]:
         return [t.class_name(c) for c in range(t.out_channels)]
 
-    victims = []
+    victims: list[Victim] = []
     for name in names:
         victim = Victim(_bundle_name(Path(name)), _load_target(Path(name), None, trust, device))
         if victim.name == source_name:
@@ -518,7 +524,7 @@ def evaluate(
         tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
         source = _bundle_name(bundle)
         victims = _load_victims(victim, tgt, source, trust_bundle, device or _default_device())
-        kwargs = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
+        kwargs: dict[str, Any] = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
                       eps_units=eps_units, success=success, seed=seed, diagnose=diagnose, together=together,
                       victims=victims, source=source, stop_at_success=stop_at_success,
                       settings=_study_settings(params, member_list, eps_list, step_value, steps_value))

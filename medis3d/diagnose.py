@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -213,14 +214,14 @@ class Diagnose:
         aim = self.target.loss_target(reference)
         x = torch.from_numpy(volume.array).to(self.target.device).double().float()
         ev = self.target.evaluate(x, volume, lambda logits: loss(logits, aim), gradient="exact")
-        grad = ev.grad
+        grad = ev.gradient()
         gen = torch.Generator().manual_seed(self.seed)
         n = grad.numel()
         sample = torch.randperm(n, generator=gen)[: min(self.fd_voxels, n)]
         reached = grad.reshape(-1)[sample] != 0
         scale, _ = self.target.intensity_scale(volume)
         h = scale / 255  # one step of 1/255 of the intensity range
-        rows = []
+        rows: list[dict[str, Any]] = []
         for kind in ("random", "gradient sign"):
             direction = torch.zeros(n)
             if kind == "random":
@@ -252,7 +253,7 @@ class Diagnose:
         with torch.no_grad():
             model_in = self.target.model_input(torch.from_numpy(volume.array).to(self.target.device), volume)
         roi = [min(int(r), int(s)) if int(r) > 0 else int(s) for r, s in zip(self.target.window.roi_size, model_in.shape[1:])]
-        window = model_in.as_tensor()[(None, slice(None), *(slice(0, r) for r in roi))].float()
+        window = model_in.as_tensor()[(None, slice(None)) + tuple(slice(0, r) for r in roi)].float()
         try:
             flow = gradient_flow(self.target.network, window)
         except RuntimeError:
@@ -265,7 +266,7 @@ class Diagnose:
         """Per preprocessing step: the share of the scan its gradient reaches, and how well the gradient of the
         model input predicts the real change of the model input under a step of the attack's size."""
         x = torch.from_numpy(volume.array).to(self.target.device)
-        steps = []
+        steps: list[dict[str, Any]] = []
         gen = torch.Generator().manual_seed(self.seed)
         for path in ("exact", "standard", "smooth"):
             leaf = x.clone().requires_grad_(True)

@@ -122,7 +122,7 @@ class WindowEngine:
         importance = importance.reshape(1, 1, *patch).to(device=device, dtype=torch.float32)
         count = torch.zeros((1, 1, *padded), dtype=torch.float32, device=device)
         for s in slices:
-            count[(slice(None), slice(None), *s)] += importance
+            count[(slice(None), slice(None)) + tuple(s)] += importance
         crop = tuple(slice(pad[2 * (dims - 1 - d)], pad[2 * (dims - 1 - d)] + spatial_shape[d]) for d in range(dims))
         plan = _Plan(pad, padded, slices, importance, count, crop)
         self._plans = {key: plan}  # one volume shape at a time; plans hold full-size buffers
@@ -196,7 +196,7 @@ class WindowEngine:
                 output[s] = output[s] + logits[k : k + 1]
         assert output is not None
         output = output / plan.count
-        return output[(slice(None), slice(None), *plan.crop)]
+        return output[(slice(None), slice(None)) + tuple(plan.crop)]
 
     def fits_one_batch(self, x: torch.Tensor) -> bool:
         """Whether every window of ``x`` goes into a single window batch (then one pass does it all)."""
@@ -217,7 +217,7 @@ class WindowEngine:
             padded = self._pad(leaf, plan)
         # adjoint of the final crop and of the division by the count map
         upstream_padded = torch.zeros((upstream.shape[0], upstream.shape[1], *plan.padded_shape), device=x.device)
-        upstream_padded[(slice(None), slice(None), *plan.crop)] = upstream.float()
+        upstream_padded[(slice(None), slice(None)) + tuple(plan.crop)] = upstream.float()
         upstream_padded /= plan.count
         grad_padded = torch.zeros_like(padded)
         dtype = self.precision.resolve(x.device)

@@ -91,7 +91,7 @@ def read_dataset(dataset: Path, labels: Path | None = None) -> list[Case]:
         try:
             data = json.loads(dataset.read_text())
         except ValueError as exc:
-            raise InputError(f"{dataset}: not a JSON datalist ({exc})")
+            raise InputError(f"{dataset}: not a JSON datalist ({exc})") from exc
         entries = None
         for key in ("test", "testing", "validation"):
             if isinstance(data, dict) and data.get(key):
@@ -217,7 +217,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed,
                           stop_at_success=stop_at_success)
-            cached = {m.name: _cached_row(_cache_file(cache, case, m, eps), victims, stop_at_success) for m in medis.members()}
+            cached: dict[str, dict | None] = {m.name: _cached_row(_cache_file(cache, case, m, eps), victims, stop_at_success) for m in medis.members()}
             missing = [m for m in medis.members() if cached[m.name] is None]
             ran: dict[str, tuple] = {}
             if missing:  # the members not cached yet (batched through the network with --together)
@@ -239,7 +239,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                     write_text_atomic(_cache_file(cache, case, member, eps), text)
                     cached[member.name] = json.loads(text)  # as a resumed run reads it back
                     ran[member.name] = (result, setting)
-            case_rows = [cached[m.name] for m in medis.members()]
+            case_rows = [row for row in (cached[m.name] for m in medis.members()) if row is not None]  # all filled above
             rows.extend(case_rows)
             if eps == max(eps_list):
                 _write_case_overview(target, case, volume, case_rows, ran, success, cache, eps_units)
@@ -294,8 +294,8 @@ def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dic
     if chosen not in ran:
         return
     result, setting = ran[chosen]
-    clean_any = target.masks(setting.clean_prediction).any(0)
-    adv_any = target.masks(result.prediction).any(0)
+    clean_any = np.asarray(target.masks(setting.clean_prediction).any(0))
+    adv_any = np.asarray(target.masks(result.prediction).any(0))
     row = next(r for r in case_rows if r["member"] == chosen)
     verdict = "succeeded" if row["success"] else "failed"
     path = _overview_file(cache, case)
@@ -397,7 +397,7 @@ def fusion_rows(rows: list[dict], threshold: float | None) -> list[dict]:
         groups.setdefault((r["volume"], r["eps"], f"medis_{r['attack']}"), []).append(r)
         groups.setdefault((r["volume"], r["eps"], "medis_full"), []).append(r)
         groups.setdefault((r["volume"], r["eps"], "worst_case"), []).append(r)
-    for (volume, eps, name), members in groups.items():
+    for (_volume, _eps, name), members in groups.items():
         if name.startswith("medis_") and name != "medis_full" and len(members) < 2:
             continue
         proxies = [MemberResult(m["attack"], m["loss"], m["success"], m["steps"], np.zeros(1), np.zeros(1),
@@ -406,6 +406,18 @@ def fusion_rows(rows: list[dict], threshold: float | None) -> list[dict]:
         out.append({**chosen, "attack": name, "loss": chosen.get("member") or f"{chosen['attack']}:{chosen['loss']}",
                     "member": name})
     return out
+
+
+def _pooled_dice(options: dict[str, list[dict]], classes: list[str], choice: dict[str, int]) -> float:
+    """The Dice of each class pooled over volumes (each volume's outcome ``choice[v]`` among ``options[v]``,
+    per-class ``[TP, FP, FN]`` counts), averaged over classes."""
+    values = []
+    for c in classes:
+        tp = sum(options[v][i].get(c, [0, 0, 0])[0] for v, i in choice.items())
+        fp = sum(options[v][i].get(c, [0, 0, 0])[1] for v, i in choice.items())
+        fn = sum(options[v][i].get(c, [0, 0, 0])[2] for v, i in choice.items())
+        values.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0)
+    return float(np.mean(values)) if values else float("nan")
 
 
 def greedy_worst_case(rows: list[dict]) -> dict[str, float]:
@@ -421,26 +433,16 @@ def greedy_worst_case(rows: list[dict]) -> dict[str, float]:
     for eps, volumes in by_eps.items():
         options = {v: [json.loads(r["counts"]) for r in rs] for v, rs in volumes.items()}
         classes = sorted({c for opts in options.values() for o in opts for c in o})
-
-        def pooled(choice: dict[str, int]) -> float:
-            values = []
-            for c in classes:
-                tp = sum(options[v][i].get(c, [0, 0, 0])[0] for v, i in choice.items())
-                fp = sum(options[v][i].get(c, [0, 0, 0])[1] for v, i in choice.items())
-                fn = sum(options[v][i].get(c, [0, 0, 0])[2] for v, i in choice.items())
-                values.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0)
-            return float(np.mean(values)) if values else float("nan")
-
         choice = {v: 0 for v in options}
         for _ in range(3):
             changed = False
             for v in options:
-                best = min(range(len(options[v])), key=lambda i: (pooled({**choice, v: i}), i != choice[v]))
+                best = min(range(len(options[v])), key=lambda i: (_pooled_dice(options, classes, {**choice, v: i}), i != choice[v]))
                 changed |= best != choice[v]
                 choice[v] = best
             if not changed:
                 break
-        out[eps] = pooled(choice)
+        out[eps] = _pooled_dice(options, classes, choice)
     return out
 
 

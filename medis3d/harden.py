@@ -132,7 +132,7 @@ def read_training_dataset(dataset: Path, labels: Path | None = None, val_split: 
         try:
             data = json.loads(dataset.read_text())
         except ValueError as exc:
-            raise InputError(f"{dataset}: not a JSON datalist ({exc})")
+            raise InputError(f"{dataset}: not a JSON datalist ({exc})") from exc
         if not isinstance(data, dict) or not data.get("training"):
             raise InputError(f"{dataset}: no 'training' entries")
         train = make_names_unique(_entries(data, "training", dataset))
@@ -189,6 +189,8 @@ def model_space_case(target: Target, case: Case) -> ModelSpaceCase:
     """Read ``case`` (image and label, checked as ``attack --label`` checks them) into model space."""
     from medis3d.pipeline import read_segmentation
 
+    if case.label is None:
+        raise InputError(f"{case.image}: no label to train on")
     volume = read_volume(case.image)
     segmentation = read_segmentation(case.label, volume, target, "label")
     with torch.no_grad():
@@ -350,7 +352,7 @@ class _Sampler:
     def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, i])
         images, labels = [], []
-        for k in range(self.batch):
+        for _ in range(self.batch):
             case = self.cases[int(rng.integers(len(self.cases)))]
             self.compose.set_random_state(seed=int(rng.integers(2**31 - 1)))
             out = self.compose({"image": case.image.clone(), "label": case.label.float()})
@@ -403,7 +405,8 @@ def harden(source: str | Path | None, dataset: Path, out: Path, options: HardenO
         for case in validation:  # checked before anything is written, like the training volumes
             from medis3d.pipeline import read_segmentation
 
-            read_segmentation(case.label, read_volume(case.image), target, "label")
+            if case.label is not None:  # validation entries all have labels (need_label)
+                read_segmentation(case.label, read_volume(case.image), target, "label")
         train_path = find_train_config(bundle)
         train_cfg = SafeConfig(read_config(train_path), train_path, trust=trust) if train_path else None
         with output_lock(out), writing(out):

@@ -96,7 +96,7 @@ def dice_curves(summary: dict, units: str = "normalized") -> bytes:
         for key, by_eps in summary.get(group, {}).items():
             eps = sorted(by_eps, key=float)
             bold = key in FUSIONS
-            style = dict(lw=3, zorder=3) if bold else dict(lw=1, alpha=0.55)
+            style: dict[str, Any] = dict(lw=3, zorder=3) if bold else dict(lw=1, alpha=0.55)
             if group == "fusion" and not bold:
                 style = dict(lw=1.5, ls="--", alpha=0.8)
             xs = [float(e) * scale for e in eps]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import wraps
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -285,7 +286,8 @@ def combined(activation: str) -> LossFn:
     parts = {name: LOSSES[name](activation) for name in COMBINED_WEIGHTS}
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return sum(weight * parts[name](logits, target) for name, weight in COMBINED_WEIGHTS.items())
+        terms = [weight * parts[name](logits, target) for name, weight in COMBINED_WEIGHTS.items()]
+        return torch.stack(terms).sum(0)
 
     return fn
 
@@ -316,7 +318,8 @@ def _monai_dice_type(cls: type, **options) -> LossFactory:
 def generalized_dice(activation: str) -> LossFn:
     """MONAI's GeneralizedDiceLoss; uniform weights (Dice) for items with no foreground voxel at all."""
     softmax = activation == "softmax"
-    act = dict(to_onehot_y=True, softmax=True, include_background=False) if softmax else dict(sigmoid=True, include_background=True)
+    act: dict[str, Any] = (dict(to_onehot_y=True, softmax=True, include_background=False) if softmax
+                           else dict(sigmoid=True, include_background=True))
     generalized = GeneralizedDiceLoss(reduction="none", **act)
     uniform = DiceLoss(reduction="none", smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH, **act)
 

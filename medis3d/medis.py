@@ -7,9 +7,11 @@ the budget, as a robust-accuracy evaluation (SEA) reports it."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -22,6 +24,9 @@ from medis3d.losses import parse_losses
 from medis3d.members import RADII, Member, parse_members, product
 from medis3d.progress import MEMBERS, notify
 from medis3d.target import Target
+
+if TYPE_CHECKING:
+    from medis3d.memory import MemoryPlan
 
 PAPER_STEP = 1 / 255
 PAPER_STEPS = 10
@@ -45,7 +50,7 @@ class MedISResult:
     scale_note: str
     threshold: float
     time_s: float = 0.0
-    memory_plan: object | None = None  # medis3d.memory.MemoryPlan when --memory-budget chose the settings
+    memory_plan: MemoryPlan | None = None  # when --memory-budget chose the settings
     flip_budgets: dict | None = None  # with min_eps: eps50 / eps90 (native units; None: not reached within eps)
     together: dict | None = None  # members batched: passes taken, members per pass (largest, mean); None: one by one
 
@@ -137,7 +142,7 @@ class MedIS:
         try:
             self.loss_names = parse_losses(self.losses)
         except ValueError as exc:
-            raise InputError(str(exc))
+            raise InputError(str(exc)) from exc
         if not self.eps > 0:
             raise InputError(f"--eps must be positive, got {self.eps}")
         if not self.step > 0:
@@ -198,7 +203,7 @@ class MedIS:
             step_native=budget.step,
             native_per_normalized=setting.scale,
             scale_note=setting.note,
-            threshold=float(goal.threshold),
+            threshold=float(cast(float, goal.threshold)),
             time_s=time.perf_counter() - start,
             flip_budgets=flips,
             together=self.together_log.as_dict() if self.together_log else None,
@@ -207,7 +212,7 @@ class MedIS:
     def flip_budgets(self, member: Member, setting: Setting) -> dict:
         """eps50 and eps90 of ``member``: the smallest budgets (bisection in ``(0, eps]``) at which it flips half and
         nine tenths of the reference structure's voxels, in native units; None where ``eps`` does not reach it."""
-        out = {}
+        out: dict[str, float | None] = {}
         for name, share in (("eps50", 0.5), ("eps90", 0.9)):
             goal = Goal(self.target, setting.goal.reference, threshold=1.0 - share, metric="unflipped")
             full = self.run_member(member, setting.budget, goal, setting.volume, setting.factor, bisect=False)
@@ -219,7 +224,7 @@ class MedIS:
                 out[name] = full.linf_native
                 continue
             out[name], _ = smallest_budget(
-                lambda trial: self.run_member(member, trial, goal, setting.volume, setting.factor, bisect=False),
+                functools.partial(self.run_member, member, goal=goal, volume=setting.volume, factor=setting.factor, bisect=False),
                 setting.budget, full, self.bisection_steps)
         return out
 
@@ -253,7 +258,7 @@ class MedIS:
     @staticmethod
     def member_budget(member: Member, budget: Budget, factor: float = 1.0) -> Budget:
         """``budget`` with the member's own ``steps`` and ``step`` (in ``--eps`` units times ``factor``) where it sets them."""
-        changes = {}
+        changes: dict[str, Any] = {}
         if member.option("steps") is not None:
             changes["steps"] = int(member.option("steps"))
         if member.option("step") is not None:

@@ -83,7 +83,7 @@ class Member:
                 try:
                     options[key] = _value(key, value.strip())
                 except ValueError as exc:
-                    raise InputError(f"member option {item!r}: {exc}")
+                    raise InputError(f"member option {item!r}: {exc}") from exc
         attack, _, loss = text.partition(":")
         attack, loss = attack.strip(), loss.strip()
         if attack in ALIASES and not loss:
@@ -120,7 +120,7 @@ def product(attacks, losses) -> list[Member]:
     try:
         loss_names = parse_losses(losses)
     except ValueError as exc:
-        raise InputError(str(exc))
+        raise InputError(str(exc)) from exc
     members: list[Member] = []
     for attack in attacks:
         if attack in ALIASES or attack in OWN_LOSS:

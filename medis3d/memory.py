@@ -138,7 +138,7 @@ def plan_memory(target, model_shape, budget_bytes: int, members: int = 1) -> Mem
     batch_sizes = sorted({max(1, int(target.window.sw_batch_size)), 4, 2, 1}, reverse=True)
     batch_sizes = [b for b in batch_sizes if b <= max(1, int(target.window.sw_batch_size))]
     best: MemoryPlan | None = None
-    settings = ((False, False), (True, False), (False, True), (True, True))
+    settings: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
     if not amp_is_fast(target.device):  # AMP would cost more time than any other setting: never chosen
         settings = settings[:2]
     for checkpoint, amp in settings:

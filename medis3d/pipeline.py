@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -147,7 +148,7 @@ def _target_metrics(target: Target, prediction: np.ndarray, aim: np.ndarray) -> 
     return {"mean_iou": smooth_mean_iou(pm, am), "dice": dict(zip(names, dice_per_class(pm, am)))}
 
 
-def _guard_inputs(out_dir: Path, inputs: Sequence[Path]) -> None:
+def _guard_inputs(out_dir: Path, inputs: Sequence[Path | None]) -> None:
     """Refuse an output folder whose outputs would overwrite one of the user's inputs."""
     resolved_out = out_dir.resolve()
     for p in inputs:
@@ -227,7 +228,8 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, ou
         region = (mask_volume.array[:1] > 0).astype(np.float32)
         if not region.any():
             raise InputError(f"{options.mask}: the mask is empty: nothing may be perturbed")
-    aim = read_segmentation(target_file, volume, target, "target") if target_file else options.target_mask
+    aim = read_segmentation(target_file, volume, target, "target") if target_file else (
+        None if options.target_mask is None else str(options.target_mask))
     medis = MedIS(
         target,
         members_spec=list(options.members) or None,
@@ -333,7 +335,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         _write_prediction(volume, target, stage, "prediction_clean", result.clean_prediction, options)
         _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options)
         goal_targeted = result.aim is not None
-        if goal_targeted:
+        if result.aim is not None:
             score = _target_metrics(target, adversarial_prediction, result.aim)["mean_iou"]
             success = score >= result.threshold
         else:
@@ -341,7 +343,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
             success = score <= result.threshold
         norms = perturbation_norms(delta, result.native_per_normalized)
         chosen = result.chosen
-        report = {
+        report: dict[str, Any] = {
             "schema": SCHEMA,
             "input": {
                 "path": str(volume.path),
@@ -362,7 +364,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
                 "preprocessing": target.preprocessing.describe(),
                 "device": str(target.device),
                 "settings": target.settings(),
-                "memory_plan": result.memory_plan.as_dict() if getattr(result, "memory_plan", None) else None,
+                "memory_plan": result.memory_plan.as_dict() if result.memory_plan is not None else None,
                 "notices": list(target.notices),
             },
             "attack": {
@@ -432,11 +434,11 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
             "time_s": time.perf_counter() - start,
             "peak_memory_mb": peak_memory_mb(target.device),
         }
-        if goal_targeted:
+        if result.aim is not None:
             report["clean"]["against_target"] = _target_metrics(target, result.clean_prediction, result.aim)
             report["adversarial"]["against_target"] = _target_metrics(target, adversarial_prediction, result.aim)
-        clean_any = target.masks(result.clean_prediction).any(0)
-        adv_any = target.masks(adversarial_prediction).any(0)
+        clean_any = np.asarray(target.masks(result.clean_prediction).any(0))
+        adv_any = np.asarray(target.masks(adversarial_prediction).any(0))
         verdict = "succeeded" if success else "failed"
         units = "HU" if str(volume.meta.get("modality") or "").upper() == "CT" else "intensity units"
         write_overview(

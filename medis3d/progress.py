@@ -132,7 +132,7 @@ class Reporter:
         self.phase_name = name
         self._members = {}
         self._counted = name == MEMBERS and self._count is not None
-        if self._counted:
+        if self._count is not None and self._counted:
             self._count.started = self.clock()  # an attack's ETA covers its members, not the loading before them
         label = self._phase_label()
         if self.interactive:
@@ -209,7 +209,7 @@ class Reporter:
     def eta(self) -> float | None:
         """Seconds left of the count, from its pace so far; None where unknown (nothing done yet, or all done)."""
         f = self.fraction()
-        if f is None or f <= 0.0 or f >= 1.0:
+        if f is None or f <= 0.0 or f >= 1.0 or self._count is None:
             return None
         return (self.clock() - self._count.started) * (1.0 - f) / f
 

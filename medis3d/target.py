@@ -33,6 +33,12 @@ class Evaluation:
     loss: float | None = None
     grad: torch.Tensor | None = None  # (C, I, J, K) gradient in native units
 
+    def gradient(self) -> torch.Tensor:
+        """The gradient, which an evaluation with an objective always has."""
+        if self.grad is None:
+            raise RuntimeError("this evaluation had no objective, so it has no gradient")
+        return self.grad
+
 
 @dataclass
 class Target:
@@ -174,7 +180,7 @@ class Target:
         meta = dict(model_input.meta)
         ops = [dict(op) for op in model_input.applied_operations]
         activated = torch.softmax(stitched[0], 0) if self.activation == "softmax" else torch.sigmoid(stitched[0])
-        probs = self.preprocessing.invert(MetaTensor(activated, meta=meta, applied_operations=ops))
+        probs: torch.Tensor = self.preprocessing.invert(MetaTensor(activated, meta=meta, applied_operations=ops))
         probs = probs.as_tensor() if isinstance(probs, MetaTensor) else probs
         probs = probs.clamp(_EPS, 1.0 - _EPS)
         if self.activation == "softmax":
@@ -303,7 +309,7 @@ class Target:
             else:
                 labels = (stitched[0] > 0).float()
             ops = convert_applied_interp_mode([dict(op) for op in model_input.applied_operations], mode="nearest")
-            inverted = self.preprocessing.invert(MetaTensor(labels, meta=dict(model_input.meta), applied_operations=ops))
+            inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(labels, meta=dict(model_input.meta), applied_operations=ops))
             inverted = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted
         if self.activation == "softmax":
             return inverted[0].round().cpu().numpy().astype(self.label_dtype)

@@ -190,7 +190,7 @@ class PercentileScaling:
         with torch.no_grad():
             spread = float(high - low) or 1.0
             out = []
-            for q, v in ((self.lower, low), (self.upper, high)):
+            for q in (self.lower, self.upper):
                 near = quantile(flat.detach(), min(q + 1, 100) / 100) - quantile(flat.detach(), max(q - 1, 0) / 100)
                 out.append(max(0.5 * float(near), 0.01 * spread))
         return smoothed(flat, low, out[0]), smoothed(flat, high, out[1])
@@ -229,9 +229,10 @@ def _box_before_spacing(transform, pixdim) -> Callable[[torch.Tensor], torch.Ten
         kernel = [k if k % 2 == 1 else k + 1 for k in kernel]  # odd, centred on the voxel it averages around
         if max(kernel) == 1:
             return transform(img)
-        plain = img.as_tensor() if isinstance(img, MetaTensor) else img
         pad = [p for k in reversed(kernel) for p in (k // 2, k // 2)]
-        blurred = F.avg_pool3d(F.pad(plain[None].float(), pad, mode="replicate"), kernel, stride=1)[0]
+        if not isinstance(img, MetaTensor):
+            return transform(F.avg_pool3d(F.pad(img[None].float(), pad, mode="replicate"), kernel, stride=1)[0])
+        blurred = F.avg_pool3d(F.pad(img.as_tensor()[None].float(), pad, mode="replicate"), kernel, stride=1)[0]
         return transform(MetaTensor(blurred, meta=img.meta, applied_operations=list(img.applied_operations)))
 
     return fn

@@ -114,7 +114,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_bundle, scan_file, tmp_p
         out = tmp_path / "never"
         result = runner.invoke(app, ["attack", *args, "--bundle", str(tiny_bundle), "--out", str(out), "--quiet"])
         assert result.exit_code == 2, (args, result.output)
-        lines = [l for l in result.output.strip().splitlines() if l.strip()]
+        lines = [line for line in result.output.strip().splitlines() if line.strip()]
         assert len(lines) == 1 and needle in lines[0], (args, result.output)
         assert "Traceback" not in result.output
         assert not out.exists()

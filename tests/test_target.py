@@ -65,7 +65,7 @@ def test_clipped_voxels_still_get_gradient(tiny_target, scan_file):
     vol = read_volume(scan_file)
     x = torch.from_numpy(vol.array).clone()
     x[0, :5] = 1000.0  # far above the window: clamp would give zero gradient
-    grad = tiny_target.evaluate(x, vol, lambda l: torch.softmax(l, 1)[:, 1].mean()).grad
+    grad = tiny_target.evaluate(x, vol, lambda logits: torch.softmax(logits, 1)[:, 1].mean()).grad
     assert grad[0, :5].abs().sum() > 0
 
 

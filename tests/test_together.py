@@ -80,7 +80,7 @@ def test_evaluate_many_equals_evaluate(tiny_target, scan_file):
     clean = torch.from_numpy(volume.array)
     xs = [clean, clean + 20.0, clean - 15.0]
     reference = tiny_target.loss_target(tiny_target.predict(volume))
-    losses = [lambda l, w=w: w * torch.nn.functional.nll_loss(l, reference[:, 0]) for w in (1.0, 2.0, 0.5)]
+    losses = [lambda logits, w=w: w * torch.nn.functional.nll_loss(logits, reference[:, 0]) for w in (1.0, 2.0, 0.5)]
     many = tiny_target.evaluate_many(xs, volume, losses)
     for x, fn, ev in zip(xs, losses, many):
         one = tiny_target.evaluate(x, volume, fn)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Generator
+from typing import Any
 
 import torch
 
@@ -87,8 +89,8 @@ class APGD(Attack):
         return self.stop_at_success and keeper.best is not None and bool(keeper.best[4])
 
     def _stage(self, volume: Volume, clean: torch.Tensor, x: torch.Tensor, budget: Budget, keeper: BestIterate,
-               trace: list, in_budget: bool, total: int) -> torch.Tensor:
-        """One APGD run of ``budget.steps`` iterations from ``x`` inside ``budget``; the best iterate by the tracked loss."""
+               trace: list, in_budget: bool, total: int) -> Generator[Any, Any, torch.Tensor]:
+        """(A generator: ``yield from``.) One APGD run of ``budget.steps`` iterations from ``x`` inside ``budget``; the best iterate by the tracked loss."""
         steps = budget.steps
         eta = 2.0 * budget.eps
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -115,21 +116,22 @@ class Goal:
     def __post_init__(self) -> None:
         if self.threshold is None:
             self.threshold = TARGETED_SUCCESS if self.targeted else UNTARGETED_SUCCESS
-        self.loss_target = self.target.loss_target(self.aim if self.targeted else self.reference)
+        self.loss_target = self.target.loss_target(self.aim if self.aim is not None else self.reference)
 
     @property
     def targeted(self) -> bool:
         return self.aim is not None
 
     def score(self, prediction: np.ndarray) -> float:
-        if self.targeted:
+        if self.aim is not None:  # targeted
             return smooth_mean_iou(self.target.masks(prediction), self.target.masks(self.aim))
         if self.metric == "unflipped":
             return 1.0 - flipped_fraction(self.target, prediction, self.reference)
         return mean_iou(self.target.masks(prediction), self.target.masks(self.reference))
 
     def succeeded(self, score: float) -> bool:
-        return score >= self.threshold if self.targeted else score <= self.threshold
+        threshold = cast(float, self.threshold)  # set by __post_init__
+        return score >= threshold if self.targeted else score <= threshold
 
     def better(self, a: float, b: float) -> bool:
         """Whether score ``a`` is closer to the goal than ``b``."""
@@ -291,7 +293,8 @@ class Attack:
         """(A generator: ``yield from``.) The iterate as stored (inside the L-inf ball around ``clean``), the
         evaluation there, its prediction, score and success."""
         inside = clean is not None and self.budget.norm == "linf"
-        stored = volume.quantise(x.cpu().numpy(), clean.cpu().numpy() if inside else None, self.budget.eps if inside else None)
+        stored = volume.quantise(x.cpu().numpy(), clean.cpu().numpy() if clean is not None and inside else None,
+                                 self.budget.eps if inside else None)
         written = torch.from_numpy(stored).to(self.target.device)
         evaluation = yield Request(written, objective, self._gradient_now)
         prediction = evaluation.segmentation
@@ -374,7 +377,10 @@ class BestIterate:
 
     def __init__(self, goal: Goal, least: bool = False, size: Callable[[torch.Tensor], float] | None = None,
                  first_success: bool = True):
-        self.goal, self.least, self.size, self.first_success = goal, least, size, first_success
+        if least and size is None:
+            raise ValueError("a keeper of the least success needs the size of an iterate")
+        self.goal, self.least, self.first_success = goal, least, first_success
+        self.size: Callable[[torch.Tensor], float] = size if size is not None else (lambda written: 0.0)
         self.best: tuple | None = None
 
     def offer(self, t: int, written: torch.Tensor, prediction: np.ndarray, score: float, success: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from medis3d.io.volume import Volume, safe_name
 __all__ = ["Volume", "read_volume", "read_channels", "check_scan", "write_nifti", "safe_name", "is_nifti"]
 
 
-def read_channels(paths: list[Path | str]) -> Volume:
+def read_channels(paths: Sequence[Path | str]) -> Volume:
     """One scan from one file per channel (e.g. BraTS T1, T1ce, T2, FLAIR), all on one grid."""
     volumes = [read_volume(p) for p in paths]
     first = volumes[0]
@@ -41,11 +42,9 @@ def _kind(path: Path) -> str:
         raise InputError(f"{path}: no such file or folder")
     if path.is_file() and is_nifti(path):
         return "nifti"
-    try:
-        from medis3d.io import dicom
-    except ImportError:  # pragma: no cover - DICOM support ships with the package
-        dicom = None
-    if dicom is not None and dicom.looks_like_dicom(path):
+    from medis3d.io import dicom  # imported here: pydicom is not needed for NIfTI
+
+    if dicom.looks_like_dicom(path):
         return "dicom"
     raise InputError(f"{path}: not a NIfTI file (.nii, .nii.gz) or a DICOM series")
 

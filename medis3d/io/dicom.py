@@ -24,7 +24,7 @@ import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,7 +284,7 @@ def _scan(folder: Path, recursive: bool) -> tuple[list[SeriesInfo], list[tuple[P
 
 
 def _series_info(uid: str, members: list[tuple[Path, Dataset]], skipped: list[tuple[Path, str]],
-                 incomplete: list[tuple[Path, str]] = ()) -> SeriesInfo:
+                 incomplete: Sequence[tuple[Path, str]] = ()) -> SeriesInfo:
     seen: dict[str, Path] = {}
     kept: list[tuple[Path, Dataset]] = []
     for path, ds in members:
@@ -633,7 +633,7 @@ def _read_pixels(path: Path) -> tuple[np.ndarray, str]:
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:
-        raise InputError(f"{path}: cannot be read ({first_line(exc)})")
+        raise InputError(f"{path}: cannot be read ({first_line(exc)})") from exc
     if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: the syntax is the one pydicom found
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
@@ -644,13 +644,13 @@ def _read_pixels(path: Path) -> tuple[np.ndarray, str]:
     except Exception as exc:
         try:
             compressed = syntax.is_compressed
-        except (ValueError, TypeError):  # not a transfer syntax UID at all
-            raise InputError(f"{path}: unknown transfer syntax {str(syntax)!r}; its pixel data cannot be decoded")
+        except (ValueError, TypeError) as syntax_exc:  # not a transfer syntax UID at all
+            raise InputError(f"{path}: unknown transfer syntax {str(syntax)!r}; its pixel data cannot be decoded") from syntax_exc
         if compressed:
             raise InputError(f"{path}: pixel data compressed as {syntax.name} cannot be decoded "
                              f"({first_line(exc)}); install a decoder (pylibjpeg with its plugins, or python-gdcm) "
-                             "or decompress the series first (e.g. gdcmconv --raw)")
-        raise InputError(f"{path}: pixel data cannot be decoded ({first_line(exc)})")
+                             "or decompress the series first (e.g. gdcmconv --raw)") from exc
+        raise InputError(f"{path}: pixel data cannot be decoded ({first_line(exc)})") from exc
 
 
 # ----------------------------------------------------------------------------- writing
@@ -803,7 +803,7 @@ def _derived_slice(
     ds.add(DataElement(0x7FE00010, "OB" if bits == 8 else "OW", data))
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = str(ds.SOPClassUID)
+    meta.MediaStorageSOPClassUID = UID(str(ds.SOPClassUID))
     meta.MediaStorageSOPInstanceUID = sop_instance
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta

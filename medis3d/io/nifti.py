@@ -24,10 +24,10 @@ def open_nifti(path: Path | str):
     """The NIfTI image at ``path`` with its header read and its voxel data not yet (nibabel's proxy)."""
     try:
         image = nib.load(str(path))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file")
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
     except Exception as exc:  # nibabel raises many types for a file it cannot parse
-        raise InputError(f"{path}: not a readable NIfTI volume ({first_line(exc)})")
+        raise InputError(f"{path}: not a readable NIfTI volume ({first_line(exc)})") from exc
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI volume")
     return image
@@ -46,7 +46,7 @@ def read_nifti(path: Path | str) -> Volume:
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as exc:
-        raise InputError(f"{path}: voxel data cannot be read ({first_line(exc)})")
+        raise InputError(f"{path}: voxel data cannot be read ({first_line(exc)})") from exc
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite")
