@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["read_volume", "load_bundle", "MedIS", "Target", "__version__"]
+__all__ = ["read_volume", "write_volume", "load_bundle", "MedIS", "MedISResult", "Target", "__version__"]
 
 
 def __getattr__(name: str):
@@ -13,6 +13,14 @@ def __getattr__(name: str):
         from medis3d.io import read_volume
 
         return read_volume
+    if name == "write_volume":
+        from medis3d.io import write_volume
+
+        return write_volume
+    if name == "MedISResult":
+        from medis3d.medis import MedISResult
+
+        return MedISResult
     if name == "load_bundle":
         from medis3d.bundle import load_bundle
 

@@ -103,8 +103,12 @@ def _registry_help() -> tuple[str, str]:
     from medis3d.attacks import ALIASES, ATTACKS
     from medis3d.losses import LOSSES as REGISTRY
 
-    attacks = ", ".join(sorted(set(ATTACKS) - {"bim"}) + sorted(ALIASES))
-    return attacks, ", ".join(REGISTRY)
+    names: dict[type, list[str]] = {}  # one class under several names (igsm and bim): the first is its name
+    for name, cls in ATTACKS.items():
+        names.setdefault(cls, []).append(name)
+    attacks = sorted(f"{n[0]} (also {', '.join(n[1:])})" if len(n) > 1 else n[0] for n in names.values())
+    attacks += [f"{alias} (= {attack}:{loss})" for alias, (attack, loss) in sorted(ALIASES.items())]
+    return ", ".join(attacks), ", ".join(REGISTRY)
 
 
 _ATTACK_NAMES, _LOSS_NAMES = _registry_help()

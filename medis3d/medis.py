@@ -11,6 +11,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -53,10 +54,84 @@ class MedISResult:
     memory_plan: MemoryPlan | None = None  # when --memory-budget chose the settings
     flip_budgets: dict | None = None  # with min_eps: eps50 / eps90 (native units; None: not reached within eps)
     together: dict | None = None  # members batched: passes taken, members per pass (largest, mean); None: one by one
+    source: Volume | None = None  # the attacked scan (the caller's own object, not a copy)
 
     @property
     def chosen(self) -> MemberResult:
         return self.members[self.selected]
+
+    def __repr__(self) -> str:
+        c = self.chosen
+        return (f"MedISResult(success={self.success}, chosen={c.name!r}, score={c.score:.4g}, "
+                f"threshold={self.threshold:.4g}, linf_native={c.linf_native:.4g}, eps_native={self.eps_native:.4g}, "
+                f"members={len(self.members)}, shape={tuple(self.adversarial.spatial_shape)}, time_s={self.time_s:.1f})")
+
+    def summary(self) -> dict[str, Any]:
+        """The outcome in plain numbers (what :meth:`save` writes as ``result.json``): success, the chosen member
+        and its score (mean IoU against the reference; against the target segmentation when targeted), the budget
+        in native units, and every member's outcome."""
+        c = self.chosen
+        return {
+            "success": bool(self.success),
+            "targeted": self.aim is not None,
+            "chosen": c.name,
+            "score": float(c.score),
+            "threshold": float(self.threshold),
+            "linf_native": float(c.linf_native),
+            "l2_native": float(c.l2_native),
+            "eps_native": float(self.eps_native),
+            "step_native": float(self.step_native),
+            "native_per_normalized": float(self.native_per_normalized),
+            "time_s": float(self.time_s),
+            "flip_budgets": self.flip_budgets,
+            "members": [
+                {"member": m.name, "success": bool(m.success), "score": float(m.score), "steps": int(m.steps),
+                 "linf_native": float(m.linf_native), "l2_native": float(m.l2_native), "time_s": float(m.time_s)}
+                for m in self.members
+            ],
+        }
+
+    def save(self, out_dir: Path | str) -> Path:
+        """Write the outcome to a new folder ``out_dir`` (refused where it exists and is not empty):
+        ``adversarial.nii.gz`` (stored as the source stores it; a DICOM source also gets the series
+        ``adversarial/``), ``perturbation.nii.gz`` (adversarial minus clean, native units),
+        ``prediction_clean.nii.gz`` and ``prediction_adversarial.nii.gz`` (label maps) and ``result.json``
+        (:meth:`summary`). Everything is written beside it first and moved into place at the end, so a
+        failure leaves nothing. Returns ``out_dir``."""
+        import json
+        import os
+        import shutil
+
+        from medis3d.errors import OutputError
+        from medis3d.io import write_nifti
+        from medis3d.io.atomic import staging_folder
+
+        out = Path(out_dir)
+        if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+            raise OutputError(f"{out}: already exists and is not an empty folder; save writes a new one (nothing is overwritten)")
+        adversarial = self.adversarial
+        stage = staging_folder(out)
+        try:
+            write_nifti(adversarial, stage / "adversarial.nii.gz")
+            if adversarial.format == "dicom" and adversarial.meta.get("dicom_headers"):
+                from medis3d.io.dicom import write_dicom_series
+
+                write_dicom_series(adversarial, adversarial.array, stage / "adversarial",
+                                   series_description=f"ADVERSARIAL medis3d ({self.chosen.name})"[:64],
+                                   derivation=f"medis3d MedIS adversarial attack, {self.chosen.steps} steps of {self.chosen.name}")
+            if self.source is not None:
+                write_nifti(adversarial, stage / "perturbation.nii.gz", adversarial.array - self.source.array, dtype=np.float32)
+            for name, labels in (("prediction_clean", self.clean_prediction), ("prediction_adversarial", self.chosen.prediction)):
+                labels = np.asarray(labels)
+                write_nifti(adversarial, stage / f"{name}.nii.gz", labels,
+                            dtype=np.uint16 if labels.size and labels.max() > 255 else np.uint8)
+            (stage / "result.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.replace(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return out
 
 
 SELECTIONS = ("least", "strongest")
@@ -207,6 +282,7 @@ class MedIS:
             time_s=time.perf_counter() - start,
             flip_budgets=flips,
             together=self.together_log.as_dict() if self.together_log else None,
+            source=volume,
         )
 
     def flip_budgets(self, member: Member, setting: Setting) -> dict:

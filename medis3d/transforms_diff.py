@@ -23,6 +23,7 @@ Three gradient paths, one forward (every path computes exactly the bundle's valu
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -282,7 +283,10 @@ def build_step(name: str, args: dict[str, Any]) -> Step | None:
         b_min, b_max = kwargs.get("b_min"), kwargs.get("b_max")
         check_clip_bounds(b_min, b_max)
         clip = (b_min, b_max)
-    transform = cls(**kwargs)
+    with warnings.catch_warnings():  # MONAI's notices of its own future defaults (Orientation's labels) are not the user's
+        warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="monai")
+        transform = cls(**kwargs)
     invertible = transform if isinstance(transform, InvertibleTransform) else None
     if clip is not None:
         low, high = clip

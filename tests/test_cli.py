@@ -126,3 +126,21 @@ def test_input_is_never_overwritten(tiny_bundle, scan_file):
     result = runner.invoke(app, ["predict", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(scan_file)])
     assert result.exit_code == 2 and "overwrite" in result.output
     assert scan_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["attack", "batch", "evaluate"])
+def test_help_lists_every_registered_loss_and_attack(command):
+    """The help of --losses and --attacks comes from the registries: nothing registered is missing, aliases say what they are."""
+    from medis3d.attacks import ALIASES, ATTACKS
+    from medis3d.losses import LOSSES
+
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    for name in LOSSES:
+        assert re.search(rf"\b{name}\b", text), name
+    assert "margin" in text and "igsm (also bim)" in text
+    for name in ATTACKS:
+        assert re.search(rf"\b{name}\b", text), name
+    for alias, (attack, loss) in ALIASES.items():
+        assert f"{alias} (= {attack}:{loss})" in text

@@ -221,6 +221,10 @@ class MemberResult:
     def name(self) -> str:
         return self.member or f"{self.attack}:{self.loss}"
 
+    def __repr__(self) -> str:
+        return (f"MemberResult({self.name!r}, success={self.success}, score={self.score:.4g}, steps={self.steps}, "
+                f"linf_native={self.linf_native:.4g}, time_s={self.time_s:.1f})")
+
 
 class Attack:
     """Base of the attacks: the target, the loss, the budget and the goal, and the iterative loop.

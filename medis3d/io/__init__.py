@@ -71,3 +71,31 @@ def read_volume(path: Path | str) -> Volume:
     from medis3d.io import dicom
 
     return dicom.read_dicom_series(path)
+
+
+def write_volume(volume: Volume, path: Path | str, array: np.ndarray | None = None, *, overwrite: bool = False,
+                 description: str = "medis3d") -> Path:
+    """Write ``array`` (default: the volume's own) on ``volume``'s grid, stored as the source stores it.
+
+    A path ending in ``.nii`` or ``.nii.gz`` is one NIfTI file, refused where it exists unless
+    ``overwrite``; any other path is a new (or empty) folder for a DICOM series derived from a DICOM
+    ``volume`` (new UIDs, ``description`` as its series description). The source's own files are never
+    overwritten. Returns ``path``.
+    """
+    from medis3d.errors import OutputError
+
+    path = Path(path)
+    sources = [volume.path, *(v.path for v in volume.channel_volumes or [])] + list(volume.meta.get("dicom_files", []))
+    if any(s is not None and path.resolve() == Path(s).resolve() for s in sources):
+        raise OutputError(f"{path}: is the scan's own file; medis3d never overwrites its input")
+    if is_nifti(path):
+        if path.exists() and not overwrite:
+            raise OutputError(f"{path}: already exists; choose a new path (or pass overwrite=True)")
+        return write_nifti(volume, path, array)
+    if volume.format != "dicom":
+        raise OutputError(f"{path}: a {volume.format} scan is written as .nii or .nii.gz (DICOM output needs a DICOM source)")
+    from medis3d.io.dicom import write_dicom_series
+
+    files = write_dicom_series(volume, volume.array if array is None else array, path,
+                               series_description=description[:64], derivation=description)
+    return files[0].parent
