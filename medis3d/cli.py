@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +147,65 @@ SELECT = typer.Option(None, "--select", help="Fusion: least (the successful memb
 TOGETHER = typer.Option(None, "--together", help="Members that share each pass through the network (their windows batched; each member's results as when run alone). 1: one after another. Default: 1 on CPU (measured no faster batched there), on GPU as many as half the free memory allows.")
 ANONYMIZE = typer.Option(False, "--anonymize", help="DICOM output: remove patient identity (basic profile), remap UIDs.")
 
+# The options of an attack that `attack` and `batch` share, declared once, in the order --help lists them: a
+# command decorated with @attack_options takes them after its own and receives them as one dict, ``options``.
+# A new attack option is one typer.Option above and one line here (and its use in _prepare).
+ATTACK_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "bundle": (Path | None, BUNDLE),
+    "config": (str | None, CONFIG),
+    "trust_bundle": (bool, TRUST),
+    "network": (Path | None, NETWORK),
+    "network_def": (Path | None, NETWORK_DEF),
+    "transforms": (str | None, TRANSFORMS),
+    "preset": (str | None, PRESET),
+    "members": (str | None, MEMBERS),
+    "losses": (str | None, LOSSES),
+    "attacks": (str | None, ATTACKS),
+    "restarts": (int | None, RESTARTS),
+    "labels": (str | None, LABELS),
+    "norm": (str, NORM),
+    "mask": (Path | None, MASK),
+    "min_eps": (bool, MIN_EPS),
+    "select": (str | None, SELECT),
+    "eps": (str, EPS),
+    "step": (str | None, STEP),
+    "steps": (int | None, STEPS),
+    "eps_units": (str, EPS_UNITS),
+    "success": (float | None, SUCCESS),
+    "device": (str | None, DEVICE),
+    "amp": (bool, AMP),
+    "checkpoint": (bool, CHECKPOINT),
+    "sw_batch_size": (int | None, SW_BATCH),
+    "overlap": (float | None, OVERLAP),
+    "roi": (str | None, ROI),
+    "window_mode": (str | None, WINDOW_MODE),
+    "seed": (int, SEED),
+    "memory_budget": (str | None, MEMORY_BUDGET),
+    "together": (int | None, TOGETHER),
+    "output_format": (str, OUTPUT_FORMAT),
+    "seg_format": (str, SEG_FORMAT),
+    "anonymize": (bool, ANONYMIZE),
+}
+_LAST = ("json_out", "quiet")  # a command's own flags that --help lists after the shared options
+
+
+def attack_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The command with :data:`ATTACK_OPTIONS` in its signature (for typer), passed to it as ``options``."""
+    signature = inspect.signature(command)
+    own = [p for name, p in signature.parameters.items() if name != "options"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+              for name, (annotation, option) in ATTACK_OPTIONS.items()]
+    first = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in _LAST]
+    last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name in _LAST]
+
+    @functools.wraps(command)
+    def run(**values: Any) -> None:
+        options = {name: values.pop(name) for name in ATTACK_OPTIONS}
+        command(**values, options=options)
+
+    run.__signature__ = signature.replace(parameters=[*first, *shared, *last])  # type: ignore[attr-defined]
+    return run
+
 
 def _parse_roi(text: str | None):
     if text is None:
@@ -219,59 +281,28 @@ def _prepare(p: dict) -> tuple[Target, AttackOptions, int]:
 
 
 @app.command()
+@attack_options
 def attack(
     scan: Path = typer.Argument(..., help="NIfTI file (.nii/.nii.gz) or DICOM series (folder or any file of it)."),
     out: Path | None = OUT_DIR,
-    bundle: Path | None = BUNDLE,
-    config: str | None = CONFIG,
-    trust_bundle: bool = TRUST,
-    network: Path | None = NETWORK,
-    network_def: Path | None = NETWORK_DEF,
-    transforms: str | None = TRANSFORMS,
     label: Path | None = LABEL,
     target: str | None = TARGET,
-    preset: str | None = PRESET,
-    members: str | None = MEMBERS,
-    losses: str | None = LOSSES,
-    attacks: str | None = ATTACKS,
-    restarts: int | None = RESTARTS,
-    labels: str | None = LABELS,
-    norm: str = NORM,
-    mask: Path | None = MASK,
-    min_eps: bool = MIN_EPS,
-    select: str | None = SELECT,
-    eps: str = EPS,
-    step: str | None = STEP,
-    steps: int | None = STEPS,
-    eps_units: str = EPS_UNITS,
-    success: float | None = SUCCESS,
-    device: str | None = DEVICE,
-    amp: bool = AMP,
-    checkpoint: bool = CHECKPOINT,
-    sw_batch_size: int | None = SW_BATCH,
-    overlap: float | None = OVERLAP,
-    roi: str | None = ROI,
-    window_mode: str | None = WINDOW_MODE,
-    seed: int = SEED,
-    memory_budget: str | None = MEMORY_BUDGET,
-    together: int | None = TOGETHER,
-    output_format: str = OUTPUT_FORMAT,
-    seg_format: str = SEG_FORMAT,
-    anonymize: bool = ANONYMIZE,
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    *,
+    options: dict,
 ) -> None:
     """Attack SCAN with MedIS and write the adversarial scan, predictions and a report."""
     _quiet_warnings()
     from medis3d.pipeline import run_attack
 
-    params = dict(locals(), device=device or _default_device())
+    params = dict(options, label=label, target=target, device=options["device"] or _default_device())
     try:
-        tgt, options, member_count = _prepare(params)
+        tgt, attack_settings, member_count = _prepare(params)
         if quiet or json_out:
-            report = run_attack(scan, tgt, options, out)
+            report = run_attack(scan, tgt, attack_settings, out)
         else:
-            report = _with_progress(lambda cb: run_attack(scan, tgt, options, out, progress=cb), member_count)
+            report = _with_progress(lambda cb: run_attack(scan, tgt, attack_settings, out, progress=cb), member_count)
     except Medis3dError as exc:
         _fail(str(exc))
         return
@@ -320,45 +351,14 @@ def _print_summary(report: dict) -> None:
 
 
 @app.command()
+@attack_options
 def batch(
     input_dir: Path = typer.Argument(..., help="Folder holding NIfTI volumes and/or DICOM series (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one sub-folder per volume, summary.csv and summary.json."),
-    bundle: Path | None = BUNDLE,
-    config: str | None = CONFIG,
-    trust_bundle: bool = TRUST,
-    network: Path | None = NETWORK,
-    network_def: Path | None = NETWORK_DEF,
-    transforms: str | None = TRANSFORMS,
     target: str | None = typer.Option(None, "--target", help="Targeted attack: background or foreground."),
-    preset: str | None = PRESET,
-    members: str | None = MEMBERS,
-    losses: str | None = LOSSES,
-    attacks: str | None = ATTACKS,
-    restarts: int | None = RESTARTS,
-    labels: str | None = LABELS,
-    norm: str = NORM,
-    mask: Path | None = MASK,
-    min_eps: bool = MIN_EPS,
-    select: str | None = SELECT,
-    eps: str = EPS,
-    step: str | None = STEP,
-    steps: int | None = STEPS,
-    eps_units: str = EPS_UNITS,
-    success: float | None = SUCCESS,
-    device: str | None = DEVICE,
-    amp: bool = AMP,
-    checkpoint: bool = CHECKPOINT,
-    sw_batch_size: int | None = SW_BATCH,
-    overlap: float | None = OVERLAP,
-    roi: str | None = ROI,
-    window_mode: str | None = WINDOW_MODE,
-    seed: int = SEED,
-    memory_budget: str | None = MEMORY_BUDGET,
-    together: int | None = TOGETHER,
-    output_format: str = OUTPUT_FORMAT,
-    seg_format: str = SEG_FORMAT,
-    anonymize: bool = ANONYMIZE,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    *,
+    options: dict,
 ) -> None:
     """Attack every volume under INPUT_DIR; resumable; shards across processes under torchrun."""
     _quiet_warnings()
@@ -368,7 +368,7 @@ def batch(
     if target not in (None, "background", "foreground"):
         _fail(f"--target in batch must be background or foreground, got {target!r}")
     shard = Shard.from_env()
-    params = dict(locals(), device=shard.device(device))
+    params = dict(options, target=target, device=shard.device(options["device"]))
     try:
         items = discover(input_dir)
         if not items:
@@ -376,9 +376,9 @@ def batch(
         if out.resolve() == input_dir.resolve() or input_dir.resolve() in out.resolve().parents:
             raise InputError(f"{out}: the output folder must not be inside the input folder {input_dir}")
         check_output_folder(out)
-        tgt, options, _ = _prepare(params)
+        tgt, attack_settings, _ = _prepare(params)
         with output_lock(out, part=f"batch rank {shard.rank}"), writing(out):
-            code = _run_batch(items, out, tgt, options, shard, quiet)
+            code = _run_batch(items, out, tgt, attack_settings, shard, quiet)
     except Medis3dError as exc:
         shard.close()
         _fail(str(exc))
