@@ -252,7 +252,7 @@ def augmentation(cfg, notices: list[str]) -> tuple[list, list[str]]:
         if not short or any(part in short for part in _LEFT_OUT):
             continue
         try:
-            from medis3d.bundle import resolve_component
+            from medis3d.safe_config import resolve_component
 
             name, args = cfg.component_args(f"{key}#{i}")
             keys = args.get("keys")
@@ -382,7 +382,8 @@ def harden(source: str | Path | None, dataset: Path, out: Path, options: HardenO
     """Fine-tune ``source`` (a bundle folder, .zip or shipped name) on ``dataset`` and write the hardened bundle
     to ``out``; at the end, with ``options.evaluate``, compare both on the validation cases with the same
     attacks and budgets. ``progress(kind, info)`` hears of each phase and optimiser step."""
-    from medis3d.bundle import SafeConfig, _unpack_zip, bundle_name, load_bundle, read_config, resolve_bundle_path
+    from medis3d.bundle import _unpack_zip, bundle_name, load_bundle, resolve_bundle_path
+    from medis3d.safe_config import SafeConfig, read_config
 
     options.check()
     out = Path(out)

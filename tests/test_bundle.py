@@ -370,10 +370,10 @@ def test_config_outside_the_bundle_refused(tmp_path):
 
 
 def test_enormous_configs_refused(tmp_path, monkeypatch):
-    import medis3d.bundle as bundle_module
+    import medis3d.safe_config as config_module
 
     root = _bundle(tmp_path, {"network_def": NET, "padding": "x" * 3000})
-    monkeypatch.setattr(bundle_module, "MAX_CONFIG_BYTES", 2000)
+    monkeypatch.setattr(config_module, "MAX_CONFIG_BYTES", 2000)
     with pytest.raises(BundleError, match="the config is .* MB; bundle configs are kilobytes"):
         load_bundle(root)
     monkeypatch.undo()
@@ -408,7 +408,7 @@ def test_harmless_data_expressions_load_and_code_stays_refused(tmp_path):
     target = load_bundle(root)
     assert target.out_channels == 2 and target.name == "UNet"
     assert any("imports (glob, numpy) were not run" in n for n in target.notices)
-    from medis3d.bundle import SafeConfig
+    from medis3d.safe_config import SafeConfig
 
     cfg = SafeConfig(config, root / "configs" / "inference.json")
     assert cfg.resolve("$torch.float32", "dtype") is torch.float32 and cfg.resolve("$numpy.float32", "np") is np.float32
