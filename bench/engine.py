@@ -381,8 +381,8 @@ def figure_step_time(sizes: Sizes, out: Results) -> None:
 def members_target(sizes: Sizes):
     """The members figures' Target (SegResNet, no preprocessing) and synthetic volume."""
     from medis3d.io.volume import Volume
+    from medis3d.preprocessing import DifferentiablePreprocessing
     from medis3d.target import Target
-    from medis3d.transforms_diff import DifferentiablePreprocessing
 
     w = sizes.members_window
     x, _ = make_volume(sizes.members_shape)
@@ -393,8 +393,8 @@ def members_target(sizes: Sizes):
 
 def figure_members_time(sizes: Sizes, out: Results) -> None:
     """MedIS with the paper's six losses against each of them run alone, no early stop."""
+    from medis3d.fusion import MedIS
     from medis3d.losses import PAPER_LOSSES
-    from medis3d.medis import MedIS
 
     w = sizes.members_window
     target, volume = members_target(sizes)
@@ -418,7 +418,7 @@ FUSION12 = tuple(f"apgd:{loss}[random_start=1,seed={k}]" for k, loss in enumerat
 def _together_ratio(sizes: Sizes, members, steps: int, repeats: int) -> dict:
     """Members batched (``MedIS(together=len(members))``) against the same members one after another, paired;
     the two runs' members are checked to agree (success, steps kept, score within 0.002)."""
-    from medis3d.medis import MedIS
+    from medis3d.fusion import MedIS
 
     w = sizes.members_window
     target, volume = members_target(sizes)

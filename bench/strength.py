@@ -59,9 +59,9 @@ import reference as plain
 from _common import ROOT, Goal as Figure, print_table, set_threads
 
 from medis3d.bundle import default_bundle_path, load_bundle
+from medis3d.fusion import MedIS
 from medis3d.io import read_volume
 from medis3d.io.volume import Volume
-from medis3d.medis import MedIS
 from medis3d.members import DEFAULT_PRESET, PRESETS
 from medis3d.metrics import dice_per_class, mean_iou
 from medis3d.target import Target
@@ -72,8 +72,8 @@ BEST_SINGLE = ("apgd:margin", 20)  # the strongest single member of the earlier 
 SWEEP = (2, 4, 8, 16, 32, 64, 128)  # x/255 (a factor 2 apart: each point costs a full reliable run), for the smallest budget that breaks every volume
 SWEEP_START = 8  # searched from here: down while it still breaks every volume, else up until it does
 ZERO_SWEEP = (32, 64, 128, 255)  # for the smallest budget that leaves Dice <= 0.1
-CODE = ["bench/reference.py", "medis3d/losses.py", "medis3d/medis.py", "medis3d/io/volume.py",
-        "medis3d/target.py", "medis3d/engine.py", "medis3d/transforms_diff.py", "medis3d/attacks"]
+CODE = ["bench/reference.py", "medis3d/losses.py", "medis3d/fusion.py", "medis3d/io/volume.py",
+        "medis3d/target.py", "medis3d/engine.py", "medis3d/preprocessing.py", "medis3d/attacks"]
 
 
 def log(message: str) -> None:

@@ -18,7 +18,7 @@ def __getattr__(name: str):
 
         return write_volume
     if name == "MedISResult":
-        from medis3d.medis import MedISResult
+        from medis3d.fusion import MedISResult
 
         return MedISResult
     if name == "load_bundle":
@@ -26,7 +26,7 @@ def __getattr__(name: str):
 
         return load_bundle
     if name == "MedIS":
-        from medis3d.medis import MedIS
+        from medis3d.fusion import MedIS
 
         return MedIS
     if name == "Target":

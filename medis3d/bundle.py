@@ -18,9 +18,9 @@ import torch
 
 from medis3d.engine import Precision, WindowSettings
 from medis3d.errors import BundleError, first_line
+from medis3d.preprocessing import DifferentiablePreprocessing, build_step
 from medis3d.safe_config import SafeConfig, read_config
 from medis3d.target import Target
-from medis3d.transforms_diff import DifferentiablePreprocessing, build_step
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "brain_t1_segresnet"
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")

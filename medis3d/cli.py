@@ -17,8 +17,8 @@ from medis3d.html_report import verdict
 
 if TYPE_CHECKING:  # imported where used: `medis3d --help` does not load torch
     from medis3d.members import Member
-    from medis3d.pipeline import AttackOptions
     from medis3d.target import Target
+    from medis3d.workflow import AttackOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -251,7 +251,7 @@ def resolve_members(p: dict) -> tuple[str, list[Member], float, int, str]:
 
 def _prepare(p: dict) -> tuple[Target, AttackOptions, int]:
     """Load and configure the target and collect the attack options from a command's parameters."""
-    from medis3d.pipeline import AttackOptions
+    from medis3d.workflow import AttackOptions
 
     preset, members, step, steps, select = resolve_members(p)
     options = AttackOptions(
@@ -294,7 +294,7 @@ def attack(
 ) -> None:
     """Attack SCAN with MedIS and write the adversarial scan, predictions and a report."""
     _quiet_warnings()
-    from medis3d.pipeline import run_attack
+    from medis3d.workflow import run_attack
 
     params = dict(options, label=label, target=target, device=options["device"] or _default_device())
     try:
@@ -388,7 +388,7 @@ def batch(
 
 def _run_batch(items, out: Path, tgt, options, shard, quiet: bool) -> int:
     from medis3d.batch import pending, run_one, write_summary
-    from medis3d.pipeline import run_attack
+    from medis3d.workflow import run_attack
 
     out.mkdir(parents=True, exist_ok=True)
     todo = list(pending(shard.mine(items), out))
@@ -441,7 +441,7 @@ def _bundle_name(bundle: Path | None) -> str:
 def _load_victims(spec: str | None, source, source_name: str, trust: bool, device: str) -> list:
     """The ``--victim`` bundles, each loaded as a target (a bad one is the usual one-line error), each named
     apart from the source and the others, and each predicting the source's classes."""
-    from medis3d.evaluate import Victim
+    from medis3d.study import Victim
 
     if spec is None:
         return []
@@ -515,7 +515,7 @@ def evaluate(
 ) -> None:
     """Evaluate robustness over a dataset: every volume x member x eps, with MedIS fusion and the worst case (resumable)."""
     _quiet_warnings()
-    from medis3d.evaluate import evaluate_dataset, read_dataset
+    from medis3d.study import evaluate_dataset, read_dataset
 
     params = dict(locals(), preset=preset or "reliable")
     try:
@@ -668,8 +668,8 @@ def diagnose(
     _quiet_warnings()
     from medis3d.diagnose import Diagnose
     from medis3d.io import read_volume
-    from medis3d.pipeline import default_out_dir, read_segmentation
     from medis3d.report import write_json
+    from medis3d.workflow import default_out_dir, read_segmentation
 
     try:
         bare = {"network": network, "network_def": network_def, "transforms": transforms}
@@ -715,7 +715,7 @@ def predict(
 ) -> None:
     """Segment SCAN with the target and write the label map on the scan's grid."""
     _quiet_warnings()
-    from medis3d.pipeline import run_predict
+    from medis3d.workflow import run_predict
 
     try:
         bare = {"network": network, "network_def": network_def, "transforms": transforms}
@@ -744,7 +744,7 @@ def bundle_check(
 ) -> None:
     """Load BUNDLE safely, list what will be attacked, and check that gradients reach the scan."""
     _quiet_warnings()
-    from medis3d.check import check_bundle
+    from medis3d.bundle_check import check_bundle
 
     try:
         # a config can be checked before its weights exist (a notice says the weights are random)

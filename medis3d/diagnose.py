@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from medis3d.attacks import Budget
+from medis3d.fusion import MedIS
 from medis3d.io.volume import Volume
 from medis3d.losses import get_loss
-from medis3d.medis import MedIS
 from medis3d.members import Member, parse_members
 from medis3d.metrics import dice_per_class
 from medis3d.target import Target

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 from medis3d.errors import BundleError, InputError, OutputError, first_line
-from medis3d.evaluate import Case, datalist_cases, read_dataset
 from medis3d.html_report import harden_page, number
 from medis3d.io import read_volume
 from medis3d.io.atomic import atomic_path, write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import make_names_unique
+from medis3d.study import Case, datalist_cases, read_dataset
 from medis3d.target import Target
 
 STATE_DIR = ".harden"
@@ -187,7 +187,7 @@ def label_to_model_space(target: Target, segmentation: np.ndarray, scan_affine: 
 
 def model_space_case(target: Target, case: Case) -> ModelSpaceCase:
     """Read ``case`` (image and label, checked as ``attack --label`` checks them) into model space."""
-    from medis3d.pipeline import read_segmentation
+    from medis3d.workflow import read_segmentation
 
     if case.label is None:
         raise InputError(f"{case.image}: no label to train on")
@@ -404,7 +404,7 @@ def harden(source: str | Path | None, dataset: Path, out: Path, options: HardenO
         note("phase", {"text": f"reading {len(train)} training and {len(validation)} validation volume(s)"})
         train_cases = [model_space_case(target, c) for c in train]
         for case in validation:  # checked before anything is written, like the training volumes
-            from medis3d.pipeline import read_segmentation
+            from medis3d.workflow import read_segmentation
 
             if case.label is not None:  # validation entries all have labels (need_label)
                 read_segmentation(case.label, read_volume(case.image), target, "label")
@@ -557,8 +557,8 @@ def compare(source: Path, hardened: Path, source_name: str, cases: Sequence[Case
     """Run ``evaluate`` on ``cases`` for the source and the hardened bundle at the same budgets with the same
     members, and tabulate clean Dice, Dice under the per-volume worst case, the attack success rate and eps50."""
     from medis3d.bundle import load_bundle
-    from medis3d.evaluate import evaluate_dataset
     from medis3d.members import PRESETS, parse_members
+    from medis3d.study import evaluate_dataset
 
     preset = PRESETS[options.eval_preset]
     members = parse_members(list(options.eval_members)) if options.eval_members else preset.parsed()

@@ -57,7 +57,7 @@ class BundleAttack:
         import torch
 
         from medis3d.bundle import load_bundle
-        from medis3d.pipeline import AttackOptions, run_attack
+        from medis3d.workflow import AttackOptions, run_attack
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # MONAI's runner already executes this config's code: the user trusts it.

@@ -18,8 +18,8 @@ from monai.data import MetaTensor
 from medis3d.engine import Precision, WindowEngine, WindowFailure, WindowSettings, _plain
 from medis3d.errors import InputError, first_line
 from medis3d.io.volume import Volume
+from medis3d.preprocessing import DifferentiablePreprocessing
 from medis3d.reductions import channel_argmax
-from medis3d.transforms_diff import DifferentiablePreprocessing
 
 _EPS = 1e-6
 
@@ -162,7 +162,7 @@ class Target:
 
     def model_input(self, x_native: torch.Tensor, volume: Volume, gradient: str = "standard") -> MetaTensor:
         """The preprocessed, model-space input ``(C, *S)``; differentiable in ``x_native`` by the ``gradient``
-        path (``standard``, ``smooth`` or ``exact``: :mod:`medis3d.transforms_diff`)."""
+        path (``standard``, ``smooth`` or ``exact``: :mod:`medis3d.preprocessing`)."""
         if x_native.shape[0] != self.in_channels:
             raise InputError(
                 f"{volume.path}: the model takes {self.in_channels} channel(s), the scan has {x_native.shape[0]}"

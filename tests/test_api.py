@@ -12,8 +12,8 @@ import pytest
 
 import medis3d
 from medis3d.errors import OutputError
+from medis3d.fusion import MedIS, MedISResult
 from medis3d.io import read_volume, write_volume
-from medis3d.medis import MedIS, MedISResult
 
 
 @pytest.fixture(scope="module")

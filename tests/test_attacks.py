@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from medis3d.attacks import ALIASES, ATTACKS
 from medis3d.attacks.apgd import checkpoints
 from medis3d.cli import app
+from medis3d.fusion import MedIS
 from medis3d.io import read_volume, write_nifti
-from medis3d.medis import MedIS
 from medis3d.metrics import dice_per_class
 
 runner = CliRunner()

@@ -93,7 +93,7 @@ def test_checkpoint_dict_weights_and_zip(tmp_path):
 def test_normalize_intensity_nonzero_is_differentiable(tmp_path):
     from monai.transforms import NormalizeIntensity
 
-    from medis3d.transforms_diff import NormalizeIntensityDiff
+    from medis3d.preprocessing import NormalizeIntensityDiff
 
     x = torch.rand(1, 8, 9, 10)
     x[:, :2] = 0

@@ -227,7 +227,7 @@ def test_datalist_entries_with_channel_lists_and_missing_parts(tmp_path):
     import pytest
 
     from medis3d.errors import InputError
-    from medis3d.evaluate import datalist_cases
+    from medis3d.study import datalist_cases
 
     datalist = tmp_path / "sub" / "dataset.json"
     cases = datalist_cases([{"image": ["t1.nii.gz", "t2.nii.gz"], "label": "seg.nii.gz"}, "solo.nii.gz"], datalist, "test")

@@ -92,7 +92,7 @@ def _cpu_seconds(pid: int) -> float:
 @pytest.fixture(scope="module")
 def import_cpu_seconds() -> float:
     """CPU seconds the command line's imports take here (torch and MONAI: several on a slow machine)."""
-    code = "import time; import medis3d.cli, medis3d.pipeline, medis3d.bundle; print(time.process_time())"
+    code = "import time; import medis3d.cli, medis3d.workflow, medis3d.bundle; print(time.process_time())"
     done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120, check=True)
     return float(done.stdout.split()[-1])
 
@@ -187,7 +187,7 @@ def test_output_folder_without_permission(tiny_bundle, scan_file, tmp_path, monk
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
 def test_a_failed_write_leaves_nothing(tiny_bundle, scan_file, tmp_path, monkeypatch, err):
-    import medis3d.pipeline as pipeline
+    import medis3d.workflow as pipeline
 
     def full(path, data):  # the last file written (the report): every other output is already staged
         raise OSError(err, os.strerror(err), str(path))
@@ -321,7 +321,7 @@ def test_a_memory_budget_no_setting_meets_is_refused_with_the_smallest(tiny_bund
 
 
 def test_a_volume_too_large_for_the_machine_is_refused_before_the_attack(tiny_bundle, scan_file, tmp_path, monkeypatch):
-    import medis3d.medis as medis
+    import medis3d.fusion as medis
     import medis3d.memory as memory
 
     monkeypatch.setattr(memory, "available_device_bytes", lambda device: 2e6)  # a machine with 2 MB free
@@ -360,8 +360,8 @@ def test_one_volume_leaves_the_target_as_it_found_it(tiny_bundle, tmp_path, monk
     from medis3d.bundle import load_bundle
     from medis3d.checkpointing import CheckpointedStage
     from medis3d.memory import MemoryPlan
-    from medis3d.pipeline import AttackOptions, run_attack
     from medis3d.report import peak_memory_mb, reset_peak_memory
+    from medis3d.workflow import AttackOptions, run_attack
 
     target = load_bundle(tiny_bundle)
     before = (target.window.as_dict(), target.checkpointing, target.precision, list(target.notices))

@@ -7,8 +7,8 @@ import pytest
 
 from medis3d.attacks import MemberResult
 from medis3d.errors import InputError
+from medis3d.fusion import MedIS, select_member
 from medis3d.io import read_volume
-from medis3d.medis import MedIS, select_member
 from medis3d.metrics import dice_per_class
 
 

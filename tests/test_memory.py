@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from medis3d.bundle import load_bundle
+from medis3d.fusion import MedIS
 from medis3d.io import read_volume
-from medis3d.medis import MedIS
 from medis3d.memory import parse_size
 
 
@@ -45,7 +45,7 @@ from monai.networks.nets import SegResNet
 from medis3d.engine import WindowSettings
 from medis3d.io.volume import Volume
 from medis3d.target import Target
-from medis3d.transforms_diff import DifferentiablePreprocessing
+from medis3d.preprocessing import DifferentiablePreprocessing
 from medis3d.memory import plan_memory
 budget, members = int(sys.argv[1]), int(sys.argv[3])
 torch.manual_seed(0)

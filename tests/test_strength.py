@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from medis3d.attacks.apgd import SEA_RADII, stage_iterations
 from medis3d.cli import app
 from medis3d.errors import InputError
+from medis3d.fusion import MedIS
 from medis3d.io import read_volume
-from medis3d.medis import MedIS
 from medis3d.members import PRESETS, Member, parse_members, product, with_restarts
 from medis3d.metrics import dice_per_class
-from medis3d.transforms_diff import PercentileScaling, quantile
+from medis3d.preprocessing import PercentileScaling, quantile
 
 runner = CliRunner()
 
@@ -138,7 +138,7 @@ def test_percentile_scaling_equals_monai_with_a_gradient_at_any_size(size):
 
 
 def test_smooth_path_reaches_every_voxel_of_a_downsampled_scan_with_the_same_forward():
-    from medis3d.transforms_diff import DifferentiablePreprocessing, build_step
+    from medis3d.preprocessing import DifferentiablePreprocessing, build_step
 
     pre = DifferentiablePreprocessing([build_step("Spacingd", {"keys": "image", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"}),
                                        build_step("ScaleIntensityRangePercentilesd", {"keys": "image", "lower": 0.5, "upper": 99.5,

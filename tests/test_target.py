@@ -79,8 +79,8 @@ def _small_target(network=None, **clip):
     from monai.networks.nets import UNet
 
     from medis3d.engine import WindowSettings
+    from medis3d.preprocessing import DifferentiablePreprocessing, build_step
     from medis3d.target import Target
-    from medis3d.transforms_diff import DifferentiablePreprocessing, build_step
 
     torch.manual_seed(0)
     window = dict(a_min=-100, a_max=300, b_min=0, b_max=1, clip=True) | clip

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from medis3d.attacks.base import Together, drive_together
+from medis3d.fusion import MedIS
 from medis3d.io import read_volume
-from medis3d.medis import MedIS
 
 # members of different optimisers, losses and starts, some stopping early (least-perturbation fusion)
 MEMBERS = ("igsm:dice,igsm:ce,pgd:ce,apgd:masked_spherical[random_start=1],apgd:js[random_start=1,seed=1],"

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from medis3d.errors import InputError
+from medis3d.fusion import PAPER_EPS, PAPER_STEP, PAPER_STEPS, MedIS, MedISResult
 from medis3d.io import channel_paths, check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import Volume
-from medis3d.medis import PAPER_EPS, PAPER_STEP, PAPER_STEPS, MedIS, MedISResult
 from medis3d.metrics import (
     dice_per_class,
     flipped_fraction,

@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from medis3d.errors import InputError
+from medis3d.fusion import MedIS, select_member
 from medis3d.html_report import dice_curves, eps_label, evaluation_page, reference_words, stopping_words
 from medis3d.io import read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import make_names_unique, safe_name, scan_name
-from medis3d.medis import MedIS, select_member
 from medis3d.metrics import confusion_counts, dice_per_class, flipped_fraction, hd95_per_class, mean_iou, perturbation_norms
-from medis3d.pipeline import read_segmentation
 from medis3d.report import clean_json
 from medis3d.target import Target
+from medis3d.workflow import read_segmentation
 
 COLUMNS = [
     "volume", "member", "attack", "loss", "eps", "clean_dice", "adversarial_dice", "clean_dice_per_class", "adversarial_dice_per_class",
