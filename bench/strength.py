@@ -59,7 +59,7 @@ import reference as plain
 from _common import ROOT, Goal as Figure, print_table, set_threads
 
 from medis3d.bundle import default_bundle_path, load_bundle
-from medis3d.fusion import MedIS
+from medis3d.fusion import MedIS, MemberOutcome, select_member
 from medis3d.io import read_volume
 from medis3d.io.volume import Volume
 from medis3d.members import DEFAULT_PRESET, PRESETS
@@ -242,11 +242,9 @@ class Runner:
         rows = [self.member(case, m.name, eps, m.option("steps") or steps, select, what or preset) for m in p.parsed()]
         if any(r is None for r in rows):
             return None
-        if select == "strongest":
-            chosen = min(rows, key=lambda r: r["dice"])
-        else:  # the paper's: among the successful, the least L-inf, else the strongest
-            successful = [r for r in rows if r["success"]]
-            chosen = min(successful, key=lambda r: r["linf_255"]) if successful else min(rows, key=lambda r: r["dice"])
+        # medis3d's own rule (select_member): the strongest by mean IoU, or among the successful the least L-inf
+        outcomes = [MemberOutcome(bool(r["success"]), float(r["mean_iou"]), int(r["evaluations"]), float(r["linf_255"])) for r in rows]
+        chosen = rows[select_member(outcomes, goal_targeted=False, select=select)]
         return {"dice": chosen["dice"], "success": chosen["success"], "mean_iou": chosen["mean_iou"],
                 "evaluations": sum(r["evaluations"] for r in rows), "gradient_passes": sum(r["gradient_passes"] for r in rows),
                 "time_s": sum(r.get("time_s", 0.0) for r in rows), "members": rows}

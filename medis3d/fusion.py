@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -150,13 +150,40 @@ class Setting:
     clean_prediction: np.ndarray
 
 
-def select_member(members: Sequence[MemberResult], goal_targeted: bool, select: str = "least", norm: str = "linf") -> int:
-    """Index of the member MedIS keeps (see the module docstring)."""
+class Outcome(Protocol):
+    """What fusion selects on: a member's outcome, live (:class:`MemberResult`) or recorded (:class:`MemberOutcome`)."""
+
+    @property
+    def success(self) -> bool: ...
+    @property
+    def score(self) -> float: ...  # mean IoU with the reference (untargeted) or with the target (targeted)
+    @property
+    def steps(self) -> int: ...
+    @property
+    def linf_native(self) -> float: ...
+    @property
+    def l2_native(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class MemberOutcome:
+    """A member's outcome as a study or a benchmark recorded it, for :func:`select_member`."""
+
+    success: bool
+    score: float
+    steps: int
+    linf_native: float
+    l2_native: float = 0.0
+
+
+def select_member(members: Sequence[Outcome], goal_targeted: bool, select: str = "least", norm: str = "linf") -> int:
+    """Index of the member MedIS keeps (see the module docstring); the one rule for a live fusion, a study's
+    recorded members (``medis3d evaluate``) and the benchmark."""
     if not members:
         raise ValueError("no members to select from")
     better = (lambda s: -s) if goal_targeted else (lambda s: s)  # smaller key is better
 
-    def size(m: MemberResult) -> tuple[float, float]:
+    def size(m: Outcome) -> tuple[float, float]:
         return (m.l2_native, m.linf_native) if norm == "l2" else (m.linf_native, m.l2_native)
 
     successful = [i for i, m in enumerate(members) if m.success]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medis3d.errors import InputError
-from medis3d.fusion import MedIS, select_member
+from medis3d.fusion import MedIS, MemberOutcome, select_member
 from medis3d.html_report import dice_curves, eps_label, evaluation_page, reference_words, stopping_words
 from medis3d.io import read_volume
 from medis3d.io.atomic import write_text_atomic
@@ -389,8 +389,6 @@ def fusion_rows(rows: list[dict], threshold: float | None) -> list[dict]:
     MedIS (least perturbation among the successful) over each attack's members (``medis_<attack>``)
     and over every member (``medis_full``), and the per-volume worst case over every member
     (``worst_case``: the member closest to the goal, as SEA reports its ensemble)."""
-    from medis3d.attacks import MemberResult
-
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -400,9 +398,9 @@ def fusion_rows(rows: list[dict], threshold: float | None) -> list[dict]:
     for (_volume, _eps, name), members in groups.items():
         if name.startswith("medis_") and name != "medis_full" and len(members) < 2:
             continue
-        proxies = [MemberResult(m["attack"], m["loss"], m["success"], m["steps"], np.zeros(1), np.zeros(1),
-                                m["adversarial_mean_iou"], m["linf_native"], l2_native=m["l2_native"]) for m in members]
-        chosen = members[select_member(proxies, goal_targeted=False, select="strongest" if name == "worst_case" else "least")]
+        outcomes = [MemberOutcome(bool(m["success"]), float(m["adversarial_mean_iou"]), int(m["steps"]), float(m["linf_native"]),
+                                  float(m["l2_native"])) for m in members]
+        chosen = members[select_member(outcomes, goal_targeted=False, select="strongest" if name == "worst_case" else "least")]
         out.append({**chosen, "attack": name, "loss": chosen.get("member") or f"{chosen['attack']}:{chosen['loss']}",
                     "member": name})
     return out

@@ -92,3 +92,17 @@ def test_early_stop_at_success_and_best_iterate_kept(tiny_target, scan_file):
     # a lenient threshold is met quickly: the attack stops at the first successful step
     assert m.success and m.steps == len(m.trace) - 1 and m.steps < 10
     assert [r.success for r in m.trace].index(True) == m.steps
+
+
+@pytest.mark.parametrize("select", ["least", "strongest"])
+@pytest.mark.parametrize("targeted", [False, True])
+def test_recorded_outcomes_select_as_live_members(select, targeted):
+    """A study's rows and the benchmark's cache select through the same rule as a live fusion."""
+    from medis3d.fusion import MemberOutcome
+
+    live = [member("a", True, 5, 5.0, 0.2), member("b", False, 2, 2.0, 0.9), member("c", True, 3, 3.0, 0.45),
+            member("d", False, 9, 9.0, 0.1)]
+    recorded = [MemberOutcome(m.success, m.score, m.steps, m.linf_native, m.l2_native) for m in live]
+    index = select_member(live, goal_targeted=targeted, select=select)
+    assert select_member(recorded, goal_targeted=targeted, select=select) == index
+    assert index == {("least", False): 2, ("strongest", False): 3, ("least", True): 2, ("strongest", True): 1}[select, targeted]
