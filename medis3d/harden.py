@@ -41,7 +41,7 @@ from medis3d.io import read_volume
 from medis3d.io.atomic import atomic_path, write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import make_names_unique
-from medis3d.study import Case, datalist_cases, read_dataset
+from medis3d.study import Case, datalist_cases, read_datalist, read_dataset
 from medis3d.target import Target
 
 STATE_DIR = ".harden"
@@ -129,10 +129,7 @@ def read_training_dataset(dataset: Path, labels: Path | None = None, val_split: 
     named alike; where nothing is set aside for validation, the last ``val_split`` of the training cases."""
     dataset = Path(dataset)
     if dataset.is_file():
-        try:
-            data = json.loads(dataset.read_text())
-        except ValueError as exc:
-            raise InputError(f"{dataset}: not a JSON datalist ({exc})") from exc
+        data = read_datalist(dataset)
         if not isinstance(data, dict) or not data.get("training"):
             raise InputError(f"{dataset}: no 'training' entries")
         train = make_names_unique(_entries(data, "training", dataset))

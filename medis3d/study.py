@@ -13,10 +13,11 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from medis3d.errors import InputError
+from medis3d.errors import InputError, first_line
 from medis3d.fusion import MedIS, MemberOutcome, select_member
 from medis3d.html_report import dice_curves, eps_label, evaluation_page, reference_words, stopping_words
 from medis3d.io import read_volume
@@ -84,14 +85,19 @@ def datalist_cases(entries: Sequence, dataset: Path, key: str, need_label: str |
     return cases
 
 
+def read_datalist(dataset: Path) -> Any:
+    """A datalist file's JSON, or the one-line error naming the file."""
+    try:
+        return json.loads(Path(dataset).read_text())
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{dataset}: not a JSON datalist ({first_line(exc)})") from exc
+
+
 def read_dataset(dataset: Path, labels: Path | None = None) -> list[Case]:
     """A Decathlon-style datalist (``test``, ``testing`` or ``validation``) or a folder of images."""
     dataset = Path(dataset)
     if dataset.is_file():
-        try:
-            data = json.loads(dataset.read_text())
-        except ValueError as exc:
-            raise InputError(f"{dataset}: not a JSON datalist ({exc})") from exc
+        data = read_datalist(dataset)
         entries = None
         for key in ("test", "testing", "validation"):
             if isinstance(data, dict) and data.get(key):
