@@ -187,12 +187,12 @@ def test_output_folder_without_permission(tiny_bundle, scan_file, tmp_path, monk
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
 def test_a_failed_write_leaves_nothing(tiny_bundle, scan_file, tmp_path, monkeypatch, err):
-    import medis3d.workflow as pipeline
+    import medis3d.workflow as workflow
 
     def full(path, data):  # the last file written (the report): every other output is already staged
         raise OSError(err, os.strerror(err), str(path))
 
-    monkeypatch.setattr(pipeline, "write_json", full)
+    monkeypatch.setattr(workflow, "write_json", full)
     before = scan_file.read_bytes()
     out = tmp_path / "out"
     line = _one_line_error(_attack(tiny_bundle, scan_file, out))
@@ -321,11 +321,11 @@ def test_a_memory_budget_no_setting_meets_is_refused_with_the_smallest(tiny_bund
 
 
 def test_a_volume_too_large_for_the_machine_is_refused_before_the_attack(tiny_bundle, scan_file, tmp_path, monkeypatch):
-    import medis3d.fusion as medis
+    import medis3d.fusion as fusion
     import medis3d.memory as memory
 
     monkeypatch.setattr(memory, "available_device_bytes", lambda device: 2e6)  # a machine with 2 MB free
-    monkeypatch.setattr(medis.MedIS, "__call__", lambda *a, **k: pytest.fail("the attack started"))
+    monkeypatch.setattr(fusion.MedIS, "__call__", lambda *a, **k: pytest.fail("the attack started"))
     out = tmp_path / "out"
     line = _one_line_error(_attack(tiny_bundle, scan_file, out))
     assert str(scan_file) in line and "needs at least" in line and "more than the 2 MB free" in line
