@@ -145,8 +145,13 @@ def member_row(target: Target, case: Case, member, eps: float, result, reference
     }
 
 
-def _cache_file(cache: Path, case: Case, member, eps: float) -> Path:
-    digest = hashlib.sha1(member.name.encode()).hexdigest()[:8]
+def _cache_file(cache: Path, case: Case, member, eps: float, setting: dict) -> Path:
+    """Where a member's row at ``eps`` is cached: named for the member and for everything else its outcome depends
+    on (``setting``: the model, the step, steps, units, seed and success threshold, the case's files), so a rerun
+    into the same folder with any of them changed runs the member anew instead of reusing a row made otherwise."""
+    key = json.dumps({"member": member.name, "eps": f"{eps:.6g}", "image": str(case.image), "label": str(case.label or ""),
+                      **setting}, sort_keys=True, default=str)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return cache / case.name / f"{safe_name(member.name)}_{digest}_{eps:.6g}.json"
 
 
@@ -211,6 +216,8 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
 
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
+    outcome_setting = {"target": f"{target.source}:{target.name}", "step": f"{step:.6g}", "steps": steps,
+                       "eps_units": eps_units, "seed": seed, "success": success}
     rows: list[dict] = []
     diagnoses: dict[str, dict] = {}
     for case in cases:
@@ -223,7 +230,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed,
                           stop_at_success=stop_at_success)
-            cached: dict[str, dict | None] = {m.name: _cached_row(_cache_file(cache, case, m, eps), victims, stop_at_success) for m in medis.members()}
+            cached: dict[str, dict | None] = {m.name: _cached_row(_cache_file(cache, case, m, eps, outcome_setting), victims, stop_at_success) for m in medis.members()}
             missing = [m for m in medis.members() if cached[m.name] is None]
             ran: dict[str, tuple] = {}
             if missing:  # the members not cached yet (batched through the network with --together)
@@ -242,7 +249,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                     row["stop_at_success"] = bool(stop_at_success)
                     row["transfer"] = json.dumps(clean_json({vc.victim.name: vc.score(adversarial) for vc in victim_cases or []}))
                     text = json.dumps(clean_json(row))
-                    write_text_atomic(_cache_file(cache, case, member, eps), text)
+                    write_text_atomic(_cache_file(cache, case, member, eps, outcome_setting), text)
                     cached[member.name] = json.loads(text)  # as a resumed run reads it back
                     ran[member.name] = (result, setting)
             case_rows = [row for row in (cached[m.name] for m in medis.members()) if row is not None]  # all filled above

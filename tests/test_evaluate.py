@@ -179,6 +179,32 @@ def test_evaluate_resume_runs_only_the_members_not_cached(tiny_bundle, tmp_path)
         assert len([r for r in csv.DictReader(f) if not r["attack"].startswith(("medis", "worst"))]) == 2 * 4
 
 
+def test_evaluate_resume_reuses_a_row_only_under_the_same_settings(tiny_bundle, tmp_path):
+    """A rerun into the same --out with another --steps, --step, --seed or --success (the Carlini et al. checks:
+    step doubling, restarts) runs its members anew; with the same settings it reuses every row."""
+    root = _dataset(tmp_path)
+    out = tmp_path / "study"
+    base = ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(tiny_bundle), "--attacks", "pgd",
+            "--losses", "ce", "--eps", "8/255", "--quiet"]
+    runs = {"steps 2": ["--step", "4/255", "--steps", "2"], "steps 4": ["--step", "4/255", "--steps", "4"],
+            "step 2/255": ["--step", "2/255", "--steps", "4"], "seed 1": ["--step", "2/255", "--steps", "4", "--seed", "1"],
+            "success 0.3": ["--step", "2/255", "--steps", "4", "--seed", "1", "--success", "0.3"]}
+    seen: dict = {}
+    for name, extra in runs.items():
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+        files = {f: f.stat().st_mtime_ns for f in (out / "cache").rglob("*.json") if f.name != "overview.json"}
+        new = {f for f in files if f not in seen}
+        assert len(new) == 2, name  # both volumes' pgd:ce ran again under the new setting
+        seen.update(files)
+        with open(out / "results.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r["member"] == "pgd:ce"]
+        assert len(rows) == 2  # this run's rows only, not the earlier settings'
+    again = runner.invoke(app, base + runs["success 0.3"])
+    assert again.exit_code == 0
+    assert {f: f.stat().st_mtime_ns for f in seen} == seen  # the same settings: every row reused
+
+
 def test_evaluate_members_run_to_their_strongest_point_unless_told_to_stop_at_success(tiny_bundle, tmp_path):
     """By default a member that succeeds keeps going and its row is the lowest score it reached (a robustness curve
     that is not cut at the success threshold); --stop-at-success rows are where the member first succeeded. A cached
