@@ -496,6 +496,9 @@ def evaluate(
     victim: str | None = typer.Option(None, "--victim", help="Comma-separated bundles (folders, .zip or shipped names) that every adversarial is also scored on: a transfer matrix (the black-box threat) in results.csv, summary.json and report.html."),
     config: str | None = CONFIG,
     trust_bundle: bool = TRUST,
+    network: Path | None = NETWORK,
+    network_def: Path | None = NETWORK_DEF,
+    transforms: str | None = TRANSFORMS,
     preset: str | None = typer.Option(None, "--preset", help="reliable (the default here: the measured-strongest ensemble) or paper (MedIS as published)."),
     members: str | None = MEMBERS,
     attacks: str | None = ATTACKS,
@@ -506,6 +509,7 @@ def evaluate(
     steps: int | None = STEPS,
     eps_units: str = EPS_UNITS,
     success: float | None = SUCCESS,
+    norm: str = NORM,
     diagnose: bool = typer.Option(False, "--diagnose", help="Also run the gradient-masking checks (medis3d diagnose) on each volume at the largest budget, into diagnose/."),
     stop_at_success: bool = typer.Option(False, "--stop-at-success", help="Stop each member at its first success (mean IoU <= the threshold). Faster, and the success rate is the same, but Dice at a budget where a member succeeds is then where it stopped, not the lowest it reaches: without it every member runs all its iterations and keeps its strongest iterate."),
     device: str | None = DEVICE,
@@ -515,6 +519,7 @@ def evaluate(
 ) -> None:
     """Evaluate robustness over a dataset: every volume x member x eps, with MedIS fusion and the worst case (resumable)."""
     _quiet_warnings()
+    from medis3d.io.volume import scan_name
     from medis3d.study import evaluate_dataset, read_dataset
 
     params = dict(locals(), preset=preset or "reliable")
@@ -525,11 +530,14 @@ def evaluate(
         _check_together(together)
         _, member_list, step_value, steps_value, _ = resolve_members(params)
         cases = read_dataset(dataset, labels)
-        tgt = _load_target(bundle, config, trust_bundle, device or _default_device())
-        source = _bundle_name(bundle)
+        if norm not in ("linf", "l2"):
+            raise InputError(f"--norm must be linf or l2, got {norm!r}")
+        bare = {"network": network, "network_def": network_def, "transforms": transforms}
+        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare)
+        source = _bundle_name(bundle) if network is None else scan_name(network)
         victims = _load_victims(victim, tgt, source, trust_bundle, device or _default_device())
         kwargs: dict[str, Any] = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
-                      eps_units=eps_units, success=success, seed=seed, diagnose=diagnose, together=together,
+                      eps_units=eps_units, success=success, seed=seed, norm=norm, diagnose=diagnose, together=together,
                       victims=victims, source=source, stop_at_success=stop_at_success,
                       settings=_study_settings(params, member_list, eps_list, step_value, steps_value))
         if quiet:

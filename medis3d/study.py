@@ -169,6 +169,7 @@ def evaluate_dataset(
     eps_units: str = "normalized",
     success: float | None = None,
     seed: int = 0,
+    norm: str = "linf",
     diagnose: bool = False,
     progress: Callable[[str], None] | None = None,
     together: int | None = None,
@@ -191,7 +192,7 @@ def evaluate_dataset(
     check_output_folder(out)
     with output_lock(out), writing(out):
         return _evaluate_dataset(target, cases, out, attacks=attacks, losses=losses, members=members, eps_list=eps_list,
-                                 step=step, steps=steps, eps_units=eps_units, success=success, seed=seed, diagnose=diagnose,
+                                 step=step, steps=steps, eps_units=eps_units, success=success, seed=seed, norm=norm, diagnose=diagnose,
                                  progress=progress, together=together, victims=victims, source=source, settings=settings,
                                  stop_at_success=stop_at_success)
 
@@ -210,14 +211,14 @@ def _cached_row(path: Path, victims: Sequence[Victim], stop_at_success: bool) ->
 
 
 def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attacks, losses, members, eps_list, step, steps,
-                      eps_units, success, seed, diagnose, progress, together=None, victims: Sequence[Victim] = (),
+                      eps_units, success, seed, diagnose, progress, norm: str = "linf", together=None, victims: Sequence[Victim] = (),
                       source: str | None = None, settings: dict | None = None, stop_at_success: bool = False) -> dict:
     from medis3d.memory import auto_together
 
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     outcome_setting = {"target": f"{target.source}:{target.name}", "step": f"{step:.6g}", "steps": steps,
-                       "eps_units": eps_units, "seed": seed, "success": success}
+                       "eps_units": eps_units, "seed": seed, "success": success, "norm": norm}
     rows: list[dict] = []
     diagnoses: dict[str, dict] = {}
     for case in cases:
@@ -228,7 +229,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
         victim_cases: list[_VictimCase] | None = None
         for eps in eps_list:
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
-                          steps=steps, eps_units=eps_units, success_threshold=success, seed=seed,
+                          steps=steps, eps_units=eps_units, success_threshold=success, seed=seed, norm=norm,
                           stop_at_success=stop_at_success)
             cached: dict[str, dict | None] = {m.name: _cached_row(_cache_file(cache, case, m, eps, outcome_setting), victims, stop_at_success) for m in medis.members()}
             missing = [m for m in medis.members() if cached[m.name] is None]
@@ -255,7 +256,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
             case_rows = [row for row in (cached[m.name] for m in medis.members()) if row is not None]  # all filled above
             rows.extend(case_rows)
             if eps == max(eps_list):
-                _write_case_overview(target, case, volume, case_rows, ran, success, cache, eps_units)
+                _write_case_overview(target, case, volume, case_rows, ran, success, cache, eps_units, norm)
             if progress is not None:
                 progress(case.name)
         if diagnose:
@@ -263,7 +264,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                                                   steps, eps_units, seed, members)
             if progress is not None:
                 progress(case.name)
-    fused = fusion_rows(rows, success)
+    fused = fusion_rows(rows, success, norm)
     all_rows = rows + fused
     _write_csv(out / "results.csv", all_rows)
     summary = summarise(all_rows)
@@ -297,13 +298,13 @@ def _overview_file(cache: Path, case: Case) -> Path:
 
 
 def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dict], ran: dict, success, cache: Path,
-                         eps_units: str) -> None:
+                         eps_units: str, norm: str = "linf") -> None:
     """The overview of the member the full fusion chose at the largest budget, where it ran in this session
     (a member cached by an earlier run kept no adversarial: an overview is shown only where ``overview.json``
     says it is of the member chosen now, at this budget)."""
     from medis3d.report import write_overview
 
-    chosen = next(r for r in fusion_rows(case_rows, success) if r["attack"] == "medis_full")["loss"]
+    chosen = next(r for r in fusion_rows(case_rows, success, norm) if r["attack"] == "medis_full")["loss"]
     if chosen not in ran:
         return
     result, setting = ran[chosen]
@@ -397,7 +398,7 @@ def _diagnose_case(target: Target, case: Case, volume, reference, folder: Path, 
     return result
 
 
-def fusion_rows(rows: list[dict], threshold: float | None) -> list[dict]:
+def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -> list[dict]:
     """Fusions per (volume, eps), selected from the members' recorded outcomes by :func:`select_member`:
     MedIS (least perturbation among the successful) over each attack's members (``medis_<attack>``)
     and over every member (``medis_full``), and the per-volume worst case over every member
@@ -413,7 +414,8 @@ def fusion_rows(rows: list[dict], threshold: float | None) -> list[dict]:
             continue
         outcomes = [MemberOutcome(bool(m["success"]), float(m["adversarial_mean_iou"]), int(m["steps"]), float(m["linf_native"]),
                                   float(m["l2_native"])) for m in members]
-        chosen = members[select_member(outcomes, goal_targeted=False, select="strongest" if name == "worst_case" else "least")]
+        chosen = members[select_member(outcomes, goal_targeted=False, select="strongest" if name == "worst_case" else "least",
+                                       norm=norm)]
         out.append({**chosen, "attack": name, "loss": chosen.get("member") or f"{chosen['attack']}:{chosen['loss']}",
                     "member": name})
     return out

@@ -264,3 +264,37 @@ def test_datalist_entries_with_channel_lists_and_missing_parts(tmp_path):
         datalist_cases([{"label": "seg.nii.gz"}], datalist, "test")
     with pytest.raises(InputError, match="training entry solo.nii.gz has no label; labels needed"):
         datalist_cases(["solo.nii.gz"], datalist, "training", need_label="labels needed")
+
+
+def test_evaluate_a_bare_network_under_an_l2_budget(tiny_bundle, tmp_path):
+    """evaluate takes --network/--transforms as attack does, and --norm l2: every row's L2 stays in the ball
+    (native units), the study names the network, and a rerun under L-inf runs its members anew."""
+    import torch
+
+    from medis3d.bundle import load_bundle
+
+    root = _dataset(tmp_path)
+    scripted = tmp_path / "tiny.ts"
+    torch.jit.script(load_bundle(tiny_bundle).network).save(str(scripted))
+    transforms = tmp_path / "tiny_transforms.json"
+    config = json.loads((tiny_bundle / "configs" / "inference.json").read_text())
+    transforms.write_text(json.dumps({"image_key": "image", "preprocessing": config["preprocessing"], "inferer": config["inferer"]}))
+    out = tmp_path / "study"
+    eps = 2000.0  # native units: an L2 ball around the whole scan
+    args = ["evaluate", str(root / "dataset.json"), "--out", str(out), "--network", str(scripted), "--transforms", str(transforms),
+            "--members", "pgd:ce", "--eps", str(eps), "--eps-units", "native", "--step", "500", "--steps", "3", "--quiet"]
+    result = runner.invoke(app, [*args, "--norm", "l2"])
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["member"] == "pgd:ce"]
+    assert len(rows) == 2
+    for r in rows:
+        assert 0 < float(r["l2_native"]) <= eps * 1.001
+        assert float(r["adversarial_dice"]) < float(r["clean_dice"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["options"]["norm"] == "l2" and "tiny" in json.dumps(summary)
+    files = set((out / "cache").rglob("pgd_ce_*.json"))
+    assert runner.invoke(app, [*args, "--norm", "linf"]).exit_code == 0
+    assert len(set((out / "cache").rglob("pgd_ce_*.json")) - files) == 2  # another norm, another outcome
+    bad = runner.invoke(app, [*args, "--norm", "l3"])
+    assert bad.exit_code == 2 and "--norm must be linf or l2" in bad.output
