@@ -60,6 +60,22 @@ def test_native_gradient_equals_full_autograd(tiny_target, scan_file):
     assert (ours - expected).norm() / expected.norm() <= 1e-4
 
 
+def test_confident_voxels_keep_their_margin_and_its_gradient_on_the_scan_grid(tiny_target, scan_file):
+    """The losses see the scan-grid log-probabilities: a voxel right by a logit margin of 30 keeps that margin
+    and its gradient there (a float32 clamp at 1e-6 made every margin beyond 13.8 flat: no gradient at all from
+    the most confident voxels, measured as a weaker margin attack on the shipped model)."""
+    vol = read_volume(scan_file)
+    model_in = tiny_target.model_input(torch.from_numpy(vol.array), vol)
+    stitched = torch.zeros(1, 2, *model_in.shape[1:])
+    stitched[:, 1] = 30.0  # class 1 everywhere, by a margin of 30
+    stitched.requires_grad_(True)
+    scan = tiny_target.to_scan_grid(stitched, model_in)
+    margin = scan[0, 1] - scan[0, 0]
+    assert torch.allclose(margin, torch.full_like(margin, 30.0), atol=1e-3)
+    (grad,) = torch.autograd.grad(margin.mean(), stitched)
+    assert float(grad[:, 1].sum()) == pytest.approx(1.0, rel=1e-3) and float(grad[:, 0].sum()) == pytest.approx(-1.0, rel=1e-3)
+
+
 def test_clipped_voxels_still_get_gradient(tiny_target, scan_file):
     """The HU window clips at -100..300; BPDA passes the gradient through the clip."""
     vol = read_volume(scan_file)
