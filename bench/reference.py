@@ -10,8 +10,9 @@
   resize with ``F.interpolate``, quantiles of a subsample, straight-through clip); its adversarial
   is a transfer attack on the real bundle.
 
-* :func:`plain_apgd`: Croce & Hein's APGD with cross-entropy or the class-balanced capped logit margin
-  through the same real preprocessing: the independent counterpart of medis3d's ``apgd`` members.
+* :func:`plain_apgd`: Croce & Hein's APGD with cross-entropy, the class-balanced capped logit margin or SEA's
+  Jensen-Shannon loss through the same real preprocessing: the independent counterpart of medis3d's ``apgd``
+  members.
 
 The attacks take the clean prediction in model space as their reference and quantise their
 iterate to the scan's stored integer type when it has one. The optimisers themselves
@@ -189,7 +190,19 @@ def margin_loss(logits: torch.Tensor, reference: torch.Tensor, cap: float = 1.0)
     return torch.stack([gap[reference == c].mean() for c in reference.unique()]).mean()
 
 
-LOSSES = {"ce": lambda logits, reference: F.cross_entropy(logits, reference[None]), "margin": margin_loss}
+def js_loss(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """SEA's Jensen-Shannon divergence between the softmax and the one-hot reference, voxel mean."""
+    p = logits[0].softmax(0)
+    q = F.one_hot(reference, p.shape[0]).movedim(-1, 0).to(p.dtype)
+    m = (p + q) / 2
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(a > 0, a * (torch.log(a.clamp_min(1e-30)) - torch.log(b.clamp_min(1e-30))), 0.0).sum(0)
+
+    return ((kl(p, m) + kl(q, m)) / 2).mean()
+
+
+LOSSES = {"ce": lambda logits, reference: F.cross_entropy(logits, reference[None]), "margin": margin_loss, "js": js_loss}
 
 
 class _Scan:
@@ -242,7 +255,7 @@ def standin_pgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, s
 
 
 def plain_apgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, loss: str = "ce") -> np.ndarray:
-    """APGD (from the clean scan) with ``loss`` (``ce`` or ``margin``) through the bundle's own transforms and
+    """APGD (from the clean scan) with ``loss`` (``ce``, ``margin`` or ``js``) through the bundle's own transforms and
     sliding-window inference, full autograd; its strongest iterate by Dice in model space."""
     problem = _Scan(bundle, scan, eps, lambda x: real_preprocessing(bundle, x, scan.affine), loss)
     return apgd_ascent(problem.loss_and_grad, problem.project, problem.x0, eps, steps)[0].numpy()

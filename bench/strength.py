@@ -28,7 +28,7 @@ per-volume worst case); ``default`` is what ``medis3d attack`` runs with no opti
 transforms and ``sliding_window_inference`` (no medis3d code), and ``transfer`` is that PGD through a
 simpler stand-in of the preprocessing (trilinear resize, subsampled quantiles) scored on the real
 bundle. The ``plain_apgd`` stage sets medis3d's ``apgd`` members beside a plain APGD (Croce & Hein's schedule,
-a few lines of torch, the same full autograd through MONAI) with the same loss (``ce``, ``margin``), budget
+a few lines of torch, the same full autograd through MONAI) with the same loss (``ce``, ``margin``, ``js``), budget
 and iterations, from the clean scan (``--plain-apgd loss:eps:iterations,...``; ``--brain-bundle`` runs the
 brain target on another shipped bundle, e.g. ``brain_t1_unetr``).
 
@@ -362,7 +362,7 @@ def smallest_breaking(runner: Runner, cases: list[Case], sweep) -> float | None:
 
 STAGES = ("dice8", "dice32", "default", "paper", "sweep", "doubling", "plain_apgd")
 # (loss, eps in 1/255, iterations): medis3d's apgd member beside the plain APGD with that loss, budget and iterations
-PLAIN_APGD = (("ce", 8, 50), ("margin", 8, 50), ("ce", 32, 50))
+PLAIN_APGD = (("ce", 8, 50), ("margin", 8, 50), ("js", 8, 50), ("ce", 32, 50))
 
 
 def parse_plain_apgd(text: str) -> tuple[tuple[str, int, int], ...]:
