@@ -279,7 +279,7 @@ class Runner:
 
     def plain(self, case: Case, kind: str, eps: float, steps: int = 20) -> dict | None:
         """An independent attack: PGD-CE (``plain``: through MONAI's transforms; ``transfer``: through the stand-in),
-        or APGD from the clean scan through MONAI's transforms (``apgd_ce``, ``apgd_margin``: with that loss)."""
+        or APGD from the clean scan through MONAI's transforms (``apgd_<loss>``: with a loss of ``reference.LOSSES``)."""
         steps = self.steps(steps)
         key = {"case": [case.target_name, case.network, case.name], "plain": kind, "eps": _spelled(eps), "steps": steps}
 

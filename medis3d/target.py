@@ -21,13 +21,14 @@ from medis3d.io.volume import Volume
 from medis3d.preprocessing import DifferentiablePreprocessing
 from medis3d.reductions import channel_argmax
 
-# The probabilities go back to the scan's grid in float64 (as Invertd maps them, only more precisely): in float32 a
-# probability within 6e-8 of 1 is 1, and a clamp at 1e-6 made every logit margin beyond 13.8 flat, so a loss on the
-# scan's grid had no gradient from the most confident voxels (a margin attack on the shipped SegResNet at 8/255 left
-# 0.811 Dice through that clamp against 0.800 through the raw logits). In float64 the clamps below bind only beyond
-# a margin of 69 (softmax) or a logit of 34.5 (sigmoid).
-_TINY = 1e-30  # softmax: the smallest probability whose log is taken
-_EDGE = 1e-15  # sigmoid: probabilities kept inside [_EDGE, 1 - _EDGE], so their logit is finite
+# The losses see the probabilities mapped back to the scan's grid as logs (logits for sigmoid). MONAI's inverse
+# resamples in float32, where a probability within 6e-8 of 1 is 1: a clamp at 1 - 1e-6 made every logit margin
+# beyond 13.8 flat, so the most confident voxels gave no gradient (a margin attack on the shipped SegResNet at
+# 8/255 left 0.811 Dice through that clamp against 0.800 through the raw logits). So no upper clamp: a softmax
+# probability that is 1 has log 0 and still its exact gradient (the softmax and the logs are taken in float64), and a
+# sigmoid channel goes back with its complement, its logit taken as log p - log (1 - p) from the two maps, each
+# precise where it is small. Probabilities are floored at _TINY only (a margin of 69) so that no log is -inf.
+_TINY = 1e-30
 
 
 @dataclass
@@ -181,18 +182,22 @@ class Target:
         As a bundle's ``Invertd`` does, the probabilities (softmax or sigmoid) are mapped back
         through the inverse preprocessing; they are returned as logits whose activation gives
         exactly those probabilities (log for softmax, logit for sigmoid), so the losses and the
-        argmax see what the bundle's own inference sees. Differentiable; computed in float64 (``_TINY``).
+        argmax see what the bundle's own inference sees. Differentiable, with no clamp near 1 (``_TINY``).
         """
         meta = dict(model_input.meta)
         ops = [dict(op) for op in model_input.applied_operations]
         logits = stitched[0].double()
-        activated = torch.softmax(logits, 0) if self.activation == "softmax" else torch.sigmoid(logits)
+        if self.activation == "softmax":
+            activated = torch.softmax(logits, 0)
+        else:  # each channel with its complement (see _TINY)
+            activated = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits)])
         probs: torch.Tensor = self.preprocessing.invert(MetaTensor(activated, meta=meta, applied_operations=ops))
         probs = probs.as_tensor() if isinstance(probs, MetaTensor) else probs
-        probs = probs.double()
+        logs = torch.log(probs.double().clamp_min(_TINY))
         if self.activation == "softmax":
-            return torch.log(probs.clamp_min(_TINY)).float()[None]
-        return torch.logit(probs.clamp(_EDGE, 1.0 - _EDGE)).float()[None]
+            return logs.float()[None]
+        channels = logits.shape[0]
+        return (logs[:channels] - logs[channels:]).float()[None]
 
     def model_shape(self, volume: Volume) -> tuple[int, ...]:
         """The spatial shape of ``volume`` in model space (after the preprocessing)."""

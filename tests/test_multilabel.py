@@ -131,3 +131,22 @@ def test_sigmoid_labels_select_a_subset(sigmoid_bundle, scan_and_labels, tmp_pat
     assert report["success"] == (report["adversarial"]["mean_iou"] <= report["attack"]["success_threshold"])
     bad = runner.invoke(app, ["attack", str(scan), "--bundle", str(sigmoid_bundle), "--labels", "3"])
     assert bad.exit_code == 2 and "halo" in bad.output
+
+
+def test_confident_sigmoid_voxels_keep_their_logit_and_its_gradient_on_the_scan_grid(sigmoid_bundle, scan_file):
+    """A label on by a logit of 30 (and one off by -30) keeps that logit and its gradient on the scan grid: the
+    inverse resamples in float32, where a probability within 6e-8 of 1 is 1, so the logit is taken from the
+    probability and its complement, each precise where it is small."""
+    from medis3d.bundle import load_bundle
+
+    target = load_bundle(sigmoid_bundle)
+    vol = read_volume(scan_file)
+    model_in = target.model_input(torch.from_numpy(vol.array), vol)
+    stitched = torch.full((1, len(NAMES), *model_in.shape[1:]), 30.0)
+    stitched[:, 0] = -30.0
+    stitched.requires_grad_(True)
+    scan = target.to_scan_grid(stitched, model_in)
+    assert torch.allclose(scan[0, 1:], torch.full_like(scan[0, 1:], 30.0), atol=1e-3)
+    assert torch.allclose(scan[0, 0], torch.full_like(scan[0, 0], -30.0), atol=1e-3)
+    (grad,) = torch.autograd.grad(scan.mean(), stitched)
+    assert float(grad.sum()) == pytest.approx(1.0, rel=1e-3)

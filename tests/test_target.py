@@ -62,7 +62,7 @@ def test_native_gradient_equals_full_autograd(tiny_target, scan_file):
 
 def test_confident_voxels_keep_their_margin_and_its_gradient_on_the_scan_grid(tiny_target, scan_file):
     """The losses see the scan-grid log-probabilities: a voxel right by a logit margin of 30 keeps that margin
-    and its gradient there (a float32 clamp at 1e-6 made every margin beyond 13.8 flat: no gradient at all from
+    and its gradient there (a clamp at 1 - 1e-6 made every margin beyond 13.8 flat: no gradient at all from
     the most confident voxels, measured as a weaker margin attack on the shipped model)."""
     vol = read_volume(scan_file)
     model_in = tiny_target.model_input(torch.from_numpy(vol.array), vol)
