@@ -10,14 +10,15 @@
   resize with ``F.interpolate``, quantiles of a subsample, straight-through clip); its adversarial
   is a transfer attack on the real bundle.
 
-* :func:`plain_apgd`: Croce & Hein's APGD with cross-entropy, the class-balanced capped logit margin or SEA's
-  Jensen-Shannon loss through the same real preprocessing: the independent counterpart of medis3d's ``apgd``
-  members.
+* :func:`plain_apgd`: Croce & Hein's APGD with cross-entropy, the class-balanced capped logit margin, SEA's
+  Jensen-Shannon loss or SEA's masked spherical loss (of the raw logits, or of the log-probabilities as medis3d
+  takes it) through the same real preprocessing: the independent counterpart of medis3d's ``apgd`` members.
 
 The attacks take the clean prediction in model space as their reference and quantise their
 iterate to the scan's stored integer type when it has one. The optimisers themselves
-(:func:`sign_ascent`, :func:`apgd_ascent`) take any loss-and-gradient function and projection, so the
-tests run the same ones on their tiny model (``tests/plain_attacks.py``).
+(:func:`sign_ascent`, :func:`apgd_ascent`) take any loss-and-gradient function and projection, and
+:class:`Problem` any differentiable model, so the tests run the same ones on their tiny model
+(``tests/plain_attacks.py``).
 """
 
 from __future__ import annotations
@@ -202,41 +203,77 @@ def js_loss(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return ((kl(p, m) + kl(q, m)) / 2).mean()
 
 
-LOSSES = {"ce": lambda logits, reference: F.cross_entropy(logits, reference[None]), "margin": margin_loss, "js": js_loss}
+def masked_spherical_loss(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """SEA's masked spherical loss: minus the reference class's entry of the unit-length logit vector, on the
+    voxels still predicted as the reference (the mask carries no gradient), voxel mean."""
+    z = logits[0]
+    unit = z / z.pow(2).sum(0, keepdim=True).sqrt()
+    still = (z.detach().argmax(0) == reference).to(z.dtype)
+    return -(unit.gather(0, reference[None])[0] * still).mean()
 
 
-class _Scan:
-    """One scan under attack through ``preprocess``: its clean voxels, ball, valid range and stored grid."""
+def masked_spherical_logp_loss(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The masked spherical loss of the log-probabilities (medis3d takes its losses on the scan grid's log-probabilities)."""
+    return masked_spherical_loss(torch.log_softmax(logits, 1), reference)
 
-    def __init__(self, bundle: Bundle, scan: nib.Nifti1Image, eps: float, preprocess, loss: str = "ce"):
-        self.bundle, self.preprocess, self.loss = bundle, preprocess, LOSSES[loss]
-        self.x0 = torch.from_numpy(np.asarray(scan.dataobj, dtype=np.float32).reshape(scan.shape[:3]))[None]
-        self.low, self.high = float(self.x0.min()), float(self.x0.max())
-        self.integer = np.issubdtype(scan.get_data_dtype(), np.integer)
-        self.eps = eps
+
+LOSSES = {"ce": lambda logits, reference: F.cross_entropy(logits, reference[None]), "margin": margin_loss, "js": js_loss,
+          "masked_spherical": masked_spherical_loss, "masked_spherical_logp": masked_spherical_logp_loss}
+
+
+class Problem:
+    """A scan under attack, for the plain optimisers: ``logits(x)`` (the scan's voxels ``(1, I, J, K)`` to
+    ``(1, C, *model grid)`` logits, differentiable), the clean voxels ``x0``, the L-inf ball of ``eps`` (native
+    units) inside the scan's own intensity range, the loss ascended and the loss tracked (names of :data:`LOSSES`;
+    the tracked one is what APGD compares iterates by, the ascended one by default), and the reference: the clean
+    prediction in model space.
+
+    An integer scan is attacked on its stored grid one of two ways: ``rounding="inside"`` rounds each iterate
+    straight-through inside the loss (the iterate itself stays real: the benchmark's), ``"project"`` makes every
+    iterate whole in the projection, inside a whole-number ball (the tests')."""
+
+    def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, eps: float, loss: str = "ce",
+                 track: str | None = None, integer: bool = True, rounding: str = "inside"):
+        if rounding not in ("inside", "project"):
+            raise ValueError(f"rounding is inside or project, not {rounding!r}")
+        self.logits, self.x0 = logits, x0
+        self.loss, self.track = LOSSES[loss], LOSSES[track] if track else None
+        self.low, self.high = float(x0.min()), float(x0.max())
+        self.round_inside = integer and rounding == "inside"
+        self.round_projected = integer and rounding == "project"
+        self.eps = float(math.floor(eps)) if self.round_projected else float(eps)
         with torch.no_grad():
-            self.reference = bundle.infer(preprocess(self.x0)[None])[0].argmax(0)
+            self.reference = logits(x0)[0].argmax(0)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(torch.maximum(x, self.x0 - self.eps), self.x0 + self.eps).clamp(self.low, self.high)
+        x = torch.minimum(torch.maximum(x, self.x0 - self.eps), self.x0 + self.eps)
+        return (torch.round(x) if self.round_projected else x).clamp(self.low, self.high)
 
     def loss_and_grad(self, x: torch.Tensor) -> tuple[float, torch.Tensor, float]:
         x = x.clone().requires_grad_(True)
-        stored = x + (torch.round(x) - x).detach() if self.integer else x
-        logits = self.bundle.infer(self.preprocess(stored)[None])
-        loss = self.loss(logits, self.reference.long())
+        stored = x + (torch.round(x) - x).detach() if self.round_inside else x
+        logits = self.logits(stored)
+        loss = self.loss(logits, self.reference)
         (grad,) = torch.autograd.grad(loss, x)
-        return float(loss.detach()), grad, dice(logits[0].detach().argmax(0), self.reference)
+        tracked = loss.detach() if self.track is None else self.track(logits.detach(), self.reference)
+        return float(tracked), grad, dice(logits[0].detach().argmax(0), self.reference)
 
     def random_start(self, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         return self.project(self.x0 + (torch.rand(self.x0.shape, generator=g) * 2 - 1) * self.eps)
 
 
+def scan_problem(bundle: Bundle, scan: nib.Nifti1Image, eps: float, preprocess, loss: str = "ce") -> Problem:
+    """A NIfTI scan under attack through ``bundle``'s network after ``preprocess`` (scan voxels to the model's input)."""
+    x0 = torch.from_numpy(np.asarray(scan.dataobj, dtype=np.float32).reshape(scan.shape[:3]))[None]
+    return Problem(lambda x: bundle.infer(preprocess(x)[None]), x0, eps, loss,
+                   integer=bool(np.issubdtype(scan.get_data_dtype(), np.integer)))
+
+
 def _pgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, step: float, preprocess, seed: int = 0) -> np.ndarray:
     """PGD-CE with a random start in the L-inf ball (native units), against the clean prediction in model space;
     its last iterate."""
-    problem = _Scan(bundle, scan, eps, preprocess)
+    problem = scan_problem(bundle, scan, eps, preprocess)
     adversarial = sign_ascent(problem.loss_and_grad, problem.project, problem.random_start(seed), step, steps)
     return adversarial[0].numpy()
 
@@ -255,7 +292,7 @@ def standin_pgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, s
 
 
 def plain_apgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, loss: str = "ce") -> np.ndarray:
-    """APGD (from the clean scan) with ``loss`` (``ce``, ``margin`` or ``js``) through the bundle's own transforms and
+    """APGD (from the clean scan) with ``loss`` (a name of :data:`LOSSES`) through the bundle's own transforms and
     sliding-window inference, full autograd; its strongest iterate by Dice in model space."""
-    problem = _Scan(bundle, scan, eps, lambda x: real_preprocessing(bundle, x, scan.affine), loss)
+    problem = scan_problem(bundle, scan, eps, lambda x: real_preprocessing(bundle, x, scan.affine), loss)
     return apgd_ascent(problem.loss_and_grad, problem.project, problem.x0, eps, steps)[0].numpy()

@@ -176,16 +176,22 @@ class Target:
             )
         return self.preprocessing(self._meta_tensor(x_native, volume), gradient=gradient)
 
-    def to_scan_grid(self, stitched: torch.Tensor, model_input: MetaTensor) -> torch.Tensor:
+    def to_scan_grid(self, stitched: torch.Tensor, model_input: MetaTensor, raw: bool = False) -> torch.Tensor:
         """Map stitched logits ``(1, K, *S_model)`` to logits on the scan's grid ``(1, K, I, J, K)``.
 
         As a bundle's ``Invertd`` does, the probabilities (softmax or sigmoid) are mapped back
         through the inverse preprocessing; they are returned as logits whose activation gives
         exactly those probabilities (log for softmax, logit for sigmoid), so the losses and the
         argmax see what the bundle's own inference sees. Differentiable, with no clamp near 1 (``_TINY``).
+
+        ``raw``: the network's own logits mapped back through the same inverse instead, for the losses that are
+        not invariant to a shift of a voxel's logits (``losses.RAW_LOGITS``: SEA's masked spherical loss).
         """
         meta = dict(model_input.meta)
         ops = [dict(op) for op in model_input.applied_operations]
+        if raw:
+            inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(stitched[0].float(), meta=meta, applied_operations=ops))
+            return (inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted).float()[None]
         logits = stitched[0].double()
         if self.activation == "softmax":
             activated = torch.softmax(logits, 0)
@@ -289,9 +295,14 @@ class Target:
         def stitched_loss(stitched: torch.Tensor) -> torch.Tensor:
             total = stitched.new_zeros(())
             for i, (model_in, loss_fn) in enumerate(zip(model_ins, loss_fns)):
-                scan_logits = self.to_scan_grid(stitched[i:i + 1], model_in)
-                on_scan.append(scan_logits.detach())
-                loss = loss_fn(scan_logits)
+                if getattr(loss_fn, "raw_logits", False):  # the loss takes the network's logits, the prediction the probabilities
+                    with torch.no_grad():
+                        on_scan.append(self.to_scan_grid(stitched[i:i + 1].detach(), model_in))
+                    loss = loss_fn(self.to_scan_grid(stitched[i:i + 1], model_in, raw=True))
+                else:
+                    scan_logits = self.to_scan_grid(stitched[i:i + 1], model_in)
+                    on_scan.append(scan_logits.detach())
+                    loss = loss_fn(scan_logits)
                 losses.append(float(loss.detach()))
                 total = total + loss  # the members' losses are independent: each input's gradient is its own loss's
             return total

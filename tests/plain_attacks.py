@@ -3,14 +3,15 @@ transforms (Orientation, Spacing) and ``monai.inferers.sliding_window_inference`
 bundle as MONAI runs it, and the plain optimisers of ``bench/reference.py`` (the strength benchmark's, a few
 lines of torch each). medis3d's attacks are checked against these on the same model, scan and budget.
 
-Each attack ascends cross-entropy against the clean prediction in model space, keeps its iterate inside the
-L-inf ball (native units, whole HU: the scan is int16) and the scan's own intensity range, and returns its
-strongest iterate by Dice (APGD, PGD) or its last (FGSM, IGSM). Scoring is independent too (:func:`dice`).
+Each attack ascends a loss of ``bench/reference.py`` (cross-entropy unless told otherwise) against the clean
+prediction in model space, keeps its iterate inside the L-inf ball (native units, whole HU: the scan is int16) and
+the scan's own intensity range, and returns its strongest iterate by Dice (APGD, PGD) or its last (FGSM, IGSM).
+Scoring is independent too (:func:`dice`). APGD can take its gradient through a stand-in of the resampling (BPDA,
+the counterpart of medis3d's ``gradient=smooth``).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -41,13 +42,29 @@ class PlainModel:
                                                             inferer["mode"])
         self.affine = torch.as_tensor(affine, dtype=torch.float64)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, I, J, K) scan in HU -> (1, C, model grid) logits; the intensity clip passes its gradient straight through."""
-        img = MetaTensor(x, affine=self.affine)
-        img = Spacing(pixdim=self.pixdim, mode="bilinear")(Orientation(axcodes="RAS")(img)).as_tensor()
+    def logits(self, x: torch.Tensor, gradient: str = "standard", grid: str = "model") -> torch.Tensor:
+        """(1, I, J, K) scan in HU -> (1, C, model grid) logits; the intensity clip passes its gradient straight through.
+
+        ``gradient="smooth"``: BPDA for the resampling, the real value with the gradient of a stand-in (PyTorch's
+        area interpolation of the reoriented scan onto the model grid's shape). ``grid="scan"``: the probabilities
+        mapped back to the scan's grid by MONAI's own inverse of the transforms (as a bundle's ``Invertd`` does), as
+        logs, ``(1, C, I, J, K)``; ``"scan_raw"``: the network's logits mapped back the same way."""
+        orientation, spacing = Orientation(axcodes="RAS"), Spacing(pixdim=self.pixdim, mode="bilinear")
+        oriented = orientation(MetaTensor(x, affine=self.affine))
+        resampled = spacing(oriented)
+        img = resampled.as_tensor()
+        if gradient == "smooth":
+            stand_in = F.interpolate(oriented.as_tensor()[None], size=img.shape[1:], mode="area")[0]
+            img = img.detach() + stand_in - stand_in.detach()
         y = (img - self.a_min) / (self.a_max - self.a_min)
         y = y + (y.clamp(0, 1) - y).detach()
-        return sliding_window_inference(y[None], self.roi, self.sw_batch, self.network, overlap=self.overlap, mode=self.mode)
+        z = sliding_window_inference(y[None], self.roi, self.sw_batch, self.network, overlap=self.overlap, mode=self.mode)
+        if grid == "model":
+            return z
+        values = z[0].softmax(0) if grid == "scan" else z[0]
+        back = MetaTensor(values, affine=resampled.affine, meta=resampled.meta, applied_operations=resampled.applied_operations)
+        back = orientation.inverse(spacing.inverse(back)).as_tensor()
+        return (back.clamp_min(1e-30).log() if grid == "scan" else back)[None]
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -59,43 +76,32 @@ def dice(a: torch.Tensor, b: torch.Tensor) -> float:
     return reference.dice(a, b)
 
 
-class _Problem:
-    def __init__(self, model: PlainModel, scan: np.ndarray, eps_hu: float):
-        self.model = model
-        self.x0 = torch.from_numpy(np.asarray(scan, np.float32))[None]
-        self.low, self.high = float(self.x0.min()), float(self.x0.max())
-        self.eps = float(math.floor(eps_hu))  # whole HU: every iterate is a storable int16 scan inside the ball
-        self.reference = model.predict(self.x0)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.round(torch.minimum(torch.maximum(x, self.x0 - self.eps), self.x0 + self.eps))
-        return x.clamp(self.low, self.high)
-
-    def loss_and_grad(self, x: torch.Tensor) -> tuple[float, torch.Tensor, float]:
-        x = x.clone().requires_grad_(True)
-        logits = self.model.logits(x)
-        loss = F.cross_entropy(logits, self.reference[None])
-        (grad,) = torch.autograd.grad(loss, x)
-        return float(loss.detach()), grad, dice(logits[0].detach().argmax(0), self.reference)
+def _problem(model: PlainModel, scan: np.ndarray, eps_hu: float, loss: str = "ce", gradient: str = "standard",
+             grid: str = "model"):
+    """The scan under attack: whole-HU iterates (the scan is int16) in a whole-HU ball, the loss of ``reference.LOSSES``
+    taken on ``grid`` (:meth:`PlainModel.logits`); the reference is the clean prediction there."""
+    x0 = torch.from_numpy(np.asarray(scan, np.float32))[None]
+    return reference.Problem(lambda x: model.logits(x, gradient, grid), x0, eps_hu, loss, rounding="project")
 
 
 def fgsm(model: PlainModel, scan: np.ndarray, eps_hu: float) -> torch.Tensor:
-    p = _Problem(model, scan, eps_hu)
+    p = _problem(model, scan, eps_hu)
     return reference.sign_ascent(p.loss_and_grad, p.project, p.x0, p.eps, 1)
 
 
 def igsm(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, steps: int) -> torch.Tensor:
-    p = _Problem(model, scan, eps_hu)
+    p = _problem(model, scan, eps_hu)
     return reference.sign_ascent(p.loss_and_grad, p.project, p.x0, step_hu, steps)
 
 
 def pgd(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, steps: int, seed: int = 0) -> torch.Tensor:
-    p = _Problem(model, scan, eps_hu)
-    g = torch.Generator().manual_seed(seed)
-    start = p.project(p.x0 + (torch.rand(p.x0.shape, generator=g) * 2 - 1) * p.eps)
-    return reference.sign_ascent(p.loss_and_grad, p.project, start, step_hu, steps, keep="strongest")
+    p = _problem(model, scan, eps_hu)
+    return reference.sign_ascent(p.loss_and_grad, p.project, p.random_start(seed), step_hu, steps, keep="strongest")
 
 
-def apgd(model: PlainModel, scan: np.ndarray, eps_hu: float, steps: int) -> torch.Tensor:
-    p = _Problem(model, scan, eps_hu)
-    return reference.apgd_ascent(p.loss_and_grad, p.project, p.x0, p.eps, steps)
+def apgd(model: PlainModel, scan: np.ndarray, eps_hu: float, steps: int, loss: str = "ce", gradient: str = "standard",
+         seed: int | None = None, grid: str = "model") -> torch.Tensor:
+    """APGD ascending ``loss`` (on ``grid``) from the clean scan, or (``seed``) from a random point of the ball."""
+    p = _problem(model, scan, eps_hu, loss, gradient, grid)
+    start = p.x0 if seed is None else p.random_start(seed)
+    return reference.apgd_ascent(p.loss_and_grad, p.project, start, p.eps, steps)

@@ -60,6 +60,36 @@ def test_native_gradient_equals_full_autograd(tiny_target, scan_file):
     assert (ours - expected).norm() / expected.norm() <= 1e-4
 
 
+def test_a_loss_that_asks_for_raw_logits_gets_the_networks_logits_and_its_exact_gradient(tiny_target, scan_file):
+    """SEA's spherical loss is not invariant to a shift of a voxel's logits: it is given the network's own logits
+    mapped back to the scan grid (not the log-probabilities), with their exact gradient, while the evaluation's
+    prediction still comes from the probabilities."""
+    from medis3d.losses import get_loss
+
+    assert get_loss("masked_spherical", "softmax").raw_logits and not get_loss("masked_spherical_logp", "softmax").raw_logits
+    assert not get_loss("masked_spherical", "sigmoid").raw_logits and not get_loss("ce", "softmax").raw_logits
+    vol = read_volume(scan_file)
+    x = torch.from_numpy(vol.array)
+    weights = torch.randn(1, 2, *vol.spatial_shape, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def loss(scan_logits):
+        seen.append(scan_logits.detach())
+        return (scan_logits * weights).sum()
+
+    loss.raw_logits = True
+    ours = tiny_target.evaluate(x, vol, loss)
+    assert torch.logsumexp(ours.scan_logits, 1).abs().max() < 1e-3  # the evaluation keeps the log-probabilities
+    assert torch.logsumexp(seen[0], 1).abs().max() > 1.0  # the loss saw raw logits
+    leaf = x.clone().requires_grad_(True)
+    model_in = tiny_target.model_input(leaf, vol)
+    logits = sliding_window_inference(model_in[None], (24, 24, 24), 4, tiny_target.network, overlap=0.25, mode="gaussian")
+    raw = tiny_target.to_scan_grid(logits, model_in, raw=True)
+    assert torch.allclose(raw.detach(), seen[0], atol=1e-4)
+    (expected,) = torch.autograd.grad(loss(raw), leaf)
+    assert (ours.grad - expected).norm() / expected.norm() <= 1e-4
+
+
 def test_confident_voxels_keep_their_margin_and_its_gradient_on_the_scan_grid(tiny_target, scan_file):
     """The losses see the scan-grid log-probabilities: a voxel right by a logit margin of 30 keeps that margin
     and its gradient there (a clamp at 1 - 1e-6 made every margin beyond 13.8 flat: no gradient at all from

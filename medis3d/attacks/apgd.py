@@ -5,7 +5,7 @@ p(j+1) = p(j) + max(p(j) - p(j-1) - 0.03, 0.06) of the iterations the step is ha
 search restarts from the best point when fewer than 75% of the steps since the last checkpoint
 improved the loss, or when the step was not reduced and the best loss did not change. Where the
 ascended loss is masked or scheduled (its value not comparable between iterates), the checks
-compare iterates by plain cross-entropy, as SEA does.
+compare iterates by plain cross-entropy (``losses.TRACKED_BY_CE``), as SEA does for its masked CE.
 
 Options: a random start (``random_start``), ``restarts`` (each from a new random point, the
 best over all kept), and progressive radius reduction (``radii``: SEA's 2 eps, 1.5 eps, eps over

@@ -362,6 +362,7 @@ class Objective:
         self.loss, self.goal, self.t, self.steps, self.track = loss, goal, t, steps, track
         self.sign = -1.0 if goal.targeted else 1.0
         self.tracked: float | None = None
+        self.raw_logits = bool(getattr(loss, "raw_logits", False))  # takes the network's logits on the scan grid
 
     def __call__(self, scan_logits: torch.Tensor) -> torch.Tensor:
         aim = self.goal.loss_target
