@@ -224,20 +224,19 @@ LOSSES = {"ce": lambda logits, reference: F.cross_entropy(logits, reference[None
 class Problem:
     """A scan under attack, for the plain optimisers: ``logits(x)`` (the scan's voxels ``(1, I, J, K)`` to
     ``(1, C, *model grid)`` logits, differentiable), the clean voxels ``x0``, the L-inf ball of ``eps`` (native
-    units) inside the scan's own intensity range, the loss ascended and the loss tracked (names of :data:`LOSSES`;
-    the tracked one is what APGD compares iterates by, the ascended one by default), and the reference: the clean
-    prediction in model space.
+    units) inside the scan's own intensity range, the loss ascended (a name of :data:`LOSSES`; APGD compares
+    iterates by it too), and the reference: the clean prediction where ``logits`` puts it.
 
     An integer scan is attacked on its stored grid one of two ways: ``rounding="inside"`` rounds each iterate
     straight-through inside the loss (the iterate itself stays real: the benchmark's), ``"project"`` makes every
     iterate whole in the projection, inside a whole-number ball (the tests')."""
 
     def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, eps: float, loss: str = "ce",
-                 track: str | None = None, integer: bool = True, rounding: str = "inside"):
+                 integer: bool = True, rounding: str = "inside"):
         if rounding not in ("inside", "project"):
             raise ValueError(f"rounding is inside or project, not {rounding!r}")
         self.logits, self.x0 = logits, x0
-        self.loss, self.track = LOSSES[loss], LOSSES[track] if track else None
+        self.loss = LOSSES[loss]
         self.low, self.high = float(x0.min()), float(x0.max())
         self.round_inside = integer and rounding == "inside"
         self.round_projected = integer and rounding == "project"
@@ -255,8 +254,7 @@ class Problem:
         logits = self.logits(stored)
         loss = self.loss(logits, self.reference)
         (grad,) = torch.autograd.grad(loss, x)
-        tracked = loss.detach() if self.track is None else self.track(logits.detach(), self.reference)
-        return float(tracked), grad, dice(logits[0].detach().argmax(0), self.reference)
+        return float(loss.detach()), grad, dice(logits[0].detach().argmax(0), self.reference)
 
     def random_start(self, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)

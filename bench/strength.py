@@ -28,7 +28,7 @@ per-volume worst case); ``default`` is what ``medis3d attack`` runs with no opti
 transforms and ``sliding_window_inference`` (no medis3d code), and ``transfer`` is that PGD through a
 simpler stand-in of the preprocessing (trilinear resize, subsampled quantiles) scored on the real
 bundle. The ``plain_apgd`` stage sets medis3d's ``apgd`` members beside a plain APGD (Croce & Hein's schedule,
-a few lines of torch, the same full autograd through MONAI) with the same loss (``ce``, ``margin``, ``js``), budget
+a few lines of torch, the same full autograd through MONAI) with the same loss (one of ``reference.LOSSES``), budget
 and iterations, from the clean scan (``--plain-apgd loss:eps:iterations,...``; ``--brain-bundle`` runs the
 brain target on another shipped bundle, e.g. ``brain_t1_unetr``).
 

@@ -49,6 +49,8 @@ class PlainModel:
         area interpolation of the reoriented scan onto the model grid's shape). ``grid="scan"``: the probabilities
         mapped back to the scan's grid by MONAI's own inverse of the transforms (as a bundle's ``Invertd`` does), as
         logs, ``(1, C, I, J, K)``; ``"scan_raw"``: the network's logits mapped back the same way."""
+        if grid not in ("model", "scan", "scan_raw"):
+            raise ValueError(f"grid is model, scan or scan_raw, not {grid!r}")
         orientation, spacing = Orientation(axcodes="RAS"), Spacing(pixdim=self.pixdim, mode="bilinear")
         oriented = orientation(MetaTensor(x, affine=self.affine))
         resampled = spacing(oriented)
