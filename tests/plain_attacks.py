@@ -7,8 +7,8 @@ Each attack ascends a loss of ``bench/reference.py`` (cross-entropy unless told 
 prediction in model space, keeps its iterate inside the L-inf ball (native units, whole HU: the scan is int16) and
 the scan's own intensity range, and returns its strongest iterate by Dice (APGD, PGD) or its last (FGSM, IGSM).
 Scoring is independent too (:func:`dice`). APGD can take its gradient through a stand-in of the resampling (BPDA,
-the counterpart of medis3d's ``gradient=smooth``).
-"""
+the counterpart of medis3d's ``gradient=smooth``). Projected Adam, the low-frequency attack, DAG, SegPGD and CosPGD
+take their loss on the scan's grid, as medis3d does, and return their strongest iterate by Dice."""
 
 from __future__ import annotations
 
@@ -107,3 +107,96 @@ def apgd(model: PlainModel, scan: np.ndarray, eps_hu: float, steps: int, loss: s
     p = _problem(model, scan, eps_hu, loss, gradient, grid)
     start = p.x0 if seed is None else p.random_start(seed)
     return reference.apgd_ascent(p.loss_and_grad, p.project, start, p.eps, steps)
+
+
+def _strongest(p, x: torch.Tensor, best: tuple[float, torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """The better of ``best`` and the iterate ``x`` by Dice against the reference (lower is stronger)."""
+    with torch.no_grad():
+        score = dice(p.logits(x)[0].argmax(0), p.reference)
+    return (score, x) if score < best[0] else best
+
+
+def adam(model: PlainModel, scan: np.ndarray, eps_hu: float, lr_hu: float, steps: int, loss: str = "ce") -> torch.Tensor:
+    """Projected AMSGrad (``torch.optim.Adam(amsgrad=True)``) ascending ``loss`` on the scan's grid from the clean
+    scan, each iterate projected into the whole-HU ball; its strongest iterate by Dice."""
+    p = _problem(model, scan, eps_hu, loss, grid="scan")
+    x = p.x0.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([x], lr=lr_hu, amsgrad=True, maximize=True, eps=1e-12)
+    best = (2.0, p.x0)
+    for _ in range(steps):
+        _, grad, _ = p.loss_and_grad(x.detach())
+        x.grad = grad
+        optimiser.step()
+        with torch.no_grad():
+            x.copy_(p.project(x))
+        best = _strongest(p, x.detach().clone(), best)
+    return best[1]
+
+
+def lowfreq(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, steps: int, factor: int) -> torch.Tensor:
+    """Sign ascent of CE (scan grid) on a grid ``factor`` times coarser than the scan, upsampled trilinearly (corners
+    aligned) to the perturbation, the coarse values kept within eps; its strongest iterate by Dice."""
+    p = _problem(model, scan, eps_hu, grid="scan")
+    shape = p.x0.shape[1:]
+    u = torch.zeros((1, 1, *[max(2, -(-(s - 1) // factor) + 1) for s in shape]))
+    best = (2.0, p.x0)
+    for _ in range(steps):
+        u.requires_grad_(True)
+        delta = F.interpolate(u, size=tuple(shape), mode="trilinear", align_corners=True)[0]
+        _, grad, _ = p.loss_and_grad(p.project(p.x0 + delta.detach()))
+        (g,) = torch.autograd.grad((delta * grad).sum(), u)
+        u = (u.detach() + step_hu * g.sign()).clamp(-p.eps, p.eps)
+        x = p.project(p.x0 + F.interpolate(u, size=tuple(shape), mode="trilinear", align_corners=True)[0])
+        best = _strongest(p, x, best)
+    return best[1]
+
+
+def dag(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, steps: int) -> torch.Tensor:
+    """Xie et al.'s dense adversary generation, untargeted as erasing the structures: every voxel aims at the
+    background; each step ascends the sum over the voxels not yet there of (background logit - predicted logit),
+    scaled to an L-inf step of ``step_hu``, accumulated freely and projected into the ball; its strongest iterate."""
+    p = _problem(model, scan, eps_hu, grid="scan")
+    free, x = p.x0.clone(), p.x0
+    best = (2.0, p.x0)
+    for _ in range(steps):
+        x = x.clone().requires_grad_(True)
+        z = model.logits(x, grid="scan")[0]
+        current = z.detach().argmax(0)
+        active = current != 0
+        if float(active.float().mean()) <= 0.01:
+            break
+        gap = (z[0] - z.gather(0, current[None])[0])[active].sum()
+        (g,) = torch.autograd.grad(gap, x)
+        free = free + step_hu * g / g.abs().max().clamp_min(1e-12)
+        x = p.project(free)
+        best = _strongest(p, x, best)
+    return best[1]
+
+
+def _segpgd_weights(logits: torch.Tensor, reference: torch.Tensor, t: int, steps: int) -> torch.Tensor:
+    """Gu et al.'s SegPGD: voxels still right weigh 1 - lambda, wrong ones lambda, lambda = (t - 1) / 2T for t = 1..T."""
+    lam = t / (2 * steps)
+    return torch.where(logits[0].argmax(0) == reference, 1 - lam, lam)
+
+
+def _cospgd_weights(logits: torch.Tensor, reference: torch.Tensor, t: int, steps: int) -> torch.Tensor:
+    """Agnihotri & Keuper's CosPGD: each voxel weighs the cosine of its softmax with its one-hot reference."""
+    onehot = F.one_hot(reference, logits.shape[1]).movedim(-1, 0).to(logits.dtype)
+    return F.cosine_similarity(logits[0].softmax(0), onehot, dim=0)
+
+
+def weighted_pgd(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, steps: int, weights: str,
+                 seed: int = 0) -> torch.Tensor:
+    """PGD (random start, sign steps) ascending the voxel CE on the scan's grid weighted by SegPGD's schedule
+    (``weights="segpgd"``) or CosPGD's cosine (``"cospgd"``), weights carrying no gradient; its strongest iterate."""
+    p = _problem(model, scan, eps_hu, grid="scan")
+    weight = {"segpgd": _segpgd_weights, "cospgd": _cospgd_weights}[weights]
+    x, best = p.random_start(seed), (2.0, p.x0)
+    for t in range(steps):
+        x = x.clone().requires_grad_(True)
+        logits = p.logits(x)
+        ce = F.cross_entropy(logits, p.reference[None], reduction="none")[0]
+        (grad,) = torch.autograd.grad((weight(logits.detach(), p.reference, t, steps) * ce).mean(), x)
+        x = p.project(x.detach() + step_hu * grad.sign())
+        best = _strongest(p, x, best)
+    return best[1]

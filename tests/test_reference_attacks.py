@@ -47,18 +47,27 @@ ATTACKS = {
     "igsm": ("igsm:ce", lambda m, hu, eps, steps, step: plain.igsm(m, hu, eps, step, steps), 10, 1.0),
     "pgd": ("pgd:ce", lambda m, hu, eps, steps, step: plain.pgd(m, hu, eps, step, steps), 10, 2.0),
     "apgd": ("apgd:ce", lambda m, hu, eps, steps, step: plain.apgd(m, hu, eps, steps), 10, None),
+    "adam": ("adam:ce", lambda m, hu, eps, steps, step: plain.adam(m, hu, eps, step, steps), 10, 2.0),
+    "lowfreq": ("lowfreq:ce[factor=2]", lambda m, hu, eps, steps, step: plain.lowfreq(m, hu, eps, step, steps, 2), 10, 2.0),
+    "dag": ("dag", lambda m, hu, eps, steps, step: plain.dag(m, hu, eps, step, steps), 10, 2.0),
+    "segpgd": ("segpgd", lambda m, hu, eps, steps, step: plain.weighted_pgd(m, hu, eps, step, steps, "segpgd"), 10, 2.0),
+    "cospgd": ("cospgd", lambda m, hu, eps, steps, step: plain.weighted_pgd(m, hu, eps, step, steps, "cospgd"), 10, 2.0),
 }
+# DAG scales each step by the gradient's largest entry, so most voxels barely move inside an L-inf ball: the plain DAG
+# itself leaves 0.98 at 16/255 and 0.93 at 64/255 here (ours the same). It only has to lower Dice.
+WORKS = {"dag": (0.99, 0.95)}
 
 
 def _compare(problem, ours: np.ndarray, theirs: torch.Tensor, eps: int, member: str, plain_name: str,
-             tolerance: float = TOLERANCE) -> None:
-    """Both inside the same ball as stored; the plain attack works; ours is at most ``TOLERANCE`` weaker."""
+             tolerance: float = TOLERANCE, works: tuple[float, float] = (0.95, 0.5)) -> None:
+    """Both inside the same ball as stored; the plain attack works (Dice below ``works`` at 16 and 64/255); ours is
+    at most ``TOLERANCE`` weaker."""
     model, hu, _, reference = problem
     ours_t = torch.from_numpy(ours)
     for x in (ours_t, theirs):
         assert float((x - torch.from_numpy(hu.astype(np.float32))).abs().max()) <= math.floor(eps * UNIT) + 1e-3
     dice_ours, dice_plain = plain.dice(model.predict(ours_t), reference), plain.dice(model.predict(theirs), reference)
-    assert dice_plain < (0.95 if eps == 16 else 0.5), (plain_name, dice_plain)  # the plain attack itself works
+    assert dice_plain < works[0 if eps == 16 else 1], (plain_name, dice_plain)  # the plain attack itself works
     assert dice_ours <= dice_plain + tolerance, f"{member} at {eps}/255: Dice {dice_ours:.3f}, the plain {plain_name} {dice_plain:.3f}"
 
 
@@ -69,7 +78,8 @@ def test_our_attack_is_as_strong_as_a_plain_one(problem, tiny_target, name, eps)
     member, run_plain, steps, per8 = ATTACKS[name]
     step = eps if per8 is None else per8 * max(1.0, eps / 8)  # FGSM takes its one step of eps
     ours = _ours(tiny_target, volume, member, eps, steps, step)
-    _compare(problem, ours, run_plain(model, hu, eps * UNIT, steps, step * UNIT), eps, member, name)
+    _compare(problem, ours, run_plain(model, hu, eps * UNIT, steps, step * UNIT), eps, member, name,
+             works=WORKS.get(name, (0.95, 0.5)))
 
 
 # The reliable preset's members, and a default member's random start: each against a plain APGD with the same loss
