@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from medis3d.config import AttackConfig, check_budget, parse_fraction, resolve_members
 from medis3d.errors import InputError, Medis3dError
 from medis3d.html_report import verdict
 
 if TYPE_CHECKING:  # imported where used: `medis3d --help` does not load torch
-    from medis3d.members import Member
     from medis3d.target import Target
-    from medis3d.workflow import AttackOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -76,17 +75,6 @@ def _check_device(device: str) -> None:
             raise InputError(f"--device {device}: Apple MPS is not available on this machine")
     elif parsed.type != "cpu":
         raise InputError(f"--device {device}: medis3d runs on cpu, cuda or mps, not {parsed.type}")
-
-
-def parse_fraction(text: str, option: str) -> float:
-    """A number such as 0.03 or a fraction such as 8/255."""
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError) as exc:
-        raise InputError(f"{option} must be a number or a fraction such as 8/255, got {text!r}") from exc
 
 
 def _default_device() -> str:
@@ -149,7 +137,8 @@ ANONYMIZE = typer.Option(False, "--anonymize", help="DICOM output: remove patien
 
 # The options of an attack that `attack` and `batch` share, declared once, in the order --help lists them: a
 # command decorated with @attack_options takes them after its own and receives them as one dict, ``options``.
-# A new attack option is one typer.Option above and one line here (and its use in _prepare).
+# A new attack option is one typer.Option above, one line here, and one field of medis3d.config.AttackConfig
+# (checked in its __post_init__, read from these options in its from_options).
 ATTACK_OPTIONS: dict[str, tuple[Any, Any]] = {
     "bundle": (Path | None, BUNDLE),
     "config": (str | None, CONFIG),
@@ -221,55 +210,9 @@ def _parse_roi(text: str | None):
     return values
 
 
-def _check_together(together: int | None) -> None:
-    """``--together``, checked before the target loads (so a bad value costs no loading)."""
-    if together is not None and together < 1:
-        raise InputError(f"--together must be at least 1, got {together}")
-
-
-def resolve_members(p: dict) -> tuple[str, list[Member], float, int, str]:
-    """The preset, members, step, steps and selection from a command's parameters: ``--members``, or
-    ``--attacks`` x ``--losses`` where either is given, else the preset's members; ``--step``, ``--steps``
-    and ``--select`` override the preset's."""
-    from medis3d.members import DEFAULT_PRESET, PRESETS, parse_members, product, with_restarts
-
-    name = p.get("preset") or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise InputError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    preset = PRESETS[name]
-    if p.get("members"):
-        members = parse_members(p["members"])
-    elif p.get("attacks") or p.get("losses"):
-        members = product(p.get("attacks") or "igsm", p.get("losses") or "all")
-    else:
-        members = preset.parsed()
-    members = with_restarts(members, p.get("restarts"))
-    step = parse_fraction(p["step"], "--step") if p.get("step") else preset.step
-    steps = int(p["steps"]) if p.get("steps") is not None else preset.steps
-    return name, members, step, steps, p.get("select") or preset.select
-
-
-def _prepare(p: dict) -> tuple[Target, AttackOptions, int]:
-    """Load and configure the target and collect the attack options from a command's parameters."""
-    from medis3d.workflow import AttackOptions
-
-    preset, members, step, steps, select = resolve_members(p)
-    options = AttackOptions(
-        members=[m.name for m in members], preset=preset, eps=parse_fraction(p["eps"], "--eps"), step=step,
-        steps=steps, eps_units=p["eps_units"], label=p.get("label"), target_mask=p.get("target"),
-        success=p["success"], seed=p["seed"], output_format=p["output_format"],
-        seg_format=p["seg_format"], anonymize=p["anonymize"], norm=p["norm"], mask=p.get("mask"), min_eps=p["min_eps"],
-        select=select, together=p.get("together"),
-    )
-    _check_together(options.together)
-    if not options.eps > 0:
-        raise InputError(f"--eps must be positive, got {options.eps}")
-    if not options.step > 0:
-        raise InputError(f"--step must be positive, got {options.step}")
-    if p.get("memory_budget"):
-        from medis3d.memory import parse_size
-
-        options.memory_budget = parse_size(p["memory_budget"])
+def _prepare(p: dict) -> tuple[Target, AttackConfig, int]:
+    """Load and configure the target and build the attack's config from a command's parameters."""
+    config = AttackConfig.from_options(p)  # every option checked before the target loads
     bare = {"network": p.get("network"), "network_def": p.get("network_def"), "transforms": p.get("transforms")}
     tgt = _load_target(p["bundle"], p["config"], p["trust_bundle"], p["device"], bare)
     tgt.select_classes(p.get("labels"))
@@ -277,7 +220,7 @@ def _prepare(p: dict) -> tuple[Target, AttackOptions, int]:
         roi_size=_parse_roi(p["roi"]), overlap=p["overlap"], sw_batch_size=p["sw_batch_size"], mode=p["window_mode"],
         checkpoint=p["checkpoint"], amp=p["amp"],
     )
-    return tgt, options, len(members)
+    return tgt, config, len(config.members)
 
 
 @app.command()
@@ -527,11 +470,10 @@ def evaluate(
         eps_list = [parse_fraction(e.strip(), "--eps") for e in eps.split(",") if e.strip()]
         if not eps_list or min(eps_list) <= 0:
             raise InputError(f"--eps must be positive budgets, got {eps!r}")
-        _check_together(together)
         _, member_list, step_value, steps_value, _ = resolve_members(params)
+        for budget in eps_list:  # the checks every attack's budget passes (medis3d.config)
+            check_budget(budget, step_value, steps_value, eps_units, norm, together=together)
         cases = read_dataset(dataset, labels)
-        if norm not in ("linf", "l2"):
-            raise InputError(f"--norm must be linf or l2, got {norm!r}")
         bare = {"network": network, "network_def": network_def, "transforms": transforms}
         tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare)
         source = _bundle_name(bundle) if network is None else scan_name(network)

@@ -19,6 +19,7 @@ import torch
 
 from medis3d.attacks import ATTACKS, Attack, Budget, Goal, MemberResult
 from medis3d.attacks.base import ProgressFn, Together, drive_together
+from medis3d.config import check_budget
 from medis3d.errors import InputError
 from medis3d.io.volume import Volume
 from medis3d.losses import parse_losses
@@ -134,7 +135,6 @@ class MedISResult:
         return out
 
 
-SELECTIONS = ("least", "strongest")
 
 
 @dataclass
@@ -246,20 +246,7 @@ class MedIS:
             self.loss_names = parse_losses(self.losses)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        if not self.eps > 0:
-            raise InputError(f"--eps must be positive, got {self.eps}")
-        if not self.step > 0:
-            raise InputError(f"--step must be positive, got {self.step}")
-        if self.steps < 1:
-            raise InputError(f"--steps must be at least 1, got {self.steps}")
-        if self.eps_units not in ("normalized", "native"):
-            raise InputError(f"--eps-units must be 'normalized' or 'native', got {self.eps_units!r}")
-        if self.norm not in ("linf", "l2"):
-            raise InputError(f"--norm must be linf or l2, got {self.norm!r}")
-        if int(self.together) < 1:
-            raise InputError(f"--together must be at least 1, got {self.together}")
-        if self.select not in SELECTIONS:
-            raise InputError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        check_budget(self.eps, self.step, self.steps, self.eps_units, self.norm, self.select, self.together)
         if isinstance(self.attacks, str):
             self.attacks = [a.strip() for a in self.attacks.split(",") if a.strip()]
         self._members = parse_members(self.members_spec) if self.members_spec else product(self.attacks, self.loss_names)

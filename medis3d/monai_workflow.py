@@ -57,16 +57,17 @@ class BundleAttack:
         import torch
 
         from medis3d.bundle import load_bundle
-        from medis3d.workflow import AttackOptions, run_attack
+        from medis3d.config import AttackConfig
+        from medis3d.workflow import run_attack
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # MONAI's runner already executes this config's code: the user trusts it.
         target = load_bundle(self.bundle_root, config=self.config, trust=True, device=device)
         from medis3d.members import parse_members
 
-        members = [m.name for m in parse_members(self.members)] if self.members else ()
-        options = AttackOptions(members=members, preset="" if members else "paper", losses=self.losses, eps=self.eps,
-                                step=self.step, steps=self.steps, eps_units=self.eps_units)
+        members = tuple(m.name for m in parse_members(self.members)) if self.members else ()
+        options = AttackConfig(members=members, preset="" if members else "paper", losses=self.losses, eps=self.eps,
+                               step=self.step, steps=self.steps, eps_units=self.eps_units)
         rows = []
         for item in self.datalist:
             path = Path(item[self.image_key] if isinstance(item, dict) else item)

@@ -10,14 +10,14 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medis3d.config import AttackConfig
 from medis3d.errors import InputError
-from medis3d.fusion import PAPER_EPS, PAPER_STEP, PAPER_STEPS, MedIS, MedISResult
+from medis3d.fusion import MedIS, MedISResult
 from medis3d.io import channel_paths, check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import check_output_folder, output_lock, writing
@@ -48,49 +48,6 @@ OUTPUT_FILES = (
     "report.html",
     "overview.png",
 )
-
-
-@dataclass
-class AttackOptions:
-    """Everything ``medis3d attack`` takes besides the scan and the target."""
-
-    members: Sequence[str] = ()  # member names (attack:loss[options]); empty: --attacks x --losses below
-    preset: str = "paper"
-    losses: str | Sequence[str] = "all"
-    eps: float = PAPER_EPS
-    step: float = PAPER_STEP
-    steps: int = PAPER_STEPS
-    eps_units: str = "normalized"
-    label: Path | None = None
-    target_mask: str | Path | None = None  # "background", "foreground" or a file
-    success: float | None = None
-    seed: int = 0
-    attacks: Sequence[str] = ("igsm",)
-    output_format: str = "auto"  # auto (the input's format), nifti, dicom, both
-    seg_format: str = "nifti"  # nifti or dicom (DICOM SEG; DICOM inputs only)
-    anonymize: bool = False
-    memory_budget: int | None = None  # bytes; picks window batch, checkpointing and AMP
-    norm: str = "linf"
-    mask: Path | None = None  # region the perturbation may touch (e.g. the body)
-    min_eps: bool = False
-    select: str = "least"  # fusion: least perturbation among the successful, or strongest
-    together: int | None = None  # members that share each pass through the network; None: memory.auto_together
-
-    def formats(self, volume: Volume) -> tuple[str, ...]:
-        """The formats the adversarial scan is written in, the first one measured."""
-        fmt = self.output_format
-        if fmt not in ("auto", "nifti", "dicom", "both"):
-            raise InputError(f"--output-format must be nifti, dicom or both, got {fmt!r}")
-        if self.seg_format not in ("nifti", "dicom"):
-            raise InputError(f"--seg-format must be nifti or dicom, got {self.seg_format!r}")
-        is_dicom = volume.format == "dicom"
-        if (fmt in ("dicom", "both") or self.seg_format == "dicom") and not is_dicom:
-            raise InputError(f"{volume.path}: DICOM output needs a DICOM input series (this scan is {volume.format})")
-        if fmt == "auto":
-            return ("dicom",) if is_dicom else ("nifti",)
-        if fmt == "both":
-            return ("dicom", "nifti")
-        return (fmt,)
 
 
 def default_out_dir(name: str) -> Path:
@@ -170,7 +127,7 @@ def _scan_name(scan: Path | str) -> str:
 def run_attack(
     scan: Path | str | Volume,
     target: Target,
-    options: AttackOptions,
+    options: AttackConfig,
     out_dir: Path | str | None = None,
     progress=None,
 ) -> dict:
@@ -218,7 +175,7 @@ def _run_state(target: Target):
         target.reset_engine()
 
 
-def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, out: Path, formats, target_file: Path | None,
+def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out: Path, formats, target_file: Path | None,
                       progress, start: float) -> dict:
     reference = read_segmentation(Path(options.label), volume, target, "label") if options.label else None
     region = None
@@ -230,23 +187,7 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, ou
             raise InputError(f"{options.mask}: the mask is empty: nothing may be perturbed")
     aim = read_segmentation(target_file, volume, target, "target") if target_file else (
         None if options.target_mask is None else str(options.target_mask))
-    medis = MedIS(
-        target,
-        members_spec=list(options.members) or None,
-        losses=options.losses,
-        eps=options.eps,
-        step=options.step,
-        steps=options.steps,
-        eps_units=options.eps_units,
-        attacks=options.attacks,
-        success_threshold=options.success,
-        progress=progress,
-        seed=options.seed,
-        norm=options.norm,
-        region=region,
-        min_eps=options.min_eps,
-        select=options.select,
-    )
+    medis = options.fusion(target, progress, region)
     memory_plan = None
     from medis3d.memory import auto_together, check_machine_fits, plan_memory
 
@@ -275,7 +216,7 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackOptions, ou
     return _write_outputs(volume, target, medis, result, out, start, target_spec, formats, options)
 
 
-def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats, options: AttackOptions, medis: MedIS) -> Volume:
+def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats, options: AttackConfig, medis: MedIS) -> Volume:
     """Write the adversarial scan in every asked format; return the primary one read back from disk."""
     written: Volume | None = None
     for fmt in formats:
@@ -317,14 +258,14 @@ def _write_outputs(
     start: float,
     target_spec: str | None,
     formats: Sequence[str],
-    options: AttackOptions,
+    options: AttackConfig,
 ) -> dict:
     with writing(out):
         return _write_staged(volume, target, medis, result, out, start, target_spec, formats, options)
 
 
 def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISResult, out: Path, start: float,
-                  target_spec: str | None, formats: Sequence[str], options: AttackOptions) -> dict:
+                  target_spec: str | None, formats: Sequence[str], options: AttackConfig) -> dict:
     stage = staging_folder(out, suffix=".partial")
     try:
         # Success is measured on what is written: read the file back and run the model on it.
@@ -369,6 +310,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
             },
             "attack": {
                 "name": "medis",
+                "config": options.as_dict(),
                 "preset": options.preset,
                 "members": [m.name for m in medis.members()],
                 "attacks": list(dict.fromkeys(m.attack for m in medis.members())),
@@ -496,7 +438,7 @@ def _output_notices(volume: Volume, formats: Sequence[str]) -> list[str]:
     return notices
 
 
-def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, labels: np.ndarray, options: AttackOptions) -> None:
+def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, labels: np.ndarray, options: AttackConfig) -> None:
     if options.seg_format == "dicom":
         from medis3d.io.dicom import write_dicom_seg
 

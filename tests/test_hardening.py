@@ -359,9 +359,10 @@ def test_one_volume_leaves_the_target_as_it_found_it(tiny_bundle, tmp_path, monk
     import medis3d.memory as memory
     from medis3d.bundle import load_bundle
     from medis3d.checkpointing import CheckpointedStage
+    from medis3d.config import AttackConfig
     from medis3d.memory import MemoryPlan
     from medis3d.report import peak_memory_mb, reset_peak_memory
-    from medis3d.workflow import AttackOptions, run_attack
+    from medis3d.workflow import run_attack
 
     target = load_bundle(tiny_bundle)
     before = (target.window.as_dict(), target.checkpointing, target.precision, list(target.notices))
@@ -369,7 +370,7 @@ def test_one_volume_leaves_the_target_as_it_found_it(tiny_bundle, tmp_path, monk
     # the first volume's memory plan asks for window batch 1, checkpointing and AMP; the second's budget is plenty
     plans = iter([MemoryPlan(1, True, True, 10, 2**30, True), MemoryPlan(4, False, False, 10, 2**30, True)])
     monkeypatch.setattr(memory, "plan_memory", lambda *args, **kwargs: next(plans))
-    options = AttackOptions(losses="ce", steps=2, eps=16 / 255, step=8 / 255, memory_budget=2**30)
+    options = AttackConfig(losses="ce", steps=2, eps=16 / 255, step=8 / 255, memory_budget=2**30)
     first = run_attack(save_nifti(tmp_path / "a.nii.gz", synthetic_scan(1)[0]), target, options, tmp_path / "a")
     assert first["target"]["settings"]["checkpoint"] and first["target"]["settings"]["amp"]
     assert (target.window.as_dict(), target.checkpointing, target.precision, list(target.notices)) == before

@@ -1,0 +1,86 @@
+"""The attack's one configuration (medis3d.config.AttackConfig): built once from the command's options, checked in
+one place, frozen, handed to fusion whole and written into the report as it is."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from medis3d.cli import ATTACK_OPTIONS, app
+from medis3d.config import AttackConfig, check_budget
+from medis3d.errors import InputError
+from medis3d.members import PRESETS
+
+
+def _options(**given) -> dict:
+    """The shared options as typer hands them to a command (each option's default), with ``given`` set."""
+    p = {name: getattr(option, "default", None) for name, (_, option) in ATTACK_OPTIONS.items()}
+    return p | given
+
+
+def test_options_become_one_frozen_config_with_the_presets_settings():
+    config = AttackConfig.from_options(_options(preset="reliable", restarts=3, eps="8/255"))
+    reliable = PRESETS["reliable"]
+    assert config.preset == "reliable" and config.steps == reliable.steps and config.select == reliable.select
+    assert config.eps == pytest.approx(8 / 255) and config.step == reliable.step
+    # --restarts reaches every APGD member that does not set its own
+    assert config.members == tuple(f"{m.split('[')[0]}[restarts=3]" if "[" not in m else m.replace("]", ",restarts=3]")
+                                   for m in reliable.members)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.eps = 1.0  # type: ignore[misc]
+    assert json.loads(json.dumps(config.as_dict()))["members"] == list(config.members)
+
+
+def test_explicit_settings_override_the_preset_and_members_are_named_once():
+    config = AttackConfig.from_options(_options(members="apgd:js[radii=sea],adam:cosine", steps=7, step="2/255",
+                                                select="strongest", memory_budget="1GB"))
+    assert config.members == ("apgd:js[radii=sea]", "adam:cosine")
+    assert (config.steps, config.step, config.select, config.memory_budget) == (7, pytest.approx(2 / 255), "strongest", 2**30)
+    assert AttackConfig(losses="ce,dice", attacks=("pgd",)).members == ("pgd:ce", "pgd:dice")
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"eps": "0"}, "--eps must be positive"),
+    ({"eps": "8/0"}, "--eps must be a number"),
+    ({"step": "-1/255"}, "--step must be positive"),
+    ({"steps": 0}, "--steps must be at least 1"),
+    ({"norm": "l1"}, "--norm must be linf or l2"),
+    ({"eps_units": "hu"}, "--eps-units must be"),
+    ({"select": "best"}, "--select must be one of least, strongest"),
+    ({"together": 0}, "--together must be at least 1"),
+    ({"output_format": "png"}, "--output-format must be"),
+    ({"seg_format": "rtstruct"}, "--seg-format must be"),
+    ({"preset": "strong"}, "--preset must be one of"),
+    ({"members": "apgd:nope"}, "unknown loss 'nope'"),
+    ({"memory_budget": "lots"}, "--memory-budget must be a size"),
+])
+def test_every_bad_option_is_one_line_from_one_place(given, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(")) as caught:
+        AttackConfig.from_options(_options(**given))
+    assert "\n" not in str(caught.value)
+
+
+def test_fusion_and_the_config_check_the_same_way():
+    """MedIS checks its budget with the config's function: the same message for the same mistake."""
+    from medis3d.fusion import MedIS
+
+    with pytest.raises(InputError) as by_config:
+        check_budget(1 / 255, 1 / 255, 1, norm="l3")
+    with pytest.raises(InputError) as by_fusion:
+        MedIS(None, eps=1 / 255, norm="l3")  # type: ignore[arg-type]
+    assert str(by_config.value) == str(by_fusion.value)
+
+
+def test_the_report_holds_the_config_as_run(tiny_bundle, scan_file, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(out), "--members",
+                                      "pgd:ce,apgd:js", "--eps", "16/255", "--steps", "2", "--restarts", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    config = report["attack"]["config"]
+    assert config["members"] == report["attack"]["members"] == ["pgd:ce", "apgd:js[restarts=2]"]
+    assert config["eps"] == pytest.approx(16 / 255) and config["steps"] == 2 and config["preset"] == "default"
+    assert config["label"] is None and config["output_format"] == "auto"
