@@ -6,7 +6,7 @@ import functools
 import inspect
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -265,7 +265,7 @@ def _with_progress(fn, members: int):
         return fn(reporter)
 
 
-def _print_summary(report: dict) -> None:
+def _print_summary(report: Mapping[str, Any]) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table

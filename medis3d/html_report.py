@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +298,7 @@ def _settings_block(settings: dict) -> str:
             + f"<pre id=\"settings\">{_e(json.dumps(settings, indent=2, default=str))}</pre>")
 
 
-def verdict(report: dict) -> str:
+def verdict(report: Mapping[str, Any]) -> str:
     """What the attack did, in words: success or not against its threshold, the reference, and what to try next."""
     attack, sel = report["attack"], report["selected"]
     targeted = attack["targeted"]
@@ -315,7 +315,7 @@ def verdict(report: dict) -> str:
             "Try a larger --eps, more --steps, --restarts 3, or --preset reliable.")
 
 
-def attack_page(report: dict, overview_png: bytes | None, histogram_png: bytes | None = None) -> str:
+def attack_page(report: Mapping[str, Any], overview_png: bytes | None, histogram_png: bytes | None = None) -> str:
     """``report.html`` of one ``medis3d attack``: the verdict, Dice clean and attacked, the overview, the members'
     traces, the perturbation's histogram and the settings (the report itself, as JSON)."""
     name = Path(report["input"]["path"]).name if report.get("input", {}).get("path") else "scan"

@@ -71,7 +71,7 @@ def clean_json(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, data: dict) -> Path:
+def write_json(path: Path, data: Mapping[str, Any]) -> Path:
     return write_text_atomic(path, json.dumps(clean_json(data), indent=2) + "\n")
 
 

@@ -11,7 +11,6 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -23,16 +22,11 @@ from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import Volume
 from medis3d.metrics import (
-    dice_per_class,
-    flipped_fraction,
-    hd95_per_class,
-    iou_per_class,
-    mean_iou,
     perturbation_norms,
-    smooth_mean_iou,
 )
 from medis3d.progress import notify
-from medis3d.report import SCHEMA, peak_memory_mb, reset_peak_memory, write_json, write_overview
+from medis3d.records import AttackReport, OutputsRecord, attack_report
+from medis3d.report import reset_peak_memory, write_json, write_overview
 from medis3d.signals import deferred
 from medis3d.target import Target
 
@@ -87,24 +81,6 @@ def read_segmentation(path: Path, volume: Volume, target: Target, what: str) -> 
     raise InputError(f"{path}: {what} has {labels.shape[0]} channels, the model has {target.out_channels}")
 
 
-def segmentation_metrics(target: Target, prediction: np.ndarray, reference: np.ndarray, spacing) -> dict:
-    pm, rm = target.masks(prediction), target.masks(reference)
-    names = [target.class_name(c) for c in target.foreground_classes]
-    return {
-        "dice": dict(zip(names, dice_per_class(pm, rm))),
-        "iou": dict(zip(names, iou_per_class(pm, rm))),
-        "mean_iou": mean_iou(pm, rm),
-        "hd95": dict(zip(names, hd95_per_class(pm, rm, spacing))),
-        "flipped_fraction": flipped_fraction(target, prediction, reference),
-    }
-
-
-def _target_metrics(target: Target, prediction: np.ndarray, aim: np.ndarray) -> dict:
-    pm, am = target.masks(prediction), target.masks(aim)
-    names = [target.class_name(c) for c in target.foreground_classes]
-    return {"mean_iou": smooth_mean_iou(pm, am), "dice": dict(zip(names, dice_per_class(pm, am)))}
-
-
 def _guard_inputs(out_dir: Path, inputs: Sequence[Path | None]) -> None:
     """Refuse an output folder whose outputs would overwrite one of the user's inputs."""
     resolved_out = out_dir.resolve()
@@ -130,7 +106,7 @@ def run_attack(
     options: AttackConfig,
     out_dir: Path | str | None = None,
     progress=None,
-) -> dict:
+) -> AttackReport:
     """Attack one scan (a path, or a Volume already read) and write its outputs into ``out_dir``.
 
     ``progress(member, t, total, score)`` is called at every step; where it has ``phase(name)`` and
@@ -176,7 +152,7 @@ def _run_state(target: Target):
 
 
 def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out: Path, formats, target_file: Path | None,
-                      progress, start: float) -> dict:
+                      progress, start: float) -> AttackReport:
     reference = read_segmentation(Path(options.label), volume, target, "label") if options.label else None
     region = None
     if options.mask is not None:
@@ -259,13 +235,13 @@ def _write_outputs(
     target_spec: str | None,
     formats: Sequence[str],
     options: AttackConfig,
-) -> dict:
+) -> AttackReport:
     with writing(out):
         return _write_staged(volume, target, medis, result, out, start, target_spec, formats, options)
 
 
 def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISResult, out: Path, start: float,
-                  target_spec: str | None, formats: Sequence[str], options: AttackConfig) -> dict:
+                  target_spec: str | None, formats: Sequence[str], options: AttackConfig) -> AttackReport:
     stage = staging_folder(out, suffix=".partial")
     try:
         # Success is measured on what is written: read the file back and run the model on it.
@@ -275,110 +251,11 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         write_nifti(volume, stage / "perturbation.nii.gz", delta, dtype=np.float32)
         _write_prediction(volume, target, stage, "prediction_clean", result.clean_prediction, options)
         _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options)
-        goal_targeted = result.aim is not None
-        if result.aim is not None:
-            score = _target_metrics(target, adversarial_prediction, result.aim)["mean_iou"]
-            success = score >= result.threshold
-        else:
-            score = mean_iou(target.masks(adversarial_prediction), target.masks(result.reference))
-            success = score <= result.threshold
         norms = perturbation_norms(delta, result.native_per_normalized)
-        chosen = result.chosen
-        report: dict[str, Any] = {
-            "schema": SCHEMA,
-            "input": {
-                "path": str(volume.path),
-                "format": volume.format,
-                "shape": list(volume.spatial_shape),
-                "channels": volume.channels,
-                "spacing": list(volume.spacing),
-                "stored_dtype": str(volume.stored_dtype),
-            },
-            "outputs": {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format,
-                        "notices": _output_notices(volume, formats)},
-            "target": {
-                "bundle": target.source,
-                "network": target.name,
-                "activation": target.activation,
-                "classes": {str(c): target.class_name(c) for c in range(target.out_channels)},
-                "inferer": target.window.as_dict(),
-                "preprocessing": target.preprocessing.describe(),
-                "device": str(target.device),
-                "settings": target.settings(),
-                "memory_plan": result.memory_plan.as_dict() if result.memory_plan is not None else None,
-                "notices": list(target.notices),
-            },
-            "attack": {
-                "name": "medis",
-                "config": options.as_dict(),
-                "preset": options.preset,
-                "members": [m.name for m in medis.members()],
-                "attacks": list(dict.fromkeys(m.attack for m in medis.members())),
-                "norm": medis.norm,
-                "mask": str(options.mask) if options.mask else None,
-                "min_eps": medis.min_eps,
-                "select": medis.select,
-                "targeted": goal_targeted,
-                "target": target_spec,
-                "losses": list(dict.fromkeys(m.loss for m in medis.members())),
-                "eps": medis.eps,
-                "step": medis.step,
-                "steps": medis.steps,
-                "eps_units": medis.eps_units,
-                "eps_native": result.eps_native,
-                "step_native": result.step_native,
-                "native_per_normalized": result.native_per_normalized,
-                "normalization": result.scale_note,
-                "success_threshold": result.threshold,
-                "success_metric": "smoothed mean IoU vs target over foreground classes >= threshold"
-                if goal_targeted
-                else "mean IoU vs reference over foreground classes <= threshold",
-                "reference": "label file" if result.reference is not result.clean_prediction else "clean prediction",
-                "seed": medis.seed,
-                "together": {"members": medis.together, **(result.together or {})},
-            },
-            "clean": segmentation_metrics(target, result.clean_prediction, result.reference, volume.spacing),
-            "adversarial": segmentation_metrics(target, adversarial_prediction, result.reference, volume.spacing),
-            "perturbation": norms,
-            "flip_budgets": None if result.flip_budgets is None else {
-                f"{k}_{unit}": (None if v is None else v / (result.native_per_normalized if unit == "normalized" else 1.0))
-                for k, v in result.flip_budgets.items() for unit in ("native", "normalized")},
-            "success": bool(success),
-            "selected": {
-                "member": chosen.name,
-                "attack": chosen.attack,
-                "loss": chosen.loss,
-                "steps": chosen.steps,
-                "linf_normalized": chosen.linf_native / result.native_per_normalized,
-                "linf_native": chosen.linf_native,
-            },
-            "members": [
-                {
-                    "member": m.name,
-                    "attack": m.attack,
-                    "loss": m.loss,
-                    "success": m.success,
-                    "steps": m.steps,
-                    "linf_normalized": m.linf_native / result.native_per_normalized,
-                    "linf_native": m.linf_native,
-                    "l2_native": m.l2_native,
-                    "mean_iou": m.score if not goal_targeted else None,
-                    "target_mean_iou": m.score if goal_targeted else None,
-                    "time_s": m.time_s,
-                    "flipped_fraction": flipped_fraction(target, m.prediction, result.reference),
-                    "trace": [
-                        {"step": r.step, "loss": r.loss, "score": r.score, "success": r.success, "in_budget": r.in_budget}
-                        for r in m.trace
-                    ],
-                }
-                for m in result.members
-            ],
-            "time_s": time.perf_counter() - start,
-            "peak_memory_mb": peak_memory_mb(target.device),
-        }
-        if result.aim is not None:
-            report["clean"]["against_target"] = _target_metrics(target, result.clean_prediction, result.aim)
-            report["adversarial"]["against_target"] = _target_metrics(target, adversarial_prediction, result.aim)
+        outputs: OutputsRecord = {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format,
+                                  "notices": _output_notices(volume, formats)}
+        report = attack_report(volume, target, options, medis, result, adversarial_prediction, norms, outputs, start)
+        success, chosen = report["success"], result.chosen
         clean_any = np.asarray(target.masks(result.clean_prediction).any(0))
         adv_any = np.asarray(target.masks(adversarial_prediction).any(0))
         verdict = "succeeded" if success else "failed"
@@ -410,7 +287,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _write_attack_page(stage: Path, report: dict, delta: np.ndarray, eps_native: float, units: str) -> None:
+def _write_attack_page(stage: Path, report: AttackReport, delta: np.ndarray, eps_native: float, units: str) -> None:
     """``report.html``: the report for a person, with the overview (already staged) and the perturbation's histogram."""
     from medis3d.html_report import attack_page
     from medis3d.io.atomic import write_text_atomic

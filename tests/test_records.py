@@ -1,0 +1,43 @@
+"""report.json is the typed records of medis3d.records, filled in one place: every section of a real report has
+exactly the keys its record declares (a key added to the report without its record, or the other way, fails)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from medis3d import records
+from medis3d.cli import app
+
+
+def _keys(record: type) -> tuple[set[str], set[str]]:
+    return set(record.__required_keys__), set(record.__optional_keys__)  # type: ignore[attr-defined]
+
+
+def _conforms(value: dict, record: type, where: str) -> None:
+    required, optional = _keys(record)
+    assert required <= set(value) <= required | optional, (where, set(value) ^ required)
+
+
+def test_a_targeted_and_an_untargeted_report_hold_exactly_their_records(tiny_bundle, scan_file, tmp_path):
+    for name, extra in (("plain", []), ("targeted", ["--target", "background"])):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(out),
+                                          "--members", "pgd:ce", "--eps", "16/255", "--steps", "2", "--quiet", *extra])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "report.json").read_text())
+        _conforms(report, records.AttackReport, "report")
+        assert report["schema"] == "medis3d.report/1" and "output_dir" not in report  # the returned report says where
+        for key, record in (("input", records.InputRecord), ("outputs", records.OutputsRecord), ("target", records.TargetRecord),
+                            ("attack", records.AttackRecord), ("clean", records.SegmentationRecord),
+                            ("adversarial", records.SegmentationRecord), ("selected", records.SelectedRecord)):
+            _conforms(report[key], record, key)
+        for member in report["members"]:
+            _conforms(member, records.MemberRecord, "member")
+            for step in member["trace"]:
+                _conforms(step, records.TraceRecord, "trace")
+        against = "against_target" in report["adversarial"]
+        assert against == (name == "targeted") == report["attack"]["targeted"]
+        if against:
+            _conforms(report["adversarial"]["against_target"], records.TargetScores, "against_target")
