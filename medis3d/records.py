@@ -241,17 +241,17 @@ def selected_record(result: MedISResult) -> SelectedRecord:
             "linf_normalized": chosen.linf_native / result.native_per_normalized, "linf_native": chosen.linf_native}
 
 
-def written_success(target: Target, result: MedISResult, prediction: np.ndarray) -> bool:
-    """Whether the attack succeeded on the file as written (``prediction``: the model's segmentation of it)."""
-    if result.aim is not None:
-        return target_scores(target, prediction, result.aim)["mean_iou"] >= result.threshold
-    return mean_iou(target.masks(prediction), target.masks(result.reference)) <= result.threshold
-
-
 def attack_report(volume: Volume, target: Target, config: AttackConfig, medis: MedIS, result: MedISResult,
                   prediction: np.ndarray, perturbation: dict[str, float], outputs: OutputsRecord, start: float) -> AttackReport:
     """The report of one attack: ``prediction`` is the model's segmentation of the adversarial as written (read back
-    from disk), ``perturbation`` its norms, ``outputs`` what was written, ``start`` when the run began."""
+    from disk), ``perturbation`` its norms, ``outputs`` what was written, ``start`` when the run began. Success is
+    decided on that prediction's scores: its mean IoU against the reference, or (targeted) against the aim."""
+    adversarial = segmentation_record(target, prediction, result.reference, volume.spacing)
+    if result.aim is not None:
+        adversarial["against_target"] = target_scores(target, prediction, result.aim)
+        success = adversarial["against_target"]["mean_iou"] >= result.threshold
+    else:
+        success = adversarial["mean_iou"] <= result.threshold
     report: AttackReport = {
         "schema": SCHEMA,
         "input": input_record(volume),
@@ -259,12 +259,12 @@ def attack_report(volume: Volume, target: Target, config: AttackConfig, medis: M
         "target": target_record(target, result),
         "attack": attack_record(config, medis, result),
         "clean": segmentation_record(target, result.clean_prediction, result.reference, volume.spacing),
-        "adversarial": segmentation_record(target, prediction, result.reference, volume.spacing),
+        "adversarial": adversarial,
         "perturbation": perturbation,
         "flip_budgets": None if result.flip_budgets is None else {
             f"{k}_{unit}": (None if v is None else v / (result.native_per_normalized if unit == "normalized" else 1.0))
             for k, v in result.flip_budgets.items() for unit in ("native", "normalized")},
-        "success": bool(written_success(target, result, prediction)),
+        "success": bool(success),
         "selected": selected_record(result),
         "members": [member_record(m, target, result) for m in result.members],
         "time_s": time.perf_counter() - start,
@@ -272,5 +272,4 @@ def attack_report(volume: Volume, target: Target, config: AttackConfig, medis: M
     }
     if result.aim is not None:
         report["clean"]["against_target"] = target_scores(target, result.clean_prediction, result.aim)
-        report["adversarial"]["against_target"] = target_scores(target, prediction, result.aim)
     return report

@@ -21,9 +21,7 @@ from medis3d.io import channel_paths, check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import Volume
-from medis3d.metrics import (
-    perturbation_norms,
-)
+from medis3d.metrics import perturbation_norms
 from medis3d.progress import notify
 from medis3d.records import AttackReport, OutputsRecord, attack_report
 from medis3d.report import reset_peak_memory, write_json, write_overview
@@ -162,7 +160,7 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out
         if not region.any():
             raise InputError(f"{options.mask}: the mask is empty: nothing may be perturbed")
     aim = read_segmentation(target_file, volume, target, "target") if target_file else (
-        None if options.target_mask is None else str(options.target_mask))
+        options.target_mask)
     medis = options.fusion(target, progress, region)
     memory_plan = None
     from medis3d.memory import auto_together, check_machine_fits, plan_memory
@@ -187,9 +185,8 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out
         medis.together = auto_together(target, model_shape, count)
     result = medis(volume, reference=reference, target_mask=aim)
     result.memory_plan = memory_plan
-    target_spec = None if options.target_mask is None else str(options.target_mask)
     notify(progress, "phase", "writing outputs")
-    return _write_outputs(volume, target, medis, result, out, start, target_spec, formats, options)
+    return _write_outputs(volume, target, medis, result, out, start, formats, options)
 
 
 def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats, options: AttackConfig, medis: MedIS) -> Volume:
@@ -232,16 +229,15 @@ def _write_outputs(
     result: MedISResult,
     out: Path,
     start: float,
-    target_spec: str | None,
     formats: Sequence[str],
     options: AttackConfig,
 ) -> AttackReport:
     with writing(out):
-        return _write_staged(volume, target, medis, result, out, start, target_spec, formats, options)
+        return _write_staged(volume, target, medis, result, out, start, formats, options)
 
 
 def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISResult, out: Path, start: float,
-                  target_spec: str | None, formats: Sequence[str], options: AttackConfig) -> AttackReport:
+                  formats: Sequence[str], options: AttackConfig) -> AttackReport:
     stage = staging_folder(out, suffix=".partial")
     try:
         # Success is measured on what is written: read the file back and run the model on it.

@@ -109,11 +109,16 @@ def apgd(model: PlainModel, scan: np.ndarray, eps_hu: float, steps: int, loss: s
     return reference.apgd_ascent(p.loss_and_grad, p.project, start, p.eps, steps)
 
 
-def _strongest(p, x: torch.Tensor, best: tuple[float, torch.Tensor]) -> tuple[float, torch.Tensor]:
-    """The better of ``best`` and the iterate ``x`` by Dice against the reference (lower is stronger)."""
-    with torch.no_grad():
-        score = dice(p.logits(x)[0].argmax(0), p.reference)
+def _better(best: tuple[float, torch.Tensor], score: float, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The stronger of ``best`` and the iterate ``x`` whose Dice against the reference is ``score`` (lower is stronger)."""
     return (score, x) if score < best[0] else best
+
+
+def _strongest(p, x: torch.Tensor, best: tuple[float, torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """The stronger of ``best`` and the last iterate ``x``, scored by one more forward pass. (The loops below score
+    every other iterate from the forward pass its next step takes anyway.)"""
+    with torch.no_grad():
+        return _better(best, dice(p.logits(x)[0].argmax(0), p.reference), x)
 
 
 def adam(model: PlainModel, scan: np.ndarray, eps_hu: float, lr_hu: float, steps: int, loss: str = "ce") -> torch.Tensor:
@@ -123,14 +128,15 @@ def adam(model: PlainModel, scan: np.ndarray, eps_hu: float, lr_hu: float, steps
     x = p.x0.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([x], lr=lr_hu, amsgrad=True, maximize=True, eps=1e-12)
     best = (2.0, p.x0)
-    for _ in range(steps):
-        _, grad, _ = p.loss_and_grad(x.detach())
+    for t in range(steps):
+        _, grad, score = p.loss_and_grad(x.detach())
+        if t:  # the clean scan is not an iterate
+            best = _better(best, score, x.detach().clone())
         x.grad = grad
         optimiser.step()
         with torch.no_grad():
             x.copy_(p.project(x))
-        best = _strongest(p, x.detach().clone(), best)
-    return best[1]
+    return _strongest(p, x.detach().clone(), best)[1]
 
 
 def lowfreq(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, steps: int, factor: int) -> torch.Tensor:
@@ -139,16 +145,17 @@ def lowfreq(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, 
     p = _problem(model, scan, eps_hu, grid="scan")
     shape = p.x0.shape[1:]
     u = torch.zeros((1, 1, *[max(2, -(-(s - 1) // factor) + 1) for s in shape]))
-    best = (2.0, p.x0)
-    for _ in range(steps):
+    best, x = (2.0, p.x0), p.x0
+    for t in range(steps):
         u.requires_grad_(True)
         delta = F.interpolate(u, size=tuple(shape), mode="trilinear", align_corners=True)[0]
-        _, grad, _ = p.loss_and_grad(p.project(p.x0 + delta.detach()))
+        _, grad, score = p.loss_and_grad(x)
+        if t:
+            best = _better(best, score, x)
         (g,) = torch.autograd.grad((delta * grad).sum(), u)
         u = (u.detach() + step_hu * g.sign()).clamp(-p.eps, p.eps)
         x = p.project(p.x0 + F.interpolate(u, size=tuple(shape), mode="trilinear", align_corners=True)[0])
-        best = _strongest(p, x, best)
-    return best[1]
+    return _strongest(p, x, best)[1]
 
 
 def dag(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, steps: int) -> torch.Tensor:
@@ -158,19 +165,20 @@ def dag(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, step
     p = _problem(model, scan, eps_hu, grid="scan")
     free, x = p.x0.clone(), p.x0
     best = (2.0, p.x0)
-    for _ in range(steps):
+    for t in range(steps):
         x = x.clone().requires_grad_(True)
         z = model.logits(x, grid="scan")[0]
         current = z.detach().argmax(0)
+        if t:
+            best = _better(best, dice(current, p.reference), x.detach())
         active = current != 0
         if float(active.float().mean()) <= 0.01:
-            break
+            return best[1]
         gap = (z[0] - z.gather(0, current[None])[0])[active].sum()
         (g,) = torch.autograd.grad(gap, x)
         free = free + step_hu * g / g.abs().max().clamp_min(1e-12)
         x = p.project(free)
-        best = _strongest(p, x, best)
-    return best[1]
+    return _strongest(p, x, best)[1]
 
 
 def _segpgd_weights(logits: torch.Tensor, reference: torch.Tensor, t: int, steps: int) -> torch.Tensor:
@@ -195,8 +203,9 @@ def weighted_pgd(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: fl
     for t in range(steps):
         x = x.clone().requires_grad_(True)
         logits = p.logits(x)
+        if t:  # the random start is not an iterate
+            best = _better(best, dice(logits.detach()[0].argmax(0), p.reference), x.detach())
         ce = F.cross_entropy(logits, p.reference[None], reduction="none")[0]
         (grad,) = torch.autograd.grad((weight(logits.detach(), p.reference, t, steps) * ce).mean(), x)
         x = p.project(x.detach() + step_hu * grad.sign())
-        best = _strongest(p, x, best)
-    return best[1]
+    return _strongest(p, x, best)[1]
