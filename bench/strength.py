@@ -62,6 +62,7 @@ import reference as plain
 from _common import ROOT, Goal as Figure, print_table, set_threads
 
 from medis3d.bundle import default_bundle_path, load_bundle, resolve_bundle_path
+from medis3d.cache import OutcomeCache
 from medis3d.fusion import MedIS, MemberOutcome, select_member
 from medis3d.io import read_volume
 from medis3d.io.volume import Volume
@@ -185,13 +186,11 @@ class Runner:
 
     def __init__(self, cache: Path, quick: bool, cached_only: bool = False):
         self.folder = cache / "results" / code_key()
+        self.store = OutcomeCache(self.folder, digest=lambda key: hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
         self.quick = quick
         self.cached_only = cached_only
         self.missing = 0
         self.spent: dict[str, float] = {}
-
-    def _path(self, key: dict) -> Path:
-        return self.folder / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
 
     def steps(self, steps: int) -> int:
         """A member's iterations: as asked, or in a quick run a sixteenth of them (at least two)."""
@@ -202,12 +201,12 @@ class Runner:
                 "steps": self.steps(steps), "select": select}
 
     def has(self, case: Case, spec: str, eps: float, steps: int, select: str) -> bool:
-        return self._path(self._member_key(case, spec, eps, steps, select)).exists()
+        return self.store.path(self._member_key(case, spec, eps, steps, select)).exists()
 
     def _cached(self, key: dict, compute, what: str) -> dict | None:
-        path = self._path(key)
-        if path.exists():
-            return json.loads(path.read_text())
+        kept = self.store.get(key)
+        if kept is not None:
+            return kept
         if self.cached_only:
             self.missing += 1
             return None
@@ -216,8 +215,7 @@ class Runner:
         result["time_s"] = time.perf_counter() - start
         self.spent[what] = self.spent.get(what, 0.0) + result["time_s"]
         result["key"] = key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, default=float))
+        self.store.put(key, result)
         return result
 
     def member(self, case: Case, spec: str, eps: float, steps: int, select: str = "strongest", what: str = "") -> dict | None:

@@ -338,7 +338,7 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
         source=source,
         device=torch.device(device),
         precision=precision or Precision(),
-        notices=notices,
+        notices=tuple(notices),
     )
 
 

@@ -8,6 +8,8 @@ without checkpointing and a notice says so.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -58,6 +60,25 @@ def enable_checkpointing(network: torch.nn.Module) -> tuple[int, str | None]:
     if wrapped == 0:
         return 0, f"{type(network).__name__}: no known stages to checkpoint, running without it"
     return wrapped, None
+
+
+def checkpointed_view(network: torch.nn.Module) -> tuple[torch.nn.Module, int, str | None]:
+    """A checkpointed copy of ``network`` that shares its weights and buffers, leaving ``network`` as it is:
+    (the view, stages wrapped, notice or None). Where nothing can be checkpointed the view is ``network`` itself."""
+    if isinstance(network, torch.jit.ScriptModule):
+        return network, 0, "TorchScript network: gradient checkpointing is not possible, running without it"
+    view = _shallow_tree(network)
+    count, notice = enable_checkpointing(view)
+    return (view if count else network), count, notice
+
+
+def _shallow_tree(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree whose every module is new but holds the same parameter and buffer tensors."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {name: (_shallow_tree(child) if child is not None else None) for name, child in module._modules.items()}
+    return new
 
 
 def disable_checkpointing(network: torch.nn.Module) -> None:

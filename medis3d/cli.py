@@ -127,7 +127,8 @@ MEMORY_BUDGET = typer.Option(None, "--memory-budget", help="Largest memory for t
 OUTPUT_FORMAT = typer.Option("auto", "--output-format", help="nifti, dicom or both (default: the input's format).")
 SEG_FORMAT = typer.Option("nifti", "--seg-format", help="Predictions as nifti label maps, or also as DICOM SEG (dicom; DICOM inputs).")
 ATTACKS = typer.Option(None, "--attacks", help=f"Comma-separated attacks (optimisers) fused with --losses: {_ATTACK_NAMES}. Default: the preset's members.")
-LABELS = typer.Option(None, "--labels", help="Output channels that count as the attacked structures, by index or name, e.g. 1,3 or liver,spleen (default: all foreground).")
+CLASSES_HELP = "Output channels that count as the attacked structures, by index or name, e.g. 1,3 or liver,spleen (default: all foreground)."
+CLASSES = typer.Option(None, "--classes", "--labels", help=CLASSES_HELP + " --labels is the older name.")
 NORM = typer.Option("linf", "--norm", help="Budget norm: linf or l2 (eps in the same units).")
 MASK = typer.Option(None, "--mask", help="Region the perturbation may touch (a mask on the scan's grid, e.g. the body).")
 MIN_EPS = typer.Option(False, "--min-eps", help="Find each member's smallest successful budget (early stop, or bisection for fixed-budget attacks).")
@@ -135,32 +136,18 @@ SELECT = typer.Option(None, "--select", help="Fusion: least (the successful memb
 TOGETHER = typer.Option(None, "--together", help="Members that share each pass through the network (their windows batched; each member's results as when run alone). 1: one after another. Default: 1 on CPU (measured no faster batched there), on GPU as many as half the free memory allows.")
 ANONYMIZE = typer.Option(False, "--anonymize", help="DICOM output: remove patient identity (basic profile), remap UIDs.")
 
-# The options of an attack that `attack` and `batch` share, declared once, in the order --help lists them: a
-# command decorated with @attack_options takes them after its own and receives them as one dict, ``options``.
-# A new attack option is one typer.Option above, one line here, and one field of medis3d.config.AttackConfig
-# (checked in its __post_init__, read from these options in its from_options).
-ATTACK_OPTIONS: dict[str, tuple[Any, Any]] = {
+# The options the commands share, declared once, in the order --help lists them: a command decorated with
+# @shared_options(...) takes them after its own and receives them as one dict, ``options``. A new attack option is
+# one typer.Option above, one line in its group here, and one field of medis3d.config.AttackConfig (checked in its
+# __post_init__, read from these options in its from_options).
+MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {  # the model and how it runs: attack, batch and evaluate
     "bundle": (Path | None, BUNDLE),
     "config": (str | None, CONFIG),
     "trust_bundle": (bool, TRUST),
     "network": (Path | None, NETWORK),
     "network_def": (Path | None, NETWORK_DEF),
     "transforms": (str | None, TRANSFORMS),
-    "preset": (str | None, PRESET),
-    "members": (str | None, MEMBERS),
-    "losses": (str | None, LOSSES),
-    "attacks": (str | None, ATTACKS),
-    "restarts": (int | None, RESTARTS),
-    "labels": (str | None, LABELS),
-    "norm": (str, NORM),
-    "mask": (Path | None, MASK),
-    "min_eps": (bool, MIN_EPS),
-    "select": (str | None, SELECT),
-    "eps": (str, EPS),
-    "step": (str | None, STEP),
-    "steps": (int | None, STEPS),
-    "eps_units": (str, EPS_UNITS),
-    "success": (float | None, SUCCESS),
+    "classes": (str | None, CLASSES),
     "device": (str | None, DEVICE),
     "amp": (bool, AMP),
     "checkpoint": (bool, CHECKPOINT),
@@ -168,32 +155,59 @@ ATTACK_OPTIONS: dict[str, tuple[Any, Any]] = {
     "overlap": (float | None, OVERLAP),
     "roi": (str | None, ROI),
     "window_mode": (str | None, WINDOW_MODE),
+}
+MEMBER_OPTIONS: dict[str, tuple[Any, Any]] = {  # the members and their budget but eps: attack, batch and evaluate
+    "preset": (str | None, PRESET),
+    "members": (str | None, MEMBERS),
+    "losses": (str | None, LOSSES),
+    "attacks": (str | None, ATTACKS),
+    "restarts": (int | None, RESTARTS),
+    "norm": (str, NORM),
+    "step": (str | None, STEP),
+    "steps": (int | None, STEPS),
+    "eps_units": (str, EPS_UNITS),
+    "success": (float | None, SUCCESS),
     "seed": (int, SEED),
-    "memory_budget": (str | None, MEMORY_BUDGET),
     "together": (int | None, TOGETHER),
+}
+SCAN_OPTIONS: dict[str, tuple[Any, Any]] = {  # one budget on one scan, and its outputs: attack and batch
+    "eps": (str, EPS),
+    "mask": (Path | None, MASK),
+    "min_eps": (bool, MIN_EPS),
+    "select": (str | None, SELECT),
+    "memory_budget": (str | None, MEMORY_BUDGET),
     "output_format": (str, OUTPUT_FORMAT),
     "seg_format": (str, SEG_FORMAT),
     "anonymize": (bool, ANONYMIZE),
 }
+ATTACK_OPTIONS: dict[str, tuple[Any, Any]] = {**MODEL_OPTIONS, **MEMBER_OPTIONS, **SCAN_OPTIONS}
 _LAST = ("json_out", "quiet")  # a command's own flags that --help lists after the shared options
 
 
-def attack_options(command: Callable[..., None]) -> Callable[..., None]:
-    """The command with :data:`ATTACK_OPTIONS` in its signature (for typer), passed to it as ``options``."""
-    signature = inspect.signature(command)
-    own = [p for name, p in signature.parameters.items() if name != "options"]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
-              for name, (annotation, option) in ATTACK_OPTIONS.items()]
-    first = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in _LAST]
-    last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name in _LAST]
+def shared_options(groups: Mapping[str, tuple[Any, Any]], **overrides: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A decorator giving a command the options of ``groups`` in its signature (for typer), passed to it as one dict,
+    ``options``; ``overrides`` replace an option's typer.Option for this command (another help or default)."""
 
-    @functools.wraps(command)
-    def run(**values: Any) -> None:
-        options = {name: values.pop(name) for name in ATTACK_OPTIONS}
-        command(**values, options=options)
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command)
+        own = [p for name, p in signature.parameters.items() if name != "options"]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=overrides.get(name, option), annotation=annotation)
+                  for name, (annotation, option) in groups.items()]
+        first = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in _LAST]
+        last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name in _LAST]
 
-    run.__signature__ = signature.replace(parameters=[*first, *shared, *last])  # type: ignore[attr-defined]
-    return run
+        @functools.wraps(command)
+        def run(**values: Any) -> None:
+            options = {name: values.pop(name) for name in groups}
+            command(**values, options=options)
+
+        run.__signature__ = signature.replace(parameters=[*first, *shared, *last])  # type: ignore[attr-defined]
+        return run
+
+    return decorate
+
+
+attack_options = shared_options(ATTACK_OPTIONS)  # attack and batch
 
 
 def _parse_roi(text: str | None):
@@ -213,14 +227,17 @@ def _parse_roi(text: str | None):
 def _prepare(p: dict) -> tuple[Target, AttackConfig, int]:
     """Load and configure the target and build the attack's config from a command's parameters."""
     config = AttackConfig.from_options(p)  # every option checked before the target loads
+    return _model(p), config, len(config.members)
+
+
+def _model(p: dict) -> Target:
+    """The target :data:`MODEL_OPTIONS` name: loaded, its attacked classes chosen and its inferer set."""
     bare = {"network": p.get("network"), "network_def": p.get("network_def"), "transforms": p.get("transforms")}
     tgt = _load_target(p["bundle"], p["config"], p["trust_bundle"], p["device"], bare)
-    tgt.select_classes(p.get("labels"))
-    tgt.configure(
+    return tgt.select_classes(p.get("classes")).configure(
         roi_size=_parse_roi(p["roi"]), overlap=p["overlap"], sw_batch_size=p["sw_batch_size"], mode=p["window_mode"],
         checkpoint=p["checkpoint"], amp=p["amp"],
     )
-    return tgt, config, len(config.members)
 
 
 @app.command()
@@ -431,57 +448,48 @@ def _study_settings(params: dict, member_list, eps_list, step, steps) -> dict:
 
 
 @app.command()
+@shared_options(
+    {**MODEL_OPTIONS, **MEMBER_OPTIONS},
+    bundle=typer.Option(None, "--bundle", "--source", "-b", help=BUNDLE_HELP + " The attacks are made on this model (the transfer source)."),
+    preset=typer.Option(None, "--preset", help="reliable (the default here: the measured-strongest ensemble), default or paper (MedIS as published)."),
+    classes=typer.Option(None, "--classes", help=CLASSES_HELP),
+)
 def evaluate(
-    dataset: Path = typer.Argument(..., help="Decathlon-style datalist JSON (test/testing/validation entries) or a folder of images."),
+    dataset: Path = typer.Argument(..., help="Decathlon-style datalist JSON (test/testing/validation entries, each with an image and optionally a label and a mask) or a folder of images."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: report.html (the study on one page), results.csv, summary.json, robustness.png, report.md."),
     labels: Path | None = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
-    bundle: Path | None = typer.Option(None, "--bundle", "--source", "-b", help=BUNDLE_HELP + " The attacks are made on this model (the transfer source)."),
+    masks: Path | None = typer.Option(None, "--masks", help="Folder of masks named like the images (folder datasets): the region each volume's perturbation may touch, as --mask in attack. In a datalist, an entry's \"mask\"."),
     victim: str | None = typer.Option(None, "--victim", help="Comma-separated bundles (folders, .zip or shipped names) that every adversarial is also scored on: a transfer matrix (the black-box threat) in results.csv, summary.json and report.html."),
-    config: str | None = CONFIG,
-    trust_bundle: bool = TRUST,
-    network: Path | None = NETWORK,
-    network_def: Path | None = NETWORK_DEF,
-    transforms: str | None = TRANSFORMS,
-    preset: str | None = typer.Option(None, "--preset", help="reliable (the default here: the measured-strongest ensemble) or paper (MedIS as published)."),
-    members: str | None = MEMBERS,
-    attacks: str | None = ATTACKS,
-    losses: str | None = LOSSES,
-    restarts: int | None = RESTARTS,
     eps: str = typer.Option("1/255,2/255,4/255,8/255", "--eps", help="Comma-separated budgets (numbers or fractions)."),
-    step: str | None = STEP,
-    steps: int | None = STEPS,
-    eps_units: str = EPS_UNITS,
-    success: float | None = SUCCESS,
-    norm: str = NORM,
     diagnose: bool = typer.Option(False, "--diagnose", help="Also run the gradient-masking checks (medis3d diagnose) on each volume at the largest budget, into diagnose/."),
     stop_at_success: bool = typer.Option(False, "--stop-at-success", help="Stop each member at its first success (mean IoU <= the threshold). Faster, and the success rate is the same, but Dice at a budget where a member succeeds is then where it stopped, not the lowest it reaches: without it every member runs all its iterations and keeps its strongest iterate."),
-    device: str | None = DEVICE,
-    seed: int = SEED,
-    together: int | None = TOGETHER,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    *,
+    options: dict,
 ) -> None:
     """Evaluate robustness over a dataset: every volume x member x eps, with MedIS fusion and the worst case (resumable)."""
     _quiet_warnings()
     from medis3d.io.volume import scan_name
     from medis3d.study import evaluate_dataset, read_dataset
 
-    params = dict(locals(), preset=preset or "reliable")
+    device = options["device"] or _default_device()
+    params = dict(options, dataset=dataset, out=out, labels=labels, masks=masks, victim=victim, eps=eps, diagnose=diagnose,
+                  stop_at_success=stop_at_success, preset=options["preset"] or "reliable")
     try:
         eps_list = [parse_fraction(e.strip(), "--eps") for e in eps.split(",") if e.strip()]
         if not eps_list or min(eps_list) <= 0:
             raise InputError(f"--eps must be positive budgets, got {eps!r}")
         _, member_list, step_value, steps_value, _ = resolve_members(params)
         for budget in eps_list:  # the checks every attack's budget passes (medis3d.config)
-            check_budget(budget, step_value, steps_value, eps_units, norm, together=together)
-        cases = read_dataset(dataset, labels)
-        bare = {"network": network, "network_def": network_def, "transforms": transforms}
-        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare)
-        source = _bundle_name(bundle) if network is None else scan_name(network)
-        victims = _load_victims(victim, tgt, source, trust_bundle, device or _default_device())
+            check_budget(budget, step_value, steps_value, options["eps_units"], options["norm"], together=options["together"])
+        cases = read_dataset(dataset, labels, masks)
+        tgt = _model(dict(params, device=device))
+        source = _bundle_name(options["bundle"]) if options["network"] is None else scan_name(options["network"])
+        victims = _load_victims(victim, tgt, source, options["trust_bundle"], device)
         kwargs: dict[str, Any] = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
-                      eps_units=eps_units, success=success, seed=seed, norm=norm, diagnose=diagnose, together=together,
-                      victims=victims, source=source, stop_at_success=stop_at_success,
-                      settings=_study_settings(params, member_list, eps_list, step_value, steps_value))
+                      eps_units=options["eps_units"], success=options["success"], seed=options["seed"], norm=options["norm"],
+                      diagnose=diagnose, together=options["together"], victims=victims, source=source,
+                      stop_at_success=stop_at_success, settings=_study_settings(params, member_list, eps_list, step_value, steps_value))
         if quiet:
             evaluate_dataset(tgt, cases, out, **kwargs)
         else:

@@ -7,7 +7,6 @@ is cached as it finishes."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medis3d.cache import OutcomeCache, cached_outcomes
 from medis3d.errors import InputError, first_line
 from medis3d.fusion import MedIS, MemberOutcome, select_member
 from medis3d.html_report import dice_curves, eps_label, evaluation_page, reference_words, stopping_words
@@ -28,7 +28,7 @@ from medis3d.io.volume import make_names_unique, safe_name, scan_name
 from medis3d.metrics import confusion_counts, dice_per_class, flipped_fraction, hd95_per_class, mean_iou, perturbation_norms
 from medis3d.report import clean_json
 from medis3d.target import Target
-from medis3d.workflow import read_segmentation
+from medis3d.workflow import read_region, read_segmentation
 
 COLUMNS = [
     "volume", "member", "attack", "loss", "eps", "clean_dice", "adversarial_dice", "clean_dice_per_class", "adversarial_dice_per_class",
@@ -64,24 +64,29 @@ class _VictimCase:
 
 @dataclass
 class Case:
+    """One volume of a study: its image, and optionally its label and the mask of the region it may be perturbed in."""
+
     name: str
     image: Path
     label: Path | None
+    mask: Path | None = None
 
 
 def datalist_cases(entries: Sequence, dataset: Path, key: str, need_label: str | None = None) -> list[Case]:
-    """Cases from a datalist's ``key`` entries (an image path, a list of channel paths, or ``{"image", "label"}``),
-    paths relative to the datalist; with ``need_label`` (why), an entry without a label is an input error."""
+    """Cases from a datalist's ``key`` entries (an image path, a list of channel paths, or ``{"image", "label",
+    "mask"}``), paths relative to the datalist; with ``need_label`` (why), an entry without a label is an input error."""
     cases = []
     for entry in entries:
         image = entry.get("image") if isinstance(entry, dict) else entry
         label = entry.get("label") if isinstance(entry, dict) else None
+        mask = entry.get("mask") if isinstance(entry, dict) else None
         if not image:
             raise InputError(f"{dataset}: a {key} entry has no image: {entry!r}")
         if need_label and not label:
             raise InputError(f"{dataset}: {key} entry {image} has no label; {need_label}")
         images = [str((dataset.parent / i).resolve()) for i in image] if isinstance(image, list) else [str((dataset.parent / image).resolve())]
-        cases.append(Case(scan_name(images[0]), Path(",".join(images)), (dataset.parent / label).resolve() if label else None))
+        cases.append(Case(scan_name(images[0]), Path(",".join(images)), (dataset.parent / label).resolve() if label else None,
+                          (dataset.parent / mask).resolve() if mask else None))
     return cases
 
 
@@ -93,8 +98,12 @@ def read_datalist(dataset: Path) -> Any:
         raise InputError(f"{dataset}: not a JSON datalist ({first_line(exc)})") from exc
 
 
-def read_dataset(dataset: Path, labels: Path | None = None) -> list[Case]:
-    """A Decathlon-style datalist (``test``, ``testing`` or ``validation``) or a folder of images."""
+def read_dataset(dataset: Path, labels: Path | None = None, masks: Path | None = None) -> list[Case]:
+    """A Decathlon-style datalist (``test``, ``testing`` or ``validation``) or a folder of images, with ``labels``
+    and ``masks`` folders holding files named like the images (a volume without one has none)."""
+    for folder, option in ((labels, "--labels"), (masks, "--masks")):
+        if folder is not None and not Path(folder).is_dir():
+            raise InputError(f"{folder}: {option} must be a folder of files named like the images")
     dataset = Path(dataset)
     if dataset.is_file():
         data = read_datalist(dataset)
@@ -114,7 +123,8 @@ def read_dataset(dataset: Path, labels: Path | None = None) -> list[Case]:
         cases = []
         for image in images:
             label = labels / image.name if labels is not None and (labels / image.name).is_file() else None
-            cases.append(Case(scan_name(image), image, label))
+            mask = masks / image.name if masks is not None and (masks / image.name).is_file() else None
+            cases.append(Case(scan_name(image), image, label, mask))
         return make_names_unique(cases)
     raise InputError(f"{dataset}: no such datalist or folder")
 
@@ -145,14 +155,11 @@ def member_row(target: Target, case: Case, member, eps: float, result, reference
     }
 
 
-def _cache_file(cache: Path, case: Case, member, eps: float, setting: dict) -> Path:
-    """Where a member's row at ``eps`` is cached: named for the member and for everything else its outcome depends
-    on (``setting``: the model, the step, steps, units, seed and success threshold, the case's files), so a rerun
-    into the same folder with any of them changed runs the member anew instead of reusing a row made otherwise."""
-    key = json.dumps({"member": member.name, "eps": f"{eps:.6g}", "image": str(case.image), "label": str(case.label or ""),
-                      **setting}, sort_keys=True, default=str)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return cache / case.name / f"{safe_name(member.name)}_{digest}_{eps:.6g}.json"
+def _cache_key(case: Case, member, eps: float, setting: dict) -> dict:
+    """Everything a member's row at ``eps`` depends on: the member, the case's files and ``setting`` (the model, its
+    run settings, the step, steps, units, seed and success threshold)."""
+    files = {"image": str(case.image), "label": str(case.label or "")} | ({"mask": str(case.mask)} if case.mask else {})
+    return {"member": member.name, "eps": f"{eps:.6g}", **files, **setting}
 
 
 def evaluate_dataset(
@@ -197,13 +204,23 @@ def evaluate_dataset(
                                  stop_at_success=stop_at_success)
 
 
-def _cached_row(path: Path, victims: Sequence[Victim], stop_at_success: bool) -> dict | None:
-    """The member's cached row, or None where it is not cached, lacks a victim's transfer score, or succeeded
-    under the other stopping rule (a member that never succeeded ran the same iterations under both; rows from
-    before the rule was recorded stopped at success)."""
-    if not path.is_file():
+def run_setting(target: Target) -> dict:
+    """What of the target's run settings changes a member's outcome: the attacked classes, the windows (size,
+    overlap, blending) and mixed precision, as part of a study's cache key."""
+    setting: dict[str, Any] = {"inferer": {k: v for k, v in target.window.as_dict().items() if k != "sw_batch_size"}}
+    if target.attacked_classes:
+        setting["classes"] = list(target.attacked_classes)
+    if target.precision.enabled:
+        setting["amp"] = str(target.precision.resolve(target.device))
+    return setting
+
+
+def _usable(row: dict | None, victims: Sequence[Victim], stop_at_success: bool) -> dict | None:
+    """A cached row, or None where it lacks a victim's transfer score or succeeded under the other stopping rule
+    (a member that never succeeded ran the same iterations under both; rows from before the rule was recorded
+    stopped at success)."""
+    if row is None:
         return None
-    row = json.loads(path.read_text())
     transfer = json.loads(row.get("transfer") or "{}")
     if row.get("success") and bool(row.get("stop_at_success", True)) != stop_at_success:
         return None
@@ -213,54 +230,27 @@ def _cached_row(path: Path, victims: Sequence[Victim], stop_at_success: bool) ->
 def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attacks, losses, members, eps_list, step, steps,
                       eps_units, success, seed, diagnose, progress, norm: str = "linf", together=None, victims: Sequence[Victim] = (),
                       source: str | None = None, settings: dict | None = None, stop_at_success: bool = False) -> dict:
-    from medis3d.memory import auto_together
-
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
+    store = OutcomeCache(cache)
     outcome_setting = {"target": f"{target.source}:{target.name}", "step": f"{step:.6g}", "steps": steps,
-                       "eps_units": eps_units, "seed": seed, "success": success, "norm": norm}
+                       "eps_units": eps_units, "seed": seed, "success": success, "norm": norm, **run_setting(target)}
     rows: list[dict] = []
     diagnoses: dict[str, dict] = {}
     for case in cases:
-        volume = read_volume(case.image)
-        reference = read_segmentation(case.label, volume, target, "label") if case.label else None
-        clean_prediction = None
-        per_pass = None
-        victim_cases: list[_VictimCase] | None = None
+        run = _VolumeRun(target, case, store, outcome_setting, victims, together, stop_at_success)
         for eps in eps_list:
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed, norm=norm,
-                          stop_at_success=stop_at_success)
-            cached: dict[str, dict | None] = {m.name: _cached_row(_cache_file(cache, case, m, eps, outcome_setting), victims, stop_at_success) for m in medis.members()}
-            missing = [m for m in medis.members() if cached[m.name] is None]
-            ran: dict[str, tuple] = {}
-            if missing:  # the members not cached yet (batched through the network with --together)
-                setting = medis.prepare(volume, reference, clean_prediction=clean_prediction)
-                clean_prediction = setting.clean_prediction
-                if per_pass is None:  # once per volume: the default needs the model-space shape (a preprocessing run)
-                    per_pass = together or auto_together(target, target.model_shape(volume), len(medis.members()))
-                if victims and victim_cases is None:
-                    victim_cases = [_victim_case(v, case, volume) for v in victims]
-                medis.together = per_pass
-                results = medis.run_members(missing, setting.budget, setting.goal, volume, setting.factor)
-                for member, result in zip(missing, results):
-                    row = member_row(target, case, member, eps, result, setting.goal.reference, setting.clean_prediction,
-                                     volume, setting.scale)
-                    adversarial = volume.with_array(result.adversarial)
-                    row["stop_at_success"] = bool(stop_at_success)
-                    row["transfer"] = json.dumps(clean_json({vc.victim.name: vc.score(adversarial) for vc in victim_cases or []}))
-                    text = json.dumps(clean_json(row))
-                    write_text_atomic(_cache_file(cache, case, member, eps, outcome_setting), text)
-                    cached[member.name] = json.loads(text)  # as a resumed run reads it back
-                    ran[member.name] = (result, setting)
-            case_rows = [row for row in (cached[m.name] for m in medis.members()) if row is not None]  # all filled above
+                          stop_at_success=stop_at_success, region=run.region)
+            case_rows, ran = run.rows(medis, eps)
             rows.extend(case_rows)
             if eps == max(eps_list):
-                _write_case_overview(target, case, volume, case_rows, ran, success, cache, eps_units, norm)
+                _write_case_overview(target, case, run.volume, case_rows, ran, success, cache, eps_units, norm)
             if progress is not None:
                 progress(case.name)
         if diagnose:
-            diagnoses[case.name] = _diagnose_case(target, case, volume, reference, out / "diagnose", max(eps_list), step,
+            diagnoses[case.name] = _diagnose_case(target, case, run.volume, run.reference, out / "diagnose", max(eps_list), step,
                                                   steps, eps_units, seed, members)
             if progress is not None:
                 progress(case.name)
@@ -283,6 +273,61 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     write_text_atomic(out / "report.md", markdown_report(summary, len(cases), eps_units))
     write_text_atomic(out / "report.html", evaluation_page(summary, out))
     return summary
+
+
+class _VolumeRun:
+    """One volume of a study: its members' rows at each budget, from the store where it holds them, else run (the
+    missing members together) and stored; the clean prediction and the victims' references made once, when needed."""
+
+    def __init__(self, target: Target, case: Case, store: OutcomeCache, setting: dict, victims: Sequence[Victim],
+                 together: int | None, stop_at_success: bool):
+        self.target, self.case, self.store, self.setting = target, case, store, setting
+        self.victims, self.together, self.stop_at_success = victims, together, stop_at_success
+        self.volume = read_volume(case.image)
+        self.reference = read_segmentation(case.label, self.volume, target, "label") if case.label else None
+        self.region = read_region(case.mask, self.volume) if case.mask else None
+        self.clean_prediction: np.ndarray | None = None
+        self.per_pass: int | None = None
+        self.victim_cases: list[_VictimCase] | None = None
+
+    def rows(self, medis: MedIS, eps: float) -> tuple[list[dict], dict[str, tuple]]:
+        """Every member's row at ``eps`` (in the members' order), and the outcomes of those run now, by name."""
+        ran: dict[str, tuple] = {}
+
+        def place(member) -> dict:
+            return {"key": _cache_key(self.case, member, eps, self.setting), "where": self.case.name,
+                    "label": safe_name(member.name), "tail": f"{eps:.6g}"}
+
+        def keep(member, outcome: tuple) -> dict:
+            ran[member.name] = outcome
+            return self.store.put(outcome=self._row(member, eps, *outcome), **place(member))
+
+        kept = cached_outcomes(medis.members(), lambda m: m.name,
+                               lambda m: _usable(self.store.get(**place(m)), self.victims, self.stop_at_success),
+                               lambda missing: self._run(medis, missing), keep)
+        return [kept[m.name] for m in medis.members()], ran
+
+    def _run(self, medis: MedIS, missing: list) -> list[tuple]:
+        """The members not stored yet, batched through the network with --together: (result, setting) each."""
+        from medis3d.memory import auto_together
+
+        setting = medis.prepare(self.volume, self.reference, clean_prediction=self.clean_prediction)
+        self.clean_prediction = setting.clean_prediction
+        if self.per_pass is None:  # once per volume: the default needs the model-space shape (a preprocessing run)
+            self.per_pass = self.together or auto_together(self.target, self.target.model_shape(self.volume), len(medis.members()))
+        if self.victims and self.victim_cases is None:
+            self.victim_cases = [_victim_case(v, self.case, self.volume) for v in self.victims]
+        medis.together = self.per_pass
+        results = medis.run_members(missing, setting.budget, setting.goal, self.volume, setting.factor)
+        return [(result, setting) for result in results]
+
+    def _row(self, member, eps: float, result, setting) -> dict:
+        row = member_row(self.target, self.case, member, eps, result, setting.goal.reference, setting.clean_prediction,
+                         self.volume, setting.scale)
+        row["stop_at_success"] = bool(self.stop_at_success)
+        adversarial = self.volume.with_array(result.adversarial)
+        row["transfer"] = json.dumps(clean_json({vc.victim.name: vc.score(adversarial) for vc in self.victim_cases or []}))
+        return clean_json(row)
 
 
 def _victim_case(victim: Victim, case: Case, volume) -> _VictimCase:

@@ -8,6 +8,7 @@ scan's own grid, so what is optimised is what is written and measured.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,9 +48,13 @@ class Evaluation:
         return self.grad
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Target:
-    """A segmentation model as medis3d attacks it."""
+    """A segmentation model as medis3d attacks it, with the settings of one run. Immutable: the model (network,
+    preprocessing, activation, classes) is shared, and every change of settings (:meth:`configure`,
+    :meth:`select_classes`) gives a new Target, so a batch's later volume never sees what an earlier one chose
+    (a memory plan's window batch, checkpointing, precision, notices), and the network itself is never changed:
+    checkpointing runs a view of it that shares its weights (:func:`medis3d.checkpointing.checkpointed_view`)."""
 
     network: torch.nn.Module
     preprocessing: DifferentiablePreprocessing
@@ -63,25 +68,32 @@ class Target:
     source: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: Precision = field(default_factory=Precision)
-    notices: list[str] = field(default_factory=list)
+    notices: tuple[str, ...] = ()
     checkpointing: bool = False
-    attacked_classes: list[int] | None = None
+    attacked_classes: tuple[int, ...] | None = None
+    _engine: WindowEngine | None = field(default=None, init=False, repr=False)  # made on first use
 
     def __post_init__(self) -> None:
-        self.network = self.network.to(self.device).eval()
-        for p in self.network.parameters():
+        network = self.network.to(self.device).eval()
+        for p in network.parameters():
             p.requires_grad_(False)
-        self._engine: WindowEngine | None = None
+        object.__setattr__(self, "network", network)
+        object.__setattr__(self, "window", dataclasses.replace(self.window))  # this target's own copy
+        object.__setattr__(self, "notices", tuple(self.notices))
+        if self.attacked_classes is not None:
+            object.__setattr__(self, "attacked_classes", tuple(self.attacked_classes))
 
     # -- pieces -----------------------------------------------------------------------------
     @property
     def engine(self) -> WindowEngine:
         if self._engine is None:
-            self._engine = WindowEngine(self.network, self.window, self.precision)
+            object.__setattr__(self, "_engine", WindowEngine(self.network, self.window, self.precision))
+        assert self._engine is not None
         return self._engine
 
-    def reset_engine(self) -> None:
-        self._engine = None
+    def with_notice(self, notice: str) -> Target:
+        """This target with ``notice`` added (once)."""
+        return self if notice in self.notices else dataclasses.replace(self, notices=(*self.notices, notice))
 
     def configure(
         self,
@@ -94,53 +106,53 @@ class Target:
         amp: bool | None = None,
         amp_dtype: torch.dtype | None = None,
     ) -> Target:
-        """Override the bundle's inferer settings, and switch checkpointing and mixed precision."""
+        """A target with the bundle's inferer settings overridden and checkpointing and mixed precision switched;
+        this one is left as it is. ``checkpoint=False`` leaves checkpointing as it is (a plan only ever adds it)."""
+        window = dataclasses.replace(self.window)
         if roi_size is not None:
-            self.window.roi_size = tuple(int(v) for v in roi_size)
+            window.roi_size = tuple(int(v) for v in roi_size)
         if overlap is not None:
             if not 0 <= overlap < 1:
                 raise InputError(f"--overlap must be in [0, 1), got {overlap}")
-            self.window.overlap = float(overlap)
+            window.overlap = float(overlap)
         if sw_batch_size is not None:
             if sw_batch_size < 1:
                 raise InputError(f"--sw-batch-size must be at least 1, got {sw_batch_size}")
-            self.window.sw_batch_size = int(sw_batch_size)
+            window.sw_batch_size = int(sw_batch_size)
         if mode is not None:
             if mode not in ("constant", "gaussian"):
                 raise InputError(f"--window-mode must be constant or gaussian, got {mode!r}")
-            self.window.mode = mode
+            window.mode = mode
+        changed = dataclasses.replace(self, window=window)
         if checkpoint and not self.checkpointing:
-            from medis3d.checkpointing import enable_checkpointing
+            from medis3d.checkpointing import checkpointed_view
 
-            count, notice = enable_checkpointing(self.network)
-            self.checkpointing = count > 0
+            view, count, notice = checkpointed_view(self.network)
+            changed = dataclasses.replace(changed, network=view, checkpointing=count > 0)
             if notice:
-                self.notices.append(notice)
+                changed = changed.with_notice(notice)
         if amp is not None:
-            self.precision = Precision(enabled=bool(amp), dtype=amp_dtype)
+            changed = dataclasses.replace(changed, precision=Precision(enabled=bool(amp), dtype=amp_dtype))
             from medis3d.memory import amp_is_fast
 
             if amp and not amp_is_fast(self.device):
-                notice = ("--amp on a CPU without bfloat16 instructions: the network runs many times slower than in "
-                          "float32 (measured 46x for SegResNet's gradient pass); AMP saves memory here, not time")
-                if notice not in self.notices:
-                    self.notices.append(notice)
-        self.reset_engine()
-        return self
+                changed = changed.with_notice(
+                    "--amp on a CPU without bfloat16 instructions: the network runs many times slower than in "
+                    "float32 (measured 46x for SegResNet's gradient pass); AMP saves memory here, not time")
+        return changed
 
     @property
     def foreground_classes(self) -> list[int]:
-        """The output channels that count as the attacked structures (``--labels``; default all foreground)."""
+        """The output channels that count as the attacked structures (``--classes``; default all foreground)."""
         return list(self.attacked_classes) if self.attacked_classes else self._all_foreground()
 
     def _all_foreground(self) -> list[int]:
         return list(range(1, self.out_channels)) if self.activation == "softmax" else list(range(self.out_channels))
 
-    def select_classes(self, spec: str | Sequence | None) -> None:
-        """Restrict the attacked structures to some output channels, by index or by name."""
+    def select_classes(self, spec: str | Sequence | None) -> Target:
+        """A target whose attacked structures are some output channels, by index or by name (``None``: all)."""
         if spec is None or spec == "":
-            self.attacked_classes = None
-            return
+            return dataclasses.replace(self, attacked_classes=None)
         items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
         by_name = {v.lower(): k for k, v in self.class_names.items()}
         chosen = []
@@ -149,9 +161,9 @@ class Target:
             index = int(item) if str(item).isdigit() else by_name.get(str(item).lower())
             if index is None or index not in valid:
                 names = ", ".join(f"{c} ({self.class_name(c)})" for c in valid)
-                raise InputError(f"--labels: {item!r} is not an output channel of this model; choose from {names}")
+                raise InputError(f"--classes: {item!r} is not an output channel of this model; choose from {names}")
             chosen.append(index)
-        self.attacked_classes = sorted(set(chosen))
+        return dataclasses.replace(self, attacked_classes=tuple(sorted(set(chosen))))
 
     @property
     def label_dtype(self) -> type:

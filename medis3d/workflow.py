@@ -3,8 +3,6 @@ atomically, and measure the outcome on the volume as written (read back from dis
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import os
 import shutil
@@ -79,6 +77,16 @@ def read_segmentation(path: Path, volume: Volume, target: Target, what: str) -> 
     raise InputError(f"{path}: {what} has {labels.shape[0]} channels, the model has {target.out_channels}")
 
 
+def read_region(path: Path, volume: Volume) -> np.ndarray:
+    """The region a mask file lets the perturbation touch, ``(1, I, J, K)`` 0/1 on the scan's grid."""
+    mask_volume = read_volume(Path(path))
+    check_same_grid(volume, mask_volume, "mask")
+    region = (mask_volume.array[:1] > 0).astype(np.float32)
+    if not region.any():
+        raise InputError(f"{path}: the mask is empty: nothing may be perturbed")
+    return region
+
+
 def _guard_inputs(out_dir: Path, inputs: Sequence[Path | None]) -> None:
     """Refuse an output folder whose outputs would overwrite one of the user's inputs."""
     resolved_out = out_dir.resolve()
@@ -126,48 +134,23 @@ def run_attack(
     sources += [v.path for v in volume.channel_volumes or []]
     _guard_inputs(out, [volume.path, options.label, target_file, options.mask, *sources])
     check_output_folder(out)
-    with output_lock(out), _run_state(target):
+    reset_peak_memory(target.device)  # the peak reported is this run's
+    with output_lock(out):
         return _attack_and_write(volume, target, options, out, formats, target_file, progress, start)
-
-
-@contextlib.contextmanager
-def _run_state(target: Target):
-    """What one run changes on the shared target (window settings and precision from a memory plan, checkpointing,
-    notices) is put back when it ends, so the next volume of a batch starts as the first did; the peak memory
-    reported is this run's."""
-    window, precision, checkpointing, notices = dataclasses.replace(target.window), target.precision, target.checkpointing, list(target.notices)
-    reset_peak_memory(target.device)
-    try:
-        yield
-    finally:
-        target.window, target.precision, target.notices[:] = window, precision, notices
-        if target.checkpointing and not checkpointing:
-            from medis3d.checkpointing import disable_checkpointing
-
-            disable_checkpointing(target.network)
-            target.checkpointing = False
-        target.reset_engine()
 
 
 def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out: Path, formats, target_file: Path | None,
                       progress, start: float) -> AttackReport:
     reference = read_segmentation(Path(options.label), volume, target, "label") if options.label else None
-    region = None
-    if options.mask is not None:
-        mask_volume = read_volume(Path(options.mask))
-        check_same_grid(volume, mask_volume, "mask")
-        region = (mask_volume.array[:1] > 0).astype(np.float32)
-        if not region.any():
-            raise InputError(f"{options.mask}: the mask is empty: nothing may be perturbed")
+    region = read_region(Path(options.mask), volume) if options.mask is not None else None
     aim = read_segmentation(target_file, volume, target, "target") if target_file else (
         options.target_mask)
-    medis = options.fusion(target, progress, region)
     memory_plan = None
     from medis3d.memory import auto_together, check_machine_fits, plan_memory
 
     model_shape = target.model_shape(volume)
     check_machine_fits(target, model_shape, volume)
-    count = len(medis.members())
+    count = len(options.members)
     if options.memory_budget:
         memory_plan = plan_memory(target, model_shape, options.memory_budget,
                                   members=min(count, options.together or auto_together(target, model_shape, count)))
@@ -177,12 +160,13 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out
                 f"the smallest (window batch {memory_plan.sw_batch_size}, checkpointing{', AMP' if memory_plan.amp else ''}) "
                 f"is estimated at {memory_plan.estimate_bytes / 2**20:.0f} MB; give at least {math.ceil(memory_plan.estimate_bytes / 2**20)} MB"
             )
-        target.configure(sw_batch_size=memory_plan.sw_batch_size, checkpoint=memory_plan.checkpoint, amp=memory_plan.amp)
-        medis.together = memory_plan.together
-    elif options.together:
-        medis.together = options.together
+        # this volume's own target: the shared one is never changed, so the next volume starts as this one did
+        target = target.configure(sw_batch_size=memory_plan.sw_batch_size, checkpoint=memory_plan.checkpoint, amp=memory_plan.amp)
+        together = memory_plan.together
     else:
-        medis.together = auto_together(target, model_shape, count)
+        together = options.together or auto_together(target, model_shape, count)
+    medis = options.fusion(target, progress, region)
+    medis.together = together
     result = medis(volume, reference=reference, target_mask=aim)
     result.memory_plan = memory_plan
     notify(progress, "phase", "writing outputs")

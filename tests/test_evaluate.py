@@ -298,3 +298,39 @@ def test_evaluate_a_bare_network_under_an_l2_budget(tiny_bundle, tmp_path):
     assert len(set((out / "cache").rglob("pgd_ce_*.json")) - files) == 2  # another norm, another outcome
     bad = runner.invoke(app, [*args, "--norm", "l3"])
     assert bad.exit_code == 2 and "--norm must be linf or l2" in bad.output
+
+
+def test_evaluate_takes_the_shared_model_options_masks_and_classes(tiny_bundle, tmp_path):
+    """evaluate runs on the options attack and batch share (the inferer, --classes, --amp ...) and gains --masks:
+    a volume whose mask lets only a corner change keeps its segmentation, the same volume without a mask loses it."""
+    import numpy as np
+
+    root = _dataset(tmp_path)
+    (root / "masks").mkdir()
+    corner = np.zeros(synthetic_scan(21)[0].shape, np.uint8)
+    corner[:3, :3, :3] = 1
+    save_nifti(root / "masks" / "case1.nii.gz", corner)
+    out = tmp_path / "masked"
+    args = ["evaluate", str(root / "images"), "--labels", str(root / "labels"), "--masks", str(root / "masks"), "--out", str(out),
+            "--bundle", str(tiny_bundle), "--members", "pgd:ce", "--eps", "32/255", "--step", "8/255", "--steps", "4",
+            "--classes", "blob", "--overlap", "0.5", "--window-mode", "constant", "--sw-batch-size", "2", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv") as f:
+        rows = {r["volume"]: r for r in csv.DictReader(f) if r["member"] == "pgd:ce"}
+    masked, free = rows["case1"], rows["case2"]  # measured: 0.951 -> 0.951 in the corner's mask; 0.965 -> 0.367 without one
+    assert abs(float(masked["adversarial_dice"]) - float(masked["clean_dice"])) < 0.01
+    assert float(free["adversarial_dice"]) < float(free["clean_dice"]) - 0.3
+    options = json.loads((out / "summary.json").read_text())["settings"]["options"]
+    assert options["masks"] == str(root / "masks") and options["classes"] == "blob" and options["overlap"] == 0.5
+    assert "--masks" in json.loads((out / "summary.json").read_text())["settings"]["command"]
+    # the inferer is part of what a cached row depends on: another overlap runs the members anew
+    cached = {p.name for p in (out / "cache").rglob("pgd_ce_*.json")}
+    again = runner.invoke(app, [a if a != "0.5" else "0.25" for a in args])
+    assert again.exit_code == 0, again.output
+    assert len({p.name for p in (out / "cache").rglob("pgd_ce_*.json")} - cached) == 2
+    for bad, says in ((["--classes", "tumour"], "--classes: 'tumour' is not an output channel"),
+                      (["--masks", str(root / "nowhere")], "--masks must be a folder")):
+        refused = runner.invoke(app, [*args[:2], "--out", str(tmp_path / "bad"), "--bundle", str(tiny_bundle), *bad, "--quiet"])
+        assert refused.exit_code == 2 and says in refused.output and "Traceback" not in refused.output
+        assert not (tmp_path / "bad").exists()

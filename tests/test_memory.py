@@ -32,6 +32,34 @@ def test_checkpointing_and_amp_keep_the_outcome(tiny_bundle, scan_file):
     assert abs(amp.chosen.score - plain.chosen.score) < 0.1
 
 
+def test_checkpointing_runs_a_view_and_leaves_the_shared_network_as_it_is(tiny_bundle, scan_file):
+    """A checkpointed target is a new target over a view of the network: the same weight tensors, the same
+    gradient, and the loaded target's own network never wrapped (a later volume of a batch gets it unchanged)."""
+    import torch
+
+    from medis3d.checkpointing import CheckpointedStage
+
+    target = load_bundle(tiny_bundle)
+    checkpointed = target.configure(checkpoint=True)
+    assert checkpointed.checkpointing and not target.checkpointing
+    assert any(isinstance(m, CheckpointedStage) for m in checkpointed.network.modules())
+    assert not any(isinstance(m, CheckpointedStage) for m in target.network.modules())
+    shared = {id(p) for p in target.network.parameters()}
+    assert shared and {id(p) for p in checkpointed.network.parameters()} == shared
+    volume = read_volume(scan_file)
+    x = torch.from_numpy(volume.array)
+
+    def loss(logits):
+        return torch.log_softmax(logits, 1)[:, 1].mean()
+
+    plain, viewed = target.evaluate(x, volume, loss), checkpointed.evaluate(x, volume, loss)
+    assert torch.allclose(plain.gradient(), viewed.gradient(), rtol=1e-5, atol=1e-9) and plain.gradient().abs().sum() > 0
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):  # frozen: settings change only by making a new target
+        target.checkpointing = True  # type: ignore[misc]
+
+
 def test_parse_size():
     assert parse_size("512MB") == 512 * 2**20 and parse_size("1.5g") == int(1.5 * 2**30) and parse_size("2GiB") == 2 * 2**30
     with pytest.raises(Exception, match="memory-budget"):
@@ -57,7 +85,7 @@ target.evaluate(x[:, :32, :32, :32].contiguous(), Volume(array=vol.array[:, :32,
 plan = None
 if budget:
     plan = plan_memory(target, target.model_shape(vol), budget, members=members)
-    target.configure(sw_batch_size=plan.sw_batch_size, checkpoint=plan.checkpoint, amp=plan.amp)
+    target = target.configure(sw_batch_size=plan.sw_batch_size, checkpoint=plan.checkpoint, amp=plan.amp)
 together = plan.together if plan else members
 def status(key):
     for line in open("/proc/self/status"):
@@ -138,9 +166,6 @@ def test_plan_never_picks_amp_where_it_is_slow(tiny_target, monkeypatch):
     monkeypatch.setattr(memory, "amp_is_fast", lambda device: True)
     assert memory.plan_memory(tiny_target, shape, 1).amp  # nothing fits: the smallest estimate, which uses AMP
     monkeypatch.setattr(memory, "amp_is_fast", lambda device: False)
-    tiny_target.configure(amp=True)
-    try:
-        assert any("bfloat16" in n for n in tiny_target.notices)
-    finally:
-        tiny_target.configure(amp=False)
-        tiny_target.notices[:] = [n for n in tiny_target.notices if "bfloat16" not in n]
+    with_amp = tiny_target.configure(amp=True)
+    assert any("bfloat16" in n for n in with_amp.notices)
+    assert not any("bfloat16" in n for n in tiny_target.notices) and not tiny_target.precision.enabled  # a new target

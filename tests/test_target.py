@@ -173,9 +173,9 @@ def test_only_the_networks_own_failures_are_reported_as_the_network_failing(scan
         raise RuntimeError("the loss exploded")
 
     for batch in (4, 1000):  # several window batches (two passes), or all windows in one (one pass with its graph)
-        target.configure(sw_batch_size=batch)
+        batched = target.configure(sw_batch_size=batch)
         with pytest.raises(InputError, match="its inverse or the attack's loss failed \\(not the network\\): the loss exploded$"):
-            target.evaluate(x, vol, bad_loss)
+            batched.evaluate(x, vol, bad_loss)
     with monkeypatch.context() as m:
         m.setattr(target.preprocessing, "invert", lambda t: (_ for _ in ()).throw(RuntimeError("the inverse exploded")))
         with pytest.raises(InputError, match="\\(not the network\\): the inverse exploded$"):
@@ -189,9 +189,9 @@ def test_only_the_networks_own_failures_are_reported_as_the_network_failing(scan
     for network, says, loss in cases:
         failing = _small_target(network)
         for batch in (4, 1000):
-            failing.configure(sw_batch_size=batch)
+            batched = failing.configure(sw_batch_size=batch)
             with pytest.raises(InputError, match=f"the network failed on its 24x24x24 windows .*: {says}$"):
-                failing.evaluate(x, vol, loss)
+                batched.evaluate(x, vol, loss)
 
 
 def test_intensity_scale_reads_a_zero_bound_as_zero(scan_file):
