@@ -52,10 +52,13 @@ ATTACKS = {
     "dag": ("dag", lambda m, hu, eps, steps, step: plain.dag(m, hu, eps, step, steps), 10, 2.0),
     "segpgd": ("segpgd", lambda m, hu, eps, steps, step: plain.weighted_pgd(m, hu, eps, step, steps, "segpgd"), 10, 2.0),
     "cospgd": ("cospgd", lambda m, hu, eps, steps, step: plain.weighted_pgd(m, hu, eps, step, steps, "cospgd"), 10, 2.0),
+    "fmn": ("fmn:ce", lambda m, hu, eps, steps, step: plain.fmn(m, hu, eps, step, steps), 10, 2.0),
 }
 # DAG scales each step by the gradient's largest entry, so most voxels barely move inside an L-inf ball: the plain DAG
 # itself leaves 0.98 at 16/255 and 0.93 at 64/255 here (ours the same). It only has to lower Dice.
-WORKS = {"dag": (0.99, 0.95)}
+# FMN searches the smallest breaking radius: it starts at eps/4, grows while it fails and shrinks once it succeeds, so
+# in ten steps it takes less Dice than PGD (measured: ours 0.872 / plain 0.890 at 16/255, 0.489 both at 64/255).
+WORKS = {"dag": (0.99, 0.95), "fmn": (0.95, 0.6)}
 
 
 def _compare(problem, ours: np.ndarray, theirs: torch.Tensor, eps: int, member: str, plain_name: str,
@@ -67,6 +70,7 @@ def _compare(problem, ours: np.ndarray, theirs: torch.Tensor, eps: int, member: 
     for x in (ours_t, theirs):
         assert float((x - torch.from_numpy(hu.astype(np.float32))).abs().max()) <= math.floor(eps * UNIT) + 1e-3
     dice_ours, dice_plain = plain.dice(model.predict(ours_t), reference), plain.dice(model.predict(theirs), reference)
+    print(f"{member} at {eps}/255: Dice ours {dice_ours:.3f}, the plain {plain_name} {dice_plain:.3f}")  # shown with -s
     assert dice_plain < works[0 if eps == 16 else 1], (plain_name, dice_plain)  # the plain attack itself works
     assert dice_ours <= dice_plain + tolerance, f"{member} at {eps}/255: Dice {dice_ours:.3f}, the plain {plain_name} {dice_plain:.3f}"
 
