@@ -78,6 +78,9 @@ def _shallow_tree(module: torch.nn.Module) -> torch.nn.Module:
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     new._modules = {name: (_shallow_tree(child) if child is not None else None) for name, child in module._modules.items()}
+    for name, value in module.__dict__.items():  # hooks registered on the view stay the view's
+        if "hooks" in name and isinstance(value, dict):
+            new.__dict__[name] = type(value)(value)
     return new
 
 

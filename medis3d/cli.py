@@ -423,7 +423,7 @@ def _load_victims(spec: str | None, source, source_name: str, trust: bool, devic
         if (victim.target.activation, classes(victim.target)) != (source.activation, classes(source)):
             raise InputError(f"--victim {name}: predicts {', '.join(classes(victim.target))} ({victim.target.activation}), the source "
                              f"{', '.join(classes(source))} ({source.activation}); transfer needs the same classes")
-        victims.append(victim)
+        victims.append(Victim(victim.name, victim.target.select_classes(source.attacked_classes)))  # scored on the same structures
     return victims
 
 
@@ -505,6 +505,8 @@ def evaluate(
         _fail(str(exc))
         return
     if not quiet:
+        for notice in tgt.notices:
+            typer.echo(f"medis3d: notice: {notice}", err=True)
         typer.echo(f"{len(cases)} volume(s), {len(eps_list)} budget(s), {len(member_list)} member(s): see {out / 'report.md'}")
 
 

@@ -88,8 +88,9 @@ class Diagnose:
 
     def __init__(self, target: Target, member: str = DEFAULT_MEMBER, eps: float = 8 / 255, steps: int = 20,
                  step: float = 1 / 255, queries: int = 200, restarts: int = 2, fd_voxels: int = 2000, seed: int = 0,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, region: np.ndarray | None = None):
         self.target, self.eps, self.steps, self.step, self.seed = target, float(eps), int(steps), float(step), seed
+        self.region = region  # where the attacks may perturb (every check's budget), as --mask in attack
         self.member = parse_members(member)[0]
         self.queries, self.restarts, self.fd_voxels = int(queries), int(restarts), int(fd_voxels)
         self.progress = progress or (lambda message: None)
@@ -97,7 +98,7 @@ class Diagnose:
     # -- running a member ---------------------------------------------------------------------
     def _medis(self, eps: float, steps: int | None = None, member: Member | None = None) -> MedIS:
         return MedIS(self.target, members_spec=[member or self.member], eps=eps, step=min(self.step, eps),
-                     steps=steps or self.steps, seed=self.seed)
+                     steps=steps or self.steps, seed=self.seed, region=self.region)
 
     def _run(self, volume: Volume, reference: np.ndarray, eps: float, steps: int | None = None, member: Member | None = None):
         medis = self._medis(eps, steps, member)
@@ -156,7 +157,8 @@ class Diagnose:
         if member.attack != "apgd":  # other attacks: independent runs with different seeds
             dices = []
             for seed in range(self.restarts):
-                medis = MedIS(self.target, members_spec=[member], eps=self.eps, step=min(self.step, self.eps), steps=self.steps, seed=seed + 1)
+                medis = MedIS(self.target, members_spec=[member], eps=self.eps, step=min(self.step, self.eps), steps=self.steps,
+                              seed=seed + 1, region=self.region)
                 setting = medis.prepare(volume, reference, clean_prediction=reference)
                 r = medis.run_member(member, setting.budget, setting.goal, volume, setting.factor)
                 dices.append(_mean_dice(self.target, r.prediction, reference))

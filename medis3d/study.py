@@ -106,6 +106,10 @@ def read_dataset(dataset: Path, labels: Path | None = None, masks: Path | None =
             raise InputError(f"{folder}: {option} must be a folder of files named like the images")
     dataset = Path(dataset)
     if dataset.is_file():
+        given = [option for folder, option in ((labels, "--labels"), (masks, "--masks")) if folder is not None]
+        if given:
+            raise InputError(f"{dataset}: {' and '.join(given)} name folders for a folder of images; a datalist gives each "
+                             "entry's own \"label\" and \"mask\"")
         data = read_datalist(dataset)
         entries = None
         for key in ("test", "testing", "validation"):
@@ -250,7 +254,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
             if progress is not None:
                 progress(case.name)
         if diagnose:
-            diagnoses[case.name] = _diagnose_case(target, case, run.volume, run.reference, out / "diagnose", max(eps_list), step,
+            diagnoses[case.name] = _diagnose_case(target, case, run, out / "diagnose", max(eps_list), step,
                                                   steps, eps_units, seed, members)
             if progress is not None:
                 progress(case.name)
@@ -260,6 +264,8 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     summary = summarise(all_rows)
     summary["eps_units"] = eps_units
     summary["stop_at_success"] = bool(stop_at_success)
+    if target.notices:
+        summary["notices"] = list(target.notices)
     summary["volumes"] = per_volume(all_rows, cache, {case.name: "label" if case.label else "clean prediction" for case in cases})
     if victims:
         summary["transfer"] = transfer_matrix(all_rows, source or "source", [v.name for v in victims])
@@ -421,24 +427,29 @@ def transfer_matrix(rows: list[dict], source: str, victims: Sequence[str]) -> di
     return out
 
 
-def _diagnose_case(target: Target, case: Case, volume, reference, folder: Path, eps: float, step: float, steps: int,
+def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, eps: float, step: float, steps: int,
                    eps_units: str, seed: int, members) -> dict:
-    """The gradient-masking checks on one case (cached in ``folder``), with the study's first APGD member
-    (else its first member) at the largest budget."""
+    """The gradient-masking checks on one case, with the study's first APGD member (else its first member) at the
+    largest budget, inside the case's mask; kept in ``folder/<case>.json`` with the settings they ran under, and
+    run again where those differ."""
     from medis3d.diagnose import DEFAULT_MEMBER, Diagnose
     from medis3d.members import parse_members
 
-    path = folder / f"{case.name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
     chosen = DEFAULT_MEMBER
     if members:
         parsed = parse_members(members)
         chosen = next((m for m in parsed if m.attack == "apgd"), parsed[0]).name
+    setting = json.loads(json.dumps(_cache_key(case, parse_members(chosen)[0], eps, run.setting), default=str))
+    path = folder / f"{case.name}.json"
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("setting") == setting:
+            return kept
     if eps_units != "normalized":
-        scale, _ = target.intensity_scale(volume)
+        scale, _ = target.intensity_scale(run.volume)
         eps, step = eps / scale, step / scale
-    result = Diagnose(target, member=chosen, eps=eps, step=step, steps=steps, seed=seed)(volume, reference).as_dict()
+    result = Diagnose(target, member=chosen, eps=eps, step=step, steps=steps, seed=seed, region=run.region)(run.volume, run.reference).as_dict()
+    result["setting"] = setting
     write_text_atomic(path, json.dumps(clean_json(result), indent=2))
     return result
 

@@ -80,3 +80,18 @@ def test_diagnose_command_writes_its_checks(tiny_bundle, scan_file, tmp_path):
     assert (result.exit_code == 1) == report["flagged"]
     missing = runner.invoke(app, ["diagnose", str(tmp_path / "nope.nii.gz"), "--bundle", str(tiny_bundle)])
     assert missing.exit_code == 2 and "nope.nii.gz" in missing.output
+
+
+def test_the_checks_stay_inside_the_region_they_are_given(tiny_target, scan_file):
+    """evaluate --masks hands each volume's mask to its checks: with only a corner free, no check's attack (the
+    sweep, the doubling, the random search) moves the segmentation, where the same checks without it break it."""
+    import numpy as np
+
+    volume = read_volume(scan_file)
+    corner = np.zeros_like(volume.array[:1], dtype=np.float32)
+    corner[:, :3, :3, :3] = 1
+    diagnosis = Diagnose(tiny_target, eps=24 / 255, steps=3, queries=20, restarts=1, fd_voxels=200, region=corner)(volume)
+    checks = _checks(diagnosis)
+    assert all(row["dice"] > 0.99 and not row["success"] for row in checks["eps_sweep"].measured["sweep"])
+    assert checks["step_doubling"].measured["doubled_dice"] > 0.99
+    assert checks["random_search"].measured["dice"] > 0.99

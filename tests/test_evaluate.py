@@ -283,8 +283,9 @@ def test_evaluate_a_bare_network_under_an_l2_budget(tiny_bundle, tmp_path):
     eps = 2000.0  # native units: an L2 ball around the whole scan
     args = ["evaluate", str(root / "dataset.json"), "--out", str(out), "--network", str(scripted), "--transforms", str(transforms),
             "--members", "pgd:ce", "--eps", str(eps), "--eps-units", "native", "--step", "500", "--steps", "3", "--quiet"]
-    result = runner.invoke(app, [*args, "--norm", "l2"])
+    result = runner.invoke(app, [*args, "--norm", "l2", "--checkpoint"])  # a TorchScript network cannot be checkpointed
     assert result.exit_code == 0, result.output
+    assert any("TorchScript" in n for n in json.loads((out / "summary.json").read_text())["notices"])  # and the study says so
     with open(out / "results.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["member"] == "pgd:ce"]
     assert len(rows) == 2
@@ -329,8 +330,20 @@ def test_evaluate_takes_the_shared_model_options_masks_and_classes(tiny_bundle, 
     again = runner.invoke(app, [a if a != "0.5" else "0.25" for a in args])
     assert again.exit_code == 0, again.output
     assert len({p.name for p in (out / "cache").rglob("pgd_ce_*.json")} - cached) == 2
-    for bad, says in ((["--classes", "tumour"], "--classes: 'tumour' is not an output channel"),
-                      (["--masks", str(root / "nowhere")], "--masks must be a folder")):
-        refused = runner.invoke(app, [*args[:2], "--out", str(tmp_path / "bad"), "--bundle", str(tiny_bundle), *bad, "--quiet"])
+    for dataset, bad, says in ((args[1], ["--classes", "tumour"], "--classes: 'tumour' is not an output channel"),
+                               (args[1], ["--masks", str(root / "nowhere")], "--masks must be a folder"),
+                               (str(root / "dataset.json"), ["--masks", str(root / "masks")], "a datalist gives each entry's own")):
+        refused = runner.invoke(app, ["evaluate", dataset, "--out", str(tmp_path / "bad"), "--bundle", str(tiny_bundle), *bad, "--quiet"])
         assert refused.exit_code == 2 and says in refused.output and "Traceback" not in refused.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_victims_are_scored_on_the_sources_classes(tiny_bundle, tmp_path):
+    from medis3d.bundle import load_bundle
+    from medis3d.cli import _load_victims
+
+    source = load_bundle(tiny_bundle).select_classes("blob")
+    (victim,) = _load_victims(str(_victim_bundle(tiny_bundle, tmp_path / "other", 0.3)), source, "tiny", False, "cpu")
+    assert victim.target.attacked_classes == source.attacked_classes == (1,)
+    (everything,) = _load_victims(str(tmp_path / "other"), load_bundle(tiny_bundle), "tiny", False, "cpu")
+    assert everything.target.attacked_classes is None
