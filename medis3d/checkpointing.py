@@ -1,6 +1,6 @@
 """Gradient checkpointing of a network's stages, so the gradient pass keeps only stage inputs.
 
-Stages are the repeated blocks of MONAI's networks (SegResNet's ResBlock, UNet's
+Stages are the repeated blocks of MONAI's networks (SegResNet's ResBlock, SegResNetDS's SegResBlock, UNet's
 ResidualUnit / Convolution, UNETR's TransformerBlock and UNETR blocks, DynUNet's blocks);
 SwinUNETR uses its own ``use_checkpoint``. TorchScript networks cannot be changed: they run
 without checkpointing and a notice says so.
@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 STAGE_CLASSES = {
     "ResBlock",  # SegResNet
+    "SegResBlock",  # SegResNetDS (Auto3DSeg)
     "ResidualUnit",  # UNet with residual units
     "Convolution",  # UNet without them
     "TransformerBlock",  # UNETR / ViT
@@ -109,6 +110,9 @@ def _wrap(parent: torch.nn.Module) -> int:
     count = 0
     for name, child in list(parent.named_children()):
         if isinstance(child, CheckpointedStage):
+            continue
+        if isinstance(child, torch.nn.ModuleDict | torch.nn.ModuleList):  # containers are indexed, not called: look inside
+            count += _wrap(child)
             continue
         # The items of a ModuleList (SegResNet's down/up levels, UNETR's ViT blocks) are whole
         # stages: checkpointing each item keeps fewer tensors than checkpointing their blocks.

@@ -174,3 +174,31 @@ def test_plan_never_picks_amp_where_it_is_slow(tiny_target, monkeypatch):
     with_amp = tiny_target.configure(amp=True)
     assert any("bfloat16" in n for n in with_amp.notices)
     assert not any("bfloat16" in n for n in tiny_target.notices) and not tiny_target.precision.enabled  # a new target
+
+
+@pytest.mark.parametrize("name", ["SegResNet", "SegResNetDS", "UNet", "DynUNet"])
+def test_a_checkpointed_view_gives_the_networks_output_and_gradient(name):
+    """Every stage the view wraps is called as the network calls it (SegResNetDS indexes the ModuleDicts of its
+    ModuleLists: a wrapped container broke it), and the view computes what the network does."""
+    import torch
+    from monai.networks import nets
+
+    from medis3d.checkpointing import CheckpointedStage, checkpointed_view
+
+    torch.manual_seed(0)
+    network = {
+        "SegResNet": lambda: nets.SegResNet(spatial_dims=3, in_channels=1, out_channels=2, init_filters=8),
+        "SegResNetDS": lambda: nets.SegResNetDS(spatial_dims=3, in_channels=1, out_channels=2, init_filters=4),
+        "UNet": lambda: nets.UNet(3, 1, 2, (4, 8, 16), (2, 2), num_res_units=1),
+        "DynUNet": lambda: nets.DynUNet(3, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2]),
+    }[name]().eval()
+    view, count, notice = checkpointed_view(network)
+    assert count > 0 and notice is None
+    assert any(isinstance(m, CheckpointedStage) for m in view.modules())
+    assert not any(isinstance(m, CheckpointedStage) for m in network.modules())
+    x = torch.randn(1, 1, 32, 32, 32, requires_grad=True)
+    expected = network(x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    got = view(x)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+    assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(got_grad, expected_grad, rtol=1e-4, atol=1e-6)
