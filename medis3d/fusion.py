@@ -372,7 +372,7 @@ class MedIS:
                   "stop_at_success": stop}
         if member.attack == "apgd":
             kwargs.update(random_start=member.option("random_start", False), restarts=member.option("restarts", 1),
-                          radii=RADII[member.option("radii", "none")])
+                          radii=RADII[member.option("radii", "none")], then=member.option("then"))
         if member.attack == "lowfreq" and member.option("factor"):
             kwargs["factor"] = member.option("factor")
         label = member.name if member.options else None

@@ -6,6 +6,8 @@ with any loss (DAG brings its own). Options:
 
 * ``steps``, ``step``: this member's iterations and step size (``step`` in the units of ``--eps``);
 * ``random_start``, ``restarts``, ``radii`` (``sea``: 2, 1.5, 1 eps over 3:3:4 of the iterations): APGD's;
+* ``then``: APGD's second loss: as many iterations again, ascending that loss from the member's strongest
+  iterate so far (a chain, e.g. ``apgd:masked_spherical[then=js]``);
 * ``gradient`` (``standard`` or ``smooth``: BPDA for the whole preprocessing path), ``transfer`` (the
   share of the iterations taken through the smooth path before finishing white-box);
 * ``factor``: the low-frequency attack's scan voxels per coarse cell;
@@ -29,7 +31,7 @@ from medis3d.errors import InputError
 from medis3d.losses import LOSSES, parse_losses
 
 OPTIONS: dict[str, type] = {"steps": int, "step": float, "random_start": bool, "restarts": int, "radii": str,
-                            "gradient": str, "transfer": float, "factor": int, "seed": int}
+                            "then": str, "gradient": str, "transfer": float, "factor": int, "seed": int}
 RADII = {"sea": ((2.0, 3), (1.5, 3), (1.0, 4)), "none": ((1.0, 1),)}
 GRADIENTS = ("standard", "smooth")
 
@@ -96,6 +98,8 @@ class Member:
             raise InputError(f"member {text!r}: unknown loss {loss!r}; choose from: {', '.join(LOSSES)}")
         if options.get("radii", "none") not in RADII:
             raise InputError(f"member {text!r}: radii must be one of {', '.join(RADII)}")
+        if "then" in options and (attack != "apgd" or options["then"] not in LOSSES):
+            raise InputError(f"member {text!r}: then= takes a second loss for APGD ({', '.join(LOSSES)})")
         if options.get("gradient", "standard") not in GRADIENTS:
             raise InputError(f"member {text!r}: gradient must be one of {', '.join(GRADIENTS)}")
         return cls(attack, loss, tuple(sorted(options.items())))

@@ -103,10 +103,12 @@ def pgd(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, step
 
 
 def apgd(model: PlainModel, scan: np.ndarray, eps_hu: float, steps: int, loss: str = "ce", gradient: str = "standard",
-         seed: int | None = None, grid: str = "model") -> torch.Tensor:
-    """APGD ascending ``loss`` (on ``grid``) from the clean scan, or (``seed``) from a random point of the ball."""
+         seed: int | None = None, grid: str = "model", start: torch.Tensor | None = None) -> torch.Tensor:
+    """APGD ascending ``loss`` (on ``grid``) from the clean scan, (``seed``) from a random point of the ball, or from
+    ``start`` (a chain: the end of another attack)."""
     p = _problem(model, scan, eps_hu, loss, gradient, grid)
-    start = p.x0 if seed is None else p.random_start(seed)
+    if start is None:
+        start = p.x0 if seed is None else p.random_start(seed)
     return reference.apgd_ascent(p.loss_and_grad, p.project, start, p.eps, steps)
 
 

@@ -130,6 +130,20 @@ def test_masked_spherical_takes_the_networks_logits_as_sea_does(problem, tiny_ta
     assert logp < raw - 0.1, (logp, raw)
 
 
+@pytest.mark.parametrize("eps", [16, 64])
+def test_a_chained_member_is_as_strong_as_two_plain_apgd_runs_end_to_end(problem, tiny_target, eps):
+    """``apgd:A[then=B]``: APGD ascending A, then as many iterations ascending B from A's strongest iterate; against
+    a plain APGD with A whose strongest iterate starts a plain APGD with B. The chain runs both: twice the passes."""
+    model, hu, volume, _ = problem
+    member = "apgd:masked_spherical_logp[then=js]"
+    result = MedIS(tiny_target, members_spec=member, eps=math.floor(eps * UNIT), eps_units="native", step=eps * UNIT, steps=10,
+                   select="strongest")(volume)
+    assert len(result.members[0].trace) == 2 * (10 + 1)
+    first = plain.apgd(model, hu, eps * UNIT, 10, "masked_spherical", grid="scan")
+    theirs = plain.apgd(model, hu, eps * UNIT, 10, "js", grid="scan", start=first)
+    _compare(problem, result.members[0].adversarial, theirs, eps, member, "apgd:masked_spherical then apgd:js", MEMBER_TOLERANCE)
+
+
 def test_dice_falls_to_near_zero_at_a_finite_budget(problem, tiny_target):
     """The eps sweep of our strongest single member: Dice falls with the budget, no flat stretch, and reaches
     about zero (a model that keeps its Dice at any budget masks its gradient)."""

@@ -40,7 +40,9 @@ def test_member_names_round_trip_and_options_are_checked():
     assert Member.parse("dag").loss == "dag"
     assert [x.name for x in parse_members("apgd:ce[restarts=2,radii=sea],adam:cosine")] == [
         "apgd:ce[radii=sea,restarts=2]", "adam:cosine"]
-    for bad in ("apgd:nope", "wobble:ce", "apgd:ce[speed=3]", "apgd:ce[radii=huge]", "apgd:ce[restarts=x]"):
+    assert Member.parse("apgd:masked_spherical[then=js]").option("then") == "js"
+    for bad in ("apgd:nope", "wobble:ce", "apgd:ce[speed=3]", "apgd:ce[radii=huge]", "apgd:ce[restarts=x]",
+                "apgd:ce[then=nope]", "pgd:ce[then=js]"):
         with pytest.raises(InputError):
             Member.parse(bad)
     assert [x.name for x in product("igsm,cospgd", "ce,dice")] == ["igsm:ce", "igsm:dice", "pgd:cospgd"]

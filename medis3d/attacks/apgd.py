@@ -10,8 +10,11 @@ compare iterates by plain cross-entropy (``losses.TRACKED_BY_CE``), as SEA does 
 Options: a random start (``random_start``), ``restarts`` (each from a new random point, the
 best over all kept), and progressive radius reduction (``radii``: SEA's 2 eps, 1.5 eps, eps over
 3:3:4 of the iterations; each stage starts from the best iterate of the last, projected onto the
-smaller ball, with the step reset to 2 eps of the stage). Only iterates inside the budget are
-kept; the iterate returned is the one whose prediction is closest to the goal.
+smaller ball, with the step reset to 2 eps of the stage), and a second loss (``then``): as many
+iterations again ascending it, from the strongest iterate so far (a chain: on the shipped brain model
+a plain APGD with SEA's spherical loss, then Jensen-Shannon, left less Dice than either loss run twice
+as long). Only iterates inside the budget are kept; the iterate returned is the one whose prediction is
+closest to the goal.
 """
 
 from __future__ import annotations
@@ -53,14 +56,19 @@ class APGD(Attack):
     name = "apgd"
     early_stop = False
 
-    def __init__(self, *args, random_start: bool = False, restarts: int = 1, radii=None, **kwargs):
+    def __init__(self, *args, random_start: bool = False, restarts: int = 1, radii=None, then: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.use_random_start = bool(random_start)
         self.restarts = max(1, int(restarts))
         self.radii = tuple(radii) if radii else ((1.0, 1),)
+        self.track = self._tracker(self.loss_name)
+        self.then = then
+
+    def _tracker(self, loss_name: str):
+        """What APGD's step-size control compares iterates by: plain CE where ``loss_name`` is masked or scheduled."""
         from medis3d.losses import TRACKED_BY_CE, get_loss
 
-        self.track = get_loss("ce", self.target.activation) if self.loss_name in TRACKED_BY_CE else None
+        return get_loss("ce", self.target.activation) if loss_name in TRACKED_BY_CE else None
 
     def objective(self, t: int, steps: int | None = None) -> Objective:
         return Objective(self.loss, self.goal, t, self.budget.steps if steps is None else steps, self.track)
@@ -71,7 +79,7 @@ class APGD(Attack):
         keeper = self.keeper()
         trace: list[StepRecord] = []
         counts = stage_iterations(self.budget.steps, self.radii)
-        total = self.restarts * (sum(counts) + len(counts))
+        total = self.restarts * (sum(counts) + len(counts)) + (self.budget.steps + 1 if self.then else 0)
         self._visits = 0
         for restart in range(self.restarts):
             x = self.random_start(clean) if (self.use_random_start or restart > 0) else clean
@@ -83,7 +91,17 @@ class APGD(Attack):
                     break
             if self._stopped(keeper):
                 break
+        if self.then and not self._stopped(keeper):
+            yield from self._chain(volume, clean, keeper, trace, total)
         return keeper.result(self, clean, trace, time.perf_counter() - start)
+
+    def _chain(self, volume: Volume, clean: torch.Tensor, keeper: BestIterate, trace: list, total: int):
+        """(A generator.) The second loss: APGD over the whole budget from the strongest iterate so far."""
+        from medis3d.losses import get_loss
+
+        assert keeper.best is not None and self.then is not None
+        self.loss, self.track = get_loss(self.then, self.target.activation), self._tracker(self.then)
+        yield from self._stage(volume, clean, keeper.best[1].to(clean), self.budget, keeper, trace, in_budget=True, total=total)
 
     def _stopped(self, keeper: BestIterate) -> bool:
         return self.stop_at_success and keeper.best is not None and bool(keeper.best[4])
