@@ -185,8 +185,7 @@ class Runner:
     that needs it (a figure is never a mean over fewer volumes than the target has)."""
 
     def __init__(self, cache: Path, quick: bool, cached_only: bool = False):
-        self.folder = cache / "results" / code_key()
-        self.store = OutcomeCache(self.folder, digest=lambda key: hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
+        self.store = OutcomeCache(cache / "results" / code_key(), digest=lambda key: hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
         self.quick = quick
         self.cached_only = cached_only
         self.missing = 0

@@ -101,12 +101,12 @@ def read_datalist(dataset: Path) -> Any:
 def read_dataset(dataset: Path, labels: Path | None = None, masks: Path | None = None) -> list[Case]:
     """A Decathlon-style datalist (``test``, ``testing`` or ``validation``) or a folder of images, with ``labels``
     and ``masks`` folders holding files named like the images (a volume without one has none)."""
-    for folder, option in ((labels, "--labels"), (masks, "--masks")):
-        if folder is not None and not Path(folder).is_dir():
+    given = {option: folder for option, folder in (("--labels", labels), ("--masks", masks)) if folder is not None}
+    for option, folder in given.items():
+        if not Path(folder).is_dir():
             raise InputError(f"{folder}: {option} must be a folder of files named like the images")
     dataset = Path(dataset)
     if dataset.is_file():
-        given = [option for folder, option in ((labels, "--labels"), (masks, "--masks")) if folder is not None]
         if given:
             raise InputError(f"{dataset}: {' and '.join(given)} name folders for a folder of images; a datalist gives each "
                              "entry's own \"label\" and \"mask\"")
@@ -435,11 +435,9 @@ def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, ep
     from medis3d.diagnose import DEFAULT_MEMBER, Diagnose
     from medis3d.members import parse_members
 
-    chosen = DEFAULT_MEMBER
-    if members:
-        parsed = parse_members(members)
-        chosen = next((m for m in parsed if m.attack == "apgd"), parsed[0]).name
-    setting = json.loads(json.dumps(_cache_key(case, parse_members(chosen)[0], eps, run.setting), default=str))
+    parsed = parse_members(members or DEFAULT_MEMBER)
+    chosen = next((m for m in parsed if m.attack == "apgd"), parsed[0])
+    setting = json.loads(json.dumps(_cache_key(case, chosen, eps, run.setting), default=str))
     path = folder / f"{case.name}.json"
     if path.is_file():
         kept = json.loads(path.read_text())
@@ -448,7 +446,7 @@ def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, ep
     if eps_units != "normalized":
         scale, _ = target.intensity_scale(run.volume)
         eps, step = eps / scale, step / scale
-    result = Diagnose(target, member=chosen, eps=eps, step=step, steps=steps, seed=seed, region=run.region)(run.volume, run.reference).as_dict()
+    result = Diagnose(target, member=chosen.name, eps=eps, step=step, steps=steps, seed=seed, region=run.region)(run.volume, run.reference).as_dict()
     result["setting"] = setting
     write_text_atomic(path, json.dumps(clean_json(result), indent=2))
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,10 +92,6 @@ class Target:
         assert self._engine is not None
         return self._engine
 
-    def with_notice(self, notice: str) -> Target:
-        """This target with ``notice`` added (once)."""
-        return self if notice in self.notices else dataclasses.replace(self, notices=(*self.notices, notice))
-
     def configure(
         self,
         *,
@@ -123,23 +120,23 @@ class Target:
             if mode not in ("constant", "gaussian"):
                 raise InputError(f"--window-mode must be constant or gaussian, got {mode!r}")
             window.mode = mode
-        changed = dataclasses.replace(self, window=window)
+        changes: dict[str, Any] = {"window": window}
+        notices = list(self.notices)
         if checkpoint and not self.checkpointing:
             from medis3d.checkpointing import checkpointed_view
 
             view, count, notice = checkpointed_view(self.network)
-            changed = dataclasses.replace(changed, network=view, checkpointing=count > 0)
+            changes.update(network=view, checkpointing=count > 0)
             if notice:
-                changed = changed.with_notice(notice)
+                notices.append(notice)
         if amp is not None:
-            changed = dataclasses.replace(changed, precision=Precision(enabled=bool(amp), dtype=amp_dtype))
+            changes["precision"] = Precision(enabled=bool(amp), dtype=amp_dtype)
             from medis3d.memory import amp_is_fast
 
             if amp and not amp_is_fast(self.device):
-                changed = changed.with_notice(
-                    "--amp on a CPU without bfloat16 instructions: the network runs many times slower than in "
-                    "float32 (measured 46x for SegResNet's gradient pass); AMP saves memory here, not time")
-        return changed
+                notices.append("--amp on a CPU without bfloat16 instructions: the network runs many times slower than in "
+                               "float32 (measured 46x for SegResNet's gradient pass); AMP saves memory here, not time")
+        return dataclasses.replace(self, **changes, notices=tuple(dict.fromkeys(notices)))  # each notice once
 
     @property
     def foreground_classes(self) -> list[int]:
