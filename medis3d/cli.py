@@ -354,18 +354,21 @@ def _run_batch(items, out: Path, tgt, options, shard, quiet: bool) -> int:
     todo = list(pending(shard.mine(items), out))
     skipped = len(shard.mine(items)) - len(todo)
 
+    reporter: Any = None  # the progress, where shown
+
     def attack_one(volume, folder):
-        return run_attack(volume, tgt, options, folder)
+        return run_attack(volume, tgt, options, folder, progress=reporter)
 
     failures = 0
     show = not quiet and shard.rank == 0
     if show:
         from medis3d.progress import Reporter
 
-        with Reporter() as reporter:  # a bar with an ETA on a terminal, a line per volume in a log
+        with Reporter() as reporter:  # bars with an ETA on a terminal; in a log, each volume's phases, steps and end
             reporter.count("volumes", len(todo), item="volume", info=f"{skipped} already done")
             for item in todo:
                 reporter.info(f"{item.name} | failed {failures}")
+                reporter.phase(f"loading {item.name}")
                 status = run_one(item, out, attack_one)
                 failures += status["status"] != "done"
                 reporter.advance(item.name, status["status"] + (f": {status['error']}" if status.get("error") else ""))
@@ -497,10 +500,10 @@ def evaluate(
             from medis3d.progress import Reporter
 
             check_output_folder(out)  # before the bar: a bad --out is its one line
-            with Reporter() as reporter:  # a bar with an ETA on a terminal, a line per volume x budget in a log
+            with Reporter() as reporter:  # bars with an ETA on a terminal; in a log, phases, steps and volumes x budgets
                 reporter.count("volumes x budgets", len(cases) * (len(eps_list) + int(diagnose)), item="volume x budget")
                 reporter.info(f"{len(member_list)} members")
-                evaluate_dataset(tgt, cases, out, progress=lambda name: reporter.advance(name), **kwargs)
+                evaluate_dataset(tgt, cases, out, progress=lambda name: reporter.advance(name), steps_progress=reporter, **kwargs)
     except Medis3dError as exc:
         _fail(str(exc))
         return

@@ -130,8 +130,8 @@ class Reporter:
     def phase(self, name: str) -> None:
         """A new phase: its label on the terminal, a line in a log."""
         self.phase_name = name
-        self._members = {}
-        self._counted = name == MEMBERS and self._count is not None
+        self._drop_members()
+        self._counted = name == MEMBERS and self._members_are_counted()
         if self._count is not None and self._counted:
             self._count.started = self.clock()  # an attack's ETA covers its members, not the loading before them
         label = self._phase_label()
@@ -187,6 +187,8 @@ class Reporter:
         c = self._count
         if c is not None:
             c.done = min(c.done + 1, c.total)
+        if not self._members_are_counted():
+            self._drop_members()  # the item's members are done with it
         if self.interactive:
             self._show()
             self._update_count()
@@ -196,14 +198,30 @@ class Reporter:
 
     # -- plain lines --------------------------------------------------------------------------------------
 
+    def _drop_members(self) -> None:
+        """Forget the current phase's members; where they are a volume's (not the count), remove their bars."""
+        if self.interactive and self._progress is not None and not self._members_are_counted():
+            for m in self._members.values():
+                if m.row is not None:
+                    self._progress.remove_task(m.row)
+        self._members = {}
+
+    def _members_are_counted(self) -> bool:
+        """Whether the count is of members (an attack); else of volumes, whose members run in each one's phase."""
+        return self._count is not None and self._count.item == "member"
+
     def fraction(self) -> float | None:
-        """How much of the count is done, counting the members' steps; None without a count."""
+        """How much of the count is done, counting the members' steps; None without a count. Where the count is of
+        larger items (volumes), the members of the current phase count as that share of the item in progress."""
         c = self._count
         if c is None or c.total <= 0:
             return None
         if self._counted:
             running = sum(m.fraction for m in self._members.values() if m.index and not m.finished)
             return min((c.done + running) / c.total, 1.0)
+        if self._members and not self._members_are_counted() and c.done < c.total:
+            share = sum(m.fraction for m in self._members.values()) / len(self._members)
+            return min((c.done + share) / c.total, 1.0)
         return c.done / c.total
 
     def eta(self) -> float | None:
@@ -223,7 +241,7 @@ class Reporter:
         self._last_line = now
 
     def _phase_label(self) -> str:
-        if self.phase_name == MEMBERS and self._count is not None:
+        if self.phase_name == MEMBERS and self._count is not None and self._members_are_counted():
             return f"members: {self._count.total} to run"
         return self.phase_name or ""
 

@@ -26,6 +26,7 @@ from medis3d.io.nifti import is_nifti
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import make_names_unique, safe_name, scan_name
 from medis3d.metrics import confusion_counts, dice_per_class, flipped_fraction, hd95_per_class, mean_iou, perturbation_norms
+from medis3d.progress import notify
 from medis3d.report import clean_json
 from medis3d.target import Target
 from medis3d.workflow import read_region, read_segmentation
@@ -183,6 +184,7 @@ def evaluate_dataset(
     norm: str = "linf",
     diagnose: bool = False,
     progress: Callable[[str], None] | None = None,
+    steps_progress: Any = None,
     together: int | None = None,
     victims: Sequence[Victim] = (),
     source: str | None = None,
@@ -194,6 +196,8 @@ def evaluate_dataset(
     (``diagnose/<case>.json``); with ``victims``, each member's adversarial is also scored on every victim
     (``transfer`` in each row, a transfer matrix in the summary). ``source`` names ``target`` there, and
     ``settings`` (the study's options and command line) go into the summary and the HTML report as they are.
+    ``progress(volume)`` is called as each volume x budget (and diagnosis) ends; ``steps_progress`` (a
+    :class:`medis3d.progress.Reporter`) hears each volume's phases and its members' steps.
 
     Each member runs all its iterations and its row is its strongest iterate (the lowest Dice it reaches in the
     budget), unless ``stop_at_success``: then it stops at its first success (faster, and enough for the success
@@ -204,8 +208,8 @@ def evaluate_dataset(
     with output_lock(out), writing(out):
         return _evaluate_dataset(target, cases, out, attacks=attacks, losses=losses, members=members, eps_list=eps_list,
                                  step=step, steps=steps, eps_units=eps_units, success=success, seed=seed, norm=norm, diagnose=diagnose,
-                                 progress=progress, together=together, victims=victims, source=source, settings=settings,
-                                 stop_at_success=stop_at_success)
+                                 progress=progress, steps_progress=steps_progress, together=together, victims=victims,
+                                 source=source, settings=settings, stop_at_success=stop_at_success)
 
 
 def run_setting(target: Target) -> dict:
@@ -232,7 +236,8 @@ def _usable(row: dict | None, victims: Sequence[Victim], stop_at_success: bool) 
 
 
 def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attacks, losses, members, eps_list, step, steps,
-                      eps_units, success, seed, diagnose, progress, norm: str = "linf", together=None, victims: Sequence[Victim] = (),
+                      eps_units, success, seed, diagnose, progress, steps_progress=None, norm: str = "linf", together=None,
+                      victims: Sequence[Victim] = (),
                       source: str | None = None, settings: dict | None = None, stop_at_success: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
@@ -242,11 +247,12 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     rows: list[dict] = []
     diagnoses: dict[str, dict] = {}
     for case in cases:
+        notify(steps_progress, "phase", f"loading {case.name}")
         run = _VolumeRun(target, case, store, outcome_setting, victims, together, stop_at_success)
         for eps in eps_list:
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed, norm=norm,
-                          stop_at_success=stop_at_success, region=run.region)
+                          stop_at_success=stop_at_success, region=run.region, progress=steps_progress)
             case_rows, ran = run.rows(medis, eps)
             rows.extend(case_rows)
             if eps == max(eps_list):
@@ -310,10 +316,10 @@ class _VolumeRun:
 
         kept = cached_outcomes(medis.members(), lambda m: m.name,
                                lambda m: _usable(self.store.get(**place(m)), self.victims, self.stop_at_success),
-                               lambda missing: self._run(medis, missing), keep)
+                               lambda missing: self._run(medis, missing, eps), keep)
         return [kept[m.name] for m in medis.members()], ran
 
-    def _run(self, medis: MedIS, missing: list) -> list[tuple]:
+    def _run(self, medis: MedIS, missing: list, eps: float) -> list[tuple]:
         """The members not stored yet, batched through the network with --together: (result, setting) each."""
         from medis3d.memory import auto_together
 
@@ -322,8 +328,11 @@ class _VolumeRun:
         if self.per_pass is None:  # once per volume: the default needs the model-space shape (a preprocessing run)
             self.per_pass = self.together or auto_together(self.target, self.target.model_shape(self.volume), len(medis.members()))
         if self.victims and self.victim_cases is None:
+            notify(medis.progress, "phase", "the victims' clean predictions")
             self.victim_cases = [_victim_case(v, self.case, self.volume) for v in self.victims]
         medis.together = self.per_pass
+        notify(medis.progress, "phase", f"{self.case.name} at {eps_label(eps, self.setting['eps_units'])}: "
+                                        f"{len(missing)} member(s) to run")
         results = medis.run_members(missing, setting.budget, setting.goal, self.volume, setting.factor)
         return [(result, setting) for result in results]
 

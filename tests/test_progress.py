@@ -156,3 +156,52 @@ def test_terminal_labels_are_shown_as_written_not_read_as_markup():
         reporter("apgd:js[random_start=1,seed=1]", 1, 2, 0.5)
         reporter.phase("loading odd[/x]name.nii.gz")
     assert "apgd:js[random_start=1,seed=1]" in buffer.getvalue() and "odd[/x]name" in buffer.getvalue()
+
+
+def test_a_count_of_volumes_counts_each_volumes_members_as_its_share():
+    """evaluate and batch count volumes; a volume's members report their steps in its phase, and the ETA counts
+    them as the share of the volume in progress (not as items of the count)."""
+    clock, out = FakeClock(), io.StringIO()
+    with Reporter(interactive=False, stream=out, clock=clock, every=10) as reporter:
+        reporter.count("volumes x budgets", 2, item="volume x budget")
+        reporter.phase("loading a")
+        reporter.phase("a at 8/255: 2 member(s) to run")
+        reporter("apgd:js", 0, 10, 0.9)
+        reporter("apgd:ce", 0, 10, 0.9)
+        clock.now += 10
+        reporter("apgd:js", 5, 10, 0.8)  # a quarter of the first volume (half of one of two members): 1/8 in 10 s
+        reporter.member_done("apgd:js", False, 10, 0.7)
+        reporter.member_done("apgd:ce", True, 4, 0.4)
+        clock.now += 10
+        reporter.advance("a")
+        assert reporter.fraction() == 0.5  # the finished volume's members are not counted twice
+        reporter.phase("b at 8/255: 2 member(s) to run")
+    texts = [(left, text) for _, left, text in _lines(out.getvalue())]
+    assert texts[:2] == [(None, "loading a"), (None, "a at 8/255: 2 member(s) to run")]
+    assert ("01:10", "member apgd:js step 5/10 score 0.800") in texts, texts
+    assert ("00:20", "volume x budget 1/2 a done") in texts, texts
+    assert any(text == "member apgd:ce done: success after 4 step(s), score 0.400" for _, text in texts)
+
+
+def _progress_only(stderr: str) -> str:
+    return "\n".join(line for line in stderr.splitlines() if not line.startswith("medis3d: notice:"))
+
+
+def test_evaluate_and_batch_in_a_log_print_each_volumes_phases_and_members(tiny_bundle, scan_file, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    scan_file.rename(data / "scan.nii.gz")
+    result = runner.invoke(app, ["evaluate", str(data), "--out", str(tmp_path / "eval"), "--bundle", str(tiny_bundle),
+                                 "--attacks", "igsm", "--losses", "ce,dice", "--eps", "8/255", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    texts = [text for _, _, text in _lines(_progress_only(result.stderr))]
+    assert texts[:3] == ["loading scan", "clean prediction", "scan at 8/255: 2 member(s) to run"], texts
+    assert any(t.startswith("member ce done: ") for t in texts) and any(t.startswith("member dice done: ") for t in texts), texts
+    assert texts[-1] == "volume x budget 1/1 scan done", texts
+
+    result = runner.invoke(app, ["batch", str(data), "--out", str(tmp_path / "batch"), "--bundle", str(tiny_bundle),
+                                 "--attacks", "igsm", "--losses", "ce", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    texts = [text for _, _, text in _lines(_progress_only(result.stderr))]
+    assert texts[0] == "loading scan" and "members" in texts and "writing outputs" in texts, texts
+    assert any(t.startswith("member ce done: ") for t in texts) and texts[-1] == "volume 1/1 scan done", texts
