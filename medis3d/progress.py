@@ -88,6 +88,7 @@ class Reporter:
         self._count: _Count | None = None
         self._members: dict[str, _Member] = {}  # the current phase's members, by name
         self._counted = False  # the current phase is MEMBERS: its members make the count
+        self._expected = 0  # members the current phase will run (0: not said)
         self._last_line = float("-inf")
         self._progress: Any = None  # rich Progress, once shown
         self._phase_row: int | None = None
@@ -127,10 +128,12 @@ class Reporter:
             if self._count_row is not None:
                 self._progress.update(self._count_row, info=text)
 
-    def phase(self, name: str) -> None:
-        """A new phase: its label on the terminal, a line in a log."""
+    def phase(self, name: str, members: int = 0) -> None:
+        """A new phase: its label on the terminal, a line in a log; ``members``: how many run in it (where they are
+        a volume's, so the ETA counts the ones not started yet)."""
         self.phase_name = name
         self._drop_members()
+        self._expected = int(members)
         self._counted = name == MEMBERS and self._members_are_counted()
         if self._count is not None and self._counted:
             self._count.started = self.clock()  # an attack's ETA covers its members, not the loading before them
@@ -220,7 +223,7 @@ class Reporter:
             running = sum(m.fraction for m in self._members.values() if m.index and not m.finished)
             return min((c.done + running) / c.total, 1.0)
         if self._members and not self._members_are_counted() and c.done < c.total:
-            share = sum(m.fraction for m in self._members.values()) / len(self._members)
+            share = sum(m.fraction for m in self._members.values()) / max(len(self._members), self._expected)
             return min((c.done + share) / c.total, 1.0)
         return c.done / c.total
 

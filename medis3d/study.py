@@ -332,7 +332,7 @@ class _VolumeRun:
             self.victim_cases = [_victim_case(v, self.case, self.volume) for v in self.victims]
         medis.together = self.per_pass
         notify(medis.progress, "phase", f"{self.case.name} at {eps_label(eps, self.setting['eps_units'])}: "
-                                        f"{len(missing)} member(s) to run")
+                                        f"{len(missing)} member(s) to run", len(missing))
         results = medis.run_members(missing, setting.budget, setting.goal, self.volume, setting.factor)
         return [(result, setting) for result in results]
 

@@ -165,11 +165,11 @@ def test_a_count_of_volumes_counts_each_volumes_members_as_its_share():
     with Reporter(interactive=False, stream=out, clock=clock, every=10) as reporter:
         reporter.count("volumes x budgets", 2, item="volume x budget")
         reporter.phase("loading a")
-        reporter.phase("a at 8/255: 2 member(s) to run")
-        reporter("apgd:js", 0, 10, 0.9)
-        reporter("apgd:ce", 0, 10, 0.9)
+        reporter.phase("a at 8/255: 2 member(s) to run", members=2)
+        reporter("apgd:js", 0, 10, 0.9)  # the second member has not started: it counts as not done
         clock.now += 10
         reporter("apgd:js", 5, 10, 0.8)  # a quarter of the first volume (half of one of two members): 1/8 in 10 s
+        reporter("apgd:ce", 0, 10, 0.9)
         reporter.member_done("apgd:js", False, 10, 0.7)
         reporter.member_done("apgd:ce", True, 4, 0.4)
         clock.now += 10
