@@ -19,12 +19,14 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout, wit
     sys.path.insert(0, str(ROOT))
 
 from medis3d.io.limits import available_bytes, status_mb  # noqa: E402  (after the path above)
+from medis3d.threads import available_cores  # noqa: E402
 
-THREADS = int(os.environ.get("BENCH_THREADS", 0)) or os.cpu_count() or 1  # BENCH_THREADS=1 to share the machine
+# every core this process may use (its affinity and cgroup quota, as medis3d counts them); BENCH_THREADS=1 to share
+THREADS = int(os.environ.get("BENCH_THREADS", 0)) or available_cores()[0]
 
 
 def set_threads() -> None:
-    """Use every core, in this process and in the children it starts."""
+    """Use every core this process may use, in this process and in the children it starts."""
     import torch
 
     torch.set_num_threads(THREADS)

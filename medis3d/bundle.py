@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from medis3d.engine import Precision, WindowSettings
+from medis3d.engine import CPU_WINDOW_BATCH_NOTICE, Precision, WindowSettings
 from medis3d.errors import BundleError, first_line
 from medis3d.preprocessing import DifferentiablePreprocessing, build_step
 from medis3d.safe_config import SafeConfig, read_config
@@ -317,6 +317,9 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
     network, net_name, net_args = _build_network(cfg, ts_path, pt_path, notices, random_weights)
     preprocessing = _preprocessing(cfg)
     window = _window_settings(cfg)
+    if torch.device(device).type == "cpu" and window.sw_batch_size == 1 and min(window.roi_size) > 0:
+        window.sw_batch_size = 2
+        notices.append(CPU_WINDOW_BATCH_NOTICE)
     in_channels = int(net_args.get("in_channels", 0) or 0)
     out_channels = int(net_args.get("out_channels", 0) or 0)
     if not out_channels:  # TorchScript: ask the network

@@ -41,11 +41,15 @@ def _quiet_warnings() -> None:
 
 
 def _load_target(bundle: Path | None, config: str | None, trust: bool, device: str, bare: dict | None = None,
-                 random_weights: bool = False):
+                 random_weights: bool = False, threads: int | None = None):
 
     from medis3d.bundle import load_bundle, load_network
+    from medis3d.threads import apply_threads
 
     _check_device(device)
+    chosen = apply_threads(threads, device)
+    if chosen.get("notice"):
+        typer.echo(f"medis3d: notice: {chosen['notice']}", err=True)
     if bare and bare.get("network"):
         if bundle is not None:
             raise InputError("give either --bundle or --network, not both")
@@ -123,6 +127,7 @@ SEED = typer.Option(0, "--seed", help="Random seed.")
 NETWORK = typer.Option(None, "--network", help="A bare network instead of a bundle: TorchScript (.ts) or a state dict (.pt, with --network-def).")
 NETWORK_DEF = typer.Option(None, "--network-def", help="JSON/YAML with the network's MONAI _target_ and arguments (for a .pt state dict).")
 TRANSFORMS = typer.Option(None, "--transforms", help="Preprocessing preset for --network: ct_abdomen, ct_wide, mr_t1_brain, mr_zscore, or a file (default: mr_t1_brain).")
+THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: the cores this process may use, by its CPU affinity and container quota, shared among torchrun's processes on a node; OMP_NUM_THREADS where set). Reported.")
 MEMORY_BUDGET = typer.Option(None, "--memory-budget", help="Largest memory for the attack, e.g. 8GB: picks window batch, checkpointing and AMP from a probe window (reported).")
 OUTPUT_FORMAT = typer.Option("auto", "--output-format", help="nifti, dicom or both (default: the input's format).")
 SEG_FORMAT = typer.Option("nifti", "--seg-format", help="Predictions as nifti label maps, or also as DICOM SEG (dicom; DICOM inputs).")
@@ -149,6 +154,7 @@ MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {  # the model and how it runs: atta
     "transforms": (str | None, TRANSFORMS),
     "classes": (str | None, CLASSES),
     "device": (str | None, DEVICE),
+    "threads": (int | None, THREADS),
     "amp": (bool, AMP),
     "checkpoint": (bool, CHECKPOINT),
     "sw_batch_size": (int | None, SW_BATCH),
@@ -233,7 +239,7 @@ def _prepare(p: dict) -> tuple[Target, AttackConfig, int]:
 def _model(p: dict) -> Target:
     """The target :data:`MODEL_OPTIONS` name: loaded, its attacked classes chosen and its inferer set."""
     bare = {"network": p.get("network"), "network_def": p.get("network_def"), "transforms": p.get("transforms")}
-    tgt = _load_target(p["bundle"], p["config"], p["trust_bundle"], p["device"], bare)
+    tgt = _load_target(p["bundle"], p["config"], p["trust_bundle"], p["device"], bare, threads=p.get("threads"))
     return tgt.select_classes(p.get("classes")).configure(
         roi_size=_parse_roi(p["roi"]), overlap=p["overlap"], sw_batch_size=p["sw_batch_size"], mode=p["window_mode"],
         checkpoint=p["checkpoint"], amp=p["amp"],
@@ -401,7 +407,7 @@ def _bundle_name(bundle: Path | None) -> str:
     return bundle_name(bundle)
 
 
-def _load_victims(spec: str | None, source, source_name: str, trust: bool, device: str) -> list:
+def _load_victims(spec: str | None, source, source_name: str, trust: bool, device: str, threads: int | None = None) -> list:
     """The ``--victim`` bundles, each loaded as a target (a bad one is the usual one-line error), each named
     apart from the source and the others, and each predicting the source's classes."""
     from medis3d.study import Victim
@@ -417,7 +423,7 @@ def _load_victims(spec: str | None, source, source_name: str, trust: bool, devic
 
     victims: list[Victim] = []
     for name in names:
-        victim = Victim(_bundle_name(Path(name)), _load_target(Path(name), None, trust, device))
+        victim = Victim(_bundle_name(Path(name)), _load_target(Path(name), None, trust, device, threads=threads))
         if victim.name == source_name:
             raise InputError(f"--victim {name}: named like the source ({source_name}), which every study scores anyway; "
                              "give a victim in a folder of another name")
@@ -446,7 +452,10 @@ def _study_settings(params: dict, member_list, eps_list, step, steps) -> dict:
         words.append("--" + key.replace("_", "-"))
         if value is not True:
             words.append(str(value))
+    from medis3d.threads import choice
+
     return {"command": " ".join(shlex.quote(w) for w in words), "options": given, "members": [m.name for m in member_list],
+            "threads": choice(),
             "eps": list(eps_list), "step": step, "steps": steps, "medis3d": medis3d.__version__}
 
 
@@ -488,7 +497,7 @@ def evaluate(
         cases = read_dataset(dataset, labels, masks)
         tgt = _model(dict(params, device=device))
         source = _bundle_name(options["bundle"]) if options["network"] is None else scan_name(options["network"])
-        victims = _load_victims(victim, tgt, source, options["trust_bundle"], device)
+        victims = _load_victims(victim, tgt, source, options["trust_bundle"], device, options["threads"])
         kwargs: dict[str, Any] = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
                       eps_units=options["eps_units"], success=options["success"], seed=options["seed"], norm=options["norm"],
                       diagnose=diagnose, together=options["together"], victims=victims, source=source,
@@ -552,6 +561,7 @@ def harden(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the closing comparison (the bundle then has no robustness figures)."),
     trust_bundle: bool = TRUST,
     device: str | None = DEVICE,
+    threads: int | None = THREADS,
     seed: int = SEED,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -574,6 +584,9 @@ def harden(
         options.check()
         dev = device or _default_device()
         _check_device(dev)
+        from medis3d.threads import apply_threads
+
+        apply_threads(threads, dev)
         if quiet:
             result = run_harden(bundle, dataset, out, options, labels=labels, trust=trust_bundle, device=dev)
         else:
@@ -623,6 +636,7 @@ def diagnose(
     steps: int = typer.Option(20, "--steps", help="Iterations of the member (doubled in the step-doubling check)."),
     queries: int = typer.Option(200, "--queries", help="Forward passes of the gradient-free random search."),
     device: str | None = DEVICE,
+    threads: int | None = THREADS,
     seed: int = SEED,
     json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
@@ -636,7 +650,7 @@ def diagnose(
 
     try:
         bare = {"network": network, "network_def": network_def, "transforms": transforms}
-        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare)
+        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare, threads=threads)
         volume = read_volume(scan)
         reference = read_segmentation(Path(label), volume, tgt, "label") if label else None
         path = out or default_out_dir(volume.name) / "diagnose.json"
@@ -674,6 +688,7 @@ def predict(
     network_def: Path | None = NETWORK_DEF,
     transforms: str | None = TRANSFORMS,
     device: str | None = DEVICE,
+    threads: int | None = THREADS,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Segment SCAN with the target and write the label map on the scan's grid."""
@@ -682,7 +697,7 @@ def predict(
 
     try:
         bare = {"network": network, "network_def": network_def, "transforms": transforms}
-        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare)
+        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare, threads=threads)
         path, prediction, volume = run_predict(scan, tgt, out)
     except Medis3dError as exc:
         _fail(str(exc))

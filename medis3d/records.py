@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
+from medis3d import threads
 from medis3d.metrics import dice_per_class, flipped_fraction, hd95_per_class, iou_per_class, mean_iou, smooth_mean_iou
 from medis3d.report import SCHEMA, peak_memory_mb
 
@@ -44,6 +45,7 @@ class TargetRecord(TypedDict):
     inferer: dict
     preprocessing: Any
     device: str
+    threads: dict  # the CPU threads torch ran with, and why (medis3d.threads)
     settings: dict
     memory_plan: dict | None
     notices: list[str]
@@ -176,6 +178,7 @@ def target_record(target: Target, result: MedISResult) -> TargetRecord:
         "inferer": target.window.as_dict(),
         "preprocessing": target.preprocessing.describe(),
         "device": str(target.device),
+        "threads": threads.choice(),
         "settings": target.settings(),
         "memory_plan": result.memory_plan.as_dict() if result.memory_plan is not None else None,
         "notices": list(target.notices),

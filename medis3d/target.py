@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medis3d.engine import Precision, WindowEngine, WindowFailure, WindowSettings, _plain
+from medis3d.engine import CPU_WINDOW_BATCH_NOTICE, Precision, WindowEngine, WindowFailure, WindowSettings, _plain
 from medis3d.errors import InputError, first_line
 from medis3d.io.volume import Volume
 from medis3d.preprocessing import DifferentiablePreprocessing
@@ -122,6 +122,8 @@ class Target:
             window.mode = mode
         changes: dict[str, Any] = {"window": window}
         notices = list(self.notices)
+        if sw_batch_size is not None:  # the window batch is chosen now: the loader's CPU default no longer holds
+            notices = [n for n in notices if n != CPU_WINDOW_BATCH_NOTICE]
         if checkpoint and not self.checkpointing:
             from medis3d.checkpointing import checkpointed_view
 

@@ -27,3 +27,10 @@ def test_window_count_is_monais_placement():
     window = engine_bench.Window(64, 0.5)
     assert engine_bench.window_count(window, (160, 160, 160)) == 64
     assert engine_bench.window_count(window, (96, 96, 96)) == 8
+
+
+def test_the_window_batch_figure_checks_both_batches_agree_and_times_them(tmp_path):
+    out = engine_bench.Results(tmp_path)
+    engine_bench.figure_window_batch(engine_bench.QUICK, out)
+    assert out.values["window_batch2_vs_1_time_ratio"] > 0
+    assert "relative difference of the logits" in out.details[-1]

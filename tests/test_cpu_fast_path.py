@@ -1,0 +1,117 @@
+"""The CPU fast path, chosen and reported: threads from the cores a process may use (affinity, cgroup quota,
+torchrun's processes), and a window batch of at least 2 (batch-1 3-D convolutions take PyTorch's slow kernels)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medis3d import threads
+from medis3d.cli import app
+from medis3d.errors import InputError
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+    threads._CHOICE.clear()
+
+
+def _cgroup(tmp_path, proc_line, files):
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text(proc_line + "\n")
+    return root, proc
+
+
+def test_the_cgroup_v2_quota_is_the_smallest_over_the_process_cgroup_and_those_above(tmp_path):
+    root, proc = _cgroup(tmp_path, "0::/jobs/one", {
+        "cpu.max": "max 100000", "jobs/cpu.max": "300000 100000", "jobs/one/cpu.max": "150000 100000"})
+    assert threads._cgroup_quota(root, proc) == pytest.approx(1.5)
+    root, proc = _cgroup(tmp_path / "none", "0::/", {"cpu.max": "max 100000"})
+    assert threads._cgroup_quota(root, proc) is None
+
+
+def test_the_cgroup_v1_quota_is_read_and_no_quota_is_none(tmp_path):
+    root, proc = _cgroup(tmp_path, "4:cpu,cpuacct:/docker/abc", {
+        "cpu/docker/abc/cpu.cfs_quota_us": "200000", "cpu/docker/abc/cpu.cfs_period_us": "100000",
+        "cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})
+    assert threads._cgroup_quota(root, proc) == pytest.approx(2.0)
+    root, proc = _cgroup(tmp_path / "unlimited", "4:cpu,cpuacct:/", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})
+    assert threads._cgroup_quota(root, proc) is None
+
+
+def test_the_cores_available_are_capped_by_the_quota_and_shared_by_torchruns_processes(monkeypatch):
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: 2.5)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores, how = threads.available_cores()
+    assert cores == 3 and "quota 2.5" in how
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    cores, how = threads.available_cores()
+    assert cores == 4 and "affinity 16" in how and "4 processes" in how
+
+
+def test_threads_follow_the_cores_unless_the_environment_or_the_option_says(monkeypatch):
+    monkeypatch.setattr(threads, "available_cores", lambda: (1, "test"))
+    for name in threads._ENV_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    torch.set_num_threads(2)
+    chosen = threads.apply_threads(None)
+    assert torch.get_num_threads() == 1 and chosen["threads"] == 1 and "cores available" in chosen["why"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(2)
+    chosen = threads.apply_threads(None)
+    assert torch.get_num_threads() == 2 and chosen["why"] == "OMP_NUM_THREADS=2 in the environment"
+    chosen = threads.apply_threads(3)
+    assert torch.get_num_threads() == 3 and chosen["why"] == "--threads" and "more threads than cores" in chosen["notice"]
+    assert threads.choice() == chosen
+    with pytest.raises(InputError, match="--threads must be 1 or more"):
+        threads.apply_threads(0)
+
+
+def test_attack_reports_the_threads_it_ran_with(tiny_bundle, scan_file, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--steps", "1", "--eps", "4/255",
+                                 "--losses", "ce", "--threads", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"]["threads"]["threads"] == 1 and report["target"]["threads"]["why"] == "--threads"
+    assert torch.get_num_threads() == 1
+    bad = runner.invoke(app, ["predict", str(scan_file), "--bundle", str(tiny_bundle), "--threads", "0", "--out", str(tmp_path / "p.nii.gz")])
+    assert bad.exit_code != 0 and "--threads must be 1 or more" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "p.nii.gz").exists()
+
+
+def test_an_inferers_window_batch_of_1_becomes_2_on_cpu_unless_asked_for(tiny_bundle, scan_file, tmp_path):
+    from medis3d.bundle import load_bundle
+    from medis3d.engine import CPU_WINDOW_BATCH_NOTICE
+    from medis3d.io import read_volume
+
+    bundle = tmp_path / "batch_one"
+    shutil.copytree(tiny_bundle, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["inferer"]["sw_batch_size"] = 1
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    target = load_bundle(bundle)
+    assert target.window.sw_batch_size == 2 and CPU_WINDOW_BATCH_NOTICE in target.notices
+    asked = target.configure(sw_batch_size=1)
+    assert asked.window.sw_batch_size == 1 and CPU_WINDOW_BATCH_NOTICE not in asked.notices
+    volume = read_volume(scan_file)
+    assert (target.predict(volume) == asked.predict(volume)).all()  # the same windows, grouped otherwise
+    assert load_bundle(tiny_bundle).window.sw_batch_size == 4  # a bundle's larger batch is its own
+    result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(bundle), "--steps", "1", "--eps", "4/255",
+                                 "--losses", "ce", "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["target"]["inferer"]["sw_batch_size"] == 2 and CPU_WINDOW_BATCH_NOTICE in report["target"]["notices"]
