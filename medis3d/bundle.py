@@ -8,6 +8,7 @@ MONAI config semantics (``ConfigParser``) for bundles the user trusts.
 from __future__ import annotations
 
 import json
+import math
 import stat
 import tempfile
 import zipfile
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from medis3d.engine import CPU_WINDOW_BATCH_NOTICE, Precision, WindowSettings
+from medis3d.engine import CPU_WINDOW_BATCH_LARGEST, CPU_WINDOW_BATCH_NOTICE, Precision, WindowSettings
 from medis3d.errors import BundleError, first_line
 from medis3d.preprocessing import DifferentiablePreprocessing, build_step
 from medis3d.safe_config import SafeConfig, read_config
@@ -317,7 +318,8 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
     network, net_name, net_args = _build_network(cfg, ts_path, pt_path, notices, random_weights)
     preprocessing = _preprocessing(cfg)
     window = _window_settings(cfg)
-    if torch.device(device).type == "cpu" and window.sw_batch_size == 1 and min(window.roi_size) > 0:
+    if (torch.device(device).type == "cpu" and window.sw_batch_size == 1 and min(window.roi_size) > 0
+            and math.prod(window.roi_size) <= CPU_WINDOW_BATCH_LARGEST):
         window.sw_batch_size = 2
         notices.append(CPU_WINDOW_BATCH_NOTICE)
     in_channels = int(net_args.get("in_channels", 0) or 0)

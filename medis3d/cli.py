@@ -47,9 +47,7 @@ def _load_target(bundle: Path | None, config: str | None, trust: bool, device: s
     from medis3d.threads import apply_threads
 
     _check_device(device)
-    chosen = apply_threads(threads, device)
-    if chosen.get("notice"):
-        typer.echo(f"medis3d: notice: {chosen['notice']}", err=True)
+    _threads_notice(apply_threads(threads, device))
     if bare and bare.get("network"):
         if bundle is not None:
             raise InputError("give either --bundle or --network, not both")
@@ -58,6 +56,16 @@ def _load_target(bundle: Path | None, config: str | None, trust: bool, device: s
             trust=trust, device=device,
         )
     return load_bundle(bundle, config=config, trust=trust, device=device, random_weights=random_weights)
+
+
+_SHOWN: set[str] = set()
+
+
+def _threads_notice(chosen: dict) -> None:
+    """Say once on stderr when the threads chosen outnumber the cores (the source and every victim load choose)."""
+    if chosen.get("notice") and chosen["notice"] not in _SHOWN:
+        _SHOWN.add(chosen["notice"])
+        typer.echo(f"medis3d: notice: {chosen['notice']}", err=True)
 
 
 def _check_device(device: str) -> None:
@@ -127,7 +135,7 @@ SEED = typer.Option(0, "--seed", help="Random seed.")
 NETWORK = typer.Option(None, "--network", help="A bare network instead of a bundle: TorchScript (.ts) or a state dict (.pt, with --network-def).")
 NETWORK_DEF = typer.Option(None, "--network-def", help="JSON/YAML with the network's MONAI _target_ and arguments (for a .pt state dict).")
 TRANSFORMS = typer.Option(None, "--transforms", help="Preprocessing preset for --network: ct_abdomen, ct_wide, mr_t1_brain, mr_zscore, or a file (default: mr_t1_brain).")
-THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: the cores this process may use, by its CPU affinity and container quota, shared among torchrun's processes on a node; OMP_NUM_THREADS where set). Reported.")
+THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: one a core this process may use, by its CPU affinity, container quota and torch's count of physical cores; OMP_NUM_THREADS where set, which torchrun sets to 1 for each of several processes). Reported.")
 MEMORY_BUDGET = typer.Option(None, "--memory-budget", help="Largest memory for the attack, e.g. 8GB: picks window batch, checkpointing and AMP from a probe window (reported).")
 OUTPUT_FORMAT = typer.Option("auto", "--output-format", help="nifti, dicom or both (default: the input's format).")
 SEG_FORMAT = typer.Option("nifti", "--seg-format", help="Predictions as nifti label maps, or also as DICOM SEG (dicom; DICOM inputs).")
@@ -586,7 +594,7 @@ def harden(
         _check_device(dev)
         from medis3d.threads import apply_threads
 
-        apply_threads(threads, dev)
+        _threads_notice(apply_threads(threads, dev))
         if quiet:
             result = run_harden(bundle, dataset, out, options, labels=labels, trust=trust_bundle, device=dev)
         else:

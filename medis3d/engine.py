@@ -40,7 +40,10 @@ def _window_stage() -> Iterator[None]:
 # On a CPU a batch of one 3-D window runs PyTorch's native convolution, not oneDNN's, for the small feature maps of
 # a network's deeper levels (ATen's use_mkldnn: batch 1 and channels x depth x height <= 20480), which is slower:
 # SegResNet's gradient pass took 2.2x the time per 64^3 window at batch 1 as at batch 2, UNETR's 1.7x, SegResNet's
-# (the shipped bundle's) 1.08x per 96^3 window, one thread each. So an inferer's window batch of 1 becomes 2 on a CPU.
+# (the shipped bundle's) 1.08x per 96^3 window, one thread each. So on a CPU an inferer's window batch of 1 becomes 2
+# where the windows are small (up to CPU_WINDOW_BATCH_LARGEST voxels): there it pays, and a second window's
+# activations cost little memory; larger windows keep 1.
+CPU_WINDOW_BATCH_LARGEST = 80**3
 CPU_WINDOW_BATCH_NOTICE = ("window batch 2 on CPU, not the inferer's 1: a batch of one 3-D window takes PyTorch's slower "
                            "convolution kernels for small feature maps (measured: up to 2.2x the time per window); "
                            "--sw-batch-size 1 keeps 1")

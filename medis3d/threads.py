@@ -2,11 +2,12 @@
 
 torch starts with one thread per core it sees, but a container limited to 2 CPUs by a cgroup quota still sees
 every core of its host, and then runs many threads on 2 cores, which slows every convolution down. The cores a
-process may use are the fewest of its CPU affinity and its cgroup's CPU quota (v2 ``cpu.max``, v1
-``cpu.cfs_quota_us``), and under ``torchrun`` on CPU they are shared by the processes on the node.
+process may use are the fewest of its CPU affinity, its cgroup's CPU quota (v2 ``cpu.max``, v1
+``cpu.cfs_quota_us``) and torch's own count of physical cores (hyperthreads do not add arithmetic).
 
-``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) in the environment is the user's choice and is kept, as is
-``--threads``; the choice and its reason go in every report (:func:`choice`).
+``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) in the environment is the user's choice and is kept (``torchrun``
+sets it to 1 for each of several processes on a node), as is ``--threads``; the choice and its reason go in
+every report (:func:`choice`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from medis3d.errors import InputError
 
 _CHOICE: dict = {}
+_FIRST: dict = {}
 _ENV_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -34,12 +36,13 @@ def _cgroup_quota(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/
         controllers, _, path = rest.partition(":")
         if hierarchy == "0" and controllers == "":  # cgroup v2
             base, name = root, "cpu.max"
-        elif "cpu" in controllers.split(","):  # cgroup v1
-            base, name = root / "cpu", "cpu.cfs_quota_us"
+        elif "cpu" in controllers.split(","):  # cgroup v1: mounted as cpu (often a link) or as cpu,cpuacct
+            mounts = [root / "cpu", root / controllers]
+            base, name = next((m for m in mounts if m.is_dir()), mounts[0]), "cpu.cfs_quota_us"
         else:
             continue
         folder = base / path.lstrip("/")
-        while True:
+        while True:  # this cgroup and those above it (without a cgroup namespace the path may not exist here)
             limit = _read_limit(folder, name)
             if limit is not None:
                 limits.append(limit)
@@ -79,10 +82,20 @@ def available_cores() -> tuple[int, str]:
     quota = _cgroup_quota()
     if quota is not None and math.ceil(quota) < cores:
         cores, how = max(1, math.ceil(quota)), f"cgroup CPU quota {quota:g} of {seen} CPUs"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    if local > 1:
-        cores, how = max(1, cores // local), f"{how}, shared by {local} processes on this node"
+    physical = _torch_default()
+    if physical < cores:  # torch counts physical cores, not hyperthreads: one thread per core, as torch would
+        cores, how = physical, f"{how}; torch's default {physical} (physical cores)"
     return cores, how
+
+
+def _torch_default() -> int:
+    """torch's own thread count when medis3d first looked, before it set any (torch's default is the physical
+    cores, or OMP_NUM_THREADS)."""
+    if "torch_default" not in _FIRST:
+        import torch
+
+        _FIRST["torch_default"] = torch.get_num_threads()
+    return int(_FIRST["torch_default"])
 
 
 def apply_threads(requested: int | None, device: str = "cpu") -> dict:
@@ -94,7 +107,7 @@ def apply_threads(requested: int | None, device: str = "cpu") -> dict:
     if requested is not None and requested < 1:
         raise InputError(f"--threads must be 1 or more, got {requested}")
     cores, how = available_cores()
-    env = next((f"{name}={os.environ[name]}" for name in _ENV_VARIABLES if os.environ.get(name)), None)
+    env = ", ".join(f"{name}={os.environ[name]}" for name in _ENV_VARIABLES if os.environ.get(name)) or None
     if requested is not None:
         threads, why = requested, "--threads"
     elif env is not None:
@@ -107,7 +120,7 @@ def apply_threads(requested: int | None, device: str = "cpu") -> dict:
     _CHOICE.update(threads=torch.get_num_threads(), why=why, cores_available=cores, cores_found_by=how)
     if threads > cores:
         _CHOICE["notice"] = (f"{threads} threads on {cores} available core(s): more threads than cores slow torch down; "
-                             f"--threads {cores} is the default")
+                             f"--threads {cores} runs one a core")
     if not str(device).startswith("cpu"):
         _CHOICE["note"] = "CPU threads only matter for the work done on the CPU (reading, resampling, writing)"
     return dict(_CHOICE)

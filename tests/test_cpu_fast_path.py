@@ -1,5 +1,5 @@
 """The CPU fast path, chosen and reported: threads from the cores a process may use (affinity, cgroup quota,
-torchrun's processes), and a window batch of at least 2 (batch-1 3-D convolutions take PyTorch's slow kernels)."""
+physical cores), and a window batch of 2 for small windows (batch-1 3-D convolutions take PyTorch's slow kernels)."""
 
 import json
 import shutil
@@ -48,18 +48,25 @@ def test_the_cgroup_v1_quota_is_read_and_no_quota_is_none(tmp_path):
     assert threads._cgroup_quota(root, proc) == pytest.approx(2.0)
     root, proc = _cgroup(tmp_path / "unlimited", "4:cpu,cpuacct:/", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})
     assert threads._cgroup_quota(root, proc) is None
+    # mounted under the controllers' joint name, with no cpu link
+    root, proc = _cgroup(tmp_path / "joint", "4:cpu,cpuacct:/job", {
+        "cpu,cpuacct/job/cpu.cfs_quota_us": "400000", "cpu,cpuacct/job/cpu.cfs_period_us": "100000"})
+    assert threads._cgroup_quota(root, proc) == pytest.approx(4.0)
 
 
-def test_the_cores_available_are_capped_by_the_quota_and_shared_by_torchruns_processes(monkeypatch):
+def test_the_cores_available_are_capped_by_the_quota_and_the_physical_cores(monkeypatch):
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(threads, "_torch_default", lambda: 16)
     monkeypatch.setattr(threads, "_cgroup_quota", lambda: 2.5)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cores, how = threads.available_cores()
     assert cores == 3 and "quota 2.5" in how
     monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     cores, how = threads.available_cores()
-    assert cores == 4 and "affinity 16" in how and "4 processes" in how
+    assert cores == 16 and how.startswith("CPU affinity 16 of ")
+    # hyperthreads: 16 logical CPUs, 8 physical cores (torch's own default), one thread a core
+    monkeypatch.setattr(threads, "_torch_default", lambda: 8)
+    cores, how = threads.available_cores()
+    assert cores == 8 and "physical cores" in how
 
 
 def test_threads_follow_the_cores_unless_the_environment_or_the_option_says(monkeypatch):
@@ -73,6 +80,8 @@ def test_threads_follow_the_cores_unless_the_environment_or_the_option_says(monk
     torch.set_num_threads(2)
     chosen = threads.apply_threads(None)
     assert torch.get_num_threads() == 2 and chosen["why"] == "OMP_NUM_THREADS=2 in the environment"
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")
+    assert threads.apply_threads(None)["why"] == "OMP_NUM_THREADS=2, MKL_NUM_THREADS=2 in the environment"
     chosen = threads.apply_threads(3)
     assert torch.get_num_threads() == 3 and chosen["why"] == "--threads" and "more threads than cores" in chosen["notice"]
     assert threads.choice() == chosen
@@ -110,6 +119,11 @@ def test_an_inferers_window_batch_of_1_becomes_2_on_cpu_unless_asked_for(tiny_bu
     volume = read_volume(scan_file)
     assert (target.predict(volume) == asked.predict(volume)).all()  # the same windows, grouped otherwise
     assert load_bundle(tiny_bundle).window.sw_batch_size == 4  # a bundle's larger batch is its own
+    config["inferer"]["roi_size"] = [96, 96, 96]  # large windows gain little from a second one: they keep 1
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    assert load_bundle(bundle).window.sw_batch_size == 1
+    config["inferer"]["roi_size"] = [24, 24, 24]
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(bundle), "--steps", "1", "--eps", "4/255",
                                  "--losses", "ce", "--out", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
