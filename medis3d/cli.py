@@ -549,8 +549,9 @@ def harden(
     out: Path = typer.Option(..., "--out", "-o", help="A new or empty folder: the hardened MONAI bundle (configs, models/model.pt, docs/ with the before/after figures) and evaluation/ (both studies). Rerun with the same --out to continue an interrupted run."),
     labels: Path | None = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
     eps: str = typer.Option("8/255", "--eps", help="L-inf radius of the training attack, in the model's normalised intensity units."),
-    attack_steps: int = typer.Option(2, "--attack-steps", help="PGD steps per training batch (from a random start)."),
-    attack_step: str | None = typer.Option(None, "--attack-step", help="PGD step size (default: 2.5 eps / --attack-steps)."),
+    attack: str = typer.Option("pgd", "--attack", help="The training attack: pgd (signed steps of --attack-step, Madry et al.) or apgd (Auto-PGD: its own step size, halved where a crop's loss stalls, and each crop's strongest iterate; one more pass than PGD)."),
+    attack_steps: int = typer.Option(2, "--attack-steps", help="Attack steps per training batch (from a random start)."),
+    attack_step: str | None = typer.Option(None, "--attack-step", help="PGD step size (default: 2.5 eps / --attack-steps; APGD chooses its own)."),
     attack_loss: str = typer.Option("ce", "--attack-loss", help="The loss the training attack ascends (any of --losses in attack)."),
     adv_weight: float = typer.Option(0.5, "--adv-weight", help="Training loss = (1 - w) clean + w adversarial."),
     warmup: float = typer.Option(0.3, "--warmup", help="Share of the steps over which eps grows linearly from 0."),
@@ -584,7 +585,7 @@ def harden(
             raise InputError(f"--eval-preset must be one of {', '.join(PRESETS)}, got {eval_preset!r}")
         members_given = tuple(m.name for m in parse_members(eval_members)) if eval_members else None
         options = HardenOptions(
-            eps=parse_fraction(eps, "--eps"), attack_steps=attack_steps,
+            eps=parse_fraction(eps, "--eps"), attack=attack, attack_steps=attack_steps,
             attack_step=parse_fraction(attack_step, "--attack-step") if attack_step else None, attack_loss=attack_loss,
             adv_weight=adv_weight, warmup=warmup, steps=steps, batch=batch, crop=_parse_crop(crop), lr=lr, seed=seed, amp=amp,
             checkpoint=checkpoint, save_every=save_every, val_split=val_split, evaluate=not no_eval, eval_eps=eval_list,

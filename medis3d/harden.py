@@ -3,7 +3,8 @@
 The network is fine-tuned on random crops of the training volumes in model space (the bundle's own
 inference preprocessing, exactly as :class:`~medis3d.target.Target` runs it; labels resampled onto
 the same grid), each step on a mix of the clean crops and adversarial ones made by a few steps of
-PGD with a random start inside an L-inf ball whose radius grows over a warm-up (Madry et al. 2018).
+PGD (Madry et al. 2018) or APGD (Croce & Hein 2020, each crop its own step size and best iterate) with a
+random start inside an L-inf ball whose radius grows over a warm-up.
 The adversarial crops ascend a loss from medis3d's registry (:mod:`medis3d.losses`) and are kept in
 the ball and the model's intensity range by :class:`~medis3d.attacks.base.Budget`. The training
 loss is the bundle's own (``loss`` in its train config, MONAI and torch classes only) or DiceCE;
@@ -52,13 +53,17 @@ _LEFT_OUT = ("Crop", "Pad", "Load", "EnsureType", "ToTensor", "ToNumpy", "Ensure
 _SETTINGS_THAT_MAY_CHANGE = ("steps", "save_every", "eval_eps", "eval_preset", "eval_members", "eval_steps", "evaluate")
 
 
+TRAINING_ATTACKS = ("pgd", "apgd")
+
+
 @dataclass(frozen=True)
 class HardenOptions:
     """How the network is fine-tuned, and how source and result are compared at the end."""
 
     eps: float = 8 / 255  # the L-inf radius of the training attack, in the model's normalised intensity units
-    attack_steps: int = 2  # PGD steps per training batch
-    attack_step: float | None = None  # PGD step size; default 2.5 eps / steps (Madry et al.)
+    attack: str = "pgd"  # the training attack: pgd (Madry et al.) or apgd (Auto-PGD's step control, per crop)
+    attack_steps: int = 2  # attack steps per training batch
+    attack_step: float | None = None  # PGD step size; default 2.5 eps / steps (Madry et al.); APGD chooses its own
     attack_loss: str = "ce"  # the loss the training attack ascends (medis3d.losses)
     adv_weight: float = 0.5  # training loss = (1 - w) clean + w adversarial
     warmup: float = 0.3  # share of the steps over which eps grows linearly from 0
@@ -89,7 +94,9 @@ class HardenOptions:
     def check(self) -> None:
         problems = [
             (self.eps > 0, f"--eps must be positive, got {self.eps}"),
+            (self.attack in TRAINING_ATTACKS, f"--attack must be one of {', '.join(TRAINING_ATTACKS)}, got {self.attack!r}"),
             (self.attack_steps >= 1, f"--attack-steps must be at least 1, got {self.attack_steps}"),
+            (self.attack != "apgd" or self.attack_step is None, "--attack-step is PGD's: APGD chooses its own step size"),
             (0 <= self.adv_weight <= 1, f"--adv-weight must lie in [0, 1], got {self.adv_weight}"),
             (0 <= self.warmup <= 1, f"--warmup must lie in [0, 1], got {self.warmup}"),
             (self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
@@ -287,6 +294,54 @@ def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_
     return adv
 
 
+def apgd_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, eps: float, steps: int, low: float,
+               high: float, generator: torch.Generator, autocast=None) -> torch.Tensor:
+    """APGD (Croce & Hein 2020) on a batch of crops, each crop with its own step size and best iterate: from a
+    uniform random start in the L-inf ball, step 2 eps, momentum, and at APGD's checkpoints the step halved and
+    the search sent back to the crop's best iterate where too few steps raised its loss (medis3d.attacks.apgd's
+    schedule). Returns each crop's iterate of the highest ``loss_fn`` (steps + 1 passes with a gradient)."""
+    from medis3d.attacks.apgd import MOMENTUM, RHO, checkpoints
+    from medis3d.attacks.base import Budget
+
+    budget = Budget(eps=eps, step=2 * eps, steps=steps, low=low, high=high)
+    n = x.shape[0]
+    shape = (n,) + (1,) * (x.dim() - 1)
+
+    def evaluate(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        point = point.detach().requires_grad_(True)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logits = network(point)
+        logits = (logits[0] if isinstance(logits, (tuple, list)) else logits).float()
+        losses = torch.stack([loss_fn(logits[i : i + 1], y[i : i + 1]) for i in range(n)])
+        grad, = torch.autograd.grad(losses.sum(), point)
+        return losses.detach(), grad
+
+    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * eps
+    current = budget.project(x + noise, x).detach()
+    f_x, grad = evaluate(current)
+    previous, best, f_best, grad_best = current, current, f_x, grad
+    eta = torch.full(shape, 2.0 * eps, device=x.device)
+    eta_before, f_best_before = eta.clone(), f_best.clone()
+    improved, since, marks = torch.zeros(n, device=x.device), 0, set(checkpoints(steps))
+    for k in range(steps):
+        z = budget.project(current + eta * budget.direction(grad), x)
+        new = z if k == 0 else budget.project(current + MOMENTUM * (z - current) + (1 - MOMENTUM) * (current - previous), x)
+        f_new, grad_new = evaluate(new)
+        improved += (f_new > f_x).float()
+        better = (f_new > f_best).view(shape)
+        best, grad_best, f_best = torch.where(better, new, best), torch.where(better, grad_new, grad_best), torch.maximum(f_new, f_best)
+        previous, current, grad, f_x = current, new, grad_new, f_new
+        if k + 1 in marks:
+            stalled = (improved < RHO * (k + 1 - since)) | ((eta.view(n) == eta_before.view(n)) & (f_best == f_best_before))
+            eta_before, f_best_before = eta.clone(), f_best.clone()
+            back = stalled.view(shape)
+            eta = torch.where(back, eta / 2, eta)
+            current, previous = torch.where(back, best, current), torch.where(back, best, previous)
+            grad, f_x = torch.where(back, grad_best, grad), torch.where(stalled, f_best, f_x)
+            improved, since = torch.zeros_like(improved), k + 1
+    return best.detach()
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -453,7 +508,7 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
     if checkpoint_file.is_file():
         saved = torch.load(str(checkpoint_file), map_location=dev, weights_only=False)
         fixed = {k: v for k, v in settings.items() if k not in _SETTINGS_THAT_MAY_CHANGE}
-        were = {k: v for k, v in saved["settings"].items() if k not in _SETTINGS_THAT_MAY_CHANGE}
+        were = {"attack": "pgd", **{k: v for k, v in saved["settings"].items() if k not in _SETTINGS_THAT_MAY_CHANGE}}
         if saved.get("digest") != digest or were != fixed:
             changed = sorted(k for k in fixed if fixed[k] != were.get(k)) or ["the bundle or the dataset"]
             raise OutputError(f"{out}: holds a hardening run with other settings ({', '.join(changed)}); continue it with "
@@ -485,8 +540,12 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
         eps = options.eps_at(i)
         network.eval()
         generator = torch.Generator().manual_seed(options.seed * 7919 + i)
-        adv = adversarial_batch(network, x, y.long() if target.activation == "softmax" else y, attack_loss, eps, options.attack_step_size() * eps / options.eps,
-                                options.attack_steps, low, high, generator, autocast)
+        reference = y.long() if target.activation == "softmax" else y
+        if options.attack == "apgd":
+            adv = apgd_batch(network, x, reference, attack_loss, eps, options.attack_steps, low, high, generator, autocast)
+        else:
+            adv = adversarial_batch(network, x, reference, attack_loss, eps, options.attack_step_size() * eps / options.eps,
+                                    options.attack_steps, low, high, generator, autocast)
         network.train()
         optimizer.zero_grad(set_to_none=True)
         with autocast() if autocast is not None else contextlib.nullcontext():
@@ -673,7 +732,7 @@ def _write_docs(source: Path, staged: Path, source_name: str, options: HardenOpt
         version = _bump(previous)
         meta["version"] = version
         meta["changelog"] = {version: f"adversarially fine-tuned from {source_name} {previous} by medis3d harden "
-                                      f"(PGD-{options.attack_steps}, eps {_per255(options.eps)}/255, {options.steps} steps)",
+                                      f"({options.attack.upper()}-{options.attack_steps}, eps {_per255(options.eps)}/255, {options.steps} steps)",
                              **(meta.get("changelog") or {})}
         if meta.get("name"):
             meta["name"] = f"{meta['name']} (adversarially hardened)"
@@ -692,6 +751,13 @@ def _write_docs(source: Path, staged: Path, source_name: str, options: HardenOpt
     write_text_atomic(docs / "README.md", readme(source_name, options, recipe, comparison))
 
 
+def _attack_words(options: HardenOptions) -> str:
+    if options.attack == "apgd":
+        return (f"APGD, {options.attack_steps} step(s) (its own step size from 2 eps, halved where a crop's loss stalls; "
+                "each crop's strongest iterate)")
+    return f"PGD, {options.attack_steps} step(s) of {options.attack_step_size() * 255:.3g}/255"
+
+
 def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: dict | None) -> str:
     """The hardened bundle's docs/README.md: what it is, the recipe, the before/after table."""
     lines = [f"# {source_name}, adversarially hardened by medis3d", "",
@@ -703,8 +769,7 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
              f"{', '.join(recipe['validation_volumes']) or '-'}.",
              f"* {options.steps} AdamW steps (lr {options.lr:g}, weight decay {options.weight_decay:g}, warm-up then cosine), "
              f"{options.batch} crop(s) of {'x'.join(map(str, recipe['crop']))} model-space voxels per step, seed {options.seed}.",
-             f"* Adversarial crops: PGD, {options.attack_steps} step(s) of {options.attack_step_size() * 255:.3g}/255 from a "
-             f"uniform random start, L-inf eps {_per255(options.eps)}/255 of the model's intensity range "
+             f"* Adversarial crops: {_attack_words(options)} from a uniform random start, L-inf eps {_per255(options.eps)}/255 of the model's intensity range "
              f"({recipe['model_range'][0]:.3g} to {recipe['model_range'][1]:.3g}), growing linearly over the first "
              f"{options.warmup:.0%} of the steps; the attack ascends `{options.attack_loss}`.",
              f"* Loss: (1 - {options.adv_weight:g}) x clean + {options.adv_weight:g} x adversarial, each {recipe['loss']}.",

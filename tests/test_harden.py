@@ -20,6 +20,7 @@ from medis3d.cli import app
 from medis3d.harden import (
     HardenOptions,
     adversarial_batch,
+    apgd_batch,
     eps50,
     harden,
     label_to_model_space,
@@ -243,6 +244,54 @@ def test_training_attack_stays_in_its_ball_and_raises_the_loss(tiny_target, tmp_
     assert float(adv.min()) >= case.low and float(adv.max()) <= case.high
     with torch.no_grad():
         assert float(loss(tiny_target.network(adv), y)) > float(loss(tiny_target.network(x), y))
+
+
+def test_the_apgd_training_attack_keeps_each_crops_strongest_iterate_in_its_ball(tiny_target, tmp_path):
+    from medis3d.losses import get_loss
+
+    hu, seg = synthetic_scan(9)
+    dataset = tmp_path / "d.json"
+    save_nifti(tmp_path / "s.nii.gz", hu)
+    save_nifti(tmp_path / "l.nii.gz", seg)
+    dataset.write_text(json.dumps({"training": [{"image": "s.nii.gz", "label": "l.nii.gz"}] * 2}))
+    train, _ = read_training_dataset(dataset)
+    case = model_space_case(tiny_target, train[0])
+    x = torch.cat([case.image[None, :, :24, :24, :24], case.image[None, :, -24:, -24:, -24:]])
+    y = torch.cat([case.label[None, :, :24, :24, :24], case.label[None, :, -24:, -24:, -24:]]).long()
+    loss = get_loss("ce", "softmax")
+    eps = 16 / 255
+    adv = apgd_batch(tiny_target.network, x, y, loss, eps, 6, case.low, case.high, torch.Generator().manual_seed(0))
+    assert float((adv - x).abs().max()) <= eps + 1e-6
+    assert float(adv.min()) >= case.low and float(adv.max()) <= case.high
+    again = apgd_batch(tiny_target.network, x, y, loss, eps, 6, case.low, case.high, torch.Generator().manual_seed(0))
+    assert torch.equal(adv, again)  # deterministic for a seed
+    pgd = adversarial_batch(tiny_target.network, x, y, loss, eps, 2.5 * eps / 6, 6, case.low, case.high,
+                            torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        def crop_loss(z, i):
+            return float(loss(tiny_target.network(z[i : i + 1]), y[i : i + 1]))
+
+        for i in range(2):  # each crop's loss rises well above its clean loss, as far as PGD's with as many steps
+            assert crop_loss(adv, i) > 1.5 * crop_loss(x, i)
+            assert crop_loss(adv, i) >= 0.9 * crop_loss(pgd, i)
+
+
+def test_harden_trains_against_apgd_when_asked(tiny_bundle, tmp_path):
+    dataset = _dataset(tmp_path)
+    out = tmp_path / "robust"
+    result = runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(out), *FAST, "--attack", "apgd",
+                                 "--attack-steps", "3", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    assert meta["medis3d_hardening"]["settings"]["attack"] == "apgd"
+    assert "APGD-3" in next(iter(meta["changelog"].values()))
+    assert "APGD, 3 step(s)" in (out / "docs" / "README.md").read_text()
+    assert load_bundle(out).predict(read_volume(tmp_path / "data" / "case3.nii.gz")).any()
+    for bad, words in ((["--attack", "fgsm"], "--attack must be one of pgd, apgd"),
+                       (["--attack", "apgd", "--attack-step", "1/255"], "--attack-step is PGD's")):
+        result = runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(tmp_path / "bad"), *FAST, *bad])
+        assert words in _one_line(result)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_eps50_interpolates_where_dice_halves():
