@@ -226,16 +226,21 @@ def test_labels_land_on_the_model_grid(tiny_target, tmp_path):
     assert agree > 0.9, float(agree)
 
 
-def test_training_attack_stays_in_its_ball_and_raises_the_loss(tiny_target, tmp_path):
-    from medis3d.losses import get_loss
-
+def _model_space_case(target, tmp_path: Path):
+    """One synthetic training volume in the tiny bundle's model space."""
     hu, seg = synthetic_scan(9)
     dataset = tmp_path / "d.json"
     save_nifti(tmp_path / "s.nii.gz", hu)
     save_nifti(tmp_path / "l.nii.gz", seg)
     dataset.write_text(json.dumps({"training": [{"image": "s.nii.gz", "label": "l.nii.gz"}] * 2}))
-    train, validation = read_training_dataset(dataset)
-    case = model_space_case(tiny_target, train[0])
+    train, _ = read_training_dataset(dataset)
+    return model_space_case(target, train[0])
+
+
+def test_training_attack_stays_in_its_ball_and_raises_the_loss(tiny_target, tmp_path):
+    from medis3d.losses import get_loss
+
+    case = _model_space_case(tiny_target, tmp_path)
     x, y = case.image[None, :, :24, :24, :24], case.label[None, :, :24, :24, :24].long()
     loss = get_loss("ce", "softmax")
     eps = 16 / 255
@@ -249,13 +254,7 @@ def test_training_attack_stays_in_its_ball_and_raises_the_loss(tiny_target, tmp_
 def test_the_apgd_training_attack_keeps_each_crops_strongest_iterate_in_its_ball(tiny_target, tmp_path):
     from medis3d.losses import get_loss
 
-    hu, seg = synthetic_scan(9)
-    dataset = tmp_path / "d.json"
-    save_nifti(tmp_path / "s.nii.gz", hu)
-    save_nifti(tmp_path / "l.nii.gz", seg)
-    dataset.write_text(json.dumps({"training": [{"image": "s.nii.gz", "label": "l.nii.gz"}] * 2}))
-    train, _ = read_training_dataset(dataset)
-    case = model_space_case(tiny_target, train[0])
+    case = _model_space_case(tiny_target, tmp_path)
     x = torch.cat([case.image[None, :, :24, :24, :24], case.image[None, :, -24:, -24:, -24:]])
     y = torch.cat([case.label[None, :, :24, :24, :24], case.label[None, :, -24:, -24:, -24:]]).long()
     loss = get_loss("ce", "softmax")
