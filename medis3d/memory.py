@@ -5,6 +5,10 @@ The probe runs the network forward on one window with hooks that record every le
 output size (what autograd keeps for the backward pass); stages that checkpointing wraps keep
 only their input, plus one stage's activations at a time during the backward pass. Volume-size
 buffers (padded input, stitched logits, count map, gradients) are added from the shapes.
+
+The budget bounds tensors, as CUDA's allocator peak counts them. On CPU, glibc's heap keeps freed blocks
+resident and reuses them unevenly, so the process's resident peak can exceed the tensors' peak (measured up to
+1.9x for one SegResNet step); ``MALLOC_MMAP_THRESHOLD_`` makes it follow the tensors at a cost in time.
 """
 
 from __future__ import annotations
