@@ -99,7 +99,11 @@ MEMBERS = {
     "apgd:masked_spherical[random_start=1]": ("masked_spherical", "standard", 0, "scan_raw"),
     "apgd:masked_spherical_logp": ("masked_spherical", "standard", None, "scan"),
 }
-MEMBER_TOLERANCE = 0.03
+# Ten APGD steps from the same start are chaotic at a large budget: the plain masked_spherical attack itself ended
+# at Dice 0.327-0.360 at 64/255 over four runs whose starts differed by at most 5e-4 HU (0.872-0.876 at 16/255), and
+# on another host CI measured ours at 0.361 against the plain one's 0.328 (here 0.351 against 0.346). So at
+# 64/255 ours may trail one plain run by more than at 16/255; a masked gradient costs far more than either.
+MEMBER_TOLERANCE = {16: 0.03, 64: 0.05}
 
 
 @pytest.mark.parametrize("member", list(MEMBERS))
@@ -110,7 +114,7 @@ def test_reliable_members_are_as_strong_as_plain_apgd(problem, tiny_target, memb
     ours = _ours(tiny_target, volume, member, eps, 10, eps)
     theirs = plain.apgd(model, hu, eps * UNIT, 10, loss, gradient, seed, grid)
     # two independent random starts end further apart than two attacks from the clean scan
-    tolerance = MEMBER_TOLERANCE if seed is None else TOLERANCE
+    tolerance = MEMBER_TOLERANCE[eps] if seed is None else TOLERANCE
     _compare(problem, ours, theirs, eps, member, f"apgd:{loss} ({gradient} gradient, {grid} grid)", tolerance)
 
 
@@ -126,7 +130,7 @@ def test_masked_spherical_takes_the_networks_logits_as_sea_does(problem, tiny_ta
 
     raw, logp = ours("apgd:masked_spherical"), ours("apgd:masked_spherical_logp")
     plain_raw = plain.dice(model.predict(plain.apgd(model, hu, 16 * UNIT, 10, "masked_spherical", grid="scan_raw")), reference)
-    assert abs(raw - plain_raw) <= MEMBER_TOLERANCE, (raw, plain_raw)  # not the log-probabilities in disguise
+    assert abs(raw - plain_raw) <= MEMBER_TOLERANCE[16], (raw, plain_raw)  # not the log-probabilities in disguise
     assert logp < raw - 0.1, (logp, raw)
 
 
@@ -141,7 +145,7 @@ def test_a_chained_member_is_as_strong_as_two_plain_apgd_runs_end_to_end(problem
     assert len(result.members[0].trace) == 2 * (10 + 1)
     first = plain.apgd(model, hu, eps * UNIT, 10, "masked_spherical", grid="scan")
     theirs = plain.apgd(model, hu, eps * UNIT, 10, "js", grid="scan", start=first)
-    _compare(problem, result.members[0].adversarial, theirs, eps, member, "apgd:masked_spherical then apgd:js", MEMBER_TOLERANCE)
+    _compare(problem, result.members[0].adversarial, theirs, eps, member, "apgd:masked_spherical then apgd:js", MEMBER_TOLERANCE[eps])
 
 
 def test_dice_falls_to_near_zero_at_a_finite_budget(problem, tiny_target):

@@ -32,8 +32,11 @@ def _same_members(a, b):
         losses = [(s.loss, t.loss) for s, t in zip(x.trace, y.trace) if s.loss is not None]
         np.testing.assert_allclose([p for p, _ in losses], [q for _, q in losses], rtol=1e-3, atol=1e-5, err_msg=x.name)
         assert x.score == pytest.approx(y.score, abs=2e-3), x.name
-        # the kept iterate as stored: integers, so float rounding in the batched network moves few voxels if any
-        assert np.mean(x.adversarial != y.adversarial) < 1e-3, x.name
+        # the kept iterate as stored: integers, so float rounding in the batched network moves few voxels. Adam's
+        # step divides by the gradient's running size, so where a voxel's gradient is about zero the rounding's sign
+        # sets a whole step: on one CI host 0.33% of adam:cosine's voxels differed, its scores and losses the same.
+        # Members mixed up in the batch would move most voxels.
+        assert np.mean(x.adversarial != y.adversarial) < 1e-2, x.name
     assert a.selected == b.selected
 
 
