@@ -51,7 +51,7 @@ from _common import (
     timed,
 )
 
-from medis3d.engine import Precision, WindowEngine, WindowSettings
+from medis3d.engine import Precision, WindowEngine, WindowSettings, channels_last_on_cpu
 
 SCRIPT = str(Path(__file__).resolve())
 WINDOW_BATCH = 4
@@ -108,8 +108,9 @@ QUICK = Sizes(
 
 
 # -- building blocks -----------------------------------------------------------------------------
-def build_network(name: str, roi: int) -> torch.nn.Module:
-    """A frozen network with fixed random weights (the same in every process)."""
+def build_network(name: str, roi: int, channels_last: bool = True) -> torch.nn.Module:
+    """A frozen network with fixed random weights (the same in every process), laid out as ``load_bundle`` lays a
+    network out on a CPU (channels-last 3-D convolutions) unless ``channels_last`` is False."""
     from monai.networks.nets import UNETR, SegResNet
 
     torch.manual_seed(0)
@@ -121,6 +122,8 @@ def build_network(name: str, roi: int) -> torch.nn.Module:
         raise ValueError(name)
     for p in net.parameters():
         p.requires_grad_(False)
+    if channels_last:
+        channels_last_on_cpu(net, "cpu")
     return net.eval()
 
 
@@ -480,6 +483,26 @@ def figure_window_batch(sizes: Sizes, out: Results) -> None:
                f"relative difference of the logits {logits_rel:.1e}, of the gradients {rel:.1e}")
 
 
+def figure_channels_last(sizes: Sizes, out: Results) -> None:
+    """An attack step with the network's 3-D convolutions in channels-last layout (medis3d's CPU default) against the
+    default layout: the same windows and window batch."""
+    x, label = make_volume(sizes.batch_shape)
+    setups = {fmt: Setup(build_network("segresnet", sizes.batch_window.roi, channels_last=fmt == "last"), sizes.batch_window,
+                         x, soft_dice_loss(label)) for fmt in ("last", "default")}
+
+    def step(fmt: str) -> Callable[[], torch.Tensor]:
+        return lambda: engine_step(setups[fmt])
+
+    last, default = step("last")(), step("default")()
+    rel = float((last - default).norm() / default.norm())
+    assert rel <= 1e-2, rel  # float rounding of other kernels (and ReLUs near zero), not another gradient
+    timing = paired_ratio(step("last"), step("default"), sizes.batch_repeats)
+    out.values["channels_last_vs_default_time_ratio"] = timing["ratio"]
+    out.detail(f"attack step {cube(sizes.batch_shape)}, windows of {sizes.batch_window.roi}^3: channels-last "
+               f"{timing['numerator_s']:.2f} s, default layout {timing['denominator_s']:.2f} s; relative difference of "
+               f"the gradients {rel:.1e}")
+
+
 def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     """This machine's dense float32 matrix-product rate (GFLOP/s), measured now: the best of ``repeats``."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -549,6 +572,8 @@ GOALS = {
     "members_batched_time_ratio": Goal("<=", 0.5, "the default attack's 3 members batched / one after another"),
     "fusion12_batched_time_ratio": Goal("<=", 0.4, "a 12-member APGD fusion batched / one after another"),
     "gflops_vs_gemm": Goal(">=", 0.5, "achieved GFLOP/s of an attack step / dense GEMM GFLOP/s, both measured now"),
+    "channels_last_vs_default_time_ratio": Goal("<=", 0.9, "attack step, channels-last 3-D convolutions (medis3d's CPU "
+                                                "layout) / the default layout, SegResNet"),
     "window_batch2_vs_1_time_ratio": Goal("<=", 0.8, "attack step, window batch 2 (medis3d's CPU floor) / batch 1, 64^3 windows"),
 }
 
@@ -589,6 +614,7 @@ FIGURES = {
     "together": figure_together,
     "gflops": figure_gflops,
     "window_batch": figure_window_batch,
+    "channels_last": figure_channels_last,
 }
 
 

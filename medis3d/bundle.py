@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from medis3d.engine import CPU_WINDOW_BATCH_LARGEST, CPU_WINDOW_BATCH_NOTICE, Precision, WindowSettings
+from medis3d.engine import (
+    CPU_CHANNELS_LAST_NOTICE,
+    CPU_WINDOW_BATCH_LARGEST,
+    CPU_WINDOW_BATCH_NOTICE,
+    Precision,
+    WindowSettings,
+    channels_last_on_cpu,
+)
 from medis3d.errors import BundleError, first_line
 from medis3d.preprocessing import DifferentiablePreprocessing, build_step
 from medis3d.safe_config import SafeConfig, read_config
@@ -322,6 +329,8 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
             and math.prod(window.roi_size) <= CPU_WINDOW_BATCH_LARGEST):
         window.sw_batch_size = 2
         notices.append(CPU_WINDOW_BATCH_NOTICE)
+    if channels_last_on_cpu(network, device):
+        notices.append(CPU_CHANNELS_LAST_NOTICE)
     in_channels = int(net_args.get("in_channels", 0) or 0)
     out_channels = int(net_args.get("out_channels", 0) or 0)
     if not out_channels:  # TorchScript: ask the network

@@ -49,6 +49,39 @@ CPU_WINDOW_BATCH_NOTICE = ("window batch 2 on CPU, not the inferer's 1: a batch 
                            "--sw-batch-size 1 keeps 1")
 
 
+# On a CPU, 3-D convolutions whose weights are in channels-last layout take oneDNN's blocked kernels, where the
+# default layout takes slower ones; PyTorch's CPU GroupNorm, though, is less exact in that layout (relative error 1e-5
+# against 2e-7, from a one-pass variance), so GroupNorm layers keep the default layout on either side. Measured, an
+# attack step (forward + input gradient, SegResNet init_filters 8, 2 threads): 0.73x the time on two 64^3 windows,
+# 0.74x on one 96^3, 0.76x on two 96^3, with logits and gradients as exact as the default layout's against float64.
+CPU_CHANNELS_LAST_NOTICE = ("3-D convolutions in channels-last layout on CPU (oneDNN's faster kernels: measured 0.73-0.76x "
+                            "the time of a SegResNet attack step; GroupNorm layers keep the default layout, as exact)")
+
+
+def _group_norm_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+def _group_norm_output(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.contiguous(memory_format=torch.channels_last_3d) if output.dim() == 5 else output
+
+
+def channels_last_on_cpu(network: object, device: torch.device | str) -> bool:
+    """Put ``network``'s weights in channels-last layout where that is measured faster (a torch module with 3-D
+    convolutions, on a CPU), its GroupNorm layers fed the default layout; True where it did."""
+    if torch.device(device).type != "cpu" or not isinstance(network, torch.nn.Module) \
+            or isinstance(network, torch.jit.ScriptModule):
+        return False
+    if not any(isinstance(m, torch.nn.Conv3d) for m in network.modules()):
+        return False
+    network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # (torch types .to without it)
+    for module in network.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.register_forward_pre_hook(_group_norm_input)
+            module.register_forward_hook(_group_norm_output)
+    return True
+
+
 @dataclass
 class WindowSettings:
     """Sliding-window inferer settings, named as MONAI's ``SlidingWindowInferer`` names them."""

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 engine_bench = pytest.importorskip("engine")
@@ -34,3 +35,14 @@ def test_the_window_batch_figure_checks_both_batches_agree_and_times_them(tmp_pa
     engine_bench.figure_window_batch(engine_bench.QUICK, out)
     assert out.values["window_batch2_vs_1_time_ratio"] > 0
     assert "relative difference of the logits" in out.details[-1]
+
+
+def test_the_channels_last_figure_times_both_layouts_on_equal_gradients(tmp_path):
+    out = engine_bench.Results(tmp_path)
+    engine_bench.figure_channels_last(engine_bench.QUICK, out)
+    assert out.values["channels_last_vs_default_time_ratio"] > 0
+    assert "channels-last" in out.details[-1] and "default layout" in out.details[-1]
+    laid_out = engine_bench.build_network("segresnet", 32)
+    assert any(not m.weight.is_contiguous() for m in laid_out.modules() if isinstance(m, torch.nn.Conv3d))
+    assert all(m.weight.is_contiguous() for m in engine_bench.build_network("segresnet", 32, channels_last=False).modules()
+               if isinstance(m, torch.nn.Conv3d))
