@@ -503,9 +503,9 @@ def figure_channels_last(sizes: Sizes, out: Results) -> None:
                f"the gradients {rel:.1e}")
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's dense float32 matrix-product rate (GFLOP/s), measured now: the best of ``repeats``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's dense matrix-product rate (GFLOP/s) in ``dtype``, measured now: the best of ``repeats``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = min(timed(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
@@ -544,6 +544,32 @@ def figure_gflops(sizes: Sizes, out: Results) -> None:
                f"GFLOP/s; dense GEMM 2048^2 {gemm:.1f} GFLOP/s")
 
 
+def figure_amp(sizes: Sizes, out: Results) -> None:
+    """An attack step with ``--amp`` (bfloat16 on a CPU) against float32: the same windows, layout and window batch.
+    Measured only where the CPU has bfloat16 instructions (``amp_is_fast``); elsewhere the step takes tens of times
+    float32's and medis3d says so in a notice. The step's bfloat16 GFLOP/s is set against this machine's bfloat16 GEMM."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medis3d.memory import amp_is_fast
+
+    if not amp_is_fast(torch.device("cpu")):
+        out.detail("amp: this CPU has no bfloat16 instructions; not measured")
+        return
+    x, label = make_volume(sizes.step_shape)
+    network = build_network("segresnet", sizes.step_window.roi)
+    setups = {amp: Setup(network, sizes.step_window, x, soft_dice_loss(label), amp=amp) for amp in (True, False)}
+    half, full = engine_step(setups[True]), engine_step(setups[False])
+    cosine = float(torch.nn.functional.cosine_similarity(half.flatten(), full.flatten(), 0))
+    timing = paired_ratio(lambda: engine_step(setups[True]), lambda: engine_step(setups[False]), sizes.batch_repeats)
+    out.values["amp_vs_float32_step_time_ratio"] = timing["ratio"]
+    flops = count_step_flops(setups[True], FlopCounterMode)
+    achieved, gemm = flops / timing["numerator_s"] / 1e9, gemm_gflops(dtype=torch.bfloat16)
+    out.detail(f"attack step {cube(sizes.step_shape)}, {setups[True].engine.window_count(sizes.step_shape)} windows of "
+               f"{sizes.step_window.roi}^3: bfloat16 {timing['numerator_s']:.2f} s ({achieved:.1f} GFLOP/s; bfloat16 GEMM "
+               f"2048^2 {gemm:.1f} GFLOP/s, ratio {achieved / gemm:.3f}), float32 {timing['denominator_s']:.2f} s; gradient "
+               f"cosine {cosine:.3f}, sign agreement {sign_agreement(half, full):.3f}")
+
+
 def figure_scan_argmax(sizes: Sizes, out: Results) -> None:
     """The class argmax of two-class scan-grid logits (every attack step's segmentation and masked losses)."""
     from medis3d.reductions import channel_argmax
@@ -575,6 +601,8 @@ GOALS = {
     "channels_last_vs_default_time_ratio": Goal("<=", 0.9, "attack step, channels-last 3-D convolutions (medis3d's CPU "
                                                 "layout) / the default layout, SegResNet"),
     "window_batch2_vs_1_time_ratio": Goal("<=", 0.8, "attack step, window batch 2 (medis3d's CPU floor) / batch 1, 64^3 windows"),
+    "amp_vs_float32_step_time_ratio": Goal("<=", 0.7, "attack step, --amp (bfloat16 on a CPU with bfloat16 instructions) / "
+                                                       "float32, SegResNet, 64^3 windows"),
 }
 
 # What limits a figure when it misses its goal (printed next to a miss), as found on a 2-core CPU.
@@ -598,6 +626,8 @@ NOTES = {
                                   "the gain is a GPU's, which a small batch leaves idle",
     "fusion12_batched_time_ratio": "as for the default attack: per-window cost is flat in the batch on a CPU",
     "gflops_vs_gemm": "3D convolutions with 8-64 channels are memory-bound on a CPU: oneDNN reaches a fraction of the GEMM rate",
+    "amp_vs_float32_step_time_ratio": "n/a: a CPU without bfloat16 instructions (no AVX512-BF16 or AMX), where a bfloat16 "
+                                      "step takes tens of times float32's",
     "window_batch2_vs_1_time_ratio": "batch 1 runs native kernels only where channels x depth x height <= 20480 (ATen's "
                                      "use_mkldnn): the deeper levels of small windows; at 96^3 they weigh little",
 }
@@ -615,6 +645,7 @@ FIGURES = {
     "gflops": figure_gflops,
     "window_batch": figure_window_batch,
     "channels_last": figure_channels_last,
+    "amp": figure_amp,
 }
 
 

@@ -182,7 +182,7 @@ class Diagnose:
 
         def value(x: torch.Tensor) -> tuple[float, np.ndarray]:
             written = torch.from_numpy(volume.quantise(x.cpu().numpy(), volume.array, budget.eps)).to(self.target.device)
-            ev = self.target.evaluate(written, volume)
+            ev = self.target.exact.evaluate(written, volume)  # the model in float32, whatever --amp says
             return float(loss(ev.scan_logits, aim)), ev.segmentation
 
         signs = (torch.randint(0, 2, (clean.shape[0], 1, 1, clean.shape[-1]), generator=gen) * 2 - 1).to(clean)
@@ -215,7 +215,8 @@ class Diagnose:
         loss = get_loss("ce", self.target.activation)
         aim = self.target.loss_target(reference)
         x = torch.from_numpy(volume.array).to(self.target.device).double().float()
-        ev = self.target.evaluate(x, volume, lambda logits: loss(logits, aim), gradient="exact")
+        exact = self.target.exact  # the model's own gradient in float32: --amp's rounding is not the model's
+        ev = exact.evaluate(x, volume, lambda logits: loss(logits, aim), gradient="exact")
         grad = ev.gradient()
         gen = torch.Generator().manual_seed(self.seed)
         n = grad.numel()
@@ -232,8 +233,8 @@ class Diagnose:
                 direction[sample] = torch.sign(grad.reshape(-1)[sample].cpu())
             direction = direction.reshape(grad.shape).to(grad)
             predicted = float((grad * direction).sum())
-            plus = self.target.evaluate(x + h * direction, volume).scan_logits
-            minus = self.target.evaluate(x - h * direction, volume).scan_logits
+            plus = exact.evaluate(x + h * direction, volume).scan_logits
+            minus = exact.evaluate(x - h * direction, volume).scan_logits
             measured_fd = (float(loss(plus, aim)) - float(loss(minus, aim))) / (2 * h)
             denominator = max(abs(measured_fd), abs(predicted), 1e-12)
             rows.append({"direction": kind, "gradient": predicted, "finite_difference": measured_fd,

@@ -381,14 +381,16 @@ class MedIS:
 
     def _finish(self, member: Member, budget: Budget, result: MemberResult, goal: Goal, volume: Volume,
                 bisect: bool = True) -> MemberResult:
-        """The member's result named; with ``min_eps``, a fixed-budget attack's smallest successful budget (bisection)."""
+        """The member's result named and scored in float32; with ``min_eps``, a fixed-budget attack's smallest
+        successful budget (bisection)."""
         result.member = member.name
+        result = self._scored(result, goal, volume)
         cls = ATTACKS[member.attack]
         if not (self.min_eps and bisect) or cls.early_stop or cls.minimal or not result.success:
             return result  # iterative attacks already stop at their first success: their L-inf is the distortion
 
         def run(trial: Budget) -> MemberResult:
-            out = self.attack(member, trial, goal).run(volume)
+            out = self._scored(self.attack(member, trial, goal).run(volume), goal, volume)
             out.member = member.name
             return out
 
@@ -396,6 +398,17 @@ class MedIS:
         if best is not result:  # keep the full-budget run's trace in front of the smallest successful one's
             best.trace = result.trace + best.trace
         return best
+
+    def _scored(self, result: MemberResult, goal: Goal, volume: Volume) -> MemberResult:
+        """``result`` with its prediction, score and success those of its kept iterate in float32. With ``--amp`` the
+        search (and its trace) ran in reduced precision, where a voxel near the decision boundary may fall the other
+        way; what a member reports is the model's own float32 verdict on what it keeps. Without ``--amp``, as it is."""
+        if not self.target.precision.enabled:
+            return result
+        prediction = self.target.predict(volume.with_array(result.adversarial))
+        score = goal.score(prediction)
+        result.prediction, result.score, result.success = prediction, score, goal.succeeded(score)
+        return result
 
     def members(self) -> list[Member]:
         """The members fused: ``members_spec``, or every attack with every loss (attacks with their own loss once)."""

@@ -31,6 +31,7 @@ from medis3d.reductions import channel_argmax
 # sigmoid channel goes back with its complement, its logit taken as log p - log (1 - p) from the two maps, each
 # precise where it is small. Probabilities are floored at _TINY only (a margin of 69) so that no log is -inf.
 _TINY = 1e-30
+AMP_NOTICES = ("mixed precision:", "--amp on a CPU without bfloat16")  # how the notices on the precision begin
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Target:
     checkpointing: bool = False
     attacked_classes: tuple[int, ...] | None = None
     _engine: WindowEngine | None = field(default=None, init=False, repr=False)  # made on first use
+    _exact: Target | None = field(default=None, init=False, repr=False)  # the float32 view, made on first use
 
     def __post_init__(self) -> None:
         network = self.network.to(self.device).eval()
@@ -91,6 +93,18 @@ class Target:
             object.__setattr__(self, "_engine", WindowEngine(self.network, self.window, self.precision))
         assert self._engine is not None
         return self._engine
+
+    @property
+    def exact(self) -> Target:
+        """This target with the network in float32: itself without ``--amp``, else a view sharing the network (and
+        the window settings). Predictions that are reported, the clean one and a member's kept iterate's, are made
+        here, so mixed precision speeds up the search and never changes what a figure says about the model."""
+        if not self.precision.enabled:
+            return self
+        if self._exact is None:
+            object.__setattr__(self, "_exact", dataclasses.replace(self, precision=Precision()))
+        assert self._exact is not None
+        return self._exact
 
     def configure(
         self,
@@ -132,9 +146,14 @@ class Target:
             if notice:
                 notices.append(notice)
         if amp is not None:
-            changes["precision"] = Precision(enabled=bool(amp), dtype=amp_dtype)
+            precision = Precision(enabled=bool(amp), dtype=amp_dtype)
+            changes["precision"] = precision
             from medis3d.memory import amp_is_fast
 
+            notices = [n for n in notices if not n.startswith(AMP_NOTICES)]  # the precision is chosen anew
+            if amp:
+                notices.append(f"mixed precision: the search runs the network in {str(precision.resolve(self.device))[6:]}; "
+                               "the clean prediction and every member's kept iterate are scored in float32")
             if amp and not amp_is_fast(self.device):
                 notices.append("--amp on a CPU without bfloat16 instructions: the network runs many times slower than in "
                                "float32 (measured 46x for SegResNet's gradient pass); AMP saves memory here, not time")
@@ -357,8 +376,8 @@ class Target:
         return (scan_logits[0] > 0).cpu().numpy().astype(np.uint8)
 
     def predict(self, volume: Volume) -> np.ndarray:
-        """The model's segmentation of ``volume`` on the scan's grid."""
-        return self.evaluate(torch.from_numpy(volume.array), volume).segmentation
+        """The model's segmentation of ``volume`` on the scan's grid, in float32 whatever ``--amp`` says (:attr:`exact`)."""
+        return self.exact.evaluate(torch.from_numpy(volume.array), volume).segmentation
 
     def loss_target(self, segmentation: np.ndarray) -> torch.Tensor:
         """A segmentation as the losses take it: labels ``(1,1,...)`` (softmax) or channels ``(1,C,...)``."""

@@ -46,3 +46,16 @@ def test_the_channels_last_figure_times_both_layouts_on_equal_gradients(tmp_path
     assert any(not m.weight.is_contiguous() for m in laid_out.modules() if isinstance(m, torch.nn.Conv3d))
     assert all(m.weight.is_contiguous() for m in engine_bench.build_network("segresnet", 32, channels_last=False).modules()
                if isinstance(m, torch.nn.Conv3d))
+
+
+def test_the_amp_figure_times_bfloat16_against_float32_where_the_cpu_has_it(tmp_path, monkeypatch):
+    from medis3d import memory
+
+    out = engine_bench.Results(tmp_path)
+    monkeypatch.setattr(memory, "amp_is_fast", lambda device: False)
+    engine_bench.figure_amp(engine_bench.QUICK, out)
+    assert "amp_vs_float32_step_time_ratio" not in out.values and "not measured" in out.details[-1]
+    monkeypatch.setattr(memory, "amp_is_fast", lambda device: True)  # measured whatever the CPU: the figure runs
+    engine_bench.figure_amp(engine_bench.QUICK, out)
+    assert out.values["amp_vs_float32_step_time_ratio"] > 0
+    assert "bfloat16 GEMM" in out.details[-1] and "gradient cosine" in out.details[-1]

@@ -186,3 +186,35 @@ def test_channels_last_keeps_group_norm_as_exact_as_the_default_layout():
             norm.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
         net(x)
         assert seen and all(seen), seen
+
+
+def test_amp_searches_in_bfloat16_and_reports_float32_predictions(tiny_target, scan_file):
+    """With --amp the members search in bfloat16, where voxels near the boundary fall otherwise than in float32; the
+    clean prediction and every member's prediction, score and success are the float32 model's on the kept iterate."""
+    import numpy as np
+
+    from medis3d.fusion import MedIS
+    from medis3d.io import read_volume
+
+    volume = read_volume(scan_file)
+    amp = tiny_target.configure(amp=True)
+    assert amp.exact is not amp and amp.exact.network is amp.network and not amp.exact.precision.enabled
+    assert tiny_target.exact is tiny_target
+    assert any("bfloat16" in n and "scored in float32" in n for n in amp.notices)
+    assert not any("scored in float32" in n for n in amp.configure(amp=False).notices)  # the precision chosen anew
+    x = torch.from_numpy(volume.array)
+    assert np.array_equal(amp.predict(volume), tiny_target.predict(volume))
+    assert not np.array_equal(amp.evaluate(x, volume).segmentation, tiny_target.predict(volume))  # bf16 differs here
+    medis = MedIS(amp, members_spec=["pgd:ce", "apgd:js", "apgd:margin"], eps=12 / 255, step=2 / 255, steps=4,
+                  success_threshold=0.6)
+    result = medis(volume)
+    differs = 0
+    for member in result.members:
+        adversarial = volume.with_array(member.adversarial)
+        exact = tiny_target.predict(adversarial)
+        assert np.array_equal(member.prediction, exact), member.name
+        score = medis.prepare(volume).goal.score(exact)
+        assert member.score == pytest.approx(score) and member.success == (score <= 0.6)
+        differs += int(not np.array_equal(amp.evaluate(torch.from_numpy(adversarial.array), volume).segmentation, exact))
+    assert differs  # the float32 rescoring changed what some member would have reported from its bfloat16 search
+    assert np.array_equal(result.clean_prediction, tiny_target.predict(volume))
