@@ -609,7 +609,8 @@ def harden(
                         reporter.count("training steps", info["total"], item="step")
                         reporter.phase("training")
                     elif kind == "step":
-                        reporter("adversarial fine-tuning", info["step"], options.steps, info["adversarial_loss"])
+                        reporter.reach(info["step"], f"eps {info['eps'] * 255:.3g}/255, clean loss {info['clean_loss']:.3f}, "
+                                                     f"adversarial loss {info['adversarial_loss']:.3f}")
                     elif kind == "eval":
                         reporter.advance(info["volume"])
 

@@ -185,6 +185,19 @@ class Reporter:
         else:
             self._line(f"{self._member_label(m)} done: {outcome}")
 
+    def reach(self, done: int, text: str = "") -> None:
+        """The count stands at ``done`` (a training's steps, which are the count itself, not a member's): the bar
+        moves with ``text`` beside it; a log gets a line at most every ``every`` seconds, and at the last."""
+        c = self._count
+        if c is not None:
+            c.done = min(max(int(done), 0), c.total)
+        if self.interactive:
+            self.info(text)
+            self._update_count()
+        elif c is None or c.done >= c.total or self.clock() - self._last_line >= self.every:
+            where = f"{c.item} {c.done}/{c.total} " if c is not None else ""
+            self._line(f"{where}{text}".rstrip())
+
     def advance(self, name: str, outcome: str = "done") -> None:
         """One item of the count finished (a volume of a batch, a volume x budget of an evaluation)."""
         c = self._count

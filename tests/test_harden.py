@@ -297,3 +297,13 @@ def test_eps50_interpolates_where_dice_halves():
     assert eps50([(1.0, 0.8), (2.0, 0.6), (4.0, 0.2)], clean=0.9) == pytest.approx(2 * 2 ** ((0.6 - 0.45) / 0.4))
     assert eps50([(1.0, 0.8), (2.0, 0.7)], clean=0.9) is None
     assert eps50([(1.0, 0.1)], clean=0.9) == pytest.approx(0.45 / 0.8)  # from eps 0, where Dice is the clean Dice
+
+
+def test_harden_in_a_log_counts_its_training_steps(tiny_bundle, tmp_path):
+    """Without --quiet, a log gets the training's steps as the count (step N/total, its losses) and the last one."""
+    dataset = _dataset(tmp_path)
+    result = runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(tmp_path / "out"),
+                                 *[a for a in FAST if a != "--quiet"], "--no-eval"])
+    assert result.exit_code == 0, result.output
+    text = result.stderr if hasattr(result, "stderr") else result.output
+    assert "step 4/4 eps " in text and "adversarial loss" in text and "member" not in text

@@ -74,6 +74,22 @@ def test_batch_lines_per_volume_with_eta():
     assert clock_text(3725) == "1:02:05"
 
 
+def test_training_steps_are_the_count_with_an_eta_from_their_pace():
+    """harden's steps are the count itself: 10 of 400 steps in 10 s leaves 390 s (it once counted them as one
+    member's share of a single step and said ~80 hours)."""
+    clock, out = FakeClock(), io.StringIO()
+    with Reporter(interactive=False, stream=out, clock=clock, every=10) as reporter:
+        reporter.count("training steps", 400, item="step")
+        reporter.phase("training")
+        for step in range(1, 401):
+            clock.now += 1
+            reporter.reach(step, f"adversarial loss {1 / step:.3f}")
+    lines = _lines(out.getvalue())
+    assert lines[0] == ("00:00", None, "training")
+    assert lines[1] == ("00:10", "06:30", "step 10/400 adversarial loss 0.100")
+    assert len(lines) == 1 + 40 and lines[-1] == ("06:40", None, "step 400/400 adversarial loss 0.003")
+
+
 def test_a_bare_callback_still_serves():
     calls = []
     notify(calls.append, "phase", "clean prediction")  # a plain function has no phase(): nothing happens
