@@ -555,6 +555,7 @@ def harden(
     attack_loss: str = typer.Option("ce", "--attack-loss", help="The loss the training attack ascends (any of --losses in attack)."),
     adv_weight: float = typer.Option(0.5, "--adv-weight", help="Training loss = (1 - w) clean + w adversarial."),
     warmup: float = typer.Option(0.3, "--warmup", help="Share of the steps over which eps grows linearly from 0."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="After training, shift the foreground logits (the output layer's bias) by the amount that gives the training volumes their highest mean Dice: adversarial training at large radii over-segments."),
     steps: int = typer.Option(200, "--steps", help="Optimiser steps."),
     batch: int = typer.Option(2, "--batch", help="Crops per step."),
     crop: str | None = typer.Option(None, "--crop", help="Crop size in model-space voxels, e.g. 64 or 96x96x64 (default: the inferer's window)."),
@@ -587,7 +588,7 @@ def harden(
         options = HardenOptions(
             eps=parse_fraction(eps, "--eps"), attack=attack, attack_steps=attack_steps,
             attack_step=parse_fraction(attack_step, "--attack-step") if attack_step else None, attack_loss=attack_loss,
-            adv_weight=adv_weight, warmup=warmup, steps=steps, batch=batch, crop=_parse_crop(crop), lr=lr, seed=seed, amp=amp,
+            adv_weight=adv_weight, warmup=warmup, calibrate=calibrate, steps=steps, batch=batch, crop=_parse_crop(crop), lr=lr, seed=seed, amp=amp,
             checkpoint=checkpoint, save_every=save_every, val_split=val_split, evaluate=not no_eval, eval_eps=eval_list,
             eval_preset=eval_preset, eval_members=members_given, eval_steps=eval_steps)
         options.check()

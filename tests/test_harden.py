@@ -21,6 +21,7 @@ from medis3d.harden import (
     HardenOptions,
     adversarial_batch,
     apgd_batch,
+    calibrate,
     eps50,
     harden,
     label_to_model_space,
@@ -98,6 +99,7 @@ def test_harden_writes_a_bundle_that_loads_predicts_and_scores(tiny_bundle, tmp_
     assert "model,eps" in (out / "docs" / "robustness.csv").read_text().splitlines()[0]
     readme = (out / "docs" / "README.md").read_text()
     assert "| source |" in readme and "| hardened |" in readme and "PGD, 2 step(s)" in readme
+    assert "* Decision threshold: " in readme and "training_dice_before" in json.dumps(meta["medis3d_hardening"]["recipe"])
     table = [line for line in readme.splitlines() if line.startswith(("| source |", "| hardened |"))]
     assert len(table) == 2 and all(" - |" not in line for line in table), table  # a figure in every cell
     assert "Dice at 8/255 | Dice at 48/255" in readme
@@ -307,3 +309,62 @@ def test_harden_in_a_log_counts_its_training_steps(tiny_bundle, tmp_path):
     assert result.exit_code == 0, result.output
     text = result.stderr if hasattr(result, "stderr") else result.output
     assert "step 4/4 eps " in text and "adversarial loss" in text and "member" not in text
+
+
+def _training_cases(tiny_target, tmp_path):
+    dataset = _dataset(tmp_path, train=3, validation=0)
+    train, _ = read_training_dataset(dataset, None, 0.2)
+    return [model_space_case(tiny_target, c) for c in train]
+
+
+def _output_bias(network) -> torch.Tensor:
+    return network.model[-1].conv.unit0.conv.bias if hasattr(network.model[-1], "conv") else network.model[-1][-1].conv.bias
+
+
+def test_calibration_undoes_a_shifted_threshold_on_the_training_volumes(tiny_target, tmp_path):
+    """An over-segmenting model (its foreground logit raised by 2, as adversarial training at large radii leaves the
+    brain model) gets the shift back from the training volumes, written into its output layer's bias."""
+    import copy
+
+    from medis3d.engine import Precision, WindowEngine
+    from medis3d.harden import _shift_dice
+
+    cases = _training_cases(tiny_target, tmp_path)
+    network = copy.deepcopy(tiny_target.network)
+    layer = [m for m in network.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d) and m.out_channels == 2][-1]
+    with torch.no_grad():
+        layer.bias[1] += 2.0
+    engine = WindowEngine(network, tiny_target.window, Precision())
+
+    def mean_dice() -> float:
+        return float(np.mean([_shift_dice(engine.forward(c.image[None])[0], c.label, "softmax", 0.0) for c in cases]))
+
+    before = mean_dice()
+    notices: list[str] = []
+    done = calibrate(network, cases, tiny_target, torch.device("cpu"), notices)
+    assert not notices and done is not None and done["layer"]
+    assert 1.0 <= done["shift"] <= 3.0  # the 2 it was given, within what the volumes tell apart
+    assert done["training_dice_after"] > done["training_dice_before"] == pytest.approx(before, abs=1e-4)
+    assert mean_dice() == pytest.approx(done["training_dice_after"], abs=1e-4) and mean_dice() > before + 0.01
+    # a calibrated model is left where it is: no shift helps it
+    again = calibrate(network, cases, tiny_target, torch.device("cpu"), notices)
+    assert again is not None and abs(again["shift"]) <= 0.25
+
+
+def test_calibration_leaves_a_network_whose_logits_do_not_follow_a_bias(tiny_target, tmp_path):
+    """Where something after the last layer with a bias sets the logits (here a normalisation of the outputs), the
+    weights stay as trained and a notice says why."""
+    import copy
+
+    cases = _training_cases(tiny_target, tmp_path)
+    inner = copy.deepcopy(tiny_target.network)
+    layer = [m for m in inner.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d) and m.out_channels == 2][-1]
+    with torch.no_grad():
+        layer.bias[1] += 2.0
+    network = torch.nn.Sequential(inner, torch.nn.InstanceNorm3d(2, affine=False)).eval()
+    weights = {k: v.clone() for k, v in network.state_dict().items()}
+    notices: list[str] = []
+    done = calibrate(network, cases, tiny_target, torch.device("cpu"), notices)
+    assert done is not None and done["shift"] == 0.0 and done["layer"] is None
+    assert all(torch.equal(weights[k], v) for k, v in network.state_dict().items())
+    assert any("do not move" in n or "no layer" in n for n in notices)
