@@ -368,3 +368,20 @@ def test_calibration_leaves_a_network_whose_logits_do_not_follow_a_bias(tiny_tar
     assert done is not None and done["shift"] == 0.0 and done["layer"] is None
     assert all(torch.equal(weights[k], v) for k, v in network.state_dict().items())
     assert any("do not move" in n or "no layer" in n for n in notices)
+
+
+def test_shift_dice_moves_the_threshold_for_softmax_and_sigmoid_outputs():
+    from medis3d.harden import _shift_dice
+
+    truth = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    truth[0, 2:6, 2:6, 2:6] = 1
+    margin = torch.zeros(8, 8, 8)
+    margin[1:7, 1:7, 1:7] = 1.0  # a cube grown by one voxel: foreground by a logit margin of 1 there
+    margin[2:6, 2:6, 2:6] = 3.0
+    softmax = torch.stack([torch.zeros(8, 8, 8), margin - 0.5])
+    grown = 2 * 64 / (64 + 216)
+    assert _shift_dice(softmax, truth, "softmax", 0.0) == pytest.approx(grown)
+    assert _shift_dice(softmax, truth, "softmax", 1.0) == pytest.approx(1.0)  # the grown shell falls back
+    sigmoid = (margin - 0.5)[None]
+    assert _shift_dice(sigmoid, truth.float(), "sigmoid", 0.0) == pytest.approx(grown)
+    assert _shift_dice(sigmoid, truth.float(), "sigmoid", 1.0) == pytest.approx(1.0)
