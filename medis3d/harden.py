@@ -682,9 +682,9 @@ def calibrate(network: torch.nn.Module, cases: Sequence[ModelSpaceCase], target:
     if found is None:
         notices.append(f"calibration: no layer with {target.out_channels} outputs and a bias makes the logits; the threshold "
                        f"the training volumes favour (shift {shift:g}) is not applied")
-        return {**done, "shift": 0.0, "training_dice_after": done["training_dice_before"]}
+        return {**done, "shift": 0.0, "training_dice_after": done["training_dice_before"], "not_applied": shift}
     name, layer = found
-    bias = cast_bias(layer)
+    bias = _bias_of(layer)
     trained = bias.detach().clone()
     with torch.no_grad():
         before = network(sample)
@@ -705,11 +705,11 @@ def calibrate(network: torch.nn.Module, cases: Sequence[ModelSpaceCase], target:
             bias.copy_(trained)
         notices.append(f"calibration: the logits do not move with {name}'s bias; the threshold the training volumes "
                        f"favour (shift {shift:g}) is not applied")
-        return {**done, "shift": 0.0, "training_dice_after": done["training_dice_before"]}
+        return {**done, "shift": 0.0, "training_dice_after": done["training_dice_before"], "not_applied": shift}
     return {**done, "layer": name}
 
 
-def cast_bias(layer: torch.nn.Module) -> torch.Tensor:
+def _bias_of(layer: torch.nn.Module) -> torch.Tensor:
     """The layer's bias tensor (typed for mypy: a convolution's or linear layer's ``bias`` may be None elsewhere)."""
     bias = layer.bias
     assert isinstance(bias, torch.Tensor)
@@ -865,6 +865,9 @@ def _write_docs(source: Path, staged: Path, source_name: str, options: HardenOpt
 def _calibration_words(calibration: dict | None) -> str:
     if calibration is None:
         return "* Decision threshold: as trained (`--no-calibrate`)."
+    if calibration.get("not_applied"):
+        return (f"* Decision threshold: as trained; the training volumes favour lowering the foreground logits by "
+                f"{calibration['not_applied']:g}, which the network's output layer cannot carry (see the notices).")
     if not calibration["shift"]:
         return (f"* Decision threshold: as trained (no shift of the foreground logits raised the training volumes' mean Dice, "
                 f"{calibration['training_dice_before']:.4f}).")
