@@ -615,16 +615,26 @@ def _stage_bundle(source: Path, staged: Path, network: torch.nn.Module) -> None:
 # -- the decision threshold ---------------------------------------------------------------------------
 
 
+def _logit_offset(activation: str, channels: int, shift: float, device=None) -> torch.Tensor:
+    """What lowering the foreground logits by ``shift`` adds to each channel: the background's raised (softmax, where
+    only differences count), or every channel's lowered against its threshold 0 (sigmoid)."""
+    if activation == "softmax":
+        offset = torch.zeros(channels, device=device)
+        offset[0] = shift
+        return offset
+    return torch.full((channels,), -float(shift), device=device)
+
+
 def _shift_dice(logits: torch.Tensor, label: torch.Tensor, activation: str, shift: float) -> float:
     """Mean foreground Dice of ``logits`` ``(C, *S)`` against ``label`` with the foreground logits lowered by ``shift``
     (softmax: against the background's; sigmoid: each channel's threshold raised from 0 to ``shift``)."""
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    shifted = logits + _logit_offset(activation, logits.shape[0], shift, logits.device).view(shape)
     if activation == "softmax":
-        shifted = logits.clone()
-        shifted[0] += shift
         prediction = shifted.argmax(0)
         pairs = [(prediction == k, label[0] == k) for k in range(1, logits.shape[0])]
     else:
-        pairs = [(logits[k] > shift, label[k] > 0) for k in range(logits.shape[0])]
+        pairs = [(shifted[k] > 0, label[k] > 0) for k in range(logits.shape[0])]
     scores = [2 * float((p & r).sum()) / float(p.sum() + r.sum()) for p, r in pairs if bool(r.any() or p.any())]
     return sum(scores) / len(scores) if scores else 1.0
 
@@ -684,22 +694,15 @@ def calibrate(network: torch.nn.Module, cases: Sequence[ModelSpaceCase], target:
                        f"the training volumes favour (shift {shift:g}) is not applied")
         return {**done, "shift": 0.0, "training_dice_after": done["training_dice_before"], "not_applied": shift}
     name, layer = found
-    bias = _bias_of(layer)
+    bias = layer.bias
+    assert isinstance(bias, torch.Tensor)  # _last_output_layer takes layers with a bias only
     trained = bias.detach().clone()
+    offset = _logit_offset(target.activation, target.out_channels, shift, bias.device)
     with torch.no_grad():
-        before = network(sample)
-        before = before[0] if isinstance(before, (tuple, list)) else before
-        if target.activation == "softmax":
-            bias[0] += shift
-        else:
-            bias -= shift
-        after = network(sample)
-        after = after[0] if isinstance(after, (tuple, list)) else after
-    expected = before.clone()
-    if target.activation == "softmax":
-        expected[:, 0] += shift
-    else:
-        expected -= shift
+        before = WindowEngine._first(network(sample))
+        bias += offset
+        after = WindowEngine._first(network(sample))
+    expected = before + offset.view((1, -1) + (1,) * (before.dim() - 2))
     if not torch.allclose(after, expected, atol=1e-4 * max(1.0, float(before.abs().max()))):
         with torch.no_grad():  # something after the layer changes the offsets: leave the weights as trained
             bias.copy_(trained)
@@ -707,13 +710,6 @@ def calibrate(network: torch.nn.Module, cases: Sequence[ModelSpaceCase], target:
                        f"favour (shift {shift:g}) is not applied")
         return {**done, "shift": 0.0, "training_dice_after": done["training_dice_before"], "not_applied": shift}
     return {**done, "layer": name}
-
-
-def _bias_of(layer: torch.nn.Module) -> torch.Tensor:
-    """The layer's bias tensor (typed for mypy: a convolution's or linear layer's ``bias`` may be None elsewhere)."""
-    bias = layer.bias
-    assert isinstance(bias, torch.Tensor)
-    return bias
 
 
 # -- the comparison ---------------------------------------------------------------------------------
