@@ -838,8 +838,7 @@ def _write_docs(source: Path, staged: Path, source_name: str, options: HardenOpt
         previous = str(meta.get("version", "0.0.0"))
         version = _bump(previous)
         meta["version"] = version
-        meta["changelog"] = {version: f"adversarially fine-tuned from {source_name} {previous} by medis3d harden "
-                                      f"({options.attack.upper()}-{options.attack_steps}, eps {_per255(options.eps)}/255, {options.steps} steps)",
+        meta["changelog"] = {version: _changelog_entry(source_name, previous, options, recipe.get("calibration")),
                              **(meta.get("changelog") or {})}
         if meta.get("name"):
             meta["name"] = f"{meta['name']} (adversarially hardened)"
@@ -856,6 +855,14 @@ def _write_docs(source: Path, staged: Path, source_name: str, options: HardenOpt
         meta["medis3d_hardening"] = hardening
         write_text_atomic(meta_path, json.dumps(meta, indent=4) + "\n")
     write_text_atomic(docs / "README.md", readme(source_name, options, recipe, comparison))
+
+
+def _changelog_entry(source_name: str, previous: str, options: HardenOptions, calibration: dict | None) -> str:
+    entry = (f"adversarially fine-tuned from {source_name} {previous} by medis3d harden "
+             f"({options.attack.upper()}-{options.attack_steps}, eps {_per255(options.eps)}/255, {options.steps} steps")
+    if calibration and calibration.get("shift"):
+        entry += f"; foreground logits lowered by {calibration['shift']:g}, the threshold the training volumes favour"
+    return entry + ")"
 
 
 def _calibration_words(calibration: dict | None) -> str:

@@ -385,3 +385,15 @@ def test_shift_dice_moves_the_threshold_for_softmax_and_sigmoid_outputs():
     sigmoid = (margin - 0.5)[None]
     assert _shift_dice(sigmoid, truth.float(), "sigmoid", 0.0) == pytest.approx(grown)
     assert _shift_dice(sigmoid, truth.float(), "sigmoid", 1.0) == pytest.approx(1.0)
+
+
+def test_the_changelog_says_the_threshold_moved_only_when_it_did():
+    from medis3d.harden import _changelog_entry
+
+    options = HardenOptions(eps=32 / 255, steps=400)
+    moved = _changelog_entry("src", "0.1.0", options, {"shift": 1.25, "training_dice_before": 0.86,
+                                                       "training_dice_after": 0.91, "layer": "conv_final.2.conv"})
+    assert moved.startswith("adversarially fine-tuned from src 0.1.0 by medis3d harden (PGD-2, eps 32/255, 400 steps")
+    assert "lowered by 1.25" in moved and moved.endswith(")")
+    for calibration in (None, {"shift": 0.0, "training_dice_before": 0.9}, {"shift": 0.0, "not_applied": 1.0}):
+        assert "lowered" not in _changelog_entry("src", "0.1.0", options, calibration)
