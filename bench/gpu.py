@@ -1,6 +1,6 @@
 """GPU benchmark of the attack (issue 12's CUDA half): members batched, AMP, checkpointing, full-size volumes.
 
-    python bench/gpu.py [--scan head_t1.nii.gz] [--json-out figures.json]   # on a CUDA machine, about 5 minutes
+    python bench/gpu.py [--scan head_t1.nii.gz] [--json-out figures.json]   # on a CUDA machine, about 6 minutes
     python bench/gpu.py --device cpu --quick                                 # a smoke run of the same code (CI)
 
 Sections, each measured side by side in one run (times are medians after a warm-up, with the device
@@ -12,14 +12,17 @@ synchronised; memory is ``torch.cuda.max_memory_allocated`` above what was alloc
   for convolutions); float16 autocast's gradient against float32 (cosine, sign agreement above the median).
 * ``members``: the default attack's three members and a twelve-member APGD fusion on a 2 mm head's model grid
   (91x109x91, the shipped bundle's 96^3 windows at overlap 0.25), batched (``together``) against one after another;
-  the members' results compared; ``--together``'s default on this device.
+  the members' results compared (on CUDA also with cuDNN's TF32 off); ``--together``'s default on this device.
 * ``e2e`` (with ``--scan``): ``medis3d attack`` on the scan with the shipped bundle: default members batched (the GPU
-  default) and one after another (``--together 1``), ``--amp``; and a strength check, one APGD member at 8/255 for
-  50 iterations in float32 and under ``--amp``, which must leave the same Dice (float16 logits cost strength?).
+  default) and one after another (``--together 1``), ``--amp``, at ``--memory-budget 3GB``; and a strength check, one
+  APGD member at 8/255 for 50 iterations in float32 and under ``--amp``, which must leave the same Dice. Also what a
+  command pays before attacking (imports; the device's first convolution) and the batched run's progress lines.
 * ``full_size``: one attack step of SegResNet (the shipped bundle's) and of MONAI's full-size UNETR (hidden 768,
   12 heads, feature 16) on a 256^3 volume (a 1 mm head), 96^3 windows: float32 / float16 autocast, with and without
   checkpointing, window batch 4 and 16: step time, peak memory, achieved TFLOP/s (FLOPs counted); the plain
   full-graph step at 128^3 beside it, and at 256^3 where it fits.
+* ``profile`` (with ``--scan``): the default members on the scan under torch.profiler: operators and device kernels
+  per member-step, and the top operators by time.
 
 Prints a table per section and ends with one line of JSON; ``--json-out`` also writes it after every section, so a run
 stopped at a time limit keeps what it measured.
@@ -215,7 +218,12 @@ def section_members(b: Bench, fusion_steps: int) -> dict:
     for together in (len(default), 1):  # one short warm-up of each path (cuDNN's algorithm search, the allocator)
         MedIS(target, members_spec=list(default), eps=8 / 255, step=1 / 255, steps=1, success_threshold=-1.0,
               together=together)(volume)
-    for key, members, steps in (("members", default, 2 if b.quick else 20), ("fusion12", FUSION12, fusion_steps)):
+    runs = [("members", default, 2 if b.quick else 20, True), ("fusion12", FUSION12, fusion_steps, True)]
+    if b.cuda:  # whether TF32 convolutions are what make a batched member's rounding differ from its solo run's
+        runs.insert(1, ("members_tf32_off", default, 20, False))
+    previous = torch.backends.cudnn.allow_tf32
+    for key, members, steps, tf32 in runs:
+        torch.backends.cudnn.allow_tf32 = previous and tf32
         results = {}
 
         def attack(together: int, members=members, steps=steps, results=results) -> Callable[[], None]:
@@ -233,6 +241,7 @@ def section_members(b: Bench, fusion_steps: int) -> dict:
         out[f"{key}_same_success"] = all(p.success == q.success and p.steps == q.steps for p, q in pairs)
         out[f"{key}_max_score_diff"] = max(abs(p.score - q.score) for p, q in pairs)
         out[f"{key}_auto_together"] = auto_together(target, shape, len(members))
+    torch.backends.cudnn.allow_tf32 = previous
     return out
 
 
@@ -259,14 +268,30 @@ E2E_RUNS = {
 }
 
 
+STARTUP = """
+import time
+start = time.perf_counter()
+import torch
+import medis3d.cli
+imported = time.perf_counter()
+x = torch.zeros(1, 1, 8, 8, 8, device="{device}")
+torch.nn.functional.conv3d(x, torch.zeros(1, 1, 3, 3, 3, device="{device}")).sum().item()
+print(imported - start, time.perf_counter() - imported)
+"""
+
+
 def section_e2e(b: Bench, scan: str) -> dict:
     out: dict = {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # what a command pays before any attack: imports, then the device's first convolution (CUDA and cuDNN start-up)
+    done = subprocess.run([sys.executable, "-c", STARTUP.format(device=b.device)], capture_output=True, text=True, env=env)
+    if done.returncode == 0:
+        out["import_s"], out["first_convolution_s"] = map(float, done.stdout.split())
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         for name, extra in E2E_RUNS.items():
             folder = Path(tmp) / name
             command = [sys.executable, "-m", "medis3d", "attack", scan, "--out", str(folder), "--device", str(b.device),
-                       "--json", "-q", *extra]
+                       "--json", *extra]
             start = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             wall = time.perf_counter() - start
@@ -275,8 +300,47 @@ def section_e2e(b: Bench, scan: str) -> dict:
                 continue
             out[name] = {"wall_s": wall, **_report_figures(json.loads(done.stdout))}
             print(f"  {name}: {json.dumps(out[name], default=str)}", flush=True)
+            if name == "default_batched":  # its progress lines, stamped with the elapsed time: where the wall time goes
+                out[name]["progress"] = [line for line in done.stderr.splitlines() if "elapsed]" in line][-60:]
     if "time_s" in out.get("default_batched", {}) and "time_s" in out.get("default_one_by_one", {}):
         out["members_batched_time_ratio"] = out["default_batched"]["time_s"] / out["default_one_by_one"]["time_s"]
+    return out
+
+
+def section_profile(b: Bench, scan: str, steps: int) -> dict:
+    """The default attack's members on ``scan`` with the shipped bundle, in this process under torch.profiler: how
+    many operators and device kernels one member-step issues, and where the time goes besides the network."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from medis3d.bundle import load_bundle
+    from medis3d.fusion import MedIS
+    from medis3d.io import read_volume
+    from medis3d.members import PRESETS
+
+    target = load_bundle(device=b.device)
+    volume = read_volume(scan)
+    members = list(PRESETS["default"].members)
+
+    def run() -> None:
+        MedIS(target, members_spec=members, eps=8 / 255, step=1 / 255, steps=steps, success_threshold=-1.0)(volume)
+
+    run()  # warm-up: cuDNN's algorithm search, the allocator
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
+        b.sync()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    member_steps = len(members) * steps
+    out: dict = {"member_steps": member_steps, "wall_s": wall, "per_member_step_ms": 1000 * wall / member_steps,
+                 "aten_ops_per_member_step": sum(e.count for e in events if e.key.startswith("aten::")) / member_steps}
+    if b.cuda:
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        out["kernels_per_member_step"] = len(kernels) / member_steps
+        out["kernel_ms_per_member_step"] = sum(e.device_time for e in kernels) / 1000 / member_steps
+        out["top_device"] = events.table(sort_by="self_device_time_total", row_limit=15).splitlines()
+    out["top_cpu"] = events.table(sort_by="self_cpu_time_total", row_limit=15).splitlines()
     return out
 
 
@@ -417,7 +481,8 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda (default where there is one) or cpu (a smoke run)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check of the code, not the figures")
     parser.add_argument("--scan", default=None, help="a head T1 for the end-to-end section (skipped without)")
-    parser.add_argument("--sections", default="env,exactness,members,e2e,full_size")
+    parser.add_argument("--sections", default="env,exactness,members,e2e,full_size,profile")
+    parser.add_argument("--profile-steps", type=int, default=5, help="iterations per member in the profile section")
     parser.add_argument("--fusion-steps", type=int, default=None, help="iterations of the 12-member fusion (default 100)")
     parser.add_argument("--json-out", default=None, help="write the figures here after every section")
     args = parser.parse_args()
@@ -428,11 +493,12 @@ def main() -> None:
         "exactness": lambda: section_exactness(b),
         "members": lambda: section_members(b, args.fusion_steps or (2 if args.quick else 100)),
         "e2e": lambda: section_e2e(b, args.scan),
+        "profile": lambda: section_profile(b, args.scan, args.profile_steps),
         "full_size": lambda: section_full_size(b),
     }
     failed = False
     for name in args.sections.split(","):
-        if name == "e2e" and not args.scan:
+        if name in ("e2e", "profile") and not args.scan:
             continue
         print(f"[{name}]", flush=True)
         start = time.perf_counter()
