@@ -511,30 +511,34 @@ def gemm_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.floa
     return 2 * n**3 / best / 1e9
 
 
-def count_step_flops(setup: Setup, counter_mode) -> int:
-    """FLOPs of one two-pass engine step: every window's forward (pass 1), then its forward and input-gradient
-    backward (pass 2). Counted on a fresh copy of the network with ``.backward()`` (the counter's module hooks do
-    not support ``autograd.grad``, which the engine uses); the loss and stitching are elementwise and not counted."""
-    network = build_network("segresnet", setup.window.roi)
-    plan = setup.engine._plan(setup.x.shape[2:], setup.x.device)
-    windows = torch.cat([setup.x[(slice(None), slice(None), *s)] for s in plan.slices])
-    with counter_mode(display=False) as counter:
-        for start in range(0, len(windows), WINDOW_BATCH):
-            batch = windows[start:start + WINDOW_BATCH]
-            with torch.no_grad():
-                network(batch)
-            leaf = batch.clone().requires_grad_(True)
-            network(leaf).sum().backward()
-    return counter.get_total_flops()
+def step_flops(network: torch.nn.Module, roi: int, windows: int, device: torch.device | str = "cpu") -> int:
+    """FLOPs of one two-pass engine step over ``windows`` windows of ``roi``^3: every window's forward (pass 1), then
+    its forward and input-gradient backward (pass 2). Counted by torch's FlopCounterMode on one window with
+    ``.backward()`` (the counter's module hooks do not support ``autograd.grad``, which the engine uses) and multiplied:
+    a window's FLOPs depend on its shape only. The loss and stitching are elementwise and not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    window = torch.randn(1, 1, roi, roi, roi, device=device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            network(window)
+        leaf = window.clone().requires_grad_(True)
+        network(leaf).sum().backward()
+    return counter.get_total_flops() * windows
+
+
+def count_step_flops(setup: Setup) -> int:
+    """:func:`step_flops` of a setup's step, on a fresh copy of its SegResNet."""
+    return step_flops(build_network("segresnet", setup.window.roi), setup.window.roi,
+                      setup.engine.window_count(setup.x.shape[2:]))
 
 
 def figure_gflops(sizes: Sizes, out: Results) -> None:
     """Achieved GFLOP/s of one attack step (FLOPs counted by torch's FlopCounterMode) against the dense GEMM rate."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     setup = make_setup("segresnet", sizes.step_shape, sizes.step_window)
     assert not setup.engine.fits_one_batch(setup.x)  # the step is pass 1 (a forward) + pass 2 (a forward and a backward)
-    flops = count_step_flops(setup, FlopCounterMode)
+    flops = count_step_flops(setup)
     engine_step(setup)
     step_s = min(timed(lambda: engine_step(setup)) for _ in range(max(1, sizes.step_repeats - 2)))
     gemm = gemm_gflops()
@@ -548,7 +552,6 @@ def figure_amp(sizes: Sizes, out: Results) -> None:
     """An attack step with ``--amp`` (bfloat16 on a CPU) against float32: the same windows, layout and window batch.
     Measured only where the CPU has bfloat16 instructions (``amp_is_fast``); elsewhere the step takes tens of times
     float32's and medis3d says so in a notice. The step's bfloat16 GFLOP/s is set against this machine's bfloat16 GEMM."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     from medis3d.memory import amp_is_fast
 
@@ -562,7 +565,7 @@ def figure_amp(sizes: Sizes, out: Results) -> None:
     cosine = float(torch.nn.functional.cosine_similarity(half.flatten(), full.flatten(), 0))
     timing = paired_ratio(lambda: engine_step(setups[True]), lambda: engine_step(setups[False]), sizes.batch_repeats)
     out.values["amp_vs_float32_step_time_ratio"] = timing["ratio"]
-    flops = count_step_flops(setups[True], FlopCounterMode)
+    flops = count_step_flops(setups[True])
     achieved, gemm = flops / timing["numerator_s"] / 1e9, gemm_gflops(dtype=torch.bfloat16)
     out.detail(f"attack step {cube(sizes.step_shape)}, {setups[True].engine.window_count(sizes.step_shape)} windows of "
                f"{sizes.step_window.roi}^3: bfloat16 {timing['numerator_s']:.2f} s ({achieved:.1f} GFLOP/s; bfloat16 GEMM "
