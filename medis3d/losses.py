@@ -29,6 +29,7 @@ foreground at all; MONAI then returns a constant, so we fall back to uniform wei
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import wraps
 from typing import Any
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss, GeneralizedDiceLoss, TverskyLoss
 
-from medis3d.reductions import channel_argmax
+from medis3d.reductions import channel_argmax, channel_cosine, channel_norm
 
 LossFn = Callable[..., torch.Tensor]  # fn(logits, target, t=0, steps=1, targeted=False) -> scalar
 LossFactory = Callable[[str], LossFn]
@@ -100,7 +101,8 @@ def _labels(target: torch.Tensor) -> torch.Tensor:
 def _one_hot(target: torch.Tensor, logits: torch.Tensor, activation: str) -> torch.Tensor:
     """The segmentation as float channels shaped like ``logits``."""
     if activation == "softmax":
-        return F.one_hot(_labels(target), logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+        labels = _labels(target)  # (class values are checked against the model's classes where labels are read)
+        return torch.stack([labels == c for c in range(logits.shape[1])], 1).to(logits.dtype)
     return target.to(logits.dtype)
 
 
@@ -361,6 +363,7 @@ def ce(activation: str) -> LossFn:
     return fn
 
 
+_LN2 = math.log(2.0)
 MARGIN_CAP = 1.0  # logit margin beyond which a flipped voxel stops pulling on the attack
 
 
@@ -442,10 +445,10 @@ def cospgd(activation: str) -> LossFn:
         ce = _voxel_cross_entropy(logits, target, activation)
         with torch.no_grad():
             if activation == "softmax":
-                cos = F.cosine_similarity(torch.softmax(logits, 1), _one_hot(target, logits, activation), dim=1)
+                cos = channel_cosine(torch.softmax(logits, 1), _one_hot(target, logits, activation))
             else:
                 probs, onehot = _binary_pair(logits, target)
-                cos = F.cosine_similarity(probs, onehot, dim=1)
+                cos = channel_cosine(probs, onehot)
         return ((1 - cos if targeted else cos) * ce).mean()
 
     return fn
@@ -453,21 +456,21 @@ def cospgd(activation: str) -> LossFn:
 
 def js(activation: str) -> LossFn:
     """Jensen-Shannon divergence between the predicted distribution and the one-hot target, per voxel, mean
-    (SEA, Croce, Singh & Hein, ECCV 2024): bounded by ln 2, so a flipped voxel stops pulling."""
+    (SEA, Croce, Singh & Hein, ECCV 2024): bounded by ln 2, so a flipped voxel stops pulling.
+
+    With a one-hot target it depends on the target class's probability ``p`` alone: every other class ``c``
+    contributes ``p_c ln 2`` (its mixture is ``p_c / 2``), so ``JS = ((1 - p) ln 2 + p ln p - (1 + p) ln((1 + p) / 2)) / 2``,
+    taken from the log-probability of the target class (one channel, where the divergence over every channel costs
+    several full-size passes)."""
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if activation == "softmax":
-            log_p = torch.log_softmax(logits, 1)
-            q = _one_hot(target, logits, activation)
-            p = log_p.exp()
-        else:
-            p, q = _binary_pair(logits, target)
-            log_p = torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], 1)
-        m = (p + q) / 2
-        log_m = torch.log(m.clamp_min(1e-12))
-        kl_pm = (p * (log_p - log_m)).sum(1)
-        kl_qm = torch.where(q > 0, q * (torch.log(q.clamp_min(1e-12)) - log_m), torch.zeros_like(q)).sum(1)
-        return ((kl_pm + kl_qm) / 2).mean()
+            log_p = torch.log_softmax(logits, 1).gather(1, _labels(target)[:, None])
+        else:  # each channel a two-class problem: the log-probability of its label
+            log_p = F.logsigmoid((2 * target.to(logits.dtype) - 1) * logits)
+        p = log_p.exp()
+        log_m = torch.log1p(p) - _LN2  # the mixture's target-class probability, (1 + p) / 2
+        return (((1 - p) * _LN2 + p * log_p - (1 + p) * log_m) / 2).mean()
 
     return fn
 
@@ -521,10 +524,10 @@ def masked_spherical(activation: str) -> LossFn:
         mask = _still_to_change(logits, target, activation, targeted)
         if activation == "softmax":
             onehot = _one_hot(target, logits, activation)
-            score = (logits * onehot).sum(1) / logits.norm(dim=1).clamp_min(1e-6)
+            score = (logits * onehot).sum(1) / channel_norm(logits, floor=1e-6)
         else:
             probs, onehot = _binary_pair(logits, target)
-            score = (probs * onehot).sum(1) / probs.norm(dim=1).clamp_min(1e-6)
+            score = (probs * onehot).sum(1) / channel_norm(probs, floor=1e-6)
         return (-score * mask).mean()
 
     return fn
@@ -544,10 +547,10 @@ def cosine(activation: str) -> LossFn:
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if activation == "softmax":
-            cos = F.cosine_similarity(torch.softmax(logits, 1), _one_hot(target, logits, activation), dim=1)
+            cos = channel_cosine(torch.softmax(logits, 1), _one_hot(target, logits, activation))
         else:
             probs, onehot = _binary_pair(logits, target)
-            cos = F.cosine_similarity(probs, onehot, dim=1)
+            cos = channel_cosine(probs, onehot)
         return (1 - cos).mean()
 
     return fn

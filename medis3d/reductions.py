@@ -1,10 +1,12 @@
-"""A reduction over the channel axis of large logit volumes.
+"""Reductions over the channel axis of large logit volumes.
 
-PyTorch reduces ``argmax`` and ``norm`` over a non-innermost axis of a contiguous tensor on a slow
-strided path: on CPU, for ``(1, 2, 256, 256, 256)`` logits (a 1 mm head), ``argmax(1)`` takes
-about 2.4 s against 0.26 s for the same result computed channel by channel. The masked losses and
-the segmentation take it at every attack step. (``norm(dim=1)`` is as slow, 1.9 s, but summing
-channel by channel rounds differently in the last bit, so ``masked_spherical`` keeps torch's.)
+PyTorch reduces ``argmax``, ``norm`` and ``cosine_similarity`` over a non-innermost axis of a
+contiguous tensor on a slow strided path on a CPU: for ``(1, 2, 256, 256, 256)`` logits (a 1 mm head),
+``argmax(1)`` takes about 2.4 s against 0.26 s for the same result computed channel by channel; on
+the 2 mm T1's ``(1, 2, 91, 109, 91)``, one thread, ``norm(dim=1)`` takes 116 ms against 3.5 ms for the
+square root of ``sum(1)`` of the squares (``sum`` takes the fast path), and ``cosine_similarity(dim=1)``
+281 ms against 13 ms. The masked losses and the segmentation take them at every attack step. The
+sums round differently from torch's norms in the last bit; nothing downstream depends on that.
 """
 
 from __future__ import annotations
@@ -23,3 +25,16 @@ def channel_argmax(x: torch.Tensor, dim: int = 1, keepdim: bool = False) -> torc
         index = index.masked_fill(better, c)
     return index.unsqueeze(dim) if keepdim else index
 
+
+
+def channel_norm(x: torch.Tensor, dim: int = 1, floor: float = 0.0) -> torch.Tensor:
+    """``x.norm(dim=dim).clamp_min(floor)`` (the Euclidean norm over the channels, held at least ``floor``), as the
+    square root of a sum of squares; with a positive floor its gradient is finite everywhere (zero below it)."""
+    return (x * x).sum(dim).clamp_min(floor * floor).sqrt()
+
+
+def channel_cosine(a: torch.Tensor, b: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """``torch.nn.functional.cosine_similarity(a, b, dim, eps)`` from sums over ``dim``: the products' sum over the
+    product of the norms, the norms' product held at least ``eps`` as torch holds it."""
+    squares = ((a * a).sum(dim) * (b * b).sum(dim)).clamp_min(eps * eps)
+    return (a * b).sum(dim) / squares.sqrt()

@@ -195,6 +195,27 @@ def test_exp_log_matches_its_formula():
     assert torch.allclose(get_loss("exp_log", "softmax")(logits, target), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_js_is_the_divergence_over_every_class(activation):
+    """The closed form (the target class's probability alone) is the Jensen-Shannon divergence summed over the
+    classes (sigmoid: over each channel's two classes), in value and in gradient."""
+    logits, target = _case(activation, seed=4)
+    logits = (4 * logits.double()).requires_grad_(True)
+    if activation == "softmax":
+        p, q = torch.softmax(logits, 1), F.one_hot(target[:, 0], 3).movedim(-1, 1).double()
+    else:
+        s, y = torch.sigmoid(logits), target.double()
+        p, q = torch.stack([1 - s, s], 1), torch.stack([1 - y, y], 1)
+    m = (p + q) / 2
+    kl = (p * (p.log() - m.log())).sum(1) + torch.where(q > 0, q * (q.clamp_min(1e-300).log() - m.log()), 0).sum(1)
+    expected = (kl / 2).mean()
+    ours = get_loss("js", activation)(logits, target)  # float32 inside, as every loss
+    assert abs(float(ours) - float(expected)) < 1e-6
+    g_ours = torch.autograd.grad(get_loss("js", activation)(logits, target), logits)[0]
+    g_expected = torch.autograd.grad(expected, logits)[0]
+    assert torch.allclose(g_ours.double(), g_expected, atol=1e-7 * float(g_expected.abs().max()) + 1e-9, rtol=1e-4)
+
+
 def test_structure_kernel():
     assert structure_kernel(2) == 31 and structure_kernel(3) == 11
     assert abs(11**3 - 31**2) / 31**2 < 0.4
