@@ -145,7 +145,11 @@ def quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
     low = torch.kthvalue(flat, below + 1).values
     if frac == 0 or below + 1 >= n:
         return low
-    high = torch.kthvalue(flat, below + 2).values
+    # the next order statistic without a second selection (each costs a copy and a pass over the volume): ``low``
+    # again where ties at it reach past it, else the least value above it
+    if int((flat <= low).sum()) >= below + 2:
+        return low
+    high = torch.where(flat > low, flat, torch.inf).min()
     return low + frac * (high - low)
 
 

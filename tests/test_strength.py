@@ -139,6 +139,24 @@ def test_percentile_scaling_equals_monai_with_a_gradient_at_any_size(size):
         assert bound_voxels >= reached, mode
 
 
+@pytest.mark.parametrize("kind", ["continuous", "ties"])
+def test_quantile_is_numpys_percentile_with_ties_and_its_gradient_sums_to_one(kind):
+    """One selection and the next value above it give numpy's linear percentile, ties included (a head's
+    background: a third of the voxels 0; a uint8 scan: few distinct values); the gradient lands on the one or two
+    order statistics with weights summing to one."""
+    g = torch.Generator().manual_seed(2)
+    if kind == "ties":
+        flat = torch.randint(0, 6, (3001,), generator=g).float()
+    else:
+        flat = torch.rand(3001, generator=g) ** 3
+        flat[:1000] = 0
+    for q in (0.0, 0.0005, 0.005, 0.2, 0.333, 0.5, 0.9, 0.995, 0.9999, 1.0):
+        assert float(quantile(flat, q)) == pytest.approx(float(np.percentile(flat.double().numpy(), 100 * q)), abs=1e-6), q
+        leaf = flat.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(quantile(leaf, q), leaf)
+        assert float(grad.sum()) == pytest.approx(1.0) and int((grad != 0).sum()) <= 2
+
+
 def test_smooth_path_reaches_every_voxel_of_a_downsampled_scan_with_the_same_forward():
     from medis3d.preprocessing import DifferentiablePreprocessing, build_step
 
