@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss, GeneralizedDiceLoss, TverskyLoss
 
-from medis3d.reductions import channel_argmax, channel_cosine, channel_norm
+from medis3d.reductions import channel_argmax, channel_cosine
 
 LossFn = Callable[..., torch.Tensor]  # fn(logits, target, t=0, steps=1, targeted=False) -> scalar
 LossFactory = Callable[[str], LossFn]
@@ -524,10 +524,10 @@ def masked_spherical(activation: str) -> LossFn:
         mask = _still_to_change(logits, target, activation, targeted)
         if activation == "softmax":
             onehot = _one_hot(target, logits, activation)
-            score = (logits * onehot).sum(1) / channel_norm(logits, floor=1e-6)
+            score = (logits * onehot).sum(1) / logits.norm(dim=1).clamp_min(1e-6)
         else:
             probs, onehot = _binary_pair(logits, target)
-            score = (probs * onehot).sum(1) / channel_norm(probs, floor=1e-6)
+            score = (probs * onehot).sum(1) / probs.norm(dim=1).clamp_min(1e-6)
         return (-score * mask).mean()
 
     return fn

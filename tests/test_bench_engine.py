@@ -59,3 +59,17 @@ def test_the_amp_figure_times_bfloat16_against_float32_where_the_cpu_has_it(tmp_
     engine_bench.figure_amp(engine_bench.QUICK, out)
     assert out.values["amp_vs_float32_step_time_ratio"] > 0
     assert "bfloat16 GEMM" in out.details[-1] and "gradient cosine" in out.details[-1]
+
+
+def test_the_overhead_figure_times_a_member_step_against_the_plain_one_and_counts_operators(tmp_path):
+    """Both sides run (medis3d's member and bench/reference.py's plain step, a voxel-wise network) on the synthetic head,
+    which the shipped bundle's preprocessing reorients (written LAS)."""
+    import nibabel as nib
+
+    out = engine_bench.Results(tmp_path)
+    engine_bench.figure_overhead(engine_bench.QUICK, out)
+    assert out.values["member_step_overhead_vs_plain"] > 0
+    assert out.values["default_aten_ops_per_member_step"] > 10
+    assert "plain PGD-CE" in out.details[-1] and "aten operators per member-step" in out.details[-1]
+    head = nib.load(str(tmp_path / "head.nii.gz"))
+    assert head.shape == engine_bench.QUICK.head_shape and nib.aff2axcodes(head.affine) == ("L", "A", "S")
