@@ -93,6 +93,9 @@ class Sizes:
     batch_shape: tuple = (128, 64, 64)  # two 64^3 windows
     batch_window: Window = Window(64, 0.0)
     batch_repeats: int = 3
+    head_shape: tuple = (91, 109, 91)  # the 2 mm head T1 of the strength benchmark's brain target
+    head_steps: int = 10
+    head_repeats: int = 3
 
 
 FULL = Sizes()
@@ -104,6 +107,7 @@ QUICK = Sizes(
     step_shape=(48, 48, 48), step_window=Window(32, 0.5), step_repeats=2,
     members_shape=(32, 32, 32), members_window=Window(16, 0.5), members_steps=1, members_repeats=1,
     scan_shape=(64, 64, 64), scan_repeats=2, batch_shape=(64, 32, 32), batch_window=Window(32, 0.0), batch_repeats=1,
+    head_shape=(40, 48, 40), head_steps=2, head_repeats=1,
 )
 
 
@@ -585,6 +589,73 @@ def figure_scan_argmax(sizes: Sizes, out: Results) -> None:
                f"{timing['numerator_s']:.3f} s, torch.argmax {timing['denominator_s']:.3f} s (same result)")
 
 
+class _Pointwise(torch.nn.Module):
+    """Two-class logits as a fixed affine map of each voxel (no convolution: on this CPU a 1x1x1 convolution took
+    oneDNN's kernels at two threads, about 150 ms of a member-step against 3 ms at one), a network that costs next to nothing, leaving a step's other work."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([0.5 - x, x - 0.5], 1) * 8.0
+
+
+def synthetic_head(shape, path: Path) -> Path:
+    """A head-like float32 NIfTI at 2 mm (an ellipsoid brightening to its centre over a noisy background), x flipped
+    (LAS), so the shipped bundle's Orientation, Spacing and percentile scaling all do work."""
+    import nibabel as nib
+
+    g = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    radius = np.sqrt(((grid / np.array([0.8, 0.85, 0.8])[:, None, None, None]) ** 2).sum(0))
+    image = np.clip(1 - radius, 0, None) * 800 + g.normal(0, 20, shape).clip(0, None)
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([-2.0, 2.0, 2.0, 1.0])), str(path))
+    return path
+
+
+def figure_overhead(sizes: Sizes, out: Results) -> None:
+    """A member-step's cost besides the network (issue 12: on a GPU it is most of a step): medis3d's PGD-CE member
+    against the plain PGD-CE step of ``bench/reference.py`` (MONAI's transforms, full autograd through
+    ``sliding_window_inference``), both with a fixed voxel-wise map for the network, on a synthetic 2 mm head through the
+    shipped bundle's preprocessing; and the operators one member-step of the default attack issues."""
+    import nibabel as nib
+
+    import reference as plain
+
+    from medis3d.bundle import default_bundle_path, load_bundle
+    from medis3d.fusion import MedIS
+    from medis3d.io import read_volume
+    from medis3d.members import PRESETS
+
+    path = synthetic_head(sizes.head_shape, out.tmp / "head.nii.gz")
+    network = _Pointwise()
+    target = dataclasses.replace(load_bundle(), network=network)
+    volume = read_volume(str(path))
+    bundle = plain.Bundle(default_bundle_path())
+    bundle.network = network
+    scan = nib.load(str(path))
+    steps = sizes.head_steps
+    problem = plain.scan_problem(bundle, scan, 8.0, lambda x: plain.real_preprocessing(bundle, x, scan.affine))
+
+    def ours(members=("pgd:ce",)) -> None:
+        MedIS(target, members_spec=list(members), eps=8 / 255, step=1 / 255, steps=steps, success_threshold=-1.0)(volume)
+
+    def theirs() -> None:
+        plain.sign_ascent(problem.loss_and_grad, problem.project, problem.random_start(0), 1.0, steps)
+
+    timing = paired_ratio(ours, theirs, sizes.head_repeats)
+    out.values["member_step_overhead_vs_plain"] = timing["ratio"]
+    default = PRESETS["default"].members
+    ours(default)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        seconds = timed(partial(ours, default))
+    member_steps = len(default) * steps
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / member_steps
+    out.values["default_member_step_ms_pointwise"] = 1000 * seconds / member_steps  # under the profiler: a little slower
+    out.values["default_aten_ops_per_member_step"] = ops
+    out.detail(f"a member-step besides the network ({cube(sizes.head_shape)} head at 2 mm, voxel-wise network, {steps} "
+               f"steps): medis3d's PGD-CE {1000 * timing['numerator_s'] / steps:.0f} ms, the plain PGD-CE "
+               f"{1000 * timing['denominator_s'] / steps:.0f} ms; the default attack's members "
+               f"{1000 * seconds / member_steps:.0f} ms and {ops:.0f} aten operators per member-step (profiled)")
+
+
 # -- report ----------------------------------------------------------------------------------------------
 GOALS = {
     "grad_rel_err": Goal("<=", 1e-5, "engine input gradient vs autograd through sliding_window_inference (float32)"),
@@ -604,6 +675,8 @@ GOALS = {
     "channels_last_vs_default_time_ratio": Goal("<=", 0.9, "attack step, channels-last 3-D convolutions (medis3d's CPU "
                                                 "layout) / the default layout, SegResNet"),
     "window_batch2_vs_1_time_ratio": Goal("<=", 0.8, "attack step, window batch 2 (medis3d's CPU floor) / batch 1, 64^3 windows"),
+    "member_step_overhead_vs_plain": Goal("<=", 1.0, "a PGD-CE member-step with a voxel-wise network (all but the network's "
+                                          "cost), medis3d / plain autograd through MONAI's transforms and inferer"),
     "amp_vs_float32_step_time_ratio": Goal("<=", 0.7, "attack step, --amp (bfloat16 on a CPU with bfloat16 instructions) / "
                                                        "float32, SegResNet, 64^3 windows"),
 }
@@ -631,6 +704,8 @@ NOTES = {
     "gflops_vs_gemm": "3D convolutions with 8-64 channels are memory-bound on a CPU: oneDNN reaches a fraction of the GEMM rate",
     "amp_vs_float32_step_time_ratio": "n/a: a CPU without bfloat16 instructions (no AVX512-BF16 or AMX), where a bfloat16 "
                                       "step takes tens of times float32's",
+    "member_step_overhead_vs_plain": "the losses on the scan grid: the probabilities mapped back through the inverse "
+                                     "preprocessing, in float64 (the plain step's loss is taken on the model's grid)",
     "window_batch2_vs_1_time_ratio": "batch 1 runs native kernels only where channels x depth x height <= 20480 (ATen's "
                                      "use_mkldnn): the deeper levels of small windows; at 96^3 they weigh little",
 }
@@ -649,6 +724,7 @@ FIGURES = {
     "window_batch": figure_window_batch,
     "channels_last": figure_channels_last,
     "amp": figure_amp,
+    "overhead": figure_overhead,
 }
 
 
@@ -666,7 +742,9 @@ def run_all(sizes: Sizes, only: list[str] | None = None) -> dict:
     if sizes is QUICK:
         print("quick mode: small sizes for a smoke check; the figures are not comparable with the goals")
     print_table(GOALS, out.values, NOTES, out.details)
-    return {key: out.values.get(key) for key in GOALS}
+    figures = {key: out.values.get(key) for key in GOALS}
+    figures.update({key: value for key, value in out.values.items() if key not in figures})  # figures without a goal
+    return figures
 
 
 def main() -> None:
