@@ -116,11 +116,16 @@ class _Paste(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        plan = ctx.plan
-        padded = grad.new_zeros((grad.shape[0], grad.shape[1], *plan.padded_shape))
-        padded[(slice(None), slice(None)) + tuple(plan.crop)] = grad
-        padded /= plan.count
-        return torch.cat([padded[s] for s in ctx.slices]) * plan.importance, None, None, None
+        padded = _uncrop(grad, ctx.plan)
+        return torch.cat([padded[s] for s in ctx.slices]) * ctx.plan.importance, None, None, None
+
+
+def _uncrop(grad: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The adjoint of stitching's last two steps (the division by the count map, the crop of the padding): the
+    stitched logits' gradient on the padded grid, each voxel divided by its count."""
+    padded = grad.new_zeros((grad.shape[0], grad.shape[1], *plan.padded_shape))
+    padded[(slice(None), slice(None)) + tuple(plan.crop)] = grad
+    return padded.div_(plan.count)
 
 
 @dataclass
@@ -271,12 +276,12 @@ class WindowEngine:
     def _stitch_windows(self, x: torch.Tensor, plan: _Plan, network: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         padded = self._pad(x, plan)
         if torch.is_grad_enabled() and padded.requires_grad:  # with its graph: every window's logits kept, pasted once
-            slices = tuple(s for batch in self._window_batches(x.shape[0], plan) for s in batch)
+            groups = [tuple(group) for group in self._window_batches(x.shape[0], plan)]
             logits_list = []
-            for window_batch in self._window_batches(x.shape[0], plan):
+            for group in groups:
                 with self._autocast(x.device):
-                    logits_list.append(self._first(network(_Windows.apply(padded, tuple(window_batch)))).float())
-            return _Paste.apply(torch.cat(logits_list), slices, plan, x.shape[0])
+                    logits_list.append(self._first(network(_Windows.apply(padded, group))).float())
+            return _Paste.apply(torch.cat(logits_list), tuple(s for group in groups for s in group), plan, x.shape[0])
         output: torch.Tensor | None = None
         for window_batch in self._window_batches(x.shape[0], plan):
             windows = torch.cat([padded[s] for s in window_batch])
@@ -308,10 +313,7 @@ class WindowEngine:
         leaf = x.requires_grad_(True)
         with torch.enable_grad():
             padded = self._pad(leaf, plan)
-        # adjoint of the final crop and of the division by the count map
-        upstream_padded = torch.zeros((upstream.shape[0], upstream.shape[1], *plan.padded_shape), device=x.device)
-        upstream_padded[(slice(None), slice(None)) + tuple(plan.crop)] = upstream.float()
-        upstream_padded /= plan.count
+        upstream_padded = _uncrop(upstream.float().to(x.device), plan)
         grad_padded = torch.zeros_like(padded)
         dtype = self.precision.resolve(x.device)
         scale = self.precision.loss_scale if dtype == torch.float16 else 1.0

@@ -29,7 +29,6 @@ def channel_argmax(x: torch.Tensor, dim: int = 1, keepdim: bool = False) -> torc
     return index.unsqueeze(dim) if keepdim else index
 
 
-
 def channel_cosine(a: torch.Tensor, b: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """``torch.nn.functional.cosine_similarity(a, b, dim, eps)`` from sums over ``dim``: the products' sum over the
     product of the norms, the norms' product held at least ``eps`` as torch holds it."""
