@@ -593,7 +593,9 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
 
 
 def _stage_bundle(source: Path, staged: Path, network: torch.nn.Module) -> None:
-    """The source bundle's files (configs unchanged, its docs kept under docs/source/) with the new weights."""
+    """The source bundle's files (configs unchanged) with the new weights. The source's docs are kept under
+    docs/source/, and so is the evaluation/ of a source that harden made (its studies are of the source's weights):
+    a bundle hardened again keeps each generation's docs one folder deeper (docs/source/source/)."""
     if staged.exists():
         shutil.rmtree(staged)
     ignore = shutil.ignore_patterns("models", "eval", "__pycache__", ".harden")
@@ -601,12 +603,16 @@ def _stage_bundle(source: Path, staged: Path, network: torch.nn.Module) -> None:
     dropped = sorted((staged / "scripts").glob("train*.py")) if (staged / "scripts").is_dir() else []
     for script in dropped:  # it would train the source from scratch into this folder, overwriting the hardened weights
         script.unlink()
-    docs = staged / "docs"
-    if docs.is_dir():
-        kept = [p for p in docs.iterdir()]
-        (docs / "source").mkdir()
-        for p in kept:
-            shutil.move(str(p), str(docs / "source" / p.name))
+    docs, evaluation, kept = staged / "docs", staged / "evaluation", staged / ".source_docs"
+    if docs.is_dir() or evaluation.is_dir():
+        if docs.is_dir():
+            docs.rename(kept)
+        else:
+            kept.mkdir()
+        if evaluation.is_dir():
+            evaluation.rename(kept / "evaluation")
+        docs.mkdir()
+        kept.rename(docs / "source")
     (staged / "models").mkdir()
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     torch.save(state, str(staged / "models" / "model.pt"))

@@ -126,6 +126,36 @@ def test_hardening_makes_the_model_more_robust(tiny_bundle, tmp_path):
     assert hardened["curve"][0][1] > source["curve"][0][1] + 0.1, result.comparison["models"]
 
 
+def test_a_hardened_bundle_can_be_hardened_again(tiny_bundle, tmp_path):
+    """A second round of hardening (say at a larger radius, from the first round's weights) writes a complete
+    bundle: the first round's docs and studies are the source's, kept under docs/source/ (the original's one folder
+    deeper), and the new bundle's own evaluation/ holds only its own studies."""
+    dataset = _dataset(tmp_path)
+    original = tmp_path / "original"
+    shutil.copytree(tiny_bundle, original)
+    (original / "docs").mkdir()
+    (original / "docs" / "README.md").write_text("# the original bundle\n")
+    first = tmp_path / "first"
+    harden(original, dataset, first, HardenOptions(steps=2, crop=(24,), batch=2, eval_eps=(8 / 255,),
+                                                       eval_members=("pgd:ce",), eval_steps=2))
+    assert (first / "evaluation" / "hardened" / "summary.json").is_file() and (first / "docs" / "source").is_dir()
+    before = sorted(str(p.relative_to(first)) for p in first.rglob("*"))
+    second = tmp_path / "second"
+    result = runner.invoke(app, ["harden", str(first), str(dataset), "--out", str(second), *FAST, "--no-eval"])
+    assert result.exit_code == 0, result.output
+    assert sorted(str(p.relative_to(first)) for p in first.rglob("*")) == before  # the source is left as it was
+    docs = second / "docs"
+    assert (docs / "README.md").read_text() != (first / "docs" / "README.md").read_text()
+    assert (docs / "source" / "README.md").read_text() == (first / "docs" / "README.md").read_text()
+    assert (docs / "source" / "evaluation" / "hardened" / "summary.json").is_file()
+    assert (docs / "source" / "source" / "README.md").read_text() == "# the original bundle\n"
+    assert not (second / "evaluation").exists()  # --no-eval: no study of the new weights, and none of the old ones
+    meta = json.loads((second / "configs" / "metadata.json").read_text())
+    assert meta["version"] == "0.2.0" and list(meta["changelog"])[:2] == ["0.2.0", "0.1.0"]
+    target = load_bundle(second)
+    assert target.predict(read_volume(dataset.parent / "case3.nii.gz")).shape == (40, 36, 32)
+
+
 def test_a_rerun_continues_from_the_checkpoint(tiny_bundle, tmp_path):
     """Stopped after its checkpoint at step 2, a rerun continues there and ends with the weights of a run that
     was never stopped."""
