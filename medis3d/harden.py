@@ -825,6 +825,9 @@ def _per255(eps: float) -> str:
     return f"{round(eps * 255, 2):g}"
 
 
+HARDENED_SUFFIX = " (adversarially hardened)"  # what a hardened bundle's metadata name ends with
+
+
 def _write_docs(source: Path, staged: Path, source_name: str, options: HardenOptions, recipe: dict, comparison: dict | None,
                 log: list[dict]) -> None:
     docs = staged / "docs"
@@ -846,8 +849,8 @@ def _write_docs(source: Path, staged: Path, source_name: str, options: HardenOpt
         meta["version"] = version
         meta["changelog"] = {version: _changelog_entry(source_name, previous, options, recipe.get("calibration")),
                              **(meta.get("changelog") or {})}
-        if meta.get("name"):
-            meta["name"] = f"{meta['name']} (adversarially hardened)"
+        if meta.get("name") and not str(meta["name"]).endswith(HARDENED_SUFFIX):  # once, also when hardened again
+            meta["name"] = f"{meta['name']}{HARDENED_SUFFIX}"
         hardening = {"source_bundle": source_name, "source_version": previous, "settings": _settings(options), "recipe": recipe,
                      "source_eval_metrics": meta.get("eval_metrics") or {}}
         metrics = {}  # the source's figures are of the source's weights: they move to medis3d_hardening

@@ -135,6 +135,8 @@ def test_a_hardened_bundle_can_be_hardened_again(tiny_bundle, tmp_path):
     shutil.copytree(tiny_bundle, original)
     (original / "docs").mkdir()
     (original / "docs" / "README.md").write_text("# the original bundle\n")
+    meta_path = original / "configs" / "metadata.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "name": "Tiny blobs"}))
     first = tmp_path / "first"
     harden(original, dataset, first, HardenOptions(steps=2, crop=(24,), batch=2, eval_eps=(8 / 255,),
                                                        eval_members=("pgd:ce",), eval_steps=2))
@@ -152,6 +154,7 @@ def test_a_hardened_bundle_can_be_hardened_again(tiny_bundle, tmp_path):
     assert not (second / "evaluation").exists()  # --no-eval: no study of the new weights, and none of the old ones
     meta = json.loads((second / "configs" / "metadata.json").read_text())
     assert meta["version"] == "0.2.0" and list(meta["changelog"])[:2] == ["0.2.0", "0.1.0"]
+    assert meta["name"] == "Tiny blobs (adversarially hardened)"  # suffixed once, not once a round
     target = load_bundle(second)
     assert target.predict(read_volume(dataset.parent / "case3.nii.gz")).shape == (40, 36, 32)
 
