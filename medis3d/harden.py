@@ -609,8 +609,11 @@ def _stage_bundle(source: Path, staged: Path, network: torch.nn.Module) -> None:
             docs.rename(kept)
         else:
             kept.mkdir()
+        page = kept / "report.html"
         if evaluation.is_dir():
             evaluation.rename(kept / "evaluation")
+            if page.is_file():  # the source's own comparison page links its studies, which now lie beside it
+                page.write_text(page.read_text().replace('href="../evaluation/', 'href="evaluation/'))
         docs.mkdir()
         kept.rename(docs / "source")
     (staged / "models").mkdir()

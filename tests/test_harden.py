@@ -150,6 +150,8 @@ def test_a_hardened_bundle_can_be_hardened_again(tiny_bundle, tmp_path):
     assert (docs / "README.md").read_text() != (first / "docs" / "README.md").read_text()
     assert (docs / "source" / "README.md").read_text() == (first / "docs" / "README.md").read_text()
     assert (docs / "source" / "evaluation" / "hardened" / "summary.json").is_file()
+    links = re.findall(r"""href\s*=\s*["'](?!data:|#)([^"']+)""", (docs / "source" / "report.html").read_text())
+    assert links and all((docs / "source" / link).resolve().is_file() for link in links), links  # its studies still open
     assert (docs / "source" / "source" / "README.md").read_text() == "# the original bundle\n"
     assert not (second / "evaluation").exists()  # --no-eval: no study of the new weights, and none of the old ones
     meta = json.loads((second / "configs" / "metadata.json").read_text())
