@@ -603,17 +603,16 @@ def _stage_bundle(source: Path, staged: Path, network: torch.nn.Module) -> None:
     dropped = sorted((staged / "scripts").glob("train*.py")) if (staged / "scripts").is_dir() else []
     for script in dropped:  # it would train the source from scratch into this folder, overwriting the hardened weights
         script.unlink()
-    docs, evaluation, kept = staged / "docs", staged / "evaluation", staged / ".source_docs"
-    if docs.is_dir() or evaluation.is_dir():
-        if docs.is_dir():
-            docs.rename(kept)
-        else:
-            kept.mkdir()
-        page = kept / "report.html"
-        if evaluation.is_dir():
-            evaluation.rename(kept / "evaluation")
-            if page.is_file():  # the source's own comparison page links its studies, which now lie beside it
-                page.write_text(page.read_text().replace('href="../evaluation/', 'href="evaluation/'))
+    docs, evaluation = staged / "docs", staged / "evaluation"
+    if evaluation.is_dir():  # a source that harden made: its studies (of its own weights) become documentation
+        docs.mkdir(exist_ok=True)
+        evaluation.rename(docs / "evaluation")
+        page = docs / "report.html"
+        if page.is_file():  # its comparison page links those studies, which now lie beside it
+            page.write_text(page.read_text().replace('href="../evaluation/', 'href="evaluation/'))
+    if docs.is_dir():
+        kept = staged / ".source_docs"
+        docs.rename(kept)
         docs.mkdir()
         kept.rename(docs / "source")
     (staged / "models").mkdir()
