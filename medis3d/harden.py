@@ -524,6 +524,11 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
         scheduler.load_state_dict(saved["scheduler"])
         start, log, train_s = saved["step"], saved["log"], saved["train_s"]
         note("phase", {"text": f"continuing from step {start} of {options.steps} ({checkpoint_file})"})
+    recipe = {"loss": loss_name, "augmentation": aug_names, "crop": list(crop), "model_range": [low, high],
+              "train_minutes": 0.0, "device": str(dev), "notices": notices,
+              "training_volumes": [c.name for c in train_cases], "validation_volumes": [c.name for c in validation],
+              "calibration": None}
+    _rehearse(bundle, network, source_name, options, recipe)
 
     def save(step: int) -> None:
         state.mkdir(parents=True, exist_ok=True)
@@ -583,13 +588,20 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
     comparison = None
     if options.evaluate:
         comparison = compare(bundle, staged, source_name, validation, state / "evaluation", options, trust, device, note)
-    recipe = {"loss": loss_name, "augmentation": aug_names, "crop": list(crop), "model_range": [low, high],
-              "train_minutes": round(train_s / 60, 2), "device": str(dev), "notices": notices,
-              "training_volumes": [c.name for c in train_cases], "validation_volumes": [c.name for c in validation],
-              "calibration": calibration}
+    recipe.update(train_minutes=round(train_s / 60, 2), calibration=calibration)
     _write_docs(bundle, staged, source_name, options, recipe, comparison, log)
     _publish(state, staged, out)
     return HardenResult(out, comparison, round(train_s / 60, 2), notices)
+
+
+def _rehearse(bundle: Path, network: torch.nn.Module, source_name: str, options: HardenOptions, recipe: dict) -> None:
+    """Make the new bundle's files once, in a temporary folder, before the first training step (the weights as they
+    are, no study): a source that cannot become a bundle (a file that cannot be copied, a broken metadata.json) fails
+    in seconds instead of after the training, and nothing is written to ``--out``."""
+    with tempfile.TemporaryDirectory(prefix="medis3d-harden-rehearsal-") as tmp:
+        staged = Path(tmp) / "bundle"
+        _stage_bundle(bundle, staged, network)
+        _write_docs(bundle, staged, source_name, options, recipe, None, [])
 
 
 def _stage_bundle(source: Path, staged: Path, network: torch.nn.Module) -> None:
@@ -599,7 +611,11 @@ def _stage_bundle(source: Path, staged: Path, network: torch.nn.Module) -> None:
     if staged.exists():
         shutil.rmtree(staged)
     ignore = shutil.ignore_patterns("models", "eval", "__pycache__", ".harden")
-    shutil.copytree(source, staged, ignore=ignore, symlinks=False)
+    try:
+        shutil.copytree(source, staged, ignore=ignore, symlinks=False)
+    except shutil.Error as exc:  # every file that could not be copied, as (source, destination, why): name the first
+        name, _, why = exc.args[0][0]
+        raise BundleError(f"{name}: cannot be copied into the hardened bundle ({str(why).strip().splitlines()[0]})") from exc
     dropped = sorted((staged / "scripts").glob("train*.py")) if (staged / "scripts").is_dir() else []
     for script in dropped:  # it would train the source from scratch into this folder, overwriting the hardened weights
         script.unlink()
@@ -845,7 +861,14 @@ def _write_docs(source: Path, staged: Path, source_name: str, options: HardenOpt
         write_text_atomic(docs / "report.html", harden_page(comparison, plot, recipe, _settings(options), source_name))
     meta_path = staged / "configs" / "metadata.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise BundleError(f"{source / 'configs' / 'metadata.json'}: not valid JSON ({first_line(exc)}); harden "
+                              "writes the hardened bundle's version and changelog into it") from exc
+        if not isinstance(meta, dict):
+            raise BundleError(f"{source / 'configs' / 'metadata.json'}: not a JSON object; harden writes the hardened "
+                              "bundle's version and changelog into it")
         previous = str(meta.get("version", "0.0.0"))
         version = _bump(previous)
         meta["version"] = version

@@ -247,6 +247,31 @@ def test_bad_data_is_one_line_and_nothing_is_written(tiny_bundle, tmp_path):
     assert "--attack-loss" in line
 
 
+def test_a_source_whose_files_cannot_make_a_bundle_is_refused_before_training(tiny_bundle, tmp_path):
+    """The new bundle's files (the source's copied, its docs and metadata rewritten) are rehearsed before the first
+    training step: a source whose metadata.json is broken, or one with a file that cannot be copied, fails in
+    seconds with one line naming the file, where it used to fail after the training; nothing is written."""
+    dataset = _dataset(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "configs" / "metadata.json").write_text("{ not json")
+    steps: list[int] = []
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as caught:
+        harden(broken, dataset, out, HardenOptions(steps=2, crop=(24,), batch=2, evaluate=False),
+               progress=lambda kind, info: steps.append(info["step"]) if kind == "step" else None)
+    assert steps == [] and not out.exists()
+    assert "metadata.json" in str(caught.value)
+    line = _one_line(runner.invoke(app, ["harden", str(broken), str(dataset), "--out", str(out), *FAST]))
+    assert str(broken / "configs" / "metadata.json") in line and "JSON" in line and not out.exists()
+    dangling = tmp_path / "dangling"
+    shutil.copytree(tiny_bundle, dangling)
+    (dangling / "docs").mkdir()
+    (dangling / "docs" / "figure.png").symlink_to(tmp_path / "nowhere.png")
+    line = _one_line(runner.invoke(app, ["harden", str(dangling), str(dataset), "--out", str(out), *FAST]))
+    assert "figure.png" in line and not out.exists()
+
+
 def test_labels_land_on_the_model_grid(tiny_target, tmp_path):
     """The label resampled into model space agrees with the network's own model-space prediction, whose scan-grid
     form it was made from (the geometry of the preprocessing is followed, orientation and spacing included)."""
