@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from medis3d.errors import BundleError, InputError, OutputError, first_line
-from medis3d.html_report import harden_page, number
+from medis3d.html_report import eps50_label, harden_page, number
 from medis3d.io import read_volume
 from medis3d.io.atomic import atomic_path, write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
@@ -765,20 +765,36 @@ def _eps_key(eps: float) -> str:
     return f"{eps:.6g}"
 
 
-def eps50(curve: Sequence[tuple[float, float]], clean: float) -> float | None:
-    """The smallest budget at which the Dice curve ``[(eps, dice), ...]`` (eps > 0) falls to half the clean Dice,
-    interpolated between the budgets measured (linearly from eps 0, where Dice is the clean Dice, to the first
-    budget; linearly in log eps between two budgets); None where it stays above."""
+def _halving(curve: Sequence[tuple[float, float]], clean: float) -> tuple[float, float, float] | None:
+    """Where the Dice curve first falls to half the clean Dice: the budget before (0 for the clean scan), the first
+    budget at or below half, and the share of the way between them (linear in Dice); None where it stays above."""
     half = clean / 2
     e0, d0 = 0.0, clean
     for eps, dice in sorted(curve):
         if dice <= half:
-            w = (d0 - half) / (d0 - dice) if d0 > dice else 1.0
-            if e0 <= 0:
-                return float(w * eps)
-            return float(math.exp(math.log(e0) + w * (math.log(eps) - math.log(e0))))
+            return e0, eps, (d0 - half) / (d0 - dice) if d0 > dice else 1.0
         e0, d0 = eps, dice
     return None
+
+
+def eps50(curve: Sequence[tuple[float, float]], clean: float) -> float | None:
+    """The smallest budget at which the Dice curve ``[(eps, dice), ...]`` (eps > 0) falls to half the clean Dice,
+    interpolated between the budgets measured (linearly from eps 0, where Dice is the clean Dice, to the first
+    budget; linearly in log eps between two budgets); None where it stays above."""
+    found = _halving(curve, clean)
+    if found is None:
+        return None
+    e0, e1, w = found
+    if e0 <= 0:
+        return float(w * e1)
+    return float(math.exp(math.log(e0) + w * (math.log(e1) - math.log(e0))))
+
+
+def eps50_between(curve: Sequence[tuple[float, float]], clean: float) -> tuple[float, float] | None:
+    """The two budgets measured that :func:`eps50` lies between (the first 0 when the first budget already halves
+    the Dice): how far the interpolated figure can be trusted; None where the curve stays above half."""
+    found = _halving(curve, clean)
+    return None if found is None else (found[0], found[1])
 
 
 def comparison_table(studies: dict, members: list[str], steps: int) -> dict:
@@ -794,7 +810,8 @@ def comparison_table(studies: dict, members: list[str], steps: int) -> dict:
             rows.append({"model": role, "eps": float(key), "eps_255": round(float(key) * 255, 3), "clean_dice": clean,
                          "worst_case_dice": entry["mean_robust_dice"], "attack_success_rate": entry["attack_success_rate"],
                          "volumes": entry["volumes"]})
-        models[role] = {"clean_dice": clean, "curve": curve, "eps50": eps50(curve, clean) if clean is not None else None}
+        models[role] = {"clean_dice": clean, "curve": curve, "eps50": eps50(curve, clean) if clean is not None else None,
+                        "eps50_between": eps50_between(curve, clean) if clean is not None else None}
     return {"rows": rows, "models": models, "members": members, "steps": steps}
 
 
@@ -951,12 +968,12 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
             if not model:
                 continue
             by_eps = {_eps_key(e): d for e, d in model["curve"]}
-            e50 = model["eps50"]
             lines.append(f"| {role} | {number(model['clean_dice'])} | "
                          + " | ".join(number(by_eps.get(_eps_key(e))) for e in options.eval_eps)
-                         + f" | {f'{e50 * 255:.1f}/255' if e50 else f'above {_per255(max(options.eval_eps))}/255'} |")
+                         + f" | {eps50_label(model, options.eval_eps)} |")
         lines += ["", "eps50: the smallest budget at which the mean Dice falls to half the clean Dice (interpolated between "
-                      "the budgets measured: linearly from eps 0 to the first, in log eps between two). `robustness.csv`, `robustness.json` and `robustness.png` beside "
+                      "the two budgets measured that it names: linearly from eps 0 to the first, in log eps between two; "
+                      "the farther apart they lie, the rougher the figure). `robustness.csv`, `robustness.json` and `robustness.png` beside "
                       "this file hold the figures.", ""]
     lines += ["## Limits", "",
               "* Robust to the attacks and budgets above on the validation volumes, not certified: a stronger or different "

@@ -85,6 +85,20 @@ def eps_label(eps: Any, units: str = "normalized") -> str:
     return f"{v * 255:.3g}/255"
 
 
+def eps50_label(model: dict, budgets: Sequence[float]) -> str:
+    """A model's eps50 as the comparison tables write it, with the two measured budgets it was interpolated between
+    (``41.4/255 (between 32/255 and 64/255)``: the farther apart, the rougher the figure), or ``above`` the largest
+    budget where the Dice stays above half."""
+    e50 = model.get("eps50")
+    if not e50:
+        return f"above {eps_label(max(budgets))}" if budgets else "-"
+    between = model.get("eps50_between")
+    if not between:
+        return eps_label(e50)
+    low, high = between
+    return f"{eps_label(e50)} (between {eps_label(low) if low else 'the clean scan'} and {eps_label(high)})"
+
+
 def dice_curves(summary: dict, units: str = "normalized") -> bytes:
     """Mean Dice under attack and success rate against eps: one thin curve per member, the full fusion and the
     worst case in bold; the number of volumes in the title. PNG bytes."""
@@ -378,10 +392,9 @@ def harden_page(comparison: dict, plot_png: bytes, recipe: dict, settings: dict,
         if not m:
             continue
         by_eps = dict(m.get("curve", []))
-        e50 = m.get("eps50")
         rows.append([_cell(role), _cell(number(m.get("clean_dice")), m.get("clean_dice"))]
                     + [_cell(number(by_eps.get(e)), by_eps.get(e)) for e in budgets]
-                    + [_cell(eps_label(e50) if e50 else f"> {eps_label(max(budgets))}" if budgets else "-", e50 or "")])
+                    + [_cell(eps50_label(m, budgets), m.get("eps50") or "")])
     table = _table(["model", "clean Dice"] + [f"Dice at {eps_label(e)}" for e in budgets] + ["eps50"], rows, table_id="comparison")
     recipe_items = "".join(f"<li><b>{_e(k.replace('_', ' '))}</b>: {_e(v if not isinstance(v, list) else ', '.join(map(str, v)) or '-')}</li>"
                            for k, v in recipe.items())
@@ -392,7 +405,8 @@ def harden_page(comparison: dict, plot_png: bytes, recipe: dict, settings: dict,
             f"<h2>Before and after</h2>{table}"
             "<p class=\"muted\">Dice against the labels of the validation volumes, the per-volume worst case over the members "
             f"({_e(', '.join(comparison.get('members', [])))}; {_e(comparison.get('steps'))} iterations each). eps50: the budget "
-            "at which the mean Dice falls to half the clean Dice, interpolated between the budgets measured.</p>"
+            "at which the mean Dice falls to half the clean Dice, interpolated between the two budgets measured that it names: "
+            "where they lie far apart, measure the budgets between them for a closer figure.</p>"
             f"<p>Each model's full study: {links}.</p>"
             f"<h2>Recipe</h2><ul>{recipe_items}</ul>"
             + _settings_block(settings))

@@ -23,11 +23,13 @@ from medis3d.harden import (
     apgd_batch,
     calibrate,
     eps50,
+    eps50_between,
     harden,
     label_to_model_space,
     model_space_case,
     read_training_dataset,
 )
+from medis3d.html_report import eps50_label
 from medis3d.io import read_volume
 from medis3d.metrics import dice_per_class
 
@@ -103,6 +105,13 @@ def test_harden_writes_a_bundle_that_loads_predicts_and_scores(tiny_bundle, tmp_
     table = [line for line in readme.splitlines() if line.startswith(("| source |", "| hardened |"))]
     assert len(table) == 2 and all(" - |" not in line for line in table), table  # a figure in every cell
     assert "Dice at 8/255 | Dice at 48/255" in readme
+    for line, role in zip(table, ("source", "hardened")):  # eps50 names the budgets it was interpolated between
+        model = comparison["models"][role]
+        if model["eps50"] is None:
+            assert model["eps50_between"] is None and line.endswith("| above 48/255 |"), line
+        else:
+            low, high = model["eps50_between"]
+            assert low < model["eps50"] <= high and "(between " in line and f"and {high * 255:.3g}/255)" in line, line
     assert set(meta["eval_metrics"]) == {f"{role}_validation_{what}" for role in ("source", "hardened")
                                          for what in ("clean_dice", "worst_case_dice_eps_8_255", "worst_case_dice_eps_48_255")}
     # the comparison's page: self-contained (the figure embedded), the verdict in words, links to both studies
@@ -359,6 +368,14 @@ def test_eps50_interpolates_where_dice_halves():
     assert eps50([(1.0, 0.8), (2.0, 0.6), (4.0, 0.2)], clean=0.9) == pytest.approx(2 * 2 ** ((0.6 - 0.45) / 0.4))
     assert eps50([(1.0, 0.8), (2.0, 0.7)], clean=0.9) is None
     assert eps50([(1.0, 0.1)], clean=0.9) == pytest.approx(0.45 / 0.8)  # from eps 0, where Dice is the clean Dice
+    assert eps50_between([(1.0, 0.8), (2.0, 0.6), (4.0, 0.2)], clean=0.9) == (2.0, 4.0)
+    assert eps50_between([(1.0, 0.1)], clean=0.9) == (0.0, 1.0)
+    assert eps50_between([(1.0, 0.8), (2.0, 0.7)], clean=0.9) is None
+    model = {"eps50": 41.4 / 255, "eps50_between": (32 / 255, 64 / 255)}
+    assert eps50_label(model, [32 / 255, 64 / 255]) == "41.4/255 (between 32/255 and 64/255)"
+    assert eps50_label({"eps50": 0.45 / 255, "eps50_between": (0.0, 1 / 255)}, [1 / 255]) == \
+        "0.45/255 (between the clean scan and 1/255)"
+    assert eps50_label({"eps50": None}, [4 / 255, 8 / 255]) == "above 8/255"
 
 
 def test_harden_in_a_log_counts_its_training_steps(tiny_bundle, tmp_path):
