@@ -656,6 +656,7 @@ def diagnose(
     _quiet_warnings()
     from medis3d.diagnose import Diagnose
     from medis3d.io import read_volume
+    from medis3d.io.outputs import check_output_file
     from medis3d.report import write_json
     from medis3d.workflow import default_out_dir, read_segmentation
 
@@ -667,6 +668,7 @@ def diagnose(
         path = out or default_out_dir(volume.name) / "diagnose.json"
         if path.resolve() == Path(scan).resolve():
             raise InputError(f"{scan}: refusing to overwrite the input; choose another --out")
+        check_output_file(path)
         show = (lambda m: typer.echo(f"  {m}", err=True)) if not (quiet or json_out) else None
         result = Diagnose(tgt, member=member, eps=parse_fraction(eps, "--eps"), steps=steps, step=parse_fraction(step, "--step"),
                           queries=queries, seed=seed, progress=show)(volume, reference)

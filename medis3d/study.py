@@ -20,7 +20,7 @@ from medis3d.cache import OutcomeCache, cached_outcomes
 from medis3d.errors import InputError, first_line
 from medis3d.fusion import MedIS, MemberOutcome, select_member
 from medis3d.html_report import dice_curves, eps_label, evaluation_page, reference_words, stopping_words
-from medis3d.io import read_volume
+from medis3d.io import check_scan, read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
 from medis3d.io.outputs import check_output_folder, output_lock, writing
@@ -203,7 +203,13 @@ def evaluate_dataset(
     budget), unless ``stop_at_success``: then it stops at its first success (faster, and enough for the success
     rate and the least-perturbation fusion, but Dice at a budget where it succeeds is where it stopped).
 
-    ``out`` is checked before any work, held against a second run, and a failed write is one line."""
+    ``out`` is checked before any work, held against a second run, and a failed write is one line. Every case's
+    files are checked first too (there, and readable as scans), so a typo in a datalist is one line before anything
+    is written, not an error at that volume after the ones before it have run."""
+    for case in cases:
+        for path in (case.image, case.label, case.mask):
+            if path is not None:
+                check_scan(path)
     check_output_folder(out)
     with output_lock(out), writing(out):
         return _evaluate_dataset(target, cases, out, attacks=attacks, losses=losses, members=members, eps_list=eps_list,

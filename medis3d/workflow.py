@@ -17,7 +17,7 @@ from medis3d.errors import InputError
 from medis3d.fusion import MedIS, MedISResult
 from medis3d.io import channel_paths, check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
-from medis3d.io.outputs import check_output_folder, output_lock, writing
+from medis3d.io.outputs import check_output_file, check_output_folder, output_lock, writing
 from medis3d.io.volume import Volume
 from medis3d.metrics import perturbation_norms
 from medis3d.progress import notify
@@ -313,6 +313,7 @@ def run_predict(scan: Path | str, target: Target, out_file: Path | str | None = 
         raise InputError(f"{scan}: refusing to overwrite the input with its prediction; choose another --out")
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise InputError(f"{out}: --out must be a .nii or .nii.gz file")
+    check_output_file(out)
     prediction = target.predict(volume)
     write_nifti(volume, out, prediction, dtype=target.label_dtype)
     return out, prediction, volume

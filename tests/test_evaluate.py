@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import save_nifti, synthetic_scan
@@ -156,6 +157,29 @@ def test_evaluate_refuses_a_missing_victim_before_any_work(tiny_bundle, tmp_path
     same = runner.invoke(app, ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(tiny_bundle),
                                "--victim", str(tiny_bundle), "--quiet"])
     assert same.exit_code != 0 and "named like the source" in same.output and not out.exists()
+
+
+@pytest.mark.parametrize("bad", ["missing image", "label not a scan"])
+def test_a_bad_entry_anywhere_in_the_dataset_is_one_line_before_any_work(tiny_bundle, tmp_path, bad):
+    """A datalist whose last entry names a missing image, or a label that is not a scan, is refused before the first
+    volume runs: one line naming the file, and no output folder (it used to run the volumes before it, or leave an
+    empty folder)."""
+    root = _dataset(tmp_path)
+    data = json.loads((root / "dataset.json").read_text())
+    if bad == "missing image":
+        data["test"].append({"image": "images/nope.nii.gz"})
+        named = root / "images" / "nope.nii.gz"
+    else:
+        named = root / "labels" / "notes.nii.gz"
+        named.write_text("not a scan")
+        data["test"].append({"image": "images/case1.nii.gz", "label": "labels/notes.nii.gz"})
+    (root / "bad.json").write_text(json.dumps(data))
+    out = tmp_path / "study"
+    result = runner.invoke(app, ["evaluate", str(root / "bad.json"), "--out", str(out), "--bundle", str(tiny_bundle), *ARGS])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"medis3d: error: {named}"), result.output
+    assert not out.exists()
 
 
 def test_evaluate_resume_runs_only_the_members_not_cached(tiny_bundle, tmp_path):

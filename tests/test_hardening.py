@@ -165,6 +165,16 @@ def test_output_path_that_is_a_file(tiny_bundle, scan_file, tmp_path):
     assert taken.read_text() == "the user's file"
     line = _one_line_error(_attack(tiny_bundle, scan_file, taken / "sub"))  # a file where a parent folder should be
     assert "is a file" in line and taken.read_text() == "the user's file"
+    # predict and diagnose write one file: under a file, refused before the network runs (diagnose's checks took
+    # minutes before a bare "File exists")
+    for command in (["predict"], ["diagnose", "--steps", "1", "--queries", "2"]):
+        line = _one_line_error(runner.invoke(app, [*command, str(scan_file), "--bundle", str(tiny_bundle),
+                                                   "--out", str(taken / "out.nii.gz"), "--quiet"]))
+        assert f"{taken}: the output path is a file" in line and taken.read_text() == "the user's file"
+    folder = tmp_path / "a_folder.nii.gz"
+    folder.mkdir()
+    line = _one_line_error(runner.invoke(app, ["predict", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(folder)]))
+    assert f"{folder}: is a folder" in line and list(folder.iterdir()) == []
 
 
 def test_output_folder_without_permission(tiny_bundle, scan_file, tmp_path, monkeypatch):

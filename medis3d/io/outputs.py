@@ -39,6 +39,14 @@ def check_output_folder(out: Path) -> None:
         raise OutputError(f"{out}: cannot write the output folder: permission denied on {existing}")
 
 
+def check_output_file(path: Path) -> None:
+    """Refuse an output file that cannot be written (a folder, or in a folder that cannot be created or written),
+    before any work is done."""
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; --out names the output file here")
+    check_output_folder(path.parent)
+
+
 @contextlib.contextmanager
 def writing(out: Path) -> Iterator[None]:
     """Turn an OS error while writing into ``out`` into one :class:`OutputError` line."""
