@@ -912,20 +912,25 @@ def _changelog_entry(source_name: str, previous: str, options: HardenOptions, ca
     entry = (f"adversarially fine-tuned from {source_name} {previous} by medis3d harden "
              f"({options.attack.upper()}-{options.attack_steps}, eps {_per255(options.eps)}/255, {options.steps} steps")
     if calibration and calibration.get("shift"):
-        entry += f"; foreground logits lowered by {calibration['shift']:g}, the threshold the training volumes favour"
+        entry += f"; foreground logits {_moved(calibration['shift'])}, the threshold the training volumes favour"
     return entry + ")"
+
+
+def _moved(shift: float) -> str:
+    """A shift of the foreground logits in words: a positive shift lowers them, a negative one raises them."""
+    return f"{'lowered' if shift > 0 else 'raised'} by {abs(shift):g}"
 
 
 def _calibration_words(calibration: dict | None) -> str:
     if calibration is None:
         return "* Decision threshold: as trained (`--no-calibrate`)."
     if calibration.get("not_applied"):
-        return (f"* Decision threshold: as trained; the training volumes favour lowering the foreground logits by "
-                f"{calibration['not_applied']:g}, which the network's output layer cannot carry (see the notices).")
+        return (f"* Decision threshold: as trained; the training volumes favour the foreground logits "
+                f"{_moved(calibration['not_applied'])}, which the network's output layer cannot carry (see the notices).")
     if not calibration["shift"]:
         return (f"* Decision threshold: as trained (no shift of the foreground logits raised the training volumes' mean Dice, "
                 f"{calibration['training_dice_before']:.4f}).")
-    return (f"* Decision threshold: the foreground logits lowered by {calibration['shift']:g} against the background's "
+    return (f"* Decision threshold: the foreground logits {_moved(calibration['shift'])} against the background's "
             f"(written into `{calibration['layer']}`'s bias), chosen on the training volumes, whose mean Dice it raised from "
             f"{calibration['training_dice_before']:.4f} to {calibration['training_dice_after']:.4f}.")
 

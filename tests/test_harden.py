@@ -472,5 +472,8 @@ def test_the_changelog_says_the_threshold_moved_only_when_it_did():
                                                        "training_dice_after": 0.91, "layer": "conv_final.2.conv"})
     assert moved.startswith("adversarially fine-tuned from src 0.1.0 by medis3d harden (PGD-2, eps 32/255, 400 steps")
     assert "lowered by 1.25" in moved and moved.endswith(")")
+    raised = _changelog_entry("src", "0.1.0", options, {"shift": -0.25, "training_dice_before": 0.86,
+                                                        "training_dice_after": 0.88, "layer": "conv_final.2.conv"})
+    assert "foreground logits raised by 0.25," in raised and "-" not in raised.split("logits")[1]  # no "lowered by -0.25"
     for calibration in (None, {"shift": 0.0, "training_dice_before": 0.9}, {"shift": 0.0, "not_applied": 1.0}):
         assert "lowered" not in _changelog_entry("src", "0.1.0", options, calibration)
