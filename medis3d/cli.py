@@ -702,7 +702,7 @@ def predict(
     transforms: str | None = TRANSFORMS,
     device: str | None = DEVICE,
     threads: int | None = THREADS,
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No line saying what was written."),
 ) -> None:
     """Segment SCAN with the target and write the label map on the scan's grid."""
     _quiet_warnings()
@@ -726,7 +726,7 @@ app.add_typer(bundle_app, name="bundle")
 
 @bundle_app.command("check")
 def bundle_check(
-    bundle: Path = typer.Argument(..., help="Bundle folder or .zip, or a shipped bundle's name (brain_t1_segresnet, brain_t1_unetr)."),
+    bundle: Path = typer.Argument(..., help="Bundle folder or .zip, or a shipped bundle's name (brain_t1_segresnet, brain_t1_unetr, brain_t1_segresnet_robust)."),
     scan: Path | None = typer.Argument(None, help="A scan to check gradients on (default: a synthetic one)."),
     config: str | None = CONFIG,
     trust_bundle: bool = TRUST,
@@ -754,12 +754,13 @@ def bundle_check(
     console.print(f"[bold]{report['network']}[/bold] ({report['parameters']:,} parameters), {report['activation']}, classes {report['classes']}")
     console.print(f"inferer: {report['inferer']}")
     table = Table(title="preprocessing (scan space -> model space)")
-    for col in ("transform", "arguments", "gradient", "stand-in"):
+    for col in ("transform", "arguments", "gradient", "stand-in", "smooth path's stand-in"):
         table.add_column(col)
     for step in report["preprocessing"]:
-        table.add_row(step["transform"], json.dumps(step["args"]), step["gradient"], step["stand_in"])
+        table.add_row(step["transform"], json.dumps(step["args"]), step["gradient"], step["stand_in"],
+                      step.get("smooth_stand_in") or "as the stand-in")
     for step in report["other_non_differentiable_steps"]:
-        table.add_row(step["step"], "", "approximated", step["stand_in"])
+        table.add_row(step["step"], "", "approximated", step["stand_in"], "as the stand-in")
     console.print(table)
     for notice in report["notices"]:
         console.print(f"[yellow]notice:[/yellow] {notice}")

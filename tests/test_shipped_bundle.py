@@ -160,3 +160,7 @@ def test_bundle_check_passes(bundle):
     assert steps["Spacing"]["smooth_stand_in"].startswith("box average")
     paths = report["gradient"]["paths"]
     assert paths["smooth"]["fraction_of_voxels_reached"] >= paths["exact"]["fraction_of_voxels_reached"] > 0
+    table = CliRunner().invoke(app, ["bundle", "check", bundle.name], env={"COLUMNS": "400"})  # the plain table says so too
+    assert table.exit_code == 0, table.output
+    rows = {line.split("│")[1].strip(): line for line in table.output.splitlines() if line.count("│") >= 6}
+    assert "kernel-smoothed percentiles" in rows["ScaleIntensityRangePercentiles"] and "box average" in rows["Spacing"]
