@@ -511,7 +511,7 @@ def evaluate(
                       diagnose=diagnose, together=options["together"], victims=victims, source=source,
                       stop_at_success=stop_at_success, settings=_study_settings(params, member_list, eps_list, step_value, steps_value))
         if quiet:
-            evaluate_dataset(tgt, cases, out, **kwargs)
+            summary = evaluate_dataset(tgt, cases, out, **kwargs)
         else:
             from medis3d.io.outputs import check_output_folder
             from medis3d.progress import Reporter
@@ -520,14 +520,20 @@ def evaluate(
             with Reporter() as reporter:  # bars with an ETA on a terminal; in a log, phases, steps and volumes x budgets
                 reporter.count("volumes x budgets", len(cases) * (len(eps_list) + int(diagnose)), item="volume x budget")
                 reporter.info(f"{len(member_list)} members")
-                evaluate_dataset(tgt, cases, out, progress=lambda name: reporter.advance(name), steps_progress=reporter, **kwargs)
+                summary = evaluate_dataset(tgt, cases, out, progress=lambda name: reporter.advance(name), steps_progress=reporter,
+                                           **kwargs)
     except Medis3dError as exc:
         _fail(str(exc))
         return
+    failed = summary.get("failed_volumes") or []
     if not quiet:
         for notice in tgt.notices:
             typer.echo(f"medis3d: notice: {notice}", err=True)
-        typer.echo(f"{len(cases)} volume(s), {len(eps_list)} budget(s), {len(member_list)} member(s): see {out / 'report.md'}")
+        typer.echo(f"{len(cases) - len(failed)} volume(s), {len(eps_list)} budget(s), {len(member_list)} member(s): see {out / 'report.md'}")
+    for failure in failed:  # the study went on without them; the exit code says it is not whole, as batch's does
+        typer.echo(f"medis3d: error: {failure['error']} (not in the study)", err=True)
+    if failed:
+        raise typer.Exit(code=1)
 
 
 def _parse_crop(text: str | None) -> tuple | None:

@@ -223,6 +223,10 @@ def evaluation_page(summary: dict, out: Path) -> str:
              + (f"; medis3d {_e(settings['medis3d'])}" if settings.get("medis3d") else "") + "</p>"]
     text, tone = study_verdict(summary, units)
     parts.append(f"<p class=\"verdict {tone}\" id=\"verdict\">{_e(text)}</p>")
+    failed = summary.get("failed_volumes") or []
+    if failed:
+        parts.append(f"<p class=\"verdict bad\" id=\"failed\">{len(failed)} volume(s) not evaluated (no figure here includes "
+                     "them): " + "; ".join(f"{_e(f['volume'])}: {_e(f['error'])}" for f in failed) + "</p>")
     curves = out / "robustness.png"  # evaluate's plot of the same (drawn here when there is none)
     curves_png = curves.read_bytes() if curves.is_file() else dice_curves(summary, units)
     parts.append("<h2>Dice against the budget</h2>"

@@ -245,16 +245,25 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                       eps_units, success, seed, diagnose, progress, steps_progress=None, norm: str = "linf", together=None,
                       victims: Sequence[Victim] = (),
                       source: str | None = None, settings: dict | None = None, stop_at_success: bool = False) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     store = OutcomeCache(cache)
     outcome_setting = {"target": f"{target.source}:{target.name}", "step": f"{step:.6g}", "steps": steps,
                        "eps_units": eps_units, "seed": seed, "success": success, "norm": norm, **run_setting(target)}
     rows: list[dict] = []
     diagnoses: dict[str, dict] = {}
+    failed: list[dict] = []
     for case in cases:
         notify(steps_progress, "phase", f"loading {case.name}")
-        run = _VolumeRun(target, case, store, outcome_setting, victims, together, stop_at_success)
+        try:
+            run = _VolumeRun(target, case, store, outcome_setting, victims, together, stop_at_success)
+        except InputError as exc:  # this volume's files, read now: the study goes on without it, as batch does
+            failed.append({"volume": case.name, "error": str(exc)})
+            notify(steps_progress, "phase", f"skipped {case.name}: {exc}")
+            for _ in range(len(eps_list) + int(diagnose)):
+                if progress is not None:
+                    progress(case.name)
+            continue
+        out.mkdir(parents=True, exist_ok=True)  # not before a volume has loaded: a study of none leaves nothing
         for eps in eps_list:
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed, norm=norm,
@@ -270,6 +279,9 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                                                   steps, eps_units, seed, members)
             if progress is not None:
                 progress(case.name)
+    if failed and len(failed) == len(cases):
+        more = f" (and {len(failed) - 1} more volume(s) could not be read)" if len(failed) > 1 else ""
+        raise InputError(failed[0]["error"] + more)
     fused = fusion_rows(rows, success, norm)
     all_rows = rows + fused
     _write_csv(out / "results.csv", all_rows)
@@ -286,6 +298,8 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                                for name, d in diagnoses.items()}
     if settings is not None:
         summary["settings"] = settings
+    if failed:
+        summary["failed_volumes"] = failed
     write_text_atomic(out / "summary.json", json.dumps(clean_json(summary), indent=2) + "\n")
     plot_robustness(out / "robustness.png", summary, eps_units)
     write_text_atomic(out / "report.md", markdown_report(summary, len(cases), eps_units))
@@ -571,7 +585,12 @@ def plot_robustness(path: Path, summary: dict, units: str = "normalized") -> Non
 
 
 def markdown_report(summary: dict, volumes: int, units: str = "normalized") -> str:
-    lines = [f"# medis3d robustness evaluation\n\n{volumes} volume(s); {reference_words(summary)}; {stopping_words(summary)}.\n", "| attack | eps | mean clean Dice | mean robust Dice | success rate | mean L-inf of the successful |", "|---|---|---|---|---|---|"]
+    failed = summary.get("failed_volumes") or []
+    lines = [f"# medis3d robustness evaluation\n\n{volumes - len(failed)} volume(s); {reference_words(summary)}; {stopping_words(summary)}.\n"]
+    if failed:
+        lines.append(f"**{len(failed)} volume(s) not evaluated** (no figure below includes them):\n")
+        lines += [f"- {f['volume']}: {f['error']}" for f in failed] + [""]
+    lines += ["| attack | eps | mean clean Dice | mean robust Dice | success rate | mean L-inf of the successful |", "|---|---|---|---|---|---|"]
     for group in ("fusion", "per_member"):
         for key, by_eps in summary[group].items():
             for eps in sorted(by_eps, key=float):

@@ -182,6 +182,37 @@ def test_a_bad_entry_anywhere_in_the_dataset_is_one_line_before_any_work(tiny_bu
     assert not out.exists()
 
 
+def test_a_volume_that_fails_when_read_is_left_out_and_the_study_goes_on(tiny_bundle, tmp_path):
+    """A label of another shape is found only when its volume is read: the study goes on without that volume (as
+    batch does), says so in the summary, report.md and report.html, prints the error and exits 1; a study in which
+    no volume can be read is one line, exit 2, and writes nothing."""
+    root = _dataset(tmp_path)
+    data = json.loads((root / "dataset.json").read_text())
+    save_nifti(root / "images" / "case0.nii.gz", synthetic_scan(5)[0])
+    save_nifti(root / "labels" / "small.nii.gz", synthetic_scan(5, shape=(30, 30, 30))[1])
+    data["test"].insert(0, {"image": "images/case0.nii.gz", "label": "labels/small.nii.gz"})
+    (root / "mixed.json").write_text(json.dumps(data))
+    out = tmp_path / "study"
+    result = runner.invoke(app, ["evaluate", str(root / "mixed.json"), "--out", str(out), "--bundle", str(tiny_bundle), *ARGS])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("medis3d: error: ")]
+    assert len(errors) == 1 and str(root / "labels" / "small.nii.gz") in errors[0] and "shape" in errors[0], result.output
+    assert "Traceback" not in result.output
+    with open(out / "results.csv") as f:
+        assert {row["volume"] for row in csv.DictReader(f)} == {"case1", "case2"}  # the two that could be read
+    summary = json.loads((out / "summary.json").read_text())
+    (failure,) = summary["failed_volumes"]
+    assert failure["volume"] == "case0" and "small.nii.gz" in failure["error"] and len(summary["volumes"]) == 2
+    report = (out / "report.md").read_text()
+    assert "2 volume(s);" in report and "**1 volume(s) not evaluated**" in report and "small.nii.gz" in report
+    assert 'id="failed"' in (out / "report.html").read_text()
+    (root / "none.json").write_text(json.dumps({"test": data["test"][:1]}))
+    nothing = tmp_path / "nothing"
+    result = runner.invoke(app, ["evaluate", str(root / "none.json"), "--out", str(nothing), "--bundle", str(tiny_bundle), *ARGS])
+    assert result.exit_code == 2 and result.output.count("medis3d: error: ") == 1 and "small.nii.gz" in result.output
+    assert not nothing.exists()
+
+
 def test_evaluate_resume_runs_only_the_members_not_cached(tiny_bundle, tmp_path):
     root = _dataset(tmp_path)
     out = tmp_path / "resume"
