@@ -3,6 +3,7 @@ atomically, and measure the outcome on the volume as written (read back from dis
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medis3d.config import AttackConfig
-from medis3d.errors import InputError
+from medis3d.errors import InputError, OutputError
 from medis3d.fusion import MedIS, MedISResult
 from medis3d.io import channel_paths, check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
@@ -22,7 +23,7 @@ from medis3d.io.volume import Volume
 from medis3d.metrics import perturbation_norms
 from medis3d.progress import notify
 from medis3d.records import AttackReport, OutputsRecord, attack_report
-from medis3d.report import reset_peak_memory, write_json, write_overview
+from medis3d.report import SCHEMA, reset_peak_memory, write_json, write_overview
 from medis3d.signals import deferred
 from medis3d.target import Target
 
@@ -101,6 +102,24 @@ def _guard_inputs(out_dir: Path, inputs: Sequence[Path | None]) -> None:
             raise InputError(f"{out_dir}: refusing to write outputs inside the input series folder {p}")
 
 
+def _holds_our_outputs(out: Path) -> bool:
+    """Whether ``out`` holds an earlier medis3d attack's outputs (its report.json says so)."""
+    try:
+        return json.loads((out / "report.json").read_text()).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(out: Path, names: Sequence[str]) -> None:
+    """An attack's outputs replace an earlier medis3d run's outputs in ``out`` and nothing else: where one of
+    ``names`` is taken in a folder medis3d did not write (a user's own file or DICOM folder called ``adversarial``),
+    the run is refused, and that file is never written over."""
+    taken = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+    if taken and not _holds_our_outputs(out):
+        raise OutputError(f"{out / taken[0]}: exists and is not an output of an earlier medis3d run; medis3d never writes "
+                          "over it, choose another --out")
+
+
 def _scan_name(scan: Path | str) -> str:
     """How progress names a scan: its file or folder name (the channel files' names, comma-separated)."""
     return ", ".join(Path(p).name for p in channel_paths(scan) or [str(scan).strip()])
@@ -134,6 +153,7 @@ def run_attack(
     sources += [v.path for v in volume.channel_volumes or []]
     _guard_inputs(out, [volume.path, options.label, target_file, options.mask, *sources])
     check_output_folder(out)
+    check_replaceable(out, OUTPUT_FILES)
     reset_peak_memory(target.device)  # the peak reported is this run's
     with output_lock(out):
         return _attack_and_write(volume, target, options, out, formats, target_file, progress, start)
@@ -255,6 +275,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         )
         write_json(stage / "report.json", report)
         _write_attack_page(stage, report, delta, result.eps_native, units)
+        check_replaceable(out, [entry.name for entry in stage.iterdir()])  # per-channel files too, and anything new since
         with deferred():  # a signal now would leave some outputs moved and others not
             out.mkdir(parents=True, exist_ok=True)
             for entry in sorted(stage.iterdir()):

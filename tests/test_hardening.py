@@ -177,6 +177,25 @@ def test_output_path_that_is_a_file(tiny_bundle, scan_file, tmp_path):
     assert f"{folder}: is a folder" in line and list(folder.iterdir()) == []
 
 
+def test_outputs_replace_only_an_earlier_medis3d_run(tiny_bundle, scan_file, tmp_path):
+    """A rerun into an output folder of ours replaces its outputs; in a folder of the user's that holds a file or
+    folder named like one of them (their own DICOM series called ``adversarial``, a ``report.json``), the attack is
+    refused before it runs and nothing there changes (the DICOM folder used to be deleted whole)."""
+    out = tmp_path / "out"
+    assert _attack(tiny_bundle, scan_file, out).exit_code == 0
+    first = json.loads((out / "report.json").read_text())
+    assert _attack(tiny_bundle, scan_file, out, "--seed", "1").exit_code == 0  # ours: replaced
+    assert json.loads((out / "report.json").read_text())["attack"]["config"]["seed"] == 1 != first["attack"]["config"]["seed"]
+    mine = tmp_path / "mine"
+    (mine / "adversarial").mkdir(parents=True)
+    (mine / "adversarial" / "IM0001.dcm").write_bytes(b"the user's series")
+    (mine / "report.json").write_text('{"mine": true}')
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    line = _one_line_error(_attack(tiny_bundle, scan_file, mine))
+    assert f"{mine / 'adversarial'}: exists and is not an output of an earlier medis3d run" in line
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before and not _leftovers(tmp_path)
+
+
 def test_output_folder_without_permission(tiny_bundle, scan_file, tmp_path, monkeypatch):
     parent = tmp_path / "locked"
     parent.mkdir()
