@@ -699,7 +699,7 @@ def diagnose(
 @app.command()
 def predict(
     scan: Path = typer.Argument(..., help="NIfTI file or DICOM series."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output file (default: medis3d-out/<scan name>/prediction.nii.gz)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output file (default: medis3d-out/<scan name>/prediction.nii.gz); replaces only a prediction medis3d wrote, never a file of yours."),
     bundle: Path | None = typer.Option(None, "--bundle", "-b", help=BUNDLE_HELP),
     config: str | None = CONFIG,
     trust_bundle: bool = TRUST,

@@ -106,6 +106,7 @@ class MedISResult:
         from medis3d.errors import OutputError
         from medis3d.io import write_nifti
         from medis3d.io.atomic import staging_folder
+        from medis3d.io.outputs import PERTURBATION_DESCRIPTION, PREDICTION_DESCRIPTION
 
         out = Path(out_dir)
         if out.exists() and not (out.is_dir() and not any(out.iterdir())):
@@ -113,19 +114,22 @@ class MedISResult:
         adversarial = self.adversarial
         stage = staging_folder(out)
         try:
-            write_nifti(adversarial, stage / "adversarial.nii.gz")
+            description = f"ADVERSARIAL medis3d ({self.chosen.name})"
+            write_nifti(adversarial, stage / "adversarial.nii.gz", description=description)
             if adversarial.format == "dicom" and adversarial.meta.get("dicom_headers"):
                 from medis3d.io.dicom import write_dicom_series
 
                 write_dicom_series(adversarial, adversarial.array, stage / "adversarial",
-                                   series_description=f"ADVERSARIAL medis3d ({self.chosen.name})"[:64],
+                                   series_description=description[:64],
                                    derivation=f"medis3d MedIS adversarial attack, {self.chosen.steps} steps of {self.chosen.name}")
             if self.source is not None:
-                write_nifti(adversarial, stage / "perturbation.nii.gz", adversarial.array - self.source.array, dtype=np.float32)
+                write_nifti(adversarial, stage / "perturbation.nii.gz", adversarial.array - self.source.array, dtype=np.float32,
+                            description=PERTURBATION_DESCRIPTION)
             for name, labels in (("prediction_clean", self.clean_prediction), ("prediction_adversarial", self.chosen.prediction)):
                 labels = np.asarray(labels)
                 write_nifti(adversarial, stage / f"{name}.nii.gz", labels,
-                            dtype=np.uint16 if labels.size and labels.max() > 255 else np.uint8)
+                            dtype=np.uint16 if labels.size and labels.max() > 255 else np.uint8,
+                            description=f"{PREDICTION_DESCRIPTION} {name.split('_', 1)[1]}")
             (stage / "result.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
             if out.exists():
                 out.rmdir()  # empty, checked above

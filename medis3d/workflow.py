@@ -18,7 +18,15 @@ from medis3d.errors import InputError, OutputError
 from medis3d.fusion import MedIS, MedISResult
 from medis3d.io import channel_paths, check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
-from medis3d.io.outputs import check_output_file, check_output_folder, output_lock, writing
+from medis3d.io.outputs import (
+    PERTURBATION_DESCRIPTION,
+    PREDICTION_DESCRIPTION,
+    check_output_file,
+    check_output_folder,
+    check_replaceable_prediction,
+    output_lock,
+    writing,
+)
 from medis3d.io.volume import Volume
 from medis3d.metrics import perturbation_norms
 from medis3d.progress import notify
@@ -196,25 +204,27 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out
 def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats, options: AttackConfig, medis: MedIS) -> Volume:
     """Write the adversarial scan in every asked format; return the primary one read back from disk."""
     written: Volume | None = None
+    budget = f"eps {medis.eps * 255:.3g}/255" if medis.eps_units == "normalized" else f"eps {medis.eps:.4g}"
+    description = f"ADVERSARIAL medis3d {budget} ({result.chosen.loss})"  # in the file, as in the DICOM series
     for fmt in formats:
         if fmt == "nifti" and volume.channel_volumes:  # one file per channel, each as its source stores it
             paths = [
-                write_nifti(source, stage / f"adversarial_{source.name}.nii.gz", result.adversarial.array[c : c + 1])
+                write_nifti(source, stage / f"adversarial_{source.name}.nii.gz", result.adversarial.array[c : c + 1],
+                            description=description)
                 for c, source in enumerate(volume.channel_volumes)
             ]
             back = read_volume(",".join(str(p) for p in paths))
         elif fmt == "nifti":
-            path = write_nifti(volume, stage / "adversarial.nii.gz", result.adversarial.array)
+            path = write_nifti(volume, stage / "adversarial.nii.gz", result.adversarial.array, description=description)
             back = read_volume(path)
         else:
             from medis3d.io.dicom import read_dicom_series, write_dicom_series
 
-            budget = f"eps {medis.eps * 255:.3g}/255" if medis.eps_units == "normalized" else f"eps {medis.eps:.4g}"
             files = write_dicom_series(
                 volume,
                 result.adversarial.array,
                 stage / "adversarial",
-                series_description=f"ADVERSARIAL medis3d {budget} ({result.chosen.loss})"[:64],
+                series_description=description[:64],
                 derivation=f"medis3d MedIS adversarial attack, {budget}, {result.chosen.steps} steps of {result.chosen.loss}",
                 anonymize=options.anonymize,
                 uid_map={} if options.anonymize else None,
@@ -248,7 +258,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         written = _write_adversarial(volume, result, stage, formats, options, medis)
         adversarial_prediction = target.predict(written)
         delta = written.array - volume.array
-        write_nifti(volume, stage / "perturbation.nii.gz", delta, dtype=np.float32)
+        write_nifti(volume, stage / "perturbation.nii.gz", delta, dtype=np.float32, description=PERTURBATION_DESCRIPTION)
         _write_prediction(volume, target, stage, "prediction_clean", result.clean_prediction, options)
         _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options)
         norms = perturbation_norms(delta, result.native_per_normalized)
@@ -321,8 +331,8 @@ def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, la
         from medis3d.io.dicom import write_dicom_seg
 
         names = {c: target.class_name(c) for c in target.foreground_classes}
-        write_dicom_seg(volume, labels, stage / f"{name}.dcm", names, series_description=f"medis3d {name.replace('_', ' ')}")
-    write_nifti(volume, stage / f"{name}.nii.gz", labels, dtype=target.label_dtype)
+        write_dicom_seg(volume, labels, stage / f"{name}.dcm", names, series_description=f"{PREDICTION_DESCRIPTION} {name.split('_', 1)[1]}")
+    write_nifti(volume, stage / f"{name}.nii.gz", labels, dtype=target.label_dtype, description=f"{PREDICTION_DESCRIPTION} {name.split('_', 1)[1]}")
 
 
 def run_predict(scan: Path | str, target: Target, out_file: Path | str | None = None) -> tuple[Path, np.ndarray, Volume]:
@@ -335,6 +345,7 @@ def run_predict(scan: Path | str, target: Target, out_file: Path | str | None = 
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise InputError(f"{out}: --out must be a .nii or .nii.gz file")
     check_output_file(out)
+    check_replaceable_prediction(out)
     prediction = target.predict(volume)
-    write_nifti(volume, out, prediction, dtype=target.label_dtype)
+    write_nifti(volume, out, prediction, dtype=target.label_dtype, description=PREDICTION_DESCRIPTION)
     return out, prediction, volume

@@ -196,6 +196,35 @@ def test_outputs_replace_only_an_earlier_medis3d_run(tiny_bundle, scan_file, tmp
     assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before and not _leftovers(tmp_path)
 
 
+def test_predict_replaces_only_a_prediction_of_ours_and_every_output_says_what_it_is(tiny_bundle, scan_file, tmp_path):
+    """predict's --out replaces a label map medis3d wrote (its header description says so) and refuses a user's
+    own file there (it used to be replaced); the attack's files name themselves in their headers, the adversarial
+    scan as ADVERSARIAL, where they carried the source scan's description."""
+    from medis3d.io.nifti import nifti_description
+
+    source = nib.load(str(scan_file))
+    source.header["descrip"] = b"the user's T1"
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(source, str(scan))
+    out = tmp_path / "pred.nii.gz"
+    predict = ["predict", str(scan), "--bundle", str(tiny_bundle), "--out", str(out)]
+    assert runner.invoke(app, predict).exit_code == 0
+    assert nifti_description(out) == "medis3d prediction"
+    assert runner.invoke(app, predict).exit_code == 0  # a rerun replaces ours
+    mine = tmp_path / "mine.nii.gz"
+    mine.write_bytes(scan.read_bytes())  # the user's scan, copied: not a prediction of ours
+    before = mine.read_bytes()
+    line = _one_line_error(runner.invoke(app, [*predict[:-1], str(mine)]))
+    assert f"{mine}: exists and is not a prediction medis3d wrote" in line and mine.read_bytes() == before
+    attacked = tmp_path / "attacked"
+    assert _attack(tiny_bundle, scan, attacked).exit_code == 0
+    assert nifti_description(attacked / "adversarial.nii.gz").startswith("ADVERSARIAL medis3d eps ")
+    assert nifti_description(attacked / "perturbation.nii.gz").startswith("medis3d perturbation")
+    assert nifti_description(attacked / "prediction_clean.nii.gz") == "medis3d prediction clean"
+    assert nifti_description(attacked / "prediction_adversarial.nii.gz") == "medis3d prediction adversarial"
+    assert nifti_description(scan) == "the user's T1"
+
+
 def test_output_folder_without_permission(tiny_bundle, scan_file, tmp_path, monkeypatch):
     parent = tmp_path / "locked"
     parent.mkdir()

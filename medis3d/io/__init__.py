@@ -79,8 +79,8 @@ def write_volume(volume: Volume, path: Path | str, array: np.ndarray | None = No
 
     A path ending in ``.nii`` or ``.nii.gz`` is one NIfTI file, refused where it exists unless
     ``overwrite``; any other path is a new (or empty) folder for a DICOM series derived from a DICOM
-    ``volume`` (new UIDs, ``description`` as its series description). The source's own files are never
-    overwritten. Returns ``path``.
+    ``volume`` (new UIDs, ``description`` as its series description; a NIfTI file's header description). The
+    source's own files are never overwritten. Returns ``path``.
     """
     from medis3d.errors import OutputError
 
@@ -91,7 +91,7 @@ def write_volume(volume: Volume, path: Path | str, array: np.ndarray | None = No
     if is_nifti(path):
         if path.exists() and not overwrite:
             raise OutputError(f"{path}: already exists; choose a new path (or pass overwrite=True)")
-        return write_nifti(volume, path, array)
+        return write_nifti(volume, path, array, description=description)
     if volume.format != "dicom":
         raise OutputError(f"{path}: a {volume.format} scan is written as .nii or .nii.gz (DICOM output needs a DICOM source)")
     from medis3d.io.dicom import write_dicom_series

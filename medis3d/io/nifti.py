@@ -20,6 +20,16 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def nifti_description(path: Path | str) -> str:
+    """The header description (``descrip``) of the NIfTI file at ``path``; empty where it has none or cannot be read."""
+    try:
+        header = nib.load(str(path)).header
+        raw = header["descrip"] if isinstance(header, nib.Nifti1Header) else b""  # NIfTI-2's header is one too
+    except Exception:  # not a NIfTI file: it has no description of ours
+        return ""
+    return bytes(np.asarray(raw).item()).decode("ascii", "replace").rstrip("\x00").strip()
+
+
 def open_nifti(path: Path | str):
     """The NIfTI image at ``path`` with its header read and its voxel data not yet (nibabel's proxy)."""
     try:
@@ -84,12 +94,14 @@ def _check_size(path: Path, image) -> None:
     check_readable(path, image.shape)
 
 
-def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = None, *, dtype=None) -> Path:
+def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = None, *, dtype=None,
+                description: str | None = None) -> Path:
     """Write ``array`` (default: the volume's own) on ``volume``'s grid, atomically.
 
     Without ``dtype`` the file stores values as the source does (quantised and clipped for
     integer types, same slope and intercept). With ``dtype`` (for label maps, float maps)
-    values are written as that type with no scaling.
+    values are written as that type with no scaling. ``description`` replaces the source's
+    header description (``descrip``, 79 ASCII characters at most), so a file says what it is.
     """
     path = Path(path)
     values = volume.array if array is None else np.asarray(array)
@@ -111,6 +123,8 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     image = kind(stored, volume.affine, header)
     image.set_data_dtype(stored.dtype)
     image.header.set_slope_inter(float(slope), float(intercept))
+    if description is not None:
+        image.header["descrip"] = description.encode("ascii", "replace")[:79]
     if header.get("sform_code", 0) == 0 and header.get("qform_code", 0) == 0:
         image.set_sform(volume.affine, code=1)
         image.set_qform(volume.affine, code=1)

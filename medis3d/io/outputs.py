@@ -24,6 +24,10 @@ def reason(exc: OSError) -> str:
     return _REASONS.get(exc.errno or 0, exc.strerror or type(exc).__name__)
 
 
+PREDICTION_DESCRIPTION = "medis3d prediction"  # the header description of every label map medis3d writes starts so
+PERTURBATION_DESCRIPTION = "medis3d perturbation (adversarial minus source)"
+
+
 def check_output_folder(out: Path) -> None:
     """Refuse an output folder that cannot be created or written, before any work is done."""
     if out.exists() and not out.is_dir():
@@ -45,6 +49,16 @@ def check_output_file(path: Path) -> None:
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; --out names the output file here")
     check_output_folder(path.parent)
+
+
+def check_replaceable_prediction(path: Path) -> None:
+    """A label map replaces only one medis3d wrote (its NIfTI header description says so): a user's own file at
+    ``path`` is refused before any work and never written over."""
+    from medis3d.io.nifti import nifti_description
+
+    if (path.exists() or path.is_symlink()) and not nifti_description(path).startswith(PREDICTION_DESCRIPTION):
+        raise OutputError(f"{path}: exists and is not a prediction medis3d wrote; medis3d never writes over it, "
+                          "choose another --out")
 
 
 @contextlib.contextmanager
