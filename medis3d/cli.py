@@ -737,6 +737,7 @@ def bundle_check(
     config: str | None = CONFIG,
     trust_bundle: bool = TRUST,
     device: str | None = DEVICE,
+    threads: int | None = THREADS,
     json_out: bool = typer.Option(False, "--json", help="Print the check as JSON."),
 ) -> None:
     """Load BUNDLE safely, list what will be attacked, and check that gradients reach the scan."""
@@ -745,7 +746,7 @@ def bundle_check(
 
     try:
         # a config can be checked before its weights exist (a notice says the weights are random)
-        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), random_weights=True)
+        tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), random_weights=True, threads=threads)
         report = check_bundle(tgt, scan)
     except Medis3dError as exc:
         _fail(str(exc))

@@ -100,6 +100,10 @@ def test_attack_reports_the_threads_it_ran_with(tiny_bundle, scan_file, tmp_path
     bad = runner.invoke(app, ["predict", str(scan_file), "--bundle", str(tiny_bundle), "--threads", "0", "--out", str(tmp_path / "p.nii.gz")])
     assert bad.exit_code != 0 and "--threads must be 1 or more" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "p.nii.gz").exists()
+    torch.set_num_threads(2)
+    checked = runner.invoke(app, ["bundle", "check", str(tiny_bundle), str(scan_file), "--threads", "1", "--json"])
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout)["gradient"] and torch.get_num_threads() == 1  # bundle check takes it too
 
 
 def test_an_inferers_window_batch_of_1_becomes_2_on_cpu_unless_asked_for(tiny_bundle, scan_file, tmp_path):
