@@ -639,7 +639,7 @@ def harden(
 @app.command()
 def diagnose(
     scan: Path = typer.Argument(..., help="NIfTI file or DICOM series."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Write the checks as JSON to this file (default: medis3d-out/<scan name>/diagnose.json)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the checks as JSON to this file (default: medis3d-out/<scan name>/diagnose.json); replaces only a diagnosis medis3d wrote."),
     bundle: Path | None = BUNDLE,
     config: str | None = CONFIG,
     trust_bundle: bool = TRUST,
@@ -660,9 +660,9 @@ def diagnose(
 ) -> None:
     """Check an attack on SCAN for gradient masking: eps sweep, step doubling, restarts, random search, finite differences, layers."""
     _quiet_warnings()
-    from medis3d.diagnose import Diagnose
+    from medis3d.diagnose import SCHEMA, Diagnose
     from medis3d.io import read_volume
-    from medis3d.io.outputs import check_output_file
+    from medis3d.io.outputs import check_output_file, check_replaceable_file, has_schema
     from medis3d.report import write_json
     from medis3d.workflow import default_out_dir, read_segmentation
 
@@ -675,6 +675,7 @@ def diagnose(
         if path.resolve() == Path(scan).resolve():
             raise InputError(f"{scan}: refusing to overwrite the input; choose another --out")
         check_output_file(path)
+        check_replaceable_file(path, lambda p: has_schema(p, SCHEMA), "a diagnosis")
         show = (lambda m: typer.echo(f"  {m}", err=True)) if not (quiet or json_out) else None
         result = Diagnose(tgt, member=member, eps=parse_fraction(eps, "--eps"), steps=steps, step=parse_fraction(step, "--step"),
                           queries=queries, seed=seed, progress=show)(volume, reference)

@@ -57,6 +57,9 @@ class Check:
         return {"check": self.name, "flagged": self.flagged, "cause": self.cause or None, **self.measured}
 
 
+SCHEMA = "medis3d.diagnose/1"  # diagnose.json's; a rerun replaces only a file that carries it
+
+
 @dataclass
 class Diagnosis:
     """Every check on one scan."""
@@ -72,7 +75,7 @@ class Diagnosis:
         return any(c.flagged for c in self.checks)
 
     def as_dict(self) -> dict:
-        return {"scan": self.scan, "member": self.member, "eps": self.eps, "flagged": self.flagged,
+        return {"schema": SCHEMA, "scan": self.scan, "member": self.member, "eps": self.eps, "flagged": self.flagged,
                 "checks": [c.as_dict() for c in self.checks], "time_s": self.time_s}
 
 

@@ -3,7 +3,6 @@ atomically, and measure the outcome on the volume as written (read back from dis
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -23,7 +22,9 @@ from medis3d.io.outputs import (
     PREDICTION_DESCRIPTION,
     check_output_file,
     check_output_folder,
-    check_replaceable_prediction,
+    check_replaceable_file,
+    has_schema,
+    is_our_prediction,
     output_lock,
     writing,
 )
@@ -112,10 +113,7 @@ def _guard_inputs(out_dir: Path, inputs: Sequence[Path | None]) -> None:
 
 def _holds_our_outputs(out: Path) -> bool:
     """Whether ``out`` holds an earlier medis3d attack's outputs (its report.json says so)."""
-    try:
-        return json.loads((out / "report.json").read_text()).get("schema") == SCHEMA
-    except (OSError, ValueError, AttributeError):
-        return False
+    return has_schema(out / "report.json", SCHEMA)
 
 
 def check_replaceable(out: Path, names: Sequence[str]) -> None:
@@ -345,7 +343,7 @@ def run_predict(scan: Path | str, target: Target, out_file: Path | str | None = 
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise InputError(f"{out}: --out must be a .nii or .nii.gz file")
     check_output_file(out)
-    check_replaceable_prediction(out)
+    check_replaceable_file(out, is_our_prediction, "a prediction")
     prediction = target.predict(volume)
     write_nifti(volume, out, prediction, dtype=target.label_dtype, description=PREDICTION_DESCRIPTION)
     return out, prediction, volume

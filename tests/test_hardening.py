@@ -196,10 +196,11 @@ def test_outputs_replace_only_an_earlier_medis3d_run(tiny_bundle, scan_file, tmp
     assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before and not _leftovers(tmp_path)
 
 
-def test_predict_replaces_only_a_prediction_of_ours_and_every_output_says_what_it_is(tiny_bundle, scan_file, tmp_path):
-    """predict's --out replaces a label map medis3d wrote (its header description says so) and refuses a user's
-    own file there (it used to be replaced); the attack's files name themselves in their headers, the adversarial
-    scan as ADVERSARIAL, where they carried the source scan's description."""
+def test_predict_and_diagnose_replace_only_their_own_file_and_every_output_says_what_it_is(tiny_bundle, scan_file, tmp_path):
+    """predict's --out replaces a label map medis3d wrote (its header description says so), diagnose's a diagnosis
+    (its JSON schema), and both refuse a user's own file there before any work (it used to be replaced); the
+    attack's files name themselves in their headers, the adversarial scan as ADVERSARIAL, where they carried the
+    source scan's description."""
     from medis3d.io.nifti import nifti_description
 
     source = nib.load(str(scan_file))
@@ -216,6 +217,15 @@ def test_predict_replaces_only_a_prediction_of_ours_and_every_output_says_what_i
     before = mine.read_bytes()
     line = _one_line_error(runner.invoke(app, [*predict[:-1], str(mine)]))
     assert f"{mine}: exists and is not a prediction medis3d wrote" in line and mine.read_bytes() == before
+    checks = tmp_path / "checks.json"
+    diagnose = ["diagnose", str(scan), "--bundle", str(tiny_bundle), "--steps", "1", "--queries", "2", "--quiet", "--out"]
+    assert runner.invoke(app, [*diagnose, str(checks)]).exit_code in (0, 1)
+    assert json.loads(checks.read_text())["schema"] == "medis3d.diagnose/1"
+    assert runner.invoke(app, [*diagnose, str(checks)]).exit_code in (0, 1)  # a rerun replaces ours
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    line = _one_line_error(runner.invoke(app, [*diagnose, str(notes)]))
+    assert f"{notes}: exists and is not a diagnosis medis3d wrote" in line and notes.read_text() == '{"mine": true}'
     attacked = tmp_path / "attacked"
     assert _attack(tiny_bundle, scan, attacked).exit_code == 0
     assert nifti_description(attacked / "adversarial.nii.gz").startswith("ADVERSARIAL medis3d eps ")

@@ -8,9 +8,10 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from medis3d.errors import OutputError
@@ -51,14 +52,26 @@ def check_output_file(path: Path) -> None:
     check_output_folder(path.parent)
 
 
-def check_replaceable_prediction(path: Path) -> None:
-    """A label map replaces only one medis3d wrote (its NIfTI header description says so): a user's own file at
-    ``path`` is refused before any work and never written over."""
+def check_replaceable_file(path: Path, ours: Callable[[Path], bool], what: str) -> None:
+    """An output file replaces only one medis3d wrote (``ours(path)``: a mark inside it says so): a user's own file
+    at ``path`` is refused before any work and never written over. ``what`` names the output, "a prediction"."""
+    if (path.exists() or path.is_symlink()) and not ours(path):
+        raise OutputError(f"{path}: exists and is not {what} medis3d wrote; medis3d never writes over it, choose another --out")
+
+
+def is_our_prediction(path: Path) -> bool:
+    """Whether ``path`` is a label map medis3d wrote (its NIfTI header description says so)."""
     from medis3d.io.nifti import nifti_description
 
-    if (path.exists() or path.is_symlink()) and not nifti_description(path).startswith(PREDICTION_DESCRIPTION):
-        raise OutputError(f"{path}: exists and is not a prediction medis3d wrote; medis3d never writes over it, "
-                          "choose another --out")
+    return nifti_description(path).startswith(PREDICTION_DESCRIPTION)
+
+
+def has_schema(path: Path, schema: str) -> bool:
+    """Whether ``path`` is a JSON object of ``schema`` (a report medis3d wrote)."""
+    try:
+        return json.loads(path.read_text()).get("schema") == schema
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager
