@@ -23,6 +23,7 @@ from medis3d.io.nifti import is_nifti
 from medis3d.io.volume import make_names_unique, safe_name
 
 STATUS_FILE = "status.json"
+BATCH_OUTPUTS = ("summary.csv", "summary.json")  # beside each volume's folder, which attack's own check covers
 SUMMARY_COLUMNS = [
     "name", "input", "status", "error", "clean_dice", "adversarial_dice", "clean_mean_iou",
     "adversarial_mean_iou", "success", "selected_loss", "selected_steps", "linf_normalized",

@@ -336,8 +336,8 @@ def batch(
 ) -> None:
     """Attack every volume under INPUT_DIR; resumable; shards across processes under torchrun."""
     _quiet_warnings()
-    from medis3d.batch import Shard, discover
-    from medis3d.io.outputs import check_output_folder, output_lock, writing
+    from medis3d.batch import BATCH_OUTPUTS, Shard, discover
+    from medis3d.io.outputs import check_folder_replaceable, check_output_folder, output_lock, writing
 
     if target not in (None, "background", "foreground"):
         _fail(f"--target in batch must be background or foreground, got {target!r}")
@@ -350,6 +350,7 @@ def batch(
         if out.resolve() == input_dir.resolve() or input_dir.resolve() in out.resolve().parents:
             raise InputError(f"{out}: the output folder must not be inside the input folder {input_dir}")
         check_output_folder(out)
+        check_folder_replaceable(out, BATCH_OUTPUTS, "batch")
         tgt, attack_settings, _ = _prepare(params)
         with output_lock(out, part=f"batch rank {shard.rank}"), writing(out):
             code = _run_batch(items, out, tgt, attack_settings, shard, quiet)
@@ -362,9 +363,10 @@ def batch(
 
 def _run_batch(items, out: Path, tgt, options, shard, quiet: bool) -> int:
     from medis3d.batch import pending, run_one, write_summary
+    from medis3d.io.outputs import mark_folder
     from medis3d.workflow import run_attack
 
-    out.mkdir(parents=True, exist_ok=True)
+    mark_folder(out, "batch")
     todo = list(pending(shard.mine(items), out))
     skipped = len(shard.mine(items)) - len(todo)
 
@@ -513,10 +515,12 @@ def evaluate(
         if quiet:
             summary = evaluate_dataset(tgt, cases, out, **kwargs)
         else:
-            from medis3d.io.outputs import check_output_folder
+            from medis3d.io.outputs import check_folder_replaceable, check_output_folder
             from medis3d.progress import Reporter
+            from medis3d.study import STUDY_OUTPUTS
 
             check_output_folder(out)  # before the bar: a bad --out is its one line
+            check_folder_replaceable(out, STUDY_OUTPUTS, "evaluate")
             with Reporter() as reporter:  # bars with an ETA on a terminal; in a log, phases, steps and volumes x budgets
                 reporter.count("volumes x budgets", len(cases) * (len(eps_list) + int(diagnose)), item="volume x budget")
                 reporter.info(f"{len(member_list)} members")

@@ -23,7 +23,7 @@ from medis3d.html_report import dice_curves, eps_label, evaluation_page, referen
 from medis3d.io import check_scan, read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
-from medis3d.io.outputs import check_output_folder, output_lock, writing
+from medis3d.io.outputs import check_folder_replaceable, check_output_folder, mark_folder, output_lock, writing
 from medis3d.io.volume import make_names_unique, safe_name, scan_name
 from medis3d.metrics import confusion_counts, dice_per_class, flipped_fraction, hd95_per_class, mean_iou, perturbation_norms
 from medis3d.progress import notify
@@ -31,6 +31,7 @@ from medis3d.report import clean_json
 from medis3d.target import Target
 from medis3d.workflow import read_region, read_segmentation
 
+STUDY_OUTPUTS = ("results.csv", "summary.json", "robustness.png", "report.md", "report.html", "cache", "diagnose")
 COLUMNS = [
     "volume", "member", "attack", "loss", "eps", "clean_dice", "adversarial_dice", "clean_dice_per_class", "adversarial_dice_per_class",
     "adversarial_hd95", "clean_mean_iou", "adversarial_mean_iou", "success", "linf_native", "l2_native",
@@ -211,6 +212,7 @@ def evaluate_dataset(
             if path is not None:
                 check_scan(path)
     check_output_folder(out)
+    check_folder_replaceable(out, STUDY_OUTPUTS, "evaluate")
     with output_lock(out), writing(out):
         return _evaluate_dataset(target, cases, out, attacks=attacks, losses=losses, members=members, eps_list=eps_list,
                                  step=step, steps=steps, eps_units=eps_units, success=success, seed=seed, norm=norm, diagnose=diagnose,
@@ -263,7 +265,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                 if progress is not None:
                     progress(case.name)
             continue
-        out.mkdir(parents=True, exist_ok=True)  # not before a volume has loaded: a study of none leaves nothing
+        mark_folder(out, "evaluate")  # not before a volume has loaded: a study of none leaves nothing
         for eps in eps_list:
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed, norm=norm,

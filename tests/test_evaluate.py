@@ -402,3 +402,31 @@ def test_victims_are_scored_on_the_sources_classes(tiny_bundle, tmp_path):
     assert victim.target.attacked_classes == source.attacked_classes == (1,)
     (everything,) = _load_victims(str(tmp_path / "other"), load_bundle(tiny_bundle), "tiny", False, "cpu")
     assert everything.target.attacked_classes is None
+
+
+@pytest.mark.parametrize("command", ["evaluate", "evaluate --no-quiet", "batch"])
+def test_a_folder_of_the_users_with_a_file_named_like_an_output_is_refused(tiny_bundle, tmp_path, command):
+    """evaluate and batch write their tables into the folder named by --out: where it holds a file named like one of
+    them that an earlier run of theirs did not write (a user's own report.md or summary.csv), the run is refused before
+    any work and the folder is left as it was (those files used to be replaced); a rerun into its own folder goes on."""
+    root = _dataset(tmp_path)
+    out = tmp_path / "mine"
+    out.mkdir()
+    name = "summary.csv" if command == "batch" else "report.md"
+    (out / name).write_text("my notes")
+    if command == "batch":
+        args = ["batch", str(root / "images"), "--out", str(out), "--bundle", str(tiny_bundle), "--losses", "ce",
+                "--steps", "1", "--eps", "8/255", "--quiet"]
+    else:
+        args = ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(tiny_bundle), *ARGS]
+        args = [a for a in args if a != "--quiet"] if command.endswith("--no-quiet") else args
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0] == (f"medis3d: error: {out / name}: exists and is not an output of an earlier medis3d "
+                         f"{command.split()[0]}; medis3d never writes over it, choose another --out"), result.output
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "my notes"
+    ours = tmp_path / "ours"
+    assert runner.invoke(app, [*args[:3], str(ours), *args[4:]]).exit_code in (0, 1)
+    assert runner.invoke(app, [*args[:3], str(ours), *args[4:]]).exit_code in (0, 1)  # a rerun into its own folder
+    assert (ours / name).is_file()

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from medis3d.errors import OutputError
@@ -57,6 +57,30 @@ def check_replaceable_file(path: Path, ours: Callable[[Path], bool], what: str) 
     at ``path`` is refused before any work and never written over. ``what`` names the output, "a prediction"."""
     if (path.exists() or path.is_symlink()) and not ours(path):
         raise OutputError(f"{path}: exists and is not {what} medis3d wrote; medis3d never writes over it, choose another --out")
+
+
+MARK = ".medis3d.json"  # in an output folder of evaluate or batch: which command made it
+
+
+def mark_folder(out: Path, command: str) -> None:
+    """Make ``out`` (where missing) and say in it that ``command`` writes there, before its first output, so that a
+    rerun (a resumed study included) knows its own folder (:func:`check_folder_replaceable`)."""
+    from medis3d.io.atomic import write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not has_schema(out / MARK, f"medis3d.{command}/1"):
+        write_text_atomic(out / MARK, json.dumps({"schema": f"medis3d.{command}/1"}) + "\n")
+
+
+def check_folder_replaceable(out: Path, names: Sequence[str], command: str) -> None:
+    """``command``'s outputs replace an earlier run's of it in ``out`` (:func:`mark_folder`) and nothing else: where
+    one of ``names`` is taken in a folder it did not make (a user's own ``report.md``), it is refused before any work."""
+    if has_schema(out / MARK, f"medis3d.{command}/1"):
+        return
+    taken = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+    if taken:
+        raise OutputError(f"{out / taken[0]}: exists and is not an output of an earlier medis3d {command}; medis3d never "
+                          "writes over it, choose another --out")
 
 
 def is_our_prediction(path: Path) -> bool:
