@@ -337,7 +337,7 @@ def batch(
     """Attack every volume under INPUT_DIR; resumable; shards across processes under torchrun."""
     _quiet_warnings()
     from medis3d.batch import BATCH_OUTPUTS, Shard, discover
-    from medis3d.io.outputs import check_folder_replaceable, check_output_folder, output_lock, writing
+    from medis3d.io.outputs import check_folder_replaceable, check_output_folder, marked_by, output_lock, writing
 
     if target not in (None, "background", "foreground"):
         _fail(f"--target in batch must be background or foreground, got {target!r}")
@@ -350,7 +350,7 @@ def batch(
         if out.resolve() == input_dir.resolve() or input_dir.resolve() in out.resolve().parents:
             raise InputError(f"{out}: the output folder must not be inside the input folder {input_dir}")
         check_output_folder(out)
-        check_folder_replaceable(out, BATCH_OUTPUTS, "batch")
+        check_folder_replaceable(out, BATCH_OUTPUTS, marked_by("batch"), "medis3d batch")
         tgt, attack_settings, _ = _prepare(params)
         with output_lock(out, part=f"batch rank {shard.rank}"), writing(out):
             code = _run_batch(items, out, tgt, attack_settings, shard, quiet)
@@ -515,12 +515,10 @@ def evaluate(
         if quiet:
             summary = evaluate_dataset(tgt, cases, out, **kwargs)
         else:
-            from medis3d.io.outputs import check_folder_replaceable, check_output_folder
             from medis3d.progress import Reporter
-            from medis3d.study import STUDY_OUTPUTS
+            from medis3d.study import check_study_folder
 
-            check_output_folder(out)  # before the bar: a bad --out is its one line
-            check_folder_replaceable(out, STUDY_OUTPUTS, "evaluate")
+            check_study_folder(out)  # before the bar: a bad --out is its one line
             with Reporter() as reporter:  # bars with an ETA on a terminal; in a log, phases, steps and volumes x budgets
                 reporter.count("volumes x budgets", len(cases) * (len(eps_list) + int(diagnose)), item="volume x budget")
                 reporter.info(f"{len(member_list)} members")

@@ -106,7 +106,7 @@ class MedISResult:
         from medis3d.errors import OutputError
         from medis3d.io import write_nifti
         from medis3d.io.atomic import staging_folder
-        from medis3d.io.outputs import PERTURBATION_DESCRIPTION, PREDICTION_DESCRIPTION
+        from medis3d.io.outputs import PERTURBATION_DESCRIPTION, prediction_description
 
         out = Path(out_dir)
         if out.exists() and not (out.is_dir() and not any(out.iterdir())):
@@ -129,7 +129,7 @@ class MedISResult:
                 labels = np.asarray(labels)
                 write_nifti(adversarial, stage / f"{name}.nii.gz", labels,
                             dtype=np.uint16 if labels.size and labels.max() > 255 else np.uint8,
-                            description=f"{PREDICTION_DESCRIPTION} {name.split('_', 1)[1]}")
+                            description=prediction_description(name))
             (stage / "result.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
             if out.exists():
                 out.rmdir()  # empty, checked above

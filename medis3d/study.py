@@ -23,7 +23,7 @@ from medis3d.html_report import dice_curves, eps_label, evaluation_page, referen
 from medis3d.io import check_scan, read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
-from medis3d.io.outputs import check_folder_replaceable, check_output_folder, mark_folder, output_lock, writing
+from medis3d.io.outputs import check_folder_replaceable, check_output_folder, mark_folder, marked_by, output_lock, writing
 from medis3d.io.volume import make_names_unique, safe_name, scan_name
 from medis3d.metrics import confusion_counts, dice_per_class, flipped_fraction, hd95_per_class, mean_iou, perturbation_norms
 from medis3d.progress import notify
@@ -211,13 +211,19 @@ def evaluate_dataset(
         for path in (case.image, case.label, case.mask):
             if path is not None:
                 check_scan(path)
-    check_output_folder(out)
-    check_folder_replaceable(out, STUDY_OUTPUTS, "evaluate")
+    check_study_folder(out)
     with output_lock(out), writing(out):
         return _evaluate_dataset(target, cases, out, attacks=attacks, losses=losses, members=members, eps_list=eps_list,
                                  step=step, steps=steps, eps_units=eps_units, success=success, seed=seed, norm=norm, diagnose=diagnose,
                                  progress=progress, steps_progress=steps_progress, together=together, victims=victims,
                                  source=source, settings=settings, stop_at_success=stop_at_success)
+
+
+def check_study_folder(out: Path) -> None:
+    """Refuse an output folder a study cannot write, or one of the user's that holds a file named like its outputs
+    (a study's own folder, resumed, is fine), before any work."""
+    check_output_folder(out)
+    check_folder_replaceable(out, STUDY_OUTPUTS, marked_by("evaluate"), "medis3d evaluate")
 
 
 def run_setting(target: Target) -> dict:

@@ -13,19 +13,21 @@ from pathlib import Path
 import numpy as np
 
 from medis3d.config import AttackConfig
-from medis3d.errors import InputError, OutputError
+from medis3d.errors import InputError
 from medis3d.fusion import MedIS, MedISResult
 from medis3d.io import channel_paths, check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import (
     PERTURBATION_DESCRIPTION,
     PREDICTION_DESCRIPTION,
+    check_folder_replaceable,
     check_output_file,
     check_output_folder,
     check_replaceable_file,
     has_schema,
     is_our_prediction,
     output_lock,
+    prediction_description,
     writing,
 )
 from medis3d.io.volume import Volume
@@ -111,19 +113,9 @@ def _guard_inputs(out_dir: Path, inputs: Sequence[Path | None]) -> None:
             raise InputError(f"{out_dir}: refusing to write outputs inside the input series folder {p}")
 
 
-def _holds_our_outputs(out: Path) -> bool:
-    """Whether ``out`` holds an earlier medis3d attack's outputs (its report.json says so)."""
-    return has_schema(out / "report.json", SCHEMA)
-
-
 def check_replaceable(out: Path, names: Sequence[str]) -> None:
-    """An attack's outputs replace an earlier medis3d run's outputs in ``out`` and nothing else: where one of
-    ``names`` is taken in a folder medis3d did not write (a user's own file or DICOM folder called ``adversarial``),
-    the run is refused, and that file is never written over."""
-    taken = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
-    if taken and not _holds_our_outputs(out):
-        raise OutputError(f"{out / taken[0]}: exists and is not an output of an earlier medis3d run; medis3d never writes "
-                          "over it, choose another --out")
+    """An attack's outputs replace an earlier medis3d attack's in ``out`` (its report.json says so) and nothing else."""
+    check_folder_replaceable(out, names, lambda folder: has_schema(folder / "report.json", SCHEMA), "medis3d run")
 
 
 def _scan_name(scan: Path | str) -> str:
@@ -329,8 +321,8 @@ def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, la
         from medis3d.io.dicom import write_dicom_seg
 
         names = {c: target.class_name(c) for c in target.foreground_classes}
-        write_dicom_seg(volume, labels, stage / f"{name}.dcm", names, series_description=f"{PREDICTION_DESCRIPTION} {name.split('_', 1)[1]}")
-    write_nifti(volume, stage / f"{name}.nii.gz", labels, dtype=target.label_dtype, description=f"{PREDICTION_DESCRIPTION} {name.split('_', 1)[1]}")
+        write_dicom_seg(volume, labels, stage / f"{name}.dcm", names, series_description=prediction_description(name))
+    write_nifti(volume, stage / f"{name}.nii.gz", labels, dtype=target.label_dtype, description=prediction_description(name))
 
 
 def run_predict(scan: Path | str, target: Target, out_file: Path | str | None = None) -> tuple[Path, np.ndarray, Volume]:

@@ -29,6 +29,12 @@ PREDICTION_DESCRIPTION = "medis3d prediction"  # the header description of every
 PERTURBATION_DESCRIPTION = "medis3d perturbation (adversarial minus source)"
 
 
+def prediction_description(name: str) -> str:
+    """The description of an attack's label map ``prediction_clean`` or ``prediction_adversarial``:
+    ``medis3d prediction clean``."""
+    return f"{PREDICTION_DESCRIPTION} {name.removeprefix('prediction_')}"
+
+
 def check_output_folder(out: Path) -> None:
     """Refuse an output folder that cannot be created or written, before any work is done."""
     if out.exists() and not out.is_dir():
@@ -64,23 +70,28 @@ MARK = ".medis3d.json"  # in an output folder of evaluate or batch: which comman
 
 def mark_folder(out: Path, command: str) -> None:
     """Make ``out`` (where missing) and say in it that ``command`` writes there, before its first output, so that a
-    rerun (a resumed study included) knows its own folder (:func:`check_folder_replaceable`)."""
+    rerun (a resumed study included) knows its own folder (:func:`marked_by`)."""
     from medis3d.io.atomic import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    if not has_schema(out / MARK, f"medis3d.{command}/1"):
+    if not marked_by(command)(out):
         write_text_atomic(out / MARK, json.dumps({"schema": f"medis3d.{command}/1"}) + "\n")
 
 
-def check_folder_replaceable(out: Path, names: Sequence[str], command: str) -> None:
-    """``command``'s outputs replace an earlier run's of it in ``out`` (:func:`mark_folder`) and nothing else: where
-    one of ``names`` is taken in a folder it did not make (a user's own ``report.md``), it is refused before any work."""
-    if has_schema(out / MARK, f"medis3d.{command}/1"):
-        return
+def marked_by(command: str) -> Callable[[Path], bool]:
+    """Whether a folder is one that ``command`` made (:func:`mark_folder`)."""
+    return lambda out: has_schema(out / MARK, f"medis3d.{command}/1")
+
+
+def check_folder_replaceable(out: Path, names: Sequence[str], ours: Callable[[Path], bool], what: str) -> None:
+    """Outputs replace an earlier run's in ``out`` (``ours(out)``: a mark of that run says so) and nothing else: where
+    one of ``names`` is taken in a folder that run did not make (a user's own ``report.md``, or DICOM folder called
+    ``adversarial``), the run is refused before any work and that file is never written over. ``what`` names the
+    run, "medis3d evaluate"."""
     taken = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
-    if taken:
-        raise OutputError(f"{out / taken[0]}: exists and is not an output of an earlier medis3d {command}; medis3d never "
-                          "writes over it, choose another --out")
+    if taken and not ours(out):
+        raise OutputError(f"{out / taken[0]}: exists and is not an output of an earlier {what}; medis3d never writes "
+                          "over it, choose another --out")
 
 
 def is_our_prediction(path: Path) -> bool:
