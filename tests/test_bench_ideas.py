@@ -1,0 +1,60 @@
+"""bench/ideas.py's pieces: its weighted losses are bench/reference.py's SEA losses when every voxel counts and
+carry no gradient from voxels outside their weight, and its region-wise worst case takes each block from the
+adversarial that lowers the score there, voxel for voxel one of its inputs (so inside their common ball)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import ideas  # noqa: E402  (bench/ideas.py)
+import reference  # noqa: E402
+
+
+def test_weighted_losses_are_the_reference_losses_with_every_voxel_and_ignore_voxels_outside_their_weight():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 6, 6, 6) * 3
+    truth = logits[0].argmax(0)
+    truth[0] = 1 - truth[0]  # some voxels already flipped: the spherical loss's mask matters
+    ones = torch.ones(6, 6, 6)
+    assert torch.allclose(ideas.weighted_spherical(ones)(logits, truth), reference.masked_spherical_loss(logits, truth))
+    assert torch.allclose(ideas.weighted_js(ones)(logits, truth), reference.js_loss(logits, truth))
+    assert not torch.allclose(ideas.weighted_js(ones, 0.5)(logits, truth), reference.js_loss(logits, truth))
+    band = torch.zeros(6, 6, 6)
+    band[2:4] = 1
+    for loss in (ideas.weighted_spherical(band), ideas.weighted_js(band, 2.0)):
+        x = logits.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss(x, truth), x)
+        assert grad[:, :, 2:4].abs().sum() > 0
+        assert grad[:, :, :2].abs().sum() == 0 and grad[:, :, 4:].abs().sum() == 0
+
+
+class _Blocks:
+    """A stand-in scan for the stitch: its score is the share of voxels that differ from a goal made of two
+    adversarials' blocks (lower is stronger), so the best stitch is the goal itself."""
+
+    def __init__(self, goal: np.ndarray):
+        self.goal = goal
+        self.calls = 0
+
+    def dice(self, array: np.ndarray) -> float:
+        self.calls += 1
+        return float((array != self.goal).mean())
+
+
+def test_stitch_takes_each_block_from_the_adversarial_that_lowers_the_score():
+    rng = np.random.default_rng(0)
+    up = rng.uniform(0, 1, (9, 9, 9)).astype(np.float32)
+    down = -rng.uniform(0, 1, (9, 9, 9)).astype(np.float32)
+    goal = up.copy()
+    goal[:3, 3:6, 6:] = down[:3, 3:6, 6:]
+    goal[6:, :3, :3] = down[6:, :3, :3]
+    scan = _Blocks(goal)
+    stitched = ideas.stitch(scan, {"up": up, "down": down})  # type: ignore[arg-type]
+    assert np.array_equal(stitched, goal)
+    assert np.all((stitched == up) | (stitched == down))  # each voxel one of the inputs': inside their ball
+    assert scan.calls <= 2 + 2 * 27  # every input scored once, each block tried once a sweep
