@@ -22,6 +22,8 @@ Ideas (``--steps`` iterations each, 50 by default):
 * ``stitch``: the region-wise worst case of the adversarials computed so far: the scan cut into 3x3x3 blocks,
   each block's perturbation taken from whichever adversarial lowers the whole scan's Dice (greedy, two sweeps;
   every block stays inside the ball, so the stitched scan does too).
+* ``grow:R``: from the chain's adversarial, a targeted search towards its own damage grown by ``R`` voxels (the
+  holes it carves widened, the brain it adds widened: does the model give way further where it already gave?).
 * ``where``, ``where:IDEA``: where the strongest adversarial so far (or IDEA's) flips the prediction, by distance
   from the clean boundary.
 """
@@ -49,7 +51,7 @@ from medis3d.io import read_volume
 
 CACHE = ROOT / "bench" / ".cache" / "ideas"
 DEFAULT = ("spherical", "js", "chain", "band:4", "band:8", "js_band:4", "js_T:0.5", "js_T:2", "alternate", "odi",
-           "stitch", "where:spherical", "where")
+           "grow:1", "grow:2", "stitch", "where:spherical", "where")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -142,6 +144,21 @@ def stitch(scan: Scan, adversarials: dict[str, np.ndarray], blocks: int = 3, swe
     return current
 
 
+def grow(scan: Scan, adversarial: np.ndarray, voxels: int, steps: int) -> np.ndarray:
+    """From ``adversarial``, a targeted search towards its own damage grown by ``voxels``: the brain it takes away
+    dilated within the clean brain, the brain it adds dilated within the background (the masked spherical loss
+    against the flipped goal, so only voxels not yet at the goal pull)."""
+    start = torch.from_numpy(adversarial)[None]
+    with torch.no_grad():
+        now = scan.problem.logits(start)[0].argmax(0).numpy().astype(bool)
+    clean = (scan.problem.reference == 1).numpy()
+    lost = ndimage.binary_dilation(clean & ~now, iterations=voxels) & clean
+    added = ndimage.binary_dilation(~clean & now, iterations=voxels) & ~clean
+    goal = torch.from_numpy((clean & ~lost) | added).long()
+    spherical = weighted_spherical(torch.ones_like(scan.distance))
+    return scan.apgd([(lambda logits, _reference: spherical(logits, 1 - goal), steps)], start=start)
+
+
 def where(scan: Scan, adversarial: np.ndarray) -> dict:
     """Flipped voxels of the clean prediction (lost: brain no more; added: brain that was not) by distance, in
     voxels, from the clean prediction's boundary on the scan's grid."""
@@ -212,6 +229,10 @@ def main() -> None:
             continue
         if name == "stitch":
             adversarial = stitch(scan, {k: v for k, v in done.items() if k != "stitch"})
+        elif name == "grow":
+            if "chain" not in done:
+                sys.exit("bench/ideas.py: grow needs chain run first")
+            adversarial = grow(scan, done["chain"], int(value or 1), n)
         else:
             stages = idea_stages(scan, name, value, n)
             if stages is None:
