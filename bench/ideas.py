@@ -19,7 +19,7 @@ Ideas (``--steps`` iterations each, 50 by default):
   three switches where it has one).
 * ``odi``: spherical from an output-diversified start (Tashiro et al. 2020: two signed steps of eps up a random
   direction of the logits) instead of the clean scan.
-* ``stitch``: the region-wise worst case of the adversarials computed so far: the scan cut into 3x3x3 blocks,
+* ``stitch``: the region-wise worst case of the adversarials computed so far (by default every idea above): the scan cut into 3x3x3 blocks,
   each block's perturbation taken from whichever adversarial lowers the whole scan's Dice (greedy, two sweeps;
   every block stays inside the ball, so the stitched scan does too).
 * ``grow:R``: from the chain's adversarial, a targeted search towards its own damage grown by ``R`` voxels (the
@@ -51,12 +51,12 @@ from medis3d.io import read_volume
 
 CACHE = ROOT / "bench" / ".cache" / "ideas"
 DEFAULT = ("spherical", "js", "chain", "band:4", "band:8", "js_band:4", "js_T:0.5", "js_T:2", "alternate", "odi",
-           "grow:1", "grow:2", "stitch", "where:spherical", "where")
+           "stitch", "grow:1", "grow:2", "where:spherical", "where")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Scan:
-    """The T1 under attack: the plain problem (8/255 of the model's intensity range, in the scan's units), the
+    """The T1 under attack: the plain problem (``eps``/255 of the model's intensity range, in the scan's units), the
     clean prediction's distance from its boundary on the model's grid, and scoring on the written file."""
 
     def __init__(self, head: str, eps: float):
