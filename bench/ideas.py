@@ -62,16 +62,13 @@ class Scan:
     def __init__(self, head: str, eps: float):
         self.bundle = plain.Bundle(default_bundle_path())
         self.image = nib.load(head)
-        scale, _ = load_bundle(default_bundle_path()).intensity_scale(read_volume(head))
-        self.scale = scale
-        self.eps = eps / 255 * scale
+        self.scale, _ = load_bundle(default_bundle_path()).intensity_scale(read_volume(head))
+        self.eps = eps / 255 * self.scale
         self.problem = plain.scan_problem(self.bundle, self.image, self.eps,
                                           lambda x: plain.real_preprocessing(self.bundle, x, self.image.affine))
         self.x0 = np.asarray(self.image.dataobj, dtype=np.float32).reshape(self.image.shape[:3])
         self.clean = self.segment(self.x0)
-        inside = (self.problem.reference == 1).numpy()
-        self.distance = torch.from_numpy(np.where(inside, ndimage.distance_transform_edt(inside),
-                                                  ndimage.distance_transform_edt(~inside))).float()
+        self.distance = torch.from_numpy(boundary_distance((self.problem.reference == 1).numpy())).float()
 
     def segment(self, array: np.ndarray) -> np.ndarray:
         return plain.bundle_segmentation(self.bundle, array, self.image).astype(bool)
@@ -99,6 +96,11 @@ class Scan:
             (grad,) = torch.autograd.grad((logits * direction).sum(), x)
             x = self.problem.project(x.detach() + self.eps * grad.sign())
         return x
+
+
+def boundary_distance(inside: np.ndarray) -> np.ndarray:
+    """Each voxel's distance, in voxels, from the edge of the mask ``inside`` (1 next to it, on either side)."""
+    return np.where(inside, ndimage.distance_transform_edt(inside), ndimage.distance_transform_edt(~inside))
 
 
 def weighted_spherical(weight: torch.Tensor) -> Loss:
@@ -155,8 +157,7 @@ def grow(scan: Scan, adversarial: np.ndarray, voxels: int, steps: int) -> np.nda
     lost = ndimage.binary_dilation(clean & ~now, iterations=voxels) & clean
     added = ndimage.binary_dilation(~clean & now, iterations=voxels) & ~clean
     goal = torch.from_numpy((clean & ~lost) | added).long()
-    spherical = weighted_spherical(torch.ones_like(scan.distance))
-    return scan.apgd([(lambda logits, _reference: spherical(logits, 1 - goal), steps)], start=start)
+    return scan.apgd([(lambda logits, _reference: plain.masked_spherical_loss(logits, 1 - goal), steps)], start=start)
 
 
 def where(scan: Scan, adversarial: np.ndarray) -> dict:
@@ -164,7 +165,7 @@ def where(scan: Scan, adversarial: np.ndarray) -> dict:
     voxels, from the clean prediction's boundary on the scan's grid."""
     labels = scan.segment(adversarial)
     inside = scan.clean
-    distance = np.where(inside, ndimage.distance_transform_edt(inside), ndimage.distance_transform_edt(~inside))
+    distance = boundary_distance(inside)
     out: dict = {"brain": int(inside.sum()), "lost": int((inside & ~labels).sum()), "added": int((~inside & labels).sum())}
     for lo, hi in ((0, 2), (2, 4), (4, 8), (8, 16), (16, 1000)):
         ring = (distance > lo) & (distance <= hi)
@@ -174,9 +175,9 @@ def where(scan: Scan, adversarial: np.ndarray) -> dict:
 
 
 def idea_stages(scan: Scan, name: str, value: str, n: int) -> list[tuple[Loss, int]] | None:
-    """The APGD stages (loss, iterations) of the idea ``name`` (``value``: its parameter), ``None`` for no such idea."""
-    everywhere = torch.ones_like(scan.distance)
-    spherical, js, half = weighted_spherical(everywhere), weighted_js(everywhere), n // 2
+    """The APGD stages (loss, iterations) of the idea ``name`` (``value``: its parameter), ``None`` for no such idea.
+    Over the whole head the losses are ``bench/reference.py``'s own."""
+    spherical, js, half = plain.masked_spherical_loss, plain.js_loss, n // 2
     if name in ("spherical", "odi"):
         return [(spherical, n)]
     if name == "js":
@@ -187,7 +188,7 @@ def idea_stages(scan: Scan, name: str, value: str, n: int) -> list[tuple[Loss, i
         band = (scan.distance <= float(value)).float()
         return [(weighted_spherical(band) if name == "band" else weighted_js(band), n)]
     if name == "js_T":
-        return [(weighted_js(everywhere, float(value)), n)]
+        return [(weighted_js(torch.ones_like(scan.distance), float(value)), n)]
     if name == "alternate":
         return [(spherical, half), (js, n - half), (spherical, half), (js, n - half)]
     return None
@@ -214,6 +215,13 @@ def main() -> None:
     folder = CACHE / f"eps{args.eps:g}_steps{n}"
     folder.mkdir(parents=True, exist_ok=True)
     done = {p.stem: np.load(p) for p in sorted(folder.glob("*.npy"))}
+    scores: dict[str, float] = {}  # each adversarial scored once (a run of the bundle on the written file)
+
+    def score(idea: str) -> float:
+        if idea not in scores:
+            scores[idea] = scan.dice(done[idea])
+        return scores[idea]
+
     for idea in args.ideas:
         name, _, value = idea.partition(":")
         started = time.time()
@@ -223,7 +231,7 @@ def main() -> None:
                 sys.exit("bench/ideas.py: where needs an adversarial first (run an idea before it)")
             if value and value not in done:
                 sys.exit(f"bench/ideas.py: where:{value} needs {value} run first")
-            of = value or min(done, key=lambda k: scan.dice(done[k]))
+            of = value or min(done, key=score)
             row.update(of=of, **where(scan, done[of]))
             print(json.dumps(row), flush=True)
             continue
@@ -240,7 +248,8 @@ def main() -> None:
             adversarial = scan.apgd(stages, start=scan.odi_start() if name == "odi" else None)
         np.save(folder / f"{idea}.npy", adversarial)
         done[idea] = adversarial
-        row.update(dice=round(scan.dice(adversarial), 4), linf_255=round(float(np.abs(adversarial - scan.x0).max()) / scan.scale * 255, 2),
+        scores.pop(idea, None)
+        row.update(dice=round(score(idea), 4), linf_255=round(float(np.abs(adversarial - scan.x0).max()) / scan.scale * 255, 2),
                    minutes=round((time.time() - started) / 60, 1))
         print(json.dumps(row), flush=True)
 
