@@ -48,7 +48,12 @@ def _load_target(bundle: Path | None, config: str | None, trust: bool, device: s
 
     _check_device(device)
     _threads_notice(apply_threads(threads, device))
-    if bare and bare.get("network"):
+    bare = bare or {}
+    given = [f"--{key.replace('_', '-')}" for key in ("network_def", "transforms") if bare.get(key) is not None]
+    if given and not bare.get("network"):
+        raise InputError(f"{' and '.join(given)} go{'es' if len(given) == 1 else ''} with --network (a bundle brings its "
+                         "own network and preprocessing)")
+    if bare.get("network"):
         if bundle is not None:
             raise InputError("give either --bundle or --network, not both")
         return load_network(
@@ -134,7 +139,7 @@ WINDOW_MODE = typer.Option(None, "--window-mode", help="constant or gaussian win
 SEED = typer.Option(0, "--seed", help="Random seed.")
 NETWORK = typer.Option(None, "--network", help="A bare network instead of a bundle: TorchScript (.ts) or a state dict (.pt, with --network-def).")
 NETWORK_DEF = typer.Option(None, "--network-def", help="JSON/YAML with the network's MONAI _target_ and arguments (for a .pt state dict).")
-TRANSFORMS = typer.Option(None, "--transforms", help="Preprocessing preset for --network: ct_abdomen, ct_wide, mr_t1_brain, mr_zscore, or a file (default: mr_t1_brain).")
+TRANSFORMS = typer.Option(None, "--transforms", help="Preprocessing preset for --network (only with it): ct_abdomen, ct_wide, mr_t1_brain, mr_zscore, or a file (default: mr_t1_brain).")
 THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: one a core this process may use, by its CPU affinity, container quota and torch's count of physical cores; OMP_NUM_THREADS where set, which torchrun sets to 1 for each of several processes). Reported.")
 MEMORY_BUDGET = typer.Option(None, "--memory-budget", help="Largest memory for the attack, e.g. 8GB: picks window batch, checkpointing and AMP from a probe window (reported).")
 OUTPUT_FORMAT = typer.Option("auto", "--output-format", help="nifti, dicom or both (default: the input's format).")
@@ -233,8 +238,10 @@ def _parse_roi(text: str | None):
         raise InputError(f"--roi must be one size or three, e.g. 96 or 96,96,64; got {text!r}") from exc
     if len(values) == 1:
         values *= 3
-    if len(values) != 3 or min(values) < 1:
+    if len(values) != 3:
         raise InputError(f"--roi must be one size or three, e.g. 96 or 96,96,64; got {text!r}")
+    if min(values) < 1:
+        raise InputError(f"--roi sizes must be positive (voxels), e.g. 96 or 96,96,64; got {text!r}")
     return values
 
 
@@ -653,7 +660,7 @@ def diagnose(
     eps: str = typer.Option("8/255", "--eps", help="The budget of the step-doubling, restart and random-search checks."),
     step: str = typer.Option("1/255", "--step", help="Step size of step-based members (APGD chooses its own)."),
     steps: int = typer.Option(20, "--steps", help="Iterations of the member (doubled in the step-doubling check)."),
-    queries: int = typer.Option(200, "--queries", help="Forward passes of the gradient-free random search."),
+    queries: int = typer.Option(200, "--queries", min=1, help="Forward passes of the gradient-free random search."),
     device: str | None = DEVICE,
     threads: int | None = THREADS,
     seed: int = SEED,

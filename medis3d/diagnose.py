@@ -86,6 +86,15 @@ def _mean_dice(target: Target, prediction: np.ndarray, reference: np.ndarray) ->
     return float(values[present].mean()) if present.any() else float(values.mean())
 
 
+def misprediction(ratio: float) -> str:
+    """How a first-order change misses the real one, ``ratio`` being real / predicted (the layer check's flag)."""
+    if ratio <= 0:
+        return "its first-order change has the wrong sign against the real change"
+    if ratio > 1:
+        return f"its first-order change is {ratio:.3g}x smaller than the real change"
+    return f"its first-order change is {1 / ratio:.3g}x larger than the real change"
+
+
 class Diagnose:
     """The checks of the module docstring for ``target`` on one volume, with one white-box member."""
 
@@ -306,8 +315,7 @@ class Diagnose:
         ratio = steps[1]["ratio"]
         if ratio is not None and not 0.5 <= ratio <= 2.0:
             intensity = [s.name for s in self.target.preprocessing.steps if "Intensity" in s.name or "Normalize" in s.name]
-            causes.append(f"{', '.join(intensity) or 'the preprocessing'}: its first-order change predicts {ratio:.2f}x "
-                          "less than the real change at the attack's budget (the attacker's gradient misleads it); "
-                          "try members with gradient=smooth")
+            causes.append(f"{', '.join(intensity) or 'the preprocessing'}: {misprediction(ratio)} at the attack's "
+                          "budget (the attacker's gradient misleads it); try members with gradient=smooth")
         self.progress("layers: " + ", ".join(f"{s['path']} reaches {s['fraction_of_scan_reached']:.0%}" for s in steps))
         return Check("layers", measured, bool(causes) and ratio is not None and not 0.5 <= ratio <= 2.0, "; ".join(causes))

@@ -174,7 +174,7 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out
                                   members=min(count, options.together or auto_together(target, model_shape, count)))
         if not memory_plan.fits:
             raise InputError(
-                f"--memory-budget {options.memory_budget / 2**20:.0f} MB is below what any setting needs for {volume.path}: "
+                f"--memory-budget {options.memory_budget / 2**20:.3g} MB is below what any setting needs for {volume.path}: "
                 f"the smallest (window batch {memory_plan.sw_batch_size}, checkpointing{', AMP' if memory_plan.amp else ''}) "
                 f"is estimated at {memory_plan.estimate_bytes / 2**20:.0f} MB; give at least {math.ceil(memory_plan.estimate_bytes / 2**20)} MB"
             )
@@ -253,7 +253,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options)
         norms = perturbation_norms(delta, result.native_per_normalized)
         outputs: OutputsRecord = {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format,
-                                  "notices": _output_notices(volume, formats)}
+                                  "notices": _empty_reference_notices(target, result, options) + _output_notices(volume, formats)}
         report = attack_report(volume, target, options, medis, result, adversarial_prediction, norms, outputs, start)
         success, chosen = report["success"], result.chosen
         clean_any = np.asarray(target.masks(result.clean_prediction).any(0))
@@ -298,6 +298,19 @@ def _write_attack_page(stage: Path, report: AttackReport, delta: np.ndarray, eps
     write_text_atomic(stage / "report.html", attack_page(report, (stage / "overview.png").read_bytes(), histogram))
 
 
+def _empty_reference_notices(target: Target, result: MedISResult, options: AttackConfig) -> list[str]:
+    """A notice when the reference holds none of an attacked structure: Dice 1.000 there then means nothing was added,
+    not that the attack failed to take anything away."""
+    if result.aim is not None:
+        return []
+    empty = [target.class_name(c) for c, mask in zip(target.foreground_classes, target.masks(result.reference)) if not mask.any()]
+    if not empty:
+        return []
+    whose = "the label file" if options.label else "the model's clean prediction"
+    return [f"the reference ({whose}) has no {', '.join(empty)} voxels: there is nothing to take away, an untargeted "
+            "attack can only add structure, and a Dice of 1.000 there means it added none"]
+
+
 def _output_notices(volume: Volume, formats: Sequence[str]) -> list[str]:
     """What the outputs do differently from the input, said once in the report and the summary."""
     notices: list[str] = []
@@ -332,6 +345,8 @@ def run_predict(scan: Path | str, target: Target, out_file: Path | str | None = 
     out = Path(out_file) if out_file is not None else default_out_dir(volume.name) / "prediction.nii.gz"
     if out.resolve() == scan.resolve():
         raise InputError(f"{scan}: refusing to overwrite the input with its prediction; choose another --out")
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder; --out names the prediction's file (.nii or .nii.gz), e.g. {out / 'prediction.nii.gz'}")
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise InputError(f"{out}: --out must be a .nii or .nii.gz file")
     check_output_file(out)

@@ -216,6 +216,16 @@ def test_bare_network_torchscript_and_state_dict(tmp_path, scan_file):
     assert missing.exit_code == 2 and "--network-def" in missing.output
     unknown = runner.invoke(app, ["predict", str(scan_file), "--network", str(tmp_path / "model.ts"), "--transforms", "nope", "--out", str(tmp_path / "y.nii.gz")])
     assert unknown.exit_code == 2 and "ct_abdomen" in unknown.output
+    # without --network they would be ignored (the bundle brings its own network and preprocessing): refused
+    for command in (["predict", str(scan_file), "--out", str(tmp_path / "z.nii.gz")],
+                    ["attack", str(scan_file), "--steps", "1", "--out", str(tmp_path / "attack")]):
+        for extra, named in ((["--transforms", "ct_wide"], "--transforms goes with --network"),
+                             (["--network-def", str(tmp_path / "net.json"), "--transforms", "x"],
+                              "--network-def and --transforms go with --network")):
+            alone = runner.invoke(app, [*command, *extra])
+            assert alone.exit_code == 2 and named in alone.output, alone.output
+            assert "Traceback" not in alone.output
+    assert not (tmp_path / "z.nii.gz").exists() and not (tmp_path / "attack").exists()
 
 
 def test_shipped_bundle_by_name_and_local_folders_first(tmp_path, monkeypatch):

@@ -104,6 +104,7 @@ def _bad(tmp_path, scan_file, tiny_bundle):
         ([str(scan_file), "--eps", "-1"], "eps"),
         ([str(scan_file), "--eps", "ten"], "eps"),
         ([str(scan_file), "--roi", "23"], "23x23x23 windows"),  # the UNet cannot take an odd window
+        ([str(scan_file), "--roi", "0"], "--roi sizes must be positive"),
         ([str(scan_file), "--step", "1/0"], "step"),
         ([str(scan_file), "--together", "0"], "--together"),
     ]
@@ -128,6 +129,14 @@ def test_input_is_never_overwritten(tiny_bundle, scan_file):
     assert scan_file.read_bytes() == before
 
 
+def test_predict_into_a_folder_says_it_is_a_folder(tiny_bundle, scan_file, tmp_path):
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    result = runner.invoke(app, ["predict", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(folder)])
+    assert result.exit_code == 2 and "is a folder" in result.output and "prediction.nii.gz" in result.output
+    assert list(folder.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", ["attack", "batch", "evaluate"])
 def test_help_lists_every_registered_loss_and_attack(command):
     """The help of --losses and --attacks comes from the registries: nothing registered is missing, aliases say what they are."""
@@ -144,3 +153,23 @@ def test_help_lists_every_registered_loss_and_attack(command):
         assert re.search(rf"\b{name}\b", text), name
     for alias, (attack, loss) in ALIASES.items():
         assert f"{alias} (= {attack}:{loss})" in text
+
+
+def test_an_empty_reference_is_said_not_hidden_behind_a_dice_of_one(tiny_bundle, scan_and_label, tmp_path):
+    """A reference without the structure (a label file with none of it, or a model that segments nothing) leaves
+    nothing to take away: the attack still runs (it may add structure), and the run says why Dice stays 1.000."""
+    scan, label = scan_and_label
+    empty = tmp_path / "empty_label.nii.gz"
+    source = nib.load(str(label))
+    nib.save(nib.Nifti1Image(np.zeros(source.shape, dtype=np.int16), source.affine), str(empty))
+    notice = "has no blob voxels: there is nothing to take away"
+    for reference, out in ((empty, tmp_path / "empty"), (label, tmp_path / "full")):
+        result = runner.invoke(app, ["attack", str(scan), "--bundle", str(tiny_bundle), "--label", str(reference),
+                                     "--steps", "1", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        notices = json.loads((out / "report.json").read_text())["outputs"]["notices"]
+        said = " ".join(result.output.split())
+        if reference == empty:
+            assert any(notice in n and "the label file" in n for n in notices) and notice in said
+        else:
+            assert not any(notice in n for n in notices) and notice not in said

@@ -95,3 +95,13 @@ def test_the_checks_stay_inside_the_region_they_are_given(tiny_target, scan_file
     assert all(row["dice"] > 0.99 and not row["success"] for row in checks["eps_sweep"].measured["sweep"])
     assert checks["step_doubling"].measured["doubled_dice"] > 0.99
     assert checks["random_search"].measured["dice"] > 0.99
+
+
+def test_the_layer_flag_says_which_way_the_first_order_change_misses():
+    from medis3d.diagnose import misprediction
+
+    # a 48^3 synthetic cube: predicted 3476, real 0.089 (the gradient over-predicts; it was reported as "0.00x less")
+    assert misprediction(0.089 / 3476) == "its first-order change is 3.91e+04x larger than the real change"
+    assert misprediction(4.0) == "its first-order change is 4x smaller than the real change"
+    assert misprediction(0.25) == "its first-order change is 4x larger than the real change"
+    assert "wrong sign" in misprediction(-1.0)

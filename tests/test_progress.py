@@ -221,3 +221,15 @@ def test_evaluate_and_batch_in_a_log_print_each_volumes_phases_and_members(tiny_
     texts = [text for _, _, text in _lines(_progress_only(result.stderr))]
     assert texts[0] == "loading scan" and "members" in texts and "writing outputs" in texts, texts
     assert any(t.startswith("member ce done: ") for t in texts) and texts[-1] == "volume 1/1 scan done", texts
+
+
+def test_an_apgd_member_reports_its_steps_up_to_its_last(tiny_target, scan_file):
+    """APGD visits its start and each iterate (``steps + 1`` for one stage): its progress runs 0..steps of steps,
+    so the last report reads 2/2 for two steps (it read 2/3)."""
+    from medis3d.fusion import MedIS
+    from medis3d.io import read_volume
+
+    calls: list[tuple[int, int]] = []
+    MedIS(tiny_target, members_spec=["apgd:ce"], eps=8 / 255, steps=2,
+          progress=lambda member, t, total, score: calls.append((t, total)))(read_volume(scan_file))
+    assert calls == [(0, 2), (1, 2), (2, 2)]

@@ -308,7 +308,8 @@ class Attack:
     def visit(self, volume: Volume, x: torch.Tensor, clean: torch.Tensor, t: int, objective, keeper: BestIterate, trace: list,
               in_budget: bool = True, total: int | None = None):
         """(A generator: ``yield from``.) Evaluate iterate ``t`` as stored, record it in the trace and
-        (``in_budget``) the keeper, report progress.
+        (``in_budget``) the keeper, report progress (``total``: the member's visits, where it counts more than its
+        steps).
 
         Returns the evaluation (its loss and gradient, when ``objective`` is given) and success."""
         if self.transfer > 0:
@@ -316,8 +317,8 @@ class Attack:
         written, evaluation, prediction, score, success = yield from self.evaluate(volume, x, objective,
                                                                                    clean if in_budget else None)
         trace.append(StepRecord(t, evaluation.loss, score, success, float((written - clean).abs().max()), in_budget))
-        if self.progress is not None:
-            self.progress(self.member_name, t, total or self.budget.steps, score)
+        if self.progress is not None:  # ``total`` counts the visits, the start's included: the last is ``total - 1``
+            self.progress(self.member_name, t, total - 1 if total else self.budget.steps, score)
         if in_budget:
             keeper.offer(t, written, prediction, score, success)
         self.after_visit(success, written)
