@@ -708,6 +708,11 @@ def calibrate(network: torch.nn.Module, cases: Sequence[ModelSpaceCase], target:
             "layer": None}
     if shift == 0.0:
         return done
+    if shift in (CALIBRATION_SHIFTS[0], CALIBRATION_SHIFTS[-1]):
+        notices.append(f"calibration: the training volumes favour a shift at the edge of those tried ({shift:g}, of "
+                       f"{CALIBRATION_SHIFTS[0]:g} to {CALIBRATION_SHIFTS[-1]:g}), so one beyond it might serve them better: "
+                       "the training moved the model's boundary far (too few steps, or a radius too large?); check its "
+                       "clean Dice in the comparison")
     roi = [int(r) if int(r) > 0 else 32 for r in target.window.roi_size]
     window = cases[0].image[(slice(None),) + tuple(slice(0, r) for r in roi)]
     pad = [v for r, w in zip(reversed(roi), reversed(window.shape[1:])) for v in (0, r - w)]

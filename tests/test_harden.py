@@ -428,6 +428,24 @@ def test_calibration_undoes_a_shifted_threshold_on_the_training_volumes(tiny_tar
     assert again is not None and abs(again["shift"]) <= 0.25
 
 
+def test_calibration_says_when_the_volumes_favour_the_edge_of_its_range(tiny_target, tmp_path):
+    """A foreground logit raised by more than the largest shift tried: the shift applied is the largest, and a notice
+    says one beyond it might serve (it used to be chosen without a word)."""
+    import copy
+
+    from medis3d.harden import CALIBRATION_SHIFTS
+
+    cases = _training_cases(tiny_target, tmp_path)
+    network = copy.deepcopy(tiny_target.network)
+    layer = [m for m in network.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d) and m.out_channels == 2][-1]
+    with torch.no_grad():
+        layer.bias[1] += 3 * CALIBRATION_SHIFTS[-1]
+    notices: list[str] = []
+    done = calibrate(network, cases, tiny_target, torch.device("cpu"), notices)
+    assert done is not None and done["shift"] == CALIBRATION_SHIFTS[-1] and done["layer"]
+    assert len(notices) == 1 and "edge of those tried (4, of -2 to 4)" in notices[0]
+
+
 def test_calibration_leaves_a_network_whose_logits_do_not_follow_a_bias(tiny_target, tmp_path):
     """Where something after the last layer with a bias sets the logits (here a normalisation of the outputs), the
     weights stay as trained and a notice says why."""
