@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -179,7 +180,11 @@ class Target:
             index = int(item) if str(item).isdigit() else by_name.get(str(item).lower())
             if index is None or index not in valid:
                 names = ", ".join(f"{c} ({self.class_name(c)})" for c in valid)
-                raise InputError(f"--classes: {item!r} is not an output channel of this model; choose from {names}")
+                hint = ""
+                if "/" in str(item) or "\\" in str(item) or Path(str(item)).exists():  # a label file or folder meant
+                    hint = ("; --labels is the older name of --classes (the structures to attack), not label files: "
+                            "attack takes one scan's labels with --label FILE, evaluate a dataset's with --labels FOLDER")
+                raise InputError(f"--classes: {item!r} is not an output channel of this model; choose from {names}{hint}")
             chosen.append(index)
         return dataclasses.replace(self, attacked_classes=tuple(sorted(set(chosen))))
 

@@ -200,3 +200,15 @@ def test_intensity_scale_reads_a_zero_bound_as_zero(scan_file):
     scale, note = _small_target(b_min=-1, b_max=0).intensity_scale(vol)
     assert scale == 400.0 and "-1..0" in note
     assert _small_target(b_min=0, b_max=2).intensity_scale(vol)[0] == 200.0
+
+
+def test_a_path_given_as_classes_is_told_where_label_files_go(tiny_target, tmp_path):
+    """``--labels`` is the older name of ``--classes`` in attack and batch, and a folder of labels in evaluate: a path
+    given as a class gets the difference spelt out; a wrong class name does not."""
+    from medis3d.errors import InputError
+
+    with pytest.raises(InputError, match=r"'liver' is not an output channel of this model; choose from 1 \(blob\)$"):
+        tiny_target.select_classes("liver")
+    for given in (str(tmp_path), "labels/case1.nii.gz"):
+        with pytest.raises(InputError, match="older name of --classes .*evaluate a dataset's with --labels FOLDER"):
+            tiny_target.select_classes(given)
