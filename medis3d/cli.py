@@ -768,6 +768,8 @@ def bundle_check(
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: rich's 80 columns would fold the table's long cells line by line
+        console = Console(width=160)
     console.print(f"[bold]{report['network']}[/bold] ({report['parameters']:,} parameters), {report['activation']}, classes {report['classes']}")
     console.print(f"inferer: {report['inferer']}")
     table = Table(title="preprocessing (scan space -> model space)")

@@ -486,3 +486,12 @@ def test_zip_members_beside_the_folder_with_its_name_as_prefix_are_refused(tmp_p
     with pytest.raises(BundleError, match=r"refused a zip entry outside the bundle \(../x_evil/configs/inference.json\)"):
         _unpack_zip(archive, out)
     assert not (tmp_path / "x_evil").exists() and list(out.iterdir()) == []
+
+
+def test_bundle_check_in_a_log_keeps_its_table_readable(tiny_bundle):
+    """Piped or logged (not a terminal), the table is laid out 160 columns wide: rich's 80 cut the transforms' names
+    ("ScaleIntensi…") and folded every row over many lines."""
+    result = runner.invoke(app, ["bundle", "check", str(tiny_bundle)])
+    assert result.exit_code == 0, result.output
+    assert "│ ScaleIntensityRange " in result.output and "…" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) > 80
