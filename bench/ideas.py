@@ -18,7 +18,8 @@ Ideas (``--steps`` iterations each, 50 by default):
   attacks carve their holes).
 * ``js_T:T``: JS of the softmax at temperature ``T`` (below 1 the loss gathers on the least confident voxels).
 * ``shrink:E``: spherical in the larger ball of ``E``/255, then projected onto the budget's ball and the chain
-  from there (on this model Dice falls steeply with the budget: the chain leaves 0.738 at 8/255 and 0.656 at 9).
+  from there (on this model Dice falls steeply with the budget: the chain leaves 0.738 at 8/255, 0.695 at 8.5 and
+  0.656 at 9).
 * ``alternate``: spherical and JS alternating in four stages of half the iterations each (the chain's total,
   three switches where it has one).
 * ``odi``: spherical from an output-diversified start (Tashiro et al. 2020: two signed steps of eps up a random
