@@ -25,9 +25,13 @@ STAND_INS = {
     "straight-through": "no gradient from MONAI: identity gradient (BPDA)",
     "differentiable equivalent": "re-implemented without in-place operations (exact gradient)",
     "exact": "MONAI's own transform on tensors (exact gradient)",
+    "percentiles held constant": "the scaling's own gradient with the percentiles held constant",
+    "percentiles held constant, straight-through clamp": "the scaling's own gradient with the percentiles held constant; "
+    "intensity clipping: exact clamp forward, identity gradient (BPDA)",
 }
-PERCENTILES = ("percentiles computed by medis3d on tensors of any size, with their exact gradient (MONAI's own "
-               "switch to numpy above a million voxels and pass none); ")
+PERCENTILES = ("percentiles computed by medis3d on tensors of any size (MONAI's own switch to numpy above a million "
+               "voxels), their own gradient (one or two voxels each, where it is large) kept for diagnose's exact "
+               "path; ")
 ALWAYS = [
     {"step": "argmax / threshold (postprocessing)", "stand_in": "losses on softmax / sigmoid probabilities"},
     {"step": "rounding to the stored type", "stand_in": "steps taken in float, every iterate evaluated as stored (quantised)"},

@@ -769,12 +769,12 @@ def bundle_check(
 
     console = Console()
     if not console.is_terminal:  # a log or a pipe: rich's 80 columns would fold the table's long cells line by line
-        console = Console(width=160)
+        console = Console(width=max(console.width, 160))
     console.print(f"[bold]{report['network']}[/bold] ({report['parameters']:,} parameters), {report['activation']}, classes {report['classes']}")
     console.print(f"inferer: {report['inferer']}")
     table = Table(title="preprocessing (scan space -> model space)")
     for col in ("transform", "arguments", "gradient", "stand-in", "smooth path's stand-in"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "transform")
     for step in report["preprocessing"]:
         table.add_row(step["transform"], json.dumps(step["args"]), step["gradient"], step["stand_in"],
                       step.get("smooth_stand_in") or "as the stand-in")

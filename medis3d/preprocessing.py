@@ -10,8 +10,12 @@ block the gradient are passed straight through and listed.
 
 Three gradient paths, one forward (every path computes exactly the bundle's values):
 
-* ``"standard"``: each step's own derivative, except that clamps are straight-through (the attack's
-  default).
+* ``"standard"``: each step's own derivative, except that clamps are straight-through and percentiles are held
+  constant (the attack's default). A percentile's own derivative reaches only the one or two voxels it lands on,
+  and is large there (the whole volume's sensitivity to the scaling), yet moving them moves the percentile only
+  as far as the next voxel in sorted order: on the 2 mm T1 the two took 47 % of the squared length of the CE
+  gradient, so an L2 step spent about half of itself on them, and APGD-CE in an L2 ball of 1000 left mean IoU
+  0.822 with that derivative against 0.800 with the percentiles held constant (as with the smooth path's).
 * ``"smooth"``: BPDA for the whole path: the forward value of each step, the derivative of a smooth
   stand-in: a downsampling ``Spacing`` takes its gradient through a box average over the voxels
   each output voxel stands for (not just the ones its interpolation reads), and a percentile through
@@ -164,8 +168,8 @@ def smoothed(flat: torch.Tensor, value: torch.Tensor, bandwidth: float) -> torch
 
 class PercentileScaling:
     """``monai.transforms.ScaleIntensityRangePercentiles`` computed on tensors of any size, with its three
-    gradients: the percentiles' own (``exact``), or a kernel-smoothed quantile's (``smooth``); the clip
-    straight-through (``standard``, ``smooth``) or exact."""
+    gradients: the percentiles' own (``exact``), none (``standard``: held constant) or a kernel-smoothed
+    quantile's (``smooth``); the clip straight-through (``standard``, ``smooth``) or exact."""
 
     def __init__(self, lower: float, upper: float, b_min=None, b_max=None, clip: bool = False, relative: bool = False,
                  channel_wise: bool = False, dtype=None):
@@ -190,8 +194,10 @@ class PercentileScaling:
 
     def _bounds(self, flat: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = quantile(flat, self.lower / 100), quantile(flat, self.upper / 100)
-        if mode != "smooth":
+        if mode == "exact":
             return low, high
+        if mode == "standard":  # held constant: their own derivative lands on one or two voxels (module docstring)
+            return low.detach(), high.detach()
         with torch.no_grad():
             spread = float(high - low) or 1.0
             out = []
@@ -273,7 +279,7 @@ def build_step(name: str, args: dict[str, Any]) -> Step | None:
         return Step(base, NormalizeIntensityDiff(**kwargs), "differentiable equivalent", args=kwargs)
     if base == "ScaleIntensityRangePercentiles":
         scaling = PercentileScaling(**kwargs)
-        gradient = "straight-through clamp" if scaling.clip else "exact"
+        gradient = "percentiles held constant, straight-through clamp" if scaling.clip else "percentiles held constant"
         return Step(base, scaling, gradient, None, kwargs, exact_fn=lambda x: scaling(x, "exact"),
                     smooth_fn=lambda x: scaling(x, "smooth"), smooth="kernel-smoothed percentiles")
     if cls is None:

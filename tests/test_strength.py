@@ -123,6 +123,8 @@ def test_apgd_masked_loss_steps_by_cross_entropy(tiny_target):
 # -- the gradient paths through the preprocessing ------------------------------------------------
 @pytest.mark.parametrize("size", [(20, 20, 20), (110, 100, 100)])  # under and over MONAI's 1e6-voxel numpy switch
 def test_percentile_scaling_equals_monai_with_a_gradient_at_any_size(size):
+    """The same values as MONAI's, and the percentiles' gradient (exact, smoothed) at any size; held constant in the
+    attack's standard path."""
     g = torch.Generator().manual_seed(0)
     img = torch.rand((1, *size), generator=g) * 200 - 20
     ours = PercentileScaling(0.5, 99.5, 0.0, 1.0, clip=True)
@@ -137,6 +139,11 @@ def test_percentile_scaling_equals_monai_with_a_gradient_at_any_size(size):
         # (exact), or spread over the voxels near them (smooth); a detached percentile would give neither
         bound_voxels = (grad.abs() > 2 * grad.abs().median()).sum()
         assert bound_voxels >= reached, mode
+    # the attack's standard path holds them constant (their own derivative, large on one or two voxels, took half
+    # of an L2 step): every voxel then gets the same 1 / (high - low), the clip passed straight through
+    (grad,) = torch.autograd.grad(ours(leaf, "standard").sum(), leaf)
+    spread = float(quantile(img.reshape(-1), 0.995) - quantile(img.reshape(-1), 0.005))
+    assert torch.allclose(grad, torch.full_like(grad, 1 / spread), rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["continuous", "ties"])
