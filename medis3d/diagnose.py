@@ -279,7 +279,9 @@ class Diagnose:
 
     def layers(self, volume: Volume, reference: np.ndarray, budget: Budget) -> Check:
         """Per preprocessing step: the share of the scan its gradient reaches, and how well the gradient of the
-        model input predicts the real change of the model input under a step of the attack's size."""
+        model input predicts the real change of the model input under a step of the attack's size, along a random
+        signed weighting of the model input (signed as a loss gradient is: an all-positive one asks for a uniform
+        brightening, which percentile scaling undoes by design)."""
         x = torch.from_numpy(volume.array).to(self.target.device)
         steps: list[dict[str, Any]] = []
         gen = torch.Generator().manual_seed(self.seed)
@@ -287,7 +289,7 @@ class Diagnose:
             leaf = x.clone().requires_grad_(True)
             with torch.enable_grad():
                 model_in = self.target.model_input(leaf, volume, path)
-                weights = torch.rand(model_in.shape, generator=gen).to(model_in)
+                weights = (torch.rand(model_in.shape, generator=gen) * 2 - 1).to(model_in)  # signed, as a loss gradient is
                 (grad,) = torch.autograd.grad((model_in * weights).sum(), leaf)
             direction = torch.sign(grad)
             with torch.no_grad():

@@ -105,3 +105,30 @@ def test_the_layer_flag_says_which_way_the_first_order_change_misses():
     assert misprediction(4.0) == "its first-order change is 4x smaller than the real change"
     assert misprediction(0.25) == "its first-order change is 4x larger than the real change"
     assert "wrong sign" in misprediction(-1.0)
+
+
+def test_the_layer_check_does_not_flag_percentile_scaling_for_undoing_a_uniform_brightening(tiny_bundle, scan_file, tmp_path):
+    """The layer check weighs the model input with signs, as a loss gradient does: weighed all positively, its step
+    was a uniform brightening, which percentile scaling undoes by design, and every percentile model was flagged
+    (the standard path predicted 1.7 million times the real change on the T1)."""
+    import shutil
+
+    from medis3d.bundle import load_bundle
+
+    bundle = tmp_path / "percentile_bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    steps = config["preprocessing"]["transforms"]
+    index = next(i for i, t in enumerate(steps) if t["_target_"] == "ScaleIntensityRanged")
+    steps[index] = {"_target_": "ScaleIntensityRangePercentilesd", "keys": "@image_key", "lower": 0.5, "upper": 99.5,
+                    "b_min": 0.0, "b_max": 1.0, "clip": True}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    target = load_bundle(bundle)
+    volume = read_volume(scan_file)
+    diagnose = Diagnose(target, eps=8 / 255)
+    reference = target.predict(volume)
+    setting = diagnose._medis(diagnose.eps).prepare(volume, reference, clean_prediction=reference)
+    check = diagnose.layers(volume, reference, setting.budget)
+    ratios = {p["path"]: p["ratio"] for p in check.measured["paths"]}
+    assert not check.flagged, ratios
+    assert all(0.5 <= ratio <= 2.0 for ratio in ratios.values()), ratios
