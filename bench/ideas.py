@@ -88,10 +88,11 @@ class Scan:
         """APGD stage by stage, each from the previous stage's strongest iterate (projected onto the stage's ball:
         ``(loss, iterations)``, or ``(loss, iterations, radius)`` for a ball of ``radius`` times the budget)."""
         x = self.problem.x0 if start is None else start
-        for loss, steps, *radius in stages:
+        for loss, steps, *larger in stages:
             self.problem.loss = loss
-            project = self.problem.project if not radius else self.ball(radius[0])
-            x = plain.apgd_ascent(self.problem.loss_and_grad, project, project(x), self.eps * (radius or [1])[0], steps)
+            radius = larger[0] if larger else 1.0
+            project = self.ball(radius) if larger else self.problem.project
+            x = plain.apgd_ascent(self.problem.loss_and_grad, project, project(x), radius * self.eps, steps)
         return self.problem.project(x)[0].numpy()
 
     def ball(self, radius: float) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -26,9 +26,7 @@ STAND_INS = {
     "differentiable equivalent": "re-implemented without in-place operations (exact gradient)",
     "exact": "MONAI's own transform on tensors (exact gradient)",
     "percentiles held constant": "the scaling's own gradient with the percentiles held constant",
-    "percentiles held constant, straight-through clamp": "the scaling's own gradient with the percentiles held constant; "
-    "intensity clipping: exact clamp forward, identity gradient (BPDA)",
-}
+}  # a step's gradient may name several of these, separated by ", "
 PERCENTILES = ("percentiles computed by medis3d on tensors of any size (MONAI's own switch to numpy above a million "
                "voxels), their own gradient (one or two voxels each, where it is large) kept for diagnose's exact "
                "path; ")
@@ -91,7 +89,8 @@ def check_bundle(target: Target, scan: Path | None = None) -> dict:
         "inferer": target.window.as_dict(),
         "preprocessing": [
             {**step, "stand_in": (PERCENTILES if step["transform"] == "ScaleIntensityRangePercentiles" else "")
-             + STAND_INS.get(step["gradient"], step["gradient"])} for step in target.preprocessing.describe()
+             + "; ".join(STAND_INS.get(part, part) for part in step["gradient"].split(", "))}
+            for step in target.preprocessing.describe()
         ],
         "other_non_differentiable_steps": ALWAYS,
         "notices": list(target.notices),
