@@ -193,7 +193,7 @@ class Diagnose:
         gen = torch.Generator().manual_seed(self.seed)
 
         def value(x: torch.Tensor) -> tuple[float, np.ndarray]:
-            written = torch.from_numpy(volume.quantise(x.cpu().numpy(), volume.array, budget.eps)).to(self.target.device)
+            written = torch.from_numpy(volume.quantise(x.cpu().numpy(), volume.array, budget.eps, budget.norm)).to(self.target.device)
             ev = self.target.exact.evaluate(written, volume)  # the model in float32, whatever --amp says
             return float(loss(ev.scan_logits, aim)), ev.segmentation
 

@@ -242,6 +242,31 @@ def test_quantising_keeps_the_perturbation_inside_the_ball(dtype, slope, interce
     assert np.abs(q - clean).max() > eps - abs(slope)  # and the ball is used up to its last stored unit
 
 
+@pytest.mark.parametrize("dtype,slope,intercept", [(np.uint8, 1.0, 0.0), (np.int16, 2.5, -1024.0), (np.float32, 1.0, 0.0)])
+def test_quantising_keeps_the_perturbation_inside_the_l2_ball(dtype, slope, intercept):
+    """Rounding a perturbation spread thinly over many voxels lengthens it (each voxel's change grows to a whole
+    stored unit or vanishes); the stored one keeps the L2 budget, its direction, and most of its length."""
+    from medis3d.io.volume import Volume
+
+    rng = np.random.RandomState(1)
+    stored = rng.randint(0, 200, size=(1, 10, 11, 12))
+    clean = (stored * slope + intercept).astype(np.float32)
+    integer = np.issubdtype(dtype, np.integer)
+    volume = Volume(clean, np.eye(4), stored_dtype=np.dtype(dtype), slope=slope if integer else 1.0,
+                    intercept=intercept if integer else 0.0)
+    delta = rng.uniform(-1, 1, clean.shape) * 0.8 * slope  # most voxels round to a whole unit: longer than delta
+    eps = float(np.linalg.norm(delta))
+    assert np.linalg.norm(volume.quantise(clean + delta) - clean.astype(np.float64)) > eps or not integer
+    q = volume.quantise(clean + delta, clean, eps, norm="l2").astype(np.float64)
+    change = q - clean
+    assert np.linalg.norm(change) <= eps * (1 + 1e-9)
+    assert np.linalg.norm(change) > 0.8 * eps
+    assert np.allclose((q - intercept) / slope, np.rint((q - intercept) / slope), atol=1e-3) or not integer
+    assert np.all(change * delta >= 0)  # each voxel moved (if at all) the way the attack moved it
+    inside = clean + 0.1 * delta  # already inside once stored: rounded as without the ball
+    assert np.array_equal(volume.quantise(inside, clean, eps, norm="l2"), volume.quantise(inside))
+
+
 def test_attacks_keep_the_budget_exactly_in_the_written_file(tiny_target, scan_file, tmp_path):
     from medis3d.io import write_nifti
 

@@ -294,11 +294,10 @@ class Attack:
         return self.budget.project(x + self.budget.step * self.budget.direction(grad), clean)
 
     def evaluate(self, volume: Volume, x: torch.Tensor, objective=None, clean: torch.Tensor | None = None):
-        """(A generator: ``yield from``.) The iterate as stored (inside the L-inf ball around ``clean``), the
+        """(A generator: ``yield from``.) The iterate as stored (inside the budget's ball around ``clean``), the
         evaluation there, its prediction, score and success."""
-        inside = clean is not None and self.budget.norm == "linf"
-        stored = volume.quantise(x.cpu().numpy(), clean.cpu().numpy() if clean is not None and inside else None,
-                                 self.budget.eps if inside else None)
+        stored = volume.quantise(x.cpu().numpy(), None if clean is None else clean.cpu().numpy(),
+                                 None if clean is None else self.budget.eps, self.budget.norm)
         written = torch.from_numpy(stored).to(self.target.device)
         evaluation = yield Request(written, objective, self._gradient_now)
         prediction = evaluation.segmentation

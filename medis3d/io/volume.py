@@ -74,10 +74,15 @@ class Volume:
         ends = (info.min * slope + intercept, info.max * slope + intercept)
         return np.minimum(*ends), np.maximum(*ends)
 
-    def quantise(self, array: np.ndarray, clean: np.ndarray | None = None, eps: float | None = None) -> np.ndarray:
-        """Native values as the file will hold them: rounded to the stored type and clipped. With ``clean`` and an
-        L-inf ``eps``, a value that rounding would take out of the ball around ``clean`` is rounded toward ``clean``
-        instead, so the stored perturbation stays within ``eps``."""
+    def quantise(self, array: np.ndarray, clean: np.ndarray | None = None, eps: float | None = None,
+                 norm: str = "linf") -> np.ndarray:
+        """Native values as the file will hold them: rounded to the stored type and clipped. With ``clean`` and
+        ``eps`` the stored perturbation stays within the ball of ``norm`` around ``clean``: L-inf, a value that
+        rounding would take out of the ball is rounded toward ``clean`` instead; L2, where rounding lengthens the
+        perturbation past ``eps`` (each voxel by up to half a stored step), the longest shorter perturbation along
+        the same direction that still fits once stored."""
+        if norm == "l2" and clean is not None and eps is not None:
+            return self._quantise_l2(np.asarray(array, dtype=np.float64), np.asarray(clean, dtype=np.float64), float(eps))
         array = np.asarray(array, dtype=np.float64)
         if self.channel_volumes:  # each channel as its own file stores it
             return np.stack([v.quantise(array[c : c + 1], None if clean is None else clean[c : c + 1], eps)[0]
@@ -93,6 +98,27 @@ class Volume:
             stored = np.clip(stored, np.ceil(np.minimum(*ends) - 1e-6), np.floor(np.maximum(*ends) + 1e-6))
         stored = np.clip(stored, info.min, info.max)
         return (stored * slope + intercept).astype(np.float32)
+
+    def _quantise_l2(self, array: np.ndarray, clean: np.ndarray, eps: float) -> np.ndarray:
+        """:meth:`quantise` inside the L2 ball: the stored perturbation's length grows with its scale (each voxel's
+        rounded change does), so the largest scale of ``array - clean`` whose stored form fits is found by bisection."""
+        delta = array - clean
+
+        def stored(scale: float) -> tuple[np.ndarray, float]:
+            values = self.quantise(clean + scale * delta)
+            return values, float(np.linalg.norm(values.astype(np.float64) - clean))
+
+        values, length = stored(1.0)
+        if length <= eps:
+            return values
+        low, high = 0.0, 1.0  # scale 0 stores the clean scan: no longer than its own rounding
+        for _ in range(30):
+            middle = (low + high) / 2
+            if stored(middle)[1] <= eps:
+                low = middle
+            else:
+                high = middle
+        return stored(low)[0]
 
     def to_stored(self, array: np.ndarray) -> np.ndarray:
         """Native values converted to the stored type (after :meth:`quantise` semantics)."""
