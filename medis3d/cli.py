@@ -121,7 +121,7 @@ def _registry_help() -> tuple[str, str]:
 
 _ATTACK_NAMES, _LOSS_NAMES = _registry_help()
 LOSSES = typer.Option(None, "--losses", help=f"Comma-separated surrogate losses fused with --attacks, or 'all' (the paper's six): {_LOSS_NAMES}. Default: the preset's members.")
-EPS = typer.Option("10/255", "--eps", help="Largest L-inf perturbation; a number or a fraction such as 8/255.")
+EPS = typer.Option("10/255", "--eps", help="Largest perturbation, measured in --norm (L-inf unless told); a number or a fraction such as 8/255.")
 STEP = typer.Option(None, "--step", help="Step size (default: the preset's; the paper's 1/255).")
 STEPS = typer.Option(None, "--steps", help="Most iterations per member (default: the preset's; the paper's 10).")
 PRESET = typer.Option(None, "--preset", help="default (three APGD members with SEA's losses, 20 iterations each), paper (MedIS as published: IGSM, the paper's six losses, 10 steps of 1/255) or reliable (the measured-strongest ensemble, per-volume worst case; slower).")
@@ -310,12 +310,13 @@ def _print_summary(report: Mapping[str, Any]) -> None:
 
     console = Console()
     table = Table(title="MedIS members", show_lines=False)
-    for col in ("member", "success", "steps", "L-inf (x/255)", "score"):
+    l2 = report["attack"].get("norm") == "l2"
+    for col in ("member", "success", "steps", "L2 (native units)" if l2 else "L-inf (x/255)", "score"):
         table.add_column(col)
     for m in report["members"]:
         score = m["mean_iou"] if m["mean_iou"] is not None else m["target_mean_iou"]
-        table.add_row(escape(m["member"]), "yes" if m["success"] else "no", str(m["steps"]), f"{m['linf_normalized'] * 255:.2f}",
-                      f"{score:.3f}")
+        size = f"{m['l2_native']:.4g}" if l2 else f"{m['linf_normalized'] * 255:.2f}"
+        table.add_row(escape(m["member"]), "yes" if m["success"] else "no", str(m["steps"]), size, f"{score:.3f}")
     console.print(table)
     clean, adv = report["clean"], report["adversarial"]
     colour = "green" if report["success"] else "red"

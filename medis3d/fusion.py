@@ -216,7 +216,7 @@ def smallest_budget(
 class MedIS:
     """MedIS over a target: ``MedIS(target, losses="all")(volume, reference=None, target_mask=None)``.
 
-    ``eps`` and ``step`` are L-inf sizes in fractions of the model's intensity range
+    ``eps`` and ``step`` are sizes in ``norm`` (L-inf or L2) in fractions of the model's intensity range
     (``eps_units="normalized"``, the paper's 1/255 steps) or in the scan's units
     (``eps_units="native"``).
     """

@@ -85,6 +85,17 @@ def eps_label(eps: Any, units: str = "normalized") -> str:
     return f"{v * 255:.3g}/255"
 
 
+def size_label(norm: str, size: Mapping[str, Any], short: bool = False) -> str:
+    """A perturbation's size (``size``: its ``linf_normalized``, ``linf_native``, ``l2_normalized``, ``l2_native``) in
+    the budget's norm first: ``L-inf 8.00/255 (2.47 native units)``, or under an L2 budget ``L2 1000 native units
+    (0.52 normalised), L-inf ...``; ``short``: the budget's norm alone."""
+    linf = f"L-inf {size['linf_normalized'] * 255:.2f}/255 ({size['linf_native']:.4g} native units)"
+    if norm != "l2":
+        return linf
+    l2 = f"L2 {size['l2_native']:.4g} native units ({size['l2_normalized']:.3g} normalised)"
+    return l2 if short else f"{l2}, {linf}"
+
+
 def eps50_label(model: dict, budgets: Sequence[float]) -> str:
     """A model's eps50 as the comparison tables write it, with the two measured budgets it was interpolated between
     (``41.4/255 (between 32/255 and 64/255)``: the farther apart, the rougher the figure), or ``above`` the largest
@@ -252,19 +263,29 @@ def evaluation_page(summary: dict, out: Path) -> str:
     return _page("medis3d robustness study", "\n".join(parts))
 
 
+def distortion(summary: dict, entry: dict) -> tuple[str, str, float | None]:
+    """A study's mean distortion of the successful in its budget's norm: the column's title, the cell's text and value."""
+    if summary.get("norm") == "l2":
+        dist = entry.get("mean_distortion_l2_native")
+        return "mean L2 of the successful (native units)", "-" if dist is None else f"{dist:.4g}", dist
+    dist = entry.get("mean_distortion_linf_normalized")
+    return "mean L-inf of the successful", "-" if dist is None else eps_label(dist), dist
+
+
 def _fusion_table(summary: dict, units: str) -> str:
     rows = []
+    title = distortion(summary, {})[0]
     for group in ("fusion", "per_member"):
         for key, by_eps in summary.get(group, {}).items():
             for eps in sorted(by_eps, key=float):
                 e = by_eps[eps]
-                dist = e.get("mean_distortion_linf_normalized")
+                _, text, dist = distortion(summary, e)
                 rows.append([_cell(key), _cell(eps_label(eps, units), float(eps)), _cell(number(e["mean_clean_dice"]), e["mean_clean_dice"]),
                              _cell(number(e["mean_robust_dice"]), e["mean_robust_dice"]),
                              _cell(number(e["attack_success_rate"], 2), e["attack_success_rate"]),
-                             _cell("-" if dist is None else eps_label(dist), dist), _cell(e.get("volumes", ""))])
+                             _cell(text, dist), _cell(e.get("volumes", ""))])
     return ("<h2>Members and fusions</h2>" + _table(["attack", "eps", "mean clean Dice", "mean Dice under attack", "success rate",
-                                                     "mean L-inf of the successful", "volumes"], rows, sortable=True, table_id="members"))
+                                                     title, "volumes"], rows, sortable=True, table_id="members"))
 
 
 def _volume_table(volumes: Sequence[dict], out: Path, units: str) -> str:
@@ -325,7 +346,7 @@ def verdict(report: Mapping[str, Any]) -> str:
     metric = "mean IoU with the target" if targeted else "mean IoU"
     relation = (">=" if report["success"] else "<") if targeted else ("<=" if report["success"] else ">")
     reference = ("the label file" if attack["reference"] == "label file" else "the model's clean prediction")
-    budget = f"L-inf {report['perturbation']['linf_normalized'] * 255:.2f}/255 ({report['perturbation']['linf_native']:.4g} native units)"
+    budget = size_label(attack.get("norm", "linf"), report["perturbation"])
     measured = f"{metric} {score:.3f} {relation} {attack['success_threshold']:g}; reference = {reference}"
     if report["success"]:
         return f"Attack succeeded ({measured}): member {sel['member']} after {sel['steps']} step(s), {budget}."
@@ -350,11 +371,13 @@ def attack_page(report: Mapping[str, Any], overview_png: bytes | None, histogram
         parts.append("<h2>Overview</h2>"
                      f"<img class=\"figure\" id=\"overview\" alt=\"overview\" src=\"{data_uri(overview_png)}\">")
     members = report.get("members", [])
+    l2 = report["attack"].get("norm") == "l2"
     member_rows = [[_cell(m["member"]), _cell("yes" if m["success"] else "no"), _cell(m["steps"]),
-                    _cell(eps_label(m["linf_normalized"]), m["linf_normalized"]),
+                    _cell(f"{m['l2_native']:.4g}", m["l2_native"]) if l2 else _cell(eps_label(m["linf_normalized"]), m["linf_normalized"]),
                     _cell(number(m["mean_iou"] if m["mean_iou"] is not None else m["target_mean_iou"])),
                     _cell(f"{m['time_s']:.1f}", m["time_s"])] for m in members]
-    parts.append("<h2>Members</h2>" + _table(["member", "success", "steps", "L-inf", "score", "time (s)"], member_rows, sortable=True))
+    size = "L2 (native units)" if l2 else "L-inf"
+    parts.append("<h2>Members</h2>" + _table(["member", "success", "steps", size, "score", "time (s)"], member_rows, sortable=True))
     if any(m.get("trace") for m in members):
         parts.append("<img class=\"figure\" id=\"traces\" alt=\"score against step, per member\" "
                      f"src=\"{data_uri(traces_plot(members, report['attack'].get('success_threshold')))}\">")

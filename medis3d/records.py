@@ -100,6 +100,8 @@ class SelectedRecord(TypedDict):
     steps: int
     linf_normalized: float
     linf_native: float
+    l2_normalized: float
+    l2_native: float
 
 
 class TraceRecord(TypedDict):
@@ -118,6 +120,7 @@ class MemberRecord(TypedDict):
     steps: int
     linf_normalized: float
     linf_native: float
+    l2_normalized: float
     l2_native: float
     mean_iou: float | None
     target_mean_iou: float | None
@@ -228,6 +231,7 @@ def member_record(m: MemberResult, target: Target, result: MedISResult) -> Membe
         "steps": m.steps,
         "linf_normalized": m.linf_native / result.native_per_normalized,
         "linf_native": m.linf_native,
+        "l2_normalized": m.l2_native / result.native_per_normalized,
         "l2_native": m.l2_native,
         "mean_iou": m.score if not targeted else None,
         "target_mean_iou": m.score if targeted else None,
@@ -241,7 +245,8 @@ def member_record(m: MemberResult, target: Target, result: MedISResult) -> Membe
 def selected_record(result: MedISResult) -> SelectedRecord:
     chosen = result.chosen
     return {"member": chosen.name, "attack": chosen.attack, "loss": chosen.loss, "steps": chosen.steps,
-            "linf_normalized": chosen.linf_native / result.native_per_normalized, "linf_native": chosen.linf_native}
+            "linf_normalized": chosen.linf_native / result.native_per_normalized, "linf_native": chosen.linf_native,
+            "l2_normalized": chosen.l2_native / result.native_per_normalized, "l2_native": chosen.l2_native}
 
 
 def attack_report(volume: Volume, target: Target, config: AttackConfig, medis: MedIS, result: MedISResult,

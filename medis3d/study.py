@@ -19,7 +19,7 @@ import numpy as np
 from medis3d.cache import OutcomeCache, cached_outcomes
 from medis3d.errors import InputError, first_line
 from medis3d.fusion import MedIS, MemberOutcome, select_member
-from medis3d.html_report import dice_curves, eps_label, evaluation_page, reference_words, stopping_words
+from medis3d.html_report import dice_curves, distortion, eps_label, evaluation_page, reference_words, stopping_words
 from medis3d.io import check_scan, read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
@@ -295,6 +295,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     _write_csv(out / "results.csv", all_rows)
     summary = summarise(all_rows)
     summary["eps_units"] = eps_units
+    summary["norm"] = norm
     summary["stop_at_success"] = bool(stop_at_success)
     if target.notices:
         summary["notices"] = list(target.notices)
@@ -567,6 +568,7 @@ def summarise(rows: list[dict]) -> dict:
                 "mean_robust_dice": _mean(r["adversarial_dice"] for r in rs),
                 "attack_success_rate": len(succ) / len(rs),
                 "mean_distortion_linf_normalized": _mean(r["linf_normalized"] for r in succ) if succ else None,
+                "mean_distortion_l2_native": _mean(r["l2_native"] for r in succ) if succ else None,
                 "volumes": len(rs),
             }
         summary["fusion" if key.startswith(("medis", "worst")) else "per_member"][key] = entry
@@ -598,14 +600,14 @@ def markdown_report(summary: dict, volumes: int, units: str = "normalized") -> s
     if failed:
         lines.append(f"**{len(failed)} volume(s) not evaluated** (no figure below includes them):\n")
         lines += [f"- {f['volume']}: {f['error']}" for f in failed] + [""]
-    lines += ["| attack | eps | mean clean Dice | mean robust Dice | success rate | mean L-inf of the successful |", "|---|---|---|---|---|---|"]
+    lines += [f"| attack | eps | mean clean Dice | mean robust Dice | success rate | {distortion(summary, {})[0]} |",
+              "|---|---|---|---|---|---|"]
     for group in ("fusion", "per_member"):
         for key, by_eps in summary[group].items():
             for eps in sorted(by_eps, key=float):
                 e = by_eps[eps]
-                dist = e["mean_distortion_linf_normalized"]
                 lines.append(f"| {'**' + key + '**' if group == 'fusion' else key} | {eps_label(eps, units)} | {e['mean_clean_dice']:.3f} | "
-                             f"{e['mean_robust_dice']:.3f} | {e['attack_success_rate']:.2f} | {'-' if dist is None else eps_label(dist)} |")
+                             f"{e['mean_robust_dice']:.3f} | {e['attack_success_rate']:.2f} | {distortion(summary, e)[1]} |")
     if summary["loss_wins"]:
         lines.append("\nMembers chosen by the full fusion: " + ", ".join(f"{k} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
     if summary.get("transfer"):

@@ -15,6 +15,7 @@ import numpy as np
 from medis3d.config import AttackConfig
 from medis3d.errors import InputError
 from medis3d.fusion import MedIS, MedISResult
+from medis3d.html_report import size_label
 from medis3d.io import channel_paths, check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import (
@@ -195,6 +196,7 @@ def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats
     """Write the adversarial scan in every asked format; return the primary one read back from disk."""
     written: Volume | None = None
     budget = f"eps {medis.eps * 255:.3g}/255" if medis.eps_units == "normalized" else f"eps {medis.eps:.4g}"
+    budget = f"L2 {budget}" if medis.norm == "l2" else budget
     description = f"ADVERSARIAL medis3d {budget} ({result.chosen.loss})"  # in the file, as in the DICOM series
     for fmt in formats:
         if fmt == "nifti" and volume.channel_volumes:  # one file per channel, each as its source stores it
@@ -268,7 +270,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
             adv_any,
             volume.affine,
             title=f"{volume.name}: attack {verdict} ({chosen.loss}, {chosen.steps} steps, "
-            f"L-inf {norms['linf_normalized'] * 255:.1f}/255 = {norms['linf_native']:.3g} native units)",
+            f"{size_label(medis.norm, norms, short=True)})",
             dice=report["adversarial"]["dice"],
             reference=report["attack"]["reference"],
             units=units,

@@ -73,6 +73,26 @@ def test_attack_end_to_end(tiny_bundle, scan_and_label, tmp_path):
     assert f"mean IoU with the target 0.620 >= {report['attack']['success_threshold']:g}" in verdict(targeted)
 
 
+def test_an_l2_attack_states_its_l2_everywhere(tiny_bundle, scan_file, tmp_path):
+    """Under --norm l2 the verdict, the members' table (terminal and page) and the adversarial file's description
+    give the perturbation's L2, which holds in the written int16 file."""
+    out = tmp_path / "out"
+    args = ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--members", "pgd:ce", "--norm", "l2", "--eps", "600",
+            "--eps-units", "native", "--step", "150", "--steps", "3", "--out", str(out)]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    delta = nib.load(str(out / "adversarial.nii.gz")).get_fdata() - nib.load(str(scan_file)).get_fdata()
+    l2 = float(np.linalg.norm(delta))
+    assert 0 < l2 <= 600 and report["perturbation"]["l2_native"] == pytest.approx(l2, rel=1e-5)
+    assert report["selected"]["l2_native"] == pytest.approx(l2, rel=1e-5) == report["members"][0]["l2_native"]
+    assert report["members"][0]["l2_normalized"] == pytest.approx(l2 / report["attack"]["native_per_normalized"])
+    words = f"L2 {l2:.4g} native units"
+    assert words in verdict(report) and words in " ".join(result.output.split())  # the terminal wraps lines
+    assert "L2 (native units)" in result.output and "L2 (native units)" in (out / "report.html").read_text()
+    assert nib.load(str(out / "adversarial.nii.gz")).header["descrip"].tobytes().startswith(b"ADVERSARIAL medis3d L2 eps 600")
+
+
 def test_predict_writes_on_scan_grid(tiny_bundle, scan_file, tmp_path):
     out = tmp_path / "pred.nii.gz"
     result = runner.invoke(app, ["predict", str(scan_file), "--bundle", str(tiny_bundle), "--out", str(out)])

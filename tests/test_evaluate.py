@@ -349,6 +349,12 @@ def test_evaluate_a_bare_network_under_an_l2_budget(tiny_bundle, tmp_path):
         assert float(r["adversarial_dice"]) < float(r["clean_dice"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["options"]["norm"] == "l2" and "tiny" in json.dumps(summary)
+    # the tables give the distortion in the budget's norm
+    assert summary["norm"] == "l2"
+    distortions = [e["mean_distortion_l2_native"] for e in summary["per_member"]["pgd:ce"].values() if e["attack_success_rate"]]
+    assert all(0 < d <= eps * 1.001 for d in distortions)
+    assert "| mean L2 of the successful (native units) |" in (out / "report.md").read_text()
+    assert "mean L2 of the successful (native units)" in (out / "report.html").read_text()
     files = set((out / "cache").rglob("pgd_ce_*.json"))
     assert runner.invoke(app, [*args, "--norm", "linf"]).exit_code == 0
     assert len(set((out / "cache").rglob("pgd_ce_*.json")) - files) == 2  # another norm, another outcome
