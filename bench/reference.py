@@ -12,7 +12,9 @@
 
 * :func:`plain_apgd`: Croce & Hein's APGD with cross-entropy, the class-balanced capped logit margin, SEA's
   Jensen-Shannon loss or SEA's masked spherical loss (of the raw logits, or of the log-probabilities as medis3d
-  takes it) through the same real preprocessing: the independent counterpart of medis3d's ``apgd`` members.
+  takes it) through the same real preprocessing: the independent counterpart of medis3d's ``apgd`` members. In an
+  L-inf ball (signed steps) or an L2 ball (``norm="l2"``: steps along ``g / ||g||``, as Croce & Hein's L2 version),
+  with the percentiles' own derivative (full autograd) or with them held constant (``hold_percentiles``).
 
 The attacks take the clean prediction in model space as their reference and quantise their
 iterate to the scan's stored integer type when it has one. The optimisers themselves
@@ -96,12 +98,15 @@ def _clip(y: torch.Tensor) -> torch.Tensor:
     return y + (y.clamp(0, 1) - y).detach()
 
 
-def real_preprocessing(bundle: Bundle, x: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-    """The bundle's preprocessing with MONAI's array transforms on tensors, differentiable."""
+def real_preprocessing(bundle: Bundle, x: torch.Tensor, affine: np.ndarray, hold_percentiles: bool = False) -> torch.Tensor:
+    """The bundle's preprocessing with MONAI's array transforms on tensors, differentiable (``hold_percentiles``:
+    the percentiles' values without their derivative, which lands on the one or two voxels each sits on)."""
     img = MetaTensor(x, affine=torch.as_tensor(affine, dtype=torch.float64))
     img = Spacing(pixdim=bundle.pixdim, mode="bilinear")(Orientation(axcodes="RAS")(img)).as_tensor()
     flat = img.reshape(-1)
     lo, hi = _percentile(flat, bundle.lower), _percentile(flat, bundle.upper)
+    if hold_percentiles:
+        lo, hi = lo.detach(), hi.detach()
     return _clip((img - lo) / (hi - lo))
 
 
@@ -140,12 +145,18 @@ def sign_ascent(loss_and_grad: LossAndGrad, project: Callable, x: torch.Tensor, 
     return x if loss_and_grad(x)[2] < best[0] else best[1]
 
 
-def apgd_ascent(loss_and_grad: LossAndGrad, project: Callable, x: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
+def l2_direction(grad: torch.Tensor) -> torch.Tensor:
+    """The L2 ball's steepest-ascent direction: the gradient scaled to unit length."""
+    return grad / grad.norm().clamp_min(1e-12)
+
+
+def apgd_ascent(loss_and_grad: LossAndGrad, project: Callable, x: torch.Tensor, eps: float, steps: int,
+                direction: Callable[[torch.Tensor], torch.Tensor] = torch.sign) -> torch.Tensor:
     """Croce & Hein's APGD (ICML 2020) from ``x``: step 2 eps, momentum 0.75; at their checkpoints (0.22, then
     gaps shrinking by 0.03 down to 0.06 of the iterations) the step is halved and the search sent back to the
     best point by the loss when under 75 % of the steps since the last checkpoint raised the loss, or when the
     step was not halved at the last checkpoint and the best loss has not risen since. The iterate returned is
-    the strongest by score."""
+    the strongest by score. Steps go along ``direction(gradient)``: its sign (L-inf), or :func:`l2_direction`."""
     marks = [0.0, 0.22]
     while marks[-1] < 1:
         marks.append(marks[-1] + max(marks[-1] - marks[-2] - 0.03, 0.06))
@@ -157,7 +168,7 @@ def apgd_ascent(loss_and_grad: LossAndGrad, project: Callable, x: torch.Tensor, 
     strongest = (score, x)
     since, raised, reduced, f_then = 0, 0, False, f_best
     for k in range(steps):
-        z = project(x + eta * grad.sign())
+        z = project(x + eta * direction(grad))
         x_new = z if k == 0 else project(x + 0.75 * (z - x) + 0.25 * (x - x_prev))
         f_new, g_new, score = loss_and_grad(x_new)
         if score < strongest[0]:
@@ -224,17 +235,20 @@ LOSSES = {"ce": lambda logits, reference: F.cross_entropy(logits, reference[None
 class Problem:
     """A scan under attack, for the plain optimisers: ``logits(x)`` (the scan's voxels ``(1, I, J, K)`` to
     ``(1, C, *model grid)`` logits, differentiable), the clean voxels ``x0``, the L-inf ball of ``eps`` (native
-    units) inside the scan's own intensity range, the loss ascended (a name of :data:`LOSSES`; APGD compares
+    units; ``norm="l2"``: the L2 ball) inside the scan's own intensity range, the loss ascended (a name of :data:`LOSSES`; APGD compares
     iterates by it too), and the reference: the clean prediction where ``logits`` puts it.
 
     An integer scan is attacked on its stored grid one of two ways: ``rounding="inside"`` rounds each iterate
     straight-through inside the loss (the iterate itself stays real: the benchmark's), ``"project"`` makes every
-    iterate whole in the projection, inside a whole-number ball (the tests')."""
+    iterate whole in the projection, inside a whole-number ball (the tests'; L-inf only)."""
 
     def __init__(self, logits: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, eps: float, loss: str = "ce",
-                 integer: bool = True, rounding: str = "inside"):
+                 integer: bool = True, rounding: str = "inside", norm: str = "linf"):
         if rounding not in ("inside", "project"):
             raise ValueError(f"rounding is inside or project, not {rounding!r}")
+        if norm not in ("linf", "l2") or (norm == "l2" and integer and rounding == "project"):
+            raise ValueError(f"the ball is linf or l2 (l2 rounds inside the loss), not {norm!r} with rounding {rounding!r}")
+        self.norm = norm
         self.logits, self.x0 = logits, x0
         self.loss = LOSSES[loss]
         self.low, self.high = float(x0.min()), float(x0.max())
@@ -245,8 +259,16 @@ class Problem:
             self.reference = logits(x0)[0].argmax(0)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm == "l2":
+            delta = x - self.x0
+            return (self.x0 + delta * min(1.0, self.eps / max(float(delta.norm()), 1e-12))).clamp(self.low, self.high)
         x = torch.minimum(torch.maximum(x, self.x0 - self.eps), self.x0 + self.eps)
         return (torch.round(x) if self.round_projected else x).clamp(self.low, self.high)
+
+    @property
+    def direction(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The ball's steepest-ascent direction of a gradient (for :func:`apgd_ascent`)."""
+        return l2_direction if self.norm == "l2" else torch.sign
 
     def loss_and_grad(self, x: torch.Tensor) -> tuple[float, torch.Tensor, float]:
         x = x.clone().requires_grad_(True)
@@ -261,11 +283,11 @@ class Problem:
         return self.project(self.x0 + (torch.rand(self.x0.shape, generator=g) * 2 - 1) * self.eps)
 
 
-def scan_problem(bundle: Bundle, scan: nib.Nifti1Image, eps: float, preprocess, loss: str = "ce") -> Problem:
+def scan_problem(bundle: Bundle, scan: nib.Nifti1Image, eps: float, preprocess, loss: str = "ce", norm: str = "linf") -> Problem:
     """A NIfTI scan under attack through ``bundle``'s network after ``preprocess`` (scan voxels to the model's input)."""
     x0 = torch.from_numpy(np.asarray(scan.dataobj, dtype=np.float32).reshape(scan.shape[:3]))[None]
     return Problem(lambda x: bundle.infer(preprocess(x)[None]), x0, eps, loss,
-                   integer=bool(np.issubdtype(scan.get_data_dtype(), np.integer)))
+                   integer=bool(np.issubdtype(scan.get_data_dtype(), np.integer)), norm=norm)
 
 
 def _pgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, step: float, preprocess, seed: int = 0) -> np.ndarray:
@@ -289,8 +311,10 @@ def standin_pgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, s
     return _pgd(bundle, scan, eps, steps, step, lambda x: standin_preprocessing(bundle, x, scan.affine, shape), seed)
 
 
-def plain_apgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, loss: str = "ce") -> np.ndarray:
+def plain_apgd(bundle: Bundle, scan: nib.Nifti1Image, eps: float, steps: int, loss: str = "ce", norm: str = "linf",
+               hold_percentiles: bool = False) -> np.ndarray:
     """APGD (from the clean scan) with ``loss`` (a name of :data:`LOSSES`) through the bundle's own transforms and
-    sliding-window inference, full autograd; its strongest iterate by Dice in model space."""
-    problem = scan_problem(bundle, scan, eps, lambda x: real_preprocessing(bundle, x, scan.affine), loss)
-    return apgd_ascent(problem.loss_and_grad, problem.project, problem.x0, eps, steps)[0].numpy()
+    sliding-window inference, full autograd (``hold_percentiles``: but the percentiles' own derivative), in the
+    ``norm`` ball of ``eps``; its strongest iterate by Dice in model space."""
+    problem = scan_problem(bundle, scan, eps, lambda x: real_preprocessing(bundle, x, scan.affine, hold_percentiles), loss, norm)
+    return apgd_ascent(problem.loss_and_grad, problem.project, problem.x0, eps, steps, problem.direction)[0].numpy()

@@ -112,6 +112,14 @@ def apgd(model: PlainModel, scan: np.ndarray, eps_hu: float, steps: int, loss: s
     return reference.apgd_ascent(p.loss_and_grad, p.project, start, p.eps, steps)
 
 
+def apgd_l2(model: PlainModel, scan: np.ndarray, eps: float, steps: int, loss: str = "ce", grid: str = "scan") -> torch.Tensor:
+    """APGD in its L2 version (steps along ``g / ||g||``, the L2 ball of ``eps`` HU) ascending ``loss`` on ``grid``
+    from the clean scan, its iterates real-valued (a float scan: nothing to round)."""
+    x0 = torch.from_numpy(np.asarray(scan, np.float32))[None]
+    p = reference.Problem(lambda x: model.logits(x, "standard", grid), x0, eps, loss, integer=False, norm="l2")
+    return reference.apgd_ascent(p.loss_and_grad, p.project, p.x0, p.eps, steps, p.direction)
+
+
 def _better(best: tuple[float, torch.Tensor], score: float, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """The stronger of ``best`` and the iterate ``x`` whose Dice against the reference is ``score`` (lower is stronger)."""
     return (score, x) if score < best[0] else best
