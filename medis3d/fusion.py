@@ -56,6 +56,7 @@ class MedISResult:
     flip_budgets: dict | None = None  # with min_eps: eps50 / eps90 (native units; None: not reached within eps)
     together: dict | None = None  # members batched: passes taken, members per pass (largest, mean); None: one by one
     source: Volume | None = None  # the attacked scan (the caller's own object, not a copy)
+    norm: str = "linf"  # the budget's norm: eps_native is the radius of an L-inf or an L2 ball
 
     @property
     def chosen(self) -> MemberResult:
@@ -81,6 +82,7 @@ class MedISResult:
             "linf_native": float(c.linf_native),
             "l2_native": float(c.l2_native),
             "eps_native": float(self.eps_native),
+            "norm": self.norm,
             "step_native": float(self.step_native),
             "native_per_normalized": float(self.native_per_normalized),
             "time_s": float(self.time_s),
@@ -106,7 +108,7 @@ class MedISResult:
         from medis3d.errors import OutputError
         from medis3d.io import write_nifti
         from medis3d.io.atomic import staging_folder
-        from medis3d.io.outputs import PERTURBATION_DESCRIPTION, prediction_description
+        from medis3d.io.outputs import PERTURBATION_DESCRIPTION, adversarial_description, prediction_description
 
         out = Path(out_dir)
         if out.exists() and not (out.is_dir() and not any(out.iterdir())):
@@ -114,7 +116,7 @@ class MedISResult:
         adversarial = self.adversarial
         stage = staging_folder(out)
         try:
-            description = f"ADVERSARIAL medis3d ({self.chosen.name})"
+            description = adversarial_description(f"{self.eps_native:.4g}", self.norm, self.chosen.name)
             write_nifti(adversarial, stage / "adversarial.nii.gz", description=description)
             if adversarial.format == "dicom" and adversarial.meta.get("dicom_headers"):
                 from medis3d.io.dicom import write_dicom_series
@@ -302,6 +304,7 @@ class MedIS:
             flip_budgets=flips,
             together=self.together_log.as_dict() if self.together_log else None,
             source=volume,
+            norm=self.norm,
         )
 
     def flip_budgets(self, member: Member, setting: Setting) -> dict:

@@ -21,6 +21,7 @@ from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import (
     PERTURBATION_DESCRIPTION,
     PREDICTION_DESCRIPTION,
+    adversarial_description,
     check_folder_replaceable,
     check_output_file,
     check_output_folder,
@@ -195,9 +196,8 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out
 def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats, options: AttackConfig, medis: MedIS) -> Volume:
     """Write the adversarial scan in every asked format; return the primary one read back from disk."""
     written: Volume | None = None
-    budget = f"eps {medis.eps * 255:.3g}/255" if medis.eps_units == "normalized" else f"eps {medis.eps:.4g}"
-    budget = f"L2 {budget}" if medis.norm == "l2" else budget
-    description = f"ADVERSARIAL medis3d {budget} ({result.chosen.loss})"  # in the file, as in the DICOM series
+    budget = f"{medis.eps * 255:.3g}/255" if medis.eps_units == "normalized" else f"{medis.eps:.4g}"
+    description = adversarial_description(budget, medis.norm, result.chosen.loss)  # in the file, as in the DICOM series
     for fmt in formats:
         if fmt == "nifti" and volume.channel_volumes:  # one file per channel, each as its source stores it
             paths = [

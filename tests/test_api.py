@@ -64,7 +64,10 @@ def test_result_save_writes_a_new_folder_and_never_overwrites(attacked, tiny_tar
     summary = json.loads((out / "result.json").read_text())
     assert summary["chosen"] == result.chosen.name and summary["success"] == result.success
     assert [m["member"] for m in summary["members"]] == [m.name for m in result.members]
-    assert summary["linf_native"] <= summary["eps_native"] + 1e-4
+    assert summary["linf_native"] <= summary["eps_native"] + 1e-4 and summary["norm"] == "linf"
+    from medis3d.io.nifti import nifti_description
+
+    assert nifti_description(out / "adversarial.nii.gz") == f"ADVERSARIAL medis3d eps {result.eps_native:.4g} ({result.chosen.name})"
 
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
     with pytest.raises(OutputError, match="not an empty folder"):

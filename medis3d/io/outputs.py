@@ -29,6 +29,12 @@ PREDICTION_DESCRIPTION = "medis3d prediction"  # the header description of every
 PERTURBATION_DESCRIPTION = "medis3d perturbation (adversarial minus source)"
 
 
+def adversarial_description(eps: str, norm: str, member: str) -> str:
+    """The description of an adversarial scan (NIfTI header, DICOM series): ``ADVERSARIAL medis3d eps 8/255 (js)``,
+    ``ADVERSARIAL medis3d L2 eps 1000 (apgd:ce)`` (``eps``: the budget as the user gave it)."""
+    return f"ADVERSARIAL medis3d {'L2 ' if norm == 'l2' else ''}eps {eps} ({member})"
+
+
 def prediction_description(name: str) -> str:
     """The description of an attack's label map ``prediction_clean`` or ``prediction_adversarial``:
     ``medis3d prediction clean``."""
