@@ -122,7 +122,7 @@ def _registry_help() -> tuple[str, str]:
 _ATTACK_NAMES, _LOSS_NAMES = _registry_help()
 LOSSES = typer.Option(None, "--losses", help=f"Comma-separated surrogate losses fused with --attacks, or 'all' (the paper's six): {_LOSS_NAMES}. Default: the preset's members.")
 EPS = typer.Option("10/255", "--eps", help="Largest perturbation, measured in --norm (L-inf unless told); a number or a fraction such as 8/255.")
-STEP = typer.Option(None, "--step", help="Step size (default: the preset's; the paper's 1/255).")
+STEP = typer.Option(None, "--step", help="Step size, in --eps-units (default: the preset's, 1/255 of the model's intensity range in any units; under --norm l2 a tenth of eps).")
 STEPS = typer.Option(None, "--steps", help="Most iterations per member (default: the preset's; the paper's 10).")
 PRESET = typer.Option(None, "--preset", help="default (three APGD members with SEA's losses, 20 iterations each), paper (MedIS as published: IGSM, the paper's six losses, 10 steps of 1/255) or reliable (the measured-strongest ensemble, per-volume worst case; slower).")
 MEMBERS = typer.Option(None, "--members", help="Explicit members, attack:loss\\[option=value,...], comma-separated, e.g. 'apgd:masked_ce\\[radii=sea],adam:cosine'; replaces --attacks x --losses.")
@@ -509,6 +509,8 @@ def evaluate(
         eps_list = [parse_fraction(e.strip(), "--eps") for e in eps.split(",") if e.strip()]
         if not eps_list or min(eps_list) <= 0:
             raise InputError(f"--eps must be positive budgets, got {eps!r}")
+        if diagnose and options["norm"] == "l2":
+            raise InputError("--diagnose runs its checks in an L-inf ball (medis3d diagnose); it does not take --norm l2")
         _, member_list, step_value, steps_value, _ = resolve_members(params)
         for budget in eps_list:  # the checks every attack's budget passes (medis3d.config)
             check_budget(budget, step_value, steps_value, options["eps_units"], options["norm"], together=options["together"])
@@ -519,7 +521,8 @@ def evaluate(
         kwargs: dict[str, Any] = dict(members=[m.name for m in member_list], eps_list=eps_list, step=step_value, steps=steps_value,
                       eps_units=options["eps_units"], success=options["success"], seed=options["seed"], norm=options["norm"],
                       diagnose=diagnose, together=options["together"], victims=victims, source=source,
-                      stop_at_success=stop_at_success, settings=_study_settings(params, member_list, eps_list, step_value, steps_value))
+                      stop_at_success=stop_at_success, settings=_study_settings(params, member_list, eps_list, step_value, steps_value),
+                      preset_step=not params.get("step"))
         if quiet:
             summary = evaluate_dataset(tgt, cases, out, **kwargs)
         else:

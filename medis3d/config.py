@@ -101,6 +101,7 @@ class AttackConfig:
     mask: Path | None = None  # region the perturbation may touch
     min_eps: bool = False  # eps50 / eps90 and each member's smallest successful budget
     together: int | None = None  # members sharing each pass; None: memory.auto_together
+    preset_step: bool = False  # the step is the preset's (no --step): see MedIS.preset_step
     memory_budget: int | None = None  # bytes; picks window batch, checkpointing and AMP
     label: Path | None = None  # reference segmentation (None: the clean prediction)
     target_mask: str | None = None  # targeted: "background", "foreground" or a mask file
@@ -138,7 +139,7 @@ class AttackConfig:
         return cls(
             members=tuple(m.name for m in members), preset=preset, eps=parse_fraction(p["eps"], "--eps"), step=step,
             steps=steps, select=select, eps_units=p["eps_units"], success=p["success"], seed=p["seed"], norm=p["norm"],
-            mask=p.get("mask"), min_eps=p["min_eps"], together=p.get("together"), memory_budget=budget,
+            mask=p.get("mask"), min_eps=p["min_eps"], together=p.get("together"), memory_budget=budget, preset_step=not p.get("step"),
             label=p.get("label"), target_mask=p.get("target"), output_format=p["output_format"],
             seg_format=p["seg_format"], anonymize=p["anonymize"],
         )
@@ -160,7 +161,8 @@ class AttackConfig:
 
         return MedIS(target, members_spec=list(self.members), eps=self.eps, step=self.step, steps=self.steps,
                      eps_units=self.eps_units, success_threshold=self.success, progress=progress, seed=self.seed,
-                     norm=self.norm, region=region, min_eps=self.min_eps, select=self.select, together=self.together or 1)
+                     norm=self.norm, region=region, min_eps=self.min_eps, select=self.select, together=self.together or 1,
+                     preset_step=self.preset_step)
 
     def as_dict(self) -> dict[str, Any]:
         """The config as the report holds it (JSON: paths as text)."""

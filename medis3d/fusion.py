@@ -240,6 +240,10 @@ class MedIS:
     select: str = "least"  # "least" perturbation among the successful (the paper's), or "strongest"
     bisection_steps: int = 4
     together: int = 1  # members that share each pass through the network (1: one after another)
+    # the step is a preset's, not the user's: a fraction of the model's intensity range whatever ``eps_units`` says
+    # (1/255 stays 1/255 under a native eps), and under an L2 budget a tenth of eps (an L-inf-sized step would be
+    # no length at all in L2)
+    preset_step: bool = False
     # None: members stop at their first success where the selection needs no more ("least"), and run every iteration
     # where it needs their strongest point ("strongest"); False: every member runs all its iterations and keeps its
     # strongest iterate (the lowest Dice it reaches: robustness curves); True: every member stops at its first success
@@ -269,7 +273,10 @@ class MedIS:
         reference = clean_prediction if reference is None else reference
         aim = self._aim(target_mask, clean_prediction)
         goal = Goal(self.target, reference, aim, self.success_threshold)
-        budget = Budget.for_volume(volume, self.eps * factor, self.step * factor, self.steps, region=self.region, norm=self.norm)
+        step = self.step * factor
+        if self.preset_step:
+            step = self.eps * factor / 10 if self.norm == "l2" else min(self.step * scale, self.eps * factor)
+        budget = Budget.for_volume(volume, self.eps * factor, step, self.steps, region=self.region, norm=self.norm)
         return Setting(volume, goal, budget, factor, scale, note, clean_prediction)
 
     def __call__(

@@ -191,6 +191,7 @@ def evaluate_dataset(
     source: str | None = None,
     settings: dict | None = None,
     stop_at_success: bool = False,
+    preset_step: bool = False,
 ) -> dict:
     """Run every member on every case at every budget (cached), then write the tables, the plot and the
     reports; with ``diagnose``, the gradient-masking checks on each case at the largest budget
@@ -203,6 +204,7 @@ def evaluate_dataset(
     Each member runs all its iterations and its row is its strongest iterate (the lowest Dice it reaches in the
     budget), unless ``stop_at_success``: then it stops at its first success (faster, and enough for the success
     rate and the least-perturbation fusion, but Dice at a budget where it succeeds is where it stopped).
+    ``preset_step``: ``step`` is the preset's, not the user's (:attr:`medis3d.fusion.MedIS.preset_step`).
 
     ``out`` is checked before any work, held against a second run, and a failed write is one line. Every case's
     files are checked first too (there, and readable as scans), so a typo in a datalist is one line before anything
@@ -216,7 +218,7 @@ def evaluate_dataset(
         return _evaluate_dataset(target, cases, out, attacks=attacks, losses=losses, members=members, eps_list=eps_list,
                                  step=step, steps=steps, eps_units=eps_units, success=success, seed=seed, norm=norm, diagnose=diagnose,
                                  progress=progress, steps_progress=steps_progress, together=together, victims=victims,
-                                 source=source, settings=settings, stop_at_success=stop_at_success)
+                                 source=source, settings=settings, stop_at_success=stop_at_success, preset_step=preset_step)
 
 
 def check_study_folder(out: Path) -> None:
@@ -252,11 +254,14 @@ def _usable(row: dict | None, victims: Sequence[Victim], stop_at_success: bool) 
 def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attacks, losses, members, eps_list, step, steps,
                       eps_units, success, seed, diagnose, progress, steps_progress=None, norm: str = "linf", together=None,
                       victims: Sequence[Victim] = (),
-                      source: str | None = None, settings: dict | None = None, stop_at_success: bool = False) -> dict:
+                      source: str | None = None, settings: dict | None = None, stop_at_success: bool = False,
+                      preset_step: bool = False) -> dict:
     cache = out / "cache"
     store = OutcomeCache(cache)
     outcome_setting = {"target": f"{target.source}:{target.name}", "step": f"{step:.6g}", "steps": steps,
                        "eps_units": eps_units, "seed": seed, "success": success, "norm": norm, **run_setting(target)}
+    if preset_step:  # the step means another size (MedIS.preset_step); absent otherwise, so earlier outcomes still count
+        outcome_setting["preset_step"] = True
     rows: list[dict] = []
     diagnoses: dict[str, dict] = {}
     failed: list[dict] = []
@@ -273,7 +278,8 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
             continue
         mark_folder(out, "evaluate")  # not before a volume has loaded: a study of none leaves nothing
         for eps in eps_list:
-            medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps, step=min(step, eps),
+            medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps,
+                          step=step if preset_step else min(step, eps), preset_step=preset_step,
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed, norm=norm,
                           stop_at_success=stop_at_success, region=run.region, progress=steps_progress)
             case_rows, ran = run.rows(medis, eps)
@@ -284,7 +290,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                 progress(case.name)
         if diagnose:
             diagnoses[case.name] = _diagnose_case(target, case, run, out / "diagnose", max(eps_list), step,
-                                                  steps, eps_units, seed, members)
+                                                  steps, eps_units, seed, members, preset_step)
             if progress is not None:
                 progress(case.name)
     if failed and len(failed) == len(cases):
@@ -466,7 +472,7 @@ def transfer_matrix(rows: list[dict], source: str, victims: Sequence[str]) -> di
 
 
 def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, eps: float, step: float, steps: int,
-                   eps_units: str, seed: int, members) -> dict:
+                   eps_units: str, seed: int, members, preset_step: bool = False) -> dict:
     """The gradient-masking checks on one case, with the study's first APGD member (else its first member) at the
     largest budget, inside the case's mask; kept in ``folder/<case>.json`` with the settings they ran under, and
     run again where those differ."""
@@ -483,7 +489,7 @@ def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, ep
             return kept
     if eps_units != "normalized":
         scale, _ = target.intensity_scale(run.volume)
-        eps, step = eps / scale, step / scale
+        eps, step = eps / scale, step if preset_step else step / scale  # a preset's step is normalised already
     result = Diagnose(target, member=chosen.name, eps=eps, step=step, steps=steps, seed=seed, region=run.region)(run.volume, run.reference).as_dict()
     result["setting"] = setting
     write_text_atomic(path, json.dumps(clean_json(result), indent=2))

@@ -73,6 +73,31 @@ def test_attack_end_to_end(tiny_bundle, scan_and_label, tmp_path):
     assert f"mean IoU with the target 0.620 >= {report['attack']['success_threshold']:g}" in verdict(targeted)
 
 
+@pytest.mark.parametrize("norm,eps,expected", [("linf", "24", "1/255 of the range"), ("l2", "600", "eps/10")])
+def test_the_presets_step_is_a_size_in_any_units(tiny_bundle, scan_file, tmp_path, norm, eps, expected):
+    """Without --step the preset's step (1/255 of the model's range) was taken in the native units of a native eps:
+    IGSM stepped 1/255 HU, the int16 file rounded every step away, and the report called the model robust at 24 HU
+    (L-inf 0). Now it is 1/255 of the range in any units (1.57 HU on the tiny bundle's -100..300 window), and under
+    L2 a tenth of eps."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--attacks", "igsm", "--losses", "ce",
+                                 "--norm", norm, "--eps", eps, "--eps-units", "native", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    step = report["attack"]["step_native"]
+    if expected == "eps/10":
+        assert step == pytest.approx(60.0) and 0.5 * 600 < report["perturbation"]["l2_native"] <= 600
+    else:
+        assert step == pytest.approx(report["attack"]["native_per_normalized"] / 255) == pytest.approx(400 / 255)
+        assert report["perturbation"]["linf_native"] >= 10  # ten steps of 1.57 HU, rounded to whole HU
+    assert report["adversarial"]["mean_iou"] < 1.0 and report["attack"]["config"]["preset_step"] is True
+    given = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--attacks", "igsm", "--losses", "ce",
+                                "--norm", norm, "--eps", eps, "--eps-units", "native", "--step", "2", "--steps", "1",
+                                "--out", str(tmp_path / "given")])
+    assert given.exit_code == 0, given.output
+    assert json.loads((tmp_path / "given" / "report.json").read_text())["attack"]["step_native"] == 2.0  # --step as given
+
+
 def test_an_l2_attack_states_its_l2_everywhere(tiny_bundle, scan_file, tmp_path):
     """Under --norm l2 the verdict, the members' table (terminal and page) and the adversarial file's description
     give the perturbation's L2, which holds in the written int16 file."""

@@ -360,6 +360,10 @@ def test_evaluate_a_bare_network_under_an_l2_budget(tiny_bundle, tmp_path):
     assert len(set((out / "cache").rglob("pgd_ce_*.json")) - files) == 2  # another norm, another outcome
     bad = runner.invoke(app, [*args, "--norm", "l3"])
     assert bad.exit_code == 2 and "--norm must be linf or l2" in bad.output
+    fresh = tmp_path / "fresh"  # the masking checks run in an L-inf ball: refused under L2, before anything is written
+    refused = runner.invoke(app, [*[str(fresh) if a == str(out) else a for a in map(str, args)], "--norm", "l2", "--diagnose"])
+    assert refused.exit_code == 2 and "--diagnose runs its checks in an L-inf ball" in refused.output
+    assert "Traceback" not in refused.output and not fresh.exists()
 
 
 def test_evaluate_takes_the_shared_model_options_masks_and_classes(tiny_bundle, tmp_path):
