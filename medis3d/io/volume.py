@@ -112,7 +112,12 @@ class Volume:
         if length <= eps:
             return values
         low, high = 0.0, 1.0  # scale 0 stores the clean scan: no longer than its own rounding
-        for _ in range(30):
+        guess = eps / length * (1 - 1e-9)  # where no voxel rounds (a float scan), this one fits at once
+        if stored(guess)[1] <= eps:
+            low = guess
+        else:
+            high = guess
+        while high - low > 1e-4 * high:  # the scale to a ten-thousandth: a few passes, none for a float scan
             middle = (low + high) / 2
             if stored(middle)[1] <= eps:
                 low = middle
