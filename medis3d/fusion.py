@@ -220,13 +220,14 @@ class MedIS:
 
     ``eps`` and ``step`` are sizes in ``norm`` (L-inf or L2) in fractions of the model's intensity range
     (``eps_units="normalized"``, the paper's 1/255 steps) or in the scan's units
-    (``eps_units="native"``).
+    (``eps_units="native"``). Without ``step``, the paper's 1/255 of the model's range whatever the units (under
+    an L2 budget a tenth of eps: :attr:`preset_step`).
     """
 
     target: Target
     losses: str | Sequence[str] = "all"
     eps: float = PAPER_EPS
-    step: float = PAPER_STEP
+    step: float = None  # type: ignore[assignment]  # None (not given): the paper's 1/255 as a preset's step (``preset_step``)
     steps: int = PAPER_STEPS
     eps_units: str = "normalized"
     attacks: Sequence[str] = ("igsm",)
@@ -252,6 +253,8 @@ class MedIS:
     together_log: Together | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
+        if self.step is None:  # not given: a float from here on
+            self.step, self.preset_step = PAPER_STEP, True
         try:
             self.loss_names = parse_losses(self.losses)
         except ValueError as exc:

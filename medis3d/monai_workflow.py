@@ -41,7 +41,7 @@ class BundleAttack:
         config: str = "inference.json",
         losses: str = "all",
         eps: float = 10 / 255,
-        step: float = 1 / 255,
+        step: float | None = None,  # None: the paper's 1/255 of the model's range, in any eps units
         steps: int = 10,
         eps_units: str = "normalized",
         device: str | None = None,
@@ -49,7 +49,8 @@ class BundleAttack:
     ):
         self.bundle_root, self.datalist, self.output_dir = Path(bundle_root), list(datalist), Path(output_dir)
         self.image_key, self.config = image_key, config
-        self.losses, self.eps, self.step, self.steps, self.eps_units = losses, float(eps), float(step), int(steps), eps_units
+        self.losses, self.eps, self.steps, self.eps_units = losses, float(eps), int(steps), eps_units
+        self.step = None if step is None else float(step)
         self.device = device
         self.members = members  # attack:loss[options],... instead of IGSM with ``losses``
 
@@ -67,7 +68,8 @@ class BundleAttack:
 
         members = tuple(m.name for m in parse_members(self.members)) if self.members else ()
         options = AttackConfig(members=members, preset="" if members else "paper", losses=self.losses, eps=self.eps,
-                               step=self.step, steps=self.steps, eps_units=self.eps_units)
+                               step=1 / 255 if self.step is None else self.step, preset_step=self.step is None,
+                               steps=self.steps, eps_units=self.eps_units)
         rows = []
         for item in self.datalist:
             path = Path(item[self.image_key] if isinstance(item, dict) else item)

@@ -128,3 +128,15 @@ def test_import_and_attack_print_no_third_party_warnings(tiny_bundle, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert done.stdout.startswith("MedISResult(success=")
+
+
+def test_a_native_budget_without_a_step_takes_the_papers_step_of_the_models_range(tiny_target, scan_file):
+    """MedIS(eps=24, eps_units="native") without a step: the paper's 1/255 of the model's range (1.57 HU on the tiny
+    bundle's -100..300 window), not 1/255 HU, which the int16 scan would round away (IGSM would then report L-inf 0)."""
+    from medis3d.fusion import MedIS
+    from medis3d.io import read_volume
+
+    result = MedIS(tiny_target, losses="ce", attacks="igsm", eps=24, eps_units="native", steps=4)(read_volume(scan_file))
+    assert result.step_native == pytest.approx(400 / 255) and result.chosen.linf_native >= 4
+    given = MedIS(tiny_target, losses="ce", attacks="igsm", eps=24, eps_units="native", step=3, steps=1)(read_volume(scan_file))
+    assert given.step_native == 3.0
