@@ -260,7 +260,9 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     store = OutcomeCache(cache)
     outcome_setting = {"target": f"{target.source}:{target.name}", "step": f"{step:.6g}", "steps": steps,
                        "eps_units": eps_units, "seed": seed, "success": success, "norm": norm, **run_setting(target)}
-    if preset_step:  # the step means another size (MedIS.preset_step); absent otherwise, so earlier outcomes still count
+    if preset_step and (eps_units != "normalized" or norm == "l2"):
+        # the preset's step means another size there than it did (MedIS.preset_step); elsewhere it is the step it was,
+        # and the key is as before, so earlier outcomes still count
         outcome_setting["preset_step"] = True
     rows: list[dict] = []
     diagnoses: dict[str, dict] = {}
