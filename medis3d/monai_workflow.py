@@ -59,6 +59,7 @@ class BundleAttack:
 
         from medis3d.bundle import load_bundle
         from medis3d.config import AttackConfig
+        from medis3d.fusion import PAPER_STEP
         from medis3d.workflow import run_attack
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,7 +69,7 @@ class BundleAttack:
 
         members = tuple(m.name for m in parse_members(self.members)) if self.members else ()
         options = AttackConfig(members=members, preset="" if members else "paper", losses=self.losses, eps=self.eps,
-                               step=1 / 255 if self.step is None else self.step, preset_step=self.step is None,
+                               step=PAPER_STEP if self.step is None else self.step, preset_step=self.step is None,
                                steps=self.steps, eps_units=self.eps_units)
         rows = []
         for item in self.datalist:
