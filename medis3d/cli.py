@@ -509,8 +509,6 @@ def evaluate(
         eps_list = [parse_fraction(e.strip(), "--eps") for e in eps.split(",") if e.strip()]
         if not eps_list or min(eps_list) <= 0:
             raise InputError(f"--eps must be positive budgets, got {eps!r}")
-        if diagnose and options["norm"] == "l2":
-            raise InputError("--diagnose runs its checks in an L-inf ball (medis3d diagnose); it does not take --norm l2")
         _, member_list, step_value, steps_value, _ = resolve_members(params)
         for budget in eps_list:  # the checks every attack's budget passes (medis3d.config)
             check_budget(budget, step_value, steps_value, options["eps_units"], options["norm"], together=options["together"])
@@ -661,8 +659,10 @@ def diagnose(
     transforms: str | None = TRANSFORMS,
     label: Path | None = LABEL,
     member: str = typer.Option("apgd:masked_ce_balanced", "--member", help="The white-box member the checks run (attack:loss\\[options])."),
-    eps: str = typer.Option("8/255", "--eps", help="The budget of the step-doubling, restart and random-search checks."),
-    step: str = typer.Option("1/255", "--step", help="Step size of step-based members (APGD chooses its own)."),
+    eps: str | None = typer.Option(None, "--eps", help="The budget of the step-doubling, restart and random-search checks, in --eps-units and --norm (default 8/255; under --norm l2 required, e.g. --eps 2000 --eps-units native)."),
+    eps_units: str = EPS_UNITS,
+    norm: str = typer.Option("linf", "--norm", help="Budget norm of every check: linf or l2 (the eps sweep then runs over L2 balls of rms 2/255 .. 64/255 per voxel)."),
+    step: str | None = typer.Option(None, "--step", help="Step size of step-based members, in --eps-units (default: 1/255 of the model's range; under --norm l2 a tenth of eps; APGD chooses its own)."),
     steps: int = typer.Option(20, "--steps", help="Iterations of the member (doubled in the step-doubling check)."),
     queries: int = typer.Option(200, "--queries", min=1, help="Forward passes of the gradient-free random search."),
     device: str | None = DEVICE,
@@ -690,8 +690,16 @@ def diagnose(
         check_output_file(path)
         check_replaceable_file(path, lambda p: has_schema(p, SCHEMA), "a diagnosis")
         show = (lambda m: typer.echo(f"  {m}", err=True)) if not (quiet or json_out) else None
-        result = Diagnose(tgt, member=member, eps=parse_fraction(eps, "--eps"), steps=steps, step=parse_fraction(step, "--step"),
-                          queries=queries, seed=seed, progress=show)(volume, reference)
+        if eps is None and norm == "l2":
+            raise InputError("--norm l2 needs --eps, an L2 radius (e.g. --eps 2000 --eps-units native: 2000 in the scan's units)")
+        eps_value = parse_fraction(eps or "8/255", "--eps")
+        step_value = parse_fraction(step, "--step") if step else None
+        check_budget(eps_value, step_value or eps_value, steps, eps_units, norm)
+        if eps_units == "native":  # the checks take budgets in the model's range
+            scale, _ = tgt.intensity_scale(volume)
+            eps_value, step_value = eps_value / scale, None if step_value is None else step_value / scale
+        result = Diagnose(tgt, member=member, eps=eps_value, steps=steps, step=step_value, queries=queries, seed=seed,
+                          progress=show, norm=norm)(volume, reference)
         report = result.as_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, report)

@@ -3,19 +3,25 @@ Adversarial Robustness" (2019): an attack result is an upper bound on robustness
 did not stop short, and these checks look for the signs that it did.
 
 * **eps sweep**: the member at doubling budgets until it succeeds; flagged when nothing succeeds by
-  64/255, or when a larger budget leaves more Dice than a smaller one.
+  64/255, or when a larger budget leaves more Dice than a smaller one. Under an L2 budget (``norm="l2"``) the
+  sweep's budgets are the L2 balls whose root-mean-square per voxel the attack may change is 2/255 ... 64/255
+  of the model's range: each holds the L-inf ball of that size, so the same limit applies.
 * **step doubling**: twice the iterations; flagged when that still lowers Dice by more than 0.02
   (the attack had not converged).
 * **restarts**: the member from random starts; flagged when the best restart lowers Dice by more than
   0.02 below the single run.
 * **random search**: a gradient-free search (Square-attack style: random +-eps cubes, kept when the
-  loss rises) with forward passes only; flagged when it beats the white-box member at the same budget.
+  loss rises; under L2 each cube takes half the budget's length and the whole is scaled back onto the ball)
+  with forward passes only; flagged when it beats the white-box member at the same budget.
 * **gradient vs finite differences**: the Target's gradient through the real forward (no stand-ins:
   the ``exact`` path) against central differences of the loss along directions on a sample of voxels;
   flagged when they disagree.
 * **layers**: for each preprocessing step, how much of the scan its gradient reaches and how well its
-  first-order change predicts the real change at the attack's scale; each flag names the step (or the
-  network) that is the likely cause.
+  first-order change predicts the real change at the attack's scale (a step of eps along the norm's steepest
+  direction); each flag names the step (or the network) that is the likely cause.
+
+Every check runs in the budget's norm (``norm``: ``linf``, or ``l2`` as ``attack --norm l2``); ``eps`` is in
+units of the model's intensity range (an L2 radius too: ``eps * scale`` in the scan's units).
 """
 
 from __future__ import annotations
@@ -29,19 +35,20 @@ import numpy as np
 import torch
 
 from medis3d.attacks import Budget
-from medis3d.fusion import MedIS
+from medis3d.fusion import PAPER_STEP, MedIS
 from medis3d.io.volume import Volume
 from medis3d.losses import get_loss
 from medis3d.members import Member, parse_members
 from medis3d.metrics import dice_per_class
 from medis3d.target import Target
 
-SWEEP = (2, 4, 8, 16, 32, 64)  # in 1/255 of the model's normalised intensity range
+SWEEP = (2, 4, 8, 16, 32, 64)  # in 1/255 of the model's normalised intensity range (L2: the rms per voxel)
 SWEEP_LIMIT = 64
 DOUBLING_TOLERANCE = 0.02
 RESTART_TOLERANCE = 0.02
 FD_TOLERANCE = 0.1  # relative error of the directional derivative
 DEFAULT_MEMBER = "apgd:masked_ce_balanced"
+QUERIES = 200  # the random search's forward passes where none are given (evaluate --diagnose gives none)
 
 
 @dataclass
@@ -67,6 +74,8 @@ class Diagnosis:
     scan: str
     member: str
     eps: float
+    norm: str = "linf"
+    eps_native: float | None = None  # the budget in the scan's units
     checks: list[Check] = field(default_factory=list)
     time_s: float = 0.0
 
@@ -75,8 +84,9 @@ class Diagnosis:
         return any(c.flagged for c in self.checks)
 
     def as_dict(self) -> dict:
-        return {"schema": SCHEMA, "scan": self.scan, "member": self.member, "eps": self.eps, "flagged": self.flagged,
-                "checks": [c.as_dict() for c in self.checks], "time_s": self.time_s}
+        return {"schema": SCHEMA, "scan": self.scan, "member": self.member, "eps": self.eps, "norm": self.norm,
+                "eps_native": self.eps_native, "flagged": self.flagged, "checks": [c.as_dict() for c in self.checks],
+                "time_s": self.time_s}
 
 
 def _mean_dice(target: Target, prediction: np.ndarray, reference: np.ndarray) -> float:
@@ -99,21 +109,44 @@ class Diagnose:
     """The checks of the module docstring for ``target`` on one volume, with one white-box member."""
 
     def __init__(self, target: Target, member: str = DEFAULT_MEMBER, eps: float = 8 / 255, steps: int = 20,
-                 step: float = 1 / 255, queries: int = 200, restarts: int = 2, fd_voxels: int = 2000, seed: int = 0,
-                 progress: Callable[[str], None] | None = None, region: np.ndarray | None = None):
-        self.target, self.eps, self.steps, self.step, self.seed = target, float(eps), int(steps), float(step), seed
+                 step: float | None = None, queries: int | None = None, restarts: int = 2, fd_voxels: int = 2000, seed: int = 0,
+                 progress: Callable[[str], None] | None = None, region: np.ndarray | None = None, norm: str = "linf"):
+        # step None: the preset's (1/255 of the model's range; under L2 a tenth of eps), as attack without --step
+        self.target, self.eps, self.steps, self.seed = target, float(eps), int(steps), seed
+        self.step = None if step is None else float(step)
+        self.norm = norm
         self.region = region  # where the attacks may perturb (every check's budget), as --mask in attack
+        self.scale = 1.0  # the model's intensity range in the scan's units, set per volume
         self.member = parse_members(member)[0]
-        self.queries, self.restarts, self.fd_voxels = int(queries), int(restarts), int(fd_voxels)
+        self.queries, self.restarts, self.fd_voxels = int(queries or QUERIES), int(restarts), int(fd_voxels)
         self.progress = progress or (lambda message: None)
 
     # -- running a member ---------------------------------------------------------------------
-    def _medis(self, eps: float, steps: int | None = None, member: Member | None = None) -> MedIS:
-        return MedIS(self.target, members_spec=[member or self.member], eps=eps, step=min(self.step, eps),
-                     steps=steps or self.steps, seed=self.seed, region=self.region)
+    def _medis(self, eps: float, steps: int | None = None, member: Member | None = None, seed: int | None = None,
+               strongest: bool = True) -> MedIS:
+        """The member at ``eps``: run to its strongest iterate (``strongest``; the doubling, restarts and random search
+        compare Dice, which an attack stopped at its first success does not reach), or to its first success (the sweep)."""
+        if self.step is None:  # the preset's (MedIS.preset_step)
+            step, preset = PAPER_STEP, True
+        else:
+            step, preset = (self.step if self.norm == "l2" else min(self.step, eps)), False
+        return MedIS(self.target, members_spec=[member or self.member], eps=eps, step=step, preset_step=preset,
+                     steps=steps or self.steps, seed=self.seed if seed is None else seed, region=self.region,
+                     norm=self.norm, stop_at_success=False if strongest else None)
 
-    def _run(self, volume: Volume, reference: np.ndarray, eps: float, steps: int | None = None, member: Member | None = None):
-        medis = self._medis(eps, steps, member)
+    def _size(self, eps: float) -> str:
+        """A budget as the outputs state it: ``8/255``, or ``L2 4940`` (in the scan's units)."""
+        return f"L2 {eps * self.scale:.4g}" if self.norm == "l2" else f"{eps * 255:.3g}/255"
+
+    def _voxels(self, volume: Volume) -> int:
+        """How many values the attacks may change (the region's, over every channel)."""
+        if self.region is None:
+            return int(volume.array.size)
+        return int(np.count_nonzero(np.broadcast_to(np.asarray(self.region) != 0, volume.array.shape)))
+
+    def _run(self, volume: Volume, reference: np.ndarray, eps: float, steps: int | None = None, member: Member | None = None,
+             strongest: bool = True):
+        medis = self._medis(eps, steps, member, strongest=strongest)
         setting = medis.prepare(volume, reference, clean_prediction=reference)
         result = medis.run_member(medis.members()[0], setting.budget, setting.goal, volume, setting.factor)
         return result, _mean_dice(self.target, result.prediction, reference), setting
@@ -122,9 +155,10 @@ class Diagnose:
     def __call__(self, volume: Volume, reference: np.ndarray | None = None) -> Diagnosis:
         start = time.perf_counter()
         reference = self.target.predict(volume) if reference is None else reference
-        diagnosis = Diagnosis(str(volume.path or volume.name), self.member.name, self.eps)
+        self.scale, _ = self.target.intensity_scale(volume)
         base, base_dice, setting = self._run(volume, reference, self.eps)
-        self.progress(f"white-box {self.member.name} at {self.eps * 255:.3g}/255: Dice {base_dice:.3f}")
+        diagnosis = Diagnosis(str(volume.path or volume.name), self.member.name, self.eps, self.norm, setting.budget.eps)
+        self.progress(f"white-box {self.member.name} at {self._size(self.eps)}: Dice {base_dice:.3f}")
         diagnosis.checks.append(self.eps_sweep(volume, reference))
         diagnosis.checks.append(self.step_doubling(volume, reference, base_dice))
         diagnosis.checks.append(self.restart_check(volume, reference, base_dice))
@@ -135,21 +169,37 @@ class Diagnose:
         return diagnosis
 
     def eps_sweep(self, volume: Volume, reference: np.ndarray) -> Check:
+        """The member at each budget of :data:`SWEEP` until it succeeds. L-inf rows carry ``eps_255``; L2 rows
+        ``rms_255`` (the rms per changeable voxel, in 1/255 of the model's range) and ``l2_native`` (the radius)."""
+        l2 = self.norm == "l2"
+        root_n = float(np.sqrt(self._voxels(volume)))
         rows = []
         for e in SWEEP:
-            result, dice, _ = self._run(volume, reference, e / 255)
-            rows.append({"eps_255": e, "dice": dice, "mean_iou": result.score, "success": result.success})
-            self.progress(f"eps sweep {e}/255: Dice {dice:.3f}{' (success)' if result.success else ''}")
+            eps = e / 255 * root_n if l2 else e / 255
+            result, dice, _ = self._run(volume, reference, eps, strongest=False)  # success is all it needs
+            size: dict[str, Any] = {"rms_255": e, "l2_native": eps * self.scale} if l2 else {"eps_255": e}
+            rows.append({**size, "dice": dice, "mean_iou": result.score, "success": result.success})
+            label = f"{self._size(eps)} (rms {e}/255)" if l2 else f"{e}/255"
+            self.progress(f"eps sweep {label}: Dice {dice:.3f}{' (success)' if result.success else ''}")
             if result.success:
                 break
-        broken = next((r["eps_255"] for r in rows if r["success"]), None)
-        worse = [(a["eps_255"], b["eps_255"]) for a, b in zip(rows, rows[1:]) if b["dice"] > a["dice"] + 0.01]
-        measured = {"sweep": rows, "smallest_successful_eps_255": broken}
+        key = "rms_255" if l2 else "eps_255"
+        broken = next((r for r in rows if r["success"]), None)
+        worse = [(a, b) for a, b in zip(rows, rows[1:]) if b["dice"] > a["dice"] + 0.01]
+        measured: dict[str, Any] = {"sweep": rows, f"smallest_successful_{key}": broken[key] if broken else None}
+        if l2:
+            measured["smallest_successful_l2_native"] = broken["l2_native"] if broken else None
+
+        def named(row: dict) -> str:
+            return f"L2 {row['l2_native']:.4g}" if l2 else f"{row['eps_255']}/255"
+
         if broken is None:
-            return Check("eps_sweep", measured, True, f"no success by {SWEEP_LIMIT}/255: the attack stops short, or the "
+            limit = (f"L2 {SWEEP_LIMIT / 255 * root_n * self.scale:.4g} (the L2 ball holding the {SWEEP_LIMIT}/255 L-inf one)"
+                     if l2 else f"{SWEEP_LIMIT}/255")
+            return Check("eps_sweep", measured, True, f"no success by {limit}: the attack stops short, or the "
                          "model's preprocessing or a layer masks the gradient (see the layer and finite-difference checks)")
         if worse:
-            return Check("eps_sweep", measured, True, f"a larger budget left more Dice ({worse[0][1]}/255 vs {worse[0][0]}/255): "
+            return Check("eps_sweep", measured, True, f"a larger budget left more Dice ({named(worse[0][1])} vs {named(worse[0][0])}): "
                          "the optimiser does not converge at the larger budget (step size, iterations)")
         return Check("eps_sweep", measured)
 
@@ -169,8 +219,7 @@ class Diagnose:
         if member.attack != "apgd":  # other attacks: independent runs with different seeds
             dices = []
             for seed in range(self.restarts):
-                medis = MedIS(self.target, members_spec=[member], eps=self.eps, step=min(self.step, self.eps), steps=self.steps,
-                              seed=seed + 1, region=self.region)
+                medis = self._medis(self.eps, member=member, seed=seed + 1)
                 setting = medis.prepare(volume, reference, clean_prediction=reference)
                 r = medis.run_member(member, setting.budget, setting.goal, volume, setting.factor)
                 dices.append(_mean_dice(self.target, r.prediction, reference))
@@ -197,8 +246,10 @@ class Diagnose:
             ev = self.target.exact.evaluate(written, volume)  # the model in float32, whatever --amp says
             return float(loss(ev.scan_logits, aim)), ev.segmentation
 
+        l2 = budget.norm == "l2"
         signs = (torch.randint(0, 2, (clean.shape[0], 1, 1, clean.shape[-1]), generator=gen) * 2 - 1).to(clean)
-        x = budget.project(clean + budget.eps * signs.expand_as(clean), clean)  # vertical stripes, as Square attack starts
+        amplitude = budget.eps / float(np.sqrt(self._voxels(volume))) if l2 else budget.eps  # L2: the stripes fill the ball
+        x = budget.project(clean + amplitude * signs.expand_as(clean), clean)  # vertical stripes, as Square attack starts
         best, segmentation = value(x)
         shape = clean.shape[1:]
         for q in range(self.queries):
@@ -208,7 +259,11 @@ class Diagnose:
             window = (slice(None), *(slice(c, c + w) for c, w in zip(corner, side)))
             trial = x.clone()
             sign = float(torch.randint(0, 2, (1,), generator=gen) * 2 - 1)
-            trial[window] = clean[window] + sign * budget.eps
+            if l2:  # the cube takes half the ball's length; project() scales the whole back onto the ball
+                cube = int(np.prod(side)) * clean.shape[0]
+                trial[window] = clean[window] + sign * budget.eps * float(np.sqrt(0.5 / cube))
+            else:
+                trial[window] = clean[window] + sign * budget.eps
             trial = budget.project(trial, clean)
             v, seg = value(trial)
             if v > best:
@@ -291,11 +346,11 @@ class Diagnose:
                 model_in = self.target.model_input(leaf, volume, path)
                 weights = (torch.rand(model_in.shape, generator=gen) * 2 - 1).to(model_in)  # signed, as a loss gradient is
                 (grad,) = torch.autograd.grad((model_in * weights).sum(), leaf)
-            direction = torch.sign(grad)
+            move = budget.eps * budget.direction(grad)  # the attack's step: eps along the norm's steepest direction
             with torch.no_grad():
-                moved = self.target.model_input(x + budget.eps * direction, volume)
+                moved = self.target.model_input(x + move, volume)
                 real = float(((moved - model_in.detach()) * weights).sum())
-            predicted = float(budget.eps * (grad * direction).sum())
+            predicted = float((grad * move).sum())
             steps.append({"path": path, "fraction_of_scan_reached": float((grad != 0).float().mean()),
                           "first_order_change": predicted, "real_change_at_eps": real,
                           "ratio": real / predicted if predicted else None})

@@ -292,7 +292,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                 progress(case.name)
         if diagnose:
             diagnoses[case.name] = _diagnose_case(target, case, run, out / "diagnose", max(eps_list), step,
-                                                  steps, eps_units, seed, members, preset_step)
+                                                  steps, eps_units, seed, members, preset_step, norm)
             if progress is not None:
                 progress(case.name)
     if failed and len(failed) == len(cases):
@@ -474,7 +474,7 @@ def transfer_matrix(rows: list[dict], source: str, victims: Sequence[str]) -> di
 
 
 def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, eps: float, step: float, steps: int,
-                   eps_units: str, seed: int, members, preset_step: bool = False) -> dict:
+                   eps_units: str, seed: int, members, preset_step: bool = False, norm: str = "linf") -> dict:
     """The gradient-masking checks on one case, with the study's first APGD member (else its first member) at the
     largest budget, inside the case's mask; kept in ``folder/<case>.json`` with the settings they ran under, and
     run again where those differ."""
@@ -489,10 +489,12 @@ def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, ep
         kept = json.loads(path.read_text())
         if kept.get("setting") == setting:
             return kept
+    checks_step: float | None = None if preset_step else step  # a preset's step: Diagnose takes the preset's too
     if eps_units != "normalized":
         scale, _ = target.intensity_scale(run.volume)
-        eps, step = eps / scale, step if preset_step else step / scale  # a preset's step is normalised already
-    result = Diagnose(target, member=chosen.name, eps=eps, step=step, steps=steps, seed=seed, region=run.region)(run.volume, run.reference).as_dict()
+        eps, checks_step = eps / scale, None if checks_step is None else checks_step / scale
+    result = Diagnose(target, member=chosen.name, eps=eps, step=checks_step, steps=steps, seed=seed, region=run.region,
+                      norm=norm)(run.volume, run.reference).as_dict()
     result["setting"] = setting
     write_text_atomic(path, json.dumps(clean_json(result), indent=2))
     return result

@@ -80,6 +80,14 @@ def test_diagnose_command_writes_its_checks(tiny_bundle, scan_file, tmp_path):
     assert (result.exit_code == 1) == report["flagged"]
     missing = runner.invoke(app, ["diagnose", str(tmp_path / "nope.nii.gz"), "--bundle", str(tiny_bundle)])
     assert missing.exit_code == 2 and "nope.nii.gz" in missing.output
+    # under --norm l2 the radius is the user's to give (8/255 is no L2 size); in native units it is the scan's
+    unsized = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--norm", "l2", "--out", str(out)])
+    assert unsized.exit_code == 2 and "--norm l2 needs --eps" in unsized.output and "Traceback" not in unsized.output
+    l2 = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--norm", "l2", "--eps", "3000",
+                             "--eps-units", "native", "--steps", "2", "--queries", "5", "--out", str(out), "--quiet"])
+    assert l2.exit_code in (0, 1), l2.output[-2000:]
+    report = json.loads(out.read_text())
+    assert report["norm"] == "l2" and abs(report["eps_native"] - 3000) < 1e-3
 
 
 def test_the_checks_stay_inside_the_region_they_are_given(tiny_target, scan_file):
@@ -132,3 +140,49 @@ def test_the_layer_check_does_not_flag_percentile_scaling_for_undoing_a_uniform_
     ratios = {p["path"]: p["ratio"] for p in check.measured["paths"]}
     assert not check.flagged, ratios
     assert all(0.5 <= ratio <= 2.0 for ratio in ratios.values()), ratios
+
+
+def test_under_an_l2_budget_every_check_runs_in_the_l2_ball(tiny_target, scan_file):
+    """diagnose --norm l2: the sweep runs over L2 balls of rms 2/255, 4/255 ... per voxel (each holding the L-inf
+    ball of that size), the white-box run stays inside its L2 radius, and a layer that zeroes the gradient is
+    flagged as under L-inf."""
+    import numpy as np
+
+    volume = read_volume(scan_file)
+    scale, _ = tiny_target.intensity_scale(volume)
+    eps = 6000 / scale  # an L2 radius of 6000 in the scan's units
+    diagnose = Diagnose(tiny_target, eps=eps, steps=4, queries=30, restarts=1, fd_voxels=400, norm="l2")
+    reference = tiny_target.predict(volume)
+    result, _, setting = diagnose._run(volume, reference, eps)
+    assert setting.budget.norm == "l2" and abs(setting.budget.eps - 6000) < 1e-3
+    assert 0 < result.l2_native <= 6000 * (1 + 1e-6) and result.linf_native > 6000 / np.sqrt(volume.array.size)
+
+    diagnosis = diagnose(volume)
+    assert diagnosis.as_dict()["norm"] == "l2" and abs(diagnosis.as_dict()["eps_native"] - 6000) < 1e-3
+    checks = _checks(diagnosis)
+    sweep = checks["eps_sweep"].measured["sweep"]
+    root_n = np.sqrt(volume.array.size)
+    assert [r["rms_255"] for r in sweep] == [2, 4, 8, 16, 32, 64][: len(sweep)]
+    for row in sweep:
+        assert abs(row["l2_native"] - row["rms_255"] / 255 * root_n * scale) < 1e-6 * row["l2_native"]
+    assert checks["eps_sweep"].measured["smallest_successful_l2_native"] is not None
+    assert not checks["random_search"].flagged and not checks["finite_differences"].flagged
+
+    masked = dataclasses.replace(tiny_target, network=Masked(tiny_target.network), notices=[])
+    checks = _checks(Diagnose(masked, eps=eps, steps=3, queries=30, restarts=1, fd_voxels=400, norm="l2")(volume))
+    assert checks["eps_sweep"].flagged and "the L2 ball holding the 64/255 L-inf one" in checks["eps_sweep"].cause
+    assert checks["random_search"].flagged and checks["finite_differences"].flagged
+
+
+def test_the_checks_compare_strongest_iterates_not_first_successes(tiny_target, scan_file):
+    """Step doubling, restarts and random search compare Dice, so the member runs to its strongest iterate: stopped
+    at its first success (as attack's least-perturbation fusion stops), a run that succeeds left the same Dice with
+    twice the iterations (gain 0.000 at L2 6000 on the tiny model, where twice the iterations lower it by 0.14)."""
+    volume = read_volume(scan_file)
+    scale, _ = tiny_target.intensity_scale(volume)
+    diagnose = Diagnose(tiny_target, eps=6000 / scale, steps=4, norm="l2")
+    reference = tiny_target.predict(volume)
+    base, base_dice, _ = diagnose._run(volume, reference, diagnose.eps)
+    assert base.success
+    check = diagnose.step_doubling(volume, reference, base_dice)
+    assert check.measured["doubled_dice"] < base_dice - 0.05 and check.flagged

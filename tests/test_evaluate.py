@@ -321,7 +321,7 @@ def test_datalist_entries_with_channel_lists_and_missing_parts(tmp_path):
         datalist_cases(["solo.nii.gz"], datalist, "training", need_label="labels needed")
 
 
-def test_evaluate_a_bare_network_under_an_l2_budget(tiny_bundle, tmp_path):
+def test_evaluate_a_bare_network_under_an_l2_budget(tiny_bundle, tmp_path, monkeypatch):
     """evaluate takes --network/--transforms as attack does, and --norm l2: every row's L2 stays in the ball
     (native units), the study names the network, and a rerun under L-inf runs its members anew."""
     import torch
@@ -360,10 +360,17 @@ def test_evaluate_a_bare_network_under_an_l2_budget(tiny_bundle, tmp_path):
     assert len(set((out / "cache").rglob("pgd_ce_*.json")) - files) == 2  # another norm, another outcome
     bad = runner.invoke(app, [*args, "--norm", "l3"])
     assert bad.exit_code == 2 and "--norm must be linf or l2" in bad.output
-    fresh = tmp_path / "fresh"  # the masking checks run in an L-inf ball: refused under L2, before anything is written
-    refused = runner.invoke(app, [*[str(fresh) if a == str(out) else a for a in map(str, args)], "--norm", "l2", "--diagnose"])
-    assert refused.exit_code == 2 and "--diagnose runs its checks in an L-inf ball" in refused.output
-    assert "Traceback" not in refused.output and not fresh.exists()
+    # the masking checks run in the study's ball: under L2 every check's budget is an L2 one (they once ran with the
+    # L2 radius as an L-inf one, and were then refused)
+    monkeypatch.setattr("medis3d.diagnose.QUERIES", 5)  # the random search's 200 forward passes are for real scans
+    checked = runner.invoke(app, [*args, "--norm", "l2", "--diagnose"])
+    assert checked.exit_code == 0, checked.output
+    for path in sorted((out / "diagnose").glob("*.json")):
+        diagnosis = json.loads(path.read_text())
+        assert diagnosis["norm"] == "l2" and abs(diagnosis["eps_native"] - eps) < 1e-6 * eps
+        sweep = {c["check"]: c for c in diagnosis["checks"]}["eps_sweep"]["sweep"]
+        assert all("l2_native" in row and "eps_255" not in row for row in sweep)
+    assert len(list((out / "diagnose").glob("*.json"))) == 2
 
 
 def test_evaluate_takes_the_shared_model_options_masks_and_classes(tiny_bundle, tmp_path):
