@@ -29,6 +29,9 @@ Ideas (``--steps`` iterations each, 50 by default):
   every block stays inside the ball, so the stitched scan does too).
 * ``grow:R``: from the chain's adversarial, a targeted search towards its own damage grown by ``R`` voxels (the
   holes it carves widened, the brain it adds widened: does the model give way further where it already gave?).
+* ``tanh:LR``: another geometry than APGD's signed steps: ``x = x0 + eps tanh(w)`` with Adam (learning rate ``LR``
+  on ``w``) ascending masked spherical, the strongest iterate kept (Carlini & Wagner's change of variables: no
+  projection, so a voxel at the ball's edge still feels its gradient); ``tanh_chain:LR`` then JS the same way.
 * ``where``, ``where:IDEA``: where the strongest adversarial so far (or IDEA's) flips the prediction, by distance
   from the clean boundary.
 """
@@ -112,6 +115,29 @@ class Scan:
             (grad,) = torch.autograd.grad((logits * direction).sum(), x)
             x = self.problem.project(x.detach() + self.eps * grad.sign())
         return x
+
+
+def tanh_adam(scan: Scan, stages: list[tuple[Loss, int]], lr: float) -> np.ndarray:
+    """Adam on ``w`` where ``x = x0 + eps tanh(w)`` (inside the scan's range), stage by stage from the strongest
+    iterate so far (by the Dice of the model's grid, as APGD keeps its own), that iterate returned."""
+    problem, eps = scan.problem, scan.eps
+    w = torch.zeros_like(problem.x0)
+    best, best_score = problem.x0, float("inf")
+    for loss, steps in stages:
+        problem.loss = loss
+        w = w.clone().requires_grad_(True)
+        adam = torch.optim.Adam([w], lr=lr, maximize=True)
+        for _ in range(steps):
+            t = torch.tanh(w.detach())
+            x = problem.project(problem.x0 + eps * t)
+            _, grad, score = problem.loss_and_grad(x)
+            if score < best_score:
+                best, best_score = x, score
+            w.grad = grad * eps * (1 - t * t)
+            adam.step()
+        delta = ((best - problem.x0) / eps).clamp(-1 + 1e-6, 1 - 1e-6)
+        w = torch.atanh(delta)  # the next stage starts from the strongest iterate
+    return problem.project(best)[0].numpy()
 
 
 def boundary_distance(inside: np.ndarray) -> np.ndarray:
@@ -254,6 +280,9 @@ def main() -> None:
             continue
         if name == "stitch":
             adversarial = stitch(scan, {k: v for k, v in done.items() if k != "stitch"})
+        elif name in ("tanh", "tanh_chain"):
+            losses = [plain.masked_spherical_loss] + ([plain.js_loss] if name == "tanh_chain" else [])
+            adversarial = tanh_adam(scan, [(loss, n) for loss in losses], float(value or 0.1))
         elif name == "grow":
             if "chain" not in done:
                 sys.exit("bench/ideas.py: grow needs chain run first")

@@ -90,3 +90,31 @@ def test_shrink_searches_a_larger_ball_first_and_its_ball_keeps_the_scan_range()
     project = ideas.Scan.ball(scan, 1.5)  # type: ignore[arg-type]
     assert torch.equal(project(x0 + torch.tensor([[-9.0, 9.0, 1.0]])), torch.tensor([[0.0, 8.0, 10.0]]))
     assert torch.equal(project(x0 + torch.tensor([[2.0, -2.0, -2.5]])), torch.tensor([[2.0, 3.0, 7.5]]))
+
+
+def test_tanh_adam_stays_inside_the_ball_and_returns_its_strongest_iterate():
+    """The change of variables ``x = x0 + eps tanh(w)`` never leaves the ball (nor the scan's range), flips the
+    voxels within eps of the decision threshold, and what it returns is the iterate with the lowest score."""
+    torch.manual_seed(0)
+    x0 = torch.rand(1, 8, 8, 8) * 10
+
+    def logits(x: torch.Tensor) -> torch.Tensor:  # "brain" where the voxel is brighter than 5
+        z = x[0] - 5
+        return torch.stack([-z, z])[None]
+
+    problem = reference.Problem(logits, x0, eps=1.0, integer=False)
+    scan = type("FakeScan", (), {"problem": problem, "eps": 1.0})()
+    seen: list[float] = []
+    score_of = problem.loss_and_grad
+
+    def recording(x: torch.Tensor):
+        value, grad, score = score_of(x)
+        seen.append(score)
+        return value, grad, score
+
+    problem.loss_and_grad = recording  # type: ignore[method-assign]
+    adversarial = torch.from_numpy(ideas.tanh_adam(scan, [(reference.js_loss, 20)], 0.3))[None]  # type: ignore[arg-type]
+    assert float((adversarial - x0).abs().max()) <= 1.0 + 1e-5
+    assert float(adversarial.min()) >= float(x0.min()) and float(adversarial.max()) <= float(x0.max())
+    final = reference.dice(logits(adversarial)[0].argmax(0), problem.reference)
+    assert final == min(seen) < 0.9  # the strongest iterate, and it flipped voxels near the threshold
