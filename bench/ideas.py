@@ -59,7 +59,8 @@ from medis3d.io import read_volume
 
 CACHE = ROOT / "bench" / ".cache" / "ideas"
 DEFAULT = ("spherical", "js", "chain", "band:4", "band:8", "js_band:4", "interior:3", "interior:8", "js_interior:3",
-           "shrink:9", "js_T:0.5", "js_T:2", "alternate", "odi", "stitch", "grow:1", "grow:2", "where:spherical", "where")
+           "shrink:9", "js_T:0.5", "js_T:2", "alternate", "odi", "stitch", "grow:1", "grow:2", "where:spherical", "where",
+           "tanh:0.3")  # after the stitch, which takes every adversarial before it
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Stage = tuple  # (loss, iterations) or (loss, iterations, radius in budgets)
 
