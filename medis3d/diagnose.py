@@ -49,6 +49,9 @@ RESTART_TOLERANCE = 0.02
 FD_TOLERANCE = 0.1  # relative error of the directional derivative
 DEFAULT_MEMBER = "apgd:masked_ce_balanced"
 QUERIES = 200  # the random search's forward passes where none are given (evaluate --diagnose gives none)
+# the checks' own version, in the settings a study keeps each diagnosis under: a diagnosis made by other checks is
+# run again (2: strongest iterates in the doubling, restarts and random search; finite differences with two steps)
+CHECKS_VERSION = 2
 
 
 @dataclass

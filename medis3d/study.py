@@ -478,12 +478,13 @@ def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, ep
     """The gradient-masking checks on one case, with the study's first APGD member (else its first member) at the
     largest budget, inside the case's mask; kept in ``folder/<case>.json`` with the settings they ran under, and
     run again where those differ."""
-    from medis3d.diagnose import DEFAULT_MEMBER, Diagnose
+    from medis3d.diagnose import CHECKS_VERSION, DEFAULT_MEMBER, Diagnose
     from medis3d.members import parse_members
 
     parsed = parse_members(members or DEFAULT_MEMBER)
     chosen = next((m for m in parsed if m.attack == "apgd"), parsed[0])
-    setting = json.loads(json.dumps(_cache_key(case, chosen, eps, run.setting), default=str))
+    key = _cache_key(case, chosen, eps, run.setting) | {"checks": CHECKS_VERSION}
+    setting = json.loads(json.dumps(key, default=str))
     path = folder / f"{case.name}.json"
     if path.is_file():
         kept = json.loads(path.read_text())

@@ -370,7 +370,16 @@ def test_evaluate_a_bare_network_under_an_l2_budget(tiny_bundle, tmp_path, monke
         assert diagnosis["norm"] == "l2" and abs(diagnosis["eps_native"] - eps) < 1e-6 * eps
         sweep = {c["check"]: c for c in diagnosis["checks"]}["eps_sweep"]["sweep"]
         assert all("l2_native" in row and "eps_255" not in row for row in sweep)
-    assert len(list((out / "diagnose").glob("*.json"))) == 2
+    kept = sorted((out / "diagnose").glob("*.json"))
+    assert len(kept) == 2
+    # a diagnosis made by other checks (an older medis3d) is run again on resuming; one made by these is kept
+    older = json.loads(kept[0].read_text())
+    del older["setting"]["checks"]  # as an older medis3d kept it
+    older["flagged"] = "older"
+    kept[0].write_text(json.dumps(older))
+    same = kept[1].read_text()
+    assert runner.invoke(app, [*args, "--norm", "l2", "--diagnose"]).exit_code == 0
+    assert json.loads(kept[0].read_text())["flagged"] in (True, False) and kept[1].read_text() == same
 
 
 def test_evaluate_takes_the_shared_model_options_masks_and_classes(tiny_bundle, tmp_path):
