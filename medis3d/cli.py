@@ -694,7 +694,7 @@ def diagnose(
             raise InputError("--norm l2 needs --eps, an L2 radius (e.g. --eps 2000 --eps-units native: 2000 in the scan's units)")
         eps_value = parse_fraction(eps or "8/255", "--eps")
         step_value = parse_fraction(step, "--step") if step else None
-        check_budget(eps_value, step_value or eps_value, steps, eps_units, norm)
+        check_budget(eps_value, eps_value if step_value is None else step_value, steps, eps_units, norm)
         if eps_units == "native":  # the checks take budgets in the model's range
             scale, _ = tgt.intensity_scale(volume)
             eps_value, step_value = eps_value / scale, None if step_value is None else step_value / scale
