@@ -112,12 +112,47 @@ def apgd(model: PlainModel, scan: np.ndarray, eps_hu: float, steps: int, loss: s
     return reference.apgd_ascent(p.loss_and_grad, p.project, start, p.eps, steps)
 
 
+def _l2_problem(model: PlainModel, scan: np.ndarray, eps: float, loss: str = "ce", grid: str = "scan"):
+    """The scan in the L2 ball of ``eps`` HU, its iterates real-valued (a float scan: nothing to round)."""
+    x0 = torch.from_numpy(np.asarray(scan, np.float32))[None]
+    return reference.Problem(lambda x: model.logits(x, "standard", grid), x0, eps, loss, integer=False, norm="l2")
+
+
 def apgd_l2(model: PlainModel, scan: np.ndarray, eps: float, steps: int, loss: str = "ce", grid: str = "scan") -> torch.Tensor:
     """APGD in its L2 version (steps along ``g / ||g||``, the L2 ball of ``eps`` HU) ascending ``loss`` on ``grid``
-    from the clean scan, its iterates real-valued (a float scan: nothing to round)."""
-    x0 = torch.from_numpy(np.asarray(scan, np.float32))[None]
-    p = reference.Problem(lambda x: model.logits(x, "standard", grid), x0, eps, loss, integer=False, norm="l2")
+    from the clean scan."""
+    p = _l2_problem(model, scan, eps, loss, grid)
     return reference.apgd_ascent(p.loss_and_grad, p.project, p.x0, p.eps, steps, p.direction)
+
+
+def _l2_ascent(p, x: torch.Tensor, step: float, steps: int, keep: str = "last") -> torch.Tensor:
+    """``steps`` steps of length ``step`` along ``g / ||g||`` from ``x``, each projected onto the ball; the last
+    iterate, or (``keep="strongest"``) the one with the lowest Dice, the last included."""
+    best = (math.inf, x)
+    for _ in range(steps):
+        _, grad, score = p.loss_and_grad(x)
+        best = _better(best, score, x)
+        x = p.project(x + step * reference.l2_direction(grad))
+    return x if keep == "last" else _strongest(p, x, best)[1]
+
+
+def fgsm_l2(model: PlainModel, scan: np.ndarray, eps: float) -> torch.Tensor:
+    """One step of ``eps`` along ``g / ||g||``."""
+    p = _l2_problem(model, scan, eps)
+    return _l2_ascent(p, p.x0, eps, 1)
+
+
+def igsm_l2(model: PlainModel, scan: np.ndarray, eps: float, step: float, steps: int) -> torch.Tensor:
+    """``steps`` steps of ``step`` from the clean scan; the last iterate."""
+    p = _l2_problem(model, scan, eps)
+    return _l2_ascent(p, p.x0, step, steps)
+
+
+def pgd_l2(model: PlainModel, scan: np.ndarray, eps: float, step: float, steps: int, seed: int = 0) -> torch.Tensor:
+    """The same from a random point of the ball's surface (uniform noise of the L-inf ball of ``eps``, projected);
+    the strongest iterate."""
+    p = _l2_problem(model, scan, eps)
+    return _l2_ascent(p, p.random_start(seed), step, steps, keep="strongest")
 
 
 def _better(best: tuple[float, torch.Tensor], score: float, x: torch.Tensor) -> tuple[float, torch.Tensor]:

@@ -169,6 +169,34 @@ def test_l2_apgd_is_as_strong_as_a_plain_one(problem, tiny_target, tmp_path, eps
 
 
 
+# FGSM, IGSM and PGD in an L2 ball (HU, a float scan) against plain ones stepping along g/||g|| (steps of a tenth of
+# eps, a fifth for PGD, as the L-inf table doubles PGD's), both with the loss on the scan's grid.
+L2_ATTACKS = {
+    "fgsm": ("fgsm:ce", lambda m, scan, eps: plain.fgsm_l2(m, scan, eps), 1, 1.0),
+    "igsm": ("igsm:ce", lambda m, scan, eps: plain.igsm_l2(m, scan, eps, eps / 10, 10), 10, 0.1),
+    "pgd": ("pgd:ce", lambda m, scan, eps: plain.pgd_l2(m, scan, eps, eps / 5, 10), 10, 0.2),
+}
+
+
+@pytest.mark.parametrize("name", list(L2_ATTACKS))
+@pytest.mark.parametrize("eps", [1500.0, 6000.0])
+def test_l2_step_attacks_are_as_strong_as_plain_ones(problem, tiny_target, tmp_path, name, eps):
+    model, hu, _, reference = problem
+    member, run_plain, steps, step = L2_ATTACKS[name]
+    scan = hu.astype(np.float32)
+    volume = read_volume(save_nifti(tmp_path / "scan_float.nii.gz", scan))
+    result = MedIS(tiny_target, members_spec=member, eps=eps, eps_units="native", step=step * eps, steps=steps, norm="l2",
+                   select="strongest")(volume)
+    ours, theirs = torch.from_numpy(result.members[0].adversarial), run_plain(model, scan, eps)
+    x0 = torch.from_numpy(scan)[None]
+    for x in (ours, theirs):
+        assert float((x - x0).norm()) <= eps * (1 + 1e-5)
+    dice_ours, dice_plain = plain.dice(model.predict(ours), reference), plain.dice(model.predict(theirs), reference)
+    print(f"{member} in an L2 ball of {eps:g} HU: Dice ours {dice_ours:.3f}, the plain one {dice_plain:.3f}")  # shown with -s
+    assert dice_plain < (0.97 if eps < 5000 else 0.85)  # the plain attack itself works (FGSM: 0.934, 0.796)
+    assert dice_ours <= dice_plain + MEMBER_TOLERANCE[16]
+
+
 def test_dice_falls_to_near_zero_at_a_finite_budget(problem, tiny_target):
     """The eps sweep of our strongest single member: Dice falls with the budget, no flat stretch, and reaches
     about zero (a model that keeps its Dice at any budget masks its gradient)."""
