@@ -117,7 +117,12 @@ def test_an_l2_attack_states_its_l2_everywhere(tiny_bundle, scan_file, tmp_path)
     assert "L2 (native units)" in result.output and "L2 (native units)" in (out / "report.html").read_text()
     assert nib.load(str(out / "adversarial.nii.gz")).header["descrip"].tobytes().startswith(b"ADVERSARIAL medis3d L2 eps 600")
     # three iterations that did not succeed: the report says L2 attacks need more before this reads as robustness
-    assert not report["success"] and any("L2 attacks converge slowly" in n for n in report["outputs"]["notices"])
+    assert not report["success"] and any("L2 attacks converge slowly: 3 iterations" in n for n in report["outputs"]["notices"])
+    # the notice counts each member's own iterations ([steps=N]), not --steps alone
+    converged = runner.invoke(app, [*[a if a != "pgd:ce" else "pgd:ce[steps=100]" for a in args], "--quiet"])
+    assert converged.exit_code == 0, converged.output
+    report = json.loads((out / "report.json").read_text())
+    assert not report["success"] and not any("converge slowly" in n for n in report["outputs"]["notices"])
 
 
 def test_predict_writes_on_scan_grid(tiny_bundle, scan_file, tmp_path):
