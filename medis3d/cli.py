@@ -680,6 +680,13 @@ def diagnose(
     from medis3d.workflow import default_out_dir, read_segmentation
 
     try:
+        if eps is None and (norm == "l2" or eps_units == "native"):
+            what = "an L2 radius" if norm == "l2" else "a budget in the scan's units"
+            raise InputError(f"--{'norm l2' if norm == 'l2' else 'eps-units native'} needs --eps, {what} "
+                             "(e.g. --eps 2000 --eps-units native: 2000 in the scan's units)")
+        eps_value = parse_fraction(eps or "8/255", "--eps")
+        step_value = parse_fraction(step, "--step") if step else None
+        check_budget(eps_value, eps_value if step_value is None else step_value, steps, eps_units, norm)
         bare = {"network": network, "network_def": network_def, "transforms": transforms}
         tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare, threads=threads)
         volume = read_volume(scan)
@@ -690,11 +697,6 @@ def diagnose(
         check_output_file(path)
         check_replaceable_file(path, lambda p: has_schema(p, SCHEMA), "a diagnosis")
         show = (lambda m: typer.echo(f"  {m}", err=True)) if not (quiet or json_out) else None
-        if eps is None and norm == "l2":
-            raise InputError("--norm l2 needs --eps, an L2 radius (e.g. --eps 2000 --eps-units native: 2000 in the scan's units)")
-        eps_value = parse_fraction(eps or "8/255", "--eps")
-        step_value = parse_fraction(step, "--step") if step else None
-        check_budget(eps_value, eps_value if step_value is None else step_value, steps, eps_units, norm)
         if eps_units == "native":  # the checks take budgets in the model's range
             scale, _ = tgt.intensity_scale(volume)
             eps_value, step_value = eps_value / scale, None if step_value is None else step_value / scale

@@ -112,12 +112,13 @@ def finite_difference_verdict(rows: list[dict]) -> tuple[bool, str]:
     """Whether the finite-difference rows flag (and why), or a note where they do not.
 
     A direction flags when the gradient misses the central difference by more than :data:`FD_TOLERANCE`, unless the
-    difference itself is not a measurement at that scale: along a random direction, with a gradient that is not zero,
-    differences taken with steps of 1/255 and 4/255 that disagree with each other by more than the tolerance, while
-    the gradient predicts the attack's own direction (its sign). That is the signature of a loss that is not smooth at
-    the scale of one step along many voxels at once (percentile scaling moves with the whole intensity distribution;
-    the float32 sum over a whole scan resolves changes of about 1e-8), not of a gradient an attack cannot follow; a
-    zero gradient, or a wrong one along the attack's direction, always flags."""
+    difference itself is not a measurement at that scale: along a random direction, differences taken with steps of
+    1/255 and 4/255 that disagree with each other by more than the tolerance, a gradient that lies between them (the
+    span widened by the tolerance), while the gradient predicts the attack's own direction (its sign). That is the
+    signature of a loss that is not smooth at the scale of one step along many voxels at once (percentile scaling
+    moves with the whole intensity distribution; the float32 sum over a whole scan resolves changes of about 1e-8),
+    not of a gradient an attack cannot follow. A zero or a partly zeroed gradient, one of the wrong sign (outside
+    the span), or a wrong one along the attack's direction, always flags."""
     bad = [r for r in rows if r["relative_error"] > FD_TOLERANCE]
     if not bad:
         return False, ""
@@ -126,7 +127,11 @@ def finite_difference_verdict(rows: list[dict]) -> tuple[bool, str]:
         zero = abs(row["gradient"]) < 1e-3 * abs(row["finite_difference"])
         if zero:
             return True, "the gradient is (near) zero where the loss changes: a layer zeroes it"
-        unsettled = row["direction"] == "random" and row.get("step_disagreement", 0.0) > FD_TOLERANCE and sign_ok
+        differences = (row["finite_difference"], row.get("finite_difference_4x", row["finite_difference"]))
+        widen = FD_TOLERANCE * max(abs(d) for d in differences)
+        between = min(differences) - widen <= row["gradient"] <= max(differences) + widen
+        unsettled = (row["direction"] == "random" and row.get("step_disagreement", 0.0) > FD_TOLERANCE and between
+                     and sign_ok)
         if not unsettled:
             return True, "the gradient disagrees with the loss's real change"
     row = bad[0]
@@ -235,10 +240,13 @@ class Diagnose:
         return Check("eps_sweep", measured)
 
     def step_doubling(self, volume: Volume, reference: np.ndarray, base_dice: float) -> Check:
-        _, doubled, _ = self._run(volume, reference, self.eps, steps=2 * self.steps)
+        steps = int(self.member.option("steps") or self.steps)  # a member's own [steps=N] is what it ran
+        options = dict(self.member.options) | {"steps": 2 * steps}
+        doubled_member = Member(self.member.attack, self.member.loss, tuple(sorted(options.items())))
+        _, doubled, _ = self._run(volume, reference, self.eps, member=doubled_member)
         gain = base_dice - doubled
-        self.progress(f"step doubling: {self.steps} -> {2 * self.steps} steps, Dice {base_dice:.3f} -> {doubled:.3f}")
-        measured = {"steps": self.steps, "dice": base_dice, "doubled_steps": 2 * self.steps, "doubled_dice": doubled, "gain": gain}
+        self.progress(f"step doubling: {steps} -> {2 * steps} steps, Dice {base_dice:.3f} -> {doubled:.3f}")
+        measured = {"steps": steps, "dice": base_dice, "doubled_steps": 2 * steps, "doubled_dice": doubled, "gain": gain}
         if gain > DOUBLING_TOLERANCE:
             return Check("step_doubling", measured, True, f"twice the iterations lowered Dice by {gain:.3f}: not converged; "
                          "use more --steps (or the reliable preset)")

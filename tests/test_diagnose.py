@@ -83,6 +83,8 @@ def test_diagnose_command_writes_its_checks(tiny_bundle, scan_file, tmp_path):
     # under --norm l2 the radius is the user's to give (8/255 is no L2 size); in native units it is the scan's
     unsized = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--norm", "l2", "--out", str(out)])
     assert unsized.exit_code == 2 and "--norm l2 needs --eps" in unsized.output and "Traceback" not in unsized.output
+    native = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--eps-units", "native", "--out", str(out)])
+    assert native.exit_code == 2 and "--eps-units native needs --eps" in native.output  # 8/255 is no size in HU
     l2 = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--norm", "l2", "--eps", "3000",
                              "--eps-units", "native", "--steps", "2", "--queries", "5", "--out", str(out), "--quiet"])
     assert l2.exit_code in (0, 1), l2.output[-2000:]
@@ -174,6 +176,26 @@ def test_under_an_l2_budget_every_check_runs_in_the_l2_ball(tiny_target, scan_fi
     assert checks["random_search"].flagged and checks["finite_differences"].flagged
 
 
+def test_step_doubling_doubles_a_members_own_iterations(tiny_target, scan_file):
+    """A member with its own [steps=N] runs N whatever --steps says: the doubling runs 2N (it ran N against N, gain 0,
+    and reported --steps -> 2 x --steps)."""
+    volume = read_volume(scan_file)
+    diagnose = Diagnose(tiny_target, member="apgd:ce[steps=2]", eps=24 / 255, steps=20)
+    ran = []
+    run = diagnose._run
+
+    def recording(*args, **kwargs):
+        result = run(*args, **kwargs)
+        ran.append((kwargs.get("member") or diagnose.member, len(result[0].trace)))
+        return result
+
+    diagnose._run = recording  # type: ignore[method-assign]
+    reference = tiny_target.predict(volume)
+    check = diagnose.step_doubling(volume, reference, 1.0)
+    assert (check.measured["steps"], check.measured["doubled_steps"]) == (2, 4)
+    assert ran[0][0].option("steps") == 4 and ran[0][1] == 4 + 1  # four iterations and the start
+
+
 def test_the_checks_compare_strongest_iterates_not_first_successes(tiny_target, scan_file):
     """Step doubling, restarts and random search compare Dice, so the member runs to its strongest iterate: stopped
     at its first success (as attack's least-perturbation fusion stops), a run that succeeds left the same Dice with
@@ -212,3 +234,8 @@ def test_finite_differences_flag_a_wrong_gradient_not_a_loss_that_is_rough_at_th
     assert flagged and "disagrees" in cause  # the differences agree with each other, not with the gradient
     wrong_sign = row("gradient sign", 3.5e-6, 1.0e-6, 0.5e-6)
     assert finite_difference_verdict([rough, wrong_sign])[0]  # the attack's own direction mispredicted
+    flagged, note = finite_difference_verdict([row("random", -1.400e-7, 1.478e-7, -2.302e-7), sign_ok])  # the robust one
+    assert not flagged and note.startswith("not flagged")
+    # rough differences do not excuse a gradient outside them: 99 % zeroed, or of the wrong sign
+    assert finite_difference_verdict([row("random", 1e-8, 1e-6, 3e-6), sign_ok])[0]
+    assert finite_difference_verdict([row("random", -5e-7, 1e-6, 2e-6), sign_ok])[0]
