@@ -701,7 +701,7 @@ def diagnose(
             scale, _ = tgt.intensity_scale(volume)
             eps_value, step_value = eps_value / scale, None if step_value is None else step_value / scale
         result = Diagnose(tgt, member=member, eps=eps_value, steps=steps, step=step_value, queries=queries, seed=seed,
-                          progress=show, norm=norm)(volume, reference)
+                          progress=show, norm=norm, member_units=eps_units)(volume, reference)
         report = result.as_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, report)

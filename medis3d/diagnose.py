@@ -146,11 +146,14 @@ class Diagnose:
 
     def __init__(self, target: Target, member: str = DEFAULT_MEMBER, eps: float = 8 / 255, steps: int = 20,
                  step: float | None = None, queries: int | None = None, restarts: int = 2, fd_voxels: int = 2000, seed: int = 0,
-                 progress: Callable[[str], None] | None = None, region: np.ndarray | None = None, norm: str = "linf"):
+                 progress: Callable[[str], None] | None = None, region: np.ndarray | None = None, norm: str = "linf",
+                 member_units: str = "normalized"):
         # step None: the preset's (1/255 of the model's range; under L2 a tenth of eps), as attack without --step
         self.target, self.eps, self.steps, self.seed = target, float(eps), int(steps), seed
         self.step = None if step is None else float(step)
         self.norm = norm
+        # the units of a member's own [step=X] (the study's or the command's --eps-units); eps and step are normalised
+        self.member_units = member_units
         self.region = region  # where the attacks may perturb (every check's budget), as --mask in attack
         self.scale = 1.0  # the model's intensity range in the scan's units, set per volume
         self.member = parse_members(member)[0]
@@ -166,7 +169,9 @@ class Diagnose:
             step, preset = PAPER_STEP, True
         else:
             step, preset = (self.step if self.norm == "l2" else min(self.step, eps)), False
-        return MedIS(self.target, members_spec=[member or self.member], eps=eps, step=step, preset_step=preset,
+        factor = self.scale if self.member_units == "native" else 1.0  # MedIS reads [step=X] in its eps units
+        return MedIS(self.target, members_spec=[member or self.member], eps=eps * factor,
+                     step=step if preset else step * factor, preset_step=preset, eps_units=self.member_units,
                      steps=steps or self.steps, seed=self.seed if seed is None else seed, region=self.region,
                      norm=self.norm, stop_at_success=False if strongest else None)
 

@@ -495,7 +495,7 @@ def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, ep
         scale, _ = target.intensity_scale(run.volume)
         eps, checks_step = eps / scale, None if checks_step is None else checks_step / scale
     result = Diagnose(target, member=chosen.name, eps=eps, step=checks_step, steps=steps, seed=seed, region=run.region,
-                      norm=norm)(run.volume, run.reference).as_dict()
+                      norm=norm, member_units=eps_units)(run.volume, run.reference).as_dict()
     result["setting"] = setting
     write_text_atomic(path, json.dumps(clean_json(result), indent=2))
     return result

@@ -239,3 +239,16 @@ def test_finite_differences_flag_a_wrong_gradient_not_a_loss_that_is_rough_at_th
     # rough differences do not excuse a gradient outside them: 99 % zeroed, or of the wrong sign
     assert finite_difference_verdict([row("random", 1e-8, 1e-6, 3e-6), sign_ok])[0]
     assert finite_difference_verdict([row("random", -5e-7, 1e-6, 2e-6), sign_ok])[0]
+
+
+def test_a_members_own_step_keeps_the_units_it_was_given_in(tiny_target, scan_file):
+    """In a native-units study (or diagnose --eps-units native) a member's [step=X] is X in the scan's units: the
+    checks run their budgets normalised, and once read [step=8] as 8 model ranges (clipped to eps: 37 HU, not 8)."""
+    volume = read_volume(scan_file)
+    scale, _ = tiny_target.intensity_scale(volume)
+    reference = tiny_target.predict(volume)
+    for units, expected in (("native", 8.0), ("normalized", 24 / 255 * scale)):  # normalised: 8 ranges, cut to eps
+        diagnose = Diagnose(tiny_target, member="igsm:ce[step=8]", eps=24 / 255, steps=1, member_units=units)
+        diagnose.scale = scale
+        result, _, _ = diagnose._run(volume, reference, diagnose.eps)
+        assert abs(result.linf_native - expected) < 1, (units, result.linf_native)  # whole HU (an int16 scan)
