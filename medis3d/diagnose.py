@@ -18,7 +18,8 @@ did not stop short, and these checks look for the signs that it did.
   flagged when they disagree.
 * **layers**: for each preprocessing step, how much of the scan its gradient reaches and how well its
   first-order change predicts the real change at the attack's scale (a step of eps along the norm's steepest
-  direction); each flag names the step (or the network) that is the likely cause.
+  direction, inside the region the attacks may change); each flag names the step (or the network) that is the
+  likely cause.
 
 Every check runs in the budget's norm (``norm``: ``linf``, or ``l2`` as ``attack --norm l2``); ``eps`` is in
 units of the model's intensity range (an L2 radius too: ``eps * scale`` in the scan's units).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -92,19 +93,25 @@ def test_diagnose_command_writes_its_checks(tiny_bundle, scan_file, tmp_path):
     assert report["norm"] == "l2" and abs(report["eps_native"] - 3000) < 1e-3
 
 
-def test_the_checks_stay_inside_the_region_they_are_given(tiny_target, scan_file):
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_the_checks_stay_inside_the_region_they_are_given(tiny_target, scan_file, norm):
     """evaluate --masks hands each volume's mask to its checks: with only a corner free, no check's attack (the
-    sweep, the doubling, the random search) moves the segmentation, where the same checks without it break it."""
+    sweep, the doubling, the random search) moves the segmentation, where the same checks without it break it;
+    under L2 too (its sweep's radii count the corner's voxels only)."""
     import numpy as np
 
     volume = read_volume(scan_file)
     corner = np.zeros_like(volume.array[:1], dtype=np.float32)
     corner[:, :3, :3, :3] = 1
-    diagnosis = Diagnose(tiny_target, eps=24 / 255, steps=3, queries=20, restarts=1, fd_voxels=200, region=corner)(volume)
+    scale, _ = tiny_target.intensity_scale(volume)
+    eps = 6000 / scale if norm == "l2" else 24 / 255
+    diagnosis = Diagnose(tiny_target, eps=eps, steps=3, queries=20, restarts=1, fd_voxels=200, region=corner, norm=norm)(volume)
     checks = _checks(diagnosis)
     assert all(row["dice"] > 0.99 and not row["success"] for row in checks["eps_sweep"].measured["sweep"])
     assert checks["step_doubling"].measured["doubled_dice"] > 0.99
     assert checks["random_search"].measured["dice"] > 0.99
+    if norm == "l2":  # rms 2/255 over the corner's 27 voxels
+        assert abs(checks["eps_sweep"].measured["sweep"][0]["l2_native"] - 2 / 255 * np.sqrt(27) * scale) < 1e-6
 
 
 def test_the_layer_flag_says_which_way_the_first_order_change_misses():
