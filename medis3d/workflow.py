@@ -327,7 +327,8 @@ def _budget_notices(result: MedISResult, medis: MedIS) -> list[str]:
         return []
     return [f"L2 attacks converge slowly: {fewest} iterations per member may stop far short (on the shipped brain "
             "SegResNet APGD-CE in an L2 ball of 8000 left Dice 0.268 after 20 iterations and 0.042 after 100); before "
-            f"reading this as robustness, rerun with --steps {L2_CONVERGED_STEPS} or --preset reliable"]
+            f"reading this as robustness, rerun with --steps {L2_CONVERGED_STEPS} (a member's own [steps=N] keeps its N) or "
+            "--preset reliable, or check it with medis3d diagnose --norm l2"]
 
 
 def _output_notices(volume: Volume, formats: Sequence[str]) -> list[str]:
