@@ -697,11 +697,8 @@ def diagnose(
         check_output_file(path)
         check_replaceable_file(path, lambda p: has_schema(p, SCHEMA), "a diagnosis")
         show = (lambda m: typer.echo(f"  {m}", err=True)) if not (quiet or json_out) else None
-        if eps_units == "native":  # the checks take budgets in the model's range
-            scale, _ = tgt.intensity_scale(volume)
-            eps_value, step_value = eps_value / scale, None if step_value is None else step_value / scale
         result = Diagnose(tgt, member=member, eps=eps_value, steps=steps, step=step_value, queries=queries, seed=seed,
-                          progress=show, norm=norm, member_units=eps_units)(volume, reference)
+                          progress=show, norm=norm, eps_units=eps_units)(volume, reference)
         report = result.as_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, report)

@@ -22,7 +22,7 @@ did not stop short, and these checks look for the signs that it did.
   likely cause.
 
 Every check runs in the budget's norm (``norm``: ``linf``, or ``l2`` as ``attack --norm l2``); ``eps`` is in
-units of the model's intensity range (an L2 radius too: ``eps * scale`` in the scan's units).
+``eps_units``, by default the model's intensity range (an L2 radius too: ``eps * scale`` in the scan's units).
 """
 
 from __future__ import annotations
@@ -148,13 +148,15 @@ class Diagnose:
     def __init__(self, target: Target, member: str = DEFAULT_MEMBER, eps: float = 8 / 255, steps: int = 20,
                  step: float | None = None, queries: int | None = None, restarts: int = 2, fd_voxels: int = 2000, seed: int = 0,
                  progress: Callable[[str], None] | None = None, region: np.ndarray | None = None, norm: str = "linf",
-                 member_units: str = "normalized"):
+                 eps_units: str = "normalized"):
         # step None: the preset's (1/255 of the model's range; under L2 a tenth of eps), as attack without --step
-        self.target, self.eps, self.steps, self.seed = target, float(eps), int(steps), seed
-        self.step = None if step is None else float(step)
+        self.target, self.steps, self.seed = target, int(steps), seed
+        # ``eps``, ``step`` and a member's own [step=X] are in ``eps_units`` (as MedIS takes them); the checks run their
+        # budgets normalised: ``self.eps`` and ``self.step`` are the given ones in the model's range, per volume
+        self.eps_units = eps_units
+        self.given = (float(eps), None if step is None else float(step))
+        self.eps, self.step = self.given
         self.norm = norm
-        # the units of a member's own [step=X] (the study's or the command's --eps-units); eps and step are normalised
-        self.member_units = member_units
         self.region = region  # where the attacks may perturb (every check's budget), as --mask in attack
         self.scale = 1.0  # the model's intensity range in the scan's units, set per volume
         self.member = parse_members(member)[0]
@@ -170,9 +172,9 @@ class Diagnose:
             step, preset = PAPER_STEP, True
         else:
             step, preset = (self.step if self.norm == "l2" else min(self.step, eps)), False
-        factor = self.scale if self.member_units == "native" else 1.0  # MedIS reads [step=X] in its eps units
+        factor = self.scale if self.eps_units == "native" else 1.0  # MedIS reads [step=X] in its eps units
         return MedIS(self.target, members_spec=[member or self.member], eps=eps * factor,
-                     step=step if preset else step * factor, preset_step=preset, eps_units=self.member_units,
+                     step=step if preset else step * factor, preset_step=preset, eps_units=self.eps_units,
                      steps=steps or self.steps, seed=self.seed if seed is None else seed, region=self.region,
                      norm=self.norm, stop_at_success=False if strongest else None)
 
@@ -198,6 +200,9 @@ class Diagnose:
         start = time.perf_counter()
         reference = self.target.predict(volume) if reference is None else reference
         self.scale, _ = self.target.intensity_scale(volume)
+        if self.eps_units == "native":  # the checks' budgets in the model's range
+            eps, step = self.given
+            self.eps, self.step = eps / self.scale, None if step is None else step / self.scale
         base, base_dice, setting = self._run(volume, reference, self.eps)
         diagnosis = Diagnosis(str(volume.path or volume.name), self.member.name, self.eps, self.norm, setting.budget.eps)
         self.progress(f"white-box {self.member.name} at {self._size(self.eps)}: Dice {base_dice:.3f}")

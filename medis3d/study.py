@@ -490,12 +490,8 @@ def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, ep
         kept = json.loads(path.read_text())
         if kept.get("setting") == setting:
             return kept
-    checks_step: float | None = None if preset_step else step  # a preset's step: Diagnose takes the preset's too
-    if eps_units != "normalized":
-        scale, _ = target.intensity_scale(run.volume)
-        eps, checks_step = eps / scale, None if checks_step is None else checks_step / scale
-    result = Diagnose(target, member=chosen.name, eps=eps, step=checks_step, steps=steps, seed=seed, region=run.region,
-                      norm=norm, member_units=eps_units)(run.volume, run.reference).as_dict()
+    result = Diagnose(target, member=chosen.name, eps=eps, step=None if preset_step else step, steps=steps, seed=seed,
+                      region=run.region, norm=norm, eps_units=eps_units)(run.volume, run.reference).as_dict()
     result["setting"] = setting
     write_text_atomic(path, json.dumps(clean_json(result), indent=2))
     return result
