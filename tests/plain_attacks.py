@@ -218,7 +218,9 @@ def dag(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, step
         if t:
             best = _better(best, dice(current, p.reference), x.detach())
         active = current != 0
-        if float(active.float().mean()) <= 0.01:
+        if t == 0:
+            to_erase = max(int(active.sum()), 1)
+        if int(active.sum()) <= 0.01 * to_erase:  # almost every voxel that had to change has changed
             return best[1]
         gap = (z[0] - z.gather(0, current[None])[0])[active].sum()
         (g,) = torch.autograd.grad(gap, x)

@@ -1,7 +1,7 @@
 """DAG, dense adversary generation (Xie et al., ICCV 2017): targeted; each step follows the
 gradient of (target logit - currently predicted logit) summed over the voxels not yet on
-target, normalised to a step of L-inf size ``step``, until almost every voxel is on target or the
-iterations end. The accumulated perturbation is projected to the budget for evaluation.
+target, normalised to a step of L-inf size ``step``, until almost every voxel that had to change is on target
+or the iterations end. The accumulated perturbation is projected to the budget for evaluation.
 Untargeted, the target erases the structures: the reference's foreground becomes background
 (background voxels are already on target, so the whole step goes to the structures)."""
 
@@ -12,7 +12,7 @@ import torch
 from medis3d.attacks.base import Attack
 from medis3d.reductions import channel_argmax
 
-ON_TARGET = 0.99  # stop once this fraction of voxels is on target
+ON_TARGET = 0.99  # stop once this fraction of the voxels off target on the clean scan is on target
 
 
 class DAG(Attack):
@@ -38,18 +38,26 @@ class DAG(Attack):
                 current = channel_argmax(logits, 1, keepdim=True)
                 active = (current != aim).float()
                 gap = logits.gather(1, aim.long()) - logits.gather(1, current)
-                self._on_target = 1.0 - float(active.mean())
+                self._count_on_target(active)
                 return (gap * active).sum()
             signs = aim * 2 - 1  # push each channel's logit towards the target side of 0
             active = ((logits > 0).float() != aim).float()
-            self._on_target = 1.0 - float(active.mean())
+            self._count_on_target(active)
             return (signs * logits * active).sum()
 
         return fn
 
+    def _count_on_target(self, active: torch.Tensor) -> None:
+        """The share of the voxels the clean scan had off target (the first iterate's) that are on target now: a
+        share of the whole volume would call a structure of under 1 % of its voxels done before DAG moved."""
+        off = float(active.sum())
+        if self._off_at_start is None:
+            self._off_at_start = max(off, 1.0)
+        self._on_target = 1.0 - off / self._off_at_start
+
     def start(self, clean: torch.Tensor) -> torch.Tensor:
         self._free = clean.clone()  # the unconstrained DAG iterate
-        self._on_target = 0.0
+        self._on_target, self._off_at_start = 0.0, None
         return clean.clone()
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
