@@ -319,11 +319,13 @@ class MedIS:
 
     def flip_budgets(self, member: Member, setting: Setting) -> dict:
         """eps50 and eps90 of ``member``: the smallest budgets (bisection in ``(0, eps]``) at which it flips half and
-        nine tenths of the reference structure's voxels, in native units; None where ``eps`` does not reach it."""
+        nine tenths of the reference structure's voxels, in native units; None where ``eps`` does not reach it.
+        Each run stops at its first success whatever the selection: the strongest iterate of an attack whose
+        perturbation grows step by step lies at the full budget, not where it first flipped that share."""
         out: dict[str, float | None] = {}
         for name, share in (("eps50", 0.5), ("eps90", 0.9)):
             goal = Goal(self.target, setting.goal.reference, threshold=1.0 - share, metric="unflipped")
-            full = self.run_member(member, setting.budget, goal, setting.volume, setting.factor, bisect=False)
+            full = self.run_member(member, setting.budget, goal, setting.volume, setting.factor, bisect=False, first_success=True)
             if not full.success:
                 out[name] = None
                 continue
@@ -332,16 +334,18 @@ class MedIS:
                 out[name] = full.linf_native
                 continue
             out[name], _ = smallest_budget(
-                functools.partial(self.run_member, member, goal=goal, volume=setting.volume, factor=setting.factor, bisect=False),
+                functools.partial(self.run_member, member, goal=goal, volume=setting.volume, factor=setting.factor, bisect=False,
+                                  first_success=True),
                 setting.budget, full, self.bisection_steps)
         return out
 
     def run_member(self, member: Member, budget: Budget, goal: Goal, volume: Volume, factor: float = 1.0,
-                   bisect: bool = True) -> MemberResult:
+                   bisect: bool = True, first_success: bool = False) -> MemberResult:
         """Run one member at ``budget`` (its own ``steps`` and ``step``, in ``--eps`` units times ``factor``,
-        where it sets them); with ``min_eps``, its smallest successful budget."""
+        where it sets them); with ``min_eps``, its smallest successful budget; ``first_success``: stopped at its
+        first success (a minimal-norm search by its own rule), whatever the selection."""
         budget = self.member_budget(member, budget, factor)
-        attack = self.attack(member, budget, goal)
+        attack = self.attack(member, budget, goal, first_success)
         return self._done(attack, self._finish(member, budget, attack.run(volume), goal, volume, bisect))
 
     def run_members(self, members: Sequence[Member], budget: Budget, goal: Goal, volume: Volume,
@@ -373,8 +377,14 @@ class MedIS:
             changes["step"] = float(member.option("step")) * factor
         return dataclasses.replace(budget, **changes) if changes else budget
 
-    def attack(self, member: Member, budget: Budget, goal: Goal) -> Attack:
-        """The attack object of ``member`` at ``budget`` (already the member's: :meth:`member_budget`)."""
+    def runs_to_the_end(self) -> bool:
+        """Whether members run every iteration and keep their strongest iterate (the worst case, or
+        ``stop_at_success=False``) rather than stop at their first success."""
+        return self.stop_at_success is False or (self.stop_at_success is None and self.select != "least")
+
+    def attack(self, member: Member, budget: Budget, goal: Goal, first_success: bool = False) -> Attack:
+        """The attack object of ``member`` at ``budget`` (already the member's: :meth:`member_budget`);
+        ``first_success``: one that stops at its first success whatever the selection."""
         cls = ATTACKS[member.attack]
         # least-perturbation fusion needs a member's first success only (a minimal-norm search its smallest, by its
         # own rule); the worst case needs every member's strongest point: no member stops at its first success, not
@@ -385,6 +395,8 @@ class MedIS:
             stop = False
         if self.stop_at_success is not None:
             stop = self.stop_at_success
+        if first_success:
+            stop = None if cls.minimal else True
         kwargs = {"gradient": member.option("gradient", "standard"), "transfer": member.option("transfer", 0.0),
                   "stop_at_success": stop}
         if member.attack == "apgd":
@@ -399,11 +411,11 @@ class MedIS:
     def _finish(self, member: Member, budget: Budget, result: MemberResult, goal: Goal, volume: Volume,
                 bisect: bool = True) -> MemberResult:
         """The member's result named and scored in float32; with ``min_eps``, a fixed-budget attack's smallest
-        successful budget (bisection)."""
+        successful budget (bisection), unless members run to their strongest iterate (that is what they keep then)."""
         result.member = member.name
         result = self._scored(result, goal, volume)
         cls = ATTACKS[member.attack]
-        if not (self.min_eps and bisect) or cls.early_stop or cls.minimal or not result.success:
+        if not (self.min_eps and bisect) or cls.early_stop or cls.minimal or not result.success or self.runs_to_the_end():
             return result  # iterative attacks already stop at their first success: their L-inf is the distortion
 
         def run(trial: Budget) -> MemberResult:

@@ -77,6 +77,25 @@ def test_min_eps_bisects_fixed_budget_attacks(tiny_target, scan_file):
     assert result.chosen.linf_native < plain.chosen.linf_native  # a smaller budget was enough
 
 
+def test_eps50_is_where_the_share_first_flips_under_either_selection(tiny_target, scan_file):
+    """eps50 / eps90 are the budgets where IGSM (whose perturbation grows step by step) first flips half and nine
+    tenths of the structure. Under the worst-case selection its runs kept their strongest iterate, at the full
+    budget, and reported eps50 = eps90 = eps (measured: 120 HU where the first crossing was at 104); and --min-eps
+    no longer swaps a worst-case member's strongest iterate for its smallest successful budget's."""
+    volume = read_volume(scan_file)
+    runs = {select: MedIS(tiny_target, losses="dice", attacks="igsm", eps=120.0, eps_units="native", step=8.0, steps=15,
+                          select=select, min_eps=True)(volume) for select in ("least", "strongest")}
+    least, strongest = runs["least"].flip_budgets, runs["strongest"].flip_budgets
+    assert least["eps50"] is not None and least["eps50"] < 120.0
+    assert strongest == least
+    plain = MedIS(tiny_target, losses="dice", attacks="igsm", eps=120.0, eps_units="native", step=8.0, steps=15,
+                  select="strongest")(volume)
+    assert np.array_equal(runs["strongest"].adversarial.array, plain.adversarial.array)
+    pgd = {min_eps: MedIS(tiny_target, losses="ce", attacks="pgd", eps=64 / 255, step=8 / 255, steps=5, success_threshold=0.9,
+                          select="strongest", min_eps=min_eps)(volume) for min_eps in (False, True)}
+    assert pgd[True].chosen.success and pgd[True].chosen.linf_native == pgd[False].chosen.linf_native  # not bisected
+
+
 def test_dag_attacks_a_structure_of_under_one_percent_of_the_voxels(tiny_target, tmp_path):
     """DAG stops once almost every voxel that had to change has: it counted the whole volume, so a structure of
     under 1 % of the voxels (most organs, every small lesion) was done before it moved and DAG returned the clean
