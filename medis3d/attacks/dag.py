@@ -21,6 +21,7 @@ class DAG(Attack):
     name = "dag"
     uses_loss = False
     early_stop = True
+    _off_at_start: float | None = None  # voxels off target on the clean scan (its first iterate)
 
     def _aim(self) -> torch.Tensor:
         aim = self.goal.loss_target
@@ -57,7 +58,8 @@ class DAG(Attack):
 
     def start(self, clean: torch.Tensor) -> torch.Tensor:
         self._free = clean.clone()  # the unconstrained DAG iterate
-        self._on_target, self._off_at_start = 0.0, None
+        self._on_target = 0.0
+        self._off_at_start = None
         return clean.clone()
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
