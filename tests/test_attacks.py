@@ -6,6 +6,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from medis3d.attacks import ALIASES, ATTACKS
@@ -94,6 +95,21 @@ def test_eps50_is_where_the_share_first_flips_under_either_selection(tiny_target
     pgd = {min_eps: MedIS(tiny_target, losses="ce", attacks="pgd", eps=64 / 255, step=8 / 255, steps=5, success_threshold=0.9,
                           select="strongest", min_eps=min_eps)(volume) for min_eps in (False, True)}
     assert pgd[True].chosen.success and pgd[True].chosen.linf_native == pgd[False].chosen.linf_native  # not bisected
+
+
+def test_the_low_frequency_attack_keeps_its_coarse_perturbation_in_the_l2_ball(tiny_target, scan_file):
+    """Under L2 the coarse perturbation ``u`` is projected as well as the scan's iterate: left to grow (to 2.5 eps
+    after 12 steps, measured), each step moved the projected iterate less and less."""
+    from medis3d.attacks import Budget, Goal
+
+    volume = read_volume(scan_file)
+    clean = tiny_target.predict(volume)
+    budget = Budget.for_volume(volume, 3000.0, 300.0, 12, norm="l2")
+    attack = ATTACKS["lowfreq"](tiny_target, "ce", budget, Goal(tiny_target, clean), stop_at_success=False)
+    result = attack.run(volume)
+    x0 = torch.from_numpy(volume.array).float()
+    assert attack._scan_length(attack._u, x0) <= 3000.0 * (1 + 1e-5)
+    assert result.l2_native <= 3000.0 and result.score < 0.9
 
 
 def test_dag_attacks_a_structure_of_under_one_percent_of_the_voxels(tiny_target, tmp_path):
