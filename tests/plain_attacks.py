@@ -231,11 +231,12 @@ def dag(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, step
 
 def fmn(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, steps: int) -> torch.Tensor:
     """A minimal-norm search after Pintor et al.'s FMN in the L-inf ball: a radius that starts at eps/4 and, with
-    gamma = 0.05 cosine-annealed to a tenth, grows by 4 gamma while the iterate fails (up to eps) and shrinks by
-    gamma below the iterate's own size once it succeeds (IoU with the reference <= 0.5); sign steps of
-    max(step, eps/8) cosine-annealed to a hundredth, each projected into the current radius; its strongest iterate."""
+    gamma = 0.05 cosine-annealed to a tenth, grows by 4 gamma while the iterate fails (up to eps; before the first
+    success at least by the factor that takes eps/4 to eps in half the steps) and shrinks by gamma below the
+    iterate's own size once it succeeds (IoU with the reference <= 0.5); sign steps of max(step, eps/4)
+    cosine-annealed to a hundredth, each projected into the current radius; its strongest iterate."""
     p = _problem(model, scan, eps_hu, grid="scan")
-    x, radius, best = p.x0, p.eps / 4, (2.0, p.x0)
+    x, radius, best, succeeded = p.x0, p.eps / 4, (2.0, p.x0), False
     for t in range(steps):
         _, grad, score = p.loss_and_grad(x)
         if t:
@@ -243,10 +244,13 @@ def fmn(model: PlainModel, scan: np.ndarray, eps_hu: float, step_hu: float, step
         anneal = 0.5 * (1 + math.cos(math.pi * t / steps))
         gamma = 0.05 * (0.1 + 0.9 * anneal)
         if score / (2 - score) <= 0.5:  # one structure: its IoU from its Dice
+            succeeded = True
             radius = min(radius, float((x - p.x0).abs().max())) * (1 - gamma)
-        else:
+        elif succeeded:
             radius = min(p.eps, radius * (1 + 4 * gamma))
-        alpha = max(step_hu, p.eps / 8) * (0.01 + 0.99 * anneal)
+        else:
+            radius = min(p.eps, radius * max(1 + 4 * gamma, 4 ** (1 / max(1, steps // 2))))
+        alpha = max(step_hu, p.eps / 4) * (0.01 + 0.99 * anneal)
         moved = x + alpha * grad.sign()
         x = p.project(torch.minimum(torch.maximum(moved, p.x0 - radius), p.x0 + radius))
     return _strongest(p, x, best)[1]

@@ -112,6 +112,18 @@ def test_the_low_frequency_attack_keeps_its_coarse_perturbation_in_the_l2_ball(t
     assert result.l2_native <= 3000.0 and result.score < 0.9
 
 
+def test_fmn_searches_the_whole_budget_before_it_reports_a_failure(tiny_target, scan_file):
+    """FMN, a minimal-norm search, is not bisected by --min-eps, so a failure it reports is a failure at eps: its
+    radius (from eps/4, growing by 1 + 4 gamma) ended at 0.76 eps after ten steps and its steps of eps/8 carried the
+    iterate to 0.7 eps (measured: failed at 30 HU, 21 HU used, where IGSM succeeded at 30)."""
+    volume = read_volume(scan_file)
+    result = MedIS(tiny_target, losses="ce", attacks="fmn", eps=8.0, eps_units="native", steps=10)(volume)
+    member = result.members[0]
+    assert not member.success  # 8 HU does not break the tiny model
+    assert max(s.linf_native for s in member.trace) >= 8.0 - 0.5  # whole HU as stored
+    assert MedIS(tiny_target, losses="ce", attacks="fmn", eps=30.0, eps_units="native", steps=10)(volume).chosen.success
+
+
 def test_dag_attacks_a_structure_of_under_one_percent_of_the_voxels(tiny_target, tmp_path):
     """DAG stops once almost every voxel that had to change has: it counted the whole volume, so a structure of
     under 1 % of the voxels (most organs, every small lesion) was done before it moved and DAG returned the clean

@@ -56,9 +56,10 @@ ATTACKS = {
 }
 # DAG scales each step by the gradient's largest entry, so most voxels barely move inside an L-inf ball: the plain DAG
 # itself leaves 0.98 at 16/255 and 0.93 at 64/255 here (ours the same). It only has to lower Dice.
-# FMN searches the smallest breaking radius: it starts at eps/4, grows while it fails and shrinks once it succeeds, so
-# in ten steps it takes less Dice than PGD (measured: ours 0.872 / plain 0.890 at 16/255, 0.489 both at 64/255).
-WORKS = {"dag": (0.99, 0.95), "fmn": (0.95, 0.6)}
+# FMN searches the smallest breaking radius: it starts at eps/4, grows while it fails (reaching eps by half the steps
+# before its first success) and shrinks once it succeeds (measured: ours 0.726 / plain 0.730 at 16/255, 0.426 both
+# at 64/255; before the radius and step were made to reach the budget, 0.872 / 0.890 and 0.489).
+WORKS = {"dag": (0.99, 0.95)}
 
 
 def _compare(problem, ours: np.ndarray, theirs: torch.Tensor, eps: int, member: str, plain_name: str,
