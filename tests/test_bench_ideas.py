@@ -1,7 +1,8 @@
 """bench/ideas.py's pieces: its weighted losses are bench/reference.py's SEA losses when every voxel counts and
 carry no gradient from voxels outside their weight (the interior ideas' weight: the clean brain deeper than their
 depth), and its region-wise worst case takes each block from the
-adversarial that lowers the score there, voxel for voxel one of its inputs (so inside their common ball)."""
+adversarial that lowers the score there, voxel for voxel one of its inputs (so inside their common ball); its smoothed
+backward passes change the gradient and nothing else."""
 
 from __future__ import annotations
 
@@ -118,3 +119,26 @@ def test_tanh_adam_stays_inside_the_ball_and_returns_its_strongest_iterate():
     assert float(adversarial.min()) >= float(x0.min()) and float(adversarial.max()) <= float(x0.max())
     final = reference.dice(logits(adversarial)[0].argmax(0), problem.reference)
     assert final == min(seen) < 0.9  # the strongest iterate, and it flipped voxels near the threshold
+
+
+def test_a_smoothed_backward_keeps_the_forward_and_is_undone_on_leaving():
+    """``relu:T`` and ``gn_stop`` change the gradient only: the logits are the network's, and leaving the context
+    restores the network's own gradient (the chain after the smoothed stage ascends the real one)."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.ReLU(),
+                                  torch.nn.Conv3d(4, 2, 3, padding=1))
+    x = torch.randn(1, 1, 6, 6, 6)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = x.clone().requires_grad_(True)
+        out = network(leaf)
+        (grad,) = torch.autograd.grad(out[:, 1].sum(), leaf)
+        return out.detach(), grad
+
+    logits, exact = run()
+    for settings in ({"relu": 0.3}, {"relu": float("inf")}, {"stop_norm": True}):
+        with ideas.smoothed_backward(network, **settings):
+            smoothed_logits, smoothed = run()
+        assert torch.allclose(smoothed_logits, logits, atol=1e-5)
+        assert not torch.allclose(smoothed, exact)
+        assert torch.equal(run()[1], exact)
