@@ -253,3 +253,30 @@ def test_a_float16_gradient_keeps_its_small_entries_on_a_volume_of_any_size(tiny
     overflowed = half.evaluate(x, volume, objective).grad
     assert bool(torch.isfinite(overflowed).all())
     assert float((torch.sign(overflowed) == torch.sign(reference)).float().mean()) > 0.99
+
+
+def test_with_amp_a_member_stops_only_at_a_success_the_float32_model_confirms(tiny_target, scan_file, monkeypatch):
+    """Least-perturbation members stop at their first success; in reduced precision a voxel near the boundary may
+    fall the other way, so a member stopped at a bfloat16 success that float32 rejected and reported a failure where
+    it could have gone on. Here float32 rejects every perturbed scan (its predictions of them are the clean one's):
+    the members run every step and report failures; they stopped at their bfloat16 success before."""
+    import numpy as np
+
+    from medis3d.fusion import MedIS
+    from medis3d.io import read_volume
+    from medis3d.target import Target
+
+    volume = read_volume(scan_file)
+    amp = tiny_target.configure(amp=True)
+    clean = tiny_target.predict(volume)
+    real = Target.predict
+
+    def rejecting(self, scan):
+        return clean if self is amp.exact and not np.array_equal(scan.array, volume.array) else real(self, scan)
+
+    searched = MedIS(amp, members_spec=["igsm:ce", "pgd:ce"], eps=24 / 255, step=4 / 255, steps=6, success_threshold=0.9)(volume)
+    assert all(m.success and len(m.trace) < 7 for m in searched.members)  # bfloat16 and float32 agree: an early stop
+    monkeypatch.setattr(Target, "predict", rejecting)
+    result = MedIS(amp, members_spec=["igsm:ce", "pgd:ce"], eps=24 / 255, step=4 / 255, steps=6, success_threshold=0.9)(volume)
+    for member in result.members:
+        assert not member.success and len(member.trace) == 7, (member.name, [(s.score, s.success) for s in member.trace])
