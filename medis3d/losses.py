@@ -52,7 +52,8 @@ TVERSKY_ALPHA_BETA = (0.3, 0.7)  # false positives, false negatives (Salehi et a
 COMBINED_WEIGHTS = {"logcosh_dice": 0.21, "bce_dice": 0.18, "exp_log": 0.20, "structure": 0.15, "lovasz": 0.26}
 _POOLS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 # Losses that take the iteration and the direction: ``(logits, target, t, steps, targeted)``.
-STEP_AWARE = frozenset({"segpgd", "cospgd", "masked_ce", "masked_ce_balanced", "masked_spherical", "masked_spherical_logp"})
+STEP_AWARE = frozenset({"segpgd", "cospgd", "masked_ce", "masked_ce_balanced", "masked_spherical", "masked_spherical_logp",
+                        "margin"})
 # Losses whose value is taken over a mask (or a schedule) that changes between iterates: APGD's
 # step-size control compares iterates by plain cross-entropy for them. SEA does so for its masked CE and
 # SegPGD (and for JS, tracked by itself here); it tracks its masked spherical loss by itself, which ends within
@@ -375,10 +376,13 @@ def margin(activation: str) -> LossFn:
     Unlike cross-entropy, whose gradient vanishes on confidently right voxels and stays large on
     voxels already wrong, every voxel still on its class pulls with the same weight and a voxel
     stops pulling once it is wrong by the cap, so the budget goes to voxels not yet flipped; the
-    class balance keeps small structures from being drowned by the background.
+    class balance keeps small structures from being drowned by the background. A targeted attack descends it
+    towards the target, so there the cap is on the other side: ``-min(m, MARGIN_CAP)``, a voxel stops pulling
+    once it is on target by the cap (capped as untargeted, every voxel still off target by more than the cap
+    was flat: the member did nothing).
     """
 
-    def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def fn(logits: torch.Tensor, target: torch.Tensor, t: int = 0, steps: int = 1, targeted: bool = False) -> torch.Tensor:
         if activation == "softmax":
             onehot = _one_hot(target, logits, activation)
             true = (logits * onehot).sum(1)
@@ -391,7 +395,8 @@ def margin(activation: str) -> LossFn:
             members = torch.stack([labels, 1 - labels])  # (2, B, C, *S): each label and its complement
         dims = tuple(range(members.ndim - (logits.ndim - 2), members.ndim))
         sizes = members.sum(dims)
-        per_class = (members * gap.clamp_max(MARGIN_CAP)).sum(dims) / sizes.clamp_min(1)
+        capped = gap.clamp_min(-MARGIN_CAP) if targeted else gap.clamp_max(MARGIN_CAP)
+        per_class = (members * capped).sum(dims) / sizes.clamp_min(1)
         present = (sizes > 0).to(per_class.dtype)
         return (per_class * present).sum() / present.sum().clamp_min(1)
 

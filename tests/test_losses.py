@@ -323,3 +323,22 @@ def test_margin_stops_pulling_on_flipped_voxels_and_balances_classes():
     assert torch.isclose(background, small * 62 / 63)
     expected = ((-1.0) + (62 * -2.0 + MARGIN_CAP) / 63) / 2  # mean over classes of the capped gaps
     assert float(loss) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_targeted_margin_pulls_on_voxels_far_from_the_target_and_stops_once_on_it(activation):
+    """A targeted attack descends the margin towards its target: voxels off target by more than the cap must pull
+    (capped as untargeted they were flat, and a targeted `apgd:margin` left the structure whole), and a voxel on
+    target by more than the cap stops pulling."""
+    target = torch.zeros(1, 1, 2, 2, 2, dtype=torch.long)  # the aim: background everywhere
+    logits = torch.zeros(1, 2, 2, 2, 2)
+    logits[0, 1, 0] = 5.0  # half the voxels far from the aim (foreground by 5)
+    logits[0, 0, 1] = 5.0  # the other half on the aim by 5
+    if activation == "sigmoid":
+        target, logits = target.float(), logits[:, 1:] - logits[:, :1]
+    logits.requires_grad_(True)
+    (grad,) = torch.autograd.grad(get_loss("margin", activation)(logits, target, 0, 1, True), logits)
+    assert grad[:, :, 0].abs().sum() > 0  # far from the aim: pulls
+    assert grad[:, :, 1].abs().sum() == 0  # on the aim beyond the cap: stops
+    (untargeted,) = torch.autograd.grad(get_loss("margin", activation)(logits, target), logits)
+    assert untargeted[:, :, 0].abs().sum() == 0 and untargeted[:, :, 1].abs().sum() > 0  # the untargeted cap is the other side
