@@ -45,6 +45,22 @@ def test_scaled_integer_storage(tmp_path):
     assert np.abs(back.array - (vol.array + 0.3)).max() <= 0.25 + 1e-6
 
 
+def test_a_scaled_float_source_is_written_as_the_values_scored(tmp_path):
+    """A float file with a slope and intercept in its header: the values are written unscaled (slope 1), so the file
+    holds the adversarial that was scored. It kept the source's slope before, so a reader applied it to values that
+    were already scaled (2x + 10 here: 220 off on this scan)."""
+    data = (np.random.default_rng(0).random((6, 5, 4)) * 100).astype(np.float32)
+    img = nib.Nifti1Image(data, AFFINE)
+    img.header.set_slope_inter(2.0, 10.0)
+    nib.save(img, str(tmp_path / "in.nii.gz"))
+    vol = read_volume(tmp_path / "in.nii.gz")
+    assert np.allclose(vol.array[0], data * 2 + 10)
+    scored = vol.quantise(vol.array + 0.3)
+    write_nifti(vol, tmp_path / "out.nii.gz", scored)
+    back = read_volume(tmp_path / "out.nii.gz")
+    assert back.stored_dtype == np.float32 and np.array_equal(back.array, scored)
+
+
 def test_label_map_written_on_grid(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((6, 7, 8), np.int16), AFFINE), str(tmp_path / "in.nii.gz"))
     vol = read_volume(tmp_path / "in.nii.gz")

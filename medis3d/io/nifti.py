@@ -99,7 +99,7 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     """Write ``array`` (default: the volume's own) on ``volume``'s grid, atomically.
 
     Without ``dtype`` the file stores values as the source does (quantised and clipped for
-    integer types, same slope and intercept). With ``dtype`` (for label maps, float maps)
+    integer types, same slope and intercept; float types as they are, unscaled). With ``dtype`` (for label maps, float maps)
     values are written as that type with no scaling. ``description`` replaces the source's
     header description (``descrip``, 79 ASCII characters at most), so a file says what it is.
     """
@@ -114,6 +114,8 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     if dtype is None:
         stored = volume.to_stored(values)
         slope, intercept = volume.slope, volume.intercept
+        if not volume.is_integer:  # float values are stored as they are: the source's scaling would be applied twice
+            slope, intercept = 1.0, 0.0
         if np.ndim(slope) or np.ndim(intercept):  # per-slice scaling (DICOM source): store float
             stored, slope, intercept = volume.quantise(values).astype(np.float32), 1.0, 0.0
     else:
