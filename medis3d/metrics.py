@@ -49,11 +49,16 @@ def smooth_mean_iou(pred_masks: np.ndarray, ref_masks: np.ndarray, smooth: float
 
 
 def hd95_per_class(pred_masks: np.ndarray, ref_masks: np.ndarray, spacing: Sequence[float]) -> list[float | None]:
-    """95th-percentile Hausdorff distance in mm per class (None where either mask is empty)."""
+    """95th-percentile Hausdorff distance in mm per class: the scan's diagonal where one mask is empty and the
+    other not (a class the attack erased is as far off as a class can be: left out, the attack that erases a class
+    reported a better HD95 than one that only moved it), None where both are."""
     out: list[float | None] = []
     for p, r in zip(pred_masks, ref_masks):
-        if not p.any() or not r.any():
+        if not p.any() and not r.any():
             out.append(None)
+            continue
+        if not p.any() or not r.any():
+            out.append(float(np.linalg.norm((np.asarray(p.shape) - 1) * np.asarray(spacing, dtype=np.float64))))
             continue
         value = compute_hausdorff_distance(
             _one_hot(p[None]), _one_hot(r[None]), include_background=True, percentile=95, spacing=list(spacing)

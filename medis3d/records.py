@@ -88,7 +88,7 @@ class SegmentationRecord(TypedDict, total=False):
     dice: dict[str, float]
     iou: dict[str, float]
     mean_iou: float
-    hd95: dict[str, float | None]  # None where a class is empty in either
+    hd95: dict[str, float | None]  # the scan's diagonal where a class is empty in one only, None in both
     flipped_fraction: float
     against_target: TargetScores  # targeted attacks only
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from medis3d import records
@@ -41,3 +42,20 @@ def test_a_targeted_and_an_untargeted_report_hold_exactly_their_records(tiny_bun
         assert against == (name == "targeted") == report["attack"]["targeted"]
         if against:
             _conforms(report["adversarial"]["against_target"], records.TargetScores, "against_target")
+
+
+def test_hd95_counts_an_erased_class_as_the_scans_diagonal():
+    """Erasing a class is the worst an attack can do to its boundary: it was left out of HD95 (None), so an attack
+    that erased one class and moved another by 1 voxel reported 1 mm where one that moved both by 3 reported 3."""
+    import numpy as np
+
+    from medis3d.metrics import hd95_per_class
+
+    ref = np.zeros((2, 10, 10, 10), bool)
+    ref[0, 2:5, 2:5, 2:5] = ref[1, 6:9, 6:9, 6:9] = True
+    erased = np.zeros_like(ref)
+    erased[1] = np.roll(ref[1], 1, axis=0)
+    diagonal = float(np.linalg.norm(np.array([9, 9, 9]) * np.array([1.0, 1.0, 2.0])))
+    values = hd95_per_class(erased, ref, (1.0, 1.0, 2.0))
+    assert values[0] == pytest.approx(diagonal) and values[1] == pytest.approx(1.0)
+    assert hd95_per_class(np.zeros_like(ref), np.zeros_like(ref), (1.0, 1.0, 1.0)) == [None, None]
