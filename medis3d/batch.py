@@ -95,14 +95,18 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def is_done(folder: Path) -> bool:
+def is_done(folder: Path, settings: str | None = None) -> bool:
+    """Whether the item in ``folder`` was attacked, under ``settings`` (a digest of the attack's settings and the
+    model) where given: one done under other settings is run again, not reported as this run's."""
     status = folder / STATUS_FILE
     if not status.is_file():
         return False
     try:
-        return json.loads(status.read_text()).get("status") == "done" and (folder / "report.json").is_file()
+        recorded = json.loads(status.read_text())
     except (OSError, ValueError):
         return False
+    same = settings is None or recorded.get("settings") == settings
+    return recorded.get("status") == "done" and same and (folder / "report.json").is_file()
 
 
 def _row_from(item: BatchItem, folder: Path) -> dict:
@@ -151,8 +155,8 @@ def write_summary(items: list[BatchItem], out_dir: Path) -> list[dict]:
     return rows
 
 
-def run_one(item: BatchItem, out_dir: Path, attack: Callable[[object, Path], dict]) -> dict:
-    """Attack one item; record done or failed (with a one-line error) in its status file."""
+def run_one(item: BatchItem, out_dir: Path, attack: Callable[[object, Path], dict], settings: str | None = None) -> dict:
+    """Attack one item; record done or failed (with a one-line error) in its status file, with ``settings``."""
     folder = out_dir / item.name
     start = time.perf_counter()
     try:
@@ -166,6 +170,8 @@ def run_one(item: BatchItem, out_dir: Path, attack: Callable[[object, Path], dic
         status = {"status": "failed", "error": f"{item.path}: {type(exc).__name__}: {message}", "time_s": round(time.perf_counter() - start, 3)}
     if item.notices:
         status["notices"] = list(item.notices)
+    if settings is not None:
+        status["settings"] = settings
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / STATUS_FILE, json.dumps(status) + "\n")
     return status
@@ -218,7 +224,18 @@ class Shard:
             dist.destroy_process_group()
 
 
-def pending(items: list[BatchItem], out_dir: Path) -> Iterator[BatchItem]:
+def pending(items: list[BatchItem], out_dir: Path, settings: str | None = None) -> Iterator[BatchItem]:
+    """The items not yet done (under ``settings``, where given)."""
     for item in items:
-        if not is_done(out_dir / item.name):
+        if not is_done(out_dir / item.name, settings):
             yield item
+
+
+def settings_digest(target, config) -> str:
+    """What a batch item's outcome depends on: the attack's configuration (but how many members share a pass,
+    which changes no outcome) and the model (:meth:`Target.fingerprint`, the windows, classes and precision)."""
+    from medis3d.cache import sha1_digest
+    from medis3d.study import run_setting
+
+    attack = {k: v for k, v in config.as_dict().items() if k != "together"}
+    return sha1_digest({"attack": attack, "model": target.fingerprint(), **run_setting(target)})

@@ -370,12 +370,13 @@ def batch(
 
 
 def _run_batch(items, out: Path, tgt, options, shard, quiet: bool) -> int:
-    from medis3d.batch import pending, run_one, write_summary
+    from medis3d.batch import pending, run_one, settings_digest, write_summary
     from medis3d.io.outputs import mark_folder
     from medis3d.workflow import run_attack
 
     mark_folder(out, "batch")
-    todo = list(pending(shard.mine(items), out))
+    settings = settings_digest(tgt, options)
+    todo = list(pending(shard.mine(items), out, settings))
     skipped = len(shard.mine(items)) - len(todo)
 
     reporter: Any = None  # the progress, where shown
@@ -393,13 +394,13 @@ def _run_batch(items, out: Path, tgt, options, shard, quiet: bool) -> int:
             for item in todo:
                 reporter.info(f"{item.name} | failed {failures}")
                 reporter.phase(f"loading {item.name}")
-                status = run_one(item, out, attack_one)
+                status = run_one(item, out, attack_one, settings)
                 failures += status["status"] != "done"
                 reporter.advance(item.name, status["status"] + (f": {status['error']}" if status.get("error") else ""))
             reporter.info(f"failed {failures}, {skipped} already done")
     else:
         for item in todo:
-            failures += run_one(item, out, attack_one)["status"] != "done"
+            failures += run_one(item, out, attack_one, settings)["status"] != "done"
     shard.barrier()
     code = 0
     if shard.rank == 0:

@@ -7,6 +7,8 @@ is cached as it finishes."""
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -162,10 +164,31 @@ def member_row(target: Target, case: Case, member, eps: float, result, reference
 
 
 def _cache_key(case: Case, member, eps: float, setting: dict) -> dict:
-    """Everything a member's row at ``eps`` depends on: the member, the case's files and ``setting`` (the model, its
-    run settings, the step, steps, units, seed and success threshold)."""
+    """Everything a member's row at ``eps`` depends on: the member, the case's files (their paths and contents) and
+    ``setting`` (the model, its run settings, the step, steps, units, seed and success threshold)."""
     files = {"image": str(case.image), "label": str(case.label or "")} | ({"mask": str(case.mask)} if case.mask else {})
-    return {"member": member.name, "eps": f"{eps:.6g}", **files, **setting}
+    contents = {"contents": [files_digest(path) for path in files.values() if path]}
+    return {"member": member.name, "eps": f"{eps:.6g}", **files, **contents, **setting}
+
+
+def files_digest(path: str) -> str:
+    """A digest of the contents of ``path``: a file, a folder (a DICOM series: every file in it) or channel files
+    joined by commas; recomputed only where a file's size or time changed."""
+    given = Path(path)
+    parts = [given] if given.exists() else [Path(p) for p in path.split(",")]
+    files = sorted(f for part in parts for f in ([part] if part.is_file() else part.rglob("*") if part.is_dir() else []) if f.is_file())
+    stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _digest_of(stamps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest_of(stamps: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha1()
+    for name, _, _ in stamps:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def evaluate_dataset(
@@ -258,7 +281,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                       preset_step: bool = False) -> dict:
     cache = out / "cache"
     store = OutcomeCache(cache)
-    outcome_setting = {"target": f"{target.source}:{target.name}", "step": f"{step:.6g}", "steps": steps,
+    outcome_setting = {"target": f"{target.source}:{target.name}", "model": target.fingerprint(), "step": f"{step:.6g}", "steps": steps,
                        "eps_units": eps_units, "seed": seed, "success": success, "norm": norm, **run_setting(target)}
     if preset_step and (eps_units != "normalized" or norm == "l2"):
         # the preset's step means another size there than it did (MedIS.preset_step); elsewhere it is the step it was,

@@ -9,6 +9,8 @@ scan's own grid, so what is optimised is what is written and measured.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,6 +405,19 @@ class Target:
         return fg
 
     # -- budgets --------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A digest of what the model computes: its weights, its preprocessing steps and their arguments, its
+        activation, inversion and classes (a study's cached outcomes are matched by it, so another config of the
+        same bundle, or retrained weights at the same path, are not taken for this model)."""
+        digest = hashlib.sha1()
+        for name, tensor in self.network.state_dict().items():
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().flatten().clone().view(torch.uint8).numpy().tobytes())
+        about = {"steps": [[step.name, step.args] for step in self.preprocessing.steps], "activation": self.activation,
+                 "invert": self.invert, "out_channels": self.out_channels, "class_names": self.class_names}
+        digest.update(json.dumps(about, sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:16]
+
     def intensity_scale(self, volume: Volume) -> tuple[float, str]:
         """Native units that make 1.0 of the model's normalised intensity range, and how it was found."""
         for step in self.preprocessing.steps:

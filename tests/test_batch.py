@@ -62,6 +62,26 @@ def test_batch_nifti_and_dicom_with_one_corrupt_input(tiny_bundle, batch_input, 
         assert float(r["linf_normalized"]) <= 16 / 255 + 1e-6
 
 
+def test_a_batch_rerun_under_other_settings_attacks_every_volume_again(tiny_bundle, tmp_path):
+    """A volume done under other settings (here another --eps) was counted as done and its old figures reported as
+    this run's in summary.csv; it is attacked again. Under the same settings nothing runs again."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in (1, 2):
+        save_nifti(root / f"s{i}.nii.gz", synthetic_scan(i)[0])
+    out = tmp_path / "out"
+    base = ["batch", str(root), "--out", str(out), "--bundle", str(tiny_bundle), "--losses", "ce", "--steps", "2", "--quiet"]
+    assert runner.invoke(app, [*base, "--eps", "16/255", "--step", "8/255"]).exit_code == 0
+    first = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/status.json")}
+    assert runner.invoke(app, [*base, "--eps", "4/255", "--step", "2/255"]).exit_code == 0
+    second = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/status.json")}
+    assert all(second[name] != mtime for name, mtime in first.items())  # both attacked again
+    for row in _rows(out).values():
+        assert row["status"] == "done" and float(row["linf_normalized"]) <= 4 / 255 + 1e-6  # this run's budget
+    assert runner.invoke(app, [*base, "--eps", "4/255", "--step", "2/255"]).exit_code == 0
+    assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/status.json")} == second
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "medis3d", *args]
 

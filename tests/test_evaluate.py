@@ -468,3 +468,37 @@ def test_the_greedy_dataset_worst_case_is_no_higher_than_each_volumes_own_worst(
                "v1": [{"c0": [28, 401, 472], "c1": [48, 18, 2]}, {"c0": [245, 30, 255], "c1": [7, 4, 43]}]}
     rows = [{"volume": v, "eps": 0.03, "attack": "apgd", "counts": json.dumps(o)} for v, outcomes in options.items() for o in outcomes]
     assert greedy_worst_case(rows)["0.03"] == pytest.approx(0.4291, abs=1e-4)
+
+
+def test_evaluate_resume_runs_anew_where_a_file_or_the_model_changed_in_place(tiny_bundle, tmp_path):
+    """Cached outcomes were matched by the files' paths and the bundle's folder and network names: a label edited in
+    place, or weights retrained into the same bundle folder, reused outcomes of another label or another model. Now
+    the key holds the files' contents and the model's fingerprint (weights, preprocessing, classes)."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    root = _dataset(tmp_path)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    out = tmp_path / "study"
+    args = ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(bundle), "--attacks", "pgd",
+            "--losses", "ce", "--eps", "8/255", "--step", "4/255", "--steps", "2", "--quiet"]
+
+    def outcomes() -> dict:
+        return {f: f.stat().st_mtime_ns for f in (out / "cache").rglob("*.json") if f.name != "overview.json"}
+
+    assert runner.invoke(app, args).exit_code == 0
+    first = outcomes()
+    assert len(first) == 2
+    _, seg = synthetic_scan(21)
+    seg[:, :, : seg.shape[2] // 2] = 0  # case1's label edited in place
+    save_nifti(root / "labels" / "case1.nii.gz", seg.astype(np.uint8))
+    assert runner.invoke(app, args).exit_code == 0
+    second = outcomes()
+    assert {f.parent.name for f in second if f not in first} == {"case1"}  # case2's row reused
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}, bundle / "models" / "model.pt")
+    assert runner.invoke(app, args).exit_code == 0
+    assert len([f for f in outcomes() if f not in second]) == 2  # retrained in place: both volumes anew
