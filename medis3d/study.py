@@ -524,7 +524,9 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
     """Fusions per (volume, eps), selected from the members' recorded outcomes by :func:`select_member`:
     MedIS (least perturbation among the successful) over each attack's members (``medis_<attack>``)
     and over every member (``medis_full``), and the per-volume worst case over every member
-    (``worst_case``: the member closest to the goal, as SEA reports its ensemble)."""
+    (``worst_case``: the member that leaves the lowest Dice, the figure a study reports, as SEA reports its
+    ensemble by its own metric; ties by mean IoU. Chosen by mean IoU, the goal's measure, it could report a Dice
+    above another member's where a model has several classes: IoU averages the classes present, Dice all)."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -534,10 +536,12 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
     for (_volume, _eps, name), members in groups.items():
         if name.startswith("medis_") and name != "medis_full" and len(members) < 2:
             continue
-        outcomes = [MemberOutcome(bool(m["success"]), float(m["adversarial_mean_iou"]), int(m["steps"]), float(m["linf_native"]),
-                                  float(m["l2_native"])) for m in members]
-        chosen = members[select_member(outcomes, goal_targeted=False, select="strongest" if name == "worst_case" else "least",
-                                       norm=norm)]
+        if name == "worst_case":
+            chosen = min(members, key=lambda m: (float(m["adversarial_dice"]), float(m["adversarial_mean_iou"])))
+        else:
+            outcomes = [MemberOutcome(bool(m["success"]), float(m["adversarial_mean_iou"]), int(m["steps"]),
+                                      float(m["linf_native"]), float(m["l2_native"])) for m in members]
+            chosen = members[select_member(outcomes, goal_targeted=False, select="least", norm=norm)]
         out.append({**chosen, "attack": name, "loss": chosen.get("member") or f"{chosen['attack']}:{chosen['loss']}",
                     "member": name})
     return out

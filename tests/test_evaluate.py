@@ -502,3 +502,15 @@ def test_evaluate_resume_runs_anew_where_a_file_or_the_model_changed_in_place(ti
     torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}, bundle / "models" / "model.pt")
     assert runner.invoke(app, args).exit_code == 0
     assert len([f for f in outcomes() if f not in second]) == 2  # retrained in place: both volumes anew
+
+
+def test_the_worst_case_row_is_the_member_with_the_lowest_dice():
+    """With two classes, member A erases one (mean Dice 0.500, mean IoU 0.500) and B damages both (Dice 0.571, IoU
+    0.400): the worst case was chosen by mean IoU and reported B's Dice, 0.571, above A's 0.500."""
+    from medis3d.study import fusion_rows
+
+    rows = [{"volume": "v", "eps": 0.03, "attack": "apgd", "loss": name, "member": f"apgd:{name}", "success": iou <= 0.5,
+             "adversarial_mean_iou": iou, "adversarial_dice": dice, "steps": 10, "linf_native": 8.0, "l2_native": 100.0}
+            for name, dice, iou in (("A", 0.5, 0.5), ("B", 4 / 7, 0.4))]
+    worst = next(r for r in fusion_rows(rows, None) if r["attack"] == "worst_case")
+    assert worst["loss"] == "apgd:A" and worst["adversarial_dice"] == 0.5
