@@ -331,7 +331,7 @@ class MedIS:
                 continue
             cls = ATTACKS[member.attack]
             if cls.early_stop or cls.minimal:  # its first (or least) success is the smallest budget it needs
-                out[name] = full.linf_native
+                out[name] = full.l2_native if self.norm == "l2" else full.linf_native  # in the budget's own norm
                 continue
             out[name], _ = smallest_budget(
                 functools.partial(self.run_member, member, goal=goal, volume=setting.volume, factor=setting.factor, bisect=False,

@@ -124,6 +124,16 @@ def test_fmn_searches_the_whole_budget_before_it_reports_a_failure(tiny_target, 
     assert MedIS(tiny_target, losses="ce", attacks="fmn", eps=30.0, eps_units="native", steps=10)(volume).chosen.success
 
 
+def test_eps50_under_an_l2_budget_is_an_l2_size(tiny_target, scan_file):
+    """IGSM's eps50 is the size of its first iterate to flip half the structure: under --norm l2 it was given as that
+    iterate's L-inf (a few hundred HU where its L2 is thousands)."""
+    volume = read_volume(scan_file)
+    result = MedIS(tiny_target, losses="ce", attacks="igsm", eps=20000.0, eps_units="native", step=2000.0, steps=15,
+                   norm="l2", min_eps=True)(volume)
+    eps50 = result.flip_budgets["eps50"]
+    assert eps50 is not None and 20000.0 >= eps50 > 4 * max(s.linf_native for s in result.members[0].trace)
+
+
 def test_dag_attacks_a_structure_of_under_one_percent_of_the_voxels(tiny_target, tmp_path):
     """DAG stops once almost every voxel that had to change has: it counted the whole volume, so a structure of
     under 1 % of the voxels (most organs, every small lesion) was done before it moved and DAG returned the clean
