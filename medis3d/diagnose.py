@@ -47,12 +47,14 @@ SWEEP = (2, 4, 8, 16, 32, 64)  # in 1/255 of the model's normalised intensity ra
 SWEEP_LIMIT = 64
 DOUBLING_TOLERANCE = 0.02
 RESTART_TOLERANCE = 0.02
+RESTART_SEED = 1000  # added to the run's seed for the restarts: apart from any member's own seed offset
 FD_TOLERANCE = 0.1  # relative error of the directional derivative
 DEFAULT_MEMBER = "apgd:masked_ce_balanced"
 QUERIES = 200  # the random search's forward passes where none are given (evaluate --diagnose gives none)
 # the checks' own version, in the settings a study keeps each diagnosis under: a diagnosis made by other checks is
-# run again (2: strongest iterates in the doubling, restarts and random search; finite differences with two steps)
-CHECKS_VERSION = 2
+# run again (2: strongest iterates in the doubling, restarts and random search; finite differences with two steps;
+# 3: restarts from random starts the member's own run did not draw)
+CHECKS_VERSION = 3
 
 
 @dataclass
@@ -189,8 +191,8 @@ class Diagnose:
         return int(np.count_nonzero(np.broadcast_to(np.asarray(self.region) != 0, volume.array.shape)))
 
     def _run(self, volume: Volume, reference: np.ndarray, eps: float, steps: int | None = None, member: Member | None = None,
-             strongest: bool = True):
-        medis = self._medis(eps, steps, member, strongest=strongest)
+             strongest: bool = True, seed: int | None = None):
+        medis = self._medis(eps, steps, member, seed=seed, strongest=strongest)
         setting = medis.prepare(volume, reference, clean_prediction=reference)
         result = medis.run_member(medis.members()[0], setting.budget, setting.goal, volume, setting.factor)
         return result, _mean_dice(self.target, result.prediction, reference), setting
@@ -264,21 +266,19 @@ class Diagnose:
         return Check("step_doubling", measured)
 
     def restart_check(self, volume: Volume, reference: np.ndarray, base_dice: float) -> Check:
-        options = dict(self.member.options) | {"restarts": self.restarts, "random_start": True}
-        member = Member("apgd", self.member.loss, tuple(sorted(options.items()))) if self.member.attack == "apgd" else self.member
-        if member.attack != "apgd":  # other attacks: independent runs with different seeds
-            dices = []
-            for seed in range(self.restarts):
-                medis = self._medis(self.eps, member=member, seed=seed + 1)
-                setting = medis.prepare(volume, reference, clean_prediction=reference)
-                r = medis.run_member(member, setting.budget, setting.goal, volume, setting.factor)
-                dices.append(_mean_dice(self.target, r.prediction, reference))
-            best = min(dices)
-        else:
-            _, best, _ = self._run(volume, reference, self.eps, member=member)
+        """The member from random starts its own run did not draw: APGD with as many restarts as it has (at least
+        ``restarts``), any other attack once from each of ``restarts`` random points (from the clean scan, which
+        most start at, a rerun with another seed repeated the run exactly and this check could not fire)."""
+        restarts = max(self.restarts, int(self.member.option("restarts") or 1)) if self.member.attack == "apgd" else self.restarts
+        options = dict(self.member.options) | {"random_start": True} | ({"restarts": restarts} if self.member.attack == "apgd" else {})
+        member = Member(self.member.attack, self.member.loss, tuple(sorted(options.items())))
+        # seeds apart from the white-box run's (self.seed + the member's own): its random start is not drawn again
+        runs = [RESTART_SEED] if member.attack == "apgd" else [RESTART_SEED + k for k in range(restarts)]
+        dices = [self._run(volume, reference, self.eps, member=member, seed=self.seed + seed)[1] for seed in runs]
+        best = min(dices)
         gain = base_dice - best
-        self.progress(f"restarts ({self.restarts}): Dice {base_dice:.3f} -> {best:.3f}")
-        measured = {"restarts": self.restarts, "dice": base_dice, "best_restart_dice": best, "gain": gain}
+        self.progress(f"restarts ({restarts} random starts): Dice {base_dice:.3f} -> {best:.3f}")
+        measured = {"restarts": restarts, "dice": base_dice, "best_restart_dice": best, "gain": gain}
         if gain > RESTART_TOLERANCE:
             return Check("restarts", measured, True, f"random restarts lowered Dice by {gain:.3f}: the single run is "
                          "stuck in a poor local optimum; use --restarts")

@@ -398,9 +398,9 @@ class MedIS:
         if first_success:
             stop = None if cls.minimal else True
         kwargs = {"gradient": member.option("gradient", "standard"), "transfer": member.option("transfer", 0.0),
-                  "stop_at_success": stop}
+                  "stop_at_success": stop, "random_start": member.option("random_start", False)}
         if member.attack == "apgd":
-            kwargs.update(random_start=member.option("random_start", False), restarts=member.option("restarts", 1),
+            kwargs.update(restarts=member.option("restarts", 1),
                           radii=RADII[member.option("radii", "none")], then=member.option("then"))
         if member.attack == "lowfreq" and member.option("factor"):
             kwargs["factor"] = member.option("factor")

@@ -5,7 +5,9 @@ A member is an optimiser (an attack) ascending a loss, with options, written
 with any loss (DAG brings its own). Options:
 
 * ``steps``, ``step``: this member's iterations and step size (``step`` in the units of ``--eps``);
-* ``random_start``, ``restarts``, ``radii`` (``sea``: 2, 1.5, 1 eps over 3:3:4 of the iterations): APGD's;
+* ``random_start``: any attack starts from a random point of the ball (seeded), not the clean scan (PGD always
+  does; the low-frequency attack's point is smooth like its steps);
+* ``restarts``, ``radii`` (``sea``: 2, 1.5, 1 eps over 3:3:4 of the iterations): APGD's;
 * ``then``: APGD's second loss: as many iterations again, ascending that loss from the member's strongest
   iterate so far (a chain, e.g. ``apgd:masked_spherical[then=js]``);
 * ``gradient`` (``standard`` or ``smooth``: BPDA for the whole preprocessing path), ``transfer`` (the

@@ -43,6 +43,22 @@ def test_attack_lowers_dice_within_budget_and_is_deterministic(tiny_target, scan
     assert np.array_equal(again.adversarial.array, result.adversarial.array)
 
 
+@pytest.mark.parametrize("attack", ["igsm", "fgsm", "adam", "fmn", "lowfreq", "dag"])
+def test_any_attack_starts_at_random_when_asked(tiny_target, scan_file, attack):
+    """``[random_start=1]`` on any attack: its first iterate is a random point of the ball (so diagnose's restarts
+    restart), drawn from the member's seed, and the budget holds."""
+    volume = read_volume(scan_file)
+
+    def run(options: str) -> MedIS:
+        member = f"{attack}{'' if attack == 'dag' else ':ce'}{options}"
+        return MedIS(tiny_target, members_spec=[member], eps=EPS, step=4 / 255, steps=2, select="strongest")(volume)
+
+    clean_start, random, again = run(""), run("[random_start=1]"), run("[random_start=1]")
+    assert random.members[0].trace[0].linf_native > 0 and clean_start.members[0].trace[0].linf_native == 0
+    assert np.array_equal(random.adversarial.array, again.adversarial.array)  # seeded
+    assert np.abs(random.adversarial.array - volume.array).max() <= random.eps_native + 1e-4
+
+
 @pytest.mark.parametrize("eps", [2000.0, 200.0])
 def test_l2_budget_holds(tiny_target, scan_file, eps):
     """The written int16 scan's perturbation stays inside the L2 ball: rounding each voxel to whole HU would

@@ -203,6 +203,20 @@ def test_step_doubling_doubles_a_members_own_iterations(tiny_target, scan_file):
     assert ran[0][0].option("steps") == 4 and ran[0][1] == 4 + 1  # four iterations and the start
 
 
+@pytest.mark.parametrize("member", ["igsm:ce", "apgd:ce[random_start=1]"])
+def test_the_restarts_start_where_the_members_own_run_did_not(tiny_target, scan_file, member):
+    """IGSM (like FGSM, Adam, DAG, FMN, the low-frequency attack) starts at the clean scan: its restarts, reruns with
+    other seeds, repeated the run exactly, gain 0.000, and the check could never fire; an APGD member with its own
+    random start drew the same start again in the check's first restart. Each restart now starts at a random point
+    of the ball the member's run did not draw."""
+    volume = read_volume(scan_file)
+    diagnose = Diagnose(tiny_target, member=member, eps=24 / 255, steps=3, restarts=1)
+    reference = tiny_target.predict(volume)
+    _, base_dice, _ = diagnose._run(volume, reference, diagnose.eps)
+    check = diagnose.restart_check(volume, reference, base_dice)
+    assert check.measured["best_restart_dice"] != base_dice
+
+
 def test_the_checks_compare_strongest_iterates_not_first_successes(tiny_target, scan_file):
     """Step doubling, restarts and random search compare Dice, so the member runs to its strongest iterate: stopped
     at its first success (as attack's least-perturbation fusion stops), a run that succeeds left the same Dice with

@@ -242,7 +242,7 @@ class Attack:
 
     def __init__(self, target: Target, loss: str, budget: Budget, goal: Goal, progress: ProgressFn | None = None, seed: int = 0,
                  gradient: str = "standard", transfer: float = 0.0, label: str | None = None,
-                 stop_at_success: bool | None = None):
+                 stop_at_success: bool | None = None, random_start: bool = False):
         from medis3d.losses import get_loss
 
         self.target, self.loss_name, self.budget, self.goal = target, loss, budget, goal
@@ -259,6 +259,7 @@ class Attack:
         # lowest Dice the attack reaches in the budget, for robustness curves)
         self.stop_at_success = self.early_stop if stop_at_success is None else bool(stop_at_success)
         self.keep_strongest = stop_at_success is False
+        self.use_random_start = bool(random_start)  # start from a random point of the ball (seeded), not the clean scan
 
     @property
     def label(self) -> str:
@@ -279,6 +280,9 @@ class Attack:
 
     def start(self, clean: torch.Tensor) -> torch.Tensor:
         return clean.clone()
+
+    def started_at(self, x: torch.Tensor) -> None:
+        """Where a random start put the first iterate (attacks that keep their own iterate take it from here)."""
 
     def random_start(self, clean: torch.Tensor, budget: Budget | None = None) -> torch.Tensor:
         """A uniform random point of the L-inf ball (L2: a random direction and radius), inside the valid range."""
@@ -347,6 +351,9 @@ class Attack:
         start = time.perf_counter()
         clean = torch.from_numpy(volume.array).to(self.target.device)
         x = self.start(clean)
+        if self.use_random_start:
+            x = self.random_start(clean)
+            self.started_at(x)
         keeper = self.keeper()
         trace: list[StepRecord] = []
         steps = self.budget.steps

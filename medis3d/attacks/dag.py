@@ -62,6 +62,9 @@ class DAG(Attack):
         self._off_at_start = None
         return clean.clone()
 
+    def started_at(self, x: torch.Tensor) -> None:
+        self._free = x.clone()
+
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
         if self._on_target >= ON_TARGET:
             return x

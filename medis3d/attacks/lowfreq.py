@@ -52,6 +52,16 @@ class LowFrequency(Attack):
         self._u = torch.zeros((clean.shape[0], *coarse), dtype=clean.dtype, device=clean.device)
         return clean.clone()
 
+    def random_start(self, clean: torch.Tensor, budget=None) -> torch.Tensor:
+        """A random coarse perturbation: uniform in the L-inf ball on the coarse grid (L2: a random direction and
+        radius on the scan), upsampled like every iterate."""
+        budget = budget or self.budget
+        u = (torch.rand(self._u.shape, generator=self.generator, dtype=clean.dtype).to(clean.device) * 2 - 1) * budget.eps
+        if budget.norm == "l2":
+            u = u * (budget.eps * float(torch.rand(1, generator=self.generator)) / max(self._scan_length(u, clean), 1e-12))
+        self._u = u
+        return budget.project(clean + self._expand(u, clean.shape[1:]), clean)
+
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
         region = self.budget._region(grad)
         if region is not None:
