@@ -267,6 +267,12 @@ def array_transform_class(name: str):
     return short, None
 
 
+# MONAI steps that clip or threshold intensities, whose own derivative is zero on the voxels they change: the
+# attack's gradient passes them straight through (BPDA); the label is what bundle check shows
+CLIPPING_STEPS = {"ClipIntensityPercentiles": "straight-through clip (percentiles held constant)",
+                  "ThresholdIntensity": "straight-through threshold"}
+
+
 def build_step(name: str, args: dict[str, Any]) -> Step | None:
     """A differentiable step for one transform of a bundle's preprocessing (None: done by our I/O)."""
     array_name, cls = array_transform_class(name)
@@ -308,6 +314,17 @@ def build_step(name: str, args: dict[str, Any]) -> Step | None:
             return _clamp(_t(x), _low, _high, exact=True)
 
         return Step(base, clipped, "straight-through clamp", invertible, kwargs | {"clip": True}, exact_fn=exact_clipped)
+    if base in CLIPPING_STEPS and not kwargs.get("sharpness_factor"):
+        # a hard clip or threshold (ClipIntensityPercentiles computes its percentiles in numpy above 1,000,000
+        # voxels, which cuts their gradient as well): straight-through, as ScaleIntensityRange's clip is, so a voxel
+        # clipped or replaced still feels the loss; its own derivative on the exact path
+        def passed(x, _t=transform):
+            out = _t(x)
+            value = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+            through = straight_through(x.as_tensor() if isinstance(x, MetaTensor) else x, value.to(x.dtype))
+            return MetaTensor(through, meta=out.meta, applied_operations=list(out.applied_operations)) if isinstance(out, MetaTensor) else through
+
+        return Step(base, passed, CLIPPING_STEPS[base], invertible, kwargs, exact_fn=transform)
     if base == "Spacing" and "pixdim" in kwargs:
         return Step(base, transform, "exact", invertible, kwargs, smooth_fn=_box_before_spacing(transform, kwargs["pixdim"]),
                     smooth="box average over the voxels each model voxel stands for")

@@ -212,3 +212,30 @@ def test_a_path_given_as_classes_is_told_where_label_files_go(tiny_target, tmp_p
     for given in (str(tmp_path), "labels/case1.nii.gz"):
         with pytest.raises(InputError, match="older name of --classes .*evaluate a dataset's with --labels FOLDER"):
             tiny_target.select_classes(given)
+
+
+@pytest.mark.parametrize("name, args", [("ClipIntensityPercentilesd", {"lower": 5, "upper": 95}),
+                                        ("ThresholdIntensityd", {"threshold": 50, "above": True, "cval": 0})])
+@pytest.mark.parametrize("size", [40, 102])  # 102^3 is past MONAI's 1,000,000-element switch to numpy percentiles
+def test_a_clip_or_threshold_step_passes_the_attacks_gradient_straight_through(name, args, size):
+    """MONAI's own derivative of a hard clip or threshold is zero on the voxels it changes (10 % and 50 % of them
+    here), and ClipIntensityPercentiles' percentiles carry none past 1,000,000 voxels; both were labelled "exact".
+    The attack's path passes them straight through (as ScaleIntensityRange's clip), with MONAI's values; the exact
+    path keeps their own derivative."""
+    from monai.data import MetaTensor
+
+    from medis3d.preprocessing import DifferentiablePreprocessing, array_transform_class, build_step
+
+    step = build_step(name, {"keys": "image", **args})
+    assert step is not None and step.gradient.startswith("straight-through")
+    preprocessing = DifferentiablePreprocessing([step])
+    x = torch.rand(1, size, size, size, generator=torch.Generator().manual_seed(0)) * 100
+    monai = torch.as_tensor(array_transform_class(name)[1](**args)(x.clone()))
+    reached = {}
+    for path in ("standard", "exact"):
+        leaf = MetaTensor(x.clone(), affine=torch.eye(4)).requires_grad_(True)
+        out = preprocessing(leaf, path)
+        assert torch.allclose(out.as_tensor().detach(), monai, atol=1e-4)
+        (grad,) = torch.autograd.grad(out.as_tensor().sum(), leaf)
+        reached[path] = float((grad != 0).float().mean())
+    assert reached["standard"] == 1.0 and reached["exact"] < 0.95
