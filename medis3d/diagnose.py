@@ -49,11 +49,12 @@ DOUBLING_TOLERANCE = 0.02
 RESTART_TOLERANCE = 0.02
 RESTART_SEED = 1000  # added to the run's seed for the restarts: apart from any member's own seed offset
 FD_TOLERANCE = 0.1  # relative error of the directional derivative
+HIDDEN_TOLERANCE = 0.05  # share of the model input's change from voxels the attack's gradient does not reach
 DEFAULT_MEMBER = "apgd:masked_ce_balanced"
 QUERIES = 200  # the random search's forward passes where none are given (evaluate --diagnose gives none)
 # the checks' own version, in the settings a study keeps each diagnosis under: a diagnosis made by other checks is
 # run again (2: strongest iterates in the doubling, restarts and random search; finite differences with two steps;
-# 3: restarts from random starts the member's own run did not draw)
+# 3: restarts from random starts the member's own run did not draw; the layer check moves the unreached voxels)
 CHECKS_VERSION = 3
 
 
@@ -407,10 +408,11 @@ class Diagnose:
             steps.append({"path": path, "fraction_of_scan_reached": float((grad != 0).float().mean()),
                           "first_order_change": predicted, "real_change_at_eps": real,
                           "ratio": real / predicted if predicted else None})
+        hidden = self._hidden_share(x, volume, budget, gen)
         per_step = []
         for step in self.target.preprocessing.steps:
             per_step.append({"transform": step.name, "gradient": step.gradient, "smooth_stand_in": step.smooth or None})
-        measured = {"paths": steps, "steps": per_step}
+        measured = {"paths": steps, "steps": per_step, "hidden_share": hidden}
         exact = steps[0]
         causes = []
         if exact["fraction_of_scan_reached"] < 0.5:
@@ -427,5 +429,35 @@ class Diagnose:
             intensity = [s.name for s in self.target.preprocessing.steps if "Intensity" in s.name or "Normalize" in s.name]
             causes.append(f"{', '.join(intensity) or 'the preprocessing'}: {misprediction(ratio)} at the attack's "
                           "budget (the attacker's gradient misleads it); try members with gradient=smooth")
+        masked = hidden is not None and hidden > HIDDEN_TOLERANCE
+        if masked:
+            causes.append(f"the attack's gradient is zero on voxels that make {hidden:.0%} of the model input's change under a "
+                          "random step: a preprocessing step masks it there (gradient treatments: "
+                          f"{', '.join(f'{s.name} {s.gradient}' for s in self.target.preprocessing.steps)})")
         self.progress("layers: " + ", ".join(f"{s['path']} reaches {s['fraction_of_scan_reached']:.0%}" for s in steps))
-        return Check("layers", measured, bool(causes) and ratio is not None and not 0.5 <= ratio <= 2.0, "; ".join(causes))
+        misleads = ratio is not None and not 0.5 <= ratio <= 2.0
+        return Check("layers", measured, bool(causes) and (misleads or masked), "; ".join(causes))
+
+    def _hidden_share(self, x: torch.Tensor, volume: Volume, budget: Budget, gen: torch.Generator) -> float | None:
+        """The share of the model input's change under a random step of the attack's size per voxel that comes from
+        the voxels the attack's gradient (the standard path) does not reach: near 0 where those voxels do not
+        move the input (a resampling skips them), large where a step masks their gradient. The first-order check
+        above moves only the voxels the gradient reaches, so it cannot see them. None where every voxel is reached."""
+        leaf = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            model_in = self.target.model_input(leaf, volume, "standard")
+            weights = (torch.rand(model_in.shape, generator=gen) * 2 - 1).to(model_in)
+            (grad,) = torch.autograd.grad((model_in * weights).sum(), leaf)
+        region = budget._region(grad)
+        inside = torch.ones_like(grad, dtype=torch.bool) if region is None else region != 0
+        unseen = (grad == 0) & inside
+        if not bool(unseen.any()):
+            return None
+        n = int(inside.sum())
+        size = budget.eps if budget.norm == "linf" else budget.eps / max(n, 1) ** 0.5  # per voxel
+        signs = (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1).to(x) * size * inside.to(x)
+        with torch.no_grad():
+            base = model_in.detach()
+            every = float((self.target.model_input(budget.project(x + signs, x), volume) - base).abs().sum())
+            hidden = float((self.target.model_input(budget.project(x + signs * unseen.to(x), x), volume) - base).abs().sum())
+        return hidden / every if every > 0 else None

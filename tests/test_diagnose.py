@@ -273,3 +273,28 @@ def test_a_members_own_step_keeps_the_units_it_was_given_in(tiny_target, scan_fi
         diagnose.scale = scale
         result, _, _ = diagnose._run(volume, reference, 24 / 255)  # the checks' budgets are normalised
         assert abs(result.linf_native - expected) < 1, (units, result.linf_native)  # whole HU (an int16 scan)
+
+
+def test_a_step_that_masks_the_gradient_on_some_voxels_is_flagged(tiny_target, scan_file):
+    """A preprocessing step whose values are exact but whose gradient is zero on half the voxels (as a hard clip
+    without a straight-through was): the first-order check moves only the voxels the gradient reaches, so it passed;
+    now the voxels it does not reach are moved on their own, and they make about half the model input's change."""
+    from medis3d.attacks import Budget
+    from medis3d.preprocessing import DifferentiablePreprocessing, Step
+
+    volume = read_volume(scan_file)
+    half = torch.zeros(volume.array.shape, dtype=torch.bool)
+    half[..., ::2] = True
+
+    def hide(x):
+        return torch.where(half, x, x.detach())
+
+    steps = [Step("HalfMasked", hide, "exact"), *tiny_target.preprocessing.steps]
+    masked = dataclasses.replace(tiny_target, preprocessing=DifferentiablePreprocessing(steps), notices=[])
+    scale, _ = tiny_target.intensity_scale(volume)
+    budget = Budget.for_volume(volume, 8 / 255 * scale, scale / 255, 4)
+    reference = tiny_target.predict(volume)
+    flagged = Diagnose(masked, eps=8 / 255).layers(volume, reference, budget)
+    assert flagged.flagged and flagged.measured["hidden_share"] > 0.3 and "masks it" in flagged.cause
+    honest = Diagnose(tiny_target, eps=8 / 255).layers(volume, reference, budget)
+    assert not honest.flagged and (honest.measured["hidden_share"] or 0.0) < 0.05
