@@ -327,8 +327,8 @@ def _print_summary(report: Mapping[str, Any]) -> None:
         + f"; mean IoU {clean['mean_iou']:.3f} -> {adv['mean_iou']:.3f}"
         + ("" if report["attack"]["reference"] == "label file" else " (reference = the model's clean prediction)")
     )
-    for notice in report["outputs"].get("notices", []):
-        console.print(f"[yellow]notice:[/yellow] {notice}")
+    for notice in report["target"].get("notices", []) + report["outputs"].get("notices", []):  # the model's (e.g. a
+        console.print(f"[yellow]notice:[/yellow] {notice}")  # memory plan's mixed precision), then the outputs'
     console.print(f"Outputs in {report['output_dir']} ({report['time_s']:.1f} s)")
 
 

@@ -280,3 +280,12 @@ def test_with_amp_a_member_stops_only_at_a_success_the_float32_model_confirms(ti
     result = MedIS(amp, members_spec=["igsm:ce", "pgd:ce"], eps=24 / 255, step=4 / 255, steps=6, success_threshold=0.9)(volume)
     for member in result.members:
         assert not member.success and len(member.trace) == 7, (member.name, [(s.score, s.success) for s in member.trace])
+
+
+def test_attack_prints_the_models_notices_with_the_outputs(tiny_bundle, scan_file, tmp_path):
+    """The model's notices (here --amp's: the search may be weaker in reduced precision; a memory plan that turns
+    on AMP gives the same) were kept in report.json but not shown with the outputs' own notices."""
+    result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--losses", "ce", "--steps", "1",
+                                 "--amp", "--out", str(tmp_path / "out")])
+    assert result.exit_code in (0, 1), result.output
+    assert "mixed precision" in result.output and "can be weaker" in result.output
