@@ -316,17 +316,15 @@ class WindowEngine:
     def input_gradient(self, x: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
         """Gradient with respect to ``x`` of ``sum(upstream * forward(x))``, exact, window by window."""
         with _window_stage():
-            grad = self._input_gradient(x, upstream)
-            if self.precision.resolve(x.device) == torch.float16 and not bool(torch.isfinite(grad).all()):
-                with self._in_float32():  # float16 overflowed at the upstream's scale: this gradient in float32
-                    grad = self._input_gradient(x, upstream)
-            return grad
+            return self._unless_overflowed(self._input_gradient(x, upstream), x, upstream)
 
-    @contextmanager
-    def _in_float32(self) -> Iterator[None]:
+    def _unless_overflowed(self, grad: torch.Tensor, x: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+        """``grad``, or where float16 overflowed at the upstream's scale, the same gradient taken in float32."""
+        if self.precision.resolve(x.device) != torch.float16 or bool(torch.isfinite(grad).all()):
+            return grad
         saved, self.precision = self.precision, Precision()
         try:
-            yield
+            return self.input_gradient(x, upstream)
         finally:
             self.precision = saved
 
@@ -379,10 +377,7 @@ class WindowEngine:
                 with _window_stage():
                     (grad,) = torch.autograd.grad(stitched, leaf, grad_outputs=upstream * scale)
             grad = grad / scale if scale != 1.0 else grad
-            if scale != 1.0 and not bool(torch.isfinite(grad).all()):  # float16 overflowed: the gradient in float32
-                with self._in_float32(), _window_stage():
-                    grad = self._input_gradient(x, upstream)
-            return stitched.detach(), loss.detach(), grad
+            return stitched.detach(), loss.detach(), self._unless_overflowed(grad, x, upstream)
         stitched = self.forward(x).requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(stitched)
