@@ -233,9 +233,10 @@ def pending(items: list[BatchItem], out_dir: Path, settings: str | None = None) 
 
 def settings_digest(target, config) -> str:
     """What a batch item's outcome depends on: the attack's configuration (but how many members share a pass,
-    which changes no outcome) and the model (:meth:`Target.fingerprint`, the windows, classes and precision)."""
+    which changes no outcome) and the model as :func:`medis3d.study.run_setting` gives it (its fingerprint, the
+    windows, classes and precision)."""
     from medis3d.cache import sha1_digest
     from medis3d.study import run_setting
 
     attack = {k: v for k, v in config.as_dict().items() if k != "together"}
-    return sha1_digest({"attack": attack, "model": target.fingerprint(), **run_setting(target)})
+    return sha1_digest({"attack": attack, **run_setting(target)})

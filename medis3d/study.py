@@ -252,9 +252,11 @@ def check_study_folder(out: Path) -> None:
 
 
 def run_setting(target: Target) -> dict:
-    """What of the target's run settings changes a member's outcome: the attacked classes, the windows (size,
-    overlap, blending) and mixed precision, as part of a study's cache key."""
-    setting: dict[str, Any] = {"inferer": {k: v for k, v in target.window.as_dict().items() if k != "sw_batch_size"}}
+    """What of the target changes a member's outcome: the model (:meth:`Target.fingerprint`: weights, preprocessing,
+    classes), the attacked classes, the windows (size, overlap, blending) and mixed precision, as part of a study's
+    cache key and a batch's settings."""
+    setting: dict[str, Any] = {"model": target.fingerprint(),
+                               "inferer": {k: v for k, v in target.window.as_dict().items() if k != "sw_batch_size"}}
     if target.attacked_classes:
         setting["classes"] = list(target.attacked_classes)
     if target.precision.enabled:
@@ -281,7 +283,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                       preset_step: bool = False) -> dict:
     cache = out / "cache"
     store = OutcomeCache(cache)
-    outcome_setting = {"target": f"{target.source}:{target.name}", "model": target.fingerprint(), "step": f"{step:.6g}", "steps": steps,
+    outcome_setting = {"target": f"{target.source}:{target.name}", "step": f"{step:.6g}", "steps": steps,
                        "eps_units": eps_units, "seed": seed, "success": success, "norm": norm, **run_setting(target)}
     if preset_step and (eps_units != "normalized" or norm == "l2"):
         # the preset's step means another size there than it did (MedIS.preset_step); elsewhere it is the step it was,
