@@ -270,11 +270,14 @@ class Diagnose:
         """The member from random starts its own run did not draw: APGD with as many restarts as it has (at least
         ``restarts``), any other attack once from each of ``restarts`` random points (from the clean scan, which
         most start at, a rerun with another seed repeated the run exactly and this check could not fire)."""
-        restarts = max(self.restarts, int(self.member.option("restarts") or 1)) if self.member.attack == "apgd" else self.restarts
-        options = dict(self.member.options) | {"random_start": True} | ({"restarts": restarts} if self.member.attack == "apgd" else {})
+        options = dict(self.member.options) | {"random_start": True}
+        if self.member.attack == "apgd":  # one run of its restarts
+            restarts = options["restarts"] = max(self.restarts, int(self.member.option("restarts") or 1))
+            runs = [RESTART_SEED]
+        else:  # one run a start
+            restarts, runs = self.restarts, [RESTART_SEED + k for k in range(self.restarts)]
         member = Member(self.member.attack, self.member.loss, tuple(sorted(options.items())))
         # seeds apart from the white-box run's (self.seed + the member's own): its random start is not drawn again
-        runs = [RESTART_SEED] if member.attack == "apgd" else [RESTART_SEED + k for k in range(restarts)]
         dices = [self._run(volume, reference, self.eps, member=member, seed=self.seed + seed)[1] for seed in runs]
         best = min(dices)
         gain = base_dice - best
@@ -394,12 +397,15 @@ class Diagnose:
         x = torch.from_numpy(volume.array).to(self.target.device)
         steps: list[dict[str, Any]] = []
         gen = torch.Generator().manual_seed(self.seed)
+        attack_path: tuple[torch.Tensor, torch.Tensor] | None = None  # the standard path's model input and gradient
         for path in ("exact", "standard", "smooth"):
             leaf = x.clone().requires_grad_(True)
             with torch.enable_grad():
                 model_in = self.target.model_input(leaf, volume, path)
                 weights = (torch.rand(model_in.shape, generator=gen) * 2 - 1).to(model_in)  # signed, as a loss gradient is
                 (grad,) = torch.autograd.grad((model_in * weights).sum(), leaf)
+            if path == "standard":
+                attack_path = model_in.detach(), grad
             move = budget.eps * budget.direction(grad)  # the attack's step: eps along the norm's steepest direction
             with torch.no_grad():
                 moved = self.target.model_input(x + move, volume)
@@ -408,7 +414,8 @@ class Diagnose:
             steps.append({"path": path, "fraction_of_scan_reached": float((grad != 0).float().mean()),
                           "first_order_change": predicted, "real_change_at_eps": real,
                           "ratio": real / predicted if predicted else None})
-        hidden = self._hidden_share(x, volume, budget, gen)
+        assert attack_path is not None
+        hidden = self._hidden_share(x, volume, budget, gen, *attack_path)
         per_step = []
         for step in self.target.preprocessing.steps:
             per_step.append({"transform": step.name, "gradient": step.gradient, "smooth_stand_in": step.smooth or None})
@@ -438,16 +445,13 @@ class Diagnose:
         misleads = ratio is not None and not 0.5 <= ratio <= 2.0
         return Check("layers", measured, bool(causes) and (misleads or masked), "; ".join(causes))
 
-    def _hidden_share(self, x: torch.Tensor, volume: Volume, budget: Budget, gen: torch.Generator) -> float | None:
+    def _hidden_share(self, x: torch.Tensor, volume: Volume, budget: Budget, gen: torch.Generator, model_in: torch.Tensor,
+                      grad: torch.Tensor) -> float | None:
         """The share of the model input's change under a random step of the attack's size per voxel that comes from
-        the voxels the attack's gradient (the standard path) does not reach: near 0 where those voxels do not
-        move the input (a resampling skips them), large where a step masks their gradient. The first-order check
-        above moves only the voxels the gradient reaches, so it cannot see them. None where every voxel is reached."""
-        leaf = x.clone().requires_grad_(True)
-        with torch.enable_grad():
-            model_in = self.target.model_input(leaf, volume, "standard")
-            weights = (torch.rand(model_in.shape, generator=gen) * 2 - 1).to(model_in)
-            (grad,) = torch.autograd.grad((model_in * weights).sum(), leaf)
+        the voxels the attack's gradient (``grad``, the standard path's at ``model_in``) does not reach: near 0 where
+        those voxels do not move the input (a resampling skips them), large where a step masks their gradient. The
+        first-order check moves only the voxels the gradient reaches, so it cannot see them. None where every voxel
+        is reached."""
         region = budget._region(grad)
         inside = torch.ones_like(grad, dtype=torch.bool) if region is None else region != 0
         unseen = (grad == 0) & inside
@@ -457,7 +461,6 @@ class Diagnose:
         size = budget.eps if budget.norm == "linf" else budget.eps / max(n, 1) ** 0.5  # per voxel
         signs = (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1).to(x) * size * inside.to(x)
         with torch.no_grad():
-            base = model_in.detach()
-            every = float((self.target.model_input(budget.project(x + signs, x), volume) - base).abs().sum())
-            hidden = float((self.target.model_input(budget.project(x + signs * unseen.to(x), x), volume) - base).abs().sum())
+            every = float((self.target.model_input(budget.project(x + signs, x), volume) - model_in).abs().sum())
+            hidden = float((self.target.model_input(budget.project(x + signs * unseen.to(x), x), volume) - model_in).abs().sum())
         return hidden / every if every > 0 else None
