@@ -27,9 +27,7 @@ class Adam(Attack):
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
         b1, b2 = BETAS
-        region = self.budget._region(grad)
-        if region is not None:
-            grad = grad * region
+        grad = self.budget.usable(grad, x)
         self._m = b1 * self._m + (1 - b1) * grad
         self._v = b2 * self._v + (1 - b2) * grad * grad
         self._v_max = torch.maximum(self._v_max, self._v)

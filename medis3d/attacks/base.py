@@ -32,6 +32,7 @@ class Request:
     x: torch.Tensor
     objective: Callable[[torch.Tensor], torch.Tensor] | None
     gradient: str = "standard"
+    clip: str = "towards"  # the clips' gradient (medis3d.bpda.clip_gradient): "exact" under an L2 budget
 
 
 Steps = Generator[Request, object, "MemberResult"]
@@ -42,7 +43,7 @@ def drive(steps: Steps, target: Target, volume: Volume) -> MemberResult:
     try:
         request = next(steps)
         while True:
-            request = steps.send(target.evaluate(request.x, volume, request.objective, gradient=request.gradient))
+            request = steps.send(target.evaluate(request.x, volume, request.objective, request.gradient, request.clip))
     except StopIteration as stop:
         return stop.value
 
@@ -82,12 +83,12 @@ def drive_together(members: Sequence[Steps], target: Target, volume: Volume, gro
     while pending:
         kinds: dict[tuple, list[int]] = {}
         for i, request in pending.items():
-            kinds.setdefault((request.objective is None, request.gradient), []).append(i)
-        for (_, gradient), indices in kinds.items():
+            kinds.setdefault((request.objective is None, request.gradient, request.clip), []).append(i)
+        for (_, gradient, clip), indices in kinds.items():
             for start in range(0, len(indices), size):
                 chunk = indices[start:start + size]
                 requests = [pending[i] for i in chunk]
-                answers = target.evaluate_many([r.x for r in requests], volume, [r.objective for r in requests], gradient)
+                answers = target.evaluate_many([r.x for r in requests], volume, [r.objective for r in requests], gradient, clip)
                 if log is not None:
                     log.passes += 1
                     log.sizes.append(len(chunk))
@@ -177,11 +178,21 @@ class Budget:
             delta = torch.clamp(delta, -self.eps, self.eps)
         return torch.clamp(clean + delta, self.low, self.high)
 
-    def direction(self, grad: torch.Tensor) -> torch.Tensor:
-        """The steepest-ascent direction of unit size for the norm: sign (L-inf) or grad/||grad|| (L2)."""
+    def usable(self, grad: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """``grad`` where a step may act: inside the region, and, with the iterate ``at``, without the components
+        that would push a voxel already at the valid range's bound further out (:meth:`project` would undo them,
+        and under L2 they would take their share of a step's length)."""
         region = self._region(grad)
         if region is not None:
             grad = grad * region
+        if at is not None:
+            grad = torch.where(((at <= self.low) & (grad < 0)) | ((at >= self.high) & (grad > 0)), 0.0, grad)
+        return grad
+
+    def direction(self, grad: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """The steepest-ascent direction of unit size for the norm: sign (L-inf) or grad/||grad|| (L2), of the
+        :meth:`usable` gradient at the iterate ``at``."""
+        grad = self.usable(grad, at)
         if self.norm == "l2":
             return grad / grad.norm().clamp_min(1e-12)
         return torch.sign(grad)
@@ -295,7 +306,7 @@ class Attack:
         return budget.project(clean + noise, clean)
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
-        return self.budget.project(x + self.budget.step * self.budget.direction(grad), clean)
+        return self.budget.project(x + self.budget.step * self.budget.direction(grad, x), clean)
 
     def evaluate(self, volume: Volume, x: torch.Tensor, objective=None, clean: torch.Tensor | None = None):
         """(A generator: ``yield from``.) The iterate as stored (inside the budget's ball around ``clean``), the
@@ -303,7 +314,7 @@ class Attack:
         stored = volume.quantise(x.cpu().numpy(), None if clean is None else clean.cpu().numpy(),
                                  None if clean is None else self.budget.eps, self.budget.norm)
         written = torch.from_numpy(stored).to(self.target.device)
-        evaluation = yield Request(written, objective, self._gradient_now)
+        evaluation = yield Request(written, objective, self._gradient_now, "exact" if self.budget.norm == "l2" else "towards")
         prediction = evaluation.segmentation
         score = self.goal.score(prediction)
         return written, evaluation, prediction, score, self.goal.succeeded(score)

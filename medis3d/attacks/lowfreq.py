@@ -63,9 +63,7 @@ class LowFrequency(Attack):
         return budget.project(clean + self._expand(u, clean.shape[1:]), clean)
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
-        region = self.budget._region(grad)
-        if region is not None:
-            grad = grad * region
+        grad = self.budget.usable(grad, x)
         u = self._u.detach().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad((self._expand(u, clean.shape[1:]) * grad).sum(), u)
