@@ -507,7 +507,7 @@ def masked_ce_balanced(activation: str) -> LossFn:
         mask = _still_to_change(logits, target, activation, targeted)
         voxel = _voxel_cross_entropy(logits, target, activation) * mask
         members = _class_members(target, logits, activation)
-        dims = tuple(range(1, members.ndim))
+        dims = tuple(range(members.ndim - (logits.ndim - 2), members.ndim))  # per class (and per sigmoid label)
         sizes = members.sum(dims)
         per_class = (members * voxel[None]).sum(dims) / sizes.clamp_min(1)
         present = (sizes > 0).to(per_class.dtype)
