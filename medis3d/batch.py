@@ -125,8 +125,8 @@ def _row_from(item: BatchItem, folder: Path) -> dict:
     clean, adv = report["clean"], report["adversarial"]
     mean = lambda d: sum(v for v in d.values() if v is not None) / max(1, sum(v is not None for v in d.values()))  # noqa: E731
     row.update(
-        clean_dice=round(mean(clean["dice"]), 6),
-        adversarial_dice=round(mean(adv["dice"]), 6),
+        clean_dice=round(clean["mean_dice"] if "mean_dice" in clean else mean(clean["dice"]), 6),
+        adversarial_dice=round(adv["mean_dice"] if "mean_dice" in adv else mean(adv["dice"]), 6),
         clean_mean_iou=round(clean["mean_iou"], 6),
         adversarial_mean_iou=round(adv["mean_iou"], 6),
         success=report["success"],

@@ -40,7 +40,7 @@ from medis3d.fusion import PAPER_STEP, MedIS
 from medis3d.io.volume import Volume
 from medis3d.losses import get_loss
 from medis3d.members import Member, parse_members
-from medis3d.metrics import dice_per_class
+from medis3d.metrics import mean_dice
 from medis3d.target import Target
 
 SWEEP = (2, 4, 8, 16, 32, 64)  # in 1/255 of the model's normalised intensity range (L2: the rms per voxel)
@@ -97,10 +97,7 @@ class Diagnosis:
 
 
 def _mean_dice(target: Target, prediction: np.ndarray, reference: np.ndarray) -> float:
-    ref = target.masks(reference)
-    present = ref.reshape(len(ref), -1).any(1)
-    values = np.asarray(dice_per_class(target.masks(prediction), ref))
-    return float(values[present].mean()) if present.any() else float(values.mean())
+    return mean_dice(target.masks(prediction), target.masks(reference))
 
 
 def misprediction(ratio: float) -> str:

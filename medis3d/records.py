@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import numpy as np
 
 from medis3d import threads
-from medis3d.metrics import dice_per_class, flipped_fraction, hd95_per_class, iou_per_class, mean_iou, smooth_mean_iou
+from medis3d.metrics import dice_per_class, flipped_fraction, hd95_per_class, iou_per_class, mean_dice, mean_iou, smooth_mean_iou
 from medis3d.report import SCHEMA, peak_memory_mb
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class TargetScores(TypedDict):
 
 class SegmentationRecord(TypedDict, total=False):
     dice: dict[str, float]
+    mean_dice: float  # over the classes present in the reference (one empty in both counts 1 in ``dice``, not here)
     iou: dict[str, float]
     mean_iou: float
     hd95: dict[str, float | None]  # the scan's diagonal where a class is empty in one only, None in both
@@ -153,6 +154,7 @@ def segmentation_record(target: Target, prediction: np.ndarray, reference: np.nd
     names = [target.class_name(c) for c in target.foreground_classes]
     return {
         "dice": dict(zip(names, dice_per_class(pm, rm))),
+        "mean_dice": mean_dice(pm, rm),
         "iou": dict(zip(names, iou_per_class(pm, rm))),
         "mean_iou": mean_iou(pm, rm),
         "hd95": dict(zip(names, hd95_per_class(pm, rm, spacing))),

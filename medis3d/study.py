@@ -27,7 +27,15 @@ from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
 from medis3d.io.outputs import check_folder_replaceable, check_output_folder, mark_folder, marked_by, output_lock, writing
 from medis3d.io.volume import make_names_unique, safe_name, scan_name
-from medis3d.metrics import confusion_counts, dice_per_class, flipped_fraction, hd95_per_class, mean_iou, perturbation_norms
+from medis3d.metrics import (
+    confusion_counts,
+    dice_per_class,
+    flipped_fraction,
+    hd95_per_class,
+    mean_dice,
+    mean_iou,
+    perturbation_norms,
+)
 from medis3d.progress import notify
 from medis3d.report import clean_json
 from medis3d.target import Target
@@ -63,7 +71,7 @@ class _VictimCase:
         t = self.victim.target
         prediction = t.predict(adversarial)
         return {"clean_dice": self.clean_dice,
-                "adversarial_dice": _mean(dice_per_class(t.masks(prediction), t.masks(self.reference)))}
+                "adversarial_dice": mean_dice(t.masks(prediction), t.masks(self.reference))}
 
 
 @dataclass
@@ -150,7 +158,8 @@ def member_row(target: Target, case: Case, member, eps: float, result, reference
     norms = perturbation_norms(result.adversarial - volume.array, scale)
     return {
         "volume": case.name, "member": member.name, "attack": member.attack, "loss": member.loss, "eps": eps,
-        "clean_dice": _mean(clean_d), "adversarial_dice": _mean(adv_d),
+        "clean_dice": mean_dice(target.masks(clean_pred), target.masks(reference)),
+        "adversarial_dice": mean_dice(target.masks(result.prediction), target.masks(reference)),
         "clean_dice_per_class": json.dumps(dict(zip(names, [round(v, 6) for v in clean_d]))),
         "adversarial_dice_per_class": json.dumps(dict(zip(names, [round(v, 6) for v in adv_d]))),
         "adversarial_hd95": _mean(hd95_per_class(target.masks(result.prediction), target.masks(reference), volume.spacing)),
@@ -163,12 +172,17 @@ def member_row(target: Target, case: Case, member, eps: float, result, reference
     }
 
 
+# what a cached row's figures mean: 2, mean Dice over the classes present in the reference (metrics.mean_dice)
+ROWS_VERSION = 2
+
+
 def _cache_key(case: Case, member, eps: float, setting: dict) -> dict:
-    """Everything a member's row at ``eps`` depends on: the member, the case's files (their paths and contents) and
-    ``setting`` (the model, its run settings, the step, steps, units, seed and success threshold)."""
+    """Everything a member's row at ``eps`` depends on: the member, the case's files (their paths and contents),
+    ``setting`` (the model, its run settings, the step, steps, units, seed and success threshold) and what the row's
+    figures mean (:data:`ROWS_VERSION`)."""
     files = {"image": str(case.image), "label": str(case.label or "")} | ({"mask": str(case.mask)} if case.mask else {})
     contents = {"contents": [files_digest(path) for path in files.values() if path]}
-    return {"member": member.name, "eps": f"{eps:.6g}", **files, **contents, **setting}
+    return {"member": member.name, "eps": f"{eps:.6g}", **files, **contents, **setting, "rows": ROWS_VERSION}
 
 
 def files_digest(path: str) -> str:
@@ -412,7 +426,7 @@ def _victim_case(victim: Victim, case: Case, volume) -> _VictimCase:
     t = victim.target
     clean = t.predict(volume)
     reference = read_segmentation(case.label, volume, t, "label") if case.label else clean
-    return _VictimCase(victim, reference, _mean(dice_per_class(t.masks(clean), t.masks(reference))))
+    return _VictimCase(victim, reference, mean_dice(t.masks(clean), t.masks(reference)))
 
 
 def _overview_file(cache: Path, case: Case) -> Path:
@@ -528,7 +542,8 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
     and over every member (``medis_full``), and the per-volume worst case over every member
     (``worst_case``: the member that leaves the lowest Dice, the figure a study reports, as SEA reports its
     ensemble by its own metric; ties by mean IoU. Chosen by mean IoU, the goal's measure, it could report a Dice
-    above another member's where a model has several classes: IoU averages the classes present, Dice all)."""
+    above another member's where a model has several classes. The volume counts as broken there when any member
+    broke it: the lowest-Dice member need not be a successful one, success being decided on mean IoU)."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -540,6 +555,7 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
             continue
         if name == "worst_case":
             chosen = min(members, key=lambda m: (float(m["adversarial_dice"]), float(m["adversarial_mean_iou"])))
+            chosen = {**chosen, "success": any(bool(m["success"]) for m in members)}
         else:
             outcomes = [MemberOutcome(bool(m["success"]), float(m["adversarial_mean_iou"]), int(m["steps"]),
                                       float(m["linf_native"]), float(m["l2_native"])) for m in members]
@@ -551,14 +567,19 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
 
 def _pooled_dice(options: dict[str, list[dict]], classes: list[str], choice: dict[str, int]) -> float:
     """The Dice of each class pooled over volumes (each volume's outcome ``choice[v]`` among ``options[v]``,
-    per-class ``[TP, FP, FN]`` counts), averaged over classes."""
-    values = []
+    per-class ``[TP, FP, FN]`` counts), averaged over the classes present in some volume's reference (as
+    :func:`medis3d.metrics.mean_dice`: a class in no reference is not one the model got right)."""
+    values, spurious = [], False
     for c in classes:
         tp = sum(options[v][i].get(c, [0, 0, 0])[0] for v, i in choice.items())
         fp = sum(options[v][i].get(c, [0, 0, 0])[1] for v, i in choice.items())
         fn = sum(options[v][i].get(c, [0, 0, 0])[2] for v, i in choice.items())
-        values.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0)
-    return float(np.mean(values)) if values else float("nan")
+        if tp + fn:
+            values.append(2 * tp / (2 * tp + fp + fn))
+        spurious |= fp > 0
+    if not values:
+        return 0.0 if spurious else 1.0
+    return float(np.mean(values))
 
 
 def greedy_worst_case(rows: list[dict]) -> dict[str, float]:

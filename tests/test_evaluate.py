@@ -514,3 +514,54 @@ def test_the_worst_case_row_is_the_member_with_the_lowest_dice():
             for name, dice, iou in (("A", 0.5, 0.5), ("B", 4 / 7, 0.4))]
     worst = next(r for r in fusion_rows(rows, None) if r["attack"] == "worst_case")
     assert worst["loss"] == "apgd:A" and worst["adversarial_dice"] == 0.5
+
+
+def test_the_worst_case_counts_a_volume_broken_when_any_member_broke_it():
+    """The lowest-Dice member need not be a successful one (success is decided on mean IoU): JS leaves Dice 0.550
+    (IoU 0.526, not broken), margin 0.620 (IoU 0.449, broken). The worst case reported a success rate of 0 where the
+    MedIS fusion reported 1."""
+    from medis3d.study import fusion_rows
+
+    rows = [{"volume": "v", "eps": 0.03, "attack": "apgd", "loss": name, "member": f"apgd:{name}", "success": iou <= 0.5,
+             "adversarial_mean_iou": iou, "adversarial_dice": dice, "steps": 10, "linf_native": 8.0, "l2_native": 100.0}
+            for name, dice, iou in (("js", 0.55, 0.526), ("margin", 0.62, 0.449))]
+    fused = {r["attack"]: r for r in fusion_rows(rows, None)}
+    assert fused["worst_case"]["loss"] == "apgd:js" and fused["worst_case"]["adversarial_dice"] == 0.55
+    assert fused["worst_case"]["success"] and fused["medis_full"]["success"]
+
+
+def test_a_class_absent_from_the_reference_is_not_a_class_the_model_got_right():
+    """Three foreground classes, only the first in the reference: a member that erases it left 'Dice 0.667' (the
+    two absent classes counted 1 each) in the member's row, the worst case and the greedy dataset figure. Dice is
+    now averaged over the classes present in the reference, as mean IoU is."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from medis3d.metrics import mean_dice
+    from medis3d.study import fusion_rows, greedy_worst_case, member_row
+
+    class Three:
+        foreground_classes = [1, 2, 3]
+
+        def class_name(self, c):
+            return f"class_{c}"
+
+        def masks(self, seg):
+            return np.stack([seg == c for c in self.foreground_classes])
+
+    ref = np.zeros((16, 16, 16), np.uint8)
+    ref[4:10, 4:10, 4:10] = 1
+    half = ref.copy()
+    half[4:10, 4:10, 4:7] = 0
+    volume = SimpleNamespace(array=np.zeros((1, 16, 16, 16), np.float32), spacing=(1.0, 1.0, 1.0))
+    rows = [member_row(Three(), SimpleNamespace(name="v"), SimpleNamespace(name=name, attack="apgd", loss=name), 0.03,
+                       SimpleNamespace(prediction=pred, adversarial=volume.array, success=True, steps=5, time_s=0.0),
+                       ref, ref, volume, 1.0)
+            for name, pred in (("erased", np.zeros_like(ref)), ("half", half))]
+    assert [r["adversarial_dice"] for r in rows] == [0.0, pytest.approx(2 / 3)] and rows[0]["clean_dice"] == 1.0
+    assert next(r for r in fusion_rows(rows, None) if r["attack"] == "worst_case")["adversarial_dice"] == 0.0
+    assert greedy_worst_case(rows)["0.03"] == 0.0
+    masks = Three().masks
+    assert mean_dice(masks(np.zeros_like(ref)), masks(np.zeros_like(ref))) == 1.0  # nothing to find, nothing found
+    assert mean_dice(masks(ref), masks(np.zeros_like(ref))) == 0.0
