@@ -46,16 +46,19 @@ def mean_iou(pred_masks: np.ndarray, ref_masks: np.ndarray) -> float:
 
 
 def smooth_mean_iou(pred_masks: np.ndarray, ref_masks: np.ndarray, smooth: float = 1.0) -> float:
-    """Mean over classes of ``(|P & R| + smooth) / (|P | R| + smooth)``.
+    """Mean of ``(|P & R| + smooth) / (|P | R| + smooth)`` over the classes present in the prediction or the
+    reference (a class empty in both says nothing of how close the two are: counted 1, it lifted a clean prediction
+    with no overlap to a targeted success on a model with two more classes); 1.0 when every class is empty in both.
 
-    Defined for every class, empty ones included, and graded: against an empty reference it is
-    ``1 / (|P| + 1)``, so an all-background target is reached only when the prediction is empty.
+    Graded: against an empty reference a class scores ``1 / (|P| + 1)``, so an all-background target is reached
+    only when the prediction is empty.
     """
     values = []
     for p, r in zip(pred_masks, ref_masks):
         inter = float(np.logical_and(p, r).sum())
         union = float(np.logical_or(p, r).sum())
-        values.append((inter + smooth) / (union + smooth))
+        if union:
+            values.append((inter + smooth) / (union + smooth))
     return float(np.mean(values)) if values else 1.0
 
 

@@ -106,3 +106,28 @@ def test_recorded_outcomes_select_as_live_members(select, targeted):
     index = select_member(live, goal_targeted=targeted, select=select)
     assert select_member(recorded, goal_targeted=targeted, select=select) == index
     assert index == {("least", False): 2, ("strongest", False): 3, ("least", True): 2, ("strongest", True): 1}[select, targeted]
+
+
+def test_a_targeted_goal_is_not_reached_by_classes_empty_in_both():
+    """Three foreground classes; the target puts class 1 where the clean prediction has none: the untouched clean
+    prediction scored 0.668 (classes 2 and 3, empty in both, counted 1 each) and was a targeted success at 0.45."""
+    from medis3d.attacks.base import Goal
+
+    class Three:
+        foreground_classes = [1, 2, 3]
+
+        def masks(self, seg):
+            return np.stack([seg == c for c in self.foreground_classes])
+
+        def loss_target(self, seg):
+            return seg
+
+    aim = np.zeros((16, 16, 16), np.uint8)
+    aim[2:8, 2:8, 2:8] = 1
+    clean = np.zeros_like(aim)
+    clean[10:14, 10:14, 10:14] = 1
+    goal = Goal(Three(), reference=clean, aim=aim)
+    assert goal.score(clean) == pytest.approx(1 / (216 + 64 + 1)) and not goal.succeeded(goal.score(clean))
+    assert goal.succeeded(goal.score(aim)) and goal.score(aim) == 1.0
+    background = Goal(Three(), reference=clean, aim=np.zeros_like(aim))  # an all-background target
+    assert background.score(clean) == pytest.approx(1 / 65) and background.score(np.zeros_like(aim)) == 1.0
