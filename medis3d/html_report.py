@@ -218,8 +218,8 @@ def study_verdict(summary: dict, units: str = "normalized") -> tuple[str, str]:
             + (f", {number(worst['mean_robust_dice'])} in the per-volume worst case" if worst else "") + f"; {reference}; "
             f"{stopping_words(summary)}.")
     if broken < n:
-        text += (" Not successful on every volume at this budget: try larger --eps, more --steps, --restarts 3 or "
-                 "--preset reliable before reading this as robustness.")
+        text += (" Not successful on every volume at this budget: try larger --eps, more --steps, --restarts 3 (APGD "
+                 "members) or --preset reliable before reading this as robustness.")
         return text, ""
     return text, "bad"
 
@@ -351,7 +351,7 @@ def verdict(report: Mapping[str, Any]) -> str:
     if report["success"]:
         return f"Attack succeeded ({measured}): member {sel['member']} after {sel['steps']} step(s), {budget}."
     return (f"Attack not successful at this budget ({measured}); the strongest member, {sel['member']}, used {budget}. "
-            "Try a larger --eps, more --steps, --restarts 3, or --preset reliable.")
+            "Try a larger --eps, more --steps, --restarts 3 (APGD members), or --preset reliable.")
 
 
 def attack_page(report: Mapping[str, Any], overview_png: bytes | None, histogram_png: bytes | None = None) -> str:

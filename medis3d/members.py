@@ -4,7 +4,8 @@ A member is an optimiser (an attack) ascending a loss, with options, written
 ``attack:loss[option=value,...]``, e.g. ``apgd:masked_ce[radii=sea,random_start=1]``. Any attack runs
 with any loss (DAG brings its own). Options:
 
-* ``steps``, ``step``: this member's iterations and step size (``step`` in the units of ``--eps``);
+* ``steps``, ``step``: this member's iterations and step size (``step`` in the units of ``--eps``; not APGD's,
+  which sets its own);
 * ``random_start``: any attack starts from a random point of the ball (seeded), not the clean scan (PGD always
   does; the low-frequency attack's point is smooth like its steps);
 * ``restarts``, ``radii`` (``sea``: 2, 1.5, 1 eps over 3:3:4 of the iterations): APGD's;
@@ -36,6 +37,16 @@ OPTIONS: dict[str, type] = {"steps": int, "step": float, "random_start": bool, "
                             "then": str, "gradient": str, "transfer": float, "factor": int, "seed": int}
 RADII = {"sea": ((2.0, 3), (1.5, 3), (1.0, 4)), "none": ((1.0, 1),)}
 GRADIENTS = ("standard", "smooth")
+# options only some attacks take (elsewhere they would show in the member's name and change nothing), and one APGD
+# does not (its step is 2 eps, halved as it goes)
+ONLY_FOR = {"restarts": ("apgd",), "radii": ("apgd",), "then": ("apgd",), "factor": ("lowfreq",)}
+NOT_FOR = {"step": ("apgd",)}
+# the values an option takes (what check_budget asks of --step and --steps)
+RANGES: dict[str, tuple[str, Any]] = {
+    "steps": ("at least 1", lambda v: v >= 1), "step": ("above 0", lambda v: v > 0),
+    "restarts": ("at least 1", lambda v: v >= 1), "transfer": ("from 0 to 1", lambda v: 0 <= v <= 1),
+    "factor": ("at least 1", lambda v: v >= 1),
+}
 
 
 def _value(key: str, text: str) -> Any:
@@ -73,7 +84,7 @@ class Member:
     @classmethod
     def parse(cls, text: str) -> Member:
         """``attack:loss[k=v,...]``, ``attack`` (an attack with its own loss, or an alias such as ``segpgd``)."""
-        text = text.strip()
+        text = given = text.strip()
         options: dict[str, Any] = {}
         if "[" in text:
             if not text.endswith("]"):
@@ -98,9 +109,16 @@ class Member:
             raise InputError(f"unknown attack {attack!r}; choose from: {', '.join(sorted(ATTACKS))} (or {', '.join(ALIASES)})")
         if attack not in OWN_LOSS and loss not in LOSSES:
             raise InputError(f"member {text!r}: unknown loss {loss!r}; choose from: {', '.join(LOSSES)}")
+        for key in options:
+            if key in ONLY_FOR and attack not in ONLY_FOR[key]:
+                raise InputError(f"member {given!r}: {key}= is {'/'.join(ONLY_FOR[key])}'s option; {attack} takes none")
+            if attack in NOT_FOR.get(key, ()):
+                raise InputError(f"member {given!r}: {attack} sets its own {key} (2 eps, halved as it goes)")
+            if key in RANGES and not RANGES[key][1](options[key]):
+                raise InputError(f"member {given!r}: {key} must be {RANGES[key][0]}, got {_shown(options[key])}")
         if options.get("radii", "none") not in RADII:
             raise InputError(f"member {text!r}: radii must be one of {', '.join(RADII)}")
-        if "then" in options and (attack != "apgd" or options["then"] not in LOSSES):
+        if "then" in options and options["then"] not in LOSSES:
             raise InputError(f"member {text!r}: then= takes a second loss for APGD ({', '.join(LOSSES)})")
         if options.get("gradient", "standard") not in GRADIENTS:
             raise InputError(f"member {text!r}: gradient must be one of {', '.join(GRADIENTS)}")

@@ -31,18 +31,25 @@ def _dice(target, pred, ref) -> float:
 
 # -- members --------------------------------------------------------------------------------------
 def test_member_names_round_trip_and_options_are_checked():
-    m = Member.parse("apgd:masked_ce[restarts=2,radii=sea,random_start=1,step=2/255]")
+    m = Member.parse("apgd:masked_ce[restarts=2,radii=sea,random_start=1,steps=40]")
     assert m.attack == "apgd" and m.loss == "masked_ce"
     assert m.option("restarts") == 2 and m.option("radii") == "sea" and m.option("random_start") is True
-    assert m.option("step") == pytest.approx(2 / 255)
+    assert m.option("steps") == 40
     assert Member.parse(m.name) == m  # the name is the member
+    assert Member.parse("pgd:ce[step=2/255]").option("step") == pytest.approx(2 / 255)
     assert Member.parse("segpgd") == Member("pgd", "segpgd")  # the old attack names are PGD with their loss
     assert Member.parse("dag").loss == "dag"
     assert [x.name for x in parse_members("apgd:ce[restarts=2,radii=sea],adam:cosine")] == [
         "apgd:ce[radii=sea,restarts=2]", "adam:cosine"]
     assert Member.parse("apgd:masked_spherical[then=js]").option("then") == "js"
     for bad in ("apgd:nope", "wobble:ce", "apgd:ce[speed=3]", "apgd:ce[radii=huge]", "apgd:ce[restarts=x]",
-                "apgd:ce[then=nope]", "pgd:ce[then=js]"):
+                "apgd:ce[then=nope]", "pgd:ce[then=js]",
+                # options that parsed and did nothing: only APGD restarts and reduces radii, only the low-frequency
+                # attack has cells, and APGD sets its own step (igsm:ce[restarts=4] ran as igsm:ce, named otherwise)
+                "igsm:ce[restarts=4]", "pgd:ce[radii=sea]", "apgd:ce[factor=4]", "apgd:ce[step=2/255]",
+                # values --step and --steps would refuse (a negative step descended the loss: mean IoU 0.978)
+                "igsm:ce[step=-2/255]", "igsm:ce[step=0]", "pgd:ce[steps=0]", "apgd:ce[restarts=0]",
+                "pgd:ce[transfer=1.5]", "lowfreq:ce[factor=0]"):
         with pytest.raises(InputError):
             Member.parse(bad)
     assert [x.name for x in product("igsm,cospgd", "ce,dice")] == ["igsm:ce", "igsm:dice", "pgd:cospgd"]
