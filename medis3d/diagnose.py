@@ -371,7 +371,9 @@ class Diagnose:
         return Check("finite_differences", measured, False, cause)
 
     def _culprit(self, volume: Volume, reference: np.ndarray) -> str:
-        """The network's own gradient checked the same way in model space: names it, or the preprocessing."""
+        """Where a gradient that disagrees with finite differences goes wrong: network layers that block or zero it,
+        else the network's own gradient checked the same way on one window in model space (a layer that hides part
+        of it, e.g. a custom backward), else the preprocessing."""
         from medis3d.bpda import gradient_flow
 
         with torch.no_grad():
@@ -384,7 +386,43 @@ class Diagnose:
             flow = {"blocked": [], "zero": []}
         if flow["blocked"] or flow["zero"]:
             return f"network layers that block or zero the gradient: {', '.join((flow['blocked'] + flow['zero'])[:5])}"
+        error = self._network_fd_error(window)
+        if error is not None and error > FD_TOLERANCE:
+            return (f"the network's own gradient misses finite differences on one window in model space by {error:.2g} "
+                    "(a layer hides part of it, e.g. a custom backward or a detached branch)")
         return "the network passes gradients; look at the preprocessing steps (layer check)"
+
+    def _network_fd_error(self, window: torch.Tensor) -> float | None:
+        """The network's gradient of a random signed weighting of its output, along +-1 on a random sample of the
+        window's voxels, against the central difference with steps of 1/255 of the model's input range (None where
+        the differences of steps 1/255 and 4/255 disagree: not a measurement at that scale)."""
+        network = self.target.network
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        leaf = window.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = network(leaf)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            weights = (torch.rand(out.shape, generator=gen) * 2 - 1).to(out)
+            (grad,) = torch.autograd.grad((out.float() * weights).sum(), leaf)
+        n = window.numel()
+        direction = torch.zeros(n)
+        sample = torch.randperm(n, generator=gen)[: min(self.fd_voxels, n)]
+        direction[sample] = (torch.randint(0, 2, (len(sample),), generator=gen) * 2 - 1).float()
+        direction = direction.reshape(window.shape).to(window)
+        span = float(window.max() - window.min()) or 1.0
+
+        def central(step: float) -> float:
+            with torch.no_grad():
+                plus, minus = network(window + step * direction), network(window - step * direction)
+                plus = plus[0] if isinstance(plus, (tuple, list)) else plus
+                minus = minus[0] if isinstance(minus, (tuple, list)) else minus
+                return float(((plus.float() - minus.float()) * weights).sum()) / (2 * step)
+
+        fine, coarse = central(span / 255), central(4 * span / 255)
+        if abs(fine - coarse) > FD_TOLERANCE * max(abs(fine), abs(coarse), 1e-12):
+            return None
+        predicted = float((grad * direction).sum())
+        return abs(predicted - fine) / max(abs(fine), abs(predicted), 1e-12)
 
     def layers(self, volume: Volume, reference: np.ndarray, budget: Budget) -> Check:
         """Per preprocessing step: the share of the scan its gradient reaches, and how well the gradient of the

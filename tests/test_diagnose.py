@@ -39,6 +39,25 @@ class Masked(torch.nn.Module):
         return self.network(_ZeroGradient.apply(x))
 
 
+class _HalfHidden(torch.autograd.Function):
+    """Identity forward; backward, no gradient on every other slice of the model input (a partly masking layer)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad[..., ::2] = 0
+        return grad
+
+
+class HalfMasked(Masked):
+    def forward(self, x):
+        return self.network(_HalfHidden.apply(x))
+
+
 def _checks(diagnosis) -> dict:
     return {c.name: c for c in diagnosis.checks}
 
@@ -298,3 +317,22 @@ def test_a_step_that_masks_the_gradient_on_some_voxels_is_flagged(tiny_target, s
     assert flagged.flagged and flagged.measured["hidden_share"] > 0.3 and "masks it" in flagged.cause
     honest = Diagnose(tiny_target, eps=8 / 255).layers(volume, reference, budget)
     assert not honest.flagged and (honest.measured["hidden_share"] or 0.0) < 0.05
+
+
+def test_a_network_that_hides_part_of_its_gradient_is_named_as_the_cause(tiny_target, scan_file):
+    """A layer inside the network that hides half the voxels' gradient (a custom backward): the finite differences
+    flag it (the gradient misses the real change by 1.3 along a random direction), and the cause named the
+    preprocessing ("the network passes gradients"): no layer's gradient is all zero, so the layer scan saw nothing.
+    The network's own gradient is now checked against finite differences on one window in model space."""
+    masked = dataclasses.replace(tiny_target, network=HalfMasked(tiny_target.network), notices=[])
+    volume = read_volume(scan_file)
+    check = Diagnose(masked, eps=8 / 255, fd_voxels=400).finite_differences(volume, masked.predict(volume))
+    assert check.flagged and "network's own gradient misses finite differences" in check.cause, check.cause
+    honest = Diagnose(tiny_target, eps=8 / 255, fd_voxels=400)
+    assert honest._network_fd_error(_window(tiny_target, volume)) < 0.1
+
+
+def _window(target, volume):
+    model_in = target.model_input(torch.from_numpy(volume.array), volume).as_tensor().detach()
+    roi = [min(int(r), int(s)) for r, s in zip(target.window.roi_size, model_in.shape[1:])]
+    return model_in[(None, slice(None)) + tuple(slice(0, r) for r in roi)].float()
