@@ -27,7 +27,8 @@ class InputRecord(TypedDict):
     shape: list[int]
     channels: int
     spacing: list[float]
-    stored_dtype: str
+    stored_dtype: str  # a scan given as one file per channel: its files' type, or their types comma-separated where they differ
+    stored_dtype_per_channel: list[str]
 
 
 class OutputsRecord(TypedDict):
@@ -168,8 +169,11 @@ def target_scores(target: Target, prediction: np.ndarray, aim: np.ndarray) -> Ta
 
 
 def input_record(volume: Volume) -> InputRecord:
+    dtypes = [str(d) for d in volume.stored_dtypes]
+    stored = str(volume.stored_dtype) if not volume.channel_volumes else ",".join(dict.fromkeys(dtypes))
     return {"path": str(volume.path), "format": volume.format, "shape": list(volume.spatial_shape),
-            "channels": volume.channels, "spacing": list(volume.spacing), "stored_dtype": str(volume.stored_dtype)}
+            "channels": volume.channels, "spacing": list(volume.spacing), "stored_dtype": stored,
+            "stored_dtype_per_channel": dtypes}
 
 
 def target_record(target: Target, result: MedISResult) -> TargetRecord:

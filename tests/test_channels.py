@@ -67,3 +67,20 @@ def test_four_d_nifti_and_bad_labels(two_channel_bundle, tmp_path):
     assert bad.exit_code == 2 and "tumour" in bad.output and not (tmp_path / "x").exists()
     wrong = runner.invoke(app, ["attack", str(tmp_path / "mc.nii.gz").replace("mc", "missing"), "--bundle", str(two_channel_bundle)])
     assert wrong.exit_code == 2
+
+
+def test_the_report_gives_each_channel_files_stored_type(tmp_path):
+    """A scan given as one file per channel is held as float32; the report said so (input.stored_dtype float32 for an
+    int16 t1 beside a float32 channel), and now gives each file's type."""
+    from medis3d.io import read_volume
+    from medis3d.records import input_record
+
+    t1, _ = synthetic_scan(1, shape=(32, 32, 32))
+    nib.save(nib.Nifti1Image(t1, SCAN_AFFINE), str(tmp_path / "t1.nii.gz"))
+    nib.save(nib.Nifti1Image(t1.astype(np.float32) * 0.01, SCAN_AFFINE), str(tmp_path / "small.nii.gz"))
+    both = input_record(read_volume(f"{tmp_path / 't1.nii.gz'},{tmp_path / 'small.nii.gz'}"))
+    assert both["stored_dtype"] == "int16,float32" and both["stored_dtype_per_channel"] == ["int16", "float32"]
+    alike = input_record(read_volume(f"{tmp_path / 't1.nii.gz'},{tmp_path / 't1.nii.gz'}"))
+    assert alike["stored_dtype"] == "int16" and alike["stored_dtype_per_channel"] == ["int16", "int16"]
+    one = input_record(read_volume(tmp_path / "t1.nii.gz"))
+    assert one["stored_dtype"] == "int16" and one["stored_dtype_per_channel"] == ["int16"]

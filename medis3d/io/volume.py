@@ -60,6 +60,13 @@ class Volume:
         """The per-channel source volumes of a scan given as one file per channel."""
         return self.meta.get("channel_volumes")
 
+    @property
+    def stored_dtypes(self) -> list[np.dtype]:
+        """How each channel is stored: its own file's type for a scan given as one file per channel."""
+        if self.channel_volumes:
+            return [v.stored_dtype for v in self.channel_volumes]
+        return [self.stored_dtype] * self.channels
+
     def storable_range(self) -> tuple[np.ndarray, np.ndarray]:
         """Lowest and highest native values the file's stored type can hold (broadcastable)."""
         if self.channel_volumes:
