@@ -201,3 +201,19 @@ def test_one_unit_is_shared_under_a_fixed_window(two_channel_bundle, tmp_path):
     assert np.asarray(budget.low).reshape(-1) == pytest.approx([s.min() for s in sources])
     assert np.asarray(budget.high).reshape(-1) == pytest.approx([s.max() for s in sources])
 
+
+def test_the_finite_differences_step_each_channels_own_range(two_channel_bundle, tmp_path):
+    """diagnose's finite differences step 1/255 of each channel's own range where the model sees the channels apart:
+    a step of the pooled 250/255 on the small channel was 100 times its own 1/255, and the gradient's sign direction
+    missed its central difference by 0.107 (flagged); stepping each channel's own 1/255 it misses by 0.0008."""
+    from medis3d.bundle import load_bundle
+    from medis3d.diagnose import Diagnose
+    from medis3d.io import read_volume
+
+    scan, sources = _apart_scan(tmp_path)
+    volume = read_volume(scan)
+    target = load_bundle(two_channel_bundle)
+    check = Diagnose(target, member="pgd:ce", fd_voxels=2000).finite_differences(volume, target.predict(volume))
+    assert check.measured["step_native_per_channel"] == pytest.approx([_own_range(s) / 255 for s in sources])
+    assert all(row["relative_error"] < 0.1 for row in check.measured["directions"]), check.measured["directions"]
+
