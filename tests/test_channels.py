@@ -217,3 +217,21 @@ def test_the_finite_differences_step_each_channels_own_range(two_channel_bundle,
     assert check.measured["step_native_per_channel"] == pytest.approx([_own_range(s) / 255 for s in sources])
     assert all(row["relative_error"] < 0.1 for row in check.measured["directions"]), check.measured["directions"]
 
+
+def test_a_studys_fusion_weighs_each_channels_own_share():
+    """evaluate's fusion picks the least perturbation in the budget's units: with a budget per channel, the
+    normalised sizes: a member that moved the small channel by all of its range (2.5 native) is not the least
+    perturbation beside one that moved t1 by 5, 0.02 of its range."""
+    from medis3d.study import fusion_rows
+
+    def row(member, linf_native, linf_normalized, per_channel=True):
+        return {"volume": "v", "eps": 8 / 255, "attack": "pgd", "loss": "ce", "member": member, "success": True,
+                "adversarial_mean_iou": 0.1, "adversarial_dice": 0.1, "steps": 3, "linf_native": linf_native,
+                "l2_native": 1.0, "linf_normalized": linf_normalized, "l2_normalized": 1.0,
+                **({"budget_per_channel": True} if per_channel else {})}
+
+    rows = [row("t1", 5.0, 0.02), row("small", 2.5, 1.0)]
+    chosen = next(r for r in fusion_rows(rows, None) if r["attack"] == "medis_full")
+    assert chosen["loss"] == "t1"
+    rows = [row("t1", 5.0, 0.02, False), row("small", 2.5, 1.0, False)]  # one native unit: as before
+    assert next(r for r in fusion_rows(rows, None) if r["attack"] == "medis_full")["loss"] == "small"
