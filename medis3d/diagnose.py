@@ -82,9 +82,10 @@ class Diagnosis:
     member: str
     eps: float
     norm: str = "linf"
-    eps_native: float | None = None  # the budget in the scan's units
+    eps_native: float | None = None  # the budget in the scan's units (the largest channel's)
     checks: list[Check] = field(default_factory=list)
     time_s: float = 0.0
+    eps_native_per_channel: list[float] | None = None  # each channel's, in its own units
 
     @property
     def flagged(self) -> bool:
@@ -92,8 +93,8 @@ class Diagnosis:
 
     def as_dict(self) -> dict:
         return {"schema": SCHEMA, "scan": self.scan, "member": self.member, "eps": self.eps, "norm": self.norm,
-                "eps_native": self.eps_native, "flagged": self.flagged, "checks": [c.as_dict() for c in self.checks],
-                "time_s": self.time_s}
+                "eps_native": self.eps_native, "eps_native_per_channel": self.eps_native_per_channel, "flagged": self.flagged,
+                "checks": [c.as_dict() for c in self.checks], "time_s": self.time_s}
 
 
 def _mean_dice(target: Target, prediction: np.ndarray, reference: np.ndarray) -> float:
@@ -159,6 +160,9 @@ class Diagnose:
         self.norm = norm
         self.region = region  # where the attacks may perturb (every check's budget), as --mask in attack
         self.scale = 1.0  # the model's intensity range in the scan's units, set per volume
+        # where the model sees a scan's channels in their own units and eps is a fraction of the range: each channel's
+        # range (C, 1, 1, 1), as the attacks' budget takes it (MedIS.prepare); None: one unit for every channel
+        self.apart: np.ndarray | None = None
         self.member = parse_members(member)[0]
         self.queries, self.restarts, self.fd_voxels = int(queries or QUERIES), int(restarts), int(fd_voxels)
         self.progress = progress or (lambda message: None)
@@ -179,8 +183,15 @@ class Diagnose:
                      norm=self.norm, stop_at_success=False if strongest else None)
 
     def _size(self, eps: float) -> str:
-        """A budget as the outputs state it: ``8/255``, or ``L2 4940`` (in the scan's units)."""
+        """A budget as the outputs state it: ``8/255``, or ``L2 4940`` (in the scan's units; with a budget per channel
+        ``L2 4 (fractions of each channel's range)``)."""
+        if self.norm == "l2" and self.apart is not None:
+            return f"L2 {eps:.4g} (fractions of each channel's range)"
         return f"L2 {eps * self.scale:.4g}" if self.norm == "l2" else f"{eps * 255:.3g}/255"
+
+    def _l2_native(self, eps: float) -> float:
+        """An L2 radius in the model's range in native units (with a budget per channel, the largest channel's)."""
+        return eps * (self.scale if self.apart is None else float(self.apart.max()))
 
     def _voxels(self, volume: Volume) -> int:
         """How many values the attacks may change (the region's, over every channel)."""
@@ -199,12 +210,16 @@ class Diagnose:
     def __call__(self, volume: Volume, reference: np.ndarray | None = None) -> Diagnosis:
         start = time.perf_counter()
         reference = self.target.predict(volume) if reference is None else reference
-        self.scale, _ = self.target.intensity_scale(volume)
+        scales = self.target.intensity_scales(volume)
+        self.scale = scales.scale
+        self.apart = scales.array() if self.eps_units == "normalized" else None
         if self.eps_units == "native":  # the checks' budgets in the model's range
             eps, step = self.given
             self.eps, self.step = eps / self.scale, None if step is None else step / self.scale
         base, base_dice, setting = self._run(volume, reference, self.eps)
-        diagnosis = Diagnosis(str(volume.path or volume.name), self.member.name, self.eps, self.norm, setting.budget.eps)
+        natives = np.broadcast_to(np.asarray(setting.budget.native(setting.budget.eps)).reshape(-1), (volume.channels,))
+        diagnosis = Diagnosis(str(volume.path or volume.name), self.member.name, self.eps, self.norm, float(natives.max()),
+                              eps_native_per_channel=[float(v) for v in natives])
         self.progress(f"white-box {self.member.name} at {self._size(self.eps)}: Dice {base_dice:.3f}")
         diagnosis.checks.append(self.eps_sweep(volume, reference))
         diagnosis.checks.append(self.step_doubling(volume, reference, base_dice))
@@ -224,7 +239,7 @@ class Diagnose:
         for e in SWEEP:
             eps = e / 255 * root_n if l2 else e / 255
             result, dice, _ = self._run(volume, reference, eps, strongest=False)  # success is all it needs
-            size: dict[str, Any] = {"rms_255": e, "l2_native": eps * self.scale} if l2 else {"eps_255": e}
+            size: dict[str, Any] = {"rms_255": e, "l2_native": self._l2_native(eps)} if l2 else {"eps_255": e}
             rows.append({**size, "dice": dice, "mean_iou": result.score, "success": result.success})
             label = f"{self._size(eps)} (rms {e}/255)" if l2 else f"{e}/255"
             self.progress(f"eps sweep {label}: Dice {dice:.3f}{' (success)' if result.success else ''}")
@@ -241,7 +256,7 @@ class Diagnose:
             return f"L2 {row['l2_native']:.4g}" if l2 else f"{row['eps_255']}/255"
 
         if broken is None:
-            limit = (f"L2 {SWEEP_LIMIT / 255 * root_n * self.scale:.4g} (the L2 ball holding the {SWEEP_LIMIT}/255 L-inf one)"
+            limit = (f"{self._size(SWEEP_LIMIT / 255 * root_n)} (the L2 ball holding the {SWEEP_LIMIT}/255 L-inf one)"
                      if l2 else f"{SWEEP_LIMIT}/255")
             return Check("eps_sweep", measured, True, f"no success by {limit}: the attack stops short, or the "
                          "model's preprocessing or a layer masks the gradient (see the layer and finite-difference checks)")
@@ -293,14 +308,17 @@ class Diagnose:
         gen = torch.Generator().manual_seed(self.seed)
 
         def value(x: torch.Tensor) -> tuple[float, np.ndarray]:
-            written = torch.from_numpy(volume.quantise(x.cpu().numpy(), volume.array, budget.eps, budget.norm)).to(self.target.device)
+            written = torch.from_numpy(volume.quantise(x.cpu().numpy(), volume.array, budget.eps, budget.norm,
+                                                       budget.scale)).to(self.target.device)
             ev = self.target.exact.evaluate(written, volume)  # the model in float32, whatever --amp says
             return float(loss(ev.scan_logits, aim)), ev.segmentation
 
         l2 = budget.norm == "l2"
         signs = (torch.randint(0, 2, (clean.shape[0], 1, 1, clean.shape[-1]), generator=gen) * 2 - 1).to(clean)
         amplitude = budget.eps / float(np.sqrt(self._voxels(volume))) if l2 else budget.eps  # L2: the stripes fill the ball
-        x = budget.project(clean + amplitude * signs.expand_as(clean), clean)  # vertical stripes, as Square attack starts
+        units = budget._scale(clean)  # a budget per channel: its sizes are each channel's own times its scale
+        stripes = amplitude * signs.expand_as(clean)
+        x = budget.project(clean + (stripes if units is None else stripes * units), clean)  # vertical stripes, as Square attack starts
         best, segmentation = value(x)
         shape = clean.shape[1:]
         for q in range(self.queries):
@@ -312,9 +330,10 @@ class Diagnose:
             sign = float(torch.randint(0, 2, (1,), generator=gen) * 2 - 1)
             if l2:  # the cube takes half the ball's length; project() scales the whole back onto the ball
                 cube = int(np.prod(side)) * clean.shape[0]
-                trial[window] = clean[window] + sign * budget.eps * float(np.sqrt(0.5 / cube))
+                size = sign * budget.eps * float(np.sqrt(0.5 / cube))
             else:
-                trial[window] = clean[window] + sign * budget.eps
+                size = sign * budget.eps
+            trial[window] = clean[window] + (size if units is None else size * units)
             trial = budget.project(trial, clean)
             v, seg = value(trial)
             if v > best:
@@ -341,8 +360,10 @@ class Diagnose:
         n = grad.numel()
         sample = torch.randperm(n, generator=gen)[: min(self.fd_voxels, n)]
         reached = grad.reshape(-1)[sample] != 0
-        scale, _ = self.target.intensity_scale(volume)
-        h = scale / 255  # one step of 1/255 of the intensity range
+        scales = self.target.intensity_scales(volume)
+        h = scales.scale / 255  # one step of 1/255 of the intensity range
+        apart = scales.array()  # the channels the model sees in their own units: of each channel's own range
+        unit = None if apart is None else torch.as_tensor(apart / scales.scale, dtype=grad.dtype, device=grad.device)
         rows: list[dict[str, Any]] = []
         for kind in ("random", "gradient sign"):
             direction = torch.zeros(n)
@@ -351,6 +372,8 @@ class Diagnose:
             else:
                 direction[sample] = torch.sign(grad.reshape(-1)[sample].cpu())
             direction = direction.reshape(grad.shape).to(grad)
+            if unit is not None:  # each channel's step 1/255 (4/255) of its own range
+                direction = direction * unit
             predicted = float((grad * direction).sum())
 
             def central(step: float, along: torch.Tensor) -> float:
@@ -365,6 +388,8 @@ class Diagnose:
                          "step_disagreement": abs(measured_fd - coarse) / max(abs(measured_fd), abs(coarse), 1e-12)})
         self.progress("finite differences: " + ", ".join(f"{r['direction']} {r['relative_error']:.2g}" for r in rows))
         measured = {"voxels": int(len(sample)), "fraction_reached": float(reached.float().mean()), "step_native": h, "directions": rows}
+        if apart is not None:
+            measured["step_native_per_channel"] = [float(v) / 255 for v in apart.reshape(-1)]
         flagged, cause = finite_difference_verdict(rows)
         if flagged:
             return Check("finite_differences", measured, True, cause + "; " + self._culprit(volume, reference))
@@ -499,6 +524,9 @@ class Diagnose:
         n = int(inside.sum())
         size = budget.eps if budget.norm == "linf" else budget.eps / max(n, 1) ** 0.5  # per voxel
         signs = (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1).to(x) * size * inside.to(x)
+        units = budget._scale(x)
+        if units is not None:  # a budget per channel: each channel's size in its own units
+            signs = signs * units
         with torch.no_grad():
             every = float((self.target.model_input(budget.project(x + signs, x), volume) - model_in).abs().sum())
             hidden = float((self.target.model_input(budget.project(x + signs * unseen.to(x), x), volume) - model_in).abs().sum())

@@ -25,7 +25,7 @@ from medis3d.io.volume import Volume
 from medis3d.losses import parse_losses
 from medis3d.members import RADII, Member, parse_members, product
 from medis3d.progress import MEMBERS, notify
-from medis3d.target import Target
+from medis3d.target import IntensityScales, Target
 
 if TYPE_CHECKING:
     from medis3d.memory import MemoryPlan
@@ -57,6 +57,70 @@ class MedISResult:
     together: dict | None = None  # members batched: passes taken, members per pass (largest, mean); None: one by one
     source: Volume | None = None  # the attacked scan (the caller's own object, not a copy)
     norm: str = "linf"  # the budget's norm: eps_native is the radius of an L-inf or an L2 ball
+    # a scan whose channels the model sees in their own units (Target.channels_apart): each channel's native units per
+    # unit of its normalised range (C, 1, 1, 1), and how each was found; None where one native unit is shared
+    channel_scale: np.ndarray | None = None
+    channel_notes: tuple[str, ...] | None = None
+    # the budget's own units (Budget.scale): eps and step in each channel's range, native per channel eps * scale;
+    # None: the budget is in native units (shared by every channel). eps_native is then the largest channel's
+    budget_scale: np.ndarray | None = None
+    budget_eps: float | None = None  # eps and the step in the budget's units (None: eps_native, step_native)
+    budget_step: float | None = None
+
+    def per_channel(self, value: float) -> list[float]:
+        """A size in the budget's units (eps, step, eps50 ...) in each channel's native units."""
+        channels = self.adversarial.channels
+        if self.budget_scale is None:
+            return [float(value)] * channels
+        return [float(value * s) for s in np.asarray(self.budget_scale, dtype=np.float64).reshape(-1)]
+
+    @property
+    def eps_native_per_channel(self) -> list[float]:
+        """The budget's radius in each channel's native units (the same number in each where eps is native)."""
+        return self.per_channel(self.eps_native if self.budget_eps is None else self.budget_eps)
+
+    @property
+    def native_per_normalized_per_channel(self) -> list[float]:
+        """Each channel's native units per unit of the model's normalised range (one shared value where it has one)."""
+        if self.channel_scale is None:
+            return [float(self.native_per_normalized)] * self.adversarial.channels
+        return [float(v) for v in np.asarray(self.channel_scale, dtype=np.float64).reshape(-1)]
+
+    @property
+    def normalization_per_channel(self) -> list[str]:
+        """How each channel's :attr:`native_per_normalized_per_channel` was found."""
+        if self.channel_notes is None:
+            return [self.scale_note] * self.adversarial.channels
+        return list(self.channel_notes)
+
+    @property
+    def step_native_per_channel(self) -> list[float]:
+        """The step in each channel's native units."""
+        return self.per_channel(self.step_native if self.budget_step is None else self.budget_step)
+
+    def normalized_sizes(self, delta: np.ndarray) -> tuple[float, float]:
+        """L-inf and L2 of a native perturbation in fractions of the model's intensity range: of each channel's own
+        where the model sees the channels apart (the largest channel's L-inf share, the L2 of ``delta / scale``)."""
+        from medis3d.metrics import perturbation_norms
+
+        norms = perturbation_norms(delta, self.native_per_normalized, self.channel_scale)
+        return norms["linf_normalized"], norms["l2_normalized"]
+
+    def member_normalized(self, m: MemberResult) -> tuple[float, float]:
+        """A member's L-inf and L2 in fractions of the model's intensity range (:meth:`normalized_sizes`)."""
+        if self.channel_scale is None or self.source is None:
+            return m.linf_native / self.native_per_normalized, m.l2_native / self.native_per_normalized
+        return self.normalized_sizes(m.adversarial.astype(np.float64) - self.source.array)
+
+    def flip_budget(self, value: float, unit: str) -> float:
+        """An eps50/eps90 (found in the budget's units) as reports give it: ``native`` (the largest channel's) or
+        ``normalized``."""
+        natives = self.per_channel(value)
+        if unit == "native":
+            return max(natives)
+        if self.channel_scale is None:
+            return max(natives) / self.native_per_normalized
+        return max(n / s for n, s in zip(natives, np.asarray(self.channel_scale, dtype=np.float64).reshape(-1)))
 
     @property
     def chosen(self) -> MemberResult:
@@ -82,6 +146,7 @@ class MedISResult:
             "linf_native": float(c.linf_native),
             "l2_native": float(c.l2_native),
             "eps_native": float(self.eps_native),
+            "eps_native_per_channel": self.eps_native_per_channel,
             "norm": self.norm,
             "step_native": float(self.step_native),
             "native_per_normalized": float(self.native_per_normalized),
@@ -154,6 +219,7 @@ class Setting:
     scale: float  # native units per unit of the model's normalised intensity range
     note: str
     clean_prediction: np.ndarray
+    scales: IntensityScales | None = None  # with each channel's own where the model sees them apart
 
 
 class Outcome(Protocol):
@@ -169,6 +235,10 @@ class Outcome(Protocol):
     def linf_native(self) -> float: ...
     @property
     def l2_native(self) -> float: ...
+    @property
+    def linf_scaled(self) -> float | None: ...  # in the budget's per-channel units (Budget.scale), where it has them
+    @property
+    def l2_scaled(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -180,6 +250,8 @@ class MemberOutcome:
     steps: int
     linf_native: float
     l2_native: float = 0.0
+    linf_scaled: float | None = None
+    l2_scaled: float | None = None
 
 
 def select_member(members: Sequence[Outcome], goal_targeted: bool, select: str = "least", norm: str = "linf") -> int:
@@ -189,13 +261,27 @@ def select_member(members: Sequence[Outcome], goal_targeted: bool, select: str =
         raise ValueError("no members to select from")
     better = (lambda s: -s) if goal_targeted else (lambda s: s)  # smaller key is better
 
-    def size(m: Outcome) -> tuple[float, float]:
-        return (m.l2_native, m.linf_native) if norm == "l2" else (m.linf_native, m.l2_native)
+    def size(m: Outcome) -> tuple[float, float]:  # in the budget's units: per channel where it has them
+        linf = m.linf_native if m.linf_scaled is None else m.linf_scaled
+        l2 = m.l2_native if m.l2_scaled is None else m.l2_scaled
+        return (l2, linf) if norm == "l2" else (linf, l2)
 
     successful = [i for i, m in enumerate(members) if m.success]
     if successful and select == "least":
         return min(successful, key=lambda i: (size(members[i])[0], members[i].steps, size(members[i])[1], better(members[i].score), i))
     return min(range(len(members)), key=lambda i: (better(members[i].score), *size(members[i]), i))
+
+
+def apart_note(scales: IntensityScales) -> str:
+    """The normalisation a report states for a scan whose channels the model sees in their own units."""
+    return "each channel's own range (the model sees the channels in their own units): " + "; ".join(scales.notes or ())
+
+
+def _size(result: MemberResult, norm: str) -> float:
+    """A member's perturbation in the budget's norm and units (per channel where the budget has them)."""
+    if norm == "l2":
+        return result.l2_native if result.l2_scaled is None else result.l2_scaled
+    return result.linf_native if result.linf_scaled is None else result.linf_scaled
 
 
 def smallest_budget(
@@ -268,8 +354,12 @@ class MedIS:
                 clean_prediction: np.ndarray | None = None) -> Setting:
         """What every member of this fusion shares on ``volume``: the goal, the budget in native units, and
         the clean prediction (computed unless given)."""
-        scale, note = self.target.intensity_scale(volume)
-        factor = scale if self.eps_units == "normalized" else 1.0
+        scales = self.target.intensity_scales(volume)
+        scale, note = scales.scale, scales.note
+        # channels the model sees in their own units, a budget in fractions of the range: eps and step are fractions of
+        # each channel's own (Budget.scale); --eps-units native applies them as given in every channel's own units
+        apart = scales.array() if self.eps_units == "normalized" else None
+        factor = scale if self.eps_units == "normalized" and apart is None else 1.0
         if clean_prediction is None:
             notify(self.progress, "phase", "clean prediction")
             clean_prediction = self.target.predict(volume)
@@ -278,9 +368,10 @@ class MedIS:
         goal = Goal(self.target, reference, aim, self.success_threshold)
         step = self.step * factor
         if self.preset_step:
-            step = self.eps * factor / 10 if self.norm == "l2" else min(self.step * scale, self.eps * factor)
-        budget = Budget.for_volume(volume, self.eps * factor, step, self.steps, region=self.region, norm=self.norm)
-        return Setting(volume, goal, budget, factor, scale, note, clean_prediction)
+            unit = scale if apart is None else 1.0  # the model's range in the budget's units
+            step = self.eps * factor / 10 if self.norm == "l2" else min(self.step * unit, self.eps * factor)
+        budget = Budget.for_volume(volume, self.eps * factor, step, self.steps, region=self.region, norm=self.norm, scale=apart)
+        return Setting(volume, goal, budget, factor, scale, note, clean_prediction, scales)
 
     def __call__(
         self, volume: Volume, reference: np.ndarray | None = None, target_mask: np.ndarray | str | None = None
@@ -289,6 +380,7 @@ class MedIS:
         torch.manual_seed(self.seed)
         setting = self.prepare(volume, reference, target_mask)
         goal, budget = setting.goal, setting.budget
+        apart = setting.scales if setting.scales is not None and setting.scales.per_channel is not None else None
         notify(self.progress, "phase", MEMBERS)
         members = self.run_members(self.members(), budget, goal, volume, setting.factor)
         selected = select_member(members, goal.targeted, self.select, self.norm)
@@ -305,21 +397,27 @@ class MedIS:
             clean_prediction=setting.clean_prediction,
             reference=goal.reference,
             aim=goal.aim,
-            eps_native=budget.eps,
-            step_native=budget.step,
-            native_per_normalized=setting.scale,
-            scale_note=setting.note,
+            eps_native=float(np.max(budget.native(budget.eps))),
+            step_native=float(np.max(budget.native(budget.step))),
+            native_per_normalized=setting.scale if apart is None else float(np.max(apart.per_channel or (setting.scale,))),
+            scale_note=setting.note if apart is None else apart_note(apart),
             threshold=float(cast(float, goal.threshold)),
             time_s=time.perf_counter() - start,
             flip_budgets=flips,
             together=self.together_log.as_dict() if self.together_log else None,
             source=volume,
             norm=self.norm,
+            channel_scale=None if apart is None else apart.array(),
+            channel_notes=None if apart is None else apart.notes,
+            budget_scale=budget.scale,
+            budget_eps=budget.eps,
+            budget_step=budget.step,
         )
 
     def flip_budgets(self, member: Member, setting: Setting) -> dict:
         """eps50 and eps90 of ``member``: the smallest budgets (bisection in ``(0, eps]``) at which it flips half and
-        nine tenths of the reference structure's voxels, in native units; None where ``eps`` does not reach it.
+        nine tenths of the reference structure's voxels, in the budget's units (native, or with a budget per channel
+        fractions of each channel's range: :meth:`MedISResult.flip_budget`); None where ``eps`` does not reach it.
         Each run stops at its first success whatever the selection: the strongest iterate of an attack whose
         perturbation grows step by step lies at the full budget, not where it first flipped that share."""
         out: dict[str, float | None] = {}
@@ -331,7 +429,7 @@ class MedIS:
                 continue
             cls = ATTACKS[member.attack]
             if cls.early_stop or cls.minimal:  # its first (or least) success is the smallest budget it needs
-                out[name] = full.l2_native if self.norm == "l2" else full.linf_native  # in the budget's own norm
+                out[name] = _size(full, self.norm)  # in the budget's own norm and units
                 continue
             out[name], _ = smallest_budget(
                 functools.partial(self.run_member, member, goal=goal, volume=setting.volume, factor=setting.factor, bisect=False,

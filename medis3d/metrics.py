@@ -82,17 +82,32 @@ def hd95_per_class(pred_masks: np.ndarray, ref_masks: np.ndarray, spacing: Seque
     return out
 
 
-def perturbation_norms(delta_native: np.ndarray, native_per_normalized: float) -> dict[str, float]:
-    """L-inf and L2 of a perturbation, in native units and in fractions of the model's intensity range."""
+def perturbation_norms(delta_native: np.ndarray, native_per_normalized: float,
+                       channel_scale: np.ndarray | None = None) -> dict[str, float]:
+    """L-inf and L2 of a perturbation, in native units and in fractions of the model's intensity range: of each
+    channel's own with ``channel_scale`` (native units per unit of each channel's range, ``(C, 1, 1, 1)``; a scan
+    whose channels the model sees in their own units): the largest channel's L-inf share, the L2 of ``delta / scale``."""
     delta = np.asarray(delta_native, dtype=np.float64)
     linf = float(np.abs(delta).max()) if delta.size else 0.0
     l2 = float(np.sqrt((delta**2).sum()))
+    if channel_scale is not None:
+        scaled = delta / np.asarray(channel_scale, dtype=np.float64)
+        return {"linf_native": linf, "l2_native": l2, "linf_normalized": float(np.abs(scaled).max()) if scaled.size else 0.0,
+                "l2_normalized": float(np.sqrt((scaled**2).sum()))}
     return {
         "linf_native": linf,
         "l2_native": l2,
         "linf_normalized": linf / native_per_normalized,
         "l2_normalized": l2 / native_per_normalized,
     }
+
+
+def channel_norms(delta_native: np.ndarray, native_per_normalized: Sequence[float]) -> dict[str, list[float]]:
+    """Each channel's L-inf, native and in fractions of its ``native_per_normalized`` (one per channel)."""
+    delta = np.abs(np.asarray(delta_native, dtype=np.float64)).reshape(len(delta_native), -1)
+    linf = [float(d.max()) if d.size else 0.0 for d in delta]
+    return {"linf_native_per_channel": linf,
+            "linf_normalized_per_channel": [v / float(s) for v, s in zip(linf, native_per_normalized)]}
 
 
 def flipped_fraction(target, prediction: np.ndarray, reference: np.ndarray) -> float:

@@ -27,7 +27,8 @@ class InputRecord(TypedDict):
     shape: list[int]
     channels: int
     spacing: list[float]
-    stored_dtype: str
+    stored_dtype: str  # a scan given as one file per channel: its files' type, or their types comma-separated where they differ
+    stored_dtype_per_channel: list[str]
 
 
 class OutputsRecord(TypedDict):
@@ -68,10 +69,14 @@ class AttackRecord(TypedDict):
     step: float
     steps: int
     eps_units: str
-    eps_native: float
+    eps_native: float  # the largest of eps_native_per_channel
+    eps_native_per_channel: list[float]  # each channel's radius in its own units
     step_native: float
-    native_per_normalized: float
+    step_native_per_channel: list[float]
+    native_per_normalized: float  # the largest of native_per_normalized_per_channel where the model sees channels apart
+    native_per_normalized_per_channel: list[float]
     normalization: str
+    normalization_per_channel: list[str]
     success_threshold: float
     success_metric: str
     reference: str  # "label file" or "clean prediction"
@@ -138,7 +143,7 @@ class AttackReport(TypedDict, total=False):
     attack: AttackRecord
     clean: SegmentationRecord
     adversarial: SegmentationRecord
-    perturbation: dict[str, float]
+    perturbation: dict[str, Any]  # floats, and for a scan of several channels each channel's L-inf (lists)
     flip_budgets: dict[str, float | None] | None
     success: bool
     selected: SelectedRecord
@@ -170,8 +175,11 @@ def target_scores(target: Target, prediction: np.ndarray, aim: np.ndarray) -> Ta
 
 
 def input_record(volume: Volume) -> InputRecord:
+    dtypes = [str(d) for d in volume.stored_dtypes]
+    stored = str(volume.stored_dtype) if not volume.channel_volumes else ",".join(dict.fromkeys(dtypes))
     return {"path": str(volume.path), "format": volume.format, "shape": list(volume.spatial_shape),
-            "channels": volume.channels, "spacing": list(volume.spacing), "stored_dtype": str(volume.stored_dtype)}
+            "channels": volume.channels, "spacing": list(volume.spacing), "stored_dtype": stored,
+            "stored_dtype_per_channel": dtypes}
 
 
 def target_record(target: Target, result: MedISResult) -> TargetRecord:
@@ -211,9 +219,13 @@ def attack_record(config: AttackConfig, medis: MedIS, result: MedISResult) -> At
         "steps": medis.steps,
         "eps_units": medis.eps_units,
         "eps_native": result.eps_native,
+        "eps_native_per_channel": result.eps_native_per_channel,
         "step_native": result.step_native,
+        "step_native_per_channel": result.step_native_per_channel,
         "native_per_normalized": result.native_per_normalized,
+        "native_per_normalized_per_channel": result.native_per_normalized_per_channel,
         "normalization": result.scale_note,
+        "normalization_per_channel": result.normalization_per_channel,
         "success_threshold": result.threshold,
         "success_metric": "smoothed mean IoU vs target over foreground classes >= threshold" if targeted
         else "mean IoU vs reference over foreground classes <= threshold",
@@ -225,15 +237,16 @@ def attack_record(config: AttackConfig, medis: MedIS, result: MedISResult) -> At
 
 def member_record(m: MemberResult, target: Target, result: MedISResult) -> MemberRecord:
     targeted = result.aim is not None
+    linf_normalized, l2_normalized = result.member_normalized(m)
     return {
         "member": m.name,
         "attack": m.attack,
         "loss": m.loss,
         "success": m.success,
         "steps": m.steps,
-        "linf_normalized": m.linf_native / result.native_per_normalized,
+        "linf_normalized": linf_normalized,
         "linf_native": m.linf_native,
-        "l2_normalized": m.l2_native / result.native_per_normalized,
+        "l2_normalized": l2_normalized,
         "l2_native": m.l2_native,
         "mean_iou": m.score if not targeted else None,
         "target_mean_iou": m.score if targeted else None,
@@ -246,9 +259,10 @@ def member_record(m: MemberResult, target: Target, result: MedISResult) -> Membe
 
 def selected_record(result: MedISResult) -> SelectedRecord:
     chosen = result.chosen
+    linf_normalized, l2_normalized = result.member_normalized(chosen)
     return {"member": chosen.name, "attack": chosen.attack, "loss": chosen.loss, "steps": chosen.steps,
-            "linf_normalized": chosen.linf_native / result.native_per_normalized, "linf_native": chosen.linf_native,
-            "l2_normalized": chosen.l2_native / result.native_per_normalized, "l2_native": chosen.l2_native}
+            "linf_normalized": linf_normalized, "linf_native": chosen.linf_native,
+            "l2_normalized": l2_normalized, "l2_native": chosen.l2_native}
 
 
 def attack_report(volume: Volume, target: Target, config: AttackConfig, medis: MedIS, result: MedISResult,
@@ -272,7 +286,7 @@ def attack_report(volume: Volume, target: Target, config: AttackConfig, medis: M
         "adversarial": adversarial,
         "perturbation": perturbation,
         "flip_budgets": None if result.flip_budgets is None else {
-            f"{k}_{unit}": (None if v is None else v / (result.native_per_normalized if unit == "normalized" else 1.0))
+            f"{k}_{unit}": (None if v is None else result.flip_budget(v, unit))
             for k, v in result.flip_budgets.items() for unit in ("native", "normalized")},
         "success": bool(success),
         "selected": selected_record(result),

@@ -150,12 +150,14 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def member_row(target: Target, case: Case, member, eps: float, result, reference, clean_pred, volume, scale) -> dict:
-    """One results.csv row: a member's outcome on one volume at one budget."""
+def member_row(target: Target, case: Case, member, eps: float, result, reference, clean_pred, volume, scale,
+               channel_scale: np.ndarray | None = None) -> dict:
+    """One results.csv row: a member's outcome on one volume at one budget (normalised sizes in each channel's own
+    range with ``channel_scale``, where the model sees the channels apart)."""
     names = [target.class_name(c) for c in target.foreground_classes]
     clean_d = dice_per_class(target.masks(clean_pred), target.masks(reference))
     adv_d = dice_per_class(target.masks(result.prediction), target.masks(reference))
-    norms = perturbation_norms(result.adversarial - volume.array, scale)
+    norms = perturbation_norms(result.adversarial - volume.array, scale, channel_scale)
     return {
         "volume": case.name, "member": member.name, "attack": member.attack, "loss": member.loss, "eps": eps,
         "clean_dice": mean_dice(target.masks(clean_pred), target.masks(reference)),
@@ -169,6 +171,8 @@ def member_row(target: Target, case: Case, member, eps: float, result, reference
         "flipped_fraction": flipped_fraction(target, result.prediction, reference),
         "counts": json.dumps(confusion_counts(target, result.prediction, reference)),
         **{k: norms[k] for k in ("linf_native", "l2_native", "linf_normalized", "l2_normalized")},
+        # the budget is in each channel's own range (Budget.scale): the fusion weighs the normalised sizes (not in the CSV)
+        **({"budget_per_channel": True} if getattr(result, "linf_scaled", None) is not None else {}),
     }
 
 
@@ -372,6 +376,9 @@ class _VolumeRun:
         self.target, self.case, self.store, self.setting = target, case, store, setting
         self.victims, self.together, self.stop_at_success = victims, together, stop_at_success
         self.volume = read_volume(case.image)
+        if self.volume.channels > 1:  # each channel's own valid range, and its own budget where the model sees them apart
+            apart = target.channels_apart(self.volume) and setting.get("eps_units") == "normalized"
+            self.setting = {**setting, "channel_budgets": "own range" if apart else "own valid range"}
         self.reference = read_segmentation(case.label, self.volume, target, "label") if case.label else None
         self.region = read_region(case.mask, self.volume) if case.mask else None
         self.clean_prediction: np.ndarray | None = None
@@ -413,8 +420,9 @@ class _VolumeRun:
         return [(result, setting) for result in results]
 
     def _row(self, member, eps: float, result, setting) -> dict:
+        scales = setting.scales.array() if setting.scales is not None else None
         row = member_row(self.target, self.case, member, eps, result, setting.goal.reference, setting.clean_prediction,
-                         self.volume, setting.scale)
+                         self.volume, setting.scale, scales)
         row["stop_at_success"] = bool(self.stop_at_success)
         adversarial = self.volume.with_array(result.adversarial)
         row["transfer"] = json.dumps(clean_json({vc.victim.name: vc.score(adversarial) for vc in self.victim_cases or []}))
@@ -558,7 +566,9 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
             chosen = {**chosen, "success": any(bool(m["success"]) for m in members)}
         else:
             outcomes = [MemberOutcome(bool(m["success"]), float(m["adversarial_mean_iou"]), int(m["steps"]),
-                                      float(m["linf_native"]), float(m["l2_native"])) for m in members]
+                                      float(m["linf_native"]), float(m["l2_native"]),
+                                      *((float(m["linf_normalized"]), float(m["l2_normalized"])) if m.get("budget_per_channel")
+                                        else (None, None))) for m in members]
             chosen = members[select_member(outcomes, goal_targeted=False, select="least", norm=norm)]
         out.append({**chosen, "attack": name, "loss": chosen.get("member") or f"{chosen['attack']}:{chosen['loss']}",
                     "member": name})

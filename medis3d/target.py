@@ -54,6 +54,30 @@ class Evaluation:
         return self.grad
 
 
+@dataclass(frozen=True)
+class IntensityScales:
+    """Native units per unit of the model's normalised intensity range: ``scale`` over the whole scan (``note``: how
+    it was found), and ``per_channel`` (with ``notes``, ``names``) where the model sees each channel in its own
+    units (:meth:`Target.channels_apart`); None where one native unit is shared by every channel."""
+
+    scale: float
+    note: str
+    per_channel: tuple[float, ...] | None = None
+    notes: tuple[str, ...] | None = None
+    names: tuple[str, ...] | None = None
+
+    def array(self) -> np.ndarray | None:
+        """``per_channel`` as a ``(C, 1, 1, 1)`` array that broadcasts over a scan (None where one unit is shared)."""
+        return None if self.per_channel is None else np.asarray(self.per_channel, dtype=np.float64).reshape(-1, 1, 1, 1)
+
+
+def channel_names(volume: Volume) -> list[str]:
+    """How outputs name ``volume``'s channels: each channel file's name, else ``channel 0``, ``channel 1`` ..."""
+    if volume.channel_volumes:
+        return [v.name for v in volume.channel_volumes]
+    return [f"channel {c}" for c in range(volume.channels)]
+
+
 @dataclass(frozen=True, eq=False)
 class Target:
     """A segmentation model as medis3d attacks it, with the settings of one run. Immutable: the model (network,
@@ -424,7 +448,39 @@ class Target:
         return digest.hexdigest()[:16]
 
     def intensity_scale(self, volume: Volume) -> tuple[float, str]:
-        """Native units that make 1.0 of the model's normalised intensity range, and how it was found."""
+        """Native units that make 1.0 of the model's normalised intensity range, and how it was found (over every
+        channel together: :meth:`intensity_scales` gives one per channel where the model normalises them apart)."""
+        return self._intensity_scale(volume.array)
+
+    def channels_apart(self, volume: Volume) -> bool:
+        """Whether the model sees each of ``volume``'s channels in its own units: a scan of several channels whose
+        first intensity step normalises each channel by its own statistics (``channel_wise``: NormalizeIntensity,
+        ScaleIntensityRangePercentiles, ScaleIntensity), or that has no intensity step (the network takes each
+        channel as its file holds it). A fixed ScaleIntensityRange window, or a step that pools its statistics over
+        the channels, maps every channel by one map: one native unit is shared."""
+        if volume.channels < 2:
+            return False
+        for step in self.preprocessing.steps:
+            a = step.args
+            if step.name == "ScaleIntensityRange" and a.get("a_max") is not None and a.get("a_min") is not None:
+                return False
+            if step.name in ("ScaleIntensityRangePercentiles", "NormalizeIntensity", "ScaleIntensity"):
+                return bool(a.get("channel_wise"))
+        return True
+
+    def intensity_scales(self, volume: Volume) -> IntensityScales:
+        """:meth:`intensity_scale`, and where the model sees the channels in their own units (:meth:`channels_apart`)
+        each channel's own, found the same way on that channel alone."""
+        scale, note = self._intensity_scale(volume.array)
+        if not self.channels_apart(volume):
+            return IntensityScales(scale, note)
+        names = channel_names(volume)
+        found = [self._intensity_scale(volume.array[c : c + 1], "the channel's") for c in range(volume.channels)]
+        return IntensityScales(scale, note, tuple(s for s, _ in found),
+                               tuple(f"{name}: {n}" for name, (_, n) in zip(names, found)), tuple(names))
+
+    def _intensity_scale(self, array: np.ndarray, whose: str = "the scan's") -> tuple[float, str]:
+        """:meth:`intensity_scale` of the voxels ``array`` (a scan, or one channel of it: ``whose``, in the note)."""
         for step in self.preprocessing.steps:
             a = step.args
             # the output range the window maps to; MONAI rescales to b_min..b_max only when both are given (None is
@@ -436,10 +492,10 @@ class Target:
                 return abs(span), f"ScaleIntensityRange window {a['a_min']}..{a['a_max']} -> {a.get('b_min', 0)}..{a.get('b_max', 1)}"
             if step.name == "ScaleIntensityRangePercentiles":
                 lo, hi = float(a.get("lower", 0.5)), float(a.get("upper", 99.5))
-                p_lo, p_hi = np.percentile(volume.array, [lo, hi])
+                p_lo, p_hi = np.percentile(array, [lo, hi])
                 if a.get("relative") and b_min is not None and b_max is not None:
                     span_b *= (hi - lo) / 100.0  # relative: the percentiles map to that share of b_min..b_max
                 span = abs(p_hi - p_lo) / (abs(span_b) or 1.0)
-                return float(max(span, 1e-6)), f"the scan's {lo}-{hi} percentile range {p_lo:.4g}..{p_hi:.4g} (ScaleIntensityRangePercentiles)"
-        p_lo, p_hi = np.percentile(volume.array, [0.5, 99.5])
-        return float(max(p_hi - p_lo, 1e-6)), f"the scan's 0.5-99.5 percentile range {p_lo:.4g}..{p_hi:.4g} (no fixed intensity window)"
+                return float(max(span, 1e-6)), f"{whose} {lo}-{hi} percentile range {p_lo:.4g}..{p_hi:.4g} (ScaleIntensityRangePercentiles)"
+        p_lo, p_hi = np.percentile(array, [0.5, 99.5])
+        return float(max(p_hi - p_lo, 1e-6)), f"{whose} 0.5-99.5 percentile range {p_lo:.4g}..{p_hi:.4g} (no fixed intensity window)"

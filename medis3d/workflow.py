@@ -33,12 +33,12 @@ from medis3d.io.outputs import (
     writing,
 )
 from medis3d.io.volume import Volume
-from medis3d.metrics import perturbation_norms
+from medis3d.metrics import channel_norms, perturbation_norms
 from medis3d.progress import notify
 from medis3d.records import AttackReport, OutputsRecord, attack_report
 from medis3d.report import SCHEMA, reset_peak_memory, write_json, write_overview
 from medis3d.signals import deferred
-from medis3d.target import Target
+from medis3d.target import Target, channel_names
 
 OUTPUT_FILES = (
     "adversarial.nii.gz",
@@ -253,7 +253,9 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         write_nifti(volume, stage / "perturbation.nii.gz", delta, dtype=np.float32, description=PERTURBATION_DESCRIPTION)
         _write_prediction(volume, target, stage, "prediction_clean", result.clean_prediction, options)
         _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options)
-        norms = perturbation_norms(delta, result.native_per_normalized)
+        norms: dict = perturbation_norms(delta, result.native_per_normalized, result.channel_scale)
+        if volume.channels > 1:  # each channel's own L-inf: with several, the budget's per channel (report.json)
+            norms |= channel_norms(delta, result.native_per_normalized_per_channel)
         outputs: OutputsRecord = {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format,
                                   "notices": _empty_reference_notices(target, result, options) + _budget_notices(result, medis)
                                   + _output_notices(volume, formats)}
@@ -318,8 +320,23 @@ L2_CONVERGED_STEPS = 100  # bench/l2.py: APGD-CE at L2 8000 on the 2 mm T1 left 
 
 
 def _budget_notices(result: MedISResult, medis: MedIS) -> list[str]:
-    """A notice when an L2 attack failed after fewer iterations than L2 attacks need (measured: they converge far more
-    slowly than L-inf ones, whose doubling from 50 to 100 moves Dice by 0.01)."""
+    """A notice when a native budget is applied to channels the model sees in their own units (the same number is a
+    different share of each channel's range), and when an L2 attack failed after fewer iterations than L2 attacks need
+    (measured: they converge far more slowly than L-inf ones, whose doubling from 50 to 100 moves Dice by 0.01)."""
+    return _native_channels_notice(result, medis) + _l2_notice(result, medis)
+
+
+def _native_channels_notice(result: MedISResult, medis: MedIS) -> list[str]:
+    if medis.eps_units != "native" or result.channel_scale is None:
+        return []
+    shares = ", ".join(f"{name} {medis.eps / scale * 255:.3g}/255" for name, scale in
+                       zip(channel_names(result.adversarial), result.native_per_normalized_per_channel))
+    return [f"--eps-units native: eps {medis.eps:.4g} applies as given in each channel's own units, which the model "
+            f"normalises apart: of each channel's range that is {shares}; --eps-units normalized gives every channel "
+            "the same share of its own range"]
+
+
+def _l2_notice(result: MedISResult, medis: MedIS) -> list[str]:
     if medis.norm != "l2" or result.success:
         return []
     fewest = min(int(m.option("steps") or medis.steps) for m in medis.members())  # a member's [steps=N] is its own

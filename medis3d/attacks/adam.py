@@ -28,6 +28,9 @@ class Adam(Attack):
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
         b1, b2 = BETAS
         grad = self.budget.usable(grad, x)
+        units = self.budget._scale(grad)
+        if units is not None:  # Adam on delta / scale (the budget's per-channel units): its gradient is grad * scale
+            grad = grad * units
         self._m = b1 * self._m + (1 - b1) * grad
         self._v = b2 * self._v + (1 - b2) * grad * grad
         self._v_max = torch.maximum(self._v_max, self._v)
@@ -38,4 +41,6 @@ class Adam(Attack):
         direction = m_hat / (scale + floor)
         if self.budget.norm == "l2":
             direction = direction / direction.norm().clamp_min(1e-12)
+        if units is not None:  # back to native units
+            direction = direction * units
         return self.budget.project(x + self.budget.step * direction, clean)

@@ -141,28 +141,61 @@ class Goal:
 
 @dataclass
 class Budget:
-    """Perturbation budget in native units (L-inf or L2 ball), step size, iterations, valid range."""
+    """Perturbation budget (L-inf or L2 ball), step size, iterations, valid range.
+
+    ``eps`` and ``step`` are in native units, or with ``scale`` (native units per unit of eps, one per channel,
+    ``(C, 1, 1, 1)``: a scan whose channels the model sees in their own units) in those units: the ball's geometry is
+    that of ``delta / scale``, so an L-inf eps is ``eps * scale`` in each channel's own units, an L2 ball bounds
+    ``||delta / scale||``, and steps, directions and sizes are taken there. ``low`` and ``high`` (the valid range)
+    are numbers, or per channel ``(C, 1, 1, 1)``."""
 
     eps: float
     step: float
     steps: int
-    low: float = -np.inf
-    high: float = np.inf
+    low: float | np.ndarray = -np.inf
+    high: float | np.ndarray = np.inf
     region: np.ndarray | None = None  # 0/1 mask broadcastable to (C, I, J, K): where changes may go
     norm: str = "linf"  # "linf" or "l2"
+    scale: np.ndarray | None = None  # (C, 1, 1, 1) native units per unit of eps and step; None: they are native
 
     @classmethod
     def for_volume(cls, volume: Volume, eps: float, step: float, steps: int, **options) -> Budget:
         """A budget in ``volume``'s units whose valid range is the scan's own intensity range within
-        what its stored type can hold (``options``: ``region``, ``norm``)."""
+        what its stored type can hold, each channel's own for a scan of several (``options``: ``region``, ``norm``,
+        ``scale``)."""
         low, high = volume.storable_range()
-        return cls(eps=eps, step=step, steps=int(steps), low=float(max(volume.array.min(), np.min(low))),
-                   high=float(min(volume.array.max(), np.max(high))), **options)
+        if volume.channels == 1:
+            return cls(eps=eps, step=step, steps=int(steps), low=float(max(volume.array.min(), np.min(low))),
+                       high=float(min(volume.array.max(), np.max(high))), **options)
+        flat = volume.array.reshape(volume.channels, -1)
+        lows = np.maximum(flat.min(1).astype(np.float64), _per_channel(low, volume.channels, np.min))
+        highs = np.minimum(flat.max(1).astype(np.float64), _per_channel(high, volume.channels, np.max))
+        return cls(eps=eps, step=step, steps=int(steps), low=lows.reshape(-1, 1, 1, 1), high=highs.reshape(-1, 1, 1, 1),
+                   **options)
 
     def _region(self, like: torch.Tensor) -> torch.Tensor | None:
         if self.region is None:
             return None
         return torch.as_tensor(self.region, dtype=like.dtype, device=like.device)
+
+    def _scale(self, like: torch.Tensor) -> torch.Tensor | None:
+        """``scale`` as a tensor beside ``like`` (None where eps is native)."""
+        if self.scale is None:
+            return None
+        return torch.as_tensor(self.scale, dtype=like.dtype, device=like.device)
+
+    def _bounds(self, like: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """``low`` and ``high`` as :func:`torch.clamp` takes them beside ``like``."""
+        if np.ndim(self.low) == 0 and np.ndim(self.high) == 0:
+            return float(self.low), float(self.high)
+        return (torch.as_tensor(np.broadcast_to(self.low, np.shape(self.high)) if np.ndim(self.low) == 0 else self.low,
+                                dtype=like.dtype, device=like.device),
+                torch.as_tensor(np.broadcast_to(self.high, np.shape(self.low)) if np.ndim(self.high) == 0 else self.high,
+                                dtype=like.dtype, device=like.device))
+
+    def native(self, value: float) -> float | np.ndarray:
+        """``value`` (a size in eps's units) in native units: itself, or one per channel ``(C, 1, 1, 1)``."""
+        return value if self.scale is None else value * np.asarray(self.scale, dtype=np.float64)
 
     def project(self, x: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         """Nearest point of the ball around ``clean`` (inside the region), clipped to the valid range."""
@@ -170,13 +203,21 @@ class Budget:
         region = self._region(delta)
         if region is not None:
             delta = delta * region
+        scale = self._scale(delta)
+        if scale is not None:
+            delta = delta / scale
         if self.norm == "l2":
             norm = delta.norm()
             if norm > self.eps:
                 delta = delta * (self.eps / norm)
         else:
             delta = torch.clamp(delta, -self.eps, self.eps)
-        return torch.clamp(clean + delta, self.low, self.high)
+        if scale is not None:
+            delta = delta * scale
+        low, high = self._bounds(delta)
+        if isinstance(low, torch.Tensor) and isinstance(high, torch.Tensor):  # per channel
+            return torch.clamp(clean + delta, low, high)
+        return torch.clamp(clean + delta, float(low), float(high))
 
     def usable(self, grad: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
         """``grad`` where a step may act: inside the region, and, with the iterate ``at``, without the components
@@ -186,19 +227,44 @@ class Budget:
         if region is not None:
             grad = grad * region
         if at is not None:
-            grad = torch.where(((at <= self.low) & (grad < 0)) | ((at >= self.high) & (grad > 0)), 0.0, grad)
+            low, high = self._bounds(at)
+            grad = torch.where(((at <= low) & (grad < 0)) | ((at >= high) & (grad > 0)), 0.0, grad)
         return grad
 
     def direction(self, grad: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
         """The steepest-ascent direction of unit size for the norm: sign (L-inf) or grad/||grad|| (L2), of the
-        :meth:`usable` gradient at the iterate ``at``."""
+        :meth:`usable` gradient at the iterate ``at``; with ``scale``, taken for ``delta / scale`` (the gradient
+        there is ``grad * scale``) and given in native units per unit of eps (times ``scale``)."""
         grad = self.usable(grad, at)
+        scale = self._scale(grad)
         if self.norm == "l2":
-            return grad / grad.norm().clamp_min(1e-12)
-        return torch.sign(grad)
+            if scale is None:
+                return grad / grad.norm().clamp_min(1e-12)
+            grad = grad * scale
+            return grad / grad.norm().clamp_min(1e-12) * scale
+        return torch.sign(grad) if scale is None else torch.sign(grad) * scale
 
     def size(self, delta: torch.Tensor) -> float:
+        """The size of ``delta`` (native) in the norm, in eps's units."""
+        scale = self._scale(delta)
+        if scale is not None:
+            delta = delta / scale
         return float(delta.norm()) if self.norm == "l2" else float(delta.abs().max())
+
+    def sizes(self, delta: torch.Tensor) -> tuple[float, float]:
+        """The L-inf and L2 sizes of ``delta`` (native) in eps's units."""
+        scale = self._scale(delta)
+        if scale is not None:
+            delta = delta / scale
+        return float(delta.abs().max()), float(delta.norm())
+
+
+def _per_channel(value, channels: int, reduce) -> np.ndarray:
+    """One number per channel of a bound that broadcasts over a scan (``reduce``: how a channel's values make one)."""
+    value = np.asarray(value, dtype=np.float64)
+    if value.ndim == 4 and value.shape[0] == channels:
+        return np.asarray([reduce(value[c]) for c in range(channels)], dtype=np.float64)
+    return np.full(channels, reduce(value), dtype=np.float64)
 
 
 @dataclass
@@ -227,6 +293,10 @@ class MemberResult:
     time_s: float = 0.0
     l2_native: float = 0.0
     member: str = ""  # the member's full name, with its options
+    # the sizes in the budget's units where it has one per channel (Budget.scale): L-inf and L2 of delta / scale, which
+    # the selection and the reports weigh; None where the budget is in native units (the native sizes are those)
+    linf_scaled: float | None = None
+    l2_scaled: float | None = None
 
     @property
     def name(self) -> str:
@@ -303,6 +373,9 @@ class Attack:
             noise = noise / noise.norm().clamp_min(1e-12) * budget.eps * float(torch.rand(1, generator=self.generator))
         else:
             noise = noise * budget.eps
+        scale = budget._scale(noise)
+        if scale is not None:  # drawn in eps's units: each channel's share of the ball in its own units
+            noise = noise * scale
         return budget.project(clean + noise, clean)
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
@@ -312,7 +385,7 @@ class Attack:
         """(A generator: ``yield from``.) The iterate as stored (inside the budget's ball around ``clean``), the
         evaluation there, its prediction, score and success."""
         stored = volume.quantise(x.cpu().numpy(), None if clean is None else clean.cpu().numpy(),
-                                 None if clean is None else self.budget.eps, self.budget.norm)
+                                 None if clean is None else self.budget.eps, self.budget.norm, self.budget.scale)
         written = torch.from_numpy(stored).to(self.target.device)
         evaluation = yield Request(written, objective, self._gradient_now, "exact" if self.budget.norm == "l2" else "towards")
         prediction = evaluation.segmentation
@@ -426,6 +499,7 @@ class BestIterate:
     def result(self, attack: Attack, clean: torch.Tensor, trace: list[StepRecord], time_s: float) -> MemberResult:
         assert self.best is not None
         t, written, prediction, score, success = self.best
+        scaled = attack.budget.sizes(written - clean) if attack.budget.scale is not None else (None, None)
         return MemberResult(
             attack=attack.name,
             loss=attack.label,
@@ -438,4 +512,6 @@ class BestIterate:
             trace=trace,
             time_s=time_s,
             l2_native=float((written - clean).norm()),
+            linf_scaled=scaled[0],
+            l2_scaled=scaled[1],
         )

@@ -68,6 +68,10 @@ class DAG(Attack):
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
         if self._on_target >= ON_TARGET:
             return x
+        units = self.budget._scale(grad)
+        if units is not None:  # the step of L-inf size ``step`` taken for delta / scale, in native units
+            grad = grad * units
         scale = grad.abs().max().clamp_min(1e-12)
-        self._free = self._free + self.budget.step * grad / scale
+        move = self.budget.step * grad / scale
+        self._free = self._free + (move if units is None else move * units)
         return self.budget.project(self._free, clean)

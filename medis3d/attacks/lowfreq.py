@@ -21,7 +21,8 @@ MODEL_VOXELS_PER_CELL = 2.0
 
 
 class LowFrequency(Attack):
-    """PGD (sign steps, L2 normalised steps) on a coarse grid; ``factor``: scan voxels per coarse cell."""
+    """PGD (sign steps, L2 normalised steps) on a coarse grid; ``factor``: scan voxels per coarse cell. The coarse
+    perturbation is kept in the budget's units (per channel, :attr:`Budget.scale`)."""
 
     name = "lowfreq"
     early_stop = False
@@ -40,6 +41,11 @@ class LowFrequency(Attack):
 
     def _expand(self, u: torch.Tensor, shape) -> torch.Tensor:
         return F.interpolate(u[None], size=tuple(shape), mode="trilinear", align_corners=True)[0]
+
+    def _native(self, delta: torch.Tensor) -> torch.Tensor:
+        """A perturbation in the budget's units (``u`` is kept in them) in native units: per channel times its scale."""
+        units = self.budget._scale(delta)
+        return delta if units is None else delta * units
 
     def _scan_length(self, u: torch.Tensor, clean: torch.Tensor) -> float:
         """The L2 length on the scan (inside the region) of the coarse perturbation ``u``."""
@@ -60,10 +66,13 @@ class LowFrequency(Attack):
         if budget.norm == "l2":
             u = u * (budget.eps * float(torch.rand(1, generator=self.generator)) / max(self._scan_length(u, clean), 1e-12))
         self._u = u
-        return budget.project(clean + self._expand(u, clean.shape[1:]), clean)
+        return budget.project(clean + self._native(self._expand(u, clean.shape[1:])), clean)
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
         grad = self.budget.usable(grad, x)
+        units = self.budget._scale(grad)
+        if units is not None:  # ``u`` is in the budget's units: the scan's change is expand(u) * scale
+            grad = grad * units
         u = self._u.detach().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad((self._expand(u, clean.shape[1:]) * grad).sum(), u)
@@ -79,4 +88,4 @@ class LowFrequency(Attack):
         else:
             u = (u.detach() + self.budget.step * torch.sign(g)).clamp(-self.budget.eps, self.budget.eps)
         self._u = u
-        return self.budget.project(clean + self._expand(u, clean.shape[1:]), clean)
+        return self.budget.project(clean + self._native(self._expand(u, clean.shape[1:])), clean)

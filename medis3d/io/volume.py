@@ -60,11 +60,20 @@ class Volume:
         """The per-channel source volumes of a scan given as one file per channel."""
         return self.meta.get("channel_volumes")
 
+    @property
+    def stored_dtypes(self) -> list[np.dtype]:
+        """How each channel is stored: its own file's type for a scan given as one file per channel."""
+        if self.channel_volumes:
+            return [v.stored_dtype for v in self.channel_volumes]
+        return [self.stored_dtype] * self.channels
+
     def storable_range(self) -> tuple[np.ndarray, np.ndarray]:
-        """Lowest and highest native values the file's stored type can hold (broadcastable)."""
+        """Lowest and highest native values the file's stored type can hold (broadcastable); for a scan given as one
+        file per channel, each channel's own file's, ``(C, 1, 1, 1)``."""
         if self.channel_volumes:
             ranges = [v.storable_range() for v in self.channel_volumes]
-            return np.min([np.min(r[0]) for r in ranges]), np.max([np.max(r[1]) for r in ranges])
+            return (np.asarray([np.min(r[0]) for r in ranges], np.float64).reshape(-1, 1, 1, 1),
+                    np.asarray([np.max(r[1]) for r in ranges], np.float64).reshape(-1, 1, 1, 1))
         if not self.is_integer:
             info = np.finfo(np.float32)
             return np.asarray(info.min), np.asarray(info.max)
@@ -75,17 +84,22 @@ class Volume:
         return np.minimum(*ends), np.maximum(*ends)
 
     def quantise(self, array: np.ndarray, clean: np.ndarray | None = None, eps: float | None = None,
-                 norm: str = "linf") -> np.ndarray:
+                 norm: str = "linf", scale: np.ndarray | None = None) -> np.ndarray:
         """Native values as the file will hold them: rounded to the stored type and clipped. With ``clean`` and
         ``eps`` the stored perturbation stays within the ball of ``norm`` around ``clean``: L-inf, a value that
         rounding would take out of the ball is rounded toward ``clean`` instead; L2, where rounding lengthens the
         perturbation past ``eps`` (each voxel by up to half a stored step), the longest shorter perturbation along
-        the same direction that still fits once stored."""
+        the same direction that still fits once stored. ``eps`` is in native units, or with ``scale`` (native units
+        per unit of eps, broadcastable: one per channel, ``(C, 1, 1, 1)``) in those units: each channel's L-inf
+        ball is ``eps * scale`` of its own, the L2 ball that of ``(stored - clean) / scale``."""
         if norm == "l2" and clean is not None and eps is not None:
-            return self._quantise_l2(np.asarray(array, dtype=np.float64), np.asarray(clean, dtype=np.float64), float(eps))
+            return self._quantise_l2(np.asarray(array, dtype=np.float64), np.asarray(clean, dtype=np.float64), float(eps),
+                                     None if scale is None else np.asarray(scale, dtype=np.float64))
         array = np.asarray(array, dtype=np.float64)
-        if self.channel_volumes:  # each channel as its own file stores it
-            return np.stack([v.quantise(array[c : c + 1], None if clean is None else clean[c : c + 1], eps)[0]
+        if eps is not None and scale is not None:  # each channel's own ball, in native units
+            eps = np.asarray(eps, np.float64) * np.asarray(scale, np.float64)  # type: ignore[assignment]
+        if self.channel_volumes:  # each channel as its own file stores it, in its own ball
+            return np.stack([v.quantise(array[c : c + 1], None if clean is None else clean[c : c + 1], _channel(eps, c))[0]
                              for c, v in enumerate(self.channel_volumes)])
         if not self.is_integer:
             return array.astype(np.float32)
@@ -99,14 +113,16 @@ class Volume:
         stored = np.clip(stored, info.min, info.max)
         return (stored * slope + intercept).astype(np.float32)
 
-    def _quantise_l2(self, array: np.ndarray, clean: np.ndarray, eps: float) -> np.ndarray:
-        """:meth:`quantise` inside the L2 ball: the stored perturbation's length grows with its scale (each voxel's
-        rounded change does), so the largest scale of ``array - clean`` whose stored form fits is found by bisection."""
+    def _quantise_l2(self, array: np.ndarray, clean: np.ndarray, eps: float, units: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`quantise` inside the L2 ball (of ``(stored - clean) / units`` with ``units``): the stored
+        perturbation's length grows with its scale (each voxel's rounded change does), so the largest scale of
+        ``array - clean`` whose stored form fits is found by bisection."""
         delta = array - clean
 
         def stored(scale: float) -> tuple[np.ndarray, float]:
             values = self.quantise(clean + scale * delta)
-            return values, float(np.linalg.norm(values.astype(np.float64) - clean))
+            change = values.astype(np.float64) - clean
+            return values, float(np.linalg.norm(change if units is None else change / units))
 
         values, length = stored(1.0)
         if length <= eps:
@@ -134,6 +150,13 @@ class Volume:
         intercept = np.asarray(self.intercept, dtype=np.float64)
         stored = np.clip(np.rint((np.asarray(array, np.float64) - intercept) / slope), info.min, info.max)
         return stored.astype(self.stored_dtype)
+
+
+def _channel(eps, c: int):
+    """Channel ``c``'s entry of an L-inf radius: ``eps`` itself where it is one for every channel."""
+    if eps is None or np.ndim(eps) == 0:
+        return eps
+    return float(np.asarray(eps).reshape(-1)[c])
 
 
 def scan_name(path: Path | str) -> str:
