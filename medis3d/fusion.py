@@ -35,6 +35,16 @@ PAPER_STEPS = 10
 PAPER_EPS = 10 / 255
 
 
+def _sizes_its_own_success(member: Member) -> bool:
+    """Whether ``member``'s first success is already the smallest budget it needs, so --min-eps and eps50 / eps90
+    take its size rather than bisect: a minimal-norm search, or an attack whose perturbation grows step by step
+    from the clean scan (IGSM, DAG). From a random start (``random_start=1``) the first iterate already fills the
+    ball: its first success measured about eps whatever the member needed (igsm:margin[random_start=1] eps50
+    63.75/255 at 64/255, where it succeeds at 40/255), so it is bisected as a fixed-budget attack is."""
+    cls = ATTACKS[member.attack]
+    return cls.minimal or (cls.early_stop and not member.option("random_start", False))
+
+
 @dataclass
 class MedISResult:
     """Fusion outcome: the adversarial volume, the chosen member, and every member."""
@@ -427,8 +437,7 @@ class MedIS:
             if not full.success:
                 out[name] = None
                 continue
-            cls = ATTACKS[member.attack]
-            if cls.early_stop or cls.minimal:  # its first (or least) success is the smallest budget it needs
+            if _sizes_its_own_success(member):  # its first (or least) success is the smallest budget it needs
                 out[name] = _size(full, self.norm)  # in the budget's own norm and units
                 continue
             out[name], _ = smallest_budget(
@@ -512,8 +521,7 @@ class MedIS:
         successful budget (bisection), unless members run to their strongest iterate (that is what they keep then)."""
         result.member = member.name
         result = self._scored(result, goal, volume)
-        cls = ATTACKS[member.attack]
-        if not (self.min_eps and bisect) or cls.early_stop or cls.minimal or not result.success or self.runs_to_the_end():
+        if not (self.min_eps and bisect) or _sizes_its_own_success(member) or not result.success or self.runs_to_the_end():
             return result  # iterative attacks already stop at their first success: their L-inf is the distortion
 
         def run(trial: Budget) -> MemberResult:
