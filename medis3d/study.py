@@ -400,7 +400,9 @@ class _VolumeRun:
         kept = cached_outcomes(medis.members(), lambda m: m.name,
                                lambda m: _usable(self.store.get(**place(m)), self.victims, self.stop_at_success),
                                lambda missing: self._run(medis, missing, eps), keep)
-        return [kept[m.name] for m in medis.members()], ran
+        # a row cached by a run that wrote the budget another way (48/255, then 0.188235: one key at 6 digits) keeps
+        # this run's eps, so the fusions group it with the members run now (it split them: two worst cases a volume)
+        return [{**kept[m.name], "eps": eps} for m in medis.members()], ran
 
     def _run(self, medis: MedIS, missing: list, eps: float) -> list[tuple]:
         """The members not stored yet, batched through the network with --together: (result, setting) each."""
@@ -555,9 +557,10 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["volume"], r["eps"], f"medis_{r['attack']}"), []).append(r)
-        groups.setdefault((r["volume"], r["eps"], "medis_full"), []).append(r)
-        groups.setdefault((r["volume"], r["eps"], "worst_case"), []).append(r)
+        eps = f"{r['eps']:.6g}"  # as the cache keys it
+        groups.setdefault((r["volume"], eps, f"medis_{r['attack']}"), []).append(r)
+        groups.setdefault((r["volume"], eps, "medis_full"), []).append(r)
+        groups.setdefault((r["volume"], eps, "worst_case"), []).append(r)
     for (_volume, _eps, name), members in groups.items():
         if name.startswith("medis_") and name != "medis_full" and len(members) < 2:
             continue
