@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,13 @@ class Victim:
 
     name: str
     target: Target
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
+
+    def fingerprint(self) -> str:
+        """:meth:`Target.fingerprint` of the victim (its weights, preprocessing, classes), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = self.target.fingerprint()
+        return self._fingerprint
 
 
 @dataclass
@@ -71,7 +78,7 @@ class _VictimCase:
         t = self.victim.target
         prediction = t.predict(adversarial)
         return {"clean_dice": self.clean_dice,
-                "adversarial_dice": mean_dice(t.masks(prediction), t.masks(self.reference))}
+                "adversarial_dice": mean_dice(t.masks(prediction), t.masks(self.reference)), "model": self.victim.fingerprint()}
 
 
 @dataclass
@@ -283,15 +290,16 @@ def run_setting(target: Target) -> dict:
 
 
 def _usable(row: dict | None, victims: Sequence[Victim], stop_at_success: bool) -> dict | None:
-    """A cached row, or None where it lacks a victim's transfer score or succeeded under the other stopping rule
-    (a member that never succeeded ran the same iterations under both; rows from before the rule was recorded
-    stopped at success)."""
+    """A cached row, or None where it lacks a victim's transfer score (or has one of another model under the victim's
+    name: a victim folder retrained in place, or another one given under the same name) or succeeded under the other
+    stopping rule (a member that never succeeded ran the same iterations under both; rows from before the rule was
+    recorded stopped at success)."""
     if row is None:
         return None
     transfer = json.loads(row.get("transfer") or "{}")
     if row.get("success") and bool(row.get("stop_at_success", True)) != stop_at_success:
         return None
-    return row if all(v.name in transfer for v in victims) else None
+    return row if all(transfer.get(v.name, {}).get("model") == v.fingerprint() for v in victims) else None
 
 
 def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attacks, losses, members, eps_list, step, steps,

@@ -583,3 +583,22 @@ def test_a_rerun_that_writes_the_budget_another_way_fuses_each_volume_once(tiny_
     assert len(worst) == 2 and len({r["eps"] for r in rows}) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fusion"]["worst_case"]["0.188235"]["volumes"] == 2
+
+
+def test_a_victim_of_the_same_name_with_other_weights_is_scored_anew(tiny_bundle, tmp_path):
+    """Cached transfer scores were matched by the victim's name: a rerun whose victim `v` held other weights (here
+    the source's own, where transfer must equal white-box) reported the earlier `v`'s scores. Each score now
+    records the victim's model fingerprint and a row is reused only for the same model."""
+    root = _dataset(tmp_path)
+    out = tmp_path / "study"
+    args = ["evaluate", str(root / "dataset.json"), "--out", str(out), "--source", str(tiny_bundle), "--attacks", "igsm",
+            "--losses", "ce", "--eps", "24/255", "--step", "8/255", "--steps", "2", "--quiet"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert runner.invoke(app, [*args, "--victim", str(_victim_bundle(tiny_bundle, tmp_path / "a" / "v", 0.3))]).exit_code == 0
+    assert runner.invoke(app, [*args, "--victim", str(_victim_bundle(tiny_bundle, tmp_path / "b" / "v", 0.0))]).exit_code == 0
+    with open(out / "results.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["attack"] == "igsm"]
+    assert len(rows) == 2
+    for r in rows:
+        assert abs(json.loads(r["transfer"])["v"]["adversarial_dice"] - float(r["adversarial_dice"])) < 1e-6
