@@ -193,8 +193,10 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out
     return _write_outputs(volume, target, medis, result, out, start, formats, options)
 
 
-def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats, options: AttackConfig, medis: MedIS) -> Volume:
-    """Write the adversarial scan in every asked format; return the primary one read back from disk."""
+def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats, options: AttackConfig, medis: MedIS,
+                       uid_map: dict | None) -> Volume:
+    """Write the adversarial scan in every asked format; return the primary one read back from disk (``uid_map``: the
+    anonymised study's UIDs, shared with the SEGs)."""
     written: Volume | None = None
     budget = f"{medis.eps * 255:.3g}/255" if medis.eps_units == "normalized" else f"{medis.eps:.4g}"
     description = adversarial_description(budget, medis.norm, result.chosen.loss)  # in the file, as in the DICOM series
@@ -219,7 +221,7 @@ def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats
                 series_description=description[:64],
                 derivation=f"medis3d MedIS adversarial attack, {budget}, {result.chosen.steps} steps of {result.chosen.loss}",
                 anonymize=options.anonymize,
-                uid_map={} if options.anonymize else None,
+                uid_map=uid_map,
             )
             back = read_dicom_series(files[0].parent)
         if written is None:
@@ -247,12 +249,18 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
     stage = staging_folder(out, suffix=".partial")
     try:
         # Success is measured on what is written: read the file back and run the model on it.
-        written = _write_adversarial(volume, result, stage, formats, options, medis)
+        uid_map: dict | None = {} if options.anonymize else None  # one pseudonymous study: the series and both SEGs
+        written = _write_adversarial(volume, result, stage, formats, options, medis, uid_map)
         adversarial_prediction = target.predict(written)
         delta = written.array - volume.array
         write_nifti(volume, stage / "perturbation.nii.gz", delta, dtype=np.float32, description=PERTURBATION_DESCRIPTION)
-        _write_prediction(volume, target, stage, "prediction_clean", result.clean_prediction, options)
-        _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options)
+        clean_images = adversarial_images = None
+        if options.seg_format == "dicom" and uid_map is not None:  # the SEGs in the adversarial series' anonymised study
+            from medis3d.io.dicom import anonymized_headers
+
+            clean_images = adversarial_images = anonymized_headers(volume.meta["dicom_headers"], uid_map)
+        _write_prediction(volume, target, stage, "prediction_clean", result.clean_prediction, options, clean_images)
+        _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options, adversarial_images)
         norms = perturbation_norms(delta, result.native_per_normalized)
         outputs: OutputsRecord = {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format,
                                   "notices": _empty_reference_notices(target, result, options) + _budget_notices(result, medis)
@@ -349,12 +357,15 @@ def _output_notices(volume: Volume, formats: Sequence[str]) -> list[str]:
     return notices
 
 
-def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, labels: np.ndarray, options: AttackConfig) -> None:
+def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, labels: np.ndarray, options: AttackConfig,
+                      images: list | None = None) -> None:
+    """The label map as NIfTI, and as a DICOM SEG of ``images`` (the headers of the series it segments) where asked."""
     if options.seg_format == "dicom":
         from medis3d.io.dicom import write_dicom_seg
 
         names = {c: target.class_name(c) for c in target.foreground_classes}
-        write_dicom_seg(volume, labels, stage / f"{name}.dcm", names, series_description=prediction_description(name))
+        write_dicom_seg(volume, labels, stage / f"{name}.dcm", names, series_description=prediction_description(name),
+                        images=images)
     write_nifti(volume, stage / f"{name}.nii.gz", labels, dtype=target.label_dtype, description=prediction_description(name))
 
 

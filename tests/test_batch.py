@@ -195,6 +195,16 @@ def test_attack_dicom_series_both_formats_seg_and_anonymize(tiny_bundle, tmp_pat
     seg = pydicom.dcmread(out / "prediction_adversarial.dcm")
     assert seg.Modality == "SEG"
     assert not any(p.name == "adversarial" for p in (tmp_path / "series").iterdir())  # source untouched
+    # --anonymize reaches the SEGs: they kept the patient's name, ID, birth date, accession and every source UID
+    source = [pydicom.dcmread(f) for f in files]
+    private = {str(el.value) for ds in source for el in ds.iterall()
+               if el.keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "ReferringPhysicianName",
+                                 "InstitutionName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")}
+    for name in ("prediction_clean.dcm", "prediction_adversarial.dcm"):
+        seg = pydicom.dcmread(out / name)
+        assert not private & {str(el.value) for el in seg.iterall() if el.VR != "SQ"}, name
+        assert (seg.PatientName, seg.PatientID, seg.StudyInstanceUID, seg.FrameOfReferenceUID) == (
+            first.PatientName, first.PatientID, first.StudyInstanceUID, first.FrameOfReferenceUID)  # one anonymised study
 
 
 def test_batch_keeps_the_dicom_skip_notices(tiny_bundle, tmp_path):
