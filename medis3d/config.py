@@ -149,6 +149,9 @@ class AttackConfig:
         is_dicom = volume.format == "dicom"
         if (self.output_format in ("dicom", "both") or self.seg_format == "dicom") and not is_dicom:
             raise InputError(f"{volume.path}: DICOM output needs a DICOM input series (this scan is {volume.format})")
+        if self.seg_format == "dicom" and self.output_format == "nifti":
+            raise InputError(f"{volume.path}: --seg-format dicom writes the adversarial prediction as a SEG of the adversarial "
+                             "DICOM series, which --output-format nifti does not write; use --output-format dicom or both")
         if self.output_format == "auto":
             return ("dicom",) if is_dicom else ("nifti",)
         if self.output_format == "both":

@@ -255,10 +255,12 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         delta = written.array - volume.array
         write_nifti(volume, stage / "perturbation.nii.gz", delta, dtype=np.float32, description=PERTURBATION_DESCRIPTION)
         clean_images = adversarial_images = None
-        if options.seg_format == "dicom" and uid_map is not None:  # the SEGs in the adversarial series' anonymised study
+        if options.seg_format == "dicom":  # each SEG references the series it segments: the source, the series written
             from medis3d.io.dicom import anonymized_headers
 
-            clean_images = adversarial_images = anonymized_headers(volume.meta["dicom_headers"], uid_map)
+            if uid_map is not None:  # the source in the adversarial series' anonymised study
+                clean_images = anonymized_headers(volume.meta["dicom_headers"], uid_map)
+            adversarial_images = written.meta["dicom_headers"]  # formats put DICOM first where a SEG is asked
         _write_prediction(volume, target, stage, "prediction_clean", result.clean_prediction, options, clean_images)
         _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options, adversarial_images)
         norms = perturbation_norms(delta, result.native_per_normalized)

@@ -205,6 +205,11 @@ def test_attack_dicom_series_both_formats_seg_and_anonymize(tiny_bundle, tmp_pat
         assert not private & {str(el.value) for el in seg.iterall() if el.VR != "SQ"}, name
         assert (seg.PatientName, seg.PatientID, seg.StudyInstanceUID, seg.FrameOfReferenceUID) == (
             first.PatientName, first.PatientID, first.StudyInstanceUID, first.FrameOfReferenceUID)  # one anonymised study
+    # the adversarial SEG segments the adversarial series and references it, not the source series
+    referenced = seg.ReferencedSeriesSequence
+    assert [r.SeriesInstanceUID for r in referenced] == [first.SeriesInstanceUID]
+    written = {pydicom.dcmread(f).SOPInstanceUID for f in (out / "adversarial").iterdir()}
+    assert {i.ReferencedSOPInstanceUID for i in referenced[0].ReferencedInstanceSequence} == written
 
 
 def test_batch_keeps_the_dicom_skip_notices(tiny_bundle, tmp_path):
