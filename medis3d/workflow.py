@@ -307,7 +307,7 @@ def _write_attack_page(stage: Path, report: AttackReport, delta: np.ndarray, eps
     from medis3d.io.atomic import write_text_atomic
     from medis3d.report import render_perturbation_histogram
 
-    histogram = render_perturbation_histogram(delta, units=units, eps_native=eps_native)
+    histogram = render_perturbation_histogram(delta, units=units, eps_native=eps_native, norm=report["attack"]["norm"])
     write_text_atomic(stage / "report.html", attack_page(report, (stage / "overview.png").read_bytes(), histogram))
 
 

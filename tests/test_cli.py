@@ -98,14 +98,22 @@ def test_the_presets_step_is_a_size_in_any_units(tiny_bundle, scan_file, tmp_pat
     assert json.loads((tmp_path / "given" / "report.json").read_text())["attack"]["step_native"] == 2.0  # --step as given
 
 
-def test_an_l2_attack_states_its_l2_everywhere(tiny_bundle, scan_file, tmp_path):
+def test_an_l2_attack_states_its_l2_everywhere(tiny_bundle, scan_file, tmp_path, monkeypatch):
     """Under --norm l2 the verdict, the members' table (terminal and page) and the adversarial file's description
-    give the perturbation's L2, which holds in the written int16 file."""
+    give the perturbation's L2, which holds in the written int16 file; report.html's histogram drew the L2 budget as
+    per-voxel lines at ±600 (the largest voxel change was about 60) and now draws none, giving the L2 instead."""
+    import medis3d.report
+
+    figures = []
+    monkeypatch.setattr(medis3d.report, "figure_png", lambda fig, show=medis3d.report.figure_png: figures.append(fig) or show(fig))
     out = tmp_path / "out"
     args = ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--members", "pgd:ce", "--norm", "l2", "--eps", "600",
             "--eps-units", "native", "--step", "150", "--steps", "3", "--out", str(out)]
     result = runner.invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
+    histogram = next(fig.axes[0] for fig in figures if fig.axes[0].get_xlabel().startswith("perturbation"))
+    assert not [line for line in histogram.get_lines() if len(line.get_xdata()) and abs(line.get_xdata()[0]) == 600]
+    assert histogram.get_xlim()[1] < 600 and "of budget 600" in histogram.get_legend().get_texts()[0].get_text()
     report = json.loads((out / "report.json").read_text())
     delta = nib.load(str(out / "adversarial.nii.gz")).get_fdata() - nib.load(str(scan_file)).get_fdata()
     l2 = float(np.linalg.norm(delta))
