@@ -72,6 +72,29 @@ def test_label_map_written_on_grid(tmp_path):
     assert np.allclose(back.affine, AFFINE, atol=1e-5)
 
 
+def test_maps_do_not_inherit_the_scans_display_window_or_intent(tmp_path):
+    """Label maps and the perturbation copied the scan's cal_min/cal_max (-100..300: labels 0 and 1 drawn black in a
+    viewer that honours them) and its intent (a t statistic). A map now has no window, the label intent for labels
+    and none for the perturbation; the adversarial scan keeps the scan's header as it was."""
+    header = nib.Nifti1Header()
+    header["cal_min"], header["cal_max"] = -100, 300
+    header.set_intent("t test", (10,), name="tstat")
+    nib.save(nib.Nifti1Image(np.zeros((6, 7, 8), np.int16), AFFINE, header), str(tmp_path / "in.nii.gz"))
+    vol = read_volume(tmp_path / "in.nii.gz")
+    labels = np.zeros((6, 7, 8), np.uint8)
+    labels[2:4, 3:5, 1:6] = 1
+    written = {"labels": write_nifti(vol, tmp_path / "labels.nii.gz", labels, dtype=np.uint8),
+               "perturbation": write_nifti(vol, tmp_path / "perturbation.nii.gz", labels * 0.5, dtype=np.float32),
+               "scan": write_nifti(vol, tmp_path / "scan.nii.gz", labels * 7.0)}
+    back = {name: nib.load(str(path)).header for name, path in written.items()}
+    for name, intent in (("labels", "label"), ("perturbation", "none")):
+        assert (float(back[name]["cal_min"]), float(back[name]["cal_max"])) == (0.0, 0.0), name
+        assert back[name].get_intent() == (intent, (), ""), name
+        assert back[name].get_slope_inter() in ((None, None), (1.0, 0.0)), name
+    assert (float(back["scan"]["cal_min"]), float(back["scan"]["cal_max"])) == (-100.0, 300.0)
+    assert back["scan"].get_intent()[0] == "t test"
+
+
 def test_multichannel_4d(tmp_path):
     data = np.random.default_rng(1).random((6, 7, 8, 2)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "mc.nii.gz"))

@@ -99,9 +99,12 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     """Write ``array`` (default: the volume's own) on ``volume``'s grid, atomically.
 
     Without ``dtype`` the file stores values as the source does (quantised and clipped for
-    integer types, same slope and intercept; float types as they are, unscaled). With ``dtype`` (for label maps, float maps)
-    values are written as that type with no scaling. ``description`` replaces the source's
-    header description (``descrip``, 79 ASCII characters at most), so a file says what it is.
+    integer types, same slope and intercept; float types as they are, unscaled), with the source's header. With
+    ``dtype`` the file is a map derived from the scan, not the scan: values are written as that type with no scaling,
+    the scan's display window (``cal_min``/``cal_max``) is cleared so a viewer scales the map by its own values, and
+    the intent says what it is: ``NIFTI_INTENT_LABEL`` for an integer type (a label map), none for a float type
+    (a perturbation). ``description`` replaces the source's header description (``descrip``, 79 ASCII characters at
+    most), so a file says what it is.
     """
     path = Path(path)
     values = volume.array if array is None else np.asarray(array)
@@ -125,6 +128,9 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     image = kind(stored, volume.affine, header)
     image.set_data_dtype(stored.dtype)
     image.header.set_slope_inter(float(slope), float(intercept))
+    if dtype is not None:  # a map of the scan: not the scan's window, and its own intent
+        image.header["cal_min"] = image.header["cal_max"] = 0
+        image.header.set_intent("label" if np.issubdtype(stored.dtype, np.integer) else "none")
     if description is not None:
         image.header["descrip"] = description.encode("ascii", "replace")[:79]
     if header.get("sform_code", 0) == 0 and header.get("qform_code", 0) == 0:
