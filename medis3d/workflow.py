@@ -265,8 +265,8 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options, adversarial_images)
         norms = perturbation_norms(delta, result.native_per_normalized)
         outputs: OutputsRecord = {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format,
-                                  "notices": _empty_reference_notices(target, result, options) + _budget_notices(result, medis)
-                                  + _output_notices(volume, formats)}
+                                  "notices": _empty_reference_notices(target, result, options) + _stored_step_notices(volume, result, medis)
+                                  + _budget_notices(result, medis) + _output_notices(volume, formats)}
         report = attack_report(volume, target, options, medis, result, adversarial_prediction, norms, outputs, start)
         success, chosen = report["success"], result.chosen
         clean_any = np.asarray(target.masks(result.clean_prediction).any(0))
@@ -322,6 +322,33 @@ def _empty_reference_notices(target: Target, result: MedISResult, options: Attac
     whose = "the label file" if options.label else "the model's clean prediction"
     return [f"the reference ({whose}) has no {', '.join(empty)} voxels: there is nothing to take away, an untargeted "
             "attack can only add structure, and a Dice of 1.000 there means it added none"]
+
+
+def _stored_step_notices(volume: Volume, result: MedISResult, medis: MedIS) -> list[str]:
+    """A notice when the budget is smaller than the step between the values a file stores (an integer type's slope,
+    the smallest of a series' slices): every perturbation rounds back to the source there (Volume.quantise keeps the
+    stored value within the budget), so no voxel of that file can change, whatever the attack."""
+    notices = []
+    eps = float(result.eps_native)
+    for source in volume.channel_volumes or [volume]:
+        if not source.is_integer:
+            continue
+        step = float(np.min(np.abs(np.asarray(source.slope, dtype=np.float64))))
+        if eps >= step * (1 - 1e-6):  # quantise's own tolerance: one stored step fits
+            continue
+        normalized = medis.eps_units == "normalized"
+        needed = _rounded_up(step / result.native_per_normalized * 255 if normalized else step) + ("/255" if normalized else "")
+        name = f" {source.path}" if volume.channel_volumes else ""
+        notices.append(f"the budget ({'L2 ' if medis.norm == 'l2' else ''}eps {eps:.4g} native units) is below the stored "
+                       f"step of the file{name} ({step:.4g} native units: {source.stored_dtype} with slope {step:.4g}), so "
+                       f"no voxel of it can change and the attack cannot succeed; give at least --eps {needed}")
+    return notices
+
+
+def _rounded_up(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits, rounded up (a budget given so is never below it)."""
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+    return f"{math.ceil(value * scale - 1e-9) / scale:g}"
 
 
 L2_CONVERGED_STEPS = 100  # bench/l2.py: APGD-CE at L2 8000 on the 2 mm T1 left Dice 0.268 after 20 iterations, 0.042 after 100

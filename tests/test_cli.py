@@ -233,3 +233,35 @@ def test_an_empty_reference_is_said_not_hidden_behind_a_dice_of_one(tiny_bundle,
             assert any(notice in n and "the label file" in n for n in notices) and notice in said
         else:
             assert not any(notice in n for n in notices) and notice not in said
+
+
+def test_a_budget_below_the_files_stored_step_says_no_voxel_can_change(tiny_bundle, tmp_path):
+    """uint8 stored with slope 2 at eps 1/255 of the tiny bundle's 400-unit window (1.57 units): every change rounds
+    back, and the attack said only "not successful", perturbation 0. A notice now says why, and what budget is enough."""
+    from types import SimpleNamespace
+
+    from conftest import SCAN_AFFINE, synthetic_scan
+
+    hu = synthetic_scan(4)[0].astype(np.float64)
+    image = nib.Nifti1Image(np.clip(np.round((hu + 100) / 2), 0, 255).astype(np.uint8), SCAN_AFFINE)
+    image.header.set_slope_inter(2.0, -100.0)
+    nib.save(image, str(tmp_path / "u8.nii.gz"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["attack", str(tmp_path / "u8.nii.gz"), "--bundle", str(tiny_bundle), "--members", "pgd:ce",
+                                 "--steps", "1", "--eps", "1/255", "--out", str(out)], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["perturbation"]["linf_native"] == 0.0
+    words = ("the budget (eps 1.569 native units) is below the stored step of the file (2 native units: uint8 with slope 2), "
+             "so no voxel of it can change and the attack cannot succeed; give at least --eps 1.28/255")
+    assert report["outputs"]["notices"].count(words) == 1 and words in " ".join(result.output.split())
+    from medis3d.workflow import _stored_step_notices
+
+    volume = read_volume(tmp_path / "u8.nii.gz")
+    at = lambda eps: SimpleNamespace(eps_native=eps, native_per_normalized=400 / 255)  # noqa: E731
+    medis = SimpleNamespace(eps_units="normalized", norm="linf")
+    assert _stored_step_notices(volume, at(1.28 / 255 * 400), medis) == []  # one step fits: nothing to say
+    assert len(_stored_step_notices(volume, at(1.9), SimpleNamespace(eps_units="native", norm="l2"))) == 1  # L2 alike
+    float_scan = volume.with_array(volume.array)
+    float_scan.stored_dtype = np.dtype(np.float32)
+    assert _stored_step_notices(float_scan, at(0.01), medis) == []  # a float file stores any change
