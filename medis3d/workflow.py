@@ -200,16 +200,18 @@ def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats
     written: Volume | None = None
     budget = f"{medis.eps * 255:.3g}/255" if medis.eps_units == "normalized" else f"{medis.eps:.4g}"
     description = adversarial_description(budget, medis.norm, result.chosen.loss)  # in the file, as in the DICOM series
+    untouched = result.adversarial.array == volume.array  # written as the source stores them, bit for bit
     for fmt in formats:
         if fmt == "nifti" and volume.channel_volumes:  # one file per channel, each as its source stores it
             paths = [
                 write_nifti(source, stage / f"adversarial_{source.name}.nii.gz", result.adversarial.array[c : c + 1],
-                            description=description)
+                            description=description, unchanged=untouched[c : c + 1])
                 for c, source in enumerate(volume.channel_volumes)
             ]
             back = read_volume(",".join(str(p) for p in paths))
         elif fmt == "nifti":
-            path = write_nifti(volume, stage / "adversarial.nii.gz", result.adversarial.array, description=description)
+            path = write_nifti(volume, stage / "adversarial.nii.gz", result.adversarial.array, description=description,
+                               unchanged=untouched)
             back = read_volume(path)
         else:
             from medis3d.io.dicom import read_dicom_series, write_dicom_series
