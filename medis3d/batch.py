@@ -1,8 +1,9 @@
 """Batch attacks over a folder: every NIfTI volume and DICOM series, one output folder each,
 a summary table, resumable, and sharded across processes under ``torchrun``.
 
-A volume is done when its ``status.json`` says so; that file is written last, after every
-output was moved into place, so a run killed part-way redoes only unfinished volumes.
+A volume is done when its ``status.json`` says so, for this input (its relative path and the digest of its
+contents) and these settings; that file is written last, after every output was moved into place, so a run
+killed part-way redoes only unfinished volumes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from pathlib import Path
 from medis3d.errors import InputError, Medis3dError, first_line
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
+from medis3d.io.outputs import reason
 from medis3d.io.volume import make_names_unique, safe_name
 
 STATUS_FILE = "status.json"
@@ -40,6 +43,20 @@ class BatchItem:
     path: Path
     series: object | None = None  # medis3d.io.dicom.SeriesInfo for DICOM
     notices: list[str] = field(default_factory=list)  # e.g. DICOM files beside the series that were skipped
+    relative: str = ""  # the file's path under the input folder; a series': its folder's, then '#' and its UID
+    own_name: bool = False  # the name is the relative path itself, not one made safe (it keeps a name others share)
+
+    def identity(self) -> dict[str, str]:
+        """What the item's outputs were made from: its relative path and a digest of its contents (the file, or the
+        series' files), recorded in its status.json; a folder whose record differs holds another input's outputs."""
+        from medis3d.study import contents_digest
+
+        files = list(getattr(self.series, "files", ())) if self.kind == "dicom" else [self.path]
+        try:
+            digest = contents_digest(files)
+        except OSError as exc:  # reading it fails the same way: a failed volume, with its one-line error
+            digest = f"unreadable: {reason(exc)}"
+        return {"path": self.relative, "digest": digest}
 
     def read(self):
         from medis3d.io import read_volume
@@ -62,7 +79,9 @@ def discover(input_dir: Path) -> list[BatchItem]:
         for ext in (".nii.gz", ".nii"):
             if rel.lower().endswith(ext):
                 rel = rel[: -len(ext)]
-        items.append(BatchItem(safe_name(rel.replace("/", "__")), "nifti", path))
+        name = safe_name(rel.replace("/", "__"))
+        items.append(BatchItem(name, "nifti", path, relative=path.relative_to(input_dir).as_posix(),
+                               own_name=name == rel.replace("/", "__")))
     from medis3d.io.dicom import SkippedDicomWarning, find_series, skipped_notice
 
     with warnings.catch_warnings(record=True) as caught:
@@ -77,9 +96,12 @@ def discover(input_dir: Path) -> list[BatchItem]:
         description = safe_name(info.description or info.modality or "series", "series")
         # the files a single attack of this series' folder would report as skipped: those in it or below it
         beside = [(p, why) for p, why in skipped if info.folder in p.parents]
+        relative = f"{info.folder.relative_to(input_dir).as_posix()}#{info.uid}"
         items.append(BatchItem(f"{description}_{safe_name(info.uid[-12:])}", "dicom", info.folder, info,
-                               [skipped_notice(info.folder, beside)] if beside else []))
-    return Discovered(make_names_unique(items), notices)
+                               [skipped_notice(info.folder, beside)] if beside else [], relative))
+    # a name several inputs share stays with the one it names unchanged; the others get a suffix of their own path's
+    # digest, so that a file added later never moves an earlier one into another's folder
+    return Discovered(make_names_unique(items, key=lambda item: item.relative, owns=lambda item: item.own_name), notices)
 
 
 class Discovered(list):
@@ -95,26 +117,32 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def is_done(folder: Path, settings: str | None = None) -> bool:
-    """Whether the item in ``folder`` was attacked, under ``settings`` (a digest of the attack's settings and the
-    model) where given: one done under other settings is run again, not reported as this run's."""
-    status = folder / STATUS_FILE
-    if not status.is_file():
-        return False
+def _status(folder: Path) -> dict | None:
     try:
-        recorded = json.loads(status.read_text())
+        recorded = json.loads((folder / STATUS_FILE).read_text())
     except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def is_done(folder: Path, settings: str | None = None, identity: dict | None = None) -> bool:
+    """Whether the item in ``folder`` was attacked, under ``settings`` (a digest of the attack's settings and the
+    model) and from the input ``identity`` (:meth:`BatchItem.identity`) where given: one done under other settings,
+    or from another file (one now named like it) or from this file's earlier contents, is run again, not reported
+    as this run's."""
+    recorded = _status(folder)
+    if recorded is None:
         return False
     same = settings is None or recorded.get("settings") == settings
-    return recorded.get("status") == "done" and same and (folder / "report.json").is_file()
+    same_input = identity is None or recorded.get("input") == identity
+    return recorded.get("status") == "done" and same and same_input and (folder / "report.json").is_file()
 
 
 def _row_from(item: BatchItem, folder: Path) -> dict:
     row = {c: "" for c in SUMMARY_COLUMNS}
     row.update(name=item.name, input=str(item.path))
-    try:
-        status = json.loads((folder / STATUS_FILE).read_text())
-    except (OSError, ValueError):
+    status = _status(folder)
+    if status is None or status.get("input") != item.identity():  # nothing yet, or another input's outputs
         row.update(status="pending")
         return row
     row.update(status=status.get("status", ""), error=status.get("error", ""), time_s=status.get("time_s", ""),
@@ -156,8 +184,17 @@ def write_summary(items: list[BatchItem], out_dir: Path) -> list[dict]:
 
 
 def run_one(item: BatchItem, out_dir: Path, attack: Callable[[object, Path], dict], settings: str | None = None) -> dict:
-    """Attack one item; record done or failed (with a one-line error) in its status file, with ``settings``."""
+    """Attack one item; record done or failed (with a one-line error) in its status file, with ``settings`` and the
+    item's identity. A folder holding another input's outputs (its status.json names another file or other contents)
+    is removed first, so that no output of that input is left beside this one's."""
     folder = out_dir / item.name
+    identity = item.identity()
+    recorded = _status(folder)
+    if recorded is not None and recorded.get("input") != identity:
+        stale = folder.with_name(f".{folder.name}.stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(folder, stale)  # one step: the folder holds that input's outputs, or is gone
+        shutil.rmtree(stale)
     start = time.perf_counter()
     try:
         volume = item.read()
@@ -172,6 +209,7 @@ def run_one(item: BatchItem, out_dir: Path, attack: Callable[[object, Path], dic
         status["notices"] = list(item.notices)
     if settings is not None:
         status["settings"] = settings
+    status["input"] = identity
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / STATUS_FILE, json.dumps(status) + "\n")
     return status
@@ -227,7 +265,7 @@ class Shard:
 def pending(items: list[BatchItem], out_dir: Path, settings: str | None = None) -> Iterator[BatchItem]:
     """The items not yet done (under ``settings``, where given)."""
     for item in items:
-        if not is_done(out_dir / item.name, settings):
+        if not is_done(out_dir / item.name, settings, item.identity()):
             yield item
 
 

@@ -145,10 +145,23 @@ class AttackConfig:
         )
 
     def formats(self, volume: Volume) -> tuple[str, ...]:
-        """The formats the adversarial scan of ``volume`` is written in, the first one measured."""
+        """The formats the adversarial scan of ``volume`` is written in, the first one measured: where an option asks
+        for what cannot be written, the one-line error comes here, before any attack. Channels given as several files
+        (DICOM series among them) are written as one NIfTI file per channel: a DICOM series holds one channel."""
+        if volume.channel_volumes:
+            if self.output_format in ("dicom", "both") or self.seg_format == "dicom":
+                option = f"--output-format {self.output_format}" if self.output_format in ("dicom", "both") else "--seg-format dicom"
+                names = ",".join(str(v.path) for v in volume.channel_volumes)
+                raise InputError(f"{names}: {option} cannot be written for channels given as {len(volume.channel_volumes)} "
+                                 "files (a DICOM series holds one channel); their adversarial channels are written as NIfTI, "
+                                 "one file each: leave out " + option)
+            return ("nifti",)
         is_dicom = volume.format == "dicom"
         if (self.output_format in ("dicom", "both") or self.seg_format == "dicom") and not is_dicom:
             raise InputError(f"{volume.path}: DICOM output needs a DICOM input series (this scan is {volume.format})")
+        if self.seg_format == "dicom" and self.output_format == "nifti":
+            raise InputError(f"{volume.path}: --seg-format dicom writes the adversarial prediction as a SEG of the adversarial "
+                             "DICOM series, which --output-format nifti does not write; use --output-format dicom or both")
         if self.output_format == "auto":
             return ("dicom",) if is_dicom else ("nifti",)
         if self.output_format == "both":

@@ -271,26 +271,33 @@ def write_overview(
 
 
 def render_perturbation_histogram(delta: np.ndarray, units: str = "intensity units",
-                                  eps_native: float | None = None) -> bytes:
-    """PNG bytes of a histogram of the perturbation's non-zero values in native ``units`` (log count axis), the
-    budget ``±eps_native`` drawn as dashed lines when given, and how many voxels changed in the title."""
+                                  eps_native: float | None = None, norm: str = "linf") -> bytes:
+    """PNG bytes of a histogram of the perturbation's non-zero values in native ``units`` (log count axis), with how
+    many voxels changed in the title. Under ``norm`` "linf" the budget ``±eps_native`` bounds each voxel and is drawn
+    as dashed lines; under "l2" it bounds the whole perturbation's length, no voxel's value, so no line is drawn and
+    the legend gives the perturbation's L2 against it."""
     delta = np.asarray(delta)
     total = int(delta.size)
     values = delta[delta != 0].astype(np.float64, copy=False)
     changed = int(values.size)
     fig = new_figure((6.4, 3.6))
     ax = fig.subplots()
-    span = max(float(np.abs(values).max()) if changed else 0.0, float(eps_native or 0.0)) or 1.0
+    per_voxel = float(eps_native or 0.0) if norm == "linf" else 0.0  # the axis reaches a per-voxel budget only
+    span = max(float(np.abs(values).max()) if changed else 0.0, per_voxel) or 1.0
     if changed:
         ax.hist(values, bins=np.linspace(-span, span, 102), color="tab:blue")
         ax.set_yscale("log")
     else:
         ax.text(0.5, 0.5, "no voxel changed", ha="center", va="center", transform=ax.transAxes)
-    if eps_native:
+    if eps_native and norm == "linf":
         for x in (-eps_native, eps_native):
             ax.axvline(x, color="tab:red", linestyle="--", linewidth=1)
         ax.plot([], [], color="tab:red", linestyle="--", linewidth=1, label=f"budget ±{eps_native:.3g}")
         ax.legend(fontsize=8, loc="upper right")
+    elif eps_native:
+        length = float(np.linalg.norm(values))
+        ax.plot([], [], " ", label=f"L2 {length:.4g} of budget {eps_native:.4g}\n(a length: no per-voxel bound)")
+        ax.legend(fontsize=8, loc="upper right", handlelength=0)
     ax.set_xlim(-1.05 * span, 1.05 * span)
     ax.set_xlabel(f"perturbation ({units})")
     ax.set_ylabel("voxels")

@@ -201,8 +201,13 @@ def files_digest(path: str) -> str:
     joined by commas; recomputed only where a file's size or time changed."""
     given = Path(path)
     parts = [given] if given.exists() else [Path(p) for p in path.split(",")]
-    files = sorted(f for part in parts for f in ([part] if part.is_file() else part.rglob("*") if part.is_dir() else []) if f.is_file())
-    stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return contents_digest([f for part in parts for f in ([part] if part.is_file() else part.rglob("*") if part.is_dir() else [])])
+
+
+def contents_digest(files: Sequence[Path]) -> str:
+    """A digest of the contents of ``files`` (those that are files, in sorted order); recomputed only where a file's
+    size or time changed."""
+    stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(f) for f in files) if f.is_file())
     return _digest_of(stamps)
 
 

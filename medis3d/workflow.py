@@ -193,21 +193,25 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out
     return _write_outputs(volume, target, medis, result, out, start, formats, options)
 
 
-def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats, options: AttackConfig, medis: MedIS) -> Volume:
-    """Write the adversarial scan in every asked format; return the primary one read back from disk."""
+def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats, options: AttackConfig, medis: MedIS,
+                       uid_map: dict | None) -> Volume:
+    """Write the adversarial scan in every asked format; return the primary one read back from disk (``uid_map``: the
+    anonymised study's UIDs, shared with the SEGs)."""
     written: Volume | None = None
     budget = f"{medis.eps * 255:.3g}/255" if medis.eps_units == "normalized" else f"{medis.eps:.4g}"
     description = adversarial_description(budget, medis.norm, result.chosen.loss)  # in the file, as in the DICOM series
+    untouched = result.adversarial.array == volume.array  # written as the source stores them, bit for bit
     for fmt in formats:
         if fmt == "nifti" and volume.channel_volumes:  # one file per channel, each as its source stores it
             paths = [
                 write_nifti(source, stage / f"adversarial_{source.name}.nii.gz", result.adversarial.array[c : c + 1],
-                            description=description)
+                            description=description, unchanged=untouched[c : c + 1])
                 for c, source in enumerate(volume.channel_volumes)
             ]
             back = read_volume(",".join(str(p) for p in paths))
         elif fmt == "nifti":
-            path = write_nifti(volume, stage / "adversarial.nii.gz", result.adversarial.array, description=description)
+            path = write_nifti(volume, stage / "adversarial.nii.gz", result.adversarial.array, description=description,
+                               unchanged=untouched)
             back = read_volume(path)
         else:
             from medis3d.io.dicom import read_dicom_series, write_dicom_series
@@ -219,7 +223,7 @@ def _write_adversarial(volume: Volume, result: MedISResult, stage: Path, formats
                 series_description=description[:64],
                 derivation=f"medis3d MedIS adversarial attack, {budget}, {result.chosen.steps} steps of {result.chosen.loss}",
                 anonymize=options.anonymize,
-                uid_map={} if options.anonymize else None,
+                uid_map=uid_map,
             )
             back = read_dicom_series(files[0].parent)
         if written is None:
@@ -247,18 +251,26 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
     stage = staging_folder(out, suffix=".partial")
     try:
         # Success is measured on what is written: read the file back and run the model on it.
-        written = _write_adversarial(volume, result, stage, formats, options, medis)
+        uid_map: dict | None = {} if options.anonymize else None  # one pseudonymous study: the series and both SEGs
+        written = _write_adversarial(volume, result, stage, formats, options, medis, uid_map)
         adversarial_prediction = target.predict(written)
         delta = written.array - volume.array
         write_nifti(volume, stage / "perturbation.nii.gz", delta, dtype=np.float32, description=PERTURBATION_DESCRIPTION)
-        _write_prediction(volume, target, stage, "prediction_clean", result.clean_prediction, options)
-        _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options)
+        clean_images = adversarial_images = None
+        if options.seg_format == "dicom":  # each SEG references the series it segments: the source, the series written
+            from medis3d.io.dicom import anonymized_headers
+
+            if uid_map is not None:  # the source in the adversarial series' anonymised study
+                clean_images = anonymized_headers(volume.meta["dicom_headers"], uid_map)
+            adversarial_images = written.meta["dicom_headers"]  # formats put DICOM first where a SEG is asked
+        _write_prediction(volume, target, stage, "prediction_clean", result.clean_prediction, options, clean_images)
+        _write_prediction(volume, target, stage, "prediction_adversarial", adversarial_prediction, options, adversarial_images)
         norms: dict = perturbation_norms(delta, result.native_per_normalized, result.channel_scale)
         if volume.channels > 1:  # each channel's own L-inf: with several, the budget's per channel (report.json)
             norms |= channel_norms(delta, result.native_per_normalized_per_channel)
         outputs: OutputsRecord = {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format,
-                                  "notices": _empty_reference_notices(target, result, options) + _budget_notices(result, medis)
-                                  + _output_notices(volume, formats)}
+                                  "notices": _empty_reference_notices(target, result, options) + _stored_step_notices(volume, result, medis)
+                                  + _budget_notices(result, medis) + _output_notices(volume, formats)}
         report = attack_report(volume, target, options, medis, result, adversarial_prediction, norms, outputs, start)
         success, chosen = report["success"], result.chosen
         clean_any = np.asarray(target.masks(result.clean_prediction).any(0))
@@ -299,7 +311,7 @@ def _write_attack_page(stage: Path, report: AttackReport, delta: np.ndarray, eps
     from medis3d.io.atomic import write_text_atomic
     from medis3d.report import render_perturbation_histogram
 
-    histogram = render_perturbation_histogram(delta, units=units, eps_native=eps_native)
+    histogram = render_perturbation_histogram(delta, units=units, eps_native=eps_native, norm=report["attack"]["norm"])
     write_text_atomic(stage / "report.html", attack_page(report, (stage / "overview.png").read_bytes(), histogram))
 
 
@@ -314,6 +326,33 @@ def _empty_reference_notices(target: Target, result: MedISResult, options: Attac
     whose = "the label file" if options.label else "the model's clean prediction"
     return [f"the reference ({whose}) has no {', '.join(empty)} voxels: there is nothing to take away, an untargeted "
             "attack can only add structure, and a Dice of 1.000 there means it added none"]
+
+
+def _stored_step_notices(volume: Volume, result: MedISResult, medis: MedIS) -> list[str]:
+    """A notice when the budget is smaller than the step between the values a file stores (an integer type's slope,
+    the smallest of a series' slices): every perturbation rounds back to the source there (Volume.quantise keeps the
+    stored value within the budget), so no voxel of that file can change, whatever the attack."""
+    notices = []
+    eps = float(result.eps_native)
+    for source in volume.channel_volumes or [volume]:
+        if not source.is_integer:
+            continue
+        step = float(np.min(np.abs(np.asarray(source.slope, dtype=np.float64))))
+        if eps >= step * (1 - 1e-6):  # quantise's own tolerance: one stored step fits
+            continue
+        normalized = medis.eps_units == "normalized"
+        needed = _rounded_up(step / result.native_per_normalized * 255 if normalized else step) + ("/255" if normalized else "")
+        name = f" {source.path}" if volume.channel_volumes else ""
+        notices.append(f"the budget ({'L2 ' if medis.norm == 'l2' else ''}eps {eps:.4g} native units) is below the stored "
+                       f"step of the file{name} ({step:.4g} native units: {source.stored_dtype} with slope {step:.4g}), so "
+                       f"no voxel of it can change and the attack cannot succeed; give at least --eps {needed}")
+    return notices
+
+
+def _rounded_up(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits, rounded up (a budget given so is never below it)."""
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+    return f"{math.ceil(value * scale - 1e-9) / scale:g}"
 
 
 L2_CONVERGED_STEPS = 100  # bench/l2.py: APGD-CE at L2 8000 on the 2 mm T1 left Dice 0.268 after 20 iterations, 0.042 after 100
@@ -366,12 +405,15 @@ def _output_notices(volume: Volume, formats: Sequence[str]) -> list[str]:
     return notices
 
 
-def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, labels: np.ndarray, options: AttackConfig) -> None:
+def _write_prediction(volume: Volume, target: Target, stage: Path, name: str, labels: np.ndarray, options: AttackConfig,
+                      images: list | None = None) -> None:
+    """The label map as NIfTI, and as a DICOM SEG of ``images`` (the headers of the series it segments) where asked."""
     if options.seg_format == "dicom":
         from medis3d.io.dicom import write_dicom_seg
 
         names = {c: target.class_name(c) for c in target.foreground_classes}
-        write_dicom_seg(volume, labels, stage / f"{name}.dcm", names, series_description=prediction_description(name))
+        write_dicom_seg(volume, labels, stage / f"{name}.dcm", names, series_description=prediction_description(name),
+                        images=images)
     write_nifti(volume, stage / f"{name}.nii.gz", labels, dtype=target.label_dtype, description=prediction_description(name))
 
 

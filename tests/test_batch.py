@@ -82,6 +82,49 @@ def test_a_batch_rerun_under_other_settings_attacks_every_volume_again(tiny_bund
     assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/status.json")} == second
 
 
+def test_a_batch_rerun_never_gives_a_volume_another_ones_figures(tiny_bundle, tmp_path):
+    """A file added later whose safe name collides ('scan 1' beside 'scan_1') took the name 'scan_1' (it sorts first),
+    and the resume counted it done from scan_1.nii.gz's folder, so its row showed the other volume's figures. Now the
+    name stays with the file it names unchanged, the newcomer gets its own, and status.json records the input (path
+    and contents digest): a file whose contents changed is attacked again, its folder replaced."""
+    root = tmp_path / "in"
+    root.mkdir()
+    save_nifti(root / "scan_1.nii.gz", synthetic_scan(1)[0])
+    out = tmp_path / "out"
+    base = ["batch", str(root), "--out", str(out), "--bundle", str(tiny_bundle), *FAST]
+    assert runner.invoke(app, base).exit_code == 0
+    first = (out / "scan_1" / "status.json").stat().st_mtime_ns
+    save_nifti(root / "scan 1.nii.gz", synthetic_scan(11, shape=(36, 36, 36))[0])  # sorts before scan_1
+    assert runner.invoke(app, base).exit_code == 0
+    rows = _rows(out)
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows.values())
+    for name, row in rows.items():  # each row's figures come from its own input
+        assert json.loads((out / name / "report.json").read_text())["input"]["path"] == row["input"]
+    assert rows["scan_1"]["input"] == str(root / "scan_1.nii.gz")
+    assert (out / "scan_1" / "status.json").stat().st_mtime_ns == first  # not attacked again
+    status = json.loads((out / "scan_1" / "status.json").read_text())
+    assert status["input"]["path"] == "scan_1.nii.gz" and len(status["input"]["digest"]) == 12
+    save_nifti(root / "scan_1.nii.gz", synthetic_scan(12, shape=(32, 32, 32))[0])  # same name, other contents
+    assert runner.invoke(app, base).exit_code == 0
+    assert json.loads((out / "scan_1" / "report.json").read_text())["input"]["shape"] == [32, 32, 32]
+    assert not list(out.glob(".*stale*"))
+
+
+def test_colliding_batch_names_do_not_depend_on_the_other_files():
+    from medis3d.batch import BatchItem
+    from medis3d.io.volume import make_names_unique
+
+    def names(*files: str) -> dict[str, str]:
+        safe = {f: f.replace(" ", "_").replace("?", "_") for f in files}
+        items = [BatchItem(safe[f], "nifti", Path(f), relative=f, own_name=safe[f] == f) for f in files]
+        return {i.relative: i.name for i in make_names_unique(items, key=lambda i: i.relative, owns=lambda i: i.own_name)}
+
+    alone, beside = names("scan_1"), names("scan 1", "scan_1", "scan?1")
+    assert alone["scan_1"] == beside["scan_1"] == "scan_1"
+    assert names("scan 1", "scan_1")["scan 1"] == beside["scan 1"] != "scan_1"
+    assert len(set(beside.values())) == 3
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "medis3d", *args]
 
@@ -152,6 +195,21 @@ def test_attack_dicom_series_both_formats_seg_and_anonymize(tiny_bundle, tmp_pat
     seg = pydicom.dcmread(out / "prediction_adversarial.dcm")
     assert seg.Modality == "SEG"
     assert not any(p.name == "adversarial" for p in (tmp_path / "series").iterdir())  # source untouched
+    # --anonymize reaches the SEGs: they kept the patient's name, ID, birth date, accession and every source UID
+    source = [pydicom.dcmread(f) for f in files]
+    private = {str(el.value) for ds in source for el in ds.iterall()
+               if el.keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "ReferringPhysicianName",
+                                 "InstitutionName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")}
+    for name in ("prediction_clean.dcm", "prediction_adversarial.dcm"):
+        seg = pydicom.dcmread(out / name)
+        assert not private & {str(el.value) for el in seg.iterall() if el.VR != "SQ"}, name
+        assert (seg.PatientName, seg.PatientID, seg.StudyInstanceUID, seg.FrameOfReferenceUID) == (
+            first.PatientName, first.PatientID, first.StudyInstanceUID, first.FrameOfReferenceUID)  # one anonymised study
+    # the adversarial SEG segments the adversarial series and references it, not the source series
+    referenced = seg.ReferencedSeriesSequence
+    assert [r.SeriesInstanceUID for r in referenced] == [first.SeriesInstanceUID]
+    written = {pydicom.dcmread(f).SOPInstanceUID for f in (out / "adversarial").iterdir()}
+    assert {i.ReferencedSOPInstanceUID for i in referenced[0].ReferencedInstanceSequence} == written
 
 
 def test_batch_keeps_the_dicom_skip_notices(tiny_bundle, tmp_path):

@@ -235,3 +235,32 @@ def test_a_studys_fusion_weighs_each_channels_own_share():
     assert chosen["loss"] == "t1"
     rows = [row("t1", 5.0, 0.02, False), row("small", 2.5, 1.0, False)]  # one native unit: as before
     assert next(r for r in fusion_rows(rows, None) if r["attack"] == "medis_full")["loss"] == "small"
+
+
+def test_channels_given_as_dicom_series_are_written_as_nifti(two_channel_bundle, tmp_path):
+    """Two DICOM series as the channels: the default output was DICOM, which cannot be written for a stack, and the
+    error came only after the whole attack, with nothing written. Now the default is one NIfTI file per channel, and
+    an explicit DICOM output is refused before any attack, in one line."""
+    from test_dicom import make_series
+
+    from medis3d.io import read_volume
+
+    for name, seed in (("t1", 1), ("t2", 2)):
+        make_series(tmp_path / name, (synthetic_scan(seed, shape=(32, 32, 32))[0].astype(np.int32) + 1024).astype(np.int16),
+                    spacing=(1.2, 1.2, 1.2), description=name)
+    scan = f"{tmp_path / 't1'},{tmp_path / 't2'}"
+    base = ["attack", scan, "--bundle", str(two_channel_bundle), "--losses", "ce", "--steps", "1", "--eps", "20",
+            "--eps-units", "native", "--step", "10", "--quiet"]
+    for option in (["--output-format", "dicom"], ["--output-format", "both"], ["--seg-format", "dicom"]):
+        refused = runner.invoke(app, [*base, *option, "--out", str(tmp_path / "refused")])
+        assert refused.exit_code == 2 and "\n" not in refused.output.strip() and "Traceback" not in refused.output
+        assert f"{scan}: {' '.join(option)} cannot be written for channels given as 2 files" in refused.output
+        assert "elapsed" not in refused.output and not (tmp_path / "refused").exists()  # before any attack
+    out = tmp_path / "out"
+    result = runner.invoke(app, [*base, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["outputs"]["adversarial_formats"] == ["nifti"]
+    for name in ("t1", "t2"):
+        source, adversarial = read_volume(tmp_path / name), read_volume(out / f"adversarial_{name}.nii.gz")
+        assert np.allclose(source.affine, adversarial.affine, atol=1e-4) and adversarial.stored_dtype == np.int16
+        assert np.abs(adversarial.array - source.array).max() <= 20 + 1e-3

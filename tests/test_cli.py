@@ -98,14 +98,22 @@ def test_the_presets_step_is_a_size_in_any_units(tiny_bundle, scan_file, tmp_pat
     assert json.loads((tmp_path / "given" / "report.json").read_text())["attack"]["step_native"] == 2.0  # --step as given
 
 
-def test_an_l2_attack_states_its_l2_everywhere(tiny_bundle, scan_file, tmp_path):
+def test_an_l2_attack_states_its_l2_everywhere(tiny_bundle, scan_file, tmp_path, monkeypatch):
     """Under --norm l2 the verdict, the members' table (terminal and page) and the adversarial file's description
-    give the perturbation's L2, which holds in the written int16 file."""
+    give the perturbation's L2, which holds in the written int16 file; report.html's histogram drew the L2 budget as
+    per-voxel lines at ±600 (the largest voxel change was about 60) and now draws none, giving the L2 instead."""
+    import medis3d.report
+
+    figures = []
+    monkeypatch.setattr(medis3d.report, "figure_png", lambda fig, show=medis3d.report.figure_png: figures.append(fig) or show(fig))
     out = tmp_path / "out"
     args = ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--members", "pgd:ce", "--norm", "l2", "--eps", "600",
             "--eps-units", "native", "--step", "150", "--steps", "3", "--out", str(out)]
     result = runner.invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
+    histogram = next(fig.axes[0] for fig in figures if fig.axes[0].get_xlabel().startswith("perturbation"))
+    assert not [line for line in histogram.get_lines() if len(line.get_xdata()) and abs(line.get_xdata()[0]) == 600]
+    assert histogram.get_xlim()[1] < 600 and "of budget 600" in histogram.get_legend().get_texts()[0].get_text()
     report = json.loads((out / "report.json").read_text())
     delta = nib.load(str(out / "adversarial.nii.gz")).get_fdata() - nib.load(str(scan_file)).get_fdata()
     l2 = float(np.linalg.norm(delta))
@@ -225,3 +233,35 @@ def test_an_empty_reference_is_said_not_hidden_behind_a_dice_of_one(tiny_bundle,
             assert any(notice in n and "the label file" in n for n in notices) and notice in said
         else:
             assert not any(notice in n for n in notices) and notice not in said
+
+
+def test_a_budget_below_the_files_stored_step_says_no_voxel_can_change(tiny_bundle, tmp_path):
+    """uint8 stored with slope 2 at eps 1/255 of the tiny bundle's 400-unit window (1.57 units): every change rounds
+    back, and the attack said only "not successful", perturbation 0. A notice now says why, and what budget is enough."""
+    from types import SimpleNamespace
+
+    from conftest import SCAN_AFFINE, synthetic_scan
+
+    hu = synthetic_scan(4)[0].astype(np.float64)
+    image = nib.Nifti1Image(np.clip(np.round((hu + 100) / 2), 0, 255).astype(np.uint8), SCAN_AFFINE)
+    image.header.set_slope_inter(2.0, -100.0)
+    nib.save(image, str(tmp_path / "u8.nii.gz"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["attack", str(tmp_path / "u8.nii.gz"), "--bundle", str(tiny_bundle), "--members", "pgd:ce",
+                                 "--steps", "1", "--eps", "1/255", "--out", str(out)], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["perturbation"]["linf_native"] == 0.0
+    words = ("the budget (eps 1.569 native units) is below the stored step of the file (2 native units: uint8 with slope 2), "
+             "so no voxel of it can change and the attack cannot succeed; give at least --eps 1.28/255")
+    assert report["outputs"]["notices"].count(words) == 1 and words in " ".join(result.output.split())
+    from medis3d.workflow import _stored_step_notices
+
+    volume = read_volume(tmp_path / "u8.nii.gz")
+    at = lambda eps: SimpleNamespace(eps_native=eps, native_per_normalized=400 / 255)  # noqa: E731
+    medis = SimpleNamespace(eps_units="normalized", norm="linf")
+    assert _stored_step_notices(volume, at(1.28 / 255 * 400), medis) == []  # one step fits: nothing to say
+    assert len(_stored_step_notices(volume, at(1.9), SimpleNamespace(eps_units="native", norm="l2"))) == 1  # L2 alike
+    float_scan = volume.with_array(volume.array)
+    float_scan.stored_dtype = np.dtype(np.float32)
+    assert _stored_step_notices(float_scan, at(0.01), medis) == []  # a float file stores any change

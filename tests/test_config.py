@@ -84,3 +84,18 @@ def test_the_report_holds_the_config_as_run(tiny_bundle, scan_file, tmp_path):
     assert config["members"] == report["attack"]["members"] == ["pgd:ce", "apgd:js[restarts=2]"]
     assert config["eps"] == pytest.approx(16 / 255) and config["steps"] == 2 and config["preset"] == "default"
     assert config["label"] is None and config["output_format"] == "auto"
+
+
+def test_a_dicom_seg_needs_the_adversarial_dicom_series_it_references():
+    """--seg-format dicom with --output-format nifti wrote prediction_adversarial.dcm referencing the source series
+    (no adversarial DICOM series existed to reference); it is refused before any attack."""
+    import numpy as np
+
+    from medis3d.io.volume import Volume
+
+    series = Volume(np.zeros((1, 4, 4, 4), np.float32), np.eye(4), path=None, format="dicom")
+    assert AttackConfig(seg_format="dicom").formats(series) == ("dicom",)
+    assert AttackConfig(seg_format="dicom", output_format="both").formats(series) == ("dicom", "nifti")
+    with pytest.raises(InputError, match="--seg-format dicom .* --output-format nifti does not write") as caught:
+        AttackConfig(seg_format="dicom", output_format="nifti").formats(series)
+    assert "\n" not in str(caught.value)

@@ -72,6 +72,29 @@ def test_label_map_written_on_grid(tmp_path):
     assert np.allclose(back.affine, AFFINE, atol=1e-5)
 
 
+def test_maps_do_not_inherit_the_scans_display_window_or_intent(tmp_path):
+    """Label maps and the perturbation copied the scan's cal_min/cal_max (-100..300: labels 0 and 1 drawn black in a
+    viewer that honours them) and its intent (a t statistic). A map now has no window, the label intent for labels
+    and none for the perturbation; the adversarial scan keeps the scan's header as it was."""
+    header = nib.Nifti1Header()
+    header["cal_min"], header["cal_max"] = -100, 300
+    header.set_intent("t test", (10,), name="tstat")
+    nib.save(nib.Nifti1Image(np.zeros((6, 7, 8), np.int16), AFFINE, header), str(tmp_path / "in.nii.gz"))
+    vol = read_volume(tmp_path / "in.nii.gz")
+    labels = np.zeros((6, 7, 8), np.uint8)
+    labels[2:4, 3:5, 1:6] = 1
+    written = {"labels": write_nifti(vol, tmp_path / "labels.nii.gz", labels, dtype=np.uint8),
+               "perturbation": write_nifti(vol, tmp_path / "perturbation.nii.gz", labels * 0.5, dtype=np.float32),
+               "scan": write_nifti(vol, tmp_path / "scan.nii.gz", labels * 7.0)}
+    back = {name: nib.load(str(path)).header for name, path in written.items()}
+    for name, intent in (("labels", "label"), ("perturbation", "none")):
+        assert (float(back[name]["cal_min"]), float(back[name]["cal_max"])) == (0.0, 0.0), name
+        assert back[name].get_intent() == (intent, (), ""), name
+        assert back[name].get_slope_inter() in ((None, None), (1.0, 0.0)), name
+    assert (float(back["scan"]["cal_min"]), float(back["scan"]["cal_max"])) == (-100.0, 300.0)
+    assert back["scan"].get_intent()[0] == "t test"
+
+
 def test_multichannel_4d(tmp_path):
     data = np.random.default_rng(1).random((6, 7, 8, 2)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "mc.nii.gz"))
@@ -96,3 +119,20 @@ def test_bad_inputs_raise_one_line(tmp_path, make, message):
         read_volume(path)
     text = str(err.value)
     assert message in text and str(path) in text and "\n" not in text
+
+
+@pytest.mark.parametrize("shape", [(6, 7, 8), (6, 7, 8, 2)])
+def test_unchanged_voxels_keep_the_sources_float64_values(tmp_path, shape):
+    """float32, the attack's type, cannot hold a float64 file's values: written back, every voxel changed (by up to
+    1e-4 here). The voxels marked unchanged are now the source's own, channels last as in the file."""
+    data = np.random.default_rng(2).uniform(-1000, 3000, shape)
+    nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "in.nii.gz"))
+    vol = read_volume(tmp_path / "in.nii.gz")
+    moved = vol.array.copy()
+    moved[..., :4] += 5
+    write_nifti(vol, tmp_path / "plain.nii.gz", moved)
+    assert (np.asarray(nib.load(str(tmp_path / "plain.nii.gz")).dataobj) != data).all()  # float32's rounding
+    write_nifti(vol, tmp_path / "out.nii.gz", moved, unchanged=moved == vol.array)
+    back = np.asarray(nib.load(str(tmp_path / "out.nii.gz")).dataobj)
+    assert back.dtype == np.float64 and np.array_equal(back[:, :, 4:], data[:, :, 4:])
+    assert np.allclose(back[:, :, :4], data[:, :, :4] + 5, atol=1e-3)

@@ -50,6 +50,7 @@ __all__ = [
     "read_dicom_series",
     "write_dicom_series",
     "write_dicom_seg",
+    "anonymized_headers",
     "LPS_TO_RAS",
 ]
 
@@ -850,6 +851,18 @@ def _anonymize(ds: Dataset, uid_map: dict) -> None:
     ds.DeidentificationMethod = "medis3d: DICOM PS3.15 basic profile (subset), UIDs remapped"
 
 
+def anonymized_headers(headers: Sequence[Dataset], uid_map: dict) -> list[Dataset]:
+    """Copies of ``headers`` de-identified as :func:`write_dicom_series` does with ``anonymize=True``: pass the same
+    ``uid_map`` to keep a SEG of the source in the anonymised series' study (one pseudonym, the same remapped study,
+    frame of reference and source instance UIDs)."""
+    copies = []
+    for header in headers:
+        ds = copy.deepcopy(header)
+        _anonymize(ds, uid_map)
+        copies.append(ds)
+    return copies
+
+
 def write_dicom_seg(
     source: Volume,
     labels: np.ndarray,
@@ -858,6 +871,7 @@ def write_dicom_seg(
     *,
     series_description: str = "medis3d segmentation",
     series_number: int | None = None,
+    images: Sequence[Dataset] | None = None,
 ) -> Path:
     """Write a label map on the source grid as a DICOM SEG (binary, one segment per class) with highdicom.
 
@@ -865,7 +879,9 @@ def write_dicom_seg(
     (0 = background is never a segment) to names. Or, for a multi-label (sigmoid) model, ``labels``
     is ``(C, I, J, K)`` 0/1 with ``C > 1``, one channel per label, which may overlap; ``class_names``
     then maps channel indices (0 included) to names. Labels not named are left out. The SEG
-    references the source instances and shares their study and frame of reference.
+    references ``images`` (headers of a series on the source grid in its slice order: the adversarial
+    series written from it, or the source's :func:`anonymized_headers`; default the source's own) and
+    takes their patient, study and frame of reference.
     """
     try:
         import highdicom as hd
@@ -875,6 +891,10 @@ def write_dicom_seg(
     headers = source.meta.get("dicom_headers")
     if source.format != "dicom" or not headers:
         raise InputError(f"{source.path}: not read from a DICOM series; cannot write a DICOM SEG")
+    if images is not None:
+        if len(images) != len(headers):
+            raise InputError(f"{path}: {len(images)} image header(s) for a series of {len(headers)} slices")
+        headers = list(images)
     values = np.asarray(labels)
     values = values[0] if values.ndim == 4 and values.shape[0] == 1 else values
     channels = values.ndim == 4  # one 0/1 channel per label (sigmoid), segments may overlap
@@ -906,21 +926,23 @@ def write_dicom_seg(
         for number, value in enumerate(named, start=1)
     ]
     base = source.meta.get("series_number")
-    seg = hd.seg.Segmentation(
-        source_images=list(headers),
-        pixel_array=np.ascontiguousarray(pixels),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(),
-        series_number=series_number if series_number is not None else (int(base) if base is not None else 0) + 2000,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer="medis3d",
-        manufacturer_model_name="medis3d",
-        software_versions=__version__,
-        device_serial_number="0",
-        series_description=series_description[:64],
-    )
+    with warnings.catch_warnings():  # an anonymised series' pseudonym is one name component, as meant
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        seg = hd.seg.Segmentation(
+            source_images=list(headers),
+            pixel_array=np.ascontiguousarray(pixels),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=generate_uid(),
+            series_number=series_number if series_number is not None else (int(base) if base is not None else 0) + 2000,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer="medis3d",
+            manufacturer_model_name="medis3d",
+            software_versions=__version__,
+            device_serial_number="0",
+            series_description=series_description[:64],
+        )
     path = Path(path)
     from medis3d.io.atomic import atomic_path
 

@@ -95,13 +95,21 @@ def _check_size(path: Path, image) -> None:
 
 
 def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = None, *, dtype=None,
-                description: str | None = None) -> Path:
+                description: str | None = None, unchanged: np.ndarray | None = None) -> Path:
     """Write ``array`` (default: the volume's own) on ``volume``'s grid, atomically.
 
     Without ``dtype`` the file stores values as the source does (quantised and clipped for
-    integer types, same slope and intercept; float types as they are, unscaled). With ``dtype`` (for label maps, float maps)
-    values are written as that type with no scaling. ``description`` replaces the source's
-    header description (``descrip``, 79 ASCII characters at most), so a file says what it is.
+    integer types, same slope and intercept; float types as they are, unscaled), with the source's header. With
+    ``dtype`` the file is a map derived from the scan, not the scan: values are written as that type with no scaling,
+    the scan's display window (``cal_min``/``cal_max``) is cleared so a viewer scales the map by its own values, and
+    the intent says what it is: ``NIFTI_INTENT_LABEL`` for an integer type (a label map), none for a float type
+    (a perturbation). ``description`` replaces the source's header description (``descrip``, 79 ASCII characters at
+    most), so a file says what it is.
+
+    ``unchanged`` (a boolean map shaped like ``array``: the voxels left as the source had them) keeps those voxels'
+    stored values exactly as the source file at ``volume.path`` holds them, where float32 (the array's type) cannot
+    hold every value of the stored type (float64, 32- and 64-bit integers): without it such a file would change at
+    voxels nothing touched.
     """
     path = Path(path)
     values = volume.array if array is None else np.asarray(array)
@@ -118,6 +126,8 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
             slope, intercept = 1.0, 0.0
         if np.ndim(slope) or np.ndim(intercept):  # per-slice scaling (DICOM source): store float
             stored, slope, intercept = volume.quantise(values).astype(np.float32), 1.0, 0.0
+        if unchanged is not None:
+            stored = _with_source_values(volume, stored, unchanged)
     else:
         stored, slope, intercept = np.asarray(values).astype(dtype), 1.0, 0.0
     header = header if isinstance(header, nib.Nifti1Header) else nib.Nifti1Header()
@@ -125,6 +135,9 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     image = kind(stored, volume.affine, header)
     image.set_data_dtype(stored.dtype)
     image.header.set_slope_inter(float(slope), float(intercept))
+    if dtype is not None:  # a map of the scan: not the scan's window, and its own intent
+        image.header["cal_min"] = image.header["cal_max"] = 0
+        image.header.set_intent("label" if np.issubdtype(stored.dtype, np.integer) else "none")
     if description is not None:
         image.header["descrip"] = description.encode("ascii", "replace")[:79]
     if header.get("sform_code", 0) == 0 and header.get("qform_code", 0) == 0:
@@ -135,3 +148,27 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     return path
 
 
+
+
+def _beyond_float32(dtype: np.dtype) -> bool:
+    """Whether float32 cannot hold every value of ``dtype`` (float64, 32- and 64-bit integers)."""
+    return dtype.itemsize > 4 or (np.issubdtype(dtype, np.integer) and dtype.itemsize == 4)
+
+
+def _with_source_values(volume: Volume, stored: np.ndarray, unchanged: np.ndarray) -> np.ndarray:
+    """``stored`` with the voxels in ``unchanged`` as the NIfTI source file stores them (see :func:`write_nifti`)."""
+    source = volume.path
+    if source is None or volume.format != "nifti" or not is_nifti(Path(source)) or not _beyond_float32(stored.dtype):
+        return stored
+    image = open_nifti(source)
+    if np.dtype(image.get_data_dtype()) != stored.dtype or math.prod(image.shape) != stored.size:
+        return stored
+    keep = np.asarray(unchanged, dtype=bool)
+    keep = keep[0] if keep.ndim == 4 and keep.shape[0] == 1 else np.moveaxis(keep, 0, -1) if keep.ndim == 4 else keep
+    if np.issubdtype(stored.dtype, np.integer):  # written with the source's slope and intercept: its own integers
+        exact = np.asarray(image.dataobj.get_unscaled()).reshape(stored.shape)
+    else:  # float written unscaled: the source's values, scaled in float64 as nibabel reads them
+        exact = np.asarray(image.get_fdata(dtype=np.float64)).reshape(stored.shape).astype(stored.dtype)
+    out = np.array(stored, copy=True)
+    out[keep] = exact[keep]
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -175,10 +177,27 @@ def safe_name(text: str, default: str = "volume") -> str:
     return cleaned[:120] or default
 
 
-def make_names_unique(items: list) -> list:
-    """Give items (with a ``name`` attribute) unique names: a repeat becomes ``name_2``, ``name_3``..."""
+def make_names_unique(items: list, key: Callable[[Any], str] | None = None,
+                      owns: Callable[[Any], bool] | None = None) -> list:
+    """Give items (with a ``name`` attribute) unique names.
+
+    Without ``key`` a repeat becomes ``name_2``, ``name_3``... in order. With ``key`` (an item's stable identity, such
+    as its relative path) a shared name stays with the one item that ``owns`` it (its name is its own text, not one
+    made safe), if exactly one does, and each other becomes ``name_<8 hex digits of its key's SHA-1>``: no item's name
+    then depends on which other items there are, so a file added or removed never renames another one."""
+    if key is not None:
+        groups: dict[str, list] = {}
+        for item in items:
+            groups.setdefault(item.name, []).append(item)
+        for name, group in groups.items():
+            if len(group) < 2:
+                continue
+            owners = [item for item in group if owns is not None and owns(item)]
+            for item in group:
+                if len(owners) != 1 or item is not owners[0]:
+                    item.name = f"{name}_{hashlib.sha1(key(item).encode()).hexdigest()[:8]}"
     seen: dict[str, int] = {}
-    for item in items:
+    for item in items:  # what is still repeated (none, unless a file is named like another's hashed name)
         n = seen.get(item.name, 0)
         seen[item.name] = n + 1
         if n:
