@@ -333,15 +333,19 @@ def _stored_step_notices(volume: Volume, result: MedISResult, medis: MedIS) -> l
     the smallest of a series' slices): every perturbation rounds back to the source there (Volume.quantise keeps the
     stored value within the budget), so no voxel of that file can change, whatever the attack."""
     notices = []
-    eps = float(result.eps_native)
-    for source in volume.channel_volumes or [volume]:
+    sources = volume.channel_volumes or [volume]
+    # each channel's own radius (with a budget per channel, its share of its own range) and native units per unit
+    radii, units = result.eps_native_per_channel, result.native_per_normalized_per_channel
+    for c, source in enumerate(sources):
         if not source.is_integer:
             continue
+        eps = float(radii[c] if len(radii) == len(sources) else result.eps_native)
         step = float(np.min(np.abs(np.asarray(source.slope, dtype=np.float64))))
         if eps >= step * (1 - 1e-6):  # quantise's own tolerance: one stored step fits
             continue
         normalized = medis.eps_units == "normalized"
-        needed = _rounded_up(step / result.native_per_normalized * 255 if normalized else step) + ("/255" if normalized else "")
+        unit = float(units[c] if len(units) == len(sources) else result.native_per_normalized)
+        needed = _rounded_up(step / unit * 255 if normalized else step) + ("/255" if normalized else "")
         name = f" {source.path}" if volume.channel_volumes else ""
         notices.append(f"the budget ({'L2 ' if medis.norm == 'l2' else ''}eps {eps:.4g} native units) is below the stored "
                        f"step of the file{name} ({step:.4g} native units: {source.stored_dtype} with slope {step:.4g}), so "

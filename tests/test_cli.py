@@ -258,7 +258,8 @@ def test_a_budget_below_the_files_stored_step_says_no_voxel_can_change(tiny_bund
     from medis3d.workflow import _stored_step_notices
 
     volume = read_volume(tmp_path / "u8.nii.gz")
-    at = lambda eps: SimpleNamespace(eps_native=eps, native_per_normalized=400 / 255)  # noqa: E731
+    at = lambda eps: SimpleNamespace(eps_native=eps, native_per_normalized=400 / 255, eps_native_per_channel=[eps],  # noqa: E731
+                                     native_per_normalized_per_channel=[400 / 255])
     medis = SimpleNamespace(eps_units="normalized", norm="linf")
     assert _stored_step_notices(volume, at(1.28 / 255 * 400), medis) == []  # one step fits: nothing to say
     assert len(_stored_step_notices(volume, at(1.9), SimpleNamespace(eps_units="native", norm="l2"))) == 1  # L2 alike
