@@ -6,7 +6,8 @@ the same grid), each step on a mix of the clean crops and adversarial ones made 
 PGD (Madry et al. 2018) or APGD (Croce & Hein 2020, each crop its own step size and best iterate) with a
 random start inside an L-inf ball whose radius grows over a warm-up.
 The adversarial crops ascend a loss from medis3d's registry (:mod:`medis3d.losses`) and are kept in
-the ball and the model's intensity range by :class:`~medis3d.attacks.base.Budget`. The training
+the ball and the model's intensity range (or no farther outside it than an augmented or padded crop's voxel
+lies: :func:`crop_bounds`) by :class:`~medis3d.attacks.base.Budget`. The training
 loss is the bundle's own (``loss`` in its train config, MONAI and torch classes only) or DiceCE;
 augmentation is the random transforms of the train config's preprocessing, where there is one.
 
@@ -279,13 +280,23 @@ def augmentation(cfg, notices: list[str]) -> tuple[list, list[str]]:
 # -- the training attack -------------------------------------------------------------------------
 
 
+def crop_bounds(x: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid range of each voxel of the crops ``x``: the training volumes' model-space range ``[low, high]``,
+    widened to the voxel's own value where it lies outside (an intensity augmentation scales and shifts the crops
+    beyond it, and SpatialPadd pads with 0), so a voxel may move towards the range by eps but is never pulled back
+    into it by more: a clip to ``[low, high]`` alone moved such voxels by up to 88.8/255 under an 8/255 budget."""
+    return torch.clamp(x, max=low), torch.clamp(x, min=high)
+
+
 def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, eps: float, step: float,
                       steps: int, low: float, high: float, generator: torch.Generator, autocast=None) -> torch.Tensor:
     """PGD with a uniform random start in the L-inf ball of radius ``eps`` around ``x`` (clipped to
-    ``[low, high]``): ``steps`` signed-gradient steps of size ``step`` ascending ``loss_fn(logits, y)``."""
+    ``[low, high]``, widened to each voxel's own value where ``x`` lies outside: :func:`crop_bounds`): ``steps``
+    signed-gradient steps of size ``step`` ascending ``loss_fn(logits, y)``."""
     from medis3d.attacks.base import Budget
 
-    budget = Budget(eps=eps, step=step, steps=steps, low=low, high=high)
+    below, above = crop_bounds(x, low, high)
+    budget = Budget(eps=eps, step=step, steps=steps, low=below, high=above)
     noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * eps
     adv = budget.project(x + noise, x).detach()
     for _ in range(steps):
@@ -303,11 +314,13 @@ def apgd_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Cal
     """APGD (Croce & Hein 2020) on a batch of crops, each crop with its own step size and best iterate: from a
     uniform random start in the L-inf ball, step 2 eps, momentum, and at APGD's checkpoints the step halved and
     the search sent back to the crop's best iterate where too few steps raised its loss (medis3d.attacks.apgd's
-    schedule). Returns each crop's iterate of the highest ``loss_fn`` (steps + 1 passes with a gradient)."""
+    schedule), kept in the range :func:`adversarial_batch` keeps. Returns each crop's iterate of the highest ``loss_fn``
+    (steps + 1 passes with a gradient)."""
     from medis3d.attacks.apgd import MOMENTUM, RHO, checkpoints
     from medis3d.attacks.base import Budget
 
-    budget = Budget(eps=eps, step=2 * eps, steps=steps, low=low, high=high)
+    below, above = crop_bounds(x, low, high)
+    budget = Budget(eps=eps, step=2 * eps, steps=steps, low=below, high=above)
     n = x.shape[0]
     shape = (n,) + (1,) * (x.dim() - 1)
 

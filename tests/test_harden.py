@@ -346,6 +346,34 @@ def test_the_apgd_training_attack_keeps_each_crops_strongest_iterate_in_its_ball
             assert crop_loss(adv, i) >= 0.9 * crop_loss(pgd, i)
 
 
+def test_training_attack_stays_within_eps_of_augmented_and_padded_crops(tiny_target, tmp_path):
+    """Crops are made after the train config's intensity augmentation and padded with 0 where the crop is larger
+    than the volume, so their voxels can lie outside the training volumes' model-space range: the attack moves each
+    voxel by eps at most (it used to clip them back into the range: 30.9-88.8/255 under an 8/255 budget)."""
+    from monai.transforms import RandScaleIntensityd, RandShiftIntensityd
+
+    from medis3d.harden import _Sampler
+    from medis3d.losses import get_loss
+
+    case = _model_space_case(tiny_target, tmp_path)
+    assert case.low > 0  # the padding's 0 lies below the range
+    loss = get_loss("ce", "softmax")
+    eps = 8 / 255
+    augment = [RandShiftIntensityd(keys="image", offsets=0.2, prob=1.0), RandScaleIntensityd(keys="image", factors=0.2, prob=1.0)]
+    padded = tuple((s // 8 + 1) * 8 for s in case.image.shape[1:])  # larger than the volume, as the UNet takes it
+    for transforms, crop in ((augment, (24, 24, 24)), ([], padded)):
+        x, y = _Sampler([case], transforms, crop, 2, 0, "softmax", 2)(0)
+        outside = (x < case.low) | (x > case.high)
+        assert float(outside.float().mean()) > 0.01
+        for adv in (adversarial_batch(tiny_target.network, x, y.long(), loss, eps, 2.5 * eps / 2, 2, case.low, case.high,
+                                      torch.Generator().manual_seed(0)),
+                    apgd_batch(tiny_target.network, x, y.long(), loss, eps, 2, case.low, case.high, torch.Generator().manual_seed(0))):
+            assert float((adv - x).abs().max()) <= eps + 1e-6
+            # inside the range, or no farther outside it than the crop itself
+            assert bool((adv >= torch.clamp(x, max=case.low)).all() and (adv <= torch.clamp(x, min=case.high)).all())
+            assert float((adv - x)[outside].abs().max()) > eps / 2  # those voxels are attacked too
+
+
 def test_harden_trains_against_apgd_when_asked(tiny_bundle, tmp_path):
     dataset = _dataset(tmp_path)
     out = tmp_path / "robust"
