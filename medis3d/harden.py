@@ -4,7 +4,8 @@ The network is fine-tuned on random crops of the training volumes in model space
 inference preprocessing, exactly as :class:`~medis3d.target.Target` runs it; labels resampled onto
 the same grid), each step on a mix of the clean crops and adversarial ones made by a few steps of
 PGD (Madry et al. 2018) or APGD (Croce & Hein 2020, each crop its own step size and best iterate) with a
-random start inside an L-inf ball whose radius grows over a warm-up.
+random start inside an L-inf ball whose radius grows over a warm-up; the radius is a budget in the unit of
+``attack`` and ``evaluate``, taken into each volume's model space (:func:`eps_units`).
 The adversarial crops ascend a loss from medis3d's registry (:mod:`medis3d.losses`) and are kept in
 the ball and the model's intensity range (or no farther outside it than an augmented or padded crop's voxel
 lies: :func:`crop_bounds`) by :class:`~medis3d.attacks.base.Budget`. The training
@@ -42,7 +43,7 @@ from medis3d.html_report import eps50_label, harden_page, number
 from medis3d.io import read_volume
 from medis3d.io.atomic import atomic_path, write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
-from medis3d.io.volume import make_names_unique
+from medis3d.io.volume import Volume, make_names_unique
 from medis3d.study import Case, datalist_cases, read_datalist, read_dataset
 from medis3d.target import Target
 
@@ -64,7 +65,7 @@ TRAINING_ATTACKS = ("pgd", "apgd")
 class HardenOptions:
     """How the network is fine-tuned, and how source and result are compared at the end."""
 
-    eps: float = 8 / 255  # the L-inf radius of the training attack, in the model's normalised intensity units
+    eps: float = 8 / 255  # the training attack's L-inf radius in attack's and evaluate's units (eps_units: per volume)
     attack: str = "pgd"  # the training attack: pgd (Madry et al.) or apgd (Auto-PGD's step control, per crop)
     attack_steps: int = 2  # attack steps per training batch
     attack_step: float | None = None  # PGD step size; default 2.5 eps / steps (Madry et al.); APGD chooses its own
@@ -163,13 +164,15 @@ def read_training_dataset(dataset: Path, labels: Path | None = None, val_split: 
 @dataclass
 class ModelSpaceCase:
     """One training volume in model space: the preprocessed image ``(C, *S)``, its label on the same grid
-    (``(1, *S)`` class indices for softmax, ``(C, *S)`` 0/1 channels for sigmoid) and the image's range."""
+    (``(1, *S)`` class indices for softmax, ``(C, *S)`` 0/1 channels for sigmoid), the image's range, and per
+    channel the model-space units one unit of eps makes for this volume (:func:`eps_units`)."""
 
     name: str
     image: torch.Tensor
     label: torch.Tensor
     low: float
     high: float
+    units: tuple[float, ...]
 
 
 def label_to_model_space(target: Target, segmentation: np.ndarray, scan_affine: np.ndarray, model_input) -> torch.Tensor:
@@ -208,7 +211,55 @@ def model_space_case(target: Target, case: Case) -> ModelSpaceCase:
     label = label_to_model_space(target, segmentation, volume.affine, model_input)
     if not (label > 0).any():
         raise InputError(f"{case.label}: the label marks no structure in the model's field of view")
-    return ModelSpaceCase(case.name, image, label, float(image.min()), float(image.max()))
+    return ModelSpaceCase(case.name, image, label, float(image.min()), float(image.max()), eps_units(target, volume))
+
+
+def eps_units(target: Target, volume: Volume) -> tuple[float, ...]:
+    """Model-space units per unit of eps for ``volume``, one per input channel: the native units that ``attack`` and
+    ``evaluate`` make of one unit of a budget (:meth:`Target.intensity_scales`: a fixed window's span, else the scan's
+    0.5-99.5 percentile range, each channel's own where the model normalises them apart) times the preprocessing's
+    model-space units per native unit (:func:`intensity_gain`). 1 for a fixed ScaleIntensityRange window; for a
+    z-scored bundle the scan's percentile range over its standard deviation (6.3 on the tests' synthetic scans)."""
+    scales = target.intensity_scales(volume)
+    native = scales.per_channel or (scales.scale,) * volume.channels
+    return tuple(float(n * g) for n, g in zip(native, intensity_gain(target, volume)))
+
+
+def intensity_gain(target: Target, volume: Volume, points: int = 5) -> tuple[float, ...]:
+    """Model-space units per native unit of intensity, per input channel, as the preprocessing maps ``volume``: the
+    derivative of a model-space voxel with respect to the native voxels of the box around the point it samples,
+    summed (the resampling's weights sum to 1 there; statistics taken over the whole volume, a z-score's mean and
+    deviation, move the sum by a share of the order of the box's size over the volume's). Measured at ``points``
+    voxels of each channel, at evenly spaced quantiles of its values that are not 0 (a NormalizeIntensity over the
+    nonzero voxels passes zeros through) and whose box lies inside the scan; the median of them, 1.0 where no voxel
+    qualifies. The gradient is the attacks' own (a clip's is passed straight through: a window's slope)."""
+    x = torch.as_tensor(volume.array, dtype=torch.float32, device=target.device).clone().requires_grad_(True)
+    model_input = target.model_input(x, volume)
+    m = model_input.as_tensor()
+    to_native = np.linalg.inv(np.asarray(volume.affine, dtype=np.float64)) @ np.asarray(model_input.affine, dtype=np.float64)
+    half = np.maximum(1, np.ceil(np.abs(to_native[:3, :3]).max(axis=1))).astype(int)  # a model voxel's reach, in native voxels
+    shape = np.asarray(volume.array.shape[1:])
+    gains = []
+    for c in range(min(m.shape[0], x.shape[0])):
+        values = m[c].detach().flatten()
+        nonzero = torch.nonzero(values != 0).flatten()
+        found = []
+        if nonzero.numel():
+            kept = values[nonzero]
+            ranked = kept.sort().values
+            for q in ((k + 0.5) / points for k in range(points)):
+                near = torch.topk((kept - ranked[int(q * (ranked.numel() - 1))]).abs(), min(64, kept.numel()), largest=False).indices
+                for flat in nonzero[near].tolist():  # the voxels nearest the quantile, nearest first
+                    index = tuple(int(i) for i in np.unravel_index(flat, tuple(m.shape[1:])))
+                    centre = np.rint((to_native @ np.asarray(index + (1,), dtype=np.float64))[:3]).astype(int)
+                    if np.all(centre - half >= 0) and np.all(centre + half < shape):
+                        grad, = torch.autograd.grad(m[c][index], x, retain_graph=True)
+                        box = tuple(slice(int(a - h), int(a + h + 1)) for a, h in zip(centre, half))
+                        found.append(float(grad[c][box].sum()))
+                        break
+        usable = [g for g in found if math.isfinite(g) and g > 0]
+        gains.append(float(np.median(usable)) if usable else 1.0)
+    return tuple(gains)
 
 
 # -- the bundle's training pieces ----------------------------------------------------------------
@@ -288,16 +339,28 @@ def crop_bounds(x: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor,
     return torch.clamp(x, max=low), torch.clamp(x, min=high)
 
 
-def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, eps: float, step: float,
-                      steps: int, low: float, high: float, generator: torch.Generator, autocast=None) -> torch.Tensor:
-    """PGD with a uniform random start in the L-inf ball of radius ``eps`` around ``x`` (clipped to
-    ``[low, high]``, widened to each voxel's own value where ``x`` lies outside: :func:`crop_bounds`): ``steps``
-    signed-gradient steps of size ``step`` ascending ``loss_fn(logits, y)``."""
+def _training_budget(x: torch.Tensor, eps: float, step: float, steps: int, low: float, high: float,
+                     units: torch.Tensor | None):
+    """The training attack's :class:`~medis3d.attacks.base.Budget` for the crops ``x`` (model space), and its radius
+    in model-space units: eps times ``units`` (model-space units per unit of eps, per crop and channel, broadcasting
+    over ``x``: :func:`eps_units`; None: eps is in model-space units), the range :func:`crop_bounds`."""
     from medis3d.attacks.base import Budget
 
     below, above = crop_bounds(x, low, high)
-    budget = Budget(eps=eps, step=step, steps=steps, low=below, high=above)
-    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * eps
+    scale = None if units is None else units.detach().double().cpu().numpy()
+    radius = eps if units is None else eps * units.to(device=x.device, dtype=x.dtype)
+    return Budget(eps=eps, step=step, steps=steps, low=below, high=above, scale=scale), radius
+
+
+def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, eps: float, step: float,
+                      steps: int, low: float, high: float, generator: torch.Generator, autocast=None,
+                      units: torch.Tensor | None = None) -> torch.Tensor:
+    """PGD with a uniform random start in the L-inf ball of radius ``eps`` around ``x`` (clipped to
+    ``[low, high]``, widened to each voxel's own value where ``x`` lies outside: :func:`crop_bounds`): ``steps``
+    signed-gradient steps of size ``step`` ascending ``loss_fn(logits, y)``. ``eps`` and ``step`` are in units of
+    ``units`` model-space units (per crop and channel: :func:`eps_units`), or in model-space units without it."""
+    budget, radius = _training_budget(x, eps, step, steps, low, high, units)
+    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * radius
     adv = budget.project(x + noise, x).detach()
     for _ in range(steps):
         adv.requires_grad_(True)
@@ -310,17 +373,15 @@ def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_
 
 
 def apgd_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, eps: float, steps: int, low: float,
-               high: float, generator: torch.Generator, autocast=None) -> torch.Tensor:
+               high: float, generator: torch.Generator, autocast=None, units: torch.Tensor | None = None) -> torch.Tensor:
     """APGD (Croce & Hein 2020) on a batch of crops, each crop with its own step size and best iterate: from a
     uniform random start in the L-inf ball, step 2 eps, momentum, and at APGD's checkpoints the step halved and
     the search sent back to the crop's best iterate where too few steps raised its loss (medis3d.attacks.apgd's
-    schedule), kept in the range :func:`adversarial_batch` keeps. Returns each crop's iterate of the highest ``loss_fn``
-    (steps + 1 passes with a gradient)."""
+    schedule), kept in the range :func:`adversarial_batch` keeps, ``eps`` in its units. Returns each crop's iterate of
+    the highest ``loss_fn`` (steps + 1 passes with a gradient)."""
     from medis3d.attacks.apgd import MOMENTUM, RHO, checkpoints
-    from medis3d.attacks.base import Budget
 
-    below, above = crop_bounds(x, low, high)
-    budget = Budget(eps=eps, step=2 * eps, steps=steps, low=below, high=above)
+    budget, radius = _training_budget(x, eps, 2 * eps, steps, low, high, units)
     n = x.shape[0]
     shape = (n,) + (1,) * (x.dim() - 1)
 
@@ -333,7 +394,7 @@ def apgd_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Cal
         grad, = torch.autograd.grad(losses.sum(), point)
         return losses.detach(), grad
 
-    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * eps
+    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * radius
     current = budget.project(x + noise, x).detach()
     f_x, grad = evaluate(current)
     previous, best, f_best, grad_best = current, current, f_x, grad
@@ -408,7 +469,8 @@ def _autocast_for(device: torch.device, enabled: bool):
 
 
 class _Sampler:
-    """Crops for optimiser step ``i``: the same ones on every run (random state from the seed and ``i``)."""
+    """Crops for optimiser step ``i``: the same ones on every run (random state from the seed and ``i``), their labels,
+    and each crop's volume's model-space units per unit of eps ``(batch, C, 1, ...)`` (:func:`eps_units`)."""
 
     def __init__(self, cases: list[ModelSpaceCase], transforms: list, crop: tuple[int, ...], batch: int, seed: int,
                  activation: str, classes: int):
@@ -418,9 +480,9 @@ class _Sampler:
         self.compose = Compose([*transforms, SpatialPadd(keys=["image", "label"], spatial_size=list(crop)),
                                 RandSpatialCropd(keys=["image", "label"], roi_size=list(crop), random_size=False)])
 
-    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, i])
-        images, labels = [], []
+        images, labels, units = [], [], []
         for _ in range(self.batch):
             case = self.cases[int(rng.integers(len(self.cases)))]
             self.compose.set_random_state(seed=int(rng.integers(2**31 - 1)))
@@ -433,7 +495,8 @@ class _Sampler:
                 label = (label > 0.5).float()
             images.append(image)
             labels.append(label)
-        return torch.stack(images), torch.stack(labels)
+            units.append(torch.tensor(case.units, dtype=torch.float32).view((-1,) + (1,) * (image.dim() - 1)))
+        return torch.stack(images), torch.stack(labels), torch.stack(units)
 
 
 def _prepare_out(out: Path, state: Path) -> None:
@@ -537,7 +600,9 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
         scheduler.load_state_dict(saved["scheduler"])
         start, log, train_s = saved["step"], saved["log"], saved["train_s"]
         note("phase", {"text": f"continuing from step {start} of {options.steps} ({checkpoint_file})"})
+    per_eps = [u for c in train_cases for u in c.units]
     recipe = {"loss": loss_name, "augmentation": aug_names, "crop": list(crop), "model_range": [low, high],
+              "model_units_per_eps": [min(per_eps), max(per_eps)],
               "train_minutes": 0.0, "device": str(dev), "notices": notices,
               "training_volumes": [c.name for c in train_cases], "validation_volumes": [c.name for c in validation],
               "calibration": None}
@@ -557,17 +622,17 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
     for i in range(start, options.steps):
         began = time.perf_counter()
         torch.manual_seed(options.seed * 1_000_003 + i)
-        x, y = sampler(i)
+        x, y, units = sampler(i)
         x, y = x.to(dev), y.to(dev)
         eps = options.eps_at(i)
         network.eval()
         generator = torch.Generator().manual_seed(options.seed * 7919 + i)
         reference = y.long() if target.activation == "softmax" else y
         if options.attack == "apgd":
-            adv = apgd_batch(network, x, reference, attack_loss, eps, options.attack_steps, low, high, generator, autocast)
+            adv = apgd_batch(network, x, reference, attack_loss, eps, options.attack_steps, low, high, generator, autocast, units)
         else:
             adv = adversarial_batch(network, x, reference, attack_loss, eps, options.attack_step_size() * eps / options.eps,
-                                    options.attack_steps, low, high, generator, autocast)
+                                    options.attack_steps, low, high, generator, autocast, units)
         network.train()
         optimizer.zero_grad(set_to_none=True)
         with autocast() if autocast is not None else contextlib.nullcontext():
@@ -960,6 +1025,16 @@ def _attack_words(options: HardenOptions) -> str:
     return f"PGD, {options.attack_steps} step(s) of {options.attack_step_size() * 255:.3g}/255"
 
 
+def _eps_words(eps: float, recipe: dict) -> str:
+    """What the training radius is: a budget in the unit of ``attack`` and the evaluation, and in model-space units."""
+    low, high = recipe["model_units_per_eps"]
+    same = math.isclose(low, high, rel_tol=1e-3)
+    each = f"{low:.3g} model-space units" if same else f"{low:.3g} to {high:.3g} model-space units, by volume"
+    radius = f"{eps * low:.3g}" if same else f"{eps * low:.3g} to {eps * high:.3g}"
+    return (f"of the model's normalised intensity range, the unit of `medis3d attack` and `evaluate` budgets "
+            f"(one unit of it is {each}: a radius of {radius} in model space)")
+
+
 def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: dict | None) -> str:
     """The hardened bundle's docs/README.md: what it is, the recipe, the before/after table."""
     lines = [f"# {source_name}, adversarially hardened by medis3d", "",
@@ -971,9 +1046,11 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
              f"{', '.join(recipe['validation_volumes']) or '-'}.",
              f"* {options.steps} AdamW steps (lr {options.lr:g}, weight decay {options.weight_decay:g}, warm-up then cosine), "
              f"{options.batch} crop(s) of {'x'.join(map(str, recipe['crop']))} model-space voxels per step, seed {options.seed}.",
-             f"* Adversarial crops: {_attack_words(options)} from a uniform random start, L-inf eps {_per255(options.eps)}/255 of the model's intensity range "
-             f"({recipe['model_range'][0]:.3g} to {recipe['model_range'][1]:.3g}), growing linearly over the first "
-             f"{options.warmup:.0%} of the steps; the attack ascends `{options.attack_loss}`.",
+             f"* Adversarial crops: {_attack_words(options)} from a uniform random start, L-inf eps {_per255(options.eps)}/255 "
+             f"{_eps_words(options.eps, recipe)}, growing linearly over the first {options.warmup:.0%} of the steps; "
+             f"the attack ascends `{options.attack_loss}`; each voxel kept inside the training volumes' model-space range "
+             f"({recipe['model_range'][0]:.3g} to {recipe['model_range'][1]:.3g}), or no farther outside it than an augmented or "
+             "padded crop's voxel lies.",
              f"* Loss: (1 - {options.adv_weight:g}) x clean + {options.adv_weight:g} x adversarial, each {recipe['loss']}.",
              f"* Augmentation: {', '.join(recipe['augmentation']) or 'random crops only'}.",
              _calibration_words(recipe.get("calibration")),

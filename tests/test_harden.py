@@ -362,7 +362,7 @@ def test_training_attack_stays_within_eps_of_augmented_and_padded_crops(tiny_tar
     augment = [RandShiftIntensityd(keys="image", offsets=0.2, prob=1.0), RandScaleIntensityd(keys="image", factors=0.2, prob=1.0)]
     padded = tuple((s // 8 + 1) * 8 for s in case.image.shape[1:])  # larger than the volume, as the UNet takes it
     for transforms, crop in ((augment, (24, 24, 24)), ([], padded)):
-        x, y = _Sampler([case], transforms, crop, 2, 0, "softmax", 2)(0)
+        x, y, _ = _Sampler([case], transforms, crop, 2, 0, "softmax", 2)(0)
         outside = (x < case.low) | (x > case.high)
         assert float(outside.float().mean()) > 0.01
         for adv in (adversarial_batch(tiny_target.network, x, y.long(), loss, eps, 2.5 * eps / 2, 2, case.low, case.high,
@@ -372,6 +372,60 @@ def test_training_attack_stays_within_eps_of_augmented_and_padded_crops(tiny_tar
             # inside the range, or no farther outside it than the crop itself
             assert bool((adv >= torch.clamp(x, max=case.low)).all() and (adv <= torch.clamp(x, min=case.high)).all())
             assert float((adv - x)[outside].abs().max()) > eps / 2  # those voxels are attacked too
+
+
+def _zscore_bundle(tiny_bundle: Path, where: Path) -> Path:
+    """The tiny bundle with a z-score (NormalizeIntensity) in place of its fixed intensity window."""
+    bundle = where / "zscore_bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    steps = config["preprocessing"]["transforms"]
+    window = next(i for i, t in enumerate(steps) if t["_target_"] == "ScaleIntensityRanged")
+    steps[window] = {"_target_": "NormalizeIntensityd", "keys": "@image_key"}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    return bundle
+
+
+def test_training_radius_is_the_evaluations_budget_in_model_space(tiny_bundle, tiny_target, tmp_path):
+    """--eps is a budget in the unit of attack and evaluate (fractions of the model's normalised intensity range: a
+    fixed window's span, else the scan's percentile range, in native units); the training attack, in model space,
+    takes it through the preprocessing's slope. With a fixed window that is eps itself; under a z-score it used to be
+    eps in model-space units too (0.0314 at 8/255), where the evaluation's ball reaches 0.17-0.24 in model space."""
+    from medis3d.harden import _Sampler
+    from medis3d.losses import get_loss
+
+    dataset = _dataset(tmp_path, train=2, validation=1)
+    train, _ = read_training_dataset(dataset)
+    eps = 8 / 255
+    assert model_space_case(tiny_target, train[0]).units == pytest.approx((1.0,), rel=1e-5)
+    zscore = _zscore_bundle(tiny_bundle, tmp_path)
+    target = load_bundle(zscore)
+    for case in train:
+        volume = read_volume(case.image)
+        # the evaluation's radius in model space, measured: a small bump of native intensity through the preprocessing
+        bump = torch.zeros(volume.array.shape)
+        bump[0, 16:20, 16:20, 14:18] = 0.01  # small beside the volume: its mean and deviation barely move
+        with torch.no_grad():
+            clean = target.model_input(torch.from_numpy(volume.array), volume).as_tensor()
+            moved = target.model_input(torch.from_numpy(volume.array) + bump, volume).as_tensor()
+        radius = eps * target.intensity_scale(volume)[0] * float((moved - clean).max()) / 0.01
+        assert 0.1 < radius < 0.3  # far from 8/255 = 0.0314
+        ms = model_space_case(target, case)
+        assert eps * ms.units[0] == pytest.approx(radius, rel=0.01)
+        x, y, units = _Sampler([ms], [], (24, 24, 24), 2, 0, "softmax", 2)(0)
+        adv = adversarial_batch(target.network, x, y.long(), get_loss("ce", "softmax"), eps, 2.5 * eps / 2, 2, ms.low, ms.high,
+                                torch.Generator().manual_seed(0), units=units)
+        assert float((adv - x).abs().max()) == pytest.approx(radius, rel=0.01)
+    # the recipe says the radius in both units
+    out = tmp_path / "robust"
+    result = runner.invoke(app, ["harden", str(zscore), str(dataset), "--out", str(out), "--steps", "1", "--crop", "24",
+                                 "--quiet", "--no-eval", "--no-calibrate"])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((out / "configs" / "metadata.json").read_text())["medis3d_hardening"]["recipe"]
+    low, high = recipe["model_units_per_eps"]
+    assert 0.1 < eps * low < eps * high < 0.3
+    readme = (out / "docs" / "README.md").read_text()
+    assert f"a radius of {eps * low:.3g} to {eps * high:.3g} in model space" in readme
 
 
 def test_harden_trains_against_apgd_when_asked(tiny_bundle, tmp_path):
