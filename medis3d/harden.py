@@ -433,9 +433,22 @@ class HardenResult:
     notices: list[str] = field(default_factory=list)
 
 
-def _digest(cases: Sequence[Case], source: Path) -> str:
-    text = "\n".join([str(source.resolve())] + [f"{c.image}|{c.label}" for c in cases])
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+# what a checkpoint's digest covers, in words for the refusal of a run whose source or data changed
+_DIGESTED = {"source": "source model (its weights or configs)", "dataset": "dataset (its volumes or labels)"}
+
+
+def _digest(cases: Sequence[Case], source: Path, target: Target) -> dict[str, str]:
+    """What a run continues only with: the source model by its content (:meth:`Target.fingerprint`: weights,
+    preprocessing, classes; and every file of its ``configs/``, the train config's augmentation and loss among them),
+    and the dataset by its cases' paths and the contents of every image and label (:func:`files_digest`). A path
+    alone let a run continue after the weights at it were replaced, and publish source and hardened figures of
+    different models."""
+    from medis3d.study import files_digest
+
+    model = "\n".join([target.fingerprint(), files_digest(str(source / "configs"))])
+    data = "\n".join(f"{c.image}|{c.label}|{files_digest(str(c.image))}|{files_digest(str(c.label)) if c.label else ''}"
+                     for c in cases)
+    return {"source": hashlib.sha1(model.encode()).hexdigest()[:16], "dataset": hashlib.sha1(data.encode()).hexdigest()[:16]}
 
 
 def _settings(options: HardenOptions) -> dict:
@@ -544,7 +557,7 @@ def harden(source: str | Path | None, dataset: Path, out: Path, options: HardenO
         train_cfg = SafeConfig(read_config(train_path), train_path, trust=trust) if train_path else None
         with output_lock(out), writing(out):
             return _run(target, bundle, train_cases, validation, out, state, options, train_cfg, trust, device,
-                        name or bundle_name(source), note, _digest(train + validation, bundle))
+                        name or bundle_name(source), note, _digest(train + validation, bundle, target))
 
 
 def _emit(progress):
@@ -555,7 +568,7 @@ def _emit(progress):
 
 
 def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], validation: list[Case], out: Path, state: Path,
-         options: HardenOptions, train_cfg, trust: bool, device: str, source_name: str, note, digest: str) -> HardenResult:
+         options: HardenOptions, train_cfg, trust: bool, device: str, source_name: str, note, digest: dict) -> HardenResult:
     from medis3d.checkpointing import disable_checkpointing, enable_checkpointing
     from medis3d.losses import get_loss
     from medis3d.memory import amp_is_fast
@@ -589,10 +602,15 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
         saved = torch.load(str(checkpoint_file), map_location=dev, weights_only=False)
         fixed = {k: v for k, v in settings.items() if k not in _SETTINGS_THAT_MAY_CHANGE}
         were = {"attack": "pgd", **{k: v for k, v in saved["settings"].items() if k not in _SETTINGS_THAT_MAY_CHANGE}}
-        if saved.get("digest") != digest or were != fixed:
-            changed = sorted(k for k in fixed if fixed[k] != were.get(k)) or ["the bundle or the dataset"]
+        if were != fixed:
+            changed = sorted(k for k in fixed if fixed[k] != were.get(k))
             raise OutputError(f"{out}: holds a hardening run with other settings ({', '.join(changed)}); continue it with "
                               "the same ones or choose another --out")
+        before = saved.get("digest")
+        moved = [_DIGESTED[k] for k in digest if not isinstance(before, dict) or before.get(k) != digest[k]]
+        if moved:
+            raise OutputError(f"{out}: holds a hardening run begun with another {' and another '.join(moved)}; continue it "
+                              "with the same ones or choose another --out")
         if options.steps < saved["step"]:
             raise OutputError(f"{out}: its run has done {saved['step']} steps already, more than --steps {options.steps}")
         network.load_state_dict(saved["network"])

@@ -215,6 +215,51 @@ def test_a_rerun_with_other_settings_is_refused(tiny_bundle, tmp_path):
     assert "other settings (eps)" in line and str(out) in line
 
 
+def test_a_rerun_after_the_source_or_the_data_changed_is_refused(tiny_bundle, tmp_path):
+    """A run continues only with the source and the data it began with, by content: weights replaced at the same
+    path, or a label rewritten, used to continue silently (a run stopped in its evaluation then published source
+    rows of the new weights beside hardened rows fine-tuned from the old: clean Dice 0.065 against 0.964)."""
+    dataset = _dataset(tmp_path)
+    source = tmp_path / "source"
+    shutil.copytree(tiny_bundle, source)
+    out = tmp_path / "run"
+    options = HardenOptions(steps=4, crop=(24,), batch=2, save_every=2, evaluate=False)
+
+    def stop(kind, info):
+        if kind == "step" and info["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        harden(source, dataset, out, options, progress=stop)
+    weights = source / "models" / "model.pt"
+    kept = weights.read_bytes()
+    state = torch.load(str(weights), weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, str(weights))
+    command = ["harden", str(source), str(dataset), "--out", str(out), "--steps", "4", "--crop", "24", "--batch", "2",
+               "--save-every", "2", "--quiet", "--no-eval"]
+    line = _one_line(runner.invoke(app, command))
+    assert str(out) in line and "another source model (its weights or configs)" in line and "dataset" not in line
+    weights.write_bytes(kept)
+    label = dataset.parent / "case3_seg.nii.gz"  # a validation label
+    original = label.read_bytes()
+    _, seg = synthetic_scan(303)
+    save_nifti(label, np.roll(seg, 3, axis=0))
+    line = _one_line(runner.invoke(app, command))
+    assert "another dataset (its volumes or labels)" in line and "source model" not in line
+    assert not (out / "models").exists() and (out / ".harden" / "checkpoint.pt").is_file()
+    label.write_bytes(original)  # both as they were: the run continues
+    events = []
+    harden(source, dataset, out, options, progress=lambda kind, info: events.append((kind, info)))
+    assert [info["step"] for kind, info in events if kind == "step"] == [3, 4]
+    # a .zip source, unpacked into a new temporary folder on every run, continues too (its path named it: refused)
+    archive = Path(shutil.make_archive(str(tmp_path / "source"), "zip", tmp_path, "source"))
+    with pytest.raises(KeyboardInterrupt):
+        harden(archive, dataset, tmp_path / "zipped", options, progress=stop)
+    events = []
+    harden(archive, dataset, tmp_path / "zipped", options, progress=lambda kind, info: events.append((kind, info)))
+    assert [info["step"] for kind, info in events if kind == "step"] == [3, 4]
+
+
 def test_bad_data_is_one_line_and_nothing_is_written(tiny_bundle, tmp_path):
     dataset = _dataset(tmp_path)
     data = json.loads(dataset.read_text())
