@@ -59,6 +59,9 @@ CALIBRATION_SHIFTS = tuple(k / 4 for k in range(-8, 17))
 
 
 TRAINING_ATTACKS = ("pgd", "apgd")
+# the comparison warns where the source's adversarials leave the hardened model lower than its own attacks by more than
+# this much Dice on a volume (smaller gaps are the two searches' noise: 0.004 at 8/255 on the tiny model)
+TRANSFER_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -843,23 +846,44 @@ def calibrate(network: torch.nn.Module, cases: Sequence[ModelSpaceCase], target:
 def compare(source: Path, hardened: Path, source_name: str, cases: Sequence[Case], folder: Path, options: HardenOptions,
             trust: bool, device: str, note) -> dict:
     """Run ``evaluate`` on ``cases`` for the source and the hardened bundle at the same budgets with the same
-    members, and tabulate clean Dice, Dice under the per-volume worst case, the attack success rate and eps50."""
+    members, and tabulate clean Dice, Dice under the per-volume worst case, the attack success rate and eps50. The
+    source's study also scores each of its adversarials on the hardened model (transfer, a victim named by the hardened
+    weights' fingerprint, so a study continued after they changed scores them again); the hardened model's figure is
+    per volume the lower of its own worst case and the source's adversarials' (:func:`comparison_table`)."""
     from medis3d.bundle import load_bundle
     from medis3d.members import PRESETS, parse_members
-    from medis3d.study import evaluate_dataset
+    from medis3d.study import Victim, evaluate_dataset
 
     preset = PRESETS[options.eval_preset]
     members = parse_members(list(options.eval_members)) if options.eval_members else preset.parsed()
     steps = options.eval_steps or preset.steps
+    targets = {"source": load_bundle(source, trust=trust, device=device), "hardened": load_bundle(hardened, trust=trust, device=device)}
+    victim = Victim(f"{source_name}_robust_{targets['hardened'].fingerprint()[:8]}", targets["hardened"])
     studies = {}
-    for role, path in (("source", source), ("hardened", hardened)):
-        target = load_bundle(path, trust=trust, device=device)
+    for role, target in targets.items():
         note("phase", {"text": f"evaluating the {role} model on {len(cases)} volume(s) at {len(options.eval_eps)} budget(s)"})
         studies[role] = evaluate_dataset(target, cases, folder / role, members=[m.name for m in members],
                                          eps_list=list(options.eval_eps), step=preset.step, steps=steps,
                                          source=source_name if role == "source" else f"{source_name}_robust",
+                                         victims=[victim] if role == "source" else (),
                                          progress=lambda name: note("eval", {"volume": name}))
-    return comparison_table(studies, [m.name for m in members], steps)
+    return comparison_table(studies, [m.name for m in members], steps, transfer_dice(folder / "source" / "results.csv", victim.name))
+
+
+def transfer_dice(results: Path, victim: str) -> dict[tuple[str, str], float]:
+    """Per volume and budget (``_eps_key``), the lowest Dice any member's adversarial of a study's ``results.csv``
+    leaves on the victim ``victim`` (its ``transfer`` column)."""
+    lowest: dict[tuple[str, str], float] = {}
+    with open(results, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["attack"].startswith(("medis", "worst")):  # the fusions repeat a member's row
+                continue
+            score = json.loads(row.get("transfer") or "{}").get(victim)
+            if score is None or score.get("adversarial_dice") is None:
+                continue
+            key = (row["volume"], _eps_key(float(row["eps"])))
+            lowest[key] = min(lowest.get(key, math.inf), float(score["adversarial_dice"]))
+    return lowest
 
 
 def _eps_key(eps: float) -> str:
@@ -898,21 +922,39 @@ def eps50_between(curve: Sequence[tuple[float, float]], clean: float) -> tuple[f
     return None if found is None else (found[0], found[1])
 
 
-def comparison_table(studies: dict, members: list[str], steps: int) -> dict:
-    """Per model and budget: mean clean Dice, mean Dice under the worst case over the members, success rate."""
+def comparison_table(studies: dict, members: list[str], steps: int, transfer: dict[tuple[str, str], float] | None = None) -> dict:
+    """Per model and budget: mean clean Dice, mean Dice under the worst case over the members, success rate (the
+    white-box attacks'). With ``transfer`` (:func:`transfer_dice`: the source's adversarials on the hardened model,
+    per volume and budget), the hardened model's worst case is per volume the lower of its own white-box worst case
+    and the transfer's: a model that gradient masking shields from its own gradients is still broken by another
+    model's adversarials, and its white-box figure alone would overstate it (on a tiny model at 48/255 the source's
+    adversarials left 0.2134 where its own attacks left 0.2462). ``white_box_dice`` and ``transfer_dice`` keep both
+    figures, and ``transfer_lower`` names the volumes where the transfer was lower by more than ``TRANSFER_MARGIN``,
+    a warning sign."""
     rows, models = [], {}
     for role, summary in studies.items():
         worst = summary["fusion"].get("worst_case", {})
-        curve = []
+        volumes = summary.get("volumes", [])
+        curve, lower = [], {}
         clean = None
         for key, entry in sorted(worst.items(), key=lambda kv: float(kv[0])):
             clean = entry["mean_clean_dice"]
-            curve.append((float(key), entry["mean_robust_dice"]))
+            white, moved, dice = entry["mean_robust_dice"], None, entry["mean_robust_dice"]
+            if role == "hardened" and transfer is not None:
+                pairs = [(v["volume"], v["worst_case"][key], transfer.get((v["volume"], key))) for v in volumes if key in v["worst_case"]]
+                found = [t for _, _, t in pairs if t is not None]
+                moved = sum(found) / len(found) if found else None
+                dice = sum(w if t is None else min(w, t) for _, w, t in pairs) / len(pairs) if pairs else white
+                lower[key] = [{"volume": name, "transfer_dice": t, "white_box_dice": w} for name, w, t in pairs
+                              if t is not None and t < w - TRANSFER_MARGIN]
+            curve.append((float(key), dice))
             rows.append({"model": role, "eps": float(key), "eps_255": round(float(key) * 255, 3), "clean_dice": clean,
-                         "worst_case_dice": entry["mean_robust_dice"], "attack_success_rate": entry["attack_success_rate"],
-                         "volumes": entry["volumes"]})
+                         "worst_case_dice": dice, "white_box_dice": white, "transfer_dice": moved,
+                         "attack_success_rate": entry["attack_success_rate"], "volumes": entry["volumes"]})
         models[role] = {"clean_dice": clean, "curve": curve, "eps50": eps50(curve, clean) if clean is not None else None,
                         "eps50_between": eps50_between(curve, clean) if clean is not None else None}
+        if role == "hardened" and transfer is not None:
+            models[role]["transfer_lower"] = lower
     return {"rows": rows, "models": models, "members": members, "steps": steps}
 
 
@@ -1053,6 +1095,20 @@ def _eps_words(eps: float, recipe: dict) -> str:
             f"(one unit of it is {each}: a radius of {radius} in model space)")
 
 
+def _transfer_warnings(comparison: dict) -> list[str]:
+    """A line for each budget at which the source's adversarials left the hardened model lower than its own attacks."""
+    hardened = comparison["models"].get("hardened") or {}
+    rows = {_eps_key(r["eps"]): r for r in comparison["rows"] if r["model"] == "hardened"}
+    lines = []
+    for key, lows in sorted((hardened.get("transfer_lower") or {}).items(), key=lambda kv: float(kv[0])):
+        if lows and key in rows:
+            which = ", ".join(f"{v['volume']} {v['transfer_dice']:.4f} against {v['white_box_dice']:.4f}" for v in lows)
+            lines.append(f"* Warning: at {_per255(float(key))}/255 the source's adversarials (transfer) left the hardened model "
+                         f"lower than its own white-box attacks on {len(lows)} of {rows[key]['volumes']} volume(s) ({which}): "
+                         "a sign of gradient masking, which `medis3d diagnose` checks for; the table takes the lower.")
+    return [""] + lines if lines else []
+
+
 def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: dict | None) -> str:
     """The hardened bundle's docs/README.md: what it is, the recipe, the before/after table."""
     lines = [f"# {source_name}, adversarially hardened by medis3d", "",
@@ -1078,7 +1134,8 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
     if comparison is not None:
         lines += ["## Robustness before and after (validation volumes)", "",
                   f"`medis3d evaluate` with the same members ({', '.join(comparison['members'])}; {comparison['steps']} "
-                  "iterations each) on both models; Dice against the labels, the per-volume worst case over the members, each run to its last iteration (its lowest Dice in the budget).", "",
+                  "iterations each) on both models; Dice against the labels, the per-volume worst case over the members, each run to its last iteration (its lowest Dice in the budget). "
+                  "The hardened model's is also over the source's adversarials scored on it (transfer): per volume the lower of the two.", "",
                   "| model | clean Dice | " + " | ".join(f"Dice at {_per255(e)}/255" for e in options.eval_eps) + " | eps50 |",
                   "|---|---|" + "---|" * len(options.eval_eps) + "---|"]
         for role in ("source", "hardened"):
@@ -1089,6 +1146,7 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
             lines.append(f"| {role} | {number(model['clean_dice'])} | "
                          + " | ".join(number(by_eps.get(_eps_key(e))) for e in options.eval_eps)
                          + f" | {eps50_label(model, options.eval_eps)} |")
+        lines += _transfer_warnings(comparison)
         lines += ["", "eps50: the smallest budget at which the mean Dice falls to half the clean Dice (interpolated between "
                       "the two budgets measured that it names: linearly from eps 0 to the first, in log eps between two; "
                       "the farther apart they lie, the rougher the figure). `robustness.csv`, `robustness.json` and `robustness.png` beside "
@@ -1114,4 +1172,5 @@ def _publish(state: Path, staged: Path, out: Path) -> None:
 
 
 __all__ = ["HardenOptions", "HardenResult", "harden", "read_training_dataset", "model_space_case", "label_to_model_space",
-           "adversarial_batch", "eps50", "comparison_table"]
+           "adversarial_batch", "apgd_batch", "crop_bounds", "eps_units", "intensity_gain", "eps50", "comparison_table",
+           "transfer_dice"]
