@@ -566,7 +566,7 @@ def harden(
     dataset: Path = typer.Argument(..., help="Decathlon-style datalist JSON with training entries (and validation or test entries), or a folder of images with --labels."),
     out: Path = typer.Option(..., "--out", "-o", help="A new or empty folder: the hardened MONAI bundle (configs, models/model.pt, docs/ with the before/after figures) and evaluation/ (both studies). Rerun with the same --out to continue an interrupted run."),
     labels: Path | None = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
-    eps: str = typer.Option("8/255", "--eps", help="L-inf radius of the training attack, in the model's normalised intensity units."),
+    eps: str = typer.Option("8/255", "--eps", help="L-inf radius of the training attack, in the unit of attack and evaluate budgets (fractions of the model's normalised intensity range), taken into model space for each volume."),
     attack: str = typer.Option("pgd", "--attack", help="The training attack: pgd (signed steps of --attack-step, Madry et al.) or apgd (Auto-PGD: its own step size, halved where a crop's loss stalls, and each crop's strongest iterate; one more pass than PGD)."),
     attack_steps: int = typer.Option(2, "--attack-steps", help="Attack steps per training batch (from a random start)."),
     attack_step: str | None = typer.Option(None, "--attack-step", help="PGD step size (default: 2.5 eps / --attack-steps; APGD chooses its own)."),

@@ -4,9 +4,11 @@ The network is fine-tuned on random crops of the training volumes in model space
 inference preprocessing, exactly as :class:`~medis3d.target.Target` runs it; labels resampled onto
 the same grid), each step on a mix of the clean crops and adversarial ones made by a few steps of
 PGD (Madry et al. 2018) or APGD (Croce & Hein 2020, each crop its own step size and best iterate) with a
-random start inside an L-inf ball whose radius grows over a warm-up.
+random start inside an L-inf ball whose radius grows over a warm-up; the radius is a budget in the unit of
+``attack`` and ``evaluate``, taken into each volume's model space (:func:`eps_units`).
 The adversarial crops ascend a loss from medis3d's registry (:mod:`medis3d.losses`) and are kept in
-the ball and the model's intensity range by :class:`~medis3d.attacks.base.Budget`. The training
+the ball and the model's intensity range (or no farther outside it than an augmented or padded crop's voxel
+lies: :func:`crop_bounds`) by :class:`~medis3d.attacks.base.Budget`. The training
 loss is the bundle's own (``loss`` in its train config, MONAI and torch classes only) or DiceCE;
 augmentation is the random transforms of the train config's preprocessing, where there is one.
 
@@ -41,7 +43,7 @@ from medis3d.html_report import eps50_label, harden_page, number
 from medis3d.io import read_volume
 from medis3d.io.atomic import atomic_path, write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
-from medis3d.io.volume import make_names_unique
+from medis3d.io.volume import Volume, make_names_unique
 from medis3d.study import Case, datalist_cases, read_datalist, read_dataset
 from medis3d.target import Target
 
@@ -57,13 +59,16 @@ CALIBRATION_SHIFTS = tuple(k / 4 for k in range(-8, 17))
 
 
 TRAINING_ATTACKS = ("pgd", "apgd")
+# the comparison warns where the source's adversarials leave the hardened model lower than its own attacks by more than
+# this much Dice on a volume (smaller gaps are the two searches' noise: 0.004 at 8/255 on the tiny model)
+TRANSFER_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
 class HardenOptions:
     """How the network is fine-tuned, and how source and result are compared at the end."""
 
-    eps: float = 8 / 255  # the L-inf radius of the training attack, in the model's normalised intensity units
+    eps: float = 8 / 255  # the training attack's L-inf radius in attack's and evaluate's units (eps_units: per volume)
     attack: str = "pgd"  # the training attack: pgd (Madry et al.) or apgd (Auto-PGD's step control, per crop)
     attack_steps: int = 2  # attack steps per training batch
     attack_step: float | None = None  # PGD step size; default 2.5 eps / steps (Madry et al.); APGD chooses its own
@@ -162,13 +167,15 @@ def read_training_dataset(dataset: Path, labels: Path | None = None, val_split: 
 @dataclass
 class ModelSpaceCase:
     """One training volume in model space: the preprocessed image ``(C, *S)``, its label on the same grid
-    (``(1, *S)`` class indices for softmax, ``(C, *S)`` 0/1 channels for sigmoid) and the image's range."""
+    (``(1, *S)`` class indices for softmax, ``(C, *S)`` 0/1 channels for sigmoid), the image's range, and per
+    channel the model-space units one unit of eps makes for this volume (:func:`eps_units`)."""
 
     name: str
     image: torch.Tensor
     label: torch.Tensor
     low: float
     high: float
+    units: tuple[float, ...]
 
 
 def label_to_model_space(target: Target, segmentation: np.ndarray, scan_affine: np.ndarray, model_input) -> torch.Tensor:
@@ -207,7 +214,55 @@ def model_space_case(target: Target, case: Case) -> ModelSpaceCase:
     label = label_to_model_space(target, segmentation, volume.affine, model_input)
     if not (label > 0).any():
         raise InputError(f"{case.label}: the label marks no structure in the model's field of view")
-    return ModelSpaceCase(case.name, image, label, float(image.min()), float(image.max()))
+    return ModelSpaceCase(case.name, image, label, float(image.min()), float(image.max()), eps_units(target, volume))
+
+
+def eps_units(target: Target, volume: Volume) -> tuple[float, ...]:
+    """Model-space units per unit of eps for ``volume``, one per input channel: the native units that ``attack`` and
+    ``evaluate`` make of one unit of a budget (:meth:`Target.intensity_scales`: a fixed window's span, else the scan's
+    0.5-99.5 percentile range, each channel's own where the model normalises them apart) times the preprocessing's
+    model-space units per native unit (:func:`intensity_gain`). 1 for a fixed ScaleIntensityRange window; for a
+    z-scored bundle the scan's percentile range over its standard deviation (6.3 on the tests' synthetic scans)."""
+    scales = target.intensity_scales(volume)
+    native = scales.per_channel or (scales.scale,) * volume.channels
+    return tuple(float(n * g) for n, g in zip(native, intensity_gain(target, volume)))
+
+
+def intensity_gain(target: Target, volume: Volume, points: int = 5) -> tuple[float, ...]:
+    """Model-space units per native unit of intensity, per input channel, as the preprocessing maps ``volume``: the
+    derivative of a model-space voxel with respect to the native voxels of the box around the point it samples,
+    summed (the resampling's weights sum to 1 there; statistics taken over the whole volume, a z-score's mean and
+    deviation, move the sum by a share of the order of the box's size over the volume's). Measured at ``points``
+    voxels of each channel, at evenly spaced quantiles of its values that are not 0 (a NormalizeIntensity over the
+    nonzero voxels passes zeros through) and whose box lies inside the scan; the median of them, 1.0 where no voxel
+    qualifies. The gradient is the attacks' own (a clip's is passed straight through: a window's slope)."""
+    x = torch.as_tensor(volume.array, dtype=torch.float32, device=target.device).clone().requires_grad_(True)
+    model_input = target.model_input(x, volume)
+    m = model_input.as_tensor()
+    to_native = np.linalg.inv(np.asarray(volume.affine, dtype=np.float64)) @ np.asarray(model_input.affine, dtype=np.float64)
+    half = np.maximum(1, np.ceil(np.abs(to_native[:3, :3]).max(axis=1))).astype(int)  # a model voxel's reach, in native voxels
+    shape = np.asarray(volume.array.shape[1:])
+    gains = []
+    for c in range(min(m.shape[0], x.shape[0])):
+        values = m[c].detach().flatten()
+        nonzero = torch.nonzero(values != 0).flatten()
+        found = []
+        if nonzero.numel():
+            kept = values[nonzero]
+            ranked = kept.sort().values
+            for q in ((k + 0.5) / points for k in range(points)):
+                near = torch.topk((kept - ranked[int(q * (ranked.numel() - 1))]).abs(), min(64, kept.numel()), largest=False).indices
+                for flat in nonzero[near].tolist():  # the voxels nearest the quantile, nearest first
+                    index = tuple(int(i) for i in np.unravel_index(flat, tuple(m.shape[1:])))
+                    centre = np.rint((to_native @ np.asarray(index + (1,), dtype=np.float64))[:3]).astype(int)
+                    if np.all(centre - half >= 0) and np.all(centre + half < shape):
+                        grad, = torch.autograd.grad(m[c][index], x, retain_graph=True)
+                        box = tuple(slice(int(a - h), int(a + h + 1)) for a, h in zip(centre, half))
+                        found.append(float(grad[c][box].sum()))
+                        break
+        usable = [g for g in found if math.isfinite(g) and g > 0]
+        gains.append(float(np.median(usable)) if usable else 1.0)
+    return tuple(gains)
 
 
 # -- the bundle's training pieces ----------------------------------------------------------------
@@ -279,14 +334,36 @@ def augmentation(cfg, notices: list[str]) -> tuple[list, list[str]]:
 # -- the training attack -------------------------------------------------------------------------
 
 
-def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, eps: float, step: float,
-                      steps: int, low: float, high: float, generator: torch.Generator, autocast=None) -> torch.Tensor:
-    """PGD with a uniform random start in the L-inf ball of radius ``eps`` around ``x`` (clipped to
-    ``[low, high]``): ``steps`` signed-gradient steps of size ``step`` ascending ``loss_fn(logits, y)``."""
+def crop_bounds(x: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid range of each voxel of the crops ``x``: the training volumes' model-space range ``[low, high]``,
+    widened to the voxel's own value where it lies outside (an intensity augmentation scales and shifts the crops
+    beyond it, and SpatialPadd pads with 0), so a voxel may move towards the range by eps but is never pulled back
+    into it by more: a clip to ``[low, high]`` alone moved such voxels by up to 88.8/255 under an 8/255 budget."""
+    return torch.clamp(x, max=low), torch.clamp(x, min=high)
+
+
+def _training_budget(x: torch.Tensor, eps: float, step: float, steps: int, low: float, high: float,
+                     units: torch.Tensor | None):
+    """The training attack's :class:`~medis3d.attacks.base.Budget` for the crops ``x`` (model space), and its radius
+    in model-space units: eps times ``units`` (model-space units per unit of eps, per crop and channel, broadcasting
+    over ``x``: :func:`eps_units`; None: eps is in model-space units), the range :func:`crop_bounds`."""
     from medis3d.attacks.base import Budget
 
-    budget = Budget(eps=eps, step=step, steps=steps, low=low, high=high)
-    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * eps
+    below, above = crop_bounds(x, low, high)
+    scale = None if units is None else units.detach().double().cpu().numpy()
+    radius = eps if units is None else eps * units.to(device=x.device, dtype=x.dtype)
+    return Budget(eps=eps, step=step, steps=steps, low=below, high=above, scale=scale), radius
+
+
+def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, eps: float, step: float,
+                      steps: int, low: float, high: float, generator: torch.Generator, autocast=None,
+                      units: torch.Tensor | None = None) -> torch.Tensor:
+    """PGD with a uniform random start in the L-inf ball of radius ``eps`` around ``x`` (clipped to
+    ``[low, high]``, widened to each voxel's own value where ``x`` lies outside: :func:`crop_bounds`): ``steps``
+    signed-gradient steps of size ``step`` ascending ``loss_fn(logits, y)``. ``eps`` and ``step`` are in units of
+    ``units`` model-space units (per crop and channel: :func:`eps_units`), or in model-space units without it."""
+    budget, radius = _training_budget(x, eps, step, steps, low, high, units)
+    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * radius
     adv = budget.project(x + noise, x).detach()
     for _ in range(steps):
         adv.requires_grad_(True)
@@ -299,15 +376,15 @@ def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_
 
 
 def apgd_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, eps: float, steps: int, low: float,
-               high: float, generator: torch.Generator, autocast=None) -> torch.Tensor:
+               high: float, generator: torch.Generator, autocast=None, units: torch.Tensor | None = None) -> torch.Tensor:
     """APGD (Croce & Hein 2020) on a batch of crops, each crop with its own step size and best iterate: from a
     uniform random start in the L-inf ball, step 2 eps, momentum, and at APGD's checkpoints the step halved and
     the search sent back to the crop's best iterate where too few steps raised its loss (medis3d.attacks.apgd's
-    schedule). Returns each crop's iterate of the highest ``loss_fn`` (steps + 1 passes with a gradient)."""
+    schedule), kept in the range :func:`adversarial_batch` keeps, ``eps`` in its units. Returns each crop's iterate of
+    the highest ``loss_fn`` (steps + 1 passes with a gradient)."""
     from medis3d.attacks.apgd import MOMENTUM, RHO, checkpoints
-    from medis3d.attacks.base import Budget
 
-    budget = Budget(eps=eps, step=2 * eps, steps=steps, low=low, high=high)
+    budget, radius = _training_budget(x, eps, 2 * eps, steps, low, high, units)
     n = x.shape[0]
     shape = (n,) + (1,) * (x.dim() - 1)
 
@@ -320,7 +397,7 @@ def apgd_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Cal
         grad, = torch.autograd.grad(losses.sum(), point)
         return losses.detach(), grad
 
-    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * eps
+    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device) * radius
     current = budget.project(x + noise, x).detach()
     f_x, grad = evaluate(current)
     previous, best, f_best, grad_best = current, current, f_x, grad
@@ -359,9 +436,22 @@ class HardenResult:
     notices: list[str] = field(default_factory=list)
 
 
-def _digest(cases: Sequence[Case], source: Path) -> str:
-    text = "\n".join([str(source.resolve())] + [f"{c.image}|{c.label}" for c in cases])
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+# what a checkpoint's digest covers, in words for the refusal of a run whose source or data changed
+_DIGESTED = {"source": "source model (its weights or configs)", "dataset": "dataset (its volumes or labels)"}
+
+
+def _digest(cases: Sequence[Case], source: Path, target: Target) -> dict[str, str]:
+    """What a run continues only with: the source model by its content (:meth:`Target.fingerprint`: weights,
+    preprocessing, classes; and every file of its ``configs/``, the train config's augmentation and loss among them),
+    and the dataset by its cases' paths and the contents of every image and label (:func:`files_digest`). A path
+    alone let a run continue after the weights at it were replaced, and publish source and hardened figures of
+    different models."""
+    from medis3d.study import files_digest
+
+    model = "\n".join([target.fingerprint(), files_digest(str(source / "configs"))])
+    data = "\n".join(f"{c.image}|{c.label}|{files_digest(str(c.image))}|{files_digest(str(c.label)) if c.label else ''}"
+                     for c in cases)
+    return {"source": hashlib.sha1(model.encode()).hexdigest()[:16], "dataset": hashlib.sha1(data.encode()).hexdigest()[:16]}
 
 
 def _settings(options: HardenOptions) -> dict:
@@ -395,7 +485,8 @@ def _autocast_for(device: torch.device, enabled: bool):
 
 
 class _Sampler:
-    """Crops for optimiser step ``i``: the same ones on every run (random state from the seed and ``i``)."""
+    """Crops for optimiser step ``i``: the same ones on every run (random state from the seed and ``i``), their labels,
+    and each crop's volume's model-space units per unit of eps ``(batch, C, 1, ...)`` (:func:`eps_units`)."""
 
     def __init__(self, cases: list[ModelSpaceCase], transforms: list, crop: tuple[int, ...], batch: int, seed: int,
                  activation: str, classes: int):
@@ -405,9 +496,9 @@ class _Sampler:
         self.compose = Compose([*transforms, SpatialPadd(keys=["image", "label"], spatial_size=list(crop)),
                                 RandSpatialCropd(keys=["image", "label"], roi_size=list(crop), random_size=False)])
 
-    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, i])
-        images, labels = [], []
+        images, labels, units = [], [], []
         for _ in range(self.batch):
             case = self.cases[int(rng.integers(len(self.cases)))]
             self.compose.set_random_state(seed=int(rng.integers(2**31 - 1)))
@@ -420,7 +511,8 @@ class _Sampler:
                 label = (label > 0.5).float()
             images.append(image)
             labels.append(label)
-        return torch.stack(images), torch.stack(labels)
+            units.append(torch.tensor(case.units, dtype=torch.float32).view((-1,) + (1,) * (image.dim() - 1)))
+        return torch.stack(images), torch.stack(labels), torch.stack(units)
 
 
 def _prepare_out(out: Path, state: Path) -> None:
@@ -468,7 +560,7 @@ def harden(source: str | Path | None, dataset: Path, out: Path, options: HardenO
         train_cfg = SafeConfig(read_config(train_path), train_path, trust=trust) if train_path else None
         with output_lock(out), writing(out):
             return _run(target, bundle, train_cases, validation, out, state, options, train_cfg, trust, device,
-                        name or bundle_name(source), note, _digest(train + validation, bundle))
+                        name or bundle_name(source), note, _digest(train + validation, bundle, target))
 
 
 def _emit(progress):
@@ -479,7 +571,7 @@ def _emit(progress):
 
 
 def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], validation: list[Case], out: Path, state: Path,
-         options: HardenOptions, train_cfg, trust: bool, device: str, source_name: str, note, digest: str) -> HardenResult:
+         options: HardenOptions, train_cfg, trust: bool, device: str, source_name: str, note, digest: dict) -> HardenResult:
     from medis3d.checkpointing import disable_checkpointing, enable_checkpointing
     from medis3d.losses import get_loss
     from medis3d.memory import amp_is_fast
@@ -513,10 +605,15 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
         saved = torch.load(str(checkpoint_file), map_location=dev, weights_only=False)
         fixed = {k: v for k, v in settings.items() if k not in _SETTINGS_THAT_MAY_CHANGE}
         were = {"attack": "pgd", **{k: v for k, v in saved["settings"].items() if k not in _SETTINGS_THAT_MAY_CHANGE}}
-        if saved.get("digest") != digest or were != fixed:
-            changed = sorted(k for k in fixed if fixed[k] != were.get(k)) or ["the bundle or the dataset"]
+        if were != fixed:
+            changed = sorted(k for k in fixed if fixed[k] != were.get(k))
             raise OutputError(f"{out}: holds a hardening run with other settings ({', '.join(changed)}); continue it with "
                               "the same ones or choose another --out")
+        before = saved.get("digest")
+        moved = [_DIGESTED[k] for k in digest if not isinstance(before, dict) or before.get(k) != digest[k]]
+        if moved:
+            raise OutputError(f"{out}: holds a hardening run begun with another {' and another '.join(moved)}; continue it "
+                              "with the same ones or choose another --out")
         if options.steps < saved["step"]:
             raise OutputError(f"{out}: its run has done {saved['step']} steps already, more than --steps {options.steps}")
         network.load_state_dict(saved["network"])
@@ -524,7 +621,9 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
         scheduler.load_state_dict(saved["scheduler"])
         start, log, train_s = saved["step"], saved["log"], saved["train_s"]
         note("phase", {"text": f"continuing from step {start} of {options.steps} ({checkpoint_file})"})
+    per_eps = [u for c in train_cases for u in c.units]
     recipe = {"loss": loss_name, "augmentation": aug_names, "crop": list(crop), "model_range": [low, high],
+              "model_units_per_eps": [min(per_eps), max(per_eps)],
               "train_minutes": 0.0, "device": str(dev), "notices": notices,
               "training_volumes": [c.name for c in train_cases], "validation_volumes": [c.name for c in validation],
               "calibration": None}
@@ -544,17 +643,17 @@ def _run(target: Target, bundle: Path, train_cases: list[ModelSpaceCase], valida
     for i in range(start, options.steps):
         began = time.perf_counter()
         torch.manual_seed(options.seed * 1_000_003 + i)
-        x, y = sampler(i)
+        x, y, units = sampler(i)
         x, y = x.to(dev), y.to(dev)
         eps = options.eps_at(i)
         network.eval()
         generator = torch.Generator().manual_seed(options.seed * 7919 + i)
         reference = y.long() if target.activation == "softmax" else y
         if options.attack == "apgd":
-            adv = apgd_batch(network, x, reference, attack_loss, eps, options.attack_steps, low, high, generator, autocast)
+            adv = apgd_batch(network, x, reference, attack_loss, eps, options.attack_steps, low, high, generator, autocast, units)
         else:
             adv = adversarial_batch(network, x, reference, attack_loss, eps, options.attack_step_size() * eps / options.eps,
-                                    options.attack_steps, low, high, generator, autocast)
+                                    options.attack_steps, low, high, generator, autocast, units)
         network.train()
         optimizer.zero_grad(set_to_none=True)
         with autocast() if autocast is not None else contextlib.nullcontext():
@@ -747,23 +846,44 @@ def calibrate(network: torch.nn.Module, cases: Sequence[ModelSpaceCase], target:
 def compare(source: Path, hardened: Path, source_name: str, cases: Sequence[Case], folder: Path, options: HardenOptions,
             trust: bool, device: str, note) -> dict:
     """Run ``evaluate`` on ``cases`` for the source and the hardened bundle at the same budgets with the same
-    members, and tabulate clean Dice, Dice under the per-volume worst case, the attack success rate and eps50."""
+    members, and tabulate clean Dice, Dice under the per-volume worst case, the attack success rate and eps50. The
+    source's study also scores each of its adversarials on the hardened model (transfer, a victim named by the hardened
+    weights' fingerprint, so a study continued after they changed scores them again); the hardened model's figure is
+    per volume the lower of its own worst case and the source's adversarials' (:func:`comparison_table`)."""
     from medis3d.bundle import load_bundle
     from medis3d.members import PRESETS, parse_members
-    from medis3d.study import evaluate_dataset
+    from medis3d.study import Victim, evaluate_dataset
 
     preset = PRESETS[options.eval_preset]
     members = parse_members(list(options.eval_members)) if options.eval_members else preset.parsed()
     steps = options.eval_steps or preset.steps
+    targets = {"source": load_bundle(source, trust=trust, device=device), "hardened": load_bundle(hardened, trust=trust, device=device)}
+    victim = Victim(f"{source_name}_robust_{targets['hardened'].fingerprint()[:8]}", targets["hardened"])
     studies = {}
-    for role, path in (("source", source), ("hardened", hardened)):
-        target = load_bundle(path, trust=trust, device=device)
+    for role, target in targets.items():
         note("phase", {"text": f"evaluating the {role} model on {len(cases)} volume(s) at {len(options.eval_eps)} budget(s)"})
         studies[role] = evaluate_dataset(target, cases, folder / role, members=[m.name for m in members],
                                          eps_list=list(options.eval_eps), step=preset.step, steps=steps,
                                          source=source_name if role == "source" else f"{source_name}_robust",
+                                         victims=[victim] if role == "source" else (),
                                          progress=lambda name: note("eval", {"volume": name}))
-    return comparison_table(studies, [m.name for m in members], steps)
+    return comparison_table(studies, [m.name for m in members], steps, transfer_dice(folder / "source" / "results.csv", victim.name))
+
+
+def transfer_dice(results: Path, victim: str) -> dict[tuple[str, str], float]:
+    """Per volume and budget (``_eps_key``), the lowest Dice any member's adversarial of a study's ``results.csv``
+    leaves on the victim ``victim`` (its ``transfer`` column)."""
+    lowest: dict[tuple[str, str], float] = {}
+    with open(results, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["attack"].startswith(("medis", "worst")):  # the fusions repeat a member's row
+                continue
+            score = json.loads(row.get("transfer") or "{}").get(victim)
+            if score is None or score.get("adversarial_dice") is None:
+                continue
+            key = (row["volume"], _eps_key(float(row["eps"])))
+            lowest[key] = min(lowest.get(key, math.inf), float(score["adversarial_dice"]))
+    return lowest
 
 
 def _eps_key(eps: float) -> str:
@@ -802,21 +922,39 @@ def eps50_between(curve: Sequence[tuple[float, float]], clean: float) -> tuple[f
     return None if found is None else (found[0], found[1])
 
 
-def comparison_table(studies: dict, members: list[str], steps: int) -> dict:
-    """Per model and budget: mean clean Dice, mean Dice under the worst case over the members, success rate."""
+def comparison_table(studies: dict, members: list[str], steps: int, transfer: dict[tuple[str, str], float] | None = None) -> dict:
+    """Per model and budget: mean clean Dice, mean Dice under the worst case over the members, success rate (the
+    white-box attacks'). With ``transfer`` (:func:`transfer_dice`: the source's adversarials on the hardened model,
+    per volume and budget), the hardened model's worst case is per volume the lower of its own white-box worst case
+    and the transfer's: a model that gradient masking shields from its own gradients is still broken by another
+    model's adversarials, and its white-box figure alone would overstate it (on a tiny model at 48/255 the source's
+    adversarials left 0.2134 where its own attacks left 0.2462). ``white_box_dice`` and ``transfer_dice`` keep both
+    figures, and ``transfer_lower`` names the volumes where the transfer was lower by more than ``TRANSFER_MARGIN``,
+    a warning sign."""
     rows, models = [], {}
     for role, summary in studies.items():
         worst = summary["fusion"].get("worst_case", {})
-        curve = []
+        volumes = summary.get("volumes", [])
+        curve, lower = [], {}
         clean = None
         for key, entry in sorted(worst.items(), key=lambda kv: float(kv[0])):
             clean = entry["mean_clean_dice"]
-            curve.append((float(key), entry["mean_robust_dice"]))
+            white, moved, dice = entry["mean_robust_dice"], None, entry["mean_robust_dice"]
+            if role == "hardened" and transfer is not None:
+                pairs = [(v["volume"], v["worst_case"][key], transfer.get((v["volume"], key))) for v in volumes if key in v["worst_case"]]
+                found = [t for _, _, t in pairs if t is not None]
+                moved = sum(found) / len(found) if found else None
+                dice = sum(w if t is None else min(w, t) for _, w, t in pairs) / len(pairs) if pairs else white
+                lower[key] = [{"volume": name, "transfer_dice": t, "white_box_dice": w} for name, w, t in pairs
+                              if t is not None and t < w - TRANSFER_MARGIN]
+            curve.append((float(key), dice))
             rows.append({"model": role, "eps": float(key), "eps_255": round(float(key) * 255, 3), "clean_dice": clean,
-                         "worst_case_dice": entry["mean_robust_dice"], "attack_success_rate": entry["attack_success_rate"],
-                         "volumes": entry["volumes"]})
+                         "worst_case_dice": dice, "white_box_dice": white, "transfer_dice": moved,
+                         "attack_success_rate": entry["attack_success_rate"], "volumes": entry["volumes"]})
         models[role] = {"clean_dice": clean, "curve": curve, "eps50": eps50(curve, clean) if clean is not None else None,
                         "eps50_between": eps50_between(curve, clean) if clean is not None else None}
+        if role == "hardened" and transfer is not None:
+            models[role]["transfer_lower"] = lower
     return {"rows": rows, "models": models, "members": members, "steps": steps}
 
 
@@ -947,6 +1085,30 @@ def _attack_words(options: HardenOptions) -> str:
     return f"PGD, {options.attack_steps} step(s) of {options.attack_step_size() * 255:.3g}/255"
 
 
+def _eps_words(eps: float, recipe: dict) -> str:
+    """What the training radius is: a budget in the unit of ``attack`` and the evaluation, and in model-space units."""
+    low, high = recipe["model_units_per_eps"]
+    same = math.isclose(low, high, rel_tol=1e-3)
+    each = f"{low:.3g} model-space units" if same else f"{low:.3g} to {high:.3g} model-space units, by volume"
+    radius = f"{eps * low:.3g}" if same else f"{eps * low:.3g} to {eps * high:.3g}"
+    return (f"of the model's normalised intensity range, the unit of `medis3d attack` and `evaluate` budgets "
+            f"(one unit of it is {each}: a radius of {radius} in model space)")
+
+
+def _transfer_warnings(comparison: dict) -> list[str]:
+    """A line for each budget at which the source's adversarials left the hardened model lower than its own attacks."""
+    hardened = comparison["models"].get("hardened") or {}
+    rows = {_eps_key(r["eps"]): r for r in comparison["rows"] if r["model"] == "hardened"}
+    lines = []
+    for key, lows in sorted((hardened.get("transfer_lower") or {}).items(), key=lambda kv: float(kv[0])):
+        if lows and key in rows:
+            which = ", ".join(f"{v['volume']} {v['transfer_dice']:.4f} against {v['white_box_dice']:.4f}" for v in lows)
+            lines.append(f"* Warning: at {_per255(float(key))}/255 the source's adversarials (transfer) left the hardened model "
+                         f"lower than its own white-box attacks on {len(lows)} of {rows[key]['volumes']} volume(s) ({which}): "
+                         "a sign of gradient masking, which `medis3d diagnose` checks for; the table takes the lower.")
+    return [""] + lines if lines else []
+
+
 def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: dict | None) -> str:
     """The hardened bundle's docs/README.md: what it is, the recipe, the before/after table."""
     lines = [f"# {source_name}, adversarially hardened by medis3d", "",
@@ -958,9 +1120,11 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
              f"{', '.join(recipe['validation_volumes']) or '-'}.",
              f"* {options.steps} AdamW steps (lr {options.lr:g}, weight decay {options.weight_decay:g}, warm-up then cosine), "
              f"{options.batch} crop(s) of {'x'.join(map(str, recipe['crop']))} model-space voxels per step, seed {options.seed}.",
-             f"* Adversarial crops: {_attack_words(options)} from a uniform random start, L-inf eps {_per255(options.eps)}/255 of the model's intensity range "
-             f"({recipe['model_range'][0]:.3g} to {recipe['model_range'][1]:.3g}), growing linearly over the first "
-             f"{options.warmup:.0%} of the steps; the attack ascends `{options.attack_loss}`.",
+             f"* Adversarial crops: {_attack_words(options)} from a uniform random start, L-inf eps {_per255(options.eps)}/255 "
+             f"{_eps_words(options.eps, recipe)}, growing linearly over the first {options.warmup:.0%} of the steps; "
+             f"the attack ascends `{options.attack_loss}`; each voxel kept inside the training volumes' model-space range "
+             f"({recipe['model_range'][0]:.3g} to {recipe['model_range'][1]:.3g}), or no farther outside it than an augmented or "
+             "padded crop's voxel lies.",
              f"* Loss: (1 - {options.adv_weight:g}) x clean + {options.adv_weight:g} x adversarial, each {recipe['loss']}.",
              f"* Augmentation: {', '.join(recipe['augmentation']) or 'random crops only'}.",
              _calibration_words(recipe.get("calibration")),
@@ -970,7 +1134,8 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
     if comparison is not None:
         lines += ["## Robustness before and after (validation volumes)", "",
                   f"`medis3d evaluate` with the same members ({', '.join(comparison['members'])}; {comparison['steps']} "
-                  "iterations each) on both models; Dice against the labels, the per-volume worst case over the members, each run to its last iteration (its lowest Dice in the budget).", "",
+                  "iterations each) on both models; Dice against the labels, the per-volume worst case over the members, each run to its last iteration (its lowest Dice in the budget). "
+                  "The hardened model's is also over the source's adversarials scored on it (transfer): per volume the lower of the two.", "",
                   "| model | clean Dice | " + " | ".join(f"Dice at {_per255(e)}/255" for e in options.eval_eps) + " | eps50 |",
                   "|---|---|" + "---|" * len(options.eval_eps) + "---|"]
         for role in ("source", "hardened"):
@@ -981,6 +1146,7 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
             lines.append(f"| {role} | {number(model['clean_dice'])} | "
                          + " | ".join(number(by_eps.get(_eps_key(e))) for e in options.eval_eps)
                          + f" | {eps50_label(model, options.eval_eps)} |")
+        lines += _transfer_warnings(comparison)
         lines += ["", "eps50: the smallest budget at which the mean Dice falls to half the clean Dice (interpolated between "
                       "the two budgets measured that it names: linearly from eps 0 to the first, in log eps between two; "
                       "the farther apart they lie, the rougher the figure). `robustness.csv`, `robustness.json` and `robustness.png` beside "
@@ -1006,4 +1172,5 @@ def _publish(state: Path, staged: Path, out: Path) -> None:
 
 
 __all__ = ["HardenOptions", "HardenResult", "harden", "read_training_dataset", "model_space_case", "label_to_model_space",
-           "adversarial_batch", "eps50", "comparison_table"]
+           "adversarial_batch", "apgd_batch", "crop_bounds", "eps_units", "intensity_gain", "eps50", "comparison_table",
+           "transfer_dice"]

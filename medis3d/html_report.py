@@ -426,12 +426,19 @@ def harden_page(comparison: dict, plot_png: bytes, recipe: dict, settings: dict,
     recipe_items = "".join(f"<li><b>{_e(k.replace('_', ' '))}</b>: {_e(v if not isinstance(v, list) else ', '.join(map(str, v)) or '-')}</li>"
                            for k, v in recipe.items())
     links = " and ".join(f"<a href=\"{_e(link)}\">{_e(role)}</a>" for role, link in zip(("source", "hardened"), studies))
+    lows = [(float(key), v) for key, vs in ((models.get("hardened") or {}).get("transfer_lower") or {}).items() for v in vs]
+    warning = ("<p class=\"verdict bad\" id=\"transfer-warning\">The source's adversarials (transfer) left the hardened model "
+               "lower than its own white-box attacks: "
+               + "; ".join(f"{_e(v['volume'])} at {_e(eps_label(e))}: {v['transfer_dice']:.4f} against {v['white_box_dice']:.4f}"
+                           for e, v in sorted(lows, key=lambda ev: ev[0]))
+               + ". A sign of gradient masking (<code>medis3d diagnose</code> checks for it); the table takes the lower.</p>") if lows else ""
     body = (f"<h1>{_e(source)}: robustness before and after hardening</h1>"
             f"<p class=\"verdict {cls}\" id=\"verdict\">{_e(text)}</p>"
             f"<img class=\"figure\" alt=\"Dice against eps, both models\" src=\"{data_uri(plot_png)}\">"
-            f"<h2>Before and after</h2>{table}"
+            f"<h2>Before and after</h2>{table}{warning}"
             "<p class=\"muted\">Dice against the labels of the validation volumes, the per-volume worst case over the members "
-            f"({_e(', '.join(comparison.get('members', [])))}; {_e(comparison.get('steps'))} iterations each). eps50: the budget "
+            f"({_e(', '.join(comparison.get('members', [])))}; {_e(comparison.get('steps'))} iterations each; the hardened "
+            "model's also over the source's adversarials scored on it, transfer: the lower of the two). eps50: the budget "
             "at which the mean Dice falls to half the clean Dice, interpolated between the two budgets measured that it names: "
             "where they lie far apart, measure the budgets between them for a closer figure.</p>"
             f"<p>Each model's full study: {links}.</p>"

@@ -97,6 +97,12 @@ def test_harden_writes_a_bundle_that_loads_predicts_and_scores(tiny_bundle, tmp_
         assert (out / "evaluation" / role / "report.html").is_file()
     comparison = json.loads((out / "docs" / "robustness.json").read_text())
     assert {r["model"] for r in comparison["rows"]} == {"source", "hardened"} and len(comparison["rows"]) == 4
+    # the source's adversarials were scored on the hardened weights (a victim named by their fingerprint) and count
+    victims = json.loads((out / "evaluation" / "source" / "summary.json").read_text())["transfer"]["victims"]
+    assert len(victims) == 1 and victims[0] == f"source_robust_{load_bundle(out).fingerprint()[:8]}"
+    for row in comparison["rows"]:
+        if row["model"] == "hardened":
+            assert row["transfer_dice"] is not None and row["worst_case_dice"] <= row["white_box_dice"] + 1e-9
     assert (out / "docs" / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "model,eps" in (out / "docs" / "robustness.csv").read_text().splitlines()[0]
     readme = (out / "docs" / "README.md").read_text()
@@ -213,6 +219,51 @@ def test_a_rerun_with_other_settings_is_refused(tiny_bundle, tmp_path):
     result = runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(out), *FAST, "--eps", "4/255", "--no-eval"])
     line = _one_line(result)
     assert "other settings (eps)" in line and str(out) in line
+
+
+def test_a_rerun_after_the_source_or_the_data_changed_is_refused(tiny_bundle, tmp_path):
+    """A run continues only with the source and the data it began with, by content: weights replaced at the same
+    path, or a label rewritten, used to continue silently (a run stopped in its evaluation then published source
+    rows of the new weights beside hardened rows fine-tuned from the old: clean Dice 0.065 against 0.964)."""
+    dataset = _dataset(tmp_path)
+    source = tmp_path / "source"
+    shutil.copytree(tiny_bundle, source)
+    out = tmp_path / "run"
+    options = HardenOptions(steps=4, crop=(24,), batch=2, save_every=2, evaluate=False)
+
+    def stop(kind, info):
+        if kind == "step" and info["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        harden(source, dataset, out, options, progress=stop)
+    weights = source / "models" / "model.pt"
+    kept = weights.read_bytes()
+    state = torch.load(str(weights), weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, str(weights))
+    command = ["harden", str(source), str(dataset), "--out", str(out), "--steps", "4", "--crop", "24", "--batch", "2",
+               "--save-every", "2", "--quiet", "--no-eval"]
+    line = _one_line(runner.invoke(app, command))
+    assert str(out) in line and "another source model (its weights or configs)" in line and "dataset" not in line
+    weights.write_bytes(kept)
+    label = dataset.parent / "case3_seg.nii.gz"  # a validation label
+    original = label.read_bytes()
+    _, seg = synthetic_scan(303)
+    save_nifti(label, np.roll(seg, 3, axis=0))
+    line = _one_line(runner.invoke(app, command))
+    assert "another dataset (its volumes or labels)" in line and "source model" not in line
+    assert not (out / "models").exists() and (out / ".harden" / "checkpoint.pt").is_file()
+    label.write_bytes(original)  # both as they were: the run continues
+    events = []
+    harden(source, dataset, out, options, progress=lambda kind, info: events.append((kind, info)))
+    assert [info["step"] for kind, info in events if kind == "step"] == [3, 4]
+    # a .zip source, unpacked into a new temporary folder on every run, continues too (its path named it: refused)
+    archive = Path(shutil.make_archive(str(tmp_path / "source"), "zip", tmp_path, "source"))
+    with pytest.raises(KeyboardInterrupt):
+        harden(archive, dataset, tmp_path / "zipped", options, progress=stop)
+    events = []
+    harden(archive, dataset, tmp_path / "zipped", options, progress=lambda kind, info: events.append((kind, info)))
+    assert [info["step"] for kind, info in events if kind == "step"] == [3, 4]
 
 
 def test_bad_data_is_one_line_and_nothing_is_written(tiny_bundle, tmp_path):
@@ -346,6 +397,88 @@ def test_the_apgd_training_attack_keeps_each_crops_strongest_iterate_in_its_ball
             assert crop_loss(adv, i) >= 0.9 * crop_loss(pgd, i)
 
 
+def test_training_attack_stays_within_eps_of_augmented_and_padded_crops(tiny_target, tmp_path):
+    """Crops are made after the train config's intensity augmentation and padded with 0 where the crop is larger
+    than the volume, so their voxels can lie outside the training volumes' model-space range: the attack moves each
+    voxel by eps at most (it used to clip them back into the range: 30.9-88.8/255 under an 8/255 budget)."""
+    from monai.transforms import RandScaleIntensityd, RandShiftIntensityd
+
+    from medis3d.harden import _Sampler
+    from medis3d.losses import get_loss
+
+    case = _model_space_case(tiny_target, tmp_path)
+    assert case.low > 0  # the padding's 0 lies below the range
+    loss = get_loss("ce", "softmax")
+    eps = 8 / 255
+    augment = [RandShiftIntensityd(keys="image", offsets=0.2, prob=1.0), RandScaleIntensityd(keys="image", factors=0.2, prob=1.0)]
+    padded = tuple((s // 8 + 1) * 8 for s in case.image.shape[1:])  # larger than the volume, as the UNet takes it
+    for transforms, crop in ((augment, (24, 24, 24)), ([], padded)):
+        x, y, _ = _Sampler([case], transforms, crop, 2, 0, "softmax", 2)(0)
+        outside = (x < case.low) | (x > case.high)
+        assert float(outside.float().mean()) > 0.01
+        for adv in (adversarial_batch(tiny_target.network, x, y.long(), loss, eps, 2.5 * eps / 2, 2, case.low, case.high,
+                                      torch.Generator().manual_seed(0)),
+                    apgd_batch(tiny_target.network, x, y.long(), loss, eps, 2, case.low, case.high, torch.Generator().manual_seed(0))):
+            assert float((adv - x).abs().max()) <= eps + 1e-6
+            # inside the range, or no farther outside it than the crop itself
+            assert bool((adv >= torch.clamp(x, max=case.low)).all() and (adv <= torch.clamp(x, min=case.high)).all())
+            assert float((adv - x)[outside].abs().max()) > eps / 2  # those voxels are attacked too
+
+
+def _zscore_bundle(tiny_bundle: Path, where: Path) -> Path:
+    """The tiny bundle with a z-score (NormalizeIntensity) in place of its fixed intensity window."""
+    bundle = where / "zscore_bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    steps = config["preprocessing"]["transforms"]
+    window = next(i for i, t in enumerate(steps) if t["_target_"] == "ScaleIntensityRanged")
+    steps[window] = {"_target_": "NormalizeIntensityd", "keys": "@image_key"}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    return bundle
+
+
+def test_training_radius_is_the_evaluations_budget_in_model_space(tiny_bundle, tiny_target, tmp_path):
+    """--eps is a budget in the unit of attack and evaluate (fractions of the model's normalised intensity range: a
+    fixed window's span, else the scan's percentile range, in native units); the training attack, in model space,
+    takes it through the preprocessing's slope. With a fixed window that is eps itself; under a z-score it used to be
+    eps in model-space units too (0.0314 at 8/255), where the evaluation's ball reaches 0.17-0.24 in model space."""
+    from medis3d.harden import _Sampler
+    from medis3d.losses import get_loss
+
+    dataset = _dataset(tmp_path, train=2, validation=1)
+    train, _ = read_training_dataset(dataset)
+    eps = 8 / 255
+    assert model_space_case(tiny_target, train[0]).units == pytest.approx((1.0,), rel=1e-5)
+    zscore = _zscore_bundle(tiny_bundle, tmp_path)
+    target = load_bundle(zscore)
+    for case in train:
+        volume = read_volume(case.image)
+        # the evaluation's radius in model space, measured: a small bump of native intensity through the preprocessing
+        bump = torch.zeros(volume.array.shape)
+        bump[0, 16:20, 16:20, 14:18] = 0.01  # small beside the volume: its mean and deviation barely move
+        with torch.no_grad():
+            clean = target.model_input(torch.from_numpy(volume.array), volume).as_tensor()
+            moved = target.model_input(torch.from_numpy(volume.array) + bump, volume).as_tensor()
+        radius = eps * target.intensity_scale(volume)[0] * float((moved - clean).max()) / 0.01
+        assert 0.1 < radius < 0.3  # far from 8/255 = 0.0314
+        ms = model_space_case(target, case)
+        assert eps * ms.units[0] == pytest.approx(radius, rel=0.01)
+        x, y, units = _Sampler([ms], [], (24, 24, 24), 2, 0, "softmax", 2)(0)
+        adv = adversarial_batch(target.network, x, y.long(), get_loss("ce", "softmax"), eps, 2.5 * eps / 2, 2, ms.low, ms.high,
+                                torch.Generator().manual_seed(0), units=units)
+        assert float((adv - x).abs().max()) == pytest.approx(radius, rel=0.01)
+    # the recipe says the radius in both units
+    out = tmp_path / "robust"
+    result = runner.invoke(app, ["harden", str(zscore), str(dataset), "--out", str(out), "--steps", "1", "--crop", "24",
+                                 "--quiet", "--no-eval", "--no-calibrate"])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((out / "configs" / "metadata.json").read_text())["medis3d_hardening"]["recipe"]
+    low, high = recipe["model_units_per_eps"]
+    assert 0.1 < eps * low < eps * high < 0.3
+    readme = (out / "docs" / "README.md").read_text()
+    assert f"a radius of {eps * low:.3g} to {eps * high:.3g} in model space" in readme
+
+
 def test_harden_trains_against_apgd_when_asked(tiny_bundle, tmp_path):
     dataset = _dataset(tmp_path)
     out = tmp_path / "robust"
@@ -376,6 +509,60 @@ def test_eps50_interpolates_where_dice_halves():
     assert eps50_label({"eps50": 0.45 / 255, "eps50_between": (0.0, 1 / 255)}, [1 / 255]) == \
         "0.45/255 (between the clean scan and 1/255)"
     assert eps50_label({"eps50": None}, [4 / 255, 8 / 255]) == "above 8/255"
+
+
+def test_the_hardened_models_figure_is_also_over_the_sources_adversarials(tmp_path):
+    """The source's adversarials scored on the hardened model (transfer) count towards its worst case, per volume the
+    lower of the two, with a warning where they beat its own white-box attacks by more than TRANSFER_MARGIN (a sign
+    of gradient masking): on a tiny model at 48/255 they left 0.2367 and 0.1902 where its own attacks left 0.2847 and
+    0.2077, and the table reported the white-box mean, 0.2462, alone."""
+    import csv
+
+    from medis3d.harden import _table_csv, comparison_table, readme, transfer_dice
+
+    low, high = f"{8 / 255:.6g}", f"{48 / 255:.6g}"
+    white = {"case3": {low: 0.9161, high: 0.2847}, "case4": {low: 0.9089, high: 0.2077}}
+    moved = {"case3": {low: 0.9124, high: 0.2367}, "case4": {low: 0.9115, high: 0.1902}}
+    results = tmp_path / "results.csv"
+    with open(results, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["volume", "member", "attack", "eps", "adversarial_dice", "transfer"])
+        writer.writeheader()
+        for volume in white:
+            for key in (low, high):
+                for member, extra in (("apgd:ce", 0.0), ("pgd:ce", 0.05)):  # the lowest member counts
+                    writer.writerow({"volume": volume, "member": member, "attack": member.split(":")[0], "eps": float(key),
+                                     "adversarial_dice": 0.1, "transfer": json.dumps({"tiny_robust_ab": {"clean_dice": 0.96,
+                                     "adversarial_dice": moved[volume][key] + extra}, "other": {"adversarial_dice": 0.0}})})
+                writer.writerow({"volume": volume, "member": "worst_case", "attack": "worst_case", "eps": float(key),
+                                 "adversarial_dice": 0.1, "transfer": json.dumps({"tiny_robust_ab": {"adversarial_dice": 0.0}})})
+    transfer = transfer_dice(results, "tiny_robust_ab")
+    assert transfer == {(v, k): pytest.approx(moved[v][k]) for v in moved for k in (low, high)}
+
+    def study(per_volume):
+        fusion = {k: {"mean_clean_dice": 0.96, "mean_robust_dice": sum(d[k] for d in per_volume.values()) / 2,
+                      "attack_success_rate": 0.5, "volumes": 2} for k in (low, high)}
+        return {"fusion": {"worst_case": fusion}, "volumes": [{"volume": v, "worst_case": d} for v, d in per_volume.items()]}
+
+    comparison = comparison_table({"source": study({"case3": {low: 0.9, high: 0.2}, "case4": {low: 0.9, high: 0.2}}),
+                                   "hardened": study(white)}, ["apgd:ce", "pgd:ce"], 10, transfer)
+    hardened = comparison["models"]["hardened"]
+    assert dict(hardened["curve"]) == {float(low): pytest.approx((0.9124 + 0.9089) / 2), float(high): pytest.approx((0.2367 + 0.1902) / 2)}
+    row = next(r for r in comparison["rows"] if r["model"] == "hardened" and r["eps_255"] == 48)
+    assert row["white_box_dice"] == pytest.approx(0.2462) and row["transfer_dice"] == pytest.approx(0.21345)
+    assert row["worst_case_dice"] == pytest.approx(0.21345)
+    # a gap under the margin (case3 at 8/255: 0.0037) is the searches' noise, not a warning
+    assert hardened["transfer_lower"] == {low: [], high: [{"volume": "case3", "transfer_dice": 0.2367, "white_box_dice": 0.2847},
+                                                        {"volume": "case4", "transfer_dice": 0.1902, "white_box_dice": 0.2077}]}
+    assert comparison["models"]["source"]["curve"] == [(float(low), 0.9), (float(high), 0.2)]
+    assert "model,eps,eps_255,clean_dice,worst_case_dice,white_box_dice,transfer_dice" in _table_csv(comparison["rows"])
+    recipe = {"training_volumes": ["case0"], "validation_volumes": ["case3", "case4"], "crop": [24, 24, 24], "model_range": [0, 1],
+              "model_units_per_eps": [1.0, 1.0], "loss": "DiceCE", "augmentation": [], "train_minutes": 0.1, "device": "cpu",
+              "notices": []}
+    text = readme("tiny", HardenOptions(eval_eps=(8 / 255, 48 / 255)), recipe, comparison)
+    assert "| hardened | 0.960 | 0.911 | 0.213 |" in text
+    warnings = [line for line in text.splitlines() if line.startswith("* Warning")]
+    assert len(warnings) == 1 and "at 48/255" in warnings[0] and "2 of 2 volume(s)" in warnings[0]
+    assert "case3 0.2367 against 0.2847" in warnings[0] and "gradient masking" in warnings[0]
 
 
 def test_harden_in_a_log_counts_its_training_steps(tiny_bundle, tmp_path):

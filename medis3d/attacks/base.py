@@ -147,13 +147,14 @@ class Budget:
     ``(C, 1, 1, 1)``: a scan whose channels the model sees in their own units) in those units: the ball's geometry is
     that of ``delta / scale``, so an L-inf eps is ``eps * scale`` in each channel's own units, an L2 ball bounds
     ``||delta / scale||``, and steps, directions and sizes are taken there. ``low`` and ``high`` (the valid range)
-    are numbers, or per channel ``(C, 1, 1, 1)``."""
+    are numbers, or per channel ``(C, 1, 1, 1)``, or tensors that broadcast over the iterate (harden's training
+    attack bounds each voxel)."""
 
     eps: float
     step: float
     steps: int
-    low: float | np.ndarray = -np.inf
-    high: float | np.ndarray = np.inf
+    low: float | np.ndarray | torch.Tensor = -np.inf
+    high: float | np.ndarray | torch.Tensor = np.inf
     region: np.ndarray | None = None  # 0/1 mask broadcastable to (C, I, J, K): where changes may go
     norm: str = "linf"  # "linf" or "l2"
     scale: np.ndarray | None = None  # (C, 1, 1, 1) native units per unit of eps and step; None: they are native
