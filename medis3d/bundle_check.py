@@ -21,8 +21,7 @@ from medis3d.io.volume import Volume
 from medis3d.target import Target
 
 STAND_INS = {
-    "straight-through clamp": "intensity clipping: exact clamp forward; gradient (BPDA) the identity where it asks a "
-                              "clipped voxel back into the window (L-inf), the clamp's own under an L2 budget",
+    "straight-through clamp": "intensity clipping: exact clamp forward, identity gradient (BPDA)",
     "straight-through": "no gradient from MONAI: identity gradient (BPDA)",
     "differentiable equivalent": "re-implemented without in-place operations (exact gradient)",
     "exact": "MONAI's own transform on tensors (exact gradient)",

@@ -457,19 +457,15 @@ class Diagnose:
         x = torch.from_numpy(volume.array).to(self.target.device)
         steps: list[dict[str, Any]] = []
         gen = torch.Generator().manual_seed(self.seed)
-        # the standard path's model input, and the voxels its gradient reaches for either sign of the weights (a clip
-        # passes a clipped voxel only the part that asks it back into the window: a voxel one sign leaves out is
-        # reached by the other)
-        attack_path: tuple[torch.Tensor, torch.Tensor] | None = None
+        attack_path: tuple[torch.Tensor, torch.Tensor] | None = None  # the standard path's model input and gradient
         for path in ("exact", "standard", "smooth"):
             leaf = x.clone().requires_grad_(True)
             with torch.enable_grad():
                 model_in = self.target.model_input(leaf, volume, path)
                 weights = (torch.rand(model_in.shape, generator=gen) * 2 - 1).to(model_in)  # signed, as a loss gradient is
-                (grad,) = torch.autograd.grad((model_in * weights).sum(), leaf, retain_graph=path == "standard")
-                if path == "standard":
-                    (opposite,) = torch.autograd.grad((model_in * -weights).sum(), leaf)
-                    attack_path = model_in.detach(), (grad != 0) | (opposite != 0)
+                (grad,) = torch.autograd.grad((model_in * weights).sum(), leaf)
+            if path == "standard":
+                attack_path = model_in.detach(), grad
             move = budget.eps * budget.direction(grad)  # the attack's step: eps along the norm's steepest direction
             with torch.no_grad():
                 moved = self.target.model_input(x + move, volume)
@@ -510,15 +506,15 @@ class Diagnose:
         return Check("layers", measured, bool(causes) and (misleads or masked), "; ".join(causes))
 
     def _hidden_share(self, x: torch.Tensor, volume: Volume, budget: Budget, gen: torch.Generator, model_in: torch.Tensor,
-                      reached: torch.Tensor) -> float | None:
+                      grad: torch.Tensor) -> float | None:
         """The share of the model input's change under a random step of the attack's size per voxel that comes from
-        the voxels the attack's gradient (the standard path's at ``model_in``) does not reach (not ``reached``): near 0 where
+        the voxels the attack's gradient (``grad``, the standard path's at ``model_in``) does not reach: near 0 where
         those voxels do not move the input (a resampling skips them), large where a step masks their gradient. The
         first-order check moves only the voxels the gradient reaches, so it cannot see them. None where every voxel
         is reached."""
-        region = budget._region(x)
-        inside = torch.ones_like(x, dtype=torch.bool) if region is None else region != 0
-        unseen = ~reached & inside
+        region = budget._region(grad)
+        inside = torch.ones_like(grad, dtype=torch.bool) if region is None else region != 0
+        unseen = (grad == 0) & inside
         if not bool(unseen.any()):
             return None
         n = int(inside.sum())

@@ -3,8 +3,7 @@
 MONAI's array transforms already pass gradients on tensors for the spatial and most intensity
 steps (Orientation, Spacing, ScaleIntensityRange, CropForeground, SpatialPad ...), so they are
 reused as they are. Intensity clipping is replaced by a straight-through clamp (BPDA) so voxels
-outside the window still receive the gradient that asks them back in (under an L-inf budget; an L2 attack takes
-the clamp's own derivative: :func:`medis3d.bpda.clip_gradient`); NormalizeIntensity (in-place in MONAI) gets a
+outside the window still receive a gradient; NormalizeIntensity (in-place in MONAI) gets a
 differentiable equivalent; ScaleIntensityRangePercentiles is computed by medis3d (MONAI switches
 to numpy above a million voxels and then passes no gradient through its percentiles); steps that
 block the gradient are passed straight through and listed.
@@ -38,7 +37,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform
 
-from medis3d.bpda import straight_through, straight_through_clamp, straight_through_clip, value_with_gradient_of
+from medis3d.bpda import straight_through, straight_through_clamp, value_with_gradient_of
 
 # Steps that our own I/O already does (loading, channel-first, type conversion).
 IO_STEPS = {
@@ -319,12 +318,10 @@ def build_step(name: str, args: dict[str, Any]) -> Step | None:
         # a hard clip or threshold (ClipIntensityPercentiles computes its percentiles in numpy above 1,000,000
         # voxels, which cuts their gradient as well): straight-through, as ScaleIntensityRange's clip is, so a voxel
         # clipped or replaced still feels the loss; its own derivative on the exact path
-        through_fn = straight_through_clip if base == "ClipIntensityPercentiles" else straight_through
-
-        def passed(x, _t=transform, _through=through_fn):
+        def passed(x, _t=transform):
             out = _t(x)
             value = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
-            through = _through(x.as_tensor() if isinstance(x, MetaTensor) else x, value.to(x.dtype))
+            through = straight_through(x.as_tensor() if isinstance(x, MetaTensor) else x, value.to(x.dtype))
             return MetaTensor(through, meta=out.meta, applied_operations=list(out.applied_operations)) if isinstance(out, MetaTensor) else through
 
         return Step(base, passed, CLIPPING_STEPS[base], invertible, kwargs, exact_fn=transform)

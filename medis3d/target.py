@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medis3d.bpda import clip_gradient
 from medis3d.engine import CPU_WINDOW_BATCH_NOTICE, Precision, WindowEngine, WindowFailure, WindowSettings, _plain
 from medis3d.errors import InputError, first_line
 from medis3d.io.volume import Volume
@@ -297,16 +296,14 @@ class Target:
         volume: Volume,
         loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         gradient: str = "standard",
-        clip: str = "towards",
     ) -> Evaluation:
         """Logits on the scan's grid for ``x_native`` and, with ``loss_fn``, the loss's native gradient
-        (exact through the network and the windows; through the preprocessing by the ``gradient`` path, its clips by
-        ``clip``: :func:`medis3d.bpda.clip_gradient`).
+        (exact through the network and the windows; through the preprocessing by the ``gradient`` path).
 
         A network that cannot run on the windows (a window size it does not take, too little
         memory) is an :class:`InputError` naming the scan and the window, not a traceback; a run-time error of
         the preprocessing, of its inverse or of ``loss_fn`` is one naming those, with its own message."""
-        return self.evaluate_many([x_native], volume, [loss_fn], gradient, clip)[0]
+        return self.evaluate_many([x_native], volume, [loss_fn], gradient)[0]
 
     def _network_failure(self, volume: Volume, exc: WindowFailure, iterates: int = 1) -> InputError:
         """The one-line error for a network that failed on this volume's windows (``iterates`` of them batched)."""
@@ -324,7 +321,6 @@ class Target:
         volume: Volume,
         loss_fns: Sequence[Callable[[torch.Tensor], torch.Tensor] | None],
         gradient: str = "standard",
-        clip: str = "towards",
     ) -> list[Evaluation]:
         """:meth:`evaluate` of several iterates of ``volume`` in one pass: their windows go through the network
         together, in window batches of the inferer's ``sw_batch_size`` times the number of iterates. Either every
@@ -335,14 +331,14 @@ class Target:
         try:
             with self.engine.shared_by(len(xs)):
                 return self._evaluate_many([x.to(self.device, torch.float32) for x in xs], volume,
-                                           list(loss_fns) if all(with_loss) else None, gradient, clip)
+                                           list(loss_fns) if all(with_loss) else None, gradient)
         except WindowFailure as exc:  # only the network on its windows: the loss's or the inverse's errors are their own
             raise self._network_failure(volume, exc, len(xs)) from exc.__cause__
         except RuntimeError as exc:  # the preprocessing, its inverse or the loss: one line naming them, not the network
             raise InputError(f"{volume.path}: the preprocessing, its inverse or the attack's loss failed (not the network): "
                              f"{first_line(exc)}") from exc
 
-    def _evaluate_many(self, xs: list[torch.Tensor], volume: Volume, loss_fns, gradient: str, clip: str) -> list[Evaluation]:
+    def _evaluate_many(self, xs: list[torch.Tensor], volume: Volume, loss_fns, gradient: str) -> list[Evaluation]:
         if loss_fns is None:
             with torch.no_grad():
                 model_ins = [self.model_input(x, volume) for x in xs]
@@ -353,7 +349,7 @@ class Target:
                     out.append(Evaluation(scan_logits, self._segmentation(stitched[i:i + 1], model_in, scan_logits)))
                 return out
         leaves = [x.detach().requires_grad_(True) for x in xs]
-        with torch.enable_grad(), clip_gradient(clip):
+        with torch.enable_grad():
             model_ins = [self.model_input(leaf, volume, gradient) for leaf in leaves]
         on_scan: list[torch.Tensor] = []
         losses: list[float] = []

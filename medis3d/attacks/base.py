@@ -32,7 +32,6 @@ class Request:
     x: torch.Tensor
     objective: Callable[[torch.Tensor], torch.Tensor] | None
     gradient: str = "standard"
-    clip: str = "towards"  # the clips' gradient (medis3d.bpda.clip_gradient): "exact" under an L2 budget
 
 
 Steps = Generator[Request, object, "MemberResult"]
@@ -43,7 +42,7 @@ def drive(steps: Steps, target: Target, volume: Volume) -> MemberResult:
     try:
         request = next(steps)
         while True:
-            request = steps.send(target.evaluate(request.x, volume, request.objective, request.gradient, request.clip))
+            request = steps.send(target.evaluate(request.x, volume, request.objective, gradient=request.gradient))
     except StopIteration as stop:
         return stop.value
 
@@ -83,12 +82,12 @@ def drive_together(members: Sequence[Steps], target: Target, volume: Volume, gro
     while pending:
         kinds: dict[tuple, list[int]] = {}
         for i, request in pending.items():
-            kinds.setdefault((request.objective is None, request.gradient, request.clip), []).append(i)
-        for (_, gradient, clip), indices in kinds.items():
+            kinds.setdefault((request.objective is None, request.gradient), []).append(i)
+        for (_, gradient), indices in kinds.items():
             for start in range(0, len(indices), size):
                 chunk = indices[start:start + size]
                 requests = [pending[i] for i in chunk]
-                answers = target.evaluate_many([r.x for r in requests], volume, [r.objective for r in requests], gradient, clip)
+                answers = target.evaluate_many([r.x for r in requests], volume, [r.objective for r in requests], gradient)
                 if log is not None:
                     log.passes += 1
                     log.sizes.append(len(chunk))
@@ -388,7 +387,7 @@ class Attack:
         stored = volume.quantise(x.cpu().numpy(), None if clean is None else clean.cpu().numpy(),
                                  None if clean is None else self.budget.eps, self.budget.norm, self.budget.scale)
         written = torch.from_numpy(stored).to(self.target.device)
-        evaluation = yield Request(written, objective, self._gradient_now, "exact" if self.budget.norm == "l2" else "towards")
+        evaluation = yield Request(written, objective, self._gradient_now)
         prediction = evaluation.segmentation
         score = self.goal.score(prediction)
         return written, evaluation, prediction, score, self.goal.succeeded(score)
