@@ -371,7 +371,7 @@ def adversarial_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_
             logits = network(adv)
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
         grad, = torch.autograd.grad(loss_fn(logits.float(), y), adv)
-        adv = budget.project(adv.detach() + step * budget.direction(grad, adv.detach()), x).detach()
+        adv = budget.project(adv.detach() + step * budget.direction(grad), x).detach()
     return adv
 
 
@@ -405,7 +405,7 @@ def apgd_batch(network: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: Cal
     eta_before, f_best_before = eta.clone(), f_best.clone()
     improved, since, marks = torch.zeros(n, device=x.device), 0, set(checkpoints(steps))
     for k in range(steps):
-        z = budget.project(current + eta * budget.direction(grad, current), x)
+        z = budget.project(current + eta * budget.direction(grad), x)
         new = z if k == 0 else budget.project(current + MOMENTUM * (z - current) + (1 - MOMENTUM) * (current - previous), x)
         f_new, grad_new = evaluate(new)
         improved += (f_new > f_x).float()

@@ -200,24 +200,6 @@ def test_unknown_attack_is_an_input_error(tiny_bundle, scan_file, tmp_path):
     assert result.exit_code == 2 and "nope" in result.output
 
 
-def test_an_l2_step_spends_its_length_where_it_moves_the_scan():
-    """Components of the gradient that push a voxel already at the valid range's bound further out are undone by
-    the projection; under L2 they took their share of the step's length (a scan padded with air at its minimum:
-    the step moved the scan by a fraction of its length). Left out, the projected step is the whole step."""
-    from medis3d.attacks import Budget
-
-    gen = torch.Generator().manual_seed(0)
-    clean = torch.rand(1, 12, 12, 12, generator=gen) * 100
-    clean[:, :6] = 0.0  # half the scan at its minimum (air)
-    grad = torch.randn(clean.shape, generator=gen)
-    budget = Budget(eps=50.0, step=10.0, steps=1, low=0.0, high=100.0, norm="l2")
-    for at, length in ((None, "short"), (clean, "whole")):
-        moved = float((budget.project(clean + budget.step * budget.direction(grad, at), clean) - clean).norm())
-        assert (moved < 0.9 * budget.step) if length == "short" else moved == pytest.approx(budget.step, rel=1e-3)
-    linf = Budget(eps=50.0, step=10.0, steps=1, low=0.0, high=100.0)  # L-inf: the same iterate either way
-    assert torch.equal(linf.project(clean + 10 * linf.direction(grad, clean), clean), linf.project(clean + 10 * linf.direction(grad), clean))
-
-
 def test_min_eps_bisects_an_early_stop_member_that_starts_at_random(tiny_target, scan_file):
     """IGSM's first success is the smallest budget it needs only when it grows its perturbation from the clean
     scan: from a random start its first iterate fills the ball, and --min-eps and eps50 reported about the full

@@ -27,7 +27,7 @@ class Adam(Attack):
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
         b1, b2 = BETAS
-        grad = self.budget.usable(grad, x)
+        grad = self.budget.usable(grad)
         units = self.budget._scale(grad)
         if units is not None:  # Adam on delta / scale (the budget's per-channel units): its gradient is grad * scale
             grad = grad * units

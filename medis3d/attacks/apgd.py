@@ -128,7 +128,7 @@ class APGD(Attack):
         improved, since, eta_before, f_max_before = 0, 0, eta, f_max
         for k in range(steps):
             last = k == steps - 1 and in_budget  # the final stage's last iterate needs no gradient
-            z = budget.project(x + eta * budget.direction(grad, x), clean)
+            z = budget.project(x + eta * budget.direction(grad), clean)
             x_new = z if k == 0 else budget.project(x + MOMENTUM * (z - x) + (1 - MOMENTUM) * (x - x_prev), clean)
             ev, f_new = yield from visit(k + 1, x_new, last)
             if last or self._stopped(keeper):

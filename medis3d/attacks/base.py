@@ -219,23 +219,16 @@ class Budget:
             return torch.clamp(clean + delta, low, high)
         return torch.clamp(clean + delta, float(low), float(high))
 
-    def usable(self, grad: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
-        """``grad`` where a step may act: inside the region, and, with the iterate ``at``, without the components
-        that would push a voxel already at the valid range's bound further out (:meth:`project` would undo them,
-        and under L2 they would take their share of a step's length)."""
+    def usable(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` where a step may act: inside the region."""
         region = self._region(grad)
-        if region is not None:
-            grad = grad * region
-        if at is not None:
-            low, high = self._bounds(at)
-            grad = torch.where(((at <= low) & (grad < 0)) | ((at >= high) & (grad > 0)), 0.0, grad)
-        return grad
+        return grad if region is None else grad * region
 
-    def direction(self, grad: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
         """The steepest-ascent direction of unit size for the norm: sign (L-inf) or grad/||grad|| (L2), of the
-        :meth:`usable` gradient at the iterate ``at``; with ``scale``, taken for ``delta / scale`` (the gradient
+        :meth:`usable` gradient; with ``scale``, taken for ``delta / scale`` (the gradient
         there is ``grad * scale``) and given in native units per unit of eps (times ``scale``)."""
-        grad = self.usable(grad, at)
+        grad = self.usable(grad)
         scale = self._scale(grad)
         if self.norm == "l2":
             if scale is None:
@@ -379,7 +372,7 @@ class Attack:
         return budget.project(clean + noise, clean)
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
-        return self.budget.project(x + self.budget.step * self.budget.direction(grad, x), clean)
+        return self.budget.project(x + self.budget.step * self.budget.direction(grad), clean)
 
     def evaluate(self, volume: Volume, x: torch.Tensor, objective=None, clean: torch.Tensor | None = None):
         """(A generator: ``yield from``.) The iterate as stored (inside the budget's ball around ``clean``), the

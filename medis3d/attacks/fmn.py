@@ -55,4 +55,4 @@ class FMN(Attack):
             self._radius = min(self.budget.eps, self._radius * growth)
         alpha = max(self.budget.step, self.budget.eps / 4) * (0.01 + 0.99 * anneal)
         ball = dataclasses.replace(self.budget, eps=self._radius)
-        return ball.project(x + alpha * self.budget.direction(grad, x), clean)
+        return ball.project(x + alpha * self.budget.direction(grad), clean)

@@ -69,7 +69,7 @@ class LowFrequency(Attack):
         return budget.project(clean + self._native(self._expand(u, clean.shape[1:])), clean)
 
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
-        grad = self.budget.usable(grad, x)
+        grad = self.budget.usable(grad)
         units = self.budget._scale(grad)
         if units is not None:  # ``u`` is in the budget's units: the scan's change is expand(u) * scale
             grad = grad * units
