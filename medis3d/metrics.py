@@ -20,15 +20,16 @@ def dice_per_class(pred_masks: np.ndarray, ref_masks: np.ndarray) -> list[float]
     return [float(v) for v in values[0]]
 
 
-def mean_dice(pred_masks: np.ndarray, ref_masks: np.ndarray) -> float:
+def mean_dice(pred_masks: np.ndarray, ref_masks: np.ndarray, per_class: Sequence[float] | None = None) -> float:
     """Mean Dice over the classes present in the reference, as :func:`mean_iou` (1.0 when the reference and the
     prediction are empty, 0.0 when only the reference is): a class absent from the reference is not a class the
     model got right (counted as 1, an attack that erased the one structure there was reported Dice 0.667 with
-    two absent classes beside it)."""
+    two absent classes beside it). ``per_class``: :func:`dice_per_class` of the same masks, where it is at hand."""
     present = np.asarray(ref_masks).reshape(len(ref_masks), -1).any(1)
     if not present.any():
         return 1.0 if not np.asarray(pred_masks).any() else 0.0
-    return float(np.asarray(dice_per_class(pred_masks, ref_masks))[present].mean())
+    values = dice_per_class(pred_masks, ref_masks) if per_class is None else per_class
+    return float(np.asarray(values)[present].mean())
 
 
 def iou_per_class(pred_masks: np.ndarray, ref_masks: np.ndarray, ignore_empty: bool = False) -> list[float]:

@@ -154,12 +154,14 @@ class AttackReport(TypedDict, total=False):
 
 
 def segmentation_record(target: Target, prediction: np.ndarray, reference: np.ndarray, spacing) -> SegmentationRecord:
-    """Dice, IoU, HD95 (mm) per foreground class, mean IoU and the flipped fraction of ``prediction`` against ``reference``."""
+    """Dice, IoU, HD95 (mm) per foreground class, mean Dice and mean IoU and the flipped fraction of ``prediction`` against
+    ``reference``."""
     pm, rm = target.masks(prediction), target.masks(reference)
     names = [target.class_name(c) for c in target.foreground_classes]
+    dice = dice_per_class(pm, rm)
     return {
-        "dice": dict(zip(names, dice_per_class(pm, rm))),
-        "mean_dice": mean_dice(pm, rm),
+        "dice": dict(zip(names, dice)),
+        "mean_dice": mean_dice(pm, rm, dice),
         "iou": dict(zip(names, iou_per_class(pm, rm))),
         "mean_iou": mean_iou(pm, rm),
         "hd95": dict(zip(names, hd95_per_class(pm, rm, spacing))),

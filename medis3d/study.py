@@ -162,18 +162,18 @@ def member_row(target: Target, case: Case, member, eps: float, result, reference
     """One results.csv row: a member's outcome on one volume at one budget (normalised sizes in each channel's own
     range with ``channel_scale``, where the model sees the channels apart)."""
     names = [target.class_name(c) for c in target.foreground_classes]
-    clean_d = dice_per_class(target.masks(clean_pred), target.masks(reference))
-    adv_d = dice_per_class(target.masks(result.prediction), target.masks(reference))
+    clean_masks, adv_masks, ref_masks = target.masks(clean_pred), target.masks(result.prediction), target.masks(reference)
+    clean_d, adv_d = dice_per_class(clean_masks, ref_masks), dice_per_class(adv_masks, ref_masks)
     norms = perturbation_norms(result.adversarial - volume.array, scale, channel_scale)
     return {
         "volume": case.name, "member": member.name, "attack": member.attack, "loss": member.loss, "eps": eps,
-        "clean_dice": mean_dice(target.masks(clean_pred), target.masks(reference)),
-        "adversarial_dice": mean_dice(target.masks(result.prediction), target.masks(reference)),
+        "clean_dice": mean_dice(clean_masks, ref_masks, clean_d),
+        "adversarial_dice": mean_dice(adv_masks, ref_masks, adv_d),
         "clean_dice_per_class": json.dumps(dict(zip(names, [round(v, 6) for v in clean_d]))),
         "adversarial_dice_per_class": json.dumps(dict(zip(names, [round(v, 6) for v in adv_d]))),
-        "adversarial_hd95": _mean(hd95_per_class(target.masks(result.prediction), target.masks(reference), volume.spacing)),
-        "clean_mean_iou": mean_iou(target.masks(clean_pred), target.masks(reference)),
-        "adversarial_mean_iou": mean_iou(target.masks(result.prediction), target.masks(reference)),
+        "adversarial_hd95": _mean(hd95_per_class(adv_masks, ref_masks, volume.spacing)),
+        "clean_mean_iou": mean_iou(clean_masks, ref_masks),
+        "adversarial_mean_iou": mean_iou(adv_masks, ref_masks),
         "success": bool(result.success), "steps": result.steps, "time_s": round(result.time_s, 3),
         "flipped_fraction": flipped_fraction(target, result.prediction, reference),
         "counts": json.dumps(confusion_counts(target, result.prediction, reference)),
