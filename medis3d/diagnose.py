@@ -101,6 +101,11 @@ def _mean_dice(target: Target, prediction: np.ndarray, reference: np.ndarray) ->
     return mean_dice(target.masks(prediction), target.masks(reference))
 
 
+def relative_difference(a: float, b: float) -> float:
+    """``|a - b|`` relative to the larger of the two (a gradient against a central difference, or two differences)."""
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
 def misprediction(ratio: float) -> str:
     """How a first-order change misses the real one, ``ratio`` being real / predicted (the layer check's flag)."""
     if ratio <= 0:
@@ -382,10 +387,9 @@ class Diagnose:
                 return (float(loss(plus, aim)) - float(loss(minus, aim))) / (2 * step)
 
             measured_fd, coarse = central(h, direction), central(4 * h, direction)
-            denominator = max(abs(measured_fd), abs(predicted), 1e-12)
             rows.append({"direction": kind, "gradient": predicted, "finite_difference": measured_fd,
-                         "relative_error": abs(predicted - measured_fd) / denominator, "finite_difference_4x": coarse,
-                         "step_disagreement": abs(measured_fd - coarse) / max(abs(measured_fd), abs(coarse), 1e-12)})
+                         "relative_error": relative_difference(predicted, measured_fd), "finite_difference_4x": coarse,
+                         "step_disagreement": relative_difference(measured_fd, coarse)})
         self.progress("finite differences: " + ", ".join(f"{r['direction']} {r['relative_error']:.2g}" for r in rows))
         measured = {"voxels": int(len(sample)), "fraction_reached": float(reached.float().mean()), "step_native": h, "directions": rows}
         if apart is not None:
@@ -421,14 +425,16 @@ class Diagnose:
         """The network's gradient of a random signed weighting of its output, along +-1 on a random sample of the
         window's voxels, against the central difference with steps of 1/255 of the model's input range (None where
         the differences of steps 1/255 and 4/255 disagree: not a measurement at that scale)."""
-        network = self.target.network
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            out = self.target.network(x)
+            return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
         gen = torch.Generator().manual_seed(self.seed + 1)
         leaf = window.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            out = network(leaf)
-            out = out[0] if isinstance(out, (tuple, list)) else out
+            out = logits(leaf)
             weights = (torch.rand(out.shape, generator=gen) * 2 - 1).to(out)
-            (grad,) = torch.autograd.grad((out.float() * weights).sum(), leaf)
+            (grad,) = torch.autograd.grad((out * weights).sum(), leaf)
         n = window.numel()
         direction = torch.zeros(n)
         sample = torch.randperm(n, generator=gen)[: min(self.fd_voxels, n)]
@@ -438,16 +444,12 @@ class Diagnose:
 
         def central(step: float) -> float:
             with torch.no_grad():
-                plus, minus = network(window + step * direction), network(window - step * direction)
-                plus = plus[0] if isinstance(plus, (tuple, list)) else plus
-                minus = minus[0] if isinstance(minus, (tuple, list)) else minus
-                return float(((plus.float() - minus.float()) * weights).sum()) / (2 * step)
+                return float(((logits(window + step * direction) - logits(window - step * direction)) * weights).sum()) / (2 * step)
 
         fine, coarse = central(span / 255), central(4 * span / 255)
-        if abs(fine - coarse) > FD_TOLERANCE * max(abs(fine), abs(coarse), 1e-12):
+        if relative_difference(fine, coarse) > FD_TOLERANCE:
             return None
-        predicted = float((grad * direction).sum())
-        return abs(predicted - fine) / max(abs(fine), abs(predicted), 1e-12)
+        return relative_difference(float((grad * direction).sum()), fine)
 
     def layers(self, volume: Volume, reference: np.ndarray, budget: Budget) -> Check:
         """Per preprocessing step: the share of the scan its gradient reaches, and how well the gradient of the
