@@ -272,9 +272,7 @@ def select_member(members: Sequence[Outcome], goal_targeted: bool, select: str =
     better = (lambda s: -s) if goal_targeted else (lambda s: s)  # smaller key is better
 
     def size(m: Outcome) -> tuple[float, float]:  # in the budget's units: per channel where it has them
-        linf = m.linf_native if m.linf_scaled is None else m.linf_scaled
-        l2 = m.l2_native if m.l2_scaled is None else m.l2_scaled
-        return (l2, linf) if norm == "l2" else (linf, l2)
+        return _size(m, norm), _size(m, "linf" if norm == "l2" else "l2")
 
     successful = [i for i, m in enumerate(members) if m.success]
     if successful and select == "least":
@@ -287,8 +285,8 @@ def apart_note(scales: IntensityScales) -> str:
     return "each channel's own range (the model sees the channels in their own units): " + "; ".join(scales.notes or ())
 
 
-def _size(result: MemberResult, norm: str) -> float:
-    """A member's perturbation in the budget's norm and units (per channel where the budget has them)."""
+def _size(result: Outcome, norm: str) -> float:
+    """A member's perturbation in the norm ``norm``, in the budget's units (per channel where the budget has them)."""
     if norm == "l2":
         return result.l2_native if result.l2_scaled is None else result.l2_scaled
     return result.linf_native if result.linf_scaled is None else result.linf_scaled
