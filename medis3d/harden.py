@@ -872,7 +872,7 @@ def compare(source: Path, hardened: Path, source_name: str, cases: Sequence[Case
 
 def transfer_dice(results: Path, victim: str) -> dict[tuple[str, str], float]:
     """Per volume and budget (``_eps_key``), the lowest Dice any member's adversarial of a study's ``results.csv``
-    leaves on the victim ``victim`` (its ``transfer`` column)."""
+    at that budget or a smaller one leaves on the victim ``victim`` (its ``transfer`` column)."""
     lowest: dict[tuple[str, str], float] = {}
     with open(results, newline="") as f:
         for row in csv.DictReader(f):
@@ -883,7 +883,9 @@ def transfer_dice(results: Path, victim: str) -> dict[tuple[str, str], float]:
                 continue
             key = (row["volume"], _eps_key(float(row["eps"])))
             lowest[key] = min(lowest.get(key, math.inf), float(score["adversarial_dice"]))
-    return lowest
+    # an adversarial made at a smaller budget lies inside every larger one's ball (as the study's worst case)
+    return {(volume, eps): min(d for (v, e), d in lowest.items() if v == volume and float(e) <= float(eps))
+            for volume, eps in lowest}
 
 
 def _eps_key(eps: float) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 from medis3d.report import figure_png, new_figure
 
 FUSIONS = ("medis_full", "worst_case")
+RISE_TOLERANCE = 0.02  # Dice a member may gain with more budget before it is said to have stopped short
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#1d1d1f}
@@ -243,6 +244,12 @@ def evaluation_page(summary: dict, out: Path) -> str:
     parts.append("<h2>Dice against the budget</h2>"
                  f"<img class=\"figure\" id=\"dice-curves\" alt=\"Dice and success rate against eps\" src=\"{data_uri(curves_png)}\">")
     parts.append(_fusion_table(summary, units))
+    if summary.get("rises_with_budget"):
+        rows = [[_cell(r["volume"]), _cell(r["member"]), _cell(eps_label(r["smaller_eps"], units), float(r["smaller_eps"])),
+                 _cell(number(r["smaller_dice"]), r["smaller_dice"]), _cell(eps_label(r["eps"], units), float(r["eps"])),
+                 _cell(number(r["dice"]), r["dice"])] for r in summary["rises_with_budget"]]
+        parts.append(f"<h2>Dice that rose with the budget</h2><p class=\"verdict bad\" id=\"rises-warning\">{_e(rise_words(summary['rises_with_budget']))}.</p>"
+                     + _table(["volume", "member", "smaller eps", "Dice", "larger eps", "Dice"], rows, sortable=True))
     parts.append(_volume_table(volumes, out, units))
     if summary.get("loss_wins"):
         wins = sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])
@@ -261,6 +268,13 @@ def evaluation_page(summary: dict, out: Path) -> str:
                      "minimises the Dice pooled over all volumes.</p>" + _table(["eps", "pooled Dice"], rows))
     parts.append(_settings_block(settings))
     return _page("medis3d robustness study", "\n".join(parts))
+
+
+def rise_words(rises: list[dict]) -> str:
+    """One sentence on the members whose Dice rose with the budget (:func:`rises_with_budget`)."""
+    return (f"{len(rises)} member outcome(s) left a higher Dice at a larger budget than at a smaller one (by more than "
+            f"{RISE_TOLERANCE}): those attacks stopped short at the larger budget (run them longer: --steps, --restarts); "
+            "the worst case takes the smaller budget's adversarial, which lies inside the larger ball")
 
 
 def distortion(summary: dict, entry: dict) -> tuple[str, str, float | None]:

@@ -21,7 +21,16 @@ import numpy as np
 from medis3d.cache import OutcomeCache, cached_outcomes
 from medis3d.errors import InputError, first_line
 from medis3d.fusion import MedIS, MemberOutcome, select_member
-from medis3d.html_report import dice_curves, distortion, eps_label, evaluation_page, reference_words, stopping_words
+from medis3d.html_report import (
+    RISE_TOLERANCE,
+    dice_curves,
+    distortion,
+    eps_label,
+    evaluation_page,
+    reference_words,
+    rise_words,
+    stopping_words,
+)
 from medis3d.io import check_scan, read_volume
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
@@ -46,7 +55,7 @@ COLUMNS = [
     "volume", "member", "attack", "loss", "eps", "clean_dice", "adversarial_dice", "clean_dice_per_class", "adversarial_dice_per_class",
     "adversarial_hd95", "clean_mean_iou", "adversarial_mean_iou", "success", "linf_native", "l2_native",
     "linf_normalized", "l2_normalized", "steps", "time_s", "flipped_fraction", "counts", "transfer",
-    "stop_at_success",
+    "stop_at_success", "found_at_eps",
 ]
 
 
@@ -566,7 +575,10 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
     (``worst_case``: the member that leaves the lowest Dice, the figure a study reports, as SEA reports its
     ensemble by its own metric; ties by mean IoU. Chosen by mean IoU, the goal's measure, it could report a Dice
     above another member's where a model has several classes. The volume counts as broken there when any member
-    broke it: the lowest-Dice member need not be a successful one, success being decided on mean IoU)."""
+    broke it: the lowest-Dice member need not be a successful one, success being decided on mean IoU. It chooses
+    among the members' outcomes at this budget and every smaller one, each inside this budget's ball: a member
+    that does worse with more budget stopped short, and the worst case keeps what the smaller budget found;
+    ``found_at_eps`` says which budget's adversarial it is)."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -574,12 +586,18 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
         groups.setdefault((r["volume"], eps, f"medis_{r['attack']}"), []).append(r)
         groups.setdefault((r["volume"], eps, "medis_full"), []).append(r)
         groups.setdefault((r["volume"], eps, "worst_case"), []).append(r)
-    for (_volume, _eps, name), members in groups.items():
+    for (volume, eps, name), members in groups.items():
         if name.startswith("medis_") and name != "medis_full" and len(members) < 2:
             continue
         if name == "worst_case":
-            chosen = min(members, key=lambda m: (float(m["adversarial_dice"]), float(m["adversarial_mean_iou"])))
-            chosen = {**chosen, "success": any(bool(m["success"]) for m in members)}
+            # every member's outcome at this budget or a smaller one: a smaller ball lies inside this one, so an
+            # adversarial found there is one here too, and the worst case never rises with the budget
+            within = [m for (v, e, n), ms in groups.items() if n == "worst_case" and v == volume and float(e) <= float(eps)
+                      for m in ms]
+            chosen = min(within, key=lambda m: (float(m["adversarial_dice"]), float(m["adversarial_mean_iou"]),
+                                                f"{m['eps']:.6g}" != eps))
+            chosen = {**chosen, "success": any(bool(m["success"]) for m in within), "eps": members[0]["eps"],
+                      "found_at_eps": chosen["eps"]}
         else:
             outcomes = [MemberOutcome(bool(m["success"]), float(m["adversarial_mean_iou"]), int(m["steps"]),
                                       float(m["linf_native"]), float(m["l2_native"]),
@@ -613,13 +631,15 @@ def greedy_worst_case(rows: list[dict]) -> dict[str, float]:
     greedily (volume by volume, repeated until nothing changes, from the first member everywhere and from each
     volume's own worst, the lower kept) to minimise the dataset Dice, the Dice of
     each class pooled over all volumes (``2 sum TP / (2 sum TP + sum FP + sum FN)``), averaged over classes.
-    Per-volume mean Dice is minimised by each volume's worst member alone; a pooled metric is not."""
-    by_eps: dict[str, dict[str, list[dict]]] = {}
-    for r in rows:
-        if r.get("counts") and not r["attack"].startswith(("medis", "worst")):
-            by_eps.setdefault(f"{r['eps']:.6g}", {}).setdefault(r["volume"], []).append(r)
+    Per-volume mean Dice is minimised by each volume's worst member alone; a pooled metric is not. As the per-volume
+    worst case, each budget's choice includes the outcomes at smaller budgets (inside its ball)."""
+    members = [r for r in rows if r.get("counts") and not r["attack"].startswith(("medis", "worst"))]
     out = {}
-    for eps, volumes in by_eps.items():
+    for eps in sorted({f"{r['eps']:.6g}" for r in members}, key=float):
+        volumes: dict[str, list[dict]] = {}
+        for r in members:
+            if float(f"{r['eps']:.6g}") <= float(eps):
+                volumes.setdefault(r["volume"], []).append(r)
         options = {v: [json.loads(r["counts"]) for r in rs] for v, rs in volumes.items()}
         classes = sorted({c for opts in options.values() for o in opts for c in o})
         # two starts, the first member everywhere and each volume's own worst, each refined until nothing changes:
@@ -649,6 +669,28 @@ def _greedy(options: dict[str, list[dict]], classes: list[str], choice: dict[str
     return choice
 
 
+def rises_with_budget(rows: list[dict], tolerance: float = RISE_TOLERANCE) -> list[dict]:
+    """Where a member leaves a volume's Dice higher at a larger budget than at a smaller one by more than
+    ``tolerance``: its smaller budget's adversarial lies inside the larger ball, so the larger budget's attack stopped
+    short of it (Carlini et al., "On Evaluating Adversarial Robustness": more budget must not lower success).
+    The worst case already keeps the smaller budget's outcome; these say which member to run longer."""
+    by_member: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if not r["attack"].startswith(("medis", "worst")):
+            by_member.setdefault((r["volume"], r.get("member") or f"{r['attack']}:{r['loss']}"), []).append(r)
+    out = []
+    for (volume, member), rs in by_member.items():
+        lowest: dict | None = None
+        for r in sorted(rs, key=lambda r: float(r["eps"])):
+            if lowest is not None and float(r["eps"]) > float(lowest["eps"]) \
+                    and float(r["adversarial_dice"]) > float(lowest["adversarial_dice"]) + tolerance:
+                out.append({"volume": volume, "member": member, "eps": f"{r['eps']:.6g}", "dice": float(r["adversarial_dice"]),
+                            "smaller_eps": f"{lowest['eps']:.6g}", "smaller_dice": float(lowest["adversarial_dice"])})
+            if lowest is None or float(r["adversarial_dice"]) < float(lowest["adversarial_dice"]):
+                lowest = r
+    return out
+
+
 def summarise(rows: list[dict]) -> dict:
     """Per member, fusion and eps: mean clean and robust Dice, attack success rate, mean distortion; which
     members the full fusion chose; SEA's greedy dataset-level worst case."""
@@ -656,7 +698,8 @@ def summarise(rows: list[dict]) -> dict:
     for r in rows:
         key = r["attack"] if r["attack"].startswith(("medis", "worst")) else (r.get("member") or f"{r['attack']}:{r['loss']}")
         table.setdefault(key, {}).setdefault(f"{r['eps']:.6g}", []).append(r)
-    summary: dict = {"per_member": {}, "fusion": {}, "loss_wins": {}, "greedy_dataset_dice": greedy_worst_case(rows)}
+    summary: dict = {"per_member": {}, "fusion": {}, "loss_wins": {}, "greedy_dataset_dice": greedy_worst_case(rows),
+                     "rises_with_budget": rises_with_budget(rows)}
     for key, by_eps in table.items():
         entry = {}
         for eps, rs in by_eps.items():
@@ -706,6 +749,10 @@ def markdown_report(summary: dict, volumes: int, units: str = "normalized") -> s
                 e = by_eps[eps]
                 lines.append(f"| {'**' + key + '**' if group == 'fusion' else key} | {eps_label(eps, units)} | {e['mean_clean_dice']:.3f} | "
                              f"{e['mean_robust_dice']:.3f} | {e['attack_success_rate']:.2f} | {distortion(summary, e)[1]} |")
+    if summary.get("rises_with_budget"):
+        lines.append(f"\n**{rise_words(summary['rises_with_budget'])}**\n")
+        lines += [f"- {r['volume']}, {r['member']}: Dice {r['dice']:.3f} at {eps_label(r['eps'], units)}, "
+                  f"{r['smaller_dice']:.3f} at {eps_label(r['smaller_eps'], units)}" for r in summary["rises_with_budget"]]
     if summary["loss_wins"]:
         lines.append("\nMembers chosen by the full fusion: " + ", ".join(f"{k} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
     if summary.get("transfer"):

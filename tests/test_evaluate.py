@@ -602,3 +602,36 @@ def test_a_victim_of_the_same_name_with_other_weights_is_scored_anew(tiny_bundle
     assert len(rows) == 2
     for r in rows:
         assert abs(json.loads(r["transfer"])["v"]["adversarial_dice"] - float(r["adversarial_dice"])) < 1e-6
+
+
+def test_the_worst_case_keeps_a_smaller_budgets_adversarial_and_flags_members_that_stop_short(tmp_path):
+    """A member that leaves Dice 0.40 at 8/255 and 0.70 at 16/255 stopped short at 16/255: its 8/255 adversarial lies
+    inside the 16/255 ball. The worst case at 16/255 reported 0.60 (the other member's); it now reports 0.40, found
+    at 8/255, never above the smaller budget's. The greedy dataset figure likewise, and the rise is flagged."""
+    from medis3d.study import fusion_rows, greedy_worst_case, rises_with_budget
+
+    def row(loss, eps, dice, iou, counts):
+        return {"volume": "v", "eps": eps, "attack": "apgd", "loss": loss, "member": f"apgd:{loss}", "success": iou <= 0.3,
+                "clean_dice": 1.0, "linf_normalized": eps, "adversarial_mean_iou": iou, "adversarial_dice": dice, "steps": 10, "linf_native": 8.0, "l2_native": 100.0,
+                "counts": json.dumps({"c1": counts})}
+
+    small, large = 8 / 255, 16 / 255
+    rows = [row("ce", small, 0.40, 0.25, [20, 0, 60]), row("js", small, 0.80, 0.67, [80, 20, 20]),
+            row("ce", large, 0.70, 0.54, [70, 30, 30]), row("js", large, 0.60, 0.43, [60, 20, 60])]
+    worst = {f"{r['eps']:.6g}": r for r in fusion_rows(rows, None) if r["attack"] == "worst_case"}
+    assert worst[f"{small:.6g}"]["adversarial_dice"] == 0.40 and worst[f"{small:.6g}"]["found_at_eps"] == small
+    assert worst[f"{large:.6g}"]["adversarial_dice"] == 0.40 and worst[f"{large:.6g}"]["eps"] == large
+    assert worst[f"{large:.6g}"]["found_at_eps"] == small and worst[f"{large:.6g}"]["success"]
+    greedy = greedy_worst_case(rows)
+    assert greedy[f"{large:.6g}"] == greedy[f"{small:.6g}"] == pytest.approx(0.40)
+    assert rises_with_budget(rows) == [{"volume": "v", "member": "apgd:ce", "eps": f"{large:.6g}", "dice": 0.70,
+                                        "smaller_eps": f"{small:.6g}", "smaller_dice": 0.40}]
+    within_noise = [row("ce", small, 0.40, 0.25, [20, 0, 60]), row("ce", large, 0.41, 0.26, [20, 1, 60])]
+    assert rises_with_budget(within_noise) == []
+    from medis3d.html_report import evaluation_page
+    from medis3d.study import markdown_report, summarise
+
+    summary = summarise(rows + fusion_rows(rows, None))
+    assert summary["fusion"]["worst_case"][f"{large:.6g}"]["mean_robust_dice"] == 0.40
+    assert "stopped short" in markdown_report(summary, 1) and "v, apgd:ce: Dice 0.700 at 16/255, 0.400 at 8/255" in markdown_report(summary, 1)
+    assert 'id="rises-warning"' in evaluation_page({**summary, "volumes": []}, tmp_path)

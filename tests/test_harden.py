@@ -682,3 +682,20 @@ def test_the_changelog_says_the_threshold_moved_only_when_it_did():
     assert "foreground logits raised by 0.25," in raised and "-" not in raised.split("logits")[1]  # no "lowered by -0.25"
     for calibration in (None, {"shift": 0.0, "training_dice_before": 0.9}, {"shift": 0.0, "not_applied": 1.0}):
         assert "lowered" not in _changelog_entry("src", "0.1.0", options, calibration)
+
+
+def test_transfer_dice_keeps_a_smaller_budgets_adversarial(tmp_path):
+    """The source's adversarial at 8/255 left the victim 0.30, its adversarial at 16/255 0.50: the 8/255 one lies
+    inside the 16/255 ball, so the victim's figure at 16/255 is 0.30, not 0.50."""
+    import csv
+
+    from medis3d.harden import transfer_dice
+
+    results = tmp_path / "results.csv"
+    with open(results, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["volume", "member", "attack", "eps", "adversarial_dice", "transfer"])
+        writer.writeheader()
+        for eps, dice in ((8 / 255, 0.30), (16 / 255, 0.50)):
+            writer.writerow({"volume": "v", "member": "apgd:ce", "attack": "apgd", "eps": eps, "adversarial_dice": 0.1,
+                             "transfer": json.dumps({"victim": {"adversarial_dice": dice}})})
+    assert transfer_dice(results, "victim") == {("v", f"{8 / 255:.6g}"): 0.30, ("v", f"{16 / 255:.6g}"): 0.30}
