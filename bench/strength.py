@@ -66,7 +66,7 @@ from medis3d.fusion import MedIS, MemberOutcome, select_member
 from medis3d.io import read_volume
 from medis3d.io.volume import Volume
 from medis3d.members import DEFAULT_PRESET, PRESETS
-from medis3d.metrics import dice_per_class, mean_iou
+from medis3d.metrics import mean_dice, mean_iou
 from medis3d.target import Target
 
 CACHE = ROOT / "bench" / ".cache" / "strength"
@@ -75,8 +75,9 @@ BEST_SINGLE = ("apgd:margin", 20)  # the strongest single member of the earlier 
 SWEEP = (2, 4, 8, 16, 32, 64, 128)  # x/255 (a factor 2 apart: each point costs a full reliable run), for the smallest budget that breaks every volume
 SWEEP_START = 8  # searched from here: down while it still breaks every volume, else up until it does
 ZERO_SWEEP = (32, 64, 128, 255)  # for the smallest budget that leaves Dice <= 0.1
-CODE = ["bench/reference.py", "medis3d/losses.py", "medis3d/fusion.py", "medis3d/io/volume.py",
-        "medis3d/target.py", "medis3d/engine.py", "medis3d/preprocessing.py", "medis3d/attacks"]
+CODE = ["bench/reference.py", "medis3d/losses.py", "medis3d/fusion.py", "medis3d/members.py", "medis3d/metrics.py",
+        "medis3d/io/volume.py", "medis3d/target.py", "medis3d/engine.py", "medis3d/preprocessing.py", "medis3d/bpda.py",
+        "medis3d/reductions.py", "medis3d/checkpointing.py", "medis3d/bundle.py", "medis3d/attacks"]  # what a figure depends on
 
 
 def log(message: str) -> None:
@@ -156,11 +157,9 @@ def organ_cases(cache: Path, networks: list[str]) -> list[Case]:
 
 
 # -- measuring ------------------------------------------------------------------------------------------
-def mean_dice(case: Case, prediction: np.ndarray) -> float:
-    """Mean Dice over the foreground classes present in the reference."""
-    masks, ref = case.target.masks(prediction), case.target.masks(case.reference)
-    present = ref.reshape(len(ref), -1).any(1)
-    return float(np.mean(np.asarray(dice_per_class(masks, ref))[present]))
+def case_dice(case: Case, prediction: np.ndarray) -> float:
+    """Mean Dice over the foreground classes present in the reference (as ``medis3d evaluate`` reports it)."""
+    return mean_dice(case.target.masks(prediction), case.target.masks(case.reference))
 
 
 def scored(case: Case, adversarial: np.ndarray) -> dict:
@@ -171,7 +170,7 @@ def scored(case: Case, adversarial: np.ndarray) -> dict:
     else:
         prediction = case.target.predict(case.volume.with_array(case.volume.quantise(adversarial)))
     iou = mean_iou(case.target.masks(prediction), case.target.masks(case.reference))
-    return {"dice": mean_dice(case, prediction), "mean_iou": iou, "success": iou <= 0.5}
+    return {"dice": case_dice(case, prediction), "mean_iou": iou, "success": iou <= 0.5}
 
 
 class Runner:
@@ -234,16 +233,21 @@ class Runner:
 
     def fusion(self, case: Case, preset: str, eps: float, steps: int | None = None, select: str | None = None,
                what: str = "") -> dict | None:
-        """A preset's members at ``eps``: per-volume worst case (``strongest``) or MedIS's least perturbation."""
+        """A preset's members at ``eps``: per-volume worst case (``strongest``: the member leaving the lowest Dice,
+        ties by mean IoU, a success where any member succeeded, as ``medis3d evaluate``'s ``worst_case``; by mean IoU
+        alone it could report a Dice above another member's on the organs' four classes) or MedIS's least
+        perturbation."""
         p = PRESETS[preset]
         select = select or p.select
         steps = steps or p.steps
         rows = [self.member(case, m.name, eps, m.option("steps") or steps, select, what or preset) for m in p.parsed()]
         if any(r is None for r in rows):
             return None
-        # medis3d's own rule (select_member): the strongest by mean IoU, or among the successful the least L-inf
-        outcomes = [MemberOutcome(bool(r["success"]), float(r["mean_iou"]), int(r["evaluations"]), float(r["linf_255"])) for r in rows]
-        chosen = rows[select_member(outcomes, goal_targeted=False, select=select)]
+        if select == "strongest":
+            chosen = {**min(rows, key=lambda r: (float(r["dice"]), float(r["mean_iou"]))), "success": any(r["success"] for r in rows)}
+        else:  # medis3d's own rule (select_member): among the successful the least L-inf, else the strongest
+            outcomes = [MemberOutcome(bool(r["success"]), float(r["mean_iou"]), int(r["evaluations"]), float(r["linf_255"])) for r in rows]
+            chosen = rows[select_member(outcomes, goal_targeted=False, select=select)]
         return {"dice": chosen["dice"], "success": chosen["success"], "mean_iou": chosen["mean_iou"],
                 "evaluations": sum(r["evaluations"] for r in rows), "gradient_passes": sum(r["gradient_passes"] for r in rows),
                 "time_s": sum(r.get("time_s", 0.0) for r in rows), "members": rows}
@@ -373,7 +377,7 @@ def measure_target(runner: Runner, name: str, cases: list[Case], stages: tuple[s
     """The target's figures, stage by stage (``STAGES``: a run can be limited to the ones it can afford)."""
     flat: dict = {}
     reliable = PRESETS["reliable"]
-    flat[f"{name}_clean"] = mean(mean_dice(c, c.target.predict(c.volume)) for c in cases)
+    flat[f"{name}_clean"] = mean(case_dice(c, c.target.predict(c.volume)) for c in cases)
     if "dice8" in stages:
         pgd = [runner.member(c, PGD[0], 8, PGD[1], what="pgd") for c in cases]
         single = [runner.member(c, BEST_SINGLE[0], 8, BEST_SINGLE[1], what="best single") for c in cases]
