@@ -215,12 +215,21 @@ DEFAULT_PRESET = "default"
 
 
 def with_restarts(members: list[Member], restarts: int | None) -> list[Member]:
-    """``--restarts N`` for every APGD member that does not set its own (each restart from a random start)."""
-    if not restarts or restarts <= 1:
+    """``--restarts N`` for every APGD member that does not set its own (each restart from a random start); refused
+    (one line) below 1, or above 1 where no member would take it (nothing else restarts: it would change nothing)."""
+    if restarts is None:
         return members
+    if int(restarts) < 1:
+        raise InputError(f"--restarts must be at least 1, got {restarts}")
+    takers = [m for m in members if m.attack == "apgd" and m.option("restarts") is None]
+    if int(restarts) == 1:
+        return members
+    if not takers:
+        raise InputError(f"--restarts {restarts}: no member takes it (it restarts APGD members that set no restarts= of "
+                         f"their own; members: {', '.join(m.name for m in members)})")
     out = []
     for m in members:
-        if m.attack == "apgd" and m.option("restarts") is None:
+        if m in takers:
             m = Member(m.attack, m.loss, tuple(sorted(dict(m.options, restarts=int(restarts)).items())))
         out.append(m)
     return out
