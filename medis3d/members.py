@@ -5,7 +5,7 @@ A member is an optimiser (an attack) ascending a loss, with options, written
 with any loss (DAG brings its own). Options:
 
 * ``steps``, ``step``: this member's iterations and step size (``step`` in the units of ``--eps``; not APGD's,
-  which sets its own);
+  which sets its own step, nor FGSM's, one step of eps);
 * ``random_start``: any attack starts from a random point of the ball (seeded), not the clean scan (PGD always
   does; the low-frequency attack's point is smooth like its steps);
 * ``restarts``, ``radii`` (``sea``: 2, 1.5, 1 eps over 3:3:4 of the iterations): APGD's;
@@ -40,7 +40,9 @@ GRADIENTS = ("standard", "smooth")
 # options only some attacks take (elsewhere they would show in the member's name and change nothing), and one APGD
 # does not (its step is 2 eps, halved as it goes)
 ONLY_FOR = {"restarts": ("apgd",), "radii": ("apgd",), "then": ("apgd",), "factor": ("lowfreq",)}
-NOT_FOR = {"step": ("apgd",)}
+NOT_FOR = {"step": ("apgd", "fgsm"), "steps": ("fgsm",)}
+# what those attacks take instead (the message that refuses the option)
+OWN_SETTING = {"apgd": "2 eps, halved as it goes", "fgsm": "one step of eps"}
 # the values an option takes (what check_budget asks of --step and --steps)
 RANGES: dict[str, tuple[str, Any]] = {
     "steps": ("at least 1", lambda v: v >= 1), "step": ("above 0", lambda v: v > 0),
@@ -113,7 +115,7 @@ class Member:
             if key in ONLY_FOR and attack not in ONLY_FOR[key]:
                 raise InputError(f"member {given!r}: {key}= is {'/'.join(ONLY_FOR[key])}'s option; {attack} takes none")
             if attack in NOT_FOR.get(key, ()):
-                raise InputError(f"member {given!r}: {attack} sets its own {key} (2 eps, halved as it goes)")
+                raise InputError(f"member {given!r}: {attack} sets its own {key} ({OWN_SETTING[attack]})")
             if key in RANGES and not RANGES[key][1](options[key]):
                 raise InputError(f"member {given!r}: {key} must be {RANGES[key][0]}, got {_shown(options[key])}")
         if options.get("radii", "none") not in RADII:
@@ -215,12 +217,21 @@ DEFAULT_PRESET = "default"
 
 
 def with_restarts(members: list[Member], restarts: int | None) -> list[Member]:
-    """``--restarts N`` for every APGD member that does not set its own (each restart from a random start)."""
-    if not restarts or restarts <= 1:
+    """``--restarts N`` for every APGD member that does not set its own (each restart from a random start); refused
+    (one line) below 1, or above 1 where no member would take it (nothing else restarts: it would change nothing)."""
+    if restarts is None:
         return members
+    if int(restarts) < 1:
+        raise InputError(f"--restarts must be at least 1, got {restarts}")
+    takers = [m for m in members if m.attack == "apgd" and m.option("restarts") is None]
+    if int(restarts) == 1:
+        return members
+    if not takers:
+        raise InputError(f"--restarts {restarts}: no member takes it (it restarts APGD members that set no restarts= of "
+                         f"their own; members: {', '.join(m.name for m in members)})")
     out = []
     for m in members:
-        if m.attack == "apgd" and m.option("restarts") is None:
+        if m in takers:
             m = Member(m.attack, m.loss, tuple(sorted(dict(m.options, restarts=int(restarts)).items())))
         out.append(m)
     return out

@@ -273,11 +273,16 @@ class Target:
             return tuple(self.model_input(torch.from_numpy(volume.array).to(self.device), volume).shape[1:])
 
     def model_spacing(self, volume: Volume) -> tuple[float, float, float]:
-        """The voxel size (mm) of ``volume`` in model space (after the preprocessing's resampling)."""
+        """The model's voxel size (mm, after the preprocessing's resampling) along each of ``volume``'s own array axes,
+        in the scan's axis order: the reorientation may permute the axes (a scan stored S, A, L is R, A, S to a model
+        that reorients to RAS), so model axis ``i`` is not the scan's axis ``i``."""
         with torch.no_grad():
             model_in = self.model_input(torch.from_numpy(volume.array).to(self.device), volume)
-        affine = np.asarray(model_in.affine, dtype=np.float64)
-        return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+        model = np.asarray(model_in.affine, dtype=np.float64)[:3, :3]
+        scan = np.asarray(volume.affine, dtype=np.float64)[:3, :3]
+        directions = scan / np.linalg.norm(scan, axis=0)  # each scan axis as a unit vector in world space
+        # a step of one length unit along a direction moves ||model^-1 u|| model voxels: one voxel is 1 / that long
+        return tuple(float(1.0 / np.linalg.norm(np.linalg.solve(model, directions[:, i]))) for i in range(3))  # type: ignore[return-value]
 
     def settings(self) -> dict:
         """What the engine runs with, for reports."""

@@ -145,6 +145,34 @@ def test_the_low_frequency_attack_keeps_its_coarse_perturbation_in_the_l2_ball(t
     assert result.l2_native <= 3000.0 and result.score < 0.9
 
 
+def test_the_low_frequency_cells_span_two_model_voxels_along_each_of_the_scans_own_axes(tiny_bundle, tmp_path):
+    """A scan stored S, A, L (3, 1, 1 mm) to a model that reorients to RAS and does not resample: the model's voxel is
+    the scan's own, so each coarse cell spans two scan voxels on every axis. The model's spacing was taken in its own
+    (RAS) axis order and paired with the scan's: factors 1, 2, 6 (measured: Dice 0.673 / 0.377 at 16 / 32/255 against
+    0.668 / 0.361 with 2, 2, 2)."""
+    import json
+    import shutil
+
+    from conftest import save_nifti, synthetic_scan
+
+    from medis3d.attacks import Budget, Goal
+    from medis3d.bundle import load_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["preprocessing"]["transforms"] = [t for t in config["preprocessing"]["transforms"] if t["_target_"] != "Spacingd"]
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    target = load_bundle(bundle)
+    hu, _ = synthetic_scan(7)
+    affine = np.array([[0, 0, -1.0, 40.0], [0, 1.0, 0, -20.0], [3.0, 0, 0, 5.0], [0, 0, 0, 1]])
+    volume = read_volume(save_nifti(tmp_path / "scan.nii.gz", hu, affine))
+    assert target.model_spacing(volume) == pytest.approx((3.0, 1.0, 1.0))
+    attack = ATTACKS["lowfreq"](target, "ce", Budget.for_volume(volume, 10.0, 2.0, 1), Goal(target, target.predict(volume)))
+    next(attack.iterate(volume))  # the first request: the grid is set
+    assert attack._factors == [2, 2, 2]
+
+
 def test_fmn_searches_the_whole_budget_before_it_reports_a_failure(tiny_target, scan_file):
     """FMN, a minimal-norm search, is not bisected by --min-eps, so a failure it reports is a failure at eps: its
     radius (from eps/4, growing by 1 + 4 gamma) ended at 0.76 eps after ten steps and its steps of eps/8 carried the

@@ -47,6 +47,8 @@ def test_member_names_round_trip_and_options_are_checked():
                 # options that parsed and did nothing: only APGD restarts and reduces radii, only the low-frequency
                 # attack has cells, and APGD sets its own step (igsm:ce[restarts=4] ran as igsm:ce, named otherwise)
                 "igsm:ce[restarts=4]", "pgd:ce[radii=sea]", "apgd:ce[factor=4]", "apgd:ce[step=2/255]",
+                # FGSM takes one step of eps: fgsm:ce[steps=5] and fgsm:ce[step=2/255] ran as fgsm:ce (1 step, 25 HU)
+                "fgsm:ce[steps=5]", "fgsm:ce[step=2/255]",
                 # values --step and --steps would refuse (a negative step descended the loss: mean IoU 0.978)
                 "igsm:ce[step=-2/255]", "igsm:ce[step=0]", "pgd:ce[steps=0]", "apgd:ce[restarts=0]",
                 "pgd:ce[transfer=1.5]", "lowfreq:ce[factor=0]"):
