@@ -427,21 +427,25 @@ class MedIS:
         nine tenths of the reference structure's voxels, in the budget's units (native, or with a budget per channel
         fractions of each channel's range: :meth:`MedISResult.flip_budget`); None where ``eps`` does not reach it.
         Each run stops at its first success whatever the selection: the strongest iterate of an attack whose
-        perturbation grows step by step lies at the full budget, not where it first flipped that share."""
+        perturbation grows step by step lies at the full budget, not where it first flipped that share. The bisection
+        scales the member's own step with eps, as --min-eps's does (:func:`smallest_budget`)."""
         out: dict[str, float | None] = {}
+        budget = self.member_budget(member, setting.budget, setting.factor)
+
+        def run(trial: Budget, goal: Goal) -> MemberResult:  # at ``trial`` as it is: already the member's budget
+            attack = self.attack(member, trial, goal, first_success=True)
+            return self._done(attack, self._finish(member, trial, attack.run(setting.volume), goal, setting.volume, bisect=False))
+
         for name, share in (("eps50", 0.5), ("eps90", 0.9)):
             goal = Goal(self.target, setting.goal.reference, threshold=1.0 - share, metric="unflipped")
-            full = self.run_member(member, setting.budget, goal, setting.volume, setting.factor, bisect=False, first_success=True)
+            full = run(budget, goal)
             if not full.success:
                 out[name] = None
                 continue
             if _sizes_its_own_success(member):  # its first (or least) success is the smallest budget it needs
                 out[name] = _size(full, self.norm)  # in the budget's own norm and units
                 continue
-            out[name], _ = smallest_budget(
-                functools.partial(self.run_member, member, goal=goal, volume=setting.volume, factor=setting.factor, bisect=False,
-                                  first_success=True),
-                setting.budget, full, self.bisection_steps)
+            out[name], _ = smallest_budget(functools.partial(run, goal=goal), budget, full, self.bisection_steps)
         return out
 
     def run_member(self, member: Member, budget: Budget, goal: Goal, volume: Volume, factor: float = 1.0,

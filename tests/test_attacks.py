@@ -239,3 +239,23 @@ def test_min_eps_bisects_an_early_stop_member_that_starts_at_random(tiny_target,
     full = result.eps_native
     assert result.chosen.success and result.chosen.linf_native < 0.75 * full
     assert result.flip_budgets["eps50"] is not None and result.flip_budgets["eps50"] < 0.95 * full
+
+
+def test_eps50_bisection_scales_a_members_own_step_with_eps(tiny_target, scan_file, monkeypatch):
+    """eps50 / eps90 bisect a fixed-budget member as --min-eps does, its step scaled with eps (``smallest_budget``):
+    a member's own ``step=`` was applied again at every trial budget, so pgd:masked_ce[step=48/255] at 128/255 took
+    steps of 48/255 at a trial budget of 64/255 where --min-eps's bisection took 24/255."""
+    runs = []
+    attack = MedIS.attack
+
+    def spy(self, member, budget, goal, first_success=False):
+        runs.append((goal.metric, budget.eps, budget.step))
+        return attack(self, member, budget, goal, first_success)
+
+    monkeypatch.setattr(MedIS, "attack", spy)
+    volume = read_volume(scan_file)
+    result = MedIS(tiny_target, members_spec=["pgd:masked_ce[step=48/255]"], eps=128 / 255, steps=4, min_eps=True)(volume)
+    assert result.flip_budgets["eps50"] is not None
+    trials = [(eps, step) for metric, eps, step in runs if metric == "unflipped"]
+    assert len({eps for eps, _ in trials}) > 1  # bisected
+    assert all(step == pytest.approx(eps * 48 / 128) for eps, step in trials)
