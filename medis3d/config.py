@@ -64,7 +64,7 @@ def resolve_members(p: dict) -> tuple[str, list, float, int, str]:
     """The preset, members, step, steps and selection from a command's parameters: ``--members``, or
     ``--attacks`` x ``--losses`` where either is given, else the preset's members; ``--restarts`` for every APGD
     member; ``--step``, ``--steps`` and ``--select`` override the preset's."""
-    from medis3d.members import DEFAULT_PRESET, PRESETS, parse_members, product, with_restarts
+    from medis3d.members import DEFAULT_PRESET, PRESETS, check_seeds, parse_members, product, with_restarts
 
     name = p.get("preset") or DEFAULT_PRESET
     if name not in PRESETS:
@@ -77,6 +77,7 @@ def resolve_members(p: dict) -> tuple[str, list, float, int, str]:
     else:
         members = preset.parsed()
     members = with_restarts(members, p.get("restarts"))
+    check_seeds(members)
     step = parse_fraction(p["step"], "--step") if p.get("step") else preset.step
     steps = int(p["steps"]) if p.get("steps") is not None else preset.steps
     return name, members, step, steps, p.get("select") or preset.select

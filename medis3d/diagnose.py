@@ -287,7 +287,7 @@ class Diagnose:
         """The member from random starts its own run did not draw: APGD with as many restarts as it has (at least
         ``restarts``), any other attack once from each of ``restarts`` random points (from the clean scan, which
         most start at, a rerun with another seed repeated the run exactly and this check could not fire)."""
-        options = dict(self.member.options) | {"random_start": True}
+        options = dict(self.member.options) | ({} if self.member.attack == "pgd" else {"random_start": True})  # PGD always starts so
         if self.member.attack == "apgd":  # one run of its restarts
             restarts = options["restarts"] = max(self.restarts, int(self.member.option("restarts") or 1))
             runs = [RESTART_SEED]

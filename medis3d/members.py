@@ -7,7 +7,7 @@ with any loss (DAG brings its own). Options:
 * ``steps``, ``step``: this member's iterations and step size (``step`` in the units of ``--eps``; not APGD's,
   which sets its own step, nor FGSM's, one step of eps);
 * ``random_start``: any attack starts from a random point of the ball (seeded), not the clean scan (PGD always
-  does; the low-frequency attack's point is smooth like its steps);
+  does, and takes no ``random_start=``; the low-frequency attack's point is smooth like its steps);
 * ``restarts``, ``radii`` (``sea``: 2, 1.5, 1 eps over 3:3:4 of the iterations): APGD's;
 * ``then``: APGD's second loss: as many iterations again, ascending that loss from the member's strongest
   iterate so far (a chain, e.g. ``apgd:masked_spherical[then=js]``);
@@ -15,7 +15,7 @@ with any loss (DAG brings its own). Options:
   share of the iterations taken through the smooth path before finishing white-box);
 * ``factor``: the low-frequency attack's scan voxels per coarse cell;
 * ``seed``: added to the run's ``--seed`` for this member's random draws, so members (and restarts) that
-  start at random start from different points.
+  start at random start from different points (refused on a member that draws nothing at random).
 
 Presets (``--preset``, :data:`PRESETS`): ``default`` (what ``medis3d attack`` runs) is MedIS's fusion over
 three APGD members with SEA's losses, each from its own random start (on the shipped model a random start
@@ -40,9 +40,9 @@ GRADIENTS = ("standard", "smooth")
 # options only some attacks take (elsewhere they would show in the member's name and change nothing), and one APGD
 # does not (its step is 2 eps, halved as it goes)
 ONLY_FOR = {"restarts": ("apgd",), "radii": ("apgd",), "then": ("apgd",), "factor": ("lowfreq",)}
-NOT_FOR = {"step": ("apgd", "fgsm"), "steps": ("fgsm",)}
+NOT_FOR = {"step": ("apgd", "fgsm"), "steps": ("fgsm",), "random_start": ("pgd",)}
 # what those attacks take instead (the message that refuses the option)
-OWN_SETTING = {"apgd": "2 eps, halved as it goes", "fgsm": "one step of eps"}
+OWN_SETTING = {"apgd": "2 eps, halved as it goes", "fgsm": "one step of eps", "pgd": "always a random start"}
 # the values an option takes (what check_budget asks of --step and --steps)
 RANGES: dict[str, tuple[str, Any]] = {
     "steps": ("at least 1", lambda v: v >= 1), "step": ("above 0", lambda v: v > 0),
@@ -214,6 +214,17 @@ PRESETS["default"] = Preset(
     "from its own random start, 20 iterations each (no more network passes than the paper's six IGSM members of 10), "
     "least perturbation among the successful")
 DEFAULT_PRESET = "default"
+
+
+def check_seeds(members: list[Member]) -> None:
+    """Refuse ``seed=`` on a member that draws nothing at random (no random start, no restarts: the seed would be
+    in its name and change nothing)."""
+    for m in members:
+        draws = m.attack == "pgd" or m.option("random_start", False) or int(m.option("restarts") or 1) > 1
+        if m.option("seed") is not None and not draws:
+            more = " or restarts=N" if m.attack == "apgd" else ""
+            raise InputError(f"member {m.name!r}: seed= changes nothing, the member draws nothing at random "
+                             f"(give it random_start=1{more})")
 
 
 def with_restarts(members: list[Member], restarts: int | None) -> list[Member]:

@@ -60,6 +60,9 @@ def test_explicit_settings_override_the_preset_and_members_are_named_once():
     # only APGD members restart: with none that would take it, --restarts changed nothing and said nothing
     ({"preset": "paper", "restarts": 3}, "--restarts 3: no member takes it"),
     ({"members": "pgd:ce,apgd:js[restarts=2]", "restarts": 3}, "--restarts 3: no member takes it"),
+    # a seed of a member that draws nothing at random: igsm:ce[seed=5] and apgd:js[seed=5] ran as without it
+    ({"members": "igsm:ce[seed=5]"}, "seed= changes nothing"),
+    ({"members": "apgd:js[seed=5]"}, "seed= changes nothing"),
 ])
 def test_every_bad_option_is_one_line_from_one_place(given, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(")) as caught:
@@ -103,3 +106,11 @@ def test_a_dicom_seg_needs_the_adversarial_dicom_series_it_references():
     with pytest.raises(InputError, match="--seg-format dicom .* --output-format nifti does not write") as caught:
         AttackConfig(seg_format="dicom", output_format="nifti").formats(series)
     assert "\n" not in str(caught.value)
+
+
+def test_a_seed_is_taken_where_the_member_draws_at_random():
+    """A seed counts for a random start, APGD's restarts (also from --restarts) and PGD, which always starts at random."""
+    for members, restarts in (("igsm:ce[random_start=1,seed=5]", None), ("pgd:ce[seed=5]", None),
+                              ("apgd:js[restarts=2,seed=5]", None), ("apgd:js[seed=5]", 3)):
+        config = AttackConfig.from_options(_options(members=members, restarts=restarts))
+        assert "seed=5" in config.members[0]

@@ -49,6 +49,8 @@ def test_member_names_round_trip_and_options_are_checked():
                 "igsm:ce[restarts=4]", "pgd:ce[radii=sea]", "apgd:ce[factor=4]", "apgd:ce[step=2/255]",
                 # FGSM takes one step of eps: fgsm:ce[steps=5] and fgsm:ce[step=2/255] ran as fgsm:ce (1 step, 25 HU)
                 "fgsm:ce[steps=5]", "fgsm:ce[step=2/255]",
+                # PGD always starts at random: pgd:ce[random_start=0] did all the same
+                "pgd:ce[random_start=0]", "pgd:ce[random_start=1]",
                 # values --step and --steps would refuse (a negative step descended the loss: mean IoU 0.978)
                 "igsm:ce[step=-2/255]", "igsm:ce[step=0]", "pgd:ce[steps=0]", "apgd:ce[restarts=0]",
                 "pgd:ce[transfer=1.5]", "lowfreq:ce[factor=0]"):
