@@ -266,3 +266,23 @@ def test_a_budget_below_the_files_stored_step_says_no_voxel_can_change(tiny_bund
     float_scan = volume.with_array(volume.array)
     float_scan.stored_dtype = np.dtype(np.float32)
     assert _stored_step_notices(float_scan, at(0.01), medis) == []  # a float file stores any change
+
+
+def test_bundle_fragment_step_is_the_presets_under_native_units(tiny_bundle, scan_file, tmp_path):
+    """The fragment's default step is the paper's 1/255 of the model's range whatever ``eps_units`` says, as
+    ``attack``'s: it was a fixed 1/255 passed as the user's step, so ``#eps_units native`` stepped 1/255 HU, which
+    the int16 scan rounded away (the volume reported unbroken, perturbation 0)."""
+    from monai.bundle import ConfigParser
+
+    from medis3d.monai_workflow import fragment_path
+
+    parser = ConfigParser()
+    parser.read_config([str(tiny_bundle / "configs" / "inference.json"), str(fragment_path())])
+    out = tmp_path / "out"
+    parser.update({"bundle_root": str(tiny_bundle), "output_dir": str(out), "datalist": [{"image": str(scan_file)}],
+                   "medis3d_attack#eps_units": "native", "medis3d_attack#eps": 24, "medis3d_attack#steps": 2,
+                   "medis3d_attack#losses": "ce", "medis3d_attack#device": "cpu"})
+    parser.get_parsed_content("medis3d_attack").run()
+    report = json.loads((out / "scan" / "report.json").read_text())
+    assert report["attack"]["step_native"] == pytest.approx(400 / 255)  # the window -100..300 HU: 1/255 is 1.57 HU
+    assert report["perturbation"]["linf_native"] > 0
