@@ -3,6 +3,7 @@
 import html
 import json
 import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -286,3 +287,22 @@ def test_bundle_fragment_step_is_the_presets_under_native_units(tiny_bundle, sca
     report = json.loads((out / "scan" / "report.json").read_text())
     assert report["attack"]["step_native"] == pytest.approx(400 / 255)  # the window -100..300 HU: 1/255 is 1.57 HU
     assert report["perturbation"]["linf_native"] > 0
+
+
+def test_bundle_fragment_keeps_volumes_of_the_same_file_name_apart(tiny_bundle, tmp_path):
+    """Datalist images named alike in different folders (``a/image.nii.gz``, ``b/image.nii.gz``) get a folder each:
+    the second was attacked into the first's folder, replacing its outputs (one volume's results lost)."""
+    from conftest import save_nifti, synthetic_scan
+
+    from medis3d.monai_workflow import BundleAttack
+
+    images = []
+    for seed, folder in ((7, "a"), (8, "b")):
+        (tmp_path / folder).mkdir()
+        images.append(save_nifti(tmp_path / folder / "image.nii.gz", synthetic_scan(seed)[0]))
+    out = tmp_path / "out"
+    rows = BundleAttack(str(tiny_bundle), [{"image": str(p)} for p in images], str(out), losses="ce", steps=1,
+                        device="cpu").run()
+    assert len({r["output_dir"] for r in rows}) == 2
+    for row, image in zip(rows, images):
+        assert json.loads((Path(row["output_dir"]) / "report.json").read_text())["input"]["path"] == str(image)
