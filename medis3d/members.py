@@ -215,9 +215,17 @@ DEFAULT_PRESET = "default"
 
 
 def with_restarts(members: list[Member], restarts: int | None) -> list[Member]:
-    """``--restarts N`` for every APGD member that does not set its own (each restart from a random start)."""
-    if not restarts or restarts <= 1:
+    """``--restarts N`` for every APGD member that does not set its own (each restart from a random start); refused
+    where it is below 1, or above 1 where no member takes it (it would change nothing)."""
+    if restarts is None:
         return members
+    if restarts < 1:
+        raise InputError(f"--restarts must be at least 1, got {restarts}")
+    if restarts == 1:
+        return members
+    if not any(m.attack == "apgd" and m.option("restarts") is None for m in members):
+        raise InputError(f"--restarts {restarts}: no member takes it (restarts are APGD's, for members that set none of their "
+                         f"own; these are {', '.join(m.name for m in members)}); give APGD members, e.g. --preset default")
     out = []
     for m in members:
         if m.attack == "apgd" and m.option("restarts") is None:

@@ -56,6 +56,9 @@ def test_explicit_settings_override_the_preset_and_members_are_named_once():
     ({"preset": "strong"}, "--preset must be one of"),
     ({"members": "apgd:nope"}, "unknown loss 'nope'"),
     ({"memory_budget": "lots"}, "--memory-budget must be a size"),
+    ({"restarts": 0}, "--restarts must be at least 1"),
+    ({"preset": "paper", "restarts": 3}, "--restarts 3: no member takes it"),  # IGSM members: it ran none
+    ({"members": "apgd:js[restarts=2],pgd:ce", "restarts": 3}, "--restarts 3: no member takes it"),
 ])
 def test_every_bad_option_is_one_line_from_one_place(given, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(")) as caught:
