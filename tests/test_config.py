@@ -57,6 +57,8 @@ def test_explicit_settings_override_the_preset_and_members_are_named_once():
     ({"members": "apgd:nope"}, "unknown loss 'nope'"),
     ({"memory_budget": "lots"}, "--memory-budget must be a size"),
     ({"restarts": 0}, "--restarts must be at least 1"),
+    ({"norm": "l2"}, "--norm l2 needs --eps, an L2 radius"),  # 10/255 was the L2 length of the whole perturbation
+    ({"eps_units": "native"}, "--eps-units native needs --eps"),  # 10/255 was 0.04 HU
     ({"preset": "paper", "restarts": 3}, "--restarts 3: no member takes it"),  # IGSM members: it ran none
     ({"members": "apgd:js[restarts=2],pgd:ce", "restarts": 3}, "--restarts 3: no member takes it"),
 ])
@@ -102,3 +104,17 @@ def test_a_dicom_seg_needs_the_adversarial_dicom_series_it_references():
     with pytest.raises(InputError, match="--seg-format dicom .* --output-format nifti does not write") as caught:
         AttackConfig(seg_format="dicom", output_format="nifti").formats(series)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("command", ["attack", "evaluate", "diagnose"])
+def test_the_default_budget_is_refused_where_it_would_mean_another_size(command, tiny_bundle, scan_file, tmp_path):
+    """--eps left out means 10/255 (8/255 in diagnose, 1/255..8/255 in evaluate) of the model's range under L-inf;
+    under --norm l2 or --eps-units native attack and evaluate took that number as an L2 radius or scan units (on the
+    tests' scan an L2 ball of 15.7 HU, or 0.04 HU: Dice 1.000 -> 0.9997 or 1.000, reported as not broken), where
+    diagnose refused it: now every command refuses it, one line, nothing written."""
+    out = tmp_path / "out"
+    source = str(scan_file.parent) if command == "evaluate" else str(scan_file)
+    for given, message in ((["--norm", "l2"], "--norm l2 needs --eps"), (["--eps-units", "native"], "--eps-units native needs --eps")):
+        result = CliRunner().invoke(app, [command, source, "--bundle", str(tiny_bundle), "--out", str(out), *given])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+        assert not out.exists()
