@@ -513,7 +513,8 @@ def evaluate(
             raise InputError(f"--eps must be positive budgets, got {eps!r}")
         _, member_list, step_value, steps_value, _ = resolve_members(params)
         for budget in eps_list:  # the checks every attack's budget passes (medis3d.config)
-            check_budget(budget, step_value, steps_value, options["eps_units"], options["norm"], together=options["together"])
+            check_budget(budget, step_value, steps_value, options["eps_units"], options["norm"], together=options["together"],
+                         success=options["success"])
         cases = read_dataset(dataset, labels, masks)
         tgt = _model(dict(params, device=device))
         source = _bundle_name(options["bundle"]) if options["network"] is None else scan_name(options["network"])

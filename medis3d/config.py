@@ -55,7 +55,7 @@ def given_eps(eps: str | None, norm: str, eps_units: str, default: str) -> str:
 
 
 def check_budget(eps: float, step: float, steps: int, eps_units: str = "normalized", norm: str = "linf",
-                 select: str = "least", together: int | None = 1) -> None:
+                 select: str = "least", together: int | None = 1, success: float | None = None) -> None:
     """The checks every attack's budget and selection pass, wherever they come from (one place: the config,
     fusion and the study call it)."""
     if not eps > 0:
@@ -72,6 +72,8 @@ def check_budget(eps: float, step: float, steps: int, eps_units: str = "normaliz
         raise InputError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
     if together is not None and int(together) < 1:
         raise InputError(f"--together must be at least 1, got {together}")
+    if success is not None and not 0 <= success <= 1:  # 50 (a percentage) made every first step a success
+        raise InputError(f"--success is a mean IoU from 0 to 1, got {success}")
 
 
 def resolve_members(p: dict) -> tuple[str, list, float, int, str]:
@@ -130,7 +132,7 @@ class AttackConfig:
 
         members = parse_members(list(self.members)) if self.members else product(self.attacks, self.losses)
         object.__setattr__(self, "members", tuple(m.name for m in members))
-        check_budget(self.eps, self.step, self.steps, self.eps_units, self.norm, self.select, self.together)
+        check_budget(self.eps, self.step, self.steps, self.eps_units, self.norm, self.select, self.together, self.success)
         if self.output_format not in OUTPUT_FORMATS:
             raise InputError(f"--output-format must be nifti, dicom or both, got {self.output_format!r}")
         if self.seg_format not in SEG_FORMATS:

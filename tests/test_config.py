@@ -57,6 +57,8 @@ def test_explicit_settings_override_the_preset_and_members_are_named_once():
     ({"members": "apgd:nope"}, "unknown loss 'nope'"),
     ({"memory_budget": "lots"}, "--memory-budget must be a size"),
     ({"restarts": 0}, "--restarts must be at least 1"),
+    ({"success": 50.0}, "--success is a mean IoU from 0 to 1"),  # a percentage: every first step was a success
+    ({"success": -0.1}, "--success is a mean IoU from 0 to 1"),
     ({"norm": "l2"}, "--norm l2 needs --eps, an L2 radius"),  # 10/255 was the L2 length of the whole perturbation
     ({"eps_units": "native"}, "--eps-units native needs --eps"),  # 10/255 was 0.04 HU
     ({"preset": "paper", "restarts": 3}, "--restarts 3: no member takes it"),  # IGSM members: it ran none
@@ -118,3 +120,10 @@ def test_the_default_budget_is_refused_where_it_would_mean_another_size(command,
         result = CliRunner().invoke(app, [command, source, "--bundle", str(tiny_bundle), "--out", str(out), *given])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
         assert not out.exists()
+
+
+def test_evaluate_refuses_a_success_threshold_outside_0_to_1(tiny_bundle, scan_file, tmp_path):
+    out = tmp_path / "study"
+    result = CliRunner().invoke(app, ["evaluate", str(scan_file.parent), "--bundle", str(tiny_bundle), "--out", str(out),
+                                      "--success", "50", "--quiet"])
+    assert result.exit_code == 2 and "--success is a mean IoU from 0 to 1, got 50" in result.output and not out.exists()
