@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from medis3d.config import AttackConfig, check_budget, parse_fraction, resolve_members
+from medis3d.config import AttackConfig, check_budget, given_eps, parse_fraction, resolve_members
 from medis3d.errors import InputError, Medis3dError
 from medis3d.html_report import verdict
 
@@ -121,7 +121,7 @@ def _registry_help() -> tuple[str, str]:
 
 _ATTACK_NAMES, _LOSS_NAMES = _registry_help()
 LOSSES = typer.Option(None, "--losses", help=f"Comma-separated surrogate losses fused with --attacks, or 'all' (the paper's six): {_LOSS_NAMES}. Default: the preset's members.")
-EPS = typer.Option("10/255", "--eps", help="Largest perturbation, measured in --norm (L-inf unless told); a number or a fraction such as 8/255.")
+EPS = typer.Option(None, "--eps", help="Largest perturbation, measured in --norm (L-inf unless told); a number or a fraction such as 8/255 (default 10/255; required under --norm l2 or --eps-units native).")
 STEP = typer.Option(None, "--step", help="Step size, in --eps-units (default: the preset's, 1/255 of the model's intensity range in any units; under --norm l2 a tenth of eps).")
 STEPS = typer.Option(None, "--steps", help="Most iterations per member (default: the preset's; the paper's 10).")
 PRESET = typer.Option(None, "--preset", help="default (three APGD members with SEA's losses, 20 iterations each), paper (MedIS as published: IGSM, the paper's six losses, 10 steps of 1/255) or reliable (the measured-strongest ensemble, per-volume worst case; slower).")
@@ -190,7 +190,7 @@ MEMBER_OPTIONS: dict[str, tuple[Any, Any]] = {  # the members and their budget b
     "together": (int | None, TOGETHER),
 }
 SCAN_OPTIONS: dict[str, tuple[Any, Any]] = {  # one budget on one scan, and its outputs: attack and batch
-    "eps": (str, EPS),
+    "eps": (str | None, EPS),
     "mask": (Path | None, MASK),
     "min_eps": (bool, MIN_EPS),
     "select": (str | None, SELECT),
@@ -491,7 +491,7 @@ def evaluate(
     labels: Path | None = typer.Option(None, "--labels", help="Folder of labels named like the images (folder datasets)."),
     masks: Path | None = typer.Option(None, "--masks", help="Folder of masks named like the images (folder datasets): the region each volume's perturbation may touch, as --mask in attack. In a datalist, an entry's \"mask\"."),
     victim: str | None = typer.Option(None, "--victim", help="Comma-separated bundles (folders, .zip or shipped names) that every adversarial is also scored on: a transfer matrix (the black-box threat) in results.csv, summary.json and report.html."),
-    eps: str = typer.Option("1/255,2/255,4/255,8/255", "--eps", help="Comma-separated budgets (numbers or fractions)."),
+    eps: str | None = typer.Option(None, "--eps", help="Comma-separated budgets (numbers or fractions; default 1/255,2/255,4/255,8/255; required under --norm l2 or --eps-units native)."),
     diagnose: bool = typer.Option(False, "--diagnose", help="Also run the gradient-masking checks (medis3d diagnose) on each volume at the largest budget, into diagnose/."),
     stop_at_success: bool = typer.Option(False, "--stop-at-success", help="Stop each member at its first success (mean IoU <= the threshold). Faster, and the success rate is the same, but Dice at a budget where a member succeeds is then where it stopped, not the lowest it reaches: without it every member runs all its iterations and keeps its strongest iterate."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -504,15 +504,17 @@ def evaluate(
     from medis3d.study import evaluate_dataset, read_dataset, rise_words
 
     device = options["device"] or _default_device()
-    params = dict(options, dataset=dataset, out=out, labels=labels, masks=masks, victim=victim, eps=eps, diagnose=diagnose,
-                  stop_at_success=stop_at_success, preset=options["preset"] or "reliable")
     try:
+        eps = given_eps(eps, options["norm"], options["eps_units"], "1/255,2/255,4/255,8/255")
+        params = dict(options, dataset=dataset, out=out, labels=labels, masks=masks, victim=victim, eps=eps, diagnose=diagnose,
+                      stop_at_success=stop_at_success, preset=options["preset"] or "reliable")
         eps_list = [parse_fraction(e.strip(), "--eps") for e in eps.split(",") if e.strip()]
         if not eps_list or min(eps_list) <= 0:
             raise InputError(f"--eps must be positive budgets, got {eps!r}")
         _, member_list, step_value, steps_value, _ = resolve_members(params)
         for budget in eps_list:  # the checks every attack's budget passes (medis3d.config)
-            check_budget(budget, step_value, steps_value, options["eps_units"], options["norm"], together=options["together"])
+            check_budget(budget, step_value, steps_value, options["eps_units"], options["norm"], together=options["together"],
+                         success=options["success"])
         cases = read_dataset(dataset, labels, masks)
         tgt = _model(dict(params, device=device))
         source = _bundle_name(options["bundle"]) if options["network"] is None else scan_name(options["network"])
@@ -683,11 +685,7 @@ def diagnose(
     from medis3d.workflow import default_out_dir, read_segmentation
 
     try:
-        if eps is None and (norm == "l2" or eps_units == "native"):
-            what = "an L2 radius" if norm == "l2" else "a budget in the scan's units"
-            raise InputError(f"--{'norm l2' if norm == 'l2' else 'eps-units native'} needs --eps, {what} "
-                             "(e.g. --eps 2000 --eps-units native: 2000 in the scan's units)")
-        eps_value = parse_fraction(eps or "8/255", "--eps")
+        eps_value = parse_fraction(given_eps(eps, norm, eps_units, "8/255"), "--eps")
         step_value = parse_fraction(step, "--step") if step else None
         check_budget(eps_value, eps_value if step_value is None else step_value, steps, eps_units, norm)
         bare = {"network": network, "network_def": network_def, "transforms": transforms}

@@ -27,6 +27,7 @@ NORMS = ("linf", "l2")
 SELECTIONS = ("least", "strongest")
 OUTPUT_FORMATS = ("auto", "nifti", "dicom", "both")
 SEG_FORMATS = ("nifti", "dicom")
+DEFAULT_EPS = "10/255"  # attack's and batch's --eps under L-inf in fractions of the range (given_eps)
 
 
 def parse_fraction(text: str, option: str) -> float:
@@ -40,8 +41,21 @@ def parse_fraction(text: str, option: str) -> float:
         raise InputError(f"{option} must be a number or a fraction such as 8/255, got {text!r}") from exc
 
 
+def given_eps(eps: str | None, norm: str, eps_units: str, default: str) -> str:
+    """``--eps`` as given, else ``default``: a size in fractions of the model's range under L-inf, which as an L2
+    radius or in scan units would be another, tiny budget (10/255 as the L2 length of the whole perturbation, or
+    0.04 HU), so there ``--eps`` is required (one line, as diagnose's)."""
+    if eps is not None:
+        return eps
+    if norm == "l2" or eps_units == "native":
+        what = "an L2 radius" if norm == "l2" else "a budget in the scan's units"
+        raise InputError(f"--{'norm l2' if norm == 'l2' else 'eps-units native'} needs --eps, {what} "
+                         "(e.g. --eps 2000 --eps-units native: 2000 in the scan's units)")
+    return default
+
+
 def check_budget(eps: float, step: float, steps: int, eps_units: str = "normalized", norm: str = "linf",
-                 select: str = "least", together: int | None = 1) -> None:
+                 select: str = "least", together: int | None = 1, success: float | None = None) -> None:
     """The checks every attack's budget and selection pass, wherever they come from (one place: the config,
     fusion and the study call it)."""
     if not eps > 0:
@@ -58,6 +72,8 @@ def check_budget(eps: float, step: float, steps: int, eps_units: str = "normaliz
         raise InputError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
     if together is not None and int(together) < 1:
         raise InputError(f"--together must be at least 1, got {together}")
+    if success is not None and not 0 <= success <= 1:  # 50 (a percentage) made every first step a success
+        raise InputError(f"--success is a mean IoU from 0 to 1, got {success}")
 
 
 def resolve_members(p: dict) -> tuple[str, list, float, int, str]:
@@ -117,7 +133,7 @@ class AttackConfig:
 
         members = parse_members(list(self.members)) if self.members else product(self.attacks, self.losses)
         object.__setattr__(self, "members", tuple(m.name for m in members))
-        check_budget(self.eps, self.step, self.steps, self.eps_units, self.norm, self.select, self.together)
+        check_budget(self.eps, self.step, self.steps, self.eps_units, self.norm, self.select, self.together, self.success)
         if self.output_format not in OUTPUT_FORMATS:
             raise InputError(f"--output-format must be nifti, dicom or both, got {self.output_format!r}")
         if self.seg_format not in SEG_FORMATS:
@@ -137,8 +153,9 @@ class AttackConfig:
             from medis3d.memory import parse_size
 
             budget = parse_size(p["memory_budget"])
+        eps = given_eps(p.get("eps"), p["norm"], p["eps_units"], DEFAULT_EPS)
         return cls(
-            members=tuple(m.name for m in members), preset=preset, eps=parse_fraction(p["eps"], "--eps"), step=step,
+            members=tuple(m.name for m in members), preset=preset, eps=parse_fraction(eps, "--eps"), step=step,
             steps=steps, select=select, eps_units=p["eps_units"], success=p["success"], seed=p["seed"], norm=p["norm"],
             mask=p.get("mask"), min_eps=p["min_eps"], together=p.get("together"), memory_budget=budget, preset_step=not p.get("step"),
             label=p.get("label"), target_mask=p.get("target"), output_format=p["output_format"],

@@ -353,7 +353,8 @@ class MedIS:
             self.loss_names = parse_losses(self.losses)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        check_budget(self.eps, self.step, self.steps, self.eps_units, self.norm, self.select, self.together)
+        check_budget(self.eps, self.step, self.steps, self.eps_units, self.norm, self.select, self.together,
+                     self.success_threshold)
         if isinstance(self.attacks, str):
             self.attacks = [a.strip() for a in self.attacks.split(",") if a.strip()]
         self._members = parse_members(self.members_spec) if self.members_spec else product(self.attacks, self.loss_names)

@@ -114,6 +114,7 @@ class HardenOptions:
             (self.save_every >= 1, f"--save-every must be at least 1, got {self.save_every}"),
             (0 < self.val_split < 1, f"--val-split must lie strictly between 0 and 1, got {self.val_split}"),
             (all(e > 0 for e in self.eval_eps), f"--eval-eps must be positive budgets, got {self.eval_eps}"),
+            (self.eval_steps is None or self.eval_steps >= 1, f"--eval-steps must be at least 1, got {self.eval_steps}"),
         ]
         for ok, message in problems:
             if not ok:

@@ -7,7 +7,8 @@ workflow to any bundle::
         --config_file "['configs/inference.json', '<fragment>']" --dataset_dir DATA --output_dir OUT
 
 It runs MedIS over the bundle's own ``datalist`` (its own image key), writing each volume's
-adversarial scan, predictions and report into ``output_dir/<name>/``, next to what the
+adversarial scan, predictions and report into ``output_dir/<name>/`` (``<name>_2``... for a file named like an
+earlier one), next to what the
 bundle's inference writes, and ``medis3d_summary.json`` there. Its settings (losses, eps,
 step, steps, eps_units, and members: ``attack:loss[options],...`` in place of IGSM with the
 losses) can be overridden on the command line like any config value, e.g.
@@ -19,8 +20,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
-from medis3d.io.volume import scan_name
+from medis3d.io.volume import make_names_unique, scan_name
 
 FRAGMENT = Path(__file__).resolve().parent / "fragments" / "attack.json"
 
@@ -54,6 +56,13 @@ class BundleAttack:
         self.device = device
         self.members = members  # attack:loss[options],... instead of IGSM with ``losses``
 
+    def named_inputs(self) -> list[tuple[Path, str]]:
+        """The datalist's images, each with its own output folder's name (``image``, ``image_2``... where several
+        files share a name, as in ``case1/image.nii.gz``, ``case2/image.nii.gz``: one folder would hold the last)."""
+        paths = [Path(item[self.image_key] if isinstance(item, dict) else item) for item in self.datalist]
+        named = make_names_unique([SimpleNamespace(name=scan_name(p)) for p in paths])
+        return [(p, n.name) for p, n in zip(paths, named)]
+
     def run(self) -> list[dict]:
         import torch
 
@@ -72,9 +81,7 @@ class BundleAttack:
                                step=PAPER_STEP if self.step is None else self.step, preset_step=self.step is None,
                                steps=self.steps, eps_units=self.eps_units)
         rows = []
-        for item in self.datalist:
-            path = Path(item[self.image_key] if isinstance(item, dict) else item)
-            name = scan_name(path)
+        for path, name in self.named_inputs():
             report = run_attack(path, target, options, self.output_dir / name)
             rows.append({"input": str(path), "output_dir": report["output_dir"], "success": report["success"],
                          "selected": report["selected"], "clean_dice": report["clean"]["dice"],

@@ -3,6 +3,7 @@
 import html
 import json
 import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -266,3 +267,42 @@ def test_a_budget_below_the_files_stored_step_says_no_voxel_can_change(tiny_bund
     float_scan = volume.with_array(volume.array)
     float_scan.stored_dtype = np.dtype(np.float32)
     assert _stored_step_notices(float_scan, at(0.01), medis) == []  # a float file stores any change
+
+
+def test_bundle_fragment_step_is_the_presets_under_native_units(tiny_bundle, scan_file, tmp_path):
+    """The fragment's default step is the paper's 1/255 of the model's range whatever ``eps_units`` says, as
+    ``attack``'s: it was a fixed 1/255 passed as the user's step, so ``#eps_units native`` stepped 1/255 HU, which
+    the int16 scan rounded away (the volume reported unbroken, perturbation 0)."""
+    from monai.bundle import ConfigParser
+
+    from medis3d.monai_workflow import fragment_path
+
+    parser = ConfigParser()
+    parser.read_config([str(tiny_bundle / "configs" / "inference.json"), str(fragment_path())])
+    out = tmp_path / "out"
+    parser.update({"bundle_root": str(tiny_bundle), "output_dir": str(out), "datalist": [{"image": str(scan_file)}],
+                   "medis3d_attack#eps_units": "native", "medis3d_attack#eps": 24, "medis3d_attack#steps": 2,
+                   "medis3d_attack#losses": "ce", "medis3d_attack#device": "cpu"})
+    parser.get_parsed_content("medis3d_attack").run()
+    report = json.loads((out / "scan" / "report.json").read_text())
+    assert report["attack"]["step_native"] == pytest.approx(400 / 255)  # the window -100..300 HU: 1/255 is 1.57 HU
+    assert report["perturbation"]["linf_native"] > 0
+
+
+def test_bundle_fragment_keeps_volumes_of_the_same_file_name_apart(tiny_bundle, tmp_path):
+    """Datalist images named alike in different folders (``a/image.nii.gz``, ``b/image.nii.gz``) get a folder each:
+    the second was attacked into the first's folder, replacing its outputs (one volume's results lost)."""
+    from conftest import save_nifti, synthetic_scan
+
+    from medis3d.monai_workflow import BundleAttack
+
+    images = []
+    for seed, folder in ((7, "a"), (8, "b")):
+        (tmp_path / folder).mkdir()
+        images.append(save_nifti(tmp_path / folder / "image.nii.gz", synthetic_scan(seed)[0]))
+    out = tmp_path / "out"
+    rows = BundleAttack(str(tiny_bundle), [{"image": str(p)} for p in images], str(out), losses="ce", steps=1,
+                        device="cpu").run()
+    assert len({r["output_dir"] for r in rows}) == 2
+    for row, image in zip(rows, images):
+        assert json.loads((Path(row["output_dir"]) / "report.json").read_text())["input"]["path"] == str(image)

@@ -63,6 +63,10 @@ def test_explicit_settings_override_the_preset_and_members_are_named_once():
     # a seed of a member that draws nothing at random: igsm:ce[seed=5] and apgd:js[seed=5] ran as without it
     ({"members": "igsm:ce[seed=5]"}, "seed= changes nothing"),
     ({"members": "apgd:js[seed=5]"}, "seed= changes nothing"),
+    ({"success": 50.0}, "--success is a mean IoU from 0 to 1"),  # a percentage: every first step was a success
+    ({"success": -0.1}, "--success is a mean IoU from 0 to 1"),
+    ({"norm": "l2"}, "--norm l2 needs --eps, an L2 radius"),  # 10/255 was the L2 length of the whole perturbation
+    ({"eps_units": "native"}, "--eps-units native needs --eps"),  # 10/255 was 0.04 HU
 ])
 def test_every_bad_option_is_one_line_from_one_place(given, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(")) as caught:
@@ -114,3 +118,24 @@ def test_a_seed_is_taken_where_the_member_draws_at_random():
                               ("apgd:js[restarts=2,seed=5]", None), ("apgd:js[seed=5]", 3)):
         config = AttackConfig.from_options(_options(members=members, restarts=restarts))
         assert "seed=5" in config.members[0]
+
+
+@pytest.mark.parametrize("command", ["attack", "evaluate", "diagnose"])
+def test_the_default_budget_is_refused_where_it_would_mean_another_size(command, tiny_bundle, scan_file, tmp_path):
+    """--eps left out means 10/255 (8/255 in diagnose, 1/255..8/255 in evaluate) of the model's range under L-inf;
+    under --norm l2 or --eps-units native attack and evaluate took that number as an L2 radius or scan units (on the
+    tests' scan an L2 ball of 15.7 HU, or 0.04 HU: Dice 1.000 -> 0.9997 or 1.000, reported as not broken), where
+    diagnose refused it: now every command refuses it, one line, nothing written."""
+    out = tmp_path / "out"
+    source = str(scan_file.parent) if command == "evaluate" else str(scan_file)
+    for given, message in ((["--norm", "l2"], "--norm l2 needs --eps"), (["--eps-units", "native"], "--eps-units native needs --eps")):
+        result = CliRunner().invoke(app, [command, source, "--bundle", str(tiny_bundle), "--out", str(out), *given])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+        assert not out.exists()
+
+
+def test_evaluate_refuses_a_success_threshold_outside_0_to_1(tiny_bundle, scan_file, tmp_path):
+    out = tmp_path / "study"
+    result = CliRunner().invoke(app, ["evaluate", str(scan_file.parent), "--bundle", str(tiny_bundle), "--out", str(out),
+                                      "--success", "50", "--quiet"])
+    assert result.exit_code == 2 and "--success is a mean IoU from 0 to 1, got 50" in result.output and not out.exists()

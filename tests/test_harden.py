@@ -497,6 +497,17 @@ def test_harden_trains_against_apgd_when_asked(tiny_bundle, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+def test_eval_steps_below_one_are_refused_before_training(tiny_bundle, tmp_path):
+    """--eval-steps 0 ran the preset's 100 iterations (``or``), and -1 failed after training with '--steps must be at
+    least 1, got -1' (the comparison's own check, naming an option the user gave as 1)."""
+    dataset = _dataset(tmp_path)
+    for given in ("0", "-1"):
+        out = tmp_path / f"robust{given}"
+        line = _one_line(runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(out), *FAST,
+                                             "--eval-steps", given]))
+        assert f"--eval-steps must be at least 1, got {given}" in line and not out.exists()
+
+
 def test_eps50_interpolates_where_dice_halves():
     assert eps50([(1.0, 0.8), (2.0, 0.6), (4.0, 0.2)], clean=0.9) == pytest.approx(2 * 2 ** ((0.6 - 0.45) / 0.4))
     assert eps50([(1.0, 0.8), (2.0, 0.7)], clean=0.9) is None
