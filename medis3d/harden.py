@@ -113,7 +113,8 @@ class HardenOptions:
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.save_every >= 1, f"--save-every must be at least 1, got {self.save_every}"),
             (0 < self.val_split < 1, f"--val-split must lie strictly between 0 and 1, got {self.val_split}"),
-            (all(e > 0 for e in self.eval_eps), f"--eval-eps must be positive budgets, got {self.eval_eps}"),
+            ((bool(self.eval_eps) or not self.evaluate) and all(e > 0 for e in self.eval_eps),
+             f"--eval-eps must be positive budgets, got {', '.join(f'{e:g}' for e in self.eval_eps) or 'none'}"),
             (self.eval_steps is None or self.eval_steps >= 1, f"--eval-steps must be at least 1, got {self.eval_steps}"),
         ]
         for ok, message in problems:

@@ -497,7 +497,7 @@ def test_harden_trains_against_apgd_when_asked(tiny_bundle, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
-def test_eval_steps_below_one_are_refused_before_training(tiny_bundle, tmp_path):
+def test_eval_steps_below_one_and_no_eval_budget_are_refused_before_training(tiny_bundle, tmp_path):
     """--eval-steps 0 ran the preset's 100 iterations (``or``), and -1 failed after training with '--steps must be at
     least 1, got -1' (the comparison's own check, naming an option the user gave as 1)."""
     dataset = _dataset(tmp_path)
@@ -506,6 +506,9 @@ def test_eval_steps_below_one_are_refused_before_training(tiny_bundle, tmp_path)
         line = _one_line(runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(out), *FAST,
                                              "--eval-steps", given]))
         assert f"--eval-steps must be at least 1, got {given}" in line and not out.exists()
+    out = tmp_path / "robust_no_budget"  # --eval-eps "," gave no budget: a closing comparison of nothing
+    line = _one_line(runner.invoke(app, ["harden", str(tiny_bundle), str(dataset), "--out", str(out), *FAST, "--eval-eps", ","]))
+    assert "--eval-eps must be positive budgets, got none" in line and not out.exists()
 
 
 def test_eps50_interpolates_where_dice_halves():
