@@ -181,6 +181,12 @@ class Precision:
         peak = float(upstream.abs().max())
         return self.upstream_peak / peak if math.isfinite(peak) and peak > 0 else 1.0
 
+    def scales_for(self, upstream: torch.Tensor, dtype: torch.dtype | None) -> list[float]:
+        """:meth:`scale_for` of each volume of a batch ``(B, ...)`` on its own: members batched through the network
+        each get the scale they get alone (one shared scale, set by the member with the largest upstream, flushed
+        another's to zero: a mean loss batched with DAG's summed one had its whole gradient underflow)."""
+        return [self.scale_for(upstream[b], dtype) for b in range(upstream.shape[0])]
+
     def resolve(self, device: torch.device) -> torch.dtype | None:
         if not self.enabled:
             return None
@@ -336,15 +342,16 @@ class WindowEngine:
             padded = self._pad(leaf, plan)
         upstream_padded = _uncrop(upstream.float().to(x.device), plan)
         grad_padded = torch.zeros_like(padded)
-        scale = self.precision.scale_for(upstream_padded, self.precision.resolve(x.device))
+        scales = self.precision.scales_for(upstream_padded, self.precision.resolve(x.device))  # each volume its own
         for window_batch in self._window_batches(x.shape[0], plan):
             windows = torch.cat([padded.detach()[s] for s in window_batch]).requires_grad_(True)
             share = torch.cat([upstream_padded[s] for s in window_batch]) * plan.importance
+            scale = _per_window(scales, window_batch, share)
             with torch.enable_grad():
                 with self._autocast(x.device):
                     logits = self._first(self.network(windows))
                 (window_grad,) = torch.autograd.grad(logits.float(), windows, grad_outputs=share * scale)
-            if scale != 1.0:
+            if not isinstance(scale, float):
                 window_grad = window_grad / scale
             for k, s in enumerate(window_batch):
                 grad_padded[s] += window_grad[k : k + 1]
@@ -373,16 +380,28 @@ class WindowEngine:
                 value = stitched.detach().requires_grad_(True)
                 loss = loss_fn(value)
                 (upstream,) = torch.autograd.grad(loss, value)
-                scale = self.precision.scale_for(upstream, dtype)
+                scale = _per_volume(self.precision.scales_for(upstream, dtype), upstream)
                 with _window_stage():
                     (grad,) = torch.autograd.grad(stitched, leaf, grad_outputs=upstream * scale)
-            grad = grad / scale if scale != 1.0 else grad
+            grad = grad if isinstance(scale, float) else grad / scale
             return stitched.detach(), loss.detach(), self._unless_overflowed(grad, x, upstream)
         stitched = self.forward(x).requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(stitched)
             (upstream,) = torch.autograd.grad(loss, stitched)
         return stitched.detach(), loss.detach(), self.input_gradient(x, upstream)
+
+
+def _per_volume(scales: list[float], like: torch.Tensor) -> float | torch.Tensor:
+    """Each volume's upstream scale as a factor of a batch ``like`` ``(B, ...)``: 1.0 where every one is 1."""
+    if all(s == 1.0 for s in scales):
+        return 1.0
+    return torch.tensor(scales, dtype=like.dtype, device=like.device).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _per_window(scales: list[float], window_batch: list[tuple], like: torch.Tensor) -> float | torch.Tensor:
+    """The upstream scale of each window of ``window_batch`` (its volume's, :func:`_per_volume`)."""
+    return _per_volume([scales[s[0].start] for s in window_batch], like)
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,8 @@ def plan_memory(target, model_shape, budget_bytes: int, members: int = 1) -> Mem
     """Pick (window batch, checkpointing, AMP, members together) for ``target`` on a model-space volume of
     ``model_shape``: the first setting, in order of cost, whose estimate fits. Members that share a pass each
     bring their volume-size buffers and their window batch (the shared window batch is
-    ``sw_batch_size * together``); their number shrinks before anything slower is switched on."""
+    ``sw_batch_size * together``); their number shrinks before anything slower is switched on. What the target
+    already runs with (``--amp``, ``--checkpoint``) is kept: a plan only adds them, as it only lowers the window batch."""
     per_member = volume_buffers(target, model_shape)
     weights = weight_bytes(target.network)
     amp_dtype = torch.float16 if target.device.type == "cuda" else torch.bfloat16
@@ -143,8 +144,12 @@ def plan_memory(target, model_shape, budget_bytes: int, members: int = 1) -> Mem
     batch_sizes = [b for b in batch_sizes if b <= max(1, int(target.window.sw_batch_size))]
     best: MemoryPlan | None = None
     settings: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
-    if not amp_is_fast(target.device):  # AMP would cost more time than any other setting: never chosen
+    if target.precision.enabled:  # the user's --amp: kept (a plan without it ran float32 and dropped its notice)
+        settings = tuple(s for s in settings if s[1])
+    elif not amp_is_fast(target.device):  # AMP would cost more time than any other setting: never chosen
         settings = settings[:2]
+    if target.checkpointing:  # the user's --checkpoint: kept, and the plan's estimate is of it
+        settings = tuple(s for s in settings if s[0])
     for checkpoint, amp in settings:
         probe = probes[amp]
         per_window = probe.checkpointed if checkpoint else probe.activations

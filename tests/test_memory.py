@@ -208,3 +208,22 @@ def test_a_checkpointed_view_gives_the_networks_output_and_gradient(name):
     got = view(x)
     (got_grad,) = torch.autograd.grad(got.square().sum(), x)
     assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(got_grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_memory_plan_keeps_the_users_amp_and_checkpointing(tiny_target, monkeypatch):
+    """--amp and --checkpoint with --memory-budget: the plan only adds them, as it only lowers the window batch. A
+    budget that float32 met ran float32 (the plan said amp false) and dropped --amp and its notice, unsaid."""
+    from medis3d import memory
+    from medis3d.io.volume import Volume
+
+    shape = tiny_target.model_shape(Volume(array=np.zeros((1, 40, 36, 32), np.float32), affine=np.eye(4)))
+    for fast in (True, False):  # the user's --amp is kept even where the plan would not choose it
+        monkeypatch.setattr(memory, "amp_is_fast", lambda device, fast=fast: fast)
+        user = tiny_target.configure(amp=True, checkpoint=True)
+        plan = memory.plan_memory(user, shape, 2**34)
+        assert plan.fits and plan.amp and plan.checkpoint
+        planned = user.configure(sw_batch_size=plan.sw_batch_size, checkpoint=plan.checkpoint, amp=plan.amp)
+        assert planned.precision.enabled and planned.checkpointing
+        assert any(n.startswith("mixed precision:") for n in planned.notices)
+    plain = memory.plan_memory(tiny_target, shape, 2**34)
+    assert not plain.amp and not plain.checkpoint  # nothing asked: the fastest setting that fits
