@@ -70,7 +70,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="medis3d-bench-batch-"))
     try:
         data, bundle = make_inputs(work, args.volumes)
-        attack = ["--bundle", str(bundle), "--losses", "ce,dice", "--steps", str(args.steps), "--success", "-1", "--quiet"]
+        attack = ["--bundle", str(bundle), "--losses", "ce,dice", "--steps", str(args.steps), "--select", "strongest", "--quiet"]
         one = run([sys.executable, "-m", "medis3d", "batch", str(data), "--out", str(work / "one"), *attack], cores)
         torchrun = shutil.which("torchrun") or "torchrun"
         two = run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "medis3d", "batch", str(data), "--out", str(work / "two"), *attack],

@@ -411,7 +411,7 @@ def figure_members_time(sizes: Sizes, out: Results) -> None:
     target, volume = members_target(sizes)
 
     def attack(losses) -> Callable[[], object]:
-        return lambda: MedIS(target, losses=losses, steps=sizes.members_steps, success_threshold=-1.0)(volume)
+        return lambda: MedIS(target, losses=losses, steps=sizes.members_steps, stop_at_success=False)(volume)
 
     singles = [attack(loss) for loss in PAPER_LOSSES]
     timing = paired_ratio(attack(list(PAPER_LOSSES)), lambda: [run() for run in singles], sizes.members_repeats)
@@ -436,9 +436,9 @@ def _together_ratio(sizes: Sizes, members, steps: int, repeats: int) -> dict:
     results = {}
 
     def attack(together: int) -> Callable[[], object]:
-        def run():  # success never reached (threshold -1): every member runs all its iterations
+        def run():  # stop_at_success=False: every member runs all its iterations
             results[together] = MedIS(target, members_spec=list(members), eps=8 / 255, step=1 / 255, steps=steps,
-                                      success_threshold=-1.0, together=together)(volume)
+                                      stop_at_success=False, together=together)(volume)
         return run
 
     timing = paired_ratio(attack(len(members)), attack(1), repeats)
@@ -635,7 +635,7 @@ def figure_overhead(sizes: Sizes, out: Results) -> None:
     problem = plain.scan_problem(bundle, scan, 8.0, lambda x: plain.real_preprocessing(bundle, x, scan.affine))
 
     def ours(members=("pgd:ce",)) -> None:
-        MedIS(target, members_spec=list(members), eps=8 / 255, step=1 / 255, steps=steps, success_threshold=-1.0)(volume)
+        MedIS(target, members_spec=list(members), eps=8 / 255, step=1 / 255, steps=steps, stop_at_success=False)(volume)
 
     def theirs() -> None:
         plain.sign_ascent(problem.loss_and_grad, problem.project, problem.random_start(0), 1.0, steps)

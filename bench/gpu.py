@@ -221,7 +221,7 @@ def section_members(b: Bench, fusion_steps: int) -> dict:
     out: dict = {"head_shape": list(shape), "windows": target.engine.window_count(shape)}
     default = PRESETS["default"].members
     for together in (len(default), 1):  # one short warm-up of each path (cuDNN's algorithm search, the allocator)
-        MedIS(target, members_spec=list(default), eps=8 / 255, step=1 / 255, steps=1, success_threshold=-1.0,
+        MedIS(target, members_spec=list(default), eps=8 / 255, step=1 / 255, steps=1, stop_at_success=False,
               together=together)(volume)
     runs = [("members", default, 2 if b.quick else 20, True), ("fusion12", FUSION12, fusion_steps, True)]
     if b.cuda:  # whether TF32 convolutions are what make a batched member's rounding differ from its solo run's
@@ -232,9 +232,9 @@ def section_members(b: Bench, fusion_steps: int) -> dict:
         results = {}
 
         def attack(together: int, members=members, steps=steps, results=results) -> Callable[[], None]:
-            def run() -> None:  # success never reached (threshold -1): every member runs all its iterations
+            def run() -> None:  # stop_at_success=False: every member runs all its iterations
                 results[together] = MedIS(target, members_spec=list(members), eps=8 / 255, step=1 / 255, steps=steps,
-                                          success_threshold=-1.0, together=together)(volume)
+                                          stop_at_success=False, together=together)(volume)
             return run
 
         batched_s = b.time(attack(len(members)), repeats=1, warm_up=False)
@@ -327,7 +327,7 @@ def section_profile(b: Bench, scan: str, steps: int) -> dict:
     members = list(PRESETS["default"].members)
 
     def run() -> None:
-        MedIS(target, members_spec=members, eps=8 / 255, step=1 / 255, steps=steps, success_threshold=-1.0)(volume)
+        MedIS(target, members_spec=members, eps=8 / 255, step=1 / 255, steps=steps, stop_at_success=False)(volume)
 
     run()  # warm-up: cuDNN's algorithm search, the allocator
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
