@@ -3,8 +3,9 @@ Adversarial Robustness" (2019): an attack result is an upper bound on robustness
 did not stop short, and these checks look for the signs that it did.
 
 * **eps sweep**: the member at doubling budgets until it succeeds; flagged when nothing succeeds by
-  64/255, or when a larger budget leaves more Dice than a smaller one. Under an L2 budget (``norm="l2"``) the
-  sweep's budgets are the L2 balls whose root-mean-square per voxel the attack may change is 2/255 ... 64/255
+  64/255, or when a larger budget leaves more Dice than a smaller one. Above the diagnosed budget its step grows in
+  proportion to the budget (a fixed step of 1/255 for 20 iterations could not leave the 20/255 ball). Under an L2
+  budget (``norm="l2"``) the sweep's budgets are the L2 balls whose root-mean-square per voxel the attack may change is 2/255 ... 64/255
   of the model's range: each holds the L-inf ball of that size, so the same limit applies.
 * **step doubling**: twice the iterations; flagged when that still lowers Dice by more than 0.02
   (the attack had not converged).
@@ -30,7 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -54,8 +55,9 @@ DEFAULT_MEMBER = "apgd:masked_ce_balanced"
 QUERIES = 200  # the random search's forward passes where none are given (evaluate --diagnose gives none)
 # the checks' own version, in the settings a study keeps each diagnosis under: a diagnosis made by other checks is
 # run again (2: strongest iterates in the doubling, restarts and random search; finite differences with two steps;
-# 3: restarts from random starts the member's own run did not draw; the layer check moves the unreached voxels)
-CHECKS_VERSION = 3
+# 3: restarts from random starts the member's own run did not draw; the layer check moves the unreached voxels;
+# 4: the sweep's step grows with its budget above the diagnosed one)
+CHECKS_VERSION = 4
 
 
 @dataclass
@@ -174,15 +176,24 @@ class Diagnose:
 
     # -- running a member ---------------------------------------------------------------------
     def _medis(self, eps: float, steps: int | None = None, member: Member | None = None, seed: int | None = None,
-               strongest: bool = True) -> MedIS:
+               strongest: bool = True, stretch: float = 1.0) -> MedIS:
         """The member at ``eps``: run to its strongest iterate (``strongest``; the doubling, restarts and random search
-        compare Dice, which an attack stopped at its first success does not reach), or to its first success (the sweep)."""
-        if self.step is None:  # the preset's (MedIS.preset_step)
+        compare Dice, which an attack stopped at its first success does not reach), or to its first success (the sweep).
+        ``stretch``: its step (and a member's own ``[step=X]``) that many times the one it takes at the diagnosed
+        budget (the sweep above it, where a fixed step could not reach the larger ball's edge in its iterations)."""
+        member = member or self.member
+        if stretch != 1.0 and member.option("step") is not None:
+            options = dict(member.options) | {"step": float(member.option("step")) * stretch}
+            member = Member(member.attack, member.loss, tuple(sorted(options.items())))
+        if self.step is None and (stretch == 1.0 or self.norm == "l2"):  # the preset's (MedIS.preset_step; L2: eps / 10)
             step, preset = PAPER_STEP, True
-        else:
-            step, preset = (self.step if self.norm == "l2" else min(self.step, eps)), False
+        elif self.norm == "l2":
+            step, preset = cast(float, self.step) * stretch, False
+        else:  # the step the member takes at the diagnosed budget, stretched
+            given = PAPER_STEP if self.step is None else self.step
+            step, preset = min(min(given, self.eps) * stretch, eps), False
         factor = self.scale if self.eps_units == "native" else 1.0  # MedIS reads [step=X] in its eps units
-        return MedIS(self.target, members_spec=[member or self.member], eps=eps * factor,
+        return MedIS(self.target, members_spec=[member], eps=eps * factor,
                      step=step if preset else step * factor, preset_step=preset, eps_units=self.eps_units,
                      steps=steps or self.steps, seed=self.seed if seed is None else seed, region=self.region,
                      norm=self.norm, stop_at_success=False if strongest else None)
@@ -205,8 +216,8 @@ class Diagnose:
         return int(np.count_nonzero(np.broadcast_to(np.asarray(self.region) != 0, volume.array.shape)))
 
     def _run(self, volume: Volume, reference: np.ndarray, eps: float, steps: int | None = None, member: Member | None = None,
-             strongest: bool = True, seed: int | None = None):
-        medis = self._medis(eps, steps, member, seed=seed, strongest=strongest)
+             strongest: bool = True, seed: int | None = None, stretch: float = 1.0):
+        medis = self._medis(eps, steps, member, seed=seed, strongest=strongest, stretch=stretch)
         setting = medis.prepare(volume, reference, clean_prediction=reference)
         result = medis.run_member(medis.members()[0], setting.budget, setting.goal, volume, setting.factor)
         return result, _mean_dice(self.target, result.prediction, reference), setting
@@ -243,7 +254,9 @@ class Diagnose:
         rows = []
         for e in SWEEP:
             eps = e / 255 * root_n if l2 else e / 255
-            result, dice, _ = self._run(volume, reference, eps, strongest=False)  # success is all it needs
+            # success is all it needs; above the diagnosed budget its step grows with the ball (a fixed step of 1/255
+            # for 20 iterations reaches 20/255 at most, and 32/255 and 64/255 ran the 20/255 attack again)
+            result, dice, _ = self._run(volume, reference, eps, strongest=False, stretch=max(1.0, eps / self.eps))
             size: dict[str, Any] = {"rms_255": e, "l2_native": self._l2_native(eps)} if l2 else {"eps_255": e}
             rows.append({**size, "dice": dice, "mean_iou": result.score, "success": result.success})
             label = f"{self._size(eps)} (rms {e}/255)" if l2 else f"{e}/255"
