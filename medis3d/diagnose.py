@@ -16,7 +16,7 @@ did not stop short, and these checks look for the signs that it did.
   with forward passes only; flagged when it beats the white-box member at the same budget.
 * **gradient vs finite differences**: the Target's gradient through the real forward (no stand-ins:
   the ``exact`` path) against central differences of the loss along directions on a sample of voxels;
-  flagged when they disagree.
+  flagged when they disagree (a model whose loss differs between two passes of the same scan is named random).
 * **layers**: for each preprocessing step, how much of the scan its gradient reaches and how well its
   first-order change predicts the real change at the attack's scale (a step of eps along the norm's steepest
   direction, inside the region the attacks may change); each flag names the step (or the network) that is the
@@ -56,8 +56,9 @@ QUERIES = 200  # the random search's forward passes where none are given (evalua
 # the checks' own version, in the settings a study keeps each diagnosis under: a diagnosis made by other checks is
 # run again (2: strongest iterates in the doubling, restarts and random search; finite differences with two steps;
 # 3: restarts from random starts the member's own run did not draw; the layer check moves the unreached voxels;
-# 4: the sweep's step grows with its budget above the diagnosed one)
-CHECKS_VERSION = 4
+# 4: the sweep's step grows with its budget above the diagnosed one; 5: finite differences name a random model, and
+# a network whose input gradient is zero though no layer zeroes its own)
+CHECKS_VERSION = 5
 
 
 @dataclass
@@ -409,13 +410,25 @@ class Diagnose:
             measured["step_native_per_channel"] = [float(v) / 255 for v in apart.reshape(-1)]
         flagged, cause = finite_difference_verdict(rows)
         if flagged:
+            # a model that draws anew on each pass: the differences measure its draws, not a layer (two more passes)
+            again = [float(loss(exact.evaluate(x, volume).scan_logits, aim)) for _ in range(2)]
+            spread = abs(again[0] - again[1])
+            change = min(abs(r["finite_difference"]) * 2 * h for r in rows if r["relative_error"] > FD_TOLERANCE)
+            measured["repeat_spread"] = spread
+            if spread > FD_TOLERANCE * change:
+                return Check("finite_differences", measured, True, (
+                    f"the model is random: two passes of the same scan give losses {spread:.2g} apart, "
+                    f"{spread / max(change, 1e-30):.2g}x the change a difference measures (a randomised layer or "
+                    "transform: one draw's gradient does not predict another's, Athalye et al.'s stochastic gradients; "
+                    "its robustness needs an attack on the expectation over draws, which no member makes)"))
             return Check("finite_differences", measured, True, cause + "; " + self._culprit(volume, reference))
         return Check("finite_differences", measured, False, cause)
 
     def _culprit(self, volume: Volume, reference: np.ndarray) -> str:
         """Where a gradient that disagrees with finite differences goes wrong: network layers that block or zero it,
-        else the network's own gradient checked the same way on one window in model space (a layer that hides part
-        of it, e.g. a custom backward), else the preprocessing."""
+        else a network whose input gets no gradient (an operation outside its layers, e.g. rounding), else the
+        network's own gradient checked the same way on one window in model space (a layer that hides part of it, e.g.
+        a custom backward), else the preprocessing."""
         from medis3d.bpda import gradient_flow
 
         with torch.no_grad():
@@ -428,6 +441,9 @@ class Diagnose:
             flow = {"blocked": [], "zero": []}
         if flow["blocked"] or flow["zero"]:
             return f"network layers that block or zero the gradient: {', '.join((flow['blocked'] + flow['zero'])[:5])}"
+        if flow.get("input_grad_norm") == 0:  # every layer passes some gradient, yet none reaches the network's input
+            return ("the network: its gradient at its input is zero on one window in model space, though no layer of it "
+                    "zeroes its own (an operation outside its layers blocks it: rounding, a detach, an argmax, a custom backward)")
         error = self._network_fd_error(window)
         if error is not None and error > FD_TOLERANCE:
             return (f"the network's own gradient misses finite differences on one window in model space by {error:.2g} "

@@ -351,3 +351,34 @@ def test_the_sweep_gives_a_fixed_step_member_the_reach_of_each_budget(tiny_targe
     dices = [row["dice"] for row in check.measured["sweep"]]
     assert dices == sorted(dices, reverse=True)  # each larger budget found more than the one before
 
+
+class Quantised(Masked):
+    """The network behind a rounding of its input to 1/16 (a non-differentiable quantisation: zero gradient)."""
+
+    def forward(self, x):
+        return self.network(torch.round(x * 16) / 16)
+
+
+class Randomised(Masked):
+    """The network behind a random input transform: Gaussian noise drawn on each pass."""
+
+    def forward(self, x):
+        return self.network(x + 0.03 * torch.randn_like(x))
+
+
+def test_the_finite_differences_name_a_quantising_network_and_a_random_model(tiny_target, scan_file):
+    """A network that rounds its input: no layer's gradient is all zero and the window's differences disagree with each
+    other, so the cause named the preprocessing ("the network passes gradients") while the network blocked it; a model
+    that adds noise drawn on each pass was named the preprocessing too, while its two passes of the same scan differ by
+    1.1x what a difference measures (a random shift of 0 or 1 voxel: "a layer zeroes it", 2.7x)."""
+    volume = read_volume(scan_file)
+    quantised = dataclasses.replace(tiny_target, network=Quantised(tiny_target.network), notices=[])
+    check = Diagnose(quantised, fd_voxels=400).finite_differences(volume, quantised.predict(volume))
+    assert check.flagged and "the network: its gradient at its input is zero" in check.cause, check.cause
+    torch.manual_seed(0)
+    randomised = dataclasses.replace(tiny_target, network=Randomised(tiny_target.network), notices=[])
+    check = Diagnose(randomised, fd_voxels=400).finite_differences(volume, randomised.predict(volume))
+    assert check.flagged and check.cause.startswith("the model is random"), check.cause
+    assert check.measured["repeat_spread"] > 0
+    honest = Diagnose(tiny_target, fd_voxels=400).finite_differences(volume, tiny_target.predict(volume))
+    assert not honest.flagged and "repeat_spread" not in honest.measured
