@@ -57,8 +57,8 @@ QUERIES = 200  # the random search's forward passes where none are given (evalua
 # run again (2: strongest iterates in the doubling, restarts and random search; finite differences with two steps;
 # 3: restarts from random starts the member's own run did not draw; the layer check moves the unreached voxels;
 # 4: the sweep's step grows with its budget above the diagnosed one; 5: finite differences name a random model, and
-# a network whose input gradient is zero though no layer zeroes its own)
-CHECKS_VERSION = 5
+# a network whose input gradient is zero though no layer zeroes its own; 6: evaluate's --success is the sweep's)
+CHECKS_VERSION = 6
 
 
 @dataclass
@@ -157,7 +157,7 @@ class Diagnose:
     def __init__(self, target: Target, member: str = DEFAULT_MEMBER, eps: float = 8 / 255, steps: int = 20,
                  step: float | None = None, queries: int | None = None, restarts: int = 2, fd_voxels: int = 2000, seed: int = 0,
                  progress: Callable[[str], None] | None = None, region: np.ndarray | None = None, norm: str = "linf",
-                 eps_units: str = "normalized"):
+                 eps_units: str = "normalized", success: float | None = None):
         # step None: the preset's (1/255 of the model's range; under L2 a tenth of eps), as attack without --step
         self.target, self.steps, self.seed = target, int(steps), seed
         # ``eps``, ``step`` and a member's own [step=X] are in ``eps_units`` (as MedIS takes them); the checks run their
@@ -167,6 +167,7 @@ class Diagnose:
         self.eps, self.step = self.given
         self.norm = norm
         self.region = region  # where the attacks may perturb (every check's budget), as --mask in attack
+        self.success = success  # the threshold on mean IoU a success is (None: MedIS's, 0.5), as --success in attack
         self.scale = 1.0  # the model's intensity range in the scan's units, set per volume
         # where the model sees a scan's channels in their own units and eps is a fraction of the range: each channel's
         # range (C, 1, 1, 1), as the attacks' budget takes it (MedIS.prepare); None: one unit for every channel
@@ -197,7 +198,7 @@ class Diagnose:
         return MedIS(self.target, members_spec=[member], eps=eps * factor,
                      step=step if preset else step * factor, preset_step=preset, eps_units=self.eps_units,
                      steps=steps or self.steps, seed=self.seed if seed is None else seed, region=self.region,
-                     norm=self.norm, stop_at_success=False if strongest else None)
+                     norm=self.norm, stop_at_success=False if strongest else None, success_threshold=self.success)
 
     def _size(self, eps: float) -> str:
         """A budget as the outputs state it: ``8/255``, or ``L2 4940`` (in the scan's units; with a budget per channel
@@ -257,7 +258,8 @@ class Diagnose:
             eps = e / 255 * root_n if l2 else e / 255
             # success is all it needs; above the diagnosed budget its step grows with the ball (a fixed step of 1/255
             # for 20 iterations reaches 20/255 at most, and 32/255 and 64/255 ran the 20/255 attack again)
-            result, dice, _ = self._run(volume, reference, eps, strongest=False, stretch=max(1.0, eps / self.eps))
+            result, dice, setting = self._run(volume, reference, eps, strongest=False, stretch=max(1.0, eps / self.eps))
+            threshold = setting.goal.threshold
             size: dict[str, Any] = {"rms_255": e, "l2_native": self._l2_native(eps)} if l2 else {"eps_255": e}
             rows.append({**size, "dice": dice, "mean_iou": result.score, "success": result.success})
             label = f"{self._size(eps)} (rms {e}/255)" if l2 else f"{e}/255"
@@ -267,7 +269,8 @@ class Diagnose:
         key = "rms_255" if l2 else "eps_255"
         broken = next((r for r in rows if r["success"]), None)
         worse = [(a, b) for a, b in zip(rows, rows[1:]) if b["dice"] > a["dice"] + 0.01]
-        measured: dict[str, Any] = {"sweep": rows, f"smallest_successful_{key}": broken[key] if broken else None}
+        measured: dict[str, Any] = {"sweep": rows, f"smallest_successful_{key}": broken[key] if broken else None,
+                                    "success_threshold": threshold}
         if l2:
             measured["smallest_successful_l2_native"] = broken["l2_native"] if broken else None
 

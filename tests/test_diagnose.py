@@ -382,3 +382,19 @@ def test_the_finite_differences_name_a_quantising_network_and_a_random_model(tin
     assert check.measured["repeat_spread"] > 0
     honest = Diagnose(tiny_target, fd_voxels=400).finite_differences(volume, tiny_target.predict(volume))
     assert not honest.flagged and "repeat_spread" not in honest.measured
+
+
+def test_the_sweep_counts_a_success_by_the_threshold_it_is_given(tiny_target, scan_file):
+    """diagnose --success (and evaluate --success with --diagnose): the sweep's smallest success is by that threshold
+    (on the tests' model 32/255 at the default 0.5, mean IoU 0.20 there; 64/255 at 0.1, 0.07 there: it reported 32)."""
+    volume = read_volume(scan_file)
+    reference = tiny_target.predict(volume)
+    found = {}
+    for success in (None, 0.1):
+        diagnose = Diagnose(tiny_target, eps=8 / 255, steps=3, success=success)
+        diagnose.scale = tiny_target.intensity_scales(volume).scale
+        check = diagnose.eps_sweep(volume, reference)
+        found[success] = check.measured["smallest_successful_eps_255"]
+        assert check.measured["success_threshold"] == (0.5 if success is None else success)
+        assert all(row["mean_iou"] > check.measured["success_threshold"] for row in check.measured["sweep"][:-1])
+    assert found[None] == 32 and found[0.1] == 64, found
