@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from medis3d.attacks import Budget
+from medis3d.errors import InputError
 from medis3d.fusion import PAPER_STEP, MedIS
 from medis3d.io.volume import Volume
 from medis3d.losses import get_loss
@@ -172,7 +173,11 @@ class Diagnose:
         # where the model sees a scan's channels in their own units and eps is a fraction of the range: each channel's
         # range (C, 1, 1, 1), as the attacks' budget takes it (MedIS.prepare); None: one unit for every channel
         self.apart: np.ndarray | None = None
-        self.member = parse_members(member)[0]
+        members = parse_members(member)
+        if len(members) > 1:  # the checks run one white-box attack: the rest would be dropped unsaid
+            raise InputError(f"--member takes one member (the checks run one white-box attack), got {len(members)}: "
+                             f"{', '.join(m.name for m in members)}")
+        self.member = members[0]
         self.queries, self.restarts, self.fd_voxels = int(queries or QUERIES), int(restarts), int(fd_voxels)
         self.progress = progress or (lambda message: None)
 

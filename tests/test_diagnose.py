@@ -398,3 +398,11 @@ def test_the_sweep_counts_a_success_by_the_threshold_it_is_given(tiny_target, sc
         assert check.measured["success_threshold"] == (0.5 if success is None else success)
         assert all(row["mean_iou"] > check.measured["success_threshold"] for row in check.measured["sweep"][:-1])
     assert found[None] == 32 and found[0.1] == 64, found
+
+
+def test_diagnose_refuses_more_than_one_member(tiny_bundle, scan_file, tmp_path):
+    """--member igsm:ce,apgd:ce ran igsm:ce alone and wrote its checks as the diagnosis asked for: now one line."""
+    result = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--member", "igsm:ce,apgd:ce",
+                                 "--steps", "2", "--queries", "2", "--out", str(tmp_path / "d.json"), "--quiet"])
+    assert result.exit_code == 2 and "--member takes one member" in result.output and "igsm:ce, apgd:ce" in result.output
+    assert not (tmp_path / "d.json").exists()
