@@ -670,6 +670,7 @@ def diagnose(
     step: str | None = typer.Option(None, "--step", help="Step size of step-based members, in --eps-units (default: 1/255 of the model's range; under --norm l2 a tenth of eps; APGD chooses its own)."),
     steps: int = typer.Option(20, "--steps", help="Iterations of the member (doubled in the step-doubling check)."),
     queries: int = typer.Option(200, "--queries", min=1, help="Forward passes of the gradient-free random search."),
+    success: float | None = SUCCESS,
     device: str | None = DEVICE,
     threads: int | None = THREADS,
     seed: int = SEED,
@@ -699,7 +700,7 @@ def diagnose(
         check_replaceable_file(path, lambda p: has_schema(p, SCHEMA), "a diagnosis")
         show = (lambda m: typer.echo(f"  {m}", err=True)) if not (quiet or json_out) else None
         result = Diagnose(tgt, member=member, eps=eps_value, steps=steps, step=step_value, queries=queries, seed=seed,
-                          progress=show, norm=norm, eps_units=eps_units)(volume, reference)
+                          progress=show, norm=norm, eps_units=eps_units, success=success)(volume, reference)
         report = result.as_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, report)

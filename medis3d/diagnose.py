@@ -3,8 +3,9 @@ Adversarial Robustness" (2019): an attack result is an upper bound on robustness
 did not stop short, and these checks look for the signs that it did.
 
 * **eps sweep**: the member at doubling budgets until it succeeds; flagged when nothing succeeds by
-  64/255, or when a larger budget leaves more Dice than a smaller one. Under an L2 budget (``norm="l2"``) the
-  sweep's budgets are the L2 balls whose root-mean-square per voxel the attack may change is 2/255 ... 64/255
+  64/255, or when a larger budget leaves more Dice than a smaller one. Above the diagnosed budget its step grows in
+  proportion to the budget (a fixed step of 1/255 for 20 iterations could not leave the 20/255 ball). Under an L2
+  budget (``norm="l2"``) the sweep's budgets are the L2 balls whose root-mean-square per voxel the attack may change is 2/255 ... 64/255
   of the model's range: each holds the L-inf ball of that size, so the same limit applies.
 * **step doubling**: twice the iterations; flagged when that still lowers Dice by more than 0.02
   (the attack had not converged).
@@ -15,7 +16,7 @@ did not stop short, and these checks look for the signs that it did.
   with forward passes only; flagged when it beats the white-box member at the same budget.
 * **gradient vs finite differences**: the Target's gradient through the real forward (no stand-ins:
   the ``exact`` path) against central differences of the loss along directions on a sample of voxels;
-  flagged when they disagree.
+  flagged when they disagree (a model whose loss differs between two passes of the same scan is named random).
 * **layers**: for each preprocessing step, how much of the scan its gradient reaches and how well its
   first-order change predicts the real change at the attack's scale (a step of eps along the norm's steepest
   direction, inside the region the attacks may change); each flag names the step (or the network) that is the
@@ -30,12 +31,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from medis3d.attacks import Budget
+from medis3d.errors import InputError
 from medis3d.fusion import PAPER_STEP, MedIS
 from medis3d.io.volume import Volume
 from medis3d.losses import get_loss
@@ -54,8 +56,10 @@ DEFAULT_MEMBER = "apgd:masked_ce_balanced"
 QUERIES = 200  # the random search's forward passes where none are given (evaluate --diagnose gives none)
 # the checks' own version, in the settings a study keeps each diagnosis under: a diagnosis made by other checks is
 # run again (2: strongest iterates in the doubling, restarts and random search; finite differences with two steps;
-# 3: restarts from random starts the member's own run did not draw; the layer check moves the unreached voxels)
-CHECKS_VERSION = 3
+# 3: restarts from random starts the member's own run did not draw; the layer check moves the unreached voxels;
+# 4: the sweep's step grows with its budget above the diagnosed one; 5: finite differences name a random model, and
+# a network whose input gradient is zero though no layer zeroes its own; 6: evaluate's --success is the sweep's)
+CHECKS_VERSION = 6
 
 
 @dataclass
@@ -154,7 +158,7 @@ class Diagnose:
     def __init__(self, target: Target, member: str = DEFAULT_MEMBER, eps: float = 8 / 255, steps: int = 20,
                  step: float | None = None, queries: int | None = None, restarts: int = 2, fd_voxels: int = 2000, seed: int = 0,
                  progress: Callable[[str], None] | None = None, region: np.ndarray | None = None, norm: str = "linf",
-                 eps_units: str = "normalized"):
+                 eps_units: str = "normalized", success: float | None = None):
         # step None: the preset's (1/255 of the model's range; under L2 a tenth of eps), as attack without --step
         self.target, self.steps, self.seed = target, int(steps), seed
         # ``eps``, ``step`` and a member's own [step=X] are in ``eps_units`` (as MedIS takes them); the checks run their
@@ -164,28 +168,42 @@ class Diagnose:
         self.eps, self.step = self.given
         self.norm = norm
         self.region = region  # where the attacks may perturb (every check's budget), as --mask in attack
+        self.success = success  # the threshold on mean IoU a success is (None: MedIS's, 0.5), as --success in attack
         self.scale = 1.0  # the model's intensity range in the scan's units, set per volume
         # where the model sees a scan's channels in their own units and eps is a fraction of the range: each channel's
         # range (C, 1, 1, 1), as the attacks' budget takes it (MedIS.prepare); None: one unit for every channel
         self.apart: np.ndarray | None = None
-        self.member = parse_members(member)[0]
+        members = parse_members(member)
+        if len(members) > 1:  # the checks run one white-box attack: the rest would be dropped unsaid
+            raise InputError(f"--member takes one member (the checks run one white-box attack), got {len(members)}: "
+                             f"{', '.join(m.name for m in members)}")
+        self.member = members[0]
         self.queries, self.restarts, self.fd_voxels = int(queries or QUERIES), int(restarts), int(fd_voxels)
         self.progress = progress or (lambda message: None)
 
     # -- running a member ---------------------------------------------------------------------
     def _medis(self, eps: float, steps: int | None = None, member: Member | None = None, seed: int | None = None,
-               strongest: bool = True) -> MedIS:
+               strongest: bool = True, stretch: float = 1.0) -> MedIS:
         """The member at ``eps``: run to its strongest iterate (``strongest``; the doubling, restarts and random search
-        compare Dice, which an attack stopped at its first success does not reach), or to its first success (the sweep)."""
-        if self.step is None:  # the preset's (MedIS.preset_step)
+        compare Dice, which an attack stopped at its first success does not reach), or to its first success (the sweep).
+        ``stretch``: its step (and a member's own ``[step=X]``) that many times the one it takes at the diagnosed
+        budget (the sweep above it, where a fixed step could not reach the larger ball's edge in its iterations)."""
+        member = member or self.member
+        if stretch != 1.0 and member.option("step") is not None:
+            options = dict(member.options) | {"step": float(member.option("step")) * stretch}
+            member = Member(member.attack, member.loss, tuple(sorted(options.items())))
+        if self.step is None and (stretch == 1.0 or self.norm == "l2"):  # the preset's (MedIS.preset_step; L2: eps / 10)
             step, preset = PAPER_STEP, True
-        else:
-            step, preset = (self.step if self.norm == "l2" else min(self.step, eps)), False
+        elif self.norm == "l2":
+            step, preset = cast(float, self.step) * stretch, False
+        else:  # the step the member takes at the diagnosed budget, stretched
+            given = PAPER_STEP if self.step is None else self.step
+            step, preset = min(min(given, self.eps) * stretch, eps), False
         factor = self.scale if self.eps_units == "native" else 1.0  # MedIS reads [step=X] in its eps units
-        return MedIS(self.target, members_spec=[member or self.member], eps=eps * factor,
+        return MedIS(self.target, members_spec=[member], eps=eps * factor,
                      step=step if preset else step * factor, preset_step=preset, eps_units=self.eps_units,
                      steps=steps or self.steps, seed=self.seed if seed is None else seed, region=self.region,
-                     norm=self.norm, stop_at_success=False if strongest else None)
+                     norm=self.norm, stop_at_success=False if strongest else None, success_threshold=self.success)
 
     def _size(self, eps: float) -> str:
         """A budget as the outputs state it: ``8/255``, or ``L2 4940`` (in the scan's units; with a budget per channel
@@ -205,8 +223,8 @@ class Diagnose:
         return int(np.count_nonzero(np.broadcast_to(np.asarray(self.region) != 0, volume.array.shape)))
 
     def _run(self, volume: Volume, reference: np.ndarray, eps: float, steps: int | None = None, member: Member | None = None,
-             strongest: bool = True, seed: int | None = None):
-        medis = self._medis(eps, steps, member, seed=seed, strongest=strongest)
+             strongest: bool = True, seed: int | None = None, stretch: float = 1.0):
+        medis = self._medis(eps, steps, member, seed=seed, strongest=strongest, stretch=stretch)
         setting = medis.prepare(volume, reference, clean_prediction=reference)
         result = medis.run_member(medis.members()[0], setting.budget, setting.goal, volume, setting.factor)
         return result, _mean_dice(self.target, result.prediction, reference), setting
@@ -243,7 +261,10 @@ class Diagnose:
         rows = []
         for e in SWEEP:
             eps = e / 255 * root_n if l2 else e / 255
-            result, dice, _ = self._run(volume, reference, eps, strongest=False)  # success is all it needs
+            # success is all it needs; above the diagnosed budget its step grows with the ball (a fixed step of 1/255
+            # for 20 iterations reaches 20/255 at most, and 32/255 and 64/255 ran the 20/255 attack again)
+            result, dice, setting = self._run(volume, reference, eps, strongest=False, stretch=max(1.0, eps / self.eps))
+            threshold = setting.goal.threshold
             size: dict[str, Any] = {"rms_255": e, "l2_native": self._l2_native(eps)} if l2 else {"eps_255": e}
             rows.append({**size, "dice": dice, "mean_iou": result.score, "success": result.success})
             label = f"{self._size(eps)} (rms {e}/255)" if l2 else f"{e}/255"
@@ -253,7 +274,8 @@ class Diagnose:
         key = "rms_255" if l2 else "eps_255"
         broken = next((r for r in rows if r["success"]), None)
         worse = [(a, b) for a, b in zip(rows, rows[1:]) if b["dice"] > a["dice"] + 0.01]
-        measured: dict[str, Any] = {"sweep": rows, f"smallest_successful_{key}": broken[key] if broken else None}
+        measured: dict[str, Any] = {"sweep": rows, f"smallest_successful_{key}": broken[key] if broken else None,
+                                    "success_threshold": threshold}
         if l2:
             measured["smallest_successful_l2_native"] = broken["l2_native"] if broken else None
 
@@ -396,13 +418,25 @@ class Diagnose:
             measured["step_native_per_channel"] = [float(v) / 255 for v in apart.reshape(-1)]
         flagged, cause = finite_difference_verdict(rows)
         if flagged:
+            # a model that draws anew on each pass: the differences measure its draws, not a layer (two more passes)
+            again = [float(loss(exact.evaluate(x, volume).scan_logits, aim)) for _ in range(2)]
+            spread = abs(again[0] - again[1])
+            change = min(abs(r["finite_difference"]) * 2 * h for r in rows if r["relative_error"] > FD_TOLERANCE)
+            measured["repeat_spread"] = spread
+            if spread > FD_TOLERANCE * change:
+                return Check("finite_differences", measured, True, (
+                    f"the model is random: two passes of the same scan give losses {spread:.2g} apart, "
+                    f"{spread / max(change, 1e-30):.2g}x the change a difference measures (a randomised layer or "
+                    "transform: one draw's gradient does not predict another's, Athalye et al.'s stochastic gradients; "
+                    "its robustness needs an attack on the expectation over draws, which no member makes)"))
             return Check("finite_differences", measured, True, cause + "; " + self._culprit(volume, reference))
         return Check("finite_differences", measured, False, cause)
 
     def _culprit(self, volume: Volume, reference: np.ndarray) -> str:
         """Where a gradient that disagrees with finite differences goes wrong: network layers that block or zero it,
-        else the network's own gradient checked the same way on one window in model space (a layer that hides part
-        of it, e.g. a custom backward), else the preprocessing."""
+        else a network whose input gets no gradient (an operation outside its layers, e.g. rounding), else the
+        network's own gradient checked the same way on one window in model space (a layer that hides part of it, e.g.
+        a custom backward), else the preprocessing."""
         from medis3d.bpda import gradient_flow
 
         with torch.no_grad():
@@ -415,6 +449,9 @@ class Diagnose:
             flow = {"blocked": [], "zero": []}
         if flow["blocked"] or flow["zero"]:
             return f"network layers that block or zero the gradient: {', '.join((flow['blocked'] + flow['zero'])[:5])}"
+        if flow.get("input_grad_norm") == 0:  # every layer passes some gradient, yet none reaches the network's input
+            return ("the network: its gradient at its input is zero on one window in model space, though no layer of it "
+                    "zeroes its own (an operation outside its layers blocks it: rounding, a detach, an argmax, a custom backward)")
         error = self._network_fd_error(window)
         if error is not None and error > FD_TOLERANCE:
             return (f"the network's own gradient misses finite differences on one window in model space by {error:.2g} "

@@ -357,7 +357,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
                 progress(case.name)
         if diagnose:
             diagnoses[case.name] = _diagnose_case(target, case, run, out / "diagnose", max(eps_list), step,
-                                                  steps, eps_units, seed, members, preset_step, norm)
+                                                  steps, eps_units, seed, members, preset_step, norm, success)
             if progress is not None:
                 progress(case.name)
     if failed and len(failed) == len(cases):
@@ -545,9 +545,10 @@ def transfer_matrix(rows: list[dict], source: str, victims: Sequence[str]) -> di
 
 
 def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, eps: float, step: float, steps: int,
-                   eps_units: str, seed: int, members, preset_step: bool = False, norm: str = "linf") -> dict:
+                   eps_units: str, seed: int, members, preset_step: bool = False, norm: str = "linf",
+                   success: float | None = None) -> dict:
     """The gradient-masking checks on one case, with the study's first APGD member (else its first member) at the
-    largest budget, inside the case's mask; kept in ``folder/<case>.json`` with the settings they ran under, and
+    largest budget, inside the case's mask, a success being the study's; kept in ``folder/<case>.json`` with the settings they ran under, and
     run again where those differ."""
     from medis3d.diagnose import CHECKS_VERSION, DEFAULT_MEMBER, Diagnose
     from medis3d.members import parse_members
@@ -562,7 +563,7 @@ def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, ep
         if kept.get("setting") == setting:
             return kept
     result = Diagnose(target, member=chosen.name, eps=eps, step=None if preset_step else step, steps=steps, seed=seed,
-                      region=run.region, norm=norm, eps_units=eps_units)(run.volume, run.reference).as_dict()
+                      region=run.region, norm=norm, eps_units=eps_units, success=success)(run.volume, run.reference).as_dict()
     result["setting"] = setting
     write_text_atomic(path, json.dumps(clean_json(result), indent=2))
     return result

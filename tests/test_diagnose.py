@@ -336,3 +336,73 @@ def _window(target, volume):
     model_in = target.model_input(torch.from_numpy(volume.array), volume).as_tensor().detach()
     roi = [min(int(r), int(s)) for r, s in zip(target.window.roi_size, model_in.shape[1:])]
     return model_in[(None, slice(None)) + tuple(slice(0, r) for r in roi)].float()
+
+
+def test_the_sweep_gives_a_fixed_step_member_the_reach_of_each_budget(tiny_target, scan_file):
+    """A member with a fixed step (IGSM, 10 steps of the preset's 1/255) can move no voxel by more than 10/255: the
+    sweep ran it again unchanged at 16, 32 and 64/255 (Dice 0.923 at each on the tiny model) and reported "no success
+    by 64/255" on a model that the same member breaks at 32/255 once its step grows with the budget."""
+    volume = read_volume(scan_file)
+    diagnose = Diagnose(tiny_target, member="igsm:ce", eps=8 / 255, steps=10)
+    diagnose.scale = tiny_target.intensity_scales(volume).scale
+    check = diagnose.eps_sweep(volume, tiny_target.predict(volume))
+    assert not check.flagged, check.cause
+    assert check.measured["smallest_successful_eps_255"] in (16, 32)
+    dices = [row["dice"] for row in check.measured["sweep"]]
+    assert dices == sorted(dices, reverse=True)  # each larger budget found more than the one before
+
+
+class Quantised(Masked):
+    """The network behind a rounding of its input to 1/16 (a non-differentiable quantisation: zero gradient)."""
+
+    def forward(self, x):
+        return self.network(torch.round(x * 16) / 16)
+
+
+class Randomised(Masked):
+    """The network behind a random input transform: Gaussian noise drawn on each pass."""
+
+    def forward(self, x):
+        return self.network(x + 0.03 * torch.randn_like(x))
+
+
+def test_the_finite_differences_name_a_quantising_network_and_a_random_model(tiny_target, scan_file):
+    """A network that rounds its input: no layer's gradient is all zero and the window's differences disagree with each
+    other, so the cause named the preprocessing ("the network passes gradients") while the network blocked it; a model
+    that adds noise drawn on each pass was named the preprocessing too, while its two passes of the same scan differ by
+    1.1x what a difference measures (a random shift of 0 or 1 voxel: "a layer zeroes it", 2.7x)."""
+    volume = read_volume(scan_file)
+    quantised = dataclasses.replace(tiny_target, network=Quantised(tiny_target.network), notices=[])
+    check = Diagnose(quantised, fd_voxels=400).finite_differences(volume, quantised.predict(volume))
+    assert check.flagged and "the network: its gradient at its input is zero" in check.cause, check.cause
+    torch.manual_seed(0)
+    randomised = dataclasses.replace(tiny_target, network=Randomised(tiny_target.network), notices=[])
+    check = Diagnose(randomised, fd_voxels=400).finite_differences(volume, randomised.predict(volume))
+    assert check.flagged and check.cause.startswith("the model is random"), check.cause
+    assert check.measured["repeat_spread"] > 0
+    honest = Diagnose(tiny_target, fd_voxels=400).finite_differences(volume, tiny_target.predict(volume))
+    assert not honest.flagged and "repeat_spread" not in honest.measured
+
+
+def test_the_sweep_counts_a_success_by_the_threshold_it_is_given(tiny_target, scan_file):
+    """diagnose --success (and evaluate --success with --diagnose): the sweep's smallest success is by that threshold
+    (on the tests' model 32/255 at the default 0.5, mean IoU 0.20 there; 64/255 at 0.1, 0.07 there: it reported 32)."""
+    volume = read_volume(scan_file)
+    reference = tiny_target.predict(volume)
+    found = {}
+    for success in (None, 0.1):
+        diagnose = Diagnose(tiny_target, eps=8 / 255, steps=3, success=success)
+        diagnose.scale = tiny_target.intensity_scales(volume).scale
+        check = diagnose.eps_sweep(volume, reference)
+        found[success] = check.measured["smallest_successful_eps_255"]
+        assert check.measured["success_threshold"] == (0.5 if success is None else success)
+        assert all(row["mean_iou"] > check.measured["success_threshold"] for row in check.measured["sweep"][:-1])
+    assert found[None] == 32 and found[0.1] == 64, found
+
+
+def test_diagnose_refuses_more_than_one_member(tiny_bundle, scan_file, tmp_path):
+    """--member igsm:ce,apgd:ce ran igsm:ce alone and wrote its checks as the diagnosis asked for: now one line."""
+    result = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--member", "igsm:ce,apgd:ce",
+                                 "--steps", "2", "--queries", "2", "--out", str(tmp_path / "d.json"), "--quiet"])
+    assert result.exit_code == 2 and "--member takes one member" in result.output and "igsm:ce, apgd:ce" in result.output
+    assert not (tmp_path / "d.json").exists()

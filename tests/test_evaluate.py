@@ -635,3 +635,27 @@ def test_the_worst_case_keeps_a_smaller_budgets_adversarial_and_flags_members_th
     assert summary["fusion"]["worst_case"][f"{large:.6g}"]["mean_robust_dice"] == 0.40
     assert "stopped short" in markdown_report(summary, 1) and "v, apgd:ce: Dice 0.700 at 16/255, 0.400 at 8/255" in markdown_report(summary, 1)
     assert 'id="rises-warning"' in evaluation_page({**summary, "volumes": []}, tmp_path)
+
+
+def test_evaluate_diagnose_takes_the_studys_success_threshold(tiny_bundle, tmp_path, monkeypatch):
+    """evaluate --success X --diagnose: the checks' sweep counts a success by X, as the study does (it ran at 0.5
+    whatever --success said: on the tests' model its smallest success was 32/255, mean IoU 0.20, where 0.1 needs 64/255)."""
+    import medis3d.diagnose
+
+    given: list[dict] = []
+
+    class Recorded(medis3d.diagnose.Diagnose):
+        def __init__(self, *args, **kwargs):
+            given.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+        def __call__(self, volume, reference=None):
+            return medis3d.diagnose.Diagnosis("scan", self.member.name, self.eps)
+
+    monkeypatch.setattr(medis3d.diagnose, "Diagnose", Recorded)
+    root = _dataset(tmp_path)
+    result = runner.invoke(app, ["evaluate", str(root / "dataset.json"), "--out", str(tmp_path / "study"), "--bundle",
+                                 str(tiny_bundle), "--members", "pgd:ce", "--eps", "8/255", "--steps", "1",
+                                 "--success", "0.2", "--diagnose", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [kwargs.get("success") for kwargs in given] == [0.2, 0.2]
