@@ -688,7 +688,7 @@ def diagnose(
     try:
         eps_value = parse_fraction(given_eps(eps, norm, eps_units, "8/255"), "--eps")
         step_value = parse_fraction(step, "--step") if step else None
-        check_budget(eps_value, eps_value if step_value is None else step_value, steps, eps_units, norm)
+        check_budget(eps_value, eps_value if step_value is None else step_value, steps, eps_units, norm, success=success)
         bare = {"network": network, "network_def": network_def, "transforms": transforms}
         tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare, threads=threads)
         volume = read_volume(scan)

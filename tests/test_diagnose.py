@@ -406,3 +406,11 @@ def test_diagnose_refuses_more_than_one_member(tiny_bundle, scan_file, tmp_path)
                                  "--steps", "2", "--queries", "2", "--out", str(tmp_path / "d.json"), "--quiet"])
     assert result.exit_code == 2 and "--member takes one member" in result.output and "igsm:ce, apgd:ce" in result.output
     assert not (tmp_path / "d.json").exists()
+
+
+def test_diagnose_refuses_a_success_threshold_outside_0_to_1(tiny_bundle, scan_file, tmp_path):
+    """--success 50 (a percentage) counted every first sweep step a success; attack, batch and evaluate refuse it."""
+    result = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--success", "50",
+                                 "--steps", "2", "--queries", "2", "--out", str(tmp_path / "d.json"), "--quiet"])
+    assert result.exit_code == 2 and "--success is a mean IoU from 0 to 1, got 50" in result.output
+    assert not (tmp_path / "d.json").exists()
