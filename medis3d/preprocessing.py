@@ -228,6 +228,37 @@ class PercentileScaling:
         return MetaTensor(out, meta=img.meta, applied_operations=list(img.applied_operations)) if isinstance(img, MetaTensor) else out
 
 
+def cast_dtype(value: Any) -> torch.dtype | None:
+    """The torch dtype a ``CastToType`` step names (a torch or numpy dtype, or its name); None where it names none."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        name = value.lstrip("$").split(".")[-1]
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+    try:
+        return torch.from_numpy(np.zeros(0, dtype=np.dtype(value))).dtype
+    except (TypeError, ValueError):
+        return None
+
+
+class _CastThrough:
+    """``CastToType`` to an integer dtype: the values MONAI's cast gives (truncated towards zero; back in float32 for
+    the steps after it), with the identity gradient; left as they are where the dtype cannot hold them (they would
+    wrap, and MONAI's following steps would compute in the integer dtype, which ours do not)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        plain = img.as_tensor() if isinstance(img, MetaTensor) else img
+        info = torch.iinfo(self.dtype)
+        if float(plain.min()) < info.min or float(plain.max()) > info.max:
+            return img  # values the dtype cannot hold wrap, and MONAI's steps after it then compute in that dtype too
+        out = straight_through(plain, plain.to(self.dtype).to(plain.dtype))
+        return MetaTensor(out, meta=img.meta, applied_operations=list(img.applied_operations)) if isinstance(img, MetaTensor) else out
+
+
 def _box_before_spacing(transform, pixdim) -> Callable[[torch.Tensor], torch.Tensor]:
     """The smooth stand-in of a downsampling ``Spacing``: a box average over the input voxels each output
     voxel stands for, then the resampling; its gradient reaches every voxel the output covers."""
@@ -277,6 +308,13 @@ def build_step(name: str, args: dict[str, Any]) -> Step | None:
     """A differentiable step for one transform of a bundle's preprocessing (None: done by our I/O)."""
     array_name, cls = array_transform_class(name)
     base = array_name
+    if base == "CastToType":
+        dtype = cast_dtype(args.get("dtype"))
+        if dtype is not None and not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool:
+            # a cast to an integer truncates the model's input (e.g. after a resampling): done as MONAI does it, its
+            # gradient passed straight through (BPDA for rounding). A cast to half precision is left out: MONAI then
+            # computes the steps after it in half precision too, which ours do not
+            return Step(base, _CastThrough(dtype), "straight-through", args={"dtype": str(dtype)})
     if base in IO_STEPS:
         return None
     kwargs = {k: v for k, v in args.items() if k not in DICT_ONLY_ARGS and not k.startswith("_")}

@@ -239,3 +239,33 @@ def test_a_clip_or_threshold_step_passes_the_attacks_gradient_straight_through(n
         (grad,) = torch.autograd.grad(out.as_tensor().sum(), leaf)
         reached[path] = float((grad != 0).float().mean())
     assert reached["standard"] == 1.0 and reached["exact"] < 0.95
+
+
+@pytest.mark.parametrize("dtype", ["int16", "$numpy.int32"])
+def test_a_cast_to_an_integer_inside_the_preprocessing_is_done_as_monai_does_it(tiny_bundle, tmp_path, dtype):
+    """A CastToType to an integer after the resampling truncates the model's input; it was taken for an I/O step and
+    skipped, so the model input differed from MONAI's by up to 0.0025 of the model's range (a 2 mm scan resampled to
+    1.5 mm). Now it is done as MONAI does it, its gradient passed straight through."""
+    import json
+    import shutil
+
+    from conftest import save_nifti, synthetic_scan
+
+    from medis3d.bundle import load_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["preprocessing"]["transforms"].insert(4, {"_target_": "CastToTyped", "keys": "@image_key", "dtype": dtype})
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    hu, _ = synthetic_scan(7)
+    scan = save_nifti(tmp_path / "scan.nii.gz", hu, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    expected = parser.get_parsed_content("preprocessing")({"image": str(scan)})["image"]
+    volume = read_volume(scan)
+    x = torch.from_numpy(volume.array).requires_grad_(True)
+    got = load_bundle(bundle).model_input(x, volume)
+    assert torch.equal(got.as_tensor().detach(), expected.as_tensor().float())
+    got.as_tensor().sum().backward()
+    assert x.grad is not None and (x.grad != 0).float().mean() > 0.5
