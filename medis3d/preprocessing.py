@@ -166,6 +166,11 @@ def smoothed(flat: torch.Tensor, value: torch.Tensor, bandwidth: float) -> torch
     return value.detach() + (weights * (flat - flat.detach())).sum()
 
 
+def _like(img: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` carrying ``img``'s metadata and applied operations where ``img`` is a MetaTensor, else as they are."""
+    return MetaTensor(values, meta=img.meta, applied_operations=list(img.applied_operations)) if isinstance(img, MetaTensor) else values
+
+
 class PercentileScaling:
     """``monai.transforms.ScaleIntensityRangePercentiles`` computed on tensors of any size, with its three
     gradients: the percentiles' own (``exact``), none (``standard``: held constant) or a kernel-smoothed
@@ -225,7 +230,7 @@ class PercentileScaling:
             out = torch.stack([self._scale(plain[c], mode) for c in range(plain.shape[0])])
         else:
             out = self._scale(plain, mode)
-        return MetaTensor(out, meta=img.meta, applied_operations=list(img.applied_operations)) if isinstance(img, MetaTensor) else out
+        return _like(img, out)
 
 
 def cast_dtype(value: Any) -> torch.dtype | None:
@@ -256,7 +261,7 @@ class _CastThrough:
         if float(plain.min()) < info.min or float(plain.max()) > info.max:
             return img  # values the dtype cannot hold wrap, and MONAI's steps after it then compute in that dtype too
         out = straight_through(plain, plain.to(self.dtype).to(plain.dtype))
-        return MetaTensor(out, meta=img.meta, applied_operations=list(img.applied_operations)) if isinstance(img, MetaTensor) else out
+        return _like(img, out)
 
 
 def _box_before_spacing(transform, pixdim) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -360,7 +365,7 @@ def build_step(name: str, args: dict[str, Any]) -> Step | None:
             out = _t(x)
             value = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
             through = straight_through(x.as_tensor() if isinstance(x, MetaTensor) else x, value.to(x.dtype))
-            return MetaTensor(through, meta=out.meta, applied_operations=list(out.applied_operations)) if isinstance(out, MetaTensor) else through
+            return _like(out, through)
 
         return Step(base, passed, CLIPPING_STEPS[base], invertible, kwargs, exact_fn=transform)
     if base == "Spacing" and "pixdim" in kwargs:
@@ -395,7 +400,7 @@ class DifferentiablePreprocessing:
                 stand_in = stand_in.as_tensor() if isinstance(stand_in, MetaTensor) else stand_in
                 value = out.as_tensor() if isinstance(out, MetaTensor) else out
                 bpda = value_with_gradient_of(value, stand_in)  # the step's value, the stand-in's derivative
-                out = MetaTensor(bpda, meta=out.meta, applied_operations=list(out.applied_operations)) if isinstance(out, MetaTensor) else bpda
+                out = _like(out, bpda)
             x = out if isinstance(out, MetaTensor) else MetaTensor(out, meta=getattr(x, "meta", None))
         return x
 
