@@ -582,19 +582,20 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
     ``found_at_eps`` says which budget's adversarial it is)."""
     out = []
     groups: dict[tuple, list[dict]] = {}
+    by_volume: dict[str, list[dict]] = {}
     for r in rows:
         eps = f"{r['eps']:.6g}"  # as the cache keys it
         groups.setdefault((r["volume"], eps, f"medis_{r['attack']}"), []).append(r)
         groups.setdefault((r["volume"], eps, "medis_full"), []).append(r)
         groups.setdefault((r["volume"], eps, "worst_case"), []).append(r)
+        by_volume.setdefault(r["volume"], []).append(r)
     for (volume, eps, name), members in groups.items():
         if name.startswith("medis_") and name != "medis_full" and len(members) < 2:
             continue
         if name == "worst_case":
             # every member's outcome at this budget or a smaller one: a smaller ball lies inside this one, so an
             # adversarial found there is one here too, and the worst case never rises with the budget
-            within = [m for (v, e, n), ms in groups.items() if n == "worst_case" and v == volume and float(e) <= float(eps)
-                      for m in ms]
+            within = _within(by_volume[volume], eps)
             chosen = min(within, key=lambda m: (float(m["adversarial_dice"]), float(m["adversarial_mean_iou"]),
                                                 f"{m['eps']:.6g}" != eps))
             chosen = {**chosen, "success": any(bool(m["success"]) for m in within), "eps": members[0]["eps"],
@@ -608,6 +609,11 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
         out.append({**chosen, "attack": name, "loss": chosen.get("member") or f"{chosen['attack']}:{chosen['loss']}",
                     "member": name})
     return out
+
+
+def _within(rows: list[dict], eps: str) -> list[dict]:
+    """The rows at budget ``eps`` (as the cache keys it, 6 digits) or a smaller one: each inside ``eps``'s ball."""
+    return [r for r in rows if float(f"{r['eps']:.6g}") <= float(eps)]
 
 
 def _pooled_dice(options: dict[str, list[dict]], classes: list[str], choice: dict[str, int]) -> float:
@@ -638,9 +644,8 @@ def greedy_worst_case(rows: list[dict]) -> dict[str, float]:
     out = {}
     for eps in sorted({f"{r['eps']:.6g}" for r in members}, key=float):
         volumes: dict[str, list[dict]] = {}
-        for r in members:
-            if float(f"{r['eps']:.6g}") <= float(eps):
-                volumes.setdefault(r["volume"], []).append(r)
+        for r in _within(members, eps):
+            volumes.setdefault(r["volume"], []).append(r)
         options = {v: [json.loads(r["counts"]) for r in rs] for v, rs in volumes.items()}
         classes = sorted({c for opts in options.values() for o in opts for c in o})
         # two starts, the first member everywhere and each volume's own worst, each refined until nothing changes:
