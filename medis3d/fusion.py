@@ -375,7 +375,7 @@ class MedIS:
         reference = clean_prediction if reference is None else reference
         aim = self._aim(target_mask, clean_prediction)
         goal = Goal(self.target, reference, aim, self.success_threshold)
-        step = self.step * factor
+        step = min(self.step, self.eps) * factor  # a step beyond the budget is a step of eps (attack, evaluate, diagnose alike)
         if self.preset_step:
             unit = scale if apart is None else 1.0  # the model's range in the budget's units
             step = self.eps * factor / 10 if self.norm == "l2" else min(self.step * unit, self.eps * factor)
@@ -483,8 +483,8 @@ class MedIS:
         changes: dict[str, Any] = {}
         if member.option("steps") is not None:
             changes["steps"] = int(member.option("steps"))
-        if member.option("step") is not None:
-            changes["step"] = float(member.option("step")) * factor
+        if member.option("step") is not None:  # capped at eps as --step is
+            changes["step"] = min(float(member.option("step")) * factor, budget.eps)
         return dataclasses.replace(budget, **changes) if changes else budget
 
     def runs_to_the_end(self) -> bool:

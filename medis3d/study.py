@@ -346,7 +346,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
         mark_folder(out, "evaluate")  # not before a volume has loaded: a study of none leaves nothing
         for eps in eps_list:
             medis = MedIS(target, losses=losses, attacks=attacks, members_spec=members, eps=eps,
-                          step=step if preset_step else min(step, eps), preset_step=preset_step,
+                          step=step, preset_step=preset_step,
                           steps=steps, eps_units=eps_units, success_threshold=success, seed=seed, norm=norm,
                           stop_at_success=stop_at_success, region=run.region, progress=steps_progress)
             case_rows, ran = run.rows(medis, eps)

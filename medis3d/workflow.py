@@ -366,7 +366,21 @@ def _budget_notices(result: MedISResult, medis: MedIS) -> list[str]:
     """A notice when a native budget is applied to channels the model sees in their own units (the same number is a
     different share of each channel's range), and when an L2 attack failed after fewer iterations than L2 attacks need
     (measured: they converge far more slowly than L-inf ones, whose doubling from 50 to 100 moves Dice by 0.01)."""
-    return _native_channels_notice(result, medis) + _l2_notice(result, medis)
+    return _native_channels_notice(result, medis) + _l2_notice(result, medis) + _step_notice(medis)
+
+
+def _step_notice(medis: MedIS) -> list[str]:
+    """A notice where a given step (``--step`` or a member's ``step=``) is larger than eps: it is taken as eps, as
+    ``evaluate`` and ``diagnose`` take it at every budget of their sweeps."""
+    given = [] if medis.preset_step else [("--step", medis.step)]
+    given += [(f"{m.name}'s step=", float(m.option("step"))) for m in medis.members() if m.option("step") is not None]
+    def shown(value: float) -> str:
+        return f"{value * 255:.4g}/255" if medis.eps_units == "normalized" and medis.norm == "linf" else f"{value:.4g}"
+
+    over = [f"{name} {shown(value)}" for name, value in given if value > medis.eps]
+    if not over:
+        return []
+    return [f"{', '.join(over)} above eps ({shown(medis.eps)}): steps of eps were taken"]
 
 
 def _native_channels_notice(result: MedISResult, medis: MedIS) -> list[str]:

@@ -99,6 +99,25 @@ def test_the_presets_step_is_a_size_in_any_units(tiny_bundle, scan_file, tmp_pat
     assert json.loads((tmp_path / "given" / "report.json").read_text())["attack"]["step_native"] == 2.0  # --step as given
 
 
+def test_a_step_above_eps_is_a_step_of_eps_as_in_evaluate(tiny_bundle, scan_file, tmp_path):
+    """``attack --eps 2/255 --step 4/255`` stepped by 4/255 where ``evaluate`` with the same options stepped by 2/255
+    (it capped the step at each budget): the same scan, model and options left Dice 0.9418 in one and 0.9420 in the
+    other. Both now step by eps (the member's own step= too), and the report says so."""
+    def run(name: str, *options: str) -> dict:
+        result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--eps", "2/255",
+                                     "--steps", "6", "--success", "0", "--out", str(tmp_path / name), *options])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / name / "report.json").read_text())
+
+    capped = run("eps", "--members", "igsm:ce", "--step", "2/255")
+    for name, options in (("over", ("--members", "igsm:ce", "--step", "4/255")), ("own", ("--members", "igsm:ce[step=4/255]"))):
+        over = run(name, *options)
+        assert over["adversarial"]["mean_dice"] == capped["adversarial"]["mean_dice"]
+        assert over["members"][0]["trace"] == capped["members"][0]["trace"]
+        assert any("above eps (2/255): steps of eps were taken" in n for n in over["outputs"]["notices"])
+    assert not any("above eps" in n for n in capped["outputs"]["notices"])
+
+
 def test_an_l2_attack_states_its_l2_everywhere(tiny_bundle, scan_file, tmp_path, monkeypatch):
     """Under --norm l2 the verdict, the members' table (terminal and page) and the adversarial file's description
     give the perturbation's L2, which holds in the written int16 file; report.html's histogram drew the L2 budget as
