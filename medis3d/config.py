@@ -106,7 +106,7 @@ class AttackConfig:
     goal's files and the outputs. Frozen: built and checked once, then passed whole."""
 
     members: tuple[str, ...] = ()
-    eps: float = 10 / 255
+    eps: float = None  # type: ignore[assignment]  # None (not given): 10/255 under L-inf; refused under L2 or native units
     step: float = 1 / 255
     steps: int = 10
     preset: str = ""  # the preset the members came from ("": given explicitly)
@@ -131,6 +131,9 @@ class AttackConfig:
     def __post_init__(self) -> None:
         from medis3d.members import parse_members, product
 
+        if self.eps is None:  # not given: as --eps, required where 10/255 would be a tiny budget
+            given_eps(None, self.norm, self.eps_units, "")
+            object.__setattr__(self, "eps", parse_fraction(DEFAULT_EPS, "--eps"))
         members = parse_members(list(self.members)) if self.members else product(self.attacks, self.losses)
         object.__setattr__(self, "members", tuple(m.name for m in members))
         check_budget(self.eps, self.step, self.steps, self.eps_units, self.norm, self.select, self.together, self.success)

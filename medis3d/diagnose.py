@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from medis3d.attacks import Budget
+from medis3d.config import given_eps
 from medis3d.errors import InputError
 from medis3d.fusion import PAPER_STEP, MedIS
 from medis3d.io.volume import Volume
@@ -155,7 +156,7 @@ def finite_difference_verdict(rows: list[dict]) -> tuple[bool, str]:
 class Diagnose:
     """The checks of the module docstring for ``target`` on one volume, with one white-box member."""
 
-    def __init__(self, target: Target, member: str = DEFAULT_MEMBER, eps: float = 8 / 255, steps: int = 20,
+    def __init__(self, target: Target, member: str = DEFAULT_MEMBER, eps: float | None = None, steps: int = 20,
                  step: float | None = None, queries: int | None = None, restarts: int = 2, fd_voxels: int = 2000, seed: int = 0,
                  progress: Callable[[str], None] | None = None, region: np.ndarray | None = None, norm: str = "linf",
                  eps_units: str = "normalized", success: float | None = None):
@@ -164,6 +165,9 @@ class Diagnose:
         # ``eps``, ``step`` and a member's own [step=X] are in ``eps_units`` (as MedIS takes them); the checks run their
         # budgets normalised: ``self.eps`` and ``self.step`` are the given ones in the model's range, per volume
         self.eps_units = eps_units
+        if eps is None:  # not given: 8/255 under L-inf; refused (as --eps) where it would be an L2 radius or scan units
+            given_eps(None, norm, eps_units, "")
+            eps = 8 / 255
         self.given = (float(eps), None if step is None else float(step))
         self.eps, self.step = self.given
         self.norm = norm

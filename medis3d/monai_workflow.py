@@ -21,6 +21,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from medis3d.io.volume import make_names_unique, scan_name
 
@@ -42,7 +43,7 @@ class BundleAttack:
         image_key: str = "image",
         config: str = "inference.json",
         losses: str = "all",
-        eps: float = 10 / 255,
+        eps: float | None = None,  # None: the paper's 10/255 of the model's range; required under eps_units native
         step: float | None = None,  # None: the paper's 1/255 of the model's range, in any eps units
         steps: int = 10,
         eps_units: str = "normalized",
@@ -51,7 +52,8 @@ class BundleAttack:
     ):
         self.bundle_root, self.datalist, self.output_dir = Path(bundle_root), list(datalist), Path(output_dir)
         self.image_key, self.config = image_key, config
-        self.losses, self.eps, self.steps, self.eps_units = losses, float(eps), int(steps), eps_units
+        self.losses, self.steps, self.eps_units = losses, int(steps), eps_units
+        self.eps = None if eps is None else float(eps)
         self.step = None if step is None else float(step)
         self.device = device
         self.members = members  # attack:loss[options],... instead of IGSM with ``losses``
@@ -77,7 +79,8 @@ class BundleAttack:
         from medis3d.members import parse_members
 
         members = tuple(m.name for m in parse_members(self.members)) if self.members else ()
-        options = AttackConfig(members=members, preset="" if members else "paper", losses=self.losses, eps=self.eps,
+        budget: dict[str, Any] = {} if self.eps is None else {"eps": self.eps}  # not given: AttackConfig's (10/255; refused under native)
+        options = AttackConfig(members=members, preset="" if members else "paper", losses=self.losses, **budget,
                                step=PAPER_STEP if self.step is None else self.step, preset_step=self.step is None,
                                steps=self.steps, eps_units=self.eps_units)
         rows = []

@@ -140,3 +140,31 @@ def test_a_native_budget_without_a_step_takes_the_papers_step_of_the_models_rang
     assert result.step_native == pytest.approx(400 / 255) and result.chosen.linf_native >= 4
     given = MedIS(tiny_target, losses="ce", attacks="igsm", eps=24, eps_units="native", step=3, steps=1)(read_volume(scan_file))
     assert given.step_native == 3.0
+
+
+@pytest.mark.parametrize("options", [{"norm": "l2"}, {"eps_units": "native"}])
+def test_the_api_needs_eps_where_the_default_would_be_no_budget(tiny_target, tiny_bundle, tmp_path, options):
+    """``MedIS(norm="l2")``, ``AttackConfig(eps_units="native")`` and ``Diagnose`` without eps took 10/255 (8/255) (the L-inf default) as an
+    L2 radius of the whole perturbation or as 0.04 HU: an attack that can change nothing, reported as robustness. They
+    are refused, as the commands refuse ``--norm l2`` without ``--eps``; so is the bundle fragment under native units
+    (its eps was 10/255 whatever the units). The L-inf default stays 10/255."""
+    from monai.bundle import ConfigParser
+
+    from medis3d.config import AttackConfig
+    from medis3d.diagnose import Diagnose
+    from medis3d.errors import InputError
+    from medis3d.monai_workflow import fragment_path
+
+    for build in (lambda: MedIS(tiny_target, losses="ce", **options), lambda: AttackConfig(**options),
+                  lambda: Diagnose(tiny_target, **options)):
+        with pytest.raises(InputError, match="needs --eps"):
+            build()
+    assert MedIS(tiny_target, losses="ce").eps == pytest.approx(10 / 255) == AttackConfig().eps
+    assert MedIS(tiny_target, losses="ce", eps=2000, **options).eps == 2000
+    if "eps_units" in options:
+        parser = ConfigParser()
+        parser.read_config([str(tiny_bundle / "configs" / "inference.json"), str(fragment_path())])
+        parser.update({"bundle_root": str(tiny_bundle), "output_dir": str(tmp_path / "out"), "datalist": [],
+                       "medis3d_attack#eps_units": "native", "medis3d_attack#device": "cpu"})
+        with pytest.raises(InputError, match="needs --eps"):
+            parser.get_parsed_content("medis3d_attack").run()
