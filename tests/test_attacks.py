@@ -213,6 +213,25 @@ def test_dag_attacks_a_structure_of_under_one_percent_of_the_voxels(tiny_target,
     assert member.score < 0.8  # mean IoU with the clean prediction
 
 
+def test_dag_steps_its_full_size_inside_a_region(tiny_target, scan_file):
+    """DAG scaled its step by the gradient's largest value over the whole scan, where under ``--mask`` the largest
+    lies outside the region it may change (around the structure), so each step inside moved a fraction of its size:
+    1 HU of a 6.3 HU step with the region the slices beside the blob (3 HU, mean IoU 0.996 after six steps, with a
+    region half over it; now 6 HU and 0.984). The
+    step is now sized by the gradient inside the region, as every other attack's."""
+    volume = read_volume(scan_file)
+    clean = tiny_target.predict(volume)
+    below = int(np.argwhere(clean > 0)[:, 2].min()) - 1
+    region = np.zeros(volume.spatial_shape, np.float32)
+    region[:, :, :below] = 1  # slices beside the structure, none through it
+    result = MedIS(tiny_target, attacks="dag", losses="ce", eps=24 / 255, step=4 / 255, steps=2, select="strongest",
+                   region=region)(volume)
+    step = 4 / 255 * 400  # the tiny bundle's window is 400 HU wide
+    assert result.members[0].trace[1].linf_native >= round(step) - 0.5  # a whole step (int16: rounded to 6 HU)
+    delta = result.adversarial.array - volume.array
+    assert below > 2 and np.abs(delta[..., below:]).max() == 0
+
+
 def test_fusion_over_attacks_and_losses(tiny_target, scan_file):
     medis = MedIS(tiny_target, losses="ce,dice", attacks="igsm,pgd,segpgd")
     assert [m.name for m in medis.members()] == ["igsm:ce", "igsm:dice", "pgd:ce", "pgd:dice", "pgd:segpgd"]

@@ -68,6 +68,7 @@ class DAG(Attack):
     def update(self, x: torch.Tensor, grad: torch.Tensor, t: int, clean: torch.Tensor) -> torch.Tensor:
         if self._on_target >= ON_TARGET:
             return x
+        grad = self.budget.usable(grad)  # the step's size from where it may act (a --mask region), not the whole scan
         units = self.budget._scale(grad)
         if units is not None:  # the step of L-inf size ``step`` taken for delta / scale, in native units
             grad = grad * units
