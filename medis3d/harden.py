@@ -44,7 +44,7 @@ from medis3d.io import read_volume
 from medis3d.io.atomic import atomic_path, write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
 from medis3d.io.volume import Volume, make_names_unique
-from medis3d.study import Case, datalist_cases, read_datalist, read_dataset
+from medis3d.study import Case, datalist_cases, eps_key, read_datalist, read_dataset
 from medis3d.target import Target
 
 STATE_DIR = ".harden"
@@ -873,7 +873,7 @@ def compare(source: Path, hardened: Path, source_name: str, cases: Sequence[Case
 
 
 def transfer_dice(results: Path, victim: str) -> dict[tuple[str, str], float]:
-    """Per volume and budget (``_eps_key``), the lowest Dice any member's adversarial of a study's ``results.csv``
+    """Per volume and budget (``study.eps_key``), the lowest Dice any member's adversarial of a study's ``results.csv``
     at that budget or a smaller one leaves on the victim ``victim`` (its ``transfer`` column)."""
     lowest: dict[tuple[str, str], float] = {}
     with open(results, newline="") as f:
@@ -883,15 +883,11 @@ def transfer_dice(results: Path, victim: str) -> dict[tuple[str, str], float]:
             score = json.loads(row.get("transfer") or "{}").get(victim)
             if score is None or score.get("adversarial_dice") is None:
                 continue
-            key = (row["volume"], _eps_key(float(row["eps"])))
+            key = (row["volume"], eps_key(float(row["eps"])))
             lowest[key] = min(lowest.get(key, math.inf), float(score["adversarial_dice"]))
     # an adversarial made at a smaller budget lies inside every larger one's ball (as the study's worst case)
     return {(volume, eps): min(d for (v, e), d in lowest.items() if v == volume and float(e) <= float(eps))
             for volume, eps in lowest}
-
-
-def _eps_key(eps: float) -> str:
-    return f"{eps:.6g}"
 
 
 def _halving(curve: Sequence[tuple[float, float]], clean: float) -> tuple[float, float, float] | None:
@@ -1102,7 +1098,7 @@ def _eps_words(eps: float, recipe: dict) -> str:
 def _transfer_warnings(comparison: dict) -> list[str]:
     """A line for each budget at which the source's adversarials left the hardened model lower than its own attacks."""
     hardened = comparison["models"].get("hardened") or {}
-    rows = {_eps_key(r["eps"]): r for r in comparison["rows"] if r["model"] == "hardened"}
+    rows = {eps_key(r["eps"]): r for r in comparison["rows"] if r["model"] == "hardened"}
     lines = []
     for key, lows in sorted((hardened.get("transfer_lower") or {}).items(), key=lambda kv: float(kv[0])):
         if lows and key in rows:
@@ -1146,9 +1142,9 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
             model = comparison["models"].get(role)
             if not model:
                 continue
-            by_eps = {_eps_key(e): d for e, d in model["curve"]}
+            by_eps = {eps_key(e): d for e, d in model["curve"]}
             lines.append(f"| {role} | {number(model['clean_dice'])} | "
-                         + " | ".join(number(by_eps.get(_eps_key(e))) for e in options.eval_eps)
+                         + " | ".join(number(by_eps.get(eps_key(e))) for e in options.eval_eps)
                          + f" | {eps50_label(model, options.eval_eps)} |")
         lines += _transfer_warnings(comparison)
         lines += ["", "eps50: the smallest budget at which the mean Dice falls to half the clean Dice (interpolated between "

@@ -161,6 +161,12 @@ def read_dataset(dataset: Path, labels: Path | None = None, masks: Path | None =
     raise InputError(f"{dataset}: no such datalist or folder")
 
 
+def eps_key(eps: float) -> str:
+    """The text a budget is keyed by everywhere a study groups or caches by budget (six significant digits: 48/255
+    and 0.188235 are one budget)."""
+    return f"{eps:.6g}"
+
+
 def _mean(values) -> float:
     values = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(values)) if values else float("nan")
@@ -202,7 +208,7 @@ def _cache_key(case: Case, member, eps: float, setting: dict) -> dict:
     figures mean (:data:`ROWS_VERSION`)."""
     files = {"image": str(case.image), "label": str(case.label or "")} | ({"mask": str(case.mask)} if case.mask else {})
     contents = {"contents": [files_digest(path) for path in files.values() if path]}
-    return {"member": member.name, "eps": f"{eps:.6g}", **files, **contents, **setting, "rows": ROWS_VERSION}
+    return {"member": member.name, "eps": eps_key(eps), **files, **contents, **setting, "rows": ROWS_VERSION}
 
 
 def files_digest(path: str) -> str:
@@ -413,7 +419,7 @@ class _VolumeRun:
 
         def place(member) -> dict:
             return {"key": _cache_key(self.case, member, eps, self.setting), "where": self.case.name,
-                    "label": safe_name(member.name), "tail": f"{eps:.6g}"}
+                    "label": safe_name(member.name), "tail": eps_key(eps)}
 
         def keep(member, outcome: tuple) -> dict:
             ran[member.name] = outcome
@@ -484,7 +490,7 @@ def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dic
     write_overview(path, volume.array[0], result.adversarial[0], clean_any, adv_any, volume.affine,
                    title=f"{case.name}: {chosen} {verdict} at {eps_label(row['eps'], eps_units)}",
                    dice=row["adversarial_dice"], reference="label" if case.label else "clean prediction")
-    write_text_atomic(path.with_suffix(".json"), json.dumps({"member": chosen, "eps": f"{row['eps']:.6g}"}))
+    write_text_atomic(path.with_suffix(".json"), json.dumps({"member": chosen, "eps": eps_key(row["eps"])}))
 
 
 def per_volume(rows: list[dict], cache: Path, references: dict[str, str]) -> list[dict]:
@@ -498,7 +504,7 @@ def per_volume(rows: list[dict], cache: Path, references: dict[str, str]) -> lis
         v = volumes.setdefault(r["volume"], {"volume": r["volume"], "clean_dice": r["clean_dice"], "medis_full": {},
                                              "worst_case": {}, "time_s": 0.0, "smallest_successful_eps": None,
                                              "winner": None, "reference": references.get(r["volume"], "clean prediction")})
-        eps = f"{r['eps']:.6g}"
+        eps = eps_key(r["eps"])
         if r["attack"] in ("medis_full", "worst_case"):
             v[r["attack"]][eps] = r["adversarial_dice"]
         if r["attack"] == "medis_full":
@@ -516,7 +522,7 @@ def per_volume(rows: list[dict], cache: Path, references: dict[str, str]) -> lis
         v["overview"] = None
         if fused and overview.is_file() and overview.with_suffix(".json").is_file():
             made = json.loads(overview.with_suffix(".json").read_text())  # of the member chosen now, at this budget?
-            if made == {"member": fused[-1]["loss"], "eps": f"{fused[-1]['eps']:.6g}"}:
+            if made == {"member": fused[-1]["loss"], "eps": eps_key(fused[-1]["eps"])}:
                 v["overview"] = str(overview.relative_to(cache.parent))
     return list(volumes.values())
 
@@ -532,7 +538,7 @@ def transfer_matrix(rows: list[dict], source: str, victims: Sequence[str]) -> di
     for name in victims:
         out["clean"][name] = _mean(json.loads(r["transfer"])[name]["clean_dice"] for r in first)
     for r in fused:
-        entry = out["by_eps"].setdefault(f"{r['eps']:.6g}", {}).setdefault(r["attack"], {})
+        entry = out["by_eps"].setdefault(eps_key(r["eps"]), {}).setdefault(r["attack"], {})
         entry.setdefault(source, []).append(r["adversarial_dice"])
         scores = json.loads(r["transfer"])
         for name in victims:  # the victims asked for (a row may also hold an earlier run's)
@@ -584,7 +590,7 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
     groups: dict[tuple, list[dict]] = {}
     by_volume: dict[str, list[dict]] = {}
     for r in rows:
-        eps = f"{r['eps']:.6g}"  # as the cache keys it
+        eps = eps_key(r["eps"])  # as the cache keys it
         groups.setdefault((r["volume"], eps, f"medis_{r['attack']}"), []).append(r)
         groups.setdefault((r["volume"], eps, "medis_full"), []).append(r)
         groups.setdefault((r["volume"], eps, "worst_case"), []).append(r)
@@ -597,7 +603,7 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
             # adversarial found there is one here too, and the worst case never rises with the budget
             within = _within(by_volume[volume], eps)
             chosen = min(within, key=lambda m: (float(m["adversarial_dice"]), float(m["adversarial_mean_iou"]),
-                                                f"{m['eps']:.6g}" != eps))
+                                                eps_key(m["eps"]) != eps))
             chosen = {**chosen, "success": any(bool(m["success"]) for m in within), "eps": members[0]["eps"],
                       "found_at_eps": chosen["eps"]}
         else:
@@ -613,7 +619,7 @@ def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -
 
 def _within(rows: list[dict], eps: str) -> list[dict]:
     """The rows at budget ``eps`` (as the cache keys it, 6 digits) or a smaller one: each inside ``eps``'s ball."""
-    return [r for r in rows if float(f"{r['eps']:.6g}") <= float(eps)]
+    return [r for r in rows if float(eps_key(r["eps"])) <= float(eps)]
 
 
 def _pooled_dice(options: dict[str, list[dict]], classes: list[str], choice: dict[str, int]) -> float:
@@ -642,7 +648,7 @@ def greedy_worst_case(rows: list[dict]) -> dict[str, float]:
     worst case, each budget's choice includes the outcomes at smaller budgets (inside its ball)."""
     members = [r for r in rows if r.get("counts") and not r["attack"].startswith(("medis", "worst"))]
     out = {}
-    for eps in sorted({f"{r['eps']:.6g}" for r in members}, key=float):
+    for eps in sorted({eps_key(r["eps"]) for r in members}, key=float):
         volumes: dict[str, list[dict]] = {}
         for r in _within(members, eps):
             volumes.setdefault(r["volume"], []).append(r)
@@ -690,8 +696,8 @@ def rises_with_budget(rows: list[dict], tolerance: float = RISE_TOLERANCE) -> li
         for r in sorted(rs, key=lambda r: float(r["eps"])):
             if lowest is not None and float(r["eps"]) > float(lowest["eps"]) \
                     and float(r["adversarial_dice"]) > float(lowest["adversarial_dice"]) + tolerance:
-                out.append({"volume": volume, "member": member, "eps": f"{r['eps']:.6g}", "dice": float(r["adversarial_dice"]),
-                            "smaller_eps": f"{lowest['eps']:.6g}", "smaller_dice": float(lowest["adversarial_dice"])})
+                out.append({"volume": volume, "member": member, "eps": eps_key(r["eps"]), "dice": float(r["adversarial_dice"]),
+                            "smaller_eps": eps_key(lowest["eps"]), "smaller_dice": float(lowest["adversarial_dice"])})
             if lowest is None or float(r["adversarial_dice"]) < float(lowest["adversarial_dice"]):
                 lowest = r
     return out
@@ -703,7 +709,7 @@ def summarise(rows: list[dict]) -> dict:
     table: dict[str, dict] = {}
     for r in rows:
         key = r["attack"] if r["attack"].startswith(("medis", "worst")) else (r.get("member") or f"{r['attack']}:{r['loss']}")
-        table.setdefault(key, {}).setdefault(f"{r['eps']:.6g}", []).append(r)
+        table.setdefault(key, {}).setdefault(eps_key(r["eps"]), []).append(r)
     summary: dict = {"per_member": {}, "fusion": {}, "loss_wins": {}, "greedy_dataset_dice": greedy_worst_case(rows),
                      "rises_with_budget": rises_with_budget(rows)}
     for key, by_eps in table.items():
