@@ -191,8 +191,9 @@ class Runner:
         return max(2, steps // 16) if self.quick else steps
 
     def _member_key(self, case: Case, spec: str, eps: float, steps: int, select: str) -> dict:
+        chain = {"chain": "split"} if "then=" in spec else {}  # a chain's steps were once steps + steps, now split
         return {"case": [case.target_name, case.network, case.name], "member": spec, "eps": _spelled(eps),
-                "steps": self.steps(steps), "select": select}
+                "steps": self.steps(steps), "select": select, **chain}
 
     def has(self, case: Case, spec: str, eps: float, steps: int, select: str) -> bool:
         return self.store.path(self._member_key(case, spec, eps, steps, select)).exists()

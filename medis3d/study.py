@@ -208,7 +208,9 @@ def _cache_key(case: Case, member, eps: float, setting: dict) -> dict:
     figures mean (:data:`ROWS_VERSION`)."""
     files = {"image": str(case.image), "label": str(case.label or "")} | ({"mask": str(case.mask)} if case.mask else {})
     contents = {"contents": [files_digest(path) for path in files.values() if path]}
-    return {"member": member.name, "eps": eps_key(eps), **files, **contents, **setting, "rows": ROWS_VERSION}
+    # a chain's iterations were once run twice over (steps + steps), now split (steps // 2 of the second loss)
+    chain = {"chain": "split"} if member.option("then") else {}
+    return {"member": member.name, "eps": eps_key(eps), **files, **contents, **setting, "rows": ROWS_VERSION, **chain}
 
 
 def files_digest(path: str) -> str:

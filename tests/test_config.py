@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from medis3d.cli import ATTACK_OPTIONS, app
 from medis3d.config import AttackConfig, check_budget
 from medis3d.errors import InputError
-from medis3d.members import PRESETS
+from medis3d.members import PRESETS, Member
 
 
 def _options(**given) -> dict:
@@ -27,7 +27,7 @@ def test_options_become_one_frozen_config_with_the_presets_settings():
     assert config.preset == "reliable" and config.steps == reliable.steps and config.select == reliable.select
     assert config.eps == pytest.approx(8 / 255) and config.step == reliable.step
     # --restarts reaches every APGD member that does not set its own
-    assert config.members == tuple(f"{m.split('[')[0]}[restarts=3]" if "[" not in m else m.replace("]", ",restarts=3]")
+    assert config.members == tuple(Member.parse(f"{m.split('[')[0]}[restarts=3]" if "[" not in m else m.replace("]", ",restarts=3]")).name
                                    for m in reliable.members)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.eps = 1.0  # type: ignore[misc]

@@ -137,11 +137,12 @@ def test_masked_spherical_takes_the_networks_logits_as_sea_does(problem, tiny_ta
 
 @pytest.mark.parametrize("eps", [16, 64])
 def test_a_chained_member_is_as_strong_as_two_plain_apgd_runs_end_to_end(problem, tiny_target, eps):
-    """``apgd:A[then=B]``: APGD ascending A, then as many iterations ascending B from A's strongest iterate; against
-    a plain APGD with A whose strongest iterate starts a plain APGD with B. The chain runs both: twice the passes."""
+    """``apgd:A[then=B]``: APGD ascending A for half the member's iterations, then the other half ascending B from A's
+    strongest iterate; against a plain APGD with A whose strongest iterate starts a plain APGD with B. 20 iterations
+    are 10 + 10: the passes of one loss's 20 (and one more, the second stage's start)."""
     model, hu, volume, _ = problem
     member = "apgd:masked_spherical_logp[then=js]"
-    result = MedIS(tiny_target, members_spec=member, eps=math.floor(eps * UNIT), eps_units="native", step=eps * UNIT, steps=10,
+    result = MedIS(tiny_target, members_spec=member, eps=math.floor(eps * UNIT), eps_units="native", step=eps * UNIT, steps=20,
                    select="strongest")(volume)
     assert len(result.members[0].trace) == 2 * (10 + 1)
     first = plain.apgd(model, hu, eps * UNIT, 10, "masked_spherical", grid="scan")

@@ -5,6 +5,7 @@ size, smooth stand-ins), and presets."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,12 @@ def test_member_names_round_trip_and_options_are_checked():
     assert [x.name for x in parse_members("apgd:ce[restarts=2,radii=sea],adam:cosine")] == [
         "apgd:ce[radii=sea,restarts=2]", "adam:cosine"]
     assert Member.parse("apgd:masked_spherical[then=js]").option("then") == "js"
+    # a chain's steps were once run twice over and are now split: its evaluate rows are not those cached before
+    from medis3d.study import Case, _cache_key
+
+    case = Case("scan", Path(__file__), None)
+    keys = [_cache_key(case, Member.parse(name), 8 / 255, {}) for name in ("apgd:ce[then=js]", "apgd:ce")]
+    assert keys[0]["chain"] == "split" and "chain" not in keys[1]
     for bad in ("apgd:nope", "wobble:ce", "apgd:ce[speed=3]", "apgd:ce[radii=huge]", "apgd:ce[restarts=x]",
                 "apgd:ce[then=nope]", "pgd:ce[then=js]",
                 # options that parsed and did nothing: only APGD restarts and reduces radii, only the low-frequency

@@ -10,10 +10,10 @@ compare iterates by plain cross-entropy (``losses.TRACKED_BY_CE``), as SEA does 
 Options: a random start (``random_start``), ``restarts`` (each from a new random point, the
 best over all kept), and progressive radius reduction (``radii``: SEA's 2 eps, 1.5 eps, eps over
 3:3:4 of the iterations; each stage starts from the best iterate of the last, projected onto the
-smaller ball, with the step reset to 2 eps of the stage), and a second loss (``then``): as many
-iterations again ascending it, from the strongest iterate so far (a chain: on the shipped brain model
-a plain APGD with SEA's spherical loss, then Jensen-Shannon, left less Dice than either loss run twice
-as long). Only iterates inside the budget are kept; the iterate returned is the one whose prediction is
+smaller ball, with the step reset to 2 eps of the stage), and a second loss (``then``): the member's
+iterations split in two, the first half ascending its loss, the second half (``steps // 2``) ascending
+``then``'s from the strongest iterate so far (a chain: on the shipped brain model a plain APGD with SEA's
+spherical loss, then Jensen-Shannon, left less Dice than either loss alone for as many iterations). Only iterates inside the budget are kept; the iterate returned is the one whose prediction is
 closest to the goal.
 """
 
@@ -78,8 +78,9 @@ class APGD(Attack):
         clean = torch.from_numpy(volume.array).to(self.target.device)
         keeper = self.keeper()
         trace: list[StepRecord] = []
-        counts = stage_iterations(self.budget.steps, self.radii)
-        total = self.restarts * (sum(counts) + len(counts)) + (self.budget.steps + 1 if self.then else 0)
+        second = self.budget.steps // 2 if self.then else 0  # a chain's iterations ascending ``then``
+        counts = stage_iterations(self.budget.steps - second, self.radii)
+        total = self.restarts * (sum(counts) + len(counts)) + (second + 1 if second else 0)
         self._visits = 0
         for restart in range(self.restarts):
             x = self.random_start(clean) if (self.use_random_start or restart > 0) else clean
@@ -91,17 +92,19 @@ class APGD(Attack):
                     break
             if self._stopped(keeper):
                 break
-        if self.then and not self._stopped(keeper):
-            yield from self._chain(volume, clean, keeper, trace, total)
+        if second and not self._stopped(keeper):
+            yield from self._chain(volume, clean, keeper, trace, total, second)
         return keeper.result(self, clean, trace, time.perf_counter() - start)
 
-    def _chain(self, volume: Volume, clean: torch.Tensor, keeper: BestIterate, trace: list, total: int):
-        """(A generator.) The second loss: APGD over the whole budget from the strongest iterate so far."""
+    def _chain(self, volume: Volume, clean: torch.Tensor, keeper: BestIterate, trace: list, total: int, steps: int):
+        """(A generator.) The second loss: APGD of ``steps`` iterations over the whole budget from the strongest
+        iterate so far."""
         from medis3d.losses import get_loss
 
         assert keeper.best is not None and self.then is not None
         self.loss, self.track = get_loss(self.then, self.target.activation), self._tracker(self.then)
-        yield from self._stage(volume, clean, keeper.best[1].to(clean), self.budget, keeper, trace, in_budget=True, total=total)
+        budget = dataclasses.replace(self.budget, steps=steps)
+        yield from self._stage(volume, clean, keeper.best[1].to(clean), budget, keeper, trace, in_budget=True, total=total)
 
     def _stopped(self, keeper: BestIterate) -> bool:
         return self.stop_at_success and keeper.best is not None and bool(keeper.best[4])
