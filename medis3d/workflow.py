@@ -270,7 +270,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
             norms |= channel_norms(delta, result.native_per_normalized_per_channel)
         outputs: OutputsRecord = {"adversarial_formats": list(formats), "measured_on": formats[0], "seg_format": options.seg_format,
                                   "notices": _empty_reference_notices(target, result, options) + _stored_step_notices(volume, result, medis)
-                                  + _budget_notices(result, medis) + _output_notices(volume, formats)}
+                                  + _budget_notices(result, medis) + _smooth_notices(target, medis) + _output_notices(volume, formats)}
         report = attack_report(volume, target, options, medis, result, adversarial_prediction, norms, outputs, start)
         success, chosen = report["success"], result.chosen
         clean_any = np.asarray(target.masks(result.clean_prediction).any(0))
@@ -367,6 +367,16 @@ def _budget_notices(result: MedISResult, medis: MedIS) -> list[str]:
     different share of each channel's range), and when an L2 attack failed after fewer iterations than L2 attacks need
     (measured: they converge far more slowly than L-inf ones, whose doubling from 50 to 100 moves Dice by 0.01)."""
     return _native_channels_notice(result, medis) + _l2_notice(result, medis) + _step_notice(medis)
+
+
+def _smooth_notices(target: Target, medis: MedIS) -> list[str]:
+    """A notice where a member asks for the smooth path (``gradient=smooth``, ``transfer``) of a preprocessing with no
+    step that has a smooth stand-in: its gradient is then the standard path's, and the member runs as one without."""
+    asking = [m.name for m in medis.members() if m.option("gradient") == "smooth" or float(m.option("transfer") or 0) > 0]
+    if not asking or any(step.smooth_fn is not None for step in target.preprocessing.steps):
+        return []
+    return [f"{', '.join(asking)}: the preprocessing has no step with a smooth stand-in (a downsampling Spacing, "
+            "percentile scaling), so the smooth path's gradient is the standard one's and the member runs as without it"]
 
 
 def _step_notice(medis: MedIS) -> list[str]:

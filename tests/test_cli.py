@@ -118,6 +118,27 @@ def test_a_step_above_eps_is_a_step_of_eps_as_in_evaluate(tiny_bundle, scan_file
     assert not any("above eps" in n for n in capped["outputs"]["notices"])
 
 
+def test_a_smooth_member_on_a_preprocessing_without_a_stand_in_says_it_runs_as_standard(tiny_bundle, scan_file, tmp_path):
+    """``apgd:ce[gradient=smooth]`` (one of reliable's members) on a bundle whose preprocessing has no step with a
+    smooth stand-in (here the tiny bundle without its downsampling Spacing) took the standard path's gradient without
+    a word, named as BPDA for the whole path; the report now says so, and says nothing where the stand-in exists."""
+    import shutil
+
+    bare = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bare)
+    config = json.loads((bare / "configs" / "inference.json").read_text())
+    transforms = config["preprocessing"]["transforms"]
+    config["preprocessing"]["transforms"] = [t for t in transforms if t["_target_"] != "Spacingd"]
+    (bare / "configs" / "inference.json").write_text(json.dumps(config))
+    for bundle, expected in ((bare, True), (tiny_bundle, False)):
+        out = tmp_path / f"out_{expected}"
+        result = runner.invoke(app, ["attack", str(scan_file), "--bundle", str(bundle), "--members", "apgd:ce[gradient=smooth]",
+                                     "--eps", "8/255", "--steps", "1", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        notices = json.loads((out / "report.json").read_text())["outputs"]["notices"]
+        assert any("no step with a smooth stand-in" in n for n in notices) is expected, notices
+
+
 def test_an_l2_attack_states_its_l2_everywhere(tiny_bundle, scan_file, tmp_path, monkeypatch):
     """Under --norm l2 the verdict, the members' table (terminal and page) and the adversarial file's description
     give the perturbation's L2, which holds in the written int16 file; report.html's histogram drew the L2 budget as
