@@ -282,6 +282,21 @@ def test_a_slice_that_cannot_be_placed_refuses_the_series_not_shortens_it(ct, ke
             read_dicom_series(given)
 
 
+@pytest.mark.parametrize("cut", ["before the pixel data", "inside the header"])
+@pytest.mark.parametrize("end", [0, -1])
+def test_a_slice_file_cut_short_refuses_the_series_not_shortens_it(ct, cut, end):
+    # an end slice's file truncated (a copy that stopped part-way): it was skipped as "no pixel data", and the series
+    # read one slice shorter (11 of 12 slices, its origin moved a slice) with no error
+    folder, files, _, _ = ct
+    raw = files[end].read_bytes()
+    at = raw.find(b"\xe0\x7f\x10\x00") if cut == "before the pixel data" else raw.find(b"\x28\x00\x10\x00") + 6
+    files[end].write_bytes(raw[:at] + (b"\xff\xff" if cut == "inside the header" else b""))
+    for given in (folder, files[1]):
+        with pytest.warns(SkippedDicomWarning), pytest.raises(InputError, match=rf"slice {files[end].name} has no pixel data "
+                                                                                 r"\(CT Image Storage\); refusing to read"):
+            read_dicom_series(given)
+
+
 def test_colour_and_secondary_capture_objects_beside_a_series_are_skipped_with_a_notice(ct):
     folder, files, native, _ = ct
     rgb = pydicom.dcmread(files[0])
