@@ -655,3 +655,21 @@ def test_enhanced_multi_frame_ct_reads_as_its_classic_series_and_is_written_clas
     assert all(d.SourceImageSequence[0].ReferencedSOPInstanceUID == enhanced.SOPInstanceUID for d in written)
     back = read_dicom_series(out / "adversarial")  # the classic series reads back on the source's grid
     np.testing.assert_allclose(back.affine, want.affine, atol=1e-5)
+
+
+def test_attack_refuses_an_out_inside_the_folder_given_above_the_series(tmp_path, tiny_bundle):
+    # `attack study --out study/results` with the series in study/ct wrote the adversarial series into study/, so the
+    # same command run again failed: "study: holds 2 image series" (the source and the adversarial)
+    from typer.testing import CliRunner
+
+    from medis3d.cli import app
+
+    study = tmp_path / "study"
+    make_series(study / "ct", stored_values(np.int16, (24, 20, 6)), spacing=(1.5, 1.5, 2.0))
+    before = {p: p.read_bytes() for p in study.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["attack", str(study), "--bundle", str(tiny_bundle), "--out", str(study / "results"),
+                                      "--losses", "ce", "--steps", "1", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "inside the input folder" in result.output and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in study.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in study.iterdir()) == ["ct"]
