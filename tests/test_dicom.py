@@ -652,6 +652,7 @@ def test_enhanced_multi_frame_ct_reads_as_its_classic_series_and_is_written_clas
     assert len(written) == 6 and {str(d.SOPClassUID) for d in written} == {CTImageStorage}
     frames = sorted(int(d.SourceImageSequence[0].ReferencedFrameNumber) for d in written)
     assert frames == [1, 2, 3, 4, 5, 6]
+    assert sorted(int(d.InstanceNumber) for d in written) == frames  # each its own (all six were 1, the enhanced object's)
     assert all(d.SourceImageSequence[0].ReferencedSOPInstanceUID == enhanced.SOPInstanceUID for d in written)
     back = read_dicom_series(out / "adversarial")  # the classic series reads back on the source's grid
     np.testing.assert_allclose(back.affine, want.affine, atol=1e-5)

@@ -832,6 +832,7 @@ def _derived_slice(
     reference.ReferencedSOPInstanceUID = source_sop_instance
     if source_frame is not None:
         reference.ReferencedFrameNumber = source_frame + 1
+        ds.InstanceNumber = source_frame + 1  # the multi-frame object's own number is one for all its frames
     purpose = Dataset()
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _SOURCE_IMAGE_PURPOSE
     reference.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
