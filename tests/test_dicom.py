@@ -22,6 +22,7 @@ from medis3d.io.dicom import (
     find_series,
     looks_like_dicom,
     read_dicom_series,
+    write_dicom_seg,
     write_dicom_series,
 )
 
@@ -591,6 +592,34 @@ def test_write_dicom_seg_overlapping_labels(tmp_path):
     np.testing.assert_array_equal(mask[..., 1].transpose(2, 1, 0), labels[2] == 1)
     with pytest.raises(InputError, match="channels"):
         write_dicom_seg(source, labels, tmp_path / "bad.dcm", {3: "nothing"})
+
+
+def test_dicom_seg_of_an_enhanced_source_references_its_frames(tmp_path):
+    # the SEG of a series read from one enhanced object referenced it once per frame (6 references of one instance) in
+    # the classic class (CT Image Storage, not Legacy Converted Enhanced CT) and named no frame
+    import highdicom as hd
+
+    files, _, _ = make_series(tmp_path / "classic", stored_values(np.int16, (24, 20, 6)), spacing=(1.5, 1.5, 2.0))
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=[pydicom.dcmread(f) for f in files], series_instance_uid=generate_uid(), series_number=9,
+        sop_instance_uid=generate_uid(), instance_number=1)
+    (tmp_path / "enhanced").mkdir()
+    enhanced.save_as(tmp_path / "enhanced" / "volume.dcm")
+    source = read_dicom_series(tmp_path / "enhanced")
+    labels = np.zeros(source.spatial_shape, np.uint8)
+    labels[4:12, 5:15, :] = 1
+    seg = pydicom.dcmread(write_dicom_seg(source, labels, tmp_path / "seg.dcm", {1: "blob"}))
+    wanted = (str(enhanced.SOPClassUID), str(enhanced.SOPInstanceUID))
+    for items in (seg.SourceImageSequence, seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence):
+        assert [(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID)) for i in items] == [wanted]
+    positions = {int(k) + 1: [float(v) for v in g.PlanePositionSequence[0].ImagePositionPatient]
+                 for k, g in enumerate(enhanced.PerFrameFunctionalGroupsSequence)}
+    assert seg.NumberOfFrames == 6
+    for group in seg.PerFrameFunctionalGroupsSequence:  # each SEG frame names the source frame at its own position
+        item = group.DerivationImageSequence[0].SourceImageSequence[0]
+        assert (str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID)) == wanted
+        np.testing.assert_allclose([float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient],
+                                   positions[int(item.ReferencedFrameNumber)], atol=1e-4)
 
 
 def test_compressed_series_decode_and_the_adversarial_is_written_uncompressed(tmp_path, tiny_bundle):

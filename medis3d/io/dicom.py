@@ -990,12 +990,45 @@ def write_dicom_seg(
             device_serial_number="0",
             series_description=series_description[:64],
         )
+    _refer_to_frames(seg, headers)
     path = Path(path)
     from medis3d.io.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
     return path
+
+
+def _refer_to_frames(seg: Dataset, headers: Sequence[Dataset]) -> None:
+    """A SEG of an enhanced (multi-frame) object's frames, read as slices, references that object once, in its own
+    class, and each frame by its number: highdicom takes every frame for an image of its own (one reference per frame,
+    in the classic class of the slice headers, and no frame numbers)."""
+    if not headers or any(getattr(h, "_medis3d_frame", None) is None for h in headers):
+        return
+    frames = [int(h._medis3d_frame) for h in headers]
+    source_class = str(getattr(headers[0], "_medis3d_source_class", "") or headers[0].SOPClassUID)
+
+    def key(position: Any) -> tuple[float, ...]:
+        return tuple(round(float(v), 3) for v in position)
+
+    number = {key(h.ImagePositionPatient): f + 1 for h, f in zip(headers, frames)}
+
+    def once(items: Sequence[Dataset]) -> DicomSequence:
+        unique: dict[str, Dataset] = {}
+        for item in items:
+            item.ReferencedSOPClassUID = source_class
+            unique.setdefault(str(item.ReferencedSOPInstanceUID), item)
+        return DicomSequence(list(unique.values()))
+
+    seg.SourceImageSequence = once(seg.SourceImageSequence)
+    for series in seg.ReferencedSeriesSequence:
+        series.ReferencedInstanceSequence = once(series.ReferencedInstanceSequence)
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        frame = number[key(group.PlanePositionSequence[0].ImagePositionPatient)]
+        for derivation in group.get("DerivationImageSequence", []):
+            for item in derivation.SourceImageSequence:
+                item.ReferencedSOPClassUID = source_class
+                item.ReferencedFrameNumber = frame
 
 
 def _show(value: Any) -> str:
