@@ -703,3 +703,23 @@ def test_attack_refuses_an_out_inside_the_folder_given_above_the_series(tmp_path
     assert "inside the input folder" in result.output and "Traceback" not in result.output
     assert {p: p.read_bytes() for p in study.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in study.iterdir()) == ["ct"]
+
+
+def test_cli_gives_the_files_skipped_beside_a_series_as_one_notice_line(tmp_path, tiny_bundle):
+    # they came as a Python warning: "<...>/medis3d/io/__init__.py:73: SkippedDicomWarning: ..." and the source line
+    # "  return dicom.read_dicom_series(path)" under it, before the one-line error (3 lines where 2 say it)
+    from typer.testing import CliRunner
+
+    from medis3d.cli import app
+
+    folder = tmp_path / "ct"
+    files, _, _ = make_series(folder, stored_values(np.int16, (24, 20, 6)), spacing=(1.5, 1.5, 2.0))
+    structured_report(folder / "report.dcm")
+    files[2].unlink()  # a slice missing: the read fails after the skip was noticed
+    result = CliRunner().invoke(app, ["attack", str(folder), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out"),
+                                      "--quiet"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 2, result.output
+    assert lines[0].startswith("medis3d: notice: ") and "report.dcm: Basic Text SR Storage, not an image" in lines[0]
+    assert lines[1].startswith("medis3d: error: ") and "slice(s) missing" in lines[1]
