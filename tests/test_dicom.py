@@ -228,6 +228,9 @@ def test_two_series_in_one_folder(tmp_path):
     message = str(error.value)
     assert "2 image series" in message and "\n" not in message
     assert all(text in message for text in (first, second, "arterial", "venous"))
+    # what the command line can take: a file of each (it said "choose one by series UID", which no option takes)
+    assert "give a file of the one to read" in message and all(str(s.files[0]) in message for s in series)
+    np.testing.assert_array_equal(read_dicom_series(Path(message.split("e.g. ")[-1])).array[0], native)
     chosen = next(s for s in series if s.uid == second)
     np.testing.assert_array_equal(read_dicom_series(folder, series_uid=second).array[0], native)
     np.testing.assert_array_equal(read_dicom_series(chosen).array[0], native)

@@ -407,8 +407,8 @@ def read_dicom_series(path: Path | str | SeriesInfo, series_uid: str | None = No
                                  + "; ".join(s.label for s in series))
             return _read_series(chosen[0])
         if len(series) > 1:
-            raise InputError(f"{path}: holds {len(series)} image series, choose one by series UID: "
-                             + "; ".join(s.label for s in series))
+            raise InputError(f"{path}: holds {len(series)} image series; give a file of the one to read (or its series UID): "
+                             + "; ".join(f"{s.label}, e.g. {s.files[0]}" for s in series))
         return _read_series(series[0])
 
     header, has_pixels, problem = _read_header(path)
