@@ -38,6 +38,22 @@ def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="monai")
+    if not getattr(warnings.showwarning, "medis3d", False):
+        warnings.showwarning = _show_notices(warnings.showwarning)
+
+
+def _show_notices(show: Callable) -> Callable:
+    """``warnings.showwarning`` that gives the DICOM files a read skipped as one notice line, not as a Python warning
+    (its file, line number and source line read like part of a traceback)."""
+
+    def shown(message, category, filename, lineno, file=None, line=None):
+        if category.__name__ == "SkippedDicomWarning":
+            typer.echo(f"medis3d: notice: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    shown.medis3d = True  # type: ignore[attr-defined]
+    return shown
 
 
 def _load_target(bundle: Path | None, config: str | None, trust: bool, device: str, bare: dict | None = None,

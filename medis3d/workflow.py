@@ -152,6 +152,11 @@ def run_attack(
     sources = list(volume.meta.get("dicom_files", [])) if volume.format == "dicom" else []
     sources += [v.path for v in volume.channel_volumes or []]
     _guard_inputs(out, [volume.path, options.label, target_file, options.mask, *sources])
+    if not isinstance(scan, Volume):  # a DICOM series given by a folder above it: the next run would find ours there too
+        for given in (Path(p) for p in channel_paths(scan) or [str(scan)]):
+            if given.is_dir() and given.resolve() in (out.resolve(), *out.resolve().parents):
+                raise InputError(f"{out}: inside the input folder {given}, where the adversarial series would be found beside "
+                                 "the source the next time; choose an --out outside it")
     check_output_folder(out)
     check_replaceable(out, OUTPUT_FILES)
     reset_peak_memory(target.device)  # the peak reported is this run's

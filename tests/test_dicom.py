@@ -22,6 +22,7 @@ from medis3d.io.dicom import (
     find_series,
     looks_like_dicom,
     read_dicom_series,
+    write_dicom_seg,
     write_dicom_series,
 )
 
@@ -227,6 +228,9 @@ def test_two_series_in_one_folder(tmp_path):
     message = str(error.value)
     assert "2 image series" in message and "\n" not in message
     assert all(text in message for text in (first, second, "arterial", "venous"))
+    # what the command line can take: a file of each (it said "choose one by series UID", which no option takes)
+    assert "give a file of the one to read" in message and all(str(s.files[0]) in message for s in series)
+    np.testing.assert_array_equal(read_dicom_series(Path(message.split("e.g. ")[-1])).array[0], native)
     chosen = next(s for s in series if s.uid == second)
     np.testing.assert_array_equal(read_dicom_series(folder, series_uid=second).array[0], native)
     np.testing.assert_array_equal(read_dicom_series(chosen).array[0], native)
@@ -279,6 +283,21 @@ def test_a_slice_that_cannot_be_placed_refuses_the_series_not_shortens_it(ct, ke
     for given in (folder, files[0]):  # the folder, or another file of the series
         with pytest.warns(SkippedDicomWarning), pytest.raises(InputError, match=rf"slice {files[3].name} has no {keyword}; "
                                                                                  r"refusing to read the series without it"):
+            read_dicom_series(given)
+
+
+@pytest.mark.parametrize("cut", ["before the pixel data", "inside the header"])
+@pytest.mark.parametrize("end", [0, -1])
+def test_a_slice_file_cut_short_refuses_the_series_not_shortens_it(ct, cut, end):
+    # an end slice's file truncated (a copy that stopped part-way): it was skipped as "no pixel data", and the series
+    # read one slice shorter (11 of 12 slices, its origin moved a slice) with no error
+    folder, files, _, _ = ct
+    raw = files[end].read_bytes()
+    at = raw.find(b"\xe0\x7f\x10\x00") if cut == "before the pixel data" else raw.find(b"\x28\x00\x10\x00") + 6
+    files[end].write_bytes(raw[:at] + (b"\xff\xff" if cut == "inside the header" else b""))
+    for given in (folder, files[1]):
+        with pytest.warns(SkippedDicomWarning), pytest.raises(InputError, match=rf"slice {files[end].name} has no pixel data "
+                                                                                 r"\(CT Image Storage\); refusing to read"):
             read_dicom_series(given)
 
 
@@ -578,6 +597,34 @@ def test_write_dicom_seg_overlapping_labels(tmp_path):
         write_dicom_seg(source, labels, tmp_path / "bad.dcm", {3: "nothing"})
 
 
+def test_dicom_seg_of_an_enhanced_source_references_its_frames(tmp_path):
+    # the SEG of a series read from one enhanced object referenced it once per frame (6 references of one instance) in
+    # the classic class (CT Image Storage, not Legacy Converted Enhanced CT) and named no frame
+    import highdicom as hd
+
+    files, _, _ = make_series(tmp_path / "classic", stored_values(np.int16, (24, 20, 6)), spacing=(1.5, 1.5, 2.0))
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=[pydicom.dcmread(f) for f in files], series_instance_uid=generate_uid(), series_number=9,
+        sop_instance_uid=generate_uid(), instance_number=1)
+    (tmp_path / "enhanced").mkdir()
+    enhanced.save_as(tmp_path / "enhanced" / "volume.dcm")
+    source = read_dicom_series(tmp_path / "enhanced")
+    labels = np.zeros(source.spatial_shape, np.uint8)
+    labels[4:12, 5:15, :] = 1
+    seg = pydicom.dcmread(write_dicom_seg(source, labels, tmp_path / "seg.dcm", {1: "blob"}))
+    wanted = (str(enhanced.SOPClassUID), str(enhanced.SOPInstanceUID))
+    for items in (seg.SourceImageSequence, seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence):
+        assert [(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID)) for i in items] == [wanted]
+    positions = {int(k) + 1: [float(v) for v in g.PlanePositionSequence[0].ImagePositionPatient]
+                 for k, g in enumerate(enhanced.PerFrameFunctionalGroupsSequence)}
+    assert seg.NumberOfFrames == 6
+    for group in seg.PerFrameFunctionalGroupsSequence:  # each SEG frame names the source frame at its own position
+        item = group.DerivationImageSequence[0].SourceImageSequence[0]
+        assert (str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID)) == wanted
+        np.testing.assert_allclose([float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient],
+                                   positions[int(item.ReferencedFrameNumber)], atol=1e-4)
+
+
 def test_compressed_series_decode_and_the_adversarial_is_written_uncompressed(tmp_path, tiny_bundle):
     import shutil
 
@@ -637,6 +684,45 @@ def test_enhanced_multi_frame_ct_reads_as_its_classic_series_and_is_written_clas
     assert len(written) == 6 and {str(d.SOPClassUID) for d in written} == {CTImageStorage}
     frames = sorted(int(d.SourceImageSequence[0].ReferencedFrameNumber) for d in written)
     assert frames == [1, 2, 3, 4, 5, 6]
+    assert sorted(int(d.InstanceNumber) for d in written) == frames  # each its own (all six were 1, the enhanced object's)
     assert all(d.SourceImageSequence[0].ReferencedSOPInstanceUID == enhanced.SOPInstanceUID for d in written)
     back = read_dicom_series(out / "adversarial")  # the classic series reads back on the source's grid
     np.testing.assert_allclose(back.affine, want.affine, atol=1e-5)
+
+
+def test_attack_refuses_an_out_inside_the_folder_given_above_the_series(tmp_path, tiny_bundle):
+    # `attack study --out study/results` with the series in study/ct wrote the adversarial series into study/, so the
+    # same command run again failed: "study: holds 2 image series" (the source and the adversarial)
+    from typer.testing import CliRunner
+
+    from medis3d.cli import app
+
+    study = tmp_path / "study"
+    make_series(study / "ct", stored_values(np.int16, (24, 20, 6)), spacing=(1.5, 1.5, 2.0))
+    before = {p: p.read_bytes() for p in study.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["attack", str(study), "--bundle", str(tiny_bundle), "--out", str(study / "results"),
+                                      "--losses", "ce", "--steps", "1", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "inside the input folder" in result.output and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in study.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in study.iterdir()) == ["ct"]
+
+
+def test_cli_gives_the_files_skipped_beside_a_series_as_one_notice_line(tmp_path, tiny_bundle):
+    # they came as a Python warning: "<...>/medis3d/io/__init__.py:73: SkippedDicomWarning: ..." and the source line
+    # "  return dicom.read_dicom_series(path)" under it, before the one-line error (3 lines where 2 say it)
+    from typer.testing import CliRunner
+
+    from medis3d.cli import app
+
+    folder = tmp_path / "ct"
+    files, _, _ = make_series(folder, stored_values(np.int16, (24, 20, 6)), spacing=(1.5, 1.5, 2.0))
+    structured_report(folder / "report.dcm")
+    files[2].unlink()  # a slice missing: the read fails after the skip was noticed
+    result = CliRunner().invoke(app, ["attack", str(folder), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out"),
+                                      "--quiet"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 2, result.output
+    assert lines[0].startswith("medis3d: notice: ") and "report.dcm: Basic Text SR Storage, not an image" in lines[0]
+    assert lines[1].startswith("medis3d: error: ") and "slice(s) missing" in lines[1]

@@ -134,8 +134,9 @@ class SeriesInfo:
     study_uid: str
     files: tuple[Path, ...]
     headers: tuple[Dataset, ...] = field(repr=False)
-    # image slices of this series that cannot be placed (no position, orientation or spacing): reading
-    # the series without them would give a shorter volume, so reading it is refused
+    # image slices of this series that cannot be placed (no position, orientation or spacing) or whose file is
+    # damaged (no pixel data, an unreadable header: a file cut short): reading the series without them would
+    # give a shorter volume, so reading it is refused
     incomplete: tuple[tuple[Path, str], ...] = ()
 
     @property
@@ -262,23 +263,68 @@ def _not_an_image(ds: Dataset, has_pixels: bool) -> str | None:
     return None
 
 
+def _image_class(sop: str) -> bool:
+    """Whether ``sop`` is a storage class of acquired images (CT, MR, PET ...), whose files are slices of a series."""
+    if not sop or sop.startswith(_SECONDARY_CAPTURE) or any(sop == r or sop.startswith(r + ".") for r in _NON_IMAGE_SOP_ROOTS):
+        return False
+    return UID(sop).name.endswith("Image Storage")
+
+
+def _file_class(path: Path, ds: Dataset | None) -> str:
+    """The SOP class a file says it holds: its data set's, else its file meta's (read alone where the data set is broken)."""
+    sop = str(ds.get("SOPClassUID", "") or "") if ds is not None else ""
+    meta = getattr(ds, "file_meta", None) if ds is not None else None
+    if not sop and meta is None:
+        try:
+            meta = pydicom.filereader.read_file_meta_info(path)
+        except Exception:
+            meta = None
+    return sop or (str(meta.get("MediaStorageSOPClassUID", "") or "") if meta is not None else "")
+
+
+def _at_a_slice(ds: Dataset, members: list[tuple[Path, Dataset]]) -> bool:
+    """Whether ``ds`` lies where a slice of ``members`` lies (a header-only copy of a slice that is there)."""
+    try:
+        position = np.asarray(_floats(ds, "ImagePositionPatient", 3))
+    except InputError:
+        return False
+    for _, member in members:
+        try:
+            if np.allclose(_floats(member, "ImagePositionPatient", 3), position, rtol=0, atol=1e-3):
+                return True
+        except InputError:
+            continue
+    return False
+
+
 def _scan(folder: Path, recursive: bool) -> tuple[list[SeriesInfo], list[tuple[Path, str]]]:
     groups: dict[str, list[tuple[Path, Dataset]]] = {}
     skipped: list[tuple[Path, str]] = []
     incomplete: dict[str, list[tuple[Path, str]]] = {}
+    damaged: list[tuple[Path, Dataset | None, str]] = []  # image files without pixels (cut short, broken): maybe a slice
     for path in _walk_files(folder, recursive):
         ds, has_pixels, problem = _read_header(path)
         if problem is not None:
             skipped.append((path, problem))
+            if _image_class(_file_class(path, None)):
+                damaged.append((path, None, problem.replace("unreadable DICOM", "an unreadable header", 1)))
         if ds is None:
             continue
         reason = _not_an_image(ds, has_pixels)
         if reason is not None:
             skipped.append((path, reason))
             if _UNPLACED in reason and ds.get("SeriesInstanceUID"):
-                incomplete.setdefault(str(ds.SeriesInstanceUID), []).append((path, reason))
+                incomplete.setdefault(str(ds.SeriesInstanceUID), []).append((path, reason.split(",")[0]))
+            elif not has_pixels and _image_class(_file_class(path, ds)):
+                damaged.append((path, ds, reason))
             continue
         groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+    for path, ds, reason in damaged:  # a slice of a series whose file holds no pixels: reading without it is shorter
+        uid = str(ds.get("SeriesInstanceUID", "") or "") if ds is not None else ""
+        uids = [uid] if uid else [u for u, members in groups.items() if any(p.parent == path.parent for p, _ in members)]
+        for u in uids:
+            if u in groups and not (ds is not None and _at_a_slice(ds, groups[u])):
+                incomplete.setdefault(u, []).append((path, reason))
     series = [_series_info(uid, members, skipped, incomplete.get(uid, [])) for uid, members in groups.items()]
     series.sort(key=lambda s: (str(s.folder), s.study_uid, s.series_number or 0, s.description, s.uid))
     return series, skipped
@@ -361,8 +407,8 @@ def read_dicom_series(path: Path | str | SeriesInfo, series_uid: str | None = No
                                  + "; ".join(s.label for s in series))
             return _read_series(chosen[0])
         if len(series) > 1:
-            raise InputError(f"{path}: holds {len(series)} image series, choose one by series UID: "
-                             + "; ".join(s.label for s in series))
+            raise InputError(f"{path}: holds {len(series)} image series; give a file of the one to read (or its series UID): "
+                             + "; ".join(f"{s.label}, e.g. {s.files[0]}" for s in series))
         return _read_series(series[0])
 
     header, has_pixels, problem = _read_header(path)
@@ -472,7 +518,7 @@ def _read_checked_series(info: SeriesInfo) -> Volume:
     if info.incomplete:
         path, reason = info.incomplete[0]
         more = f" (and {len(info.incomplete) - 1} more)" if len(info.incomplete) > 1 else ""
-        raise InputError(f"{where}: slice {path.name} has {reason.split(',')[0]}{more}; refusing to read the series "
+        raise InputError(f"{where}: slice {path.name} has {reason}{more}; refusing to read the series "
                          "without it (a shorter volume); fix or remove that file")
     for f, h in zip(files, headers):
         if _frames(h) > 1:
@@ -786,6 +832,7 @@ def _derived_slice(
     reference.ReferencedSOPInstanceUID = source_sop_instance
     if source_frame is not None:
         reference.ReferencedFrameNumber = source_frame + 1
+        ds.InstanceNumber = source_frame + 1  # the multi-frame object's own number is one for all its frames
     purpose = Dataset()
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _SOURCE_IMAGE_PURPOSE
     reference.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
@@ -943,12 +990,45 @@ def write_dicom_seg(
             device_serial_number="0",
             series_description=series_description[:64],
         )
+    _refer_to_frames(seg, headers)
     path = Path(path)
     from medis3d.io.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
     return path
+
+
+def _refer_to_frames(seg: Dataset, headers: Sequence[Dataset]) -> None:
+    """A SEG of an enhanced (multi-frame) object's frames, read as slices, references that object once, in its own
+    class, and each frame by its number: highdicom takes every frame for an image of its own (one reference per frame,
+    in the classic class of the slice headers, and no frame numbers)."""
+    if not headers or any(getattr(h, "_medis3d_frame", None) is None for h in headers):
+        return
+    frames = [int(h._medis3d_frame) for h in headers]
+    source_class = str(getattr(headers[0], "_medis3d_source_class", "") or headers[0].SOPClassUID)
+
+    def key(position: Any) -> tuple[float, ...]:
+        return tuple(round(float(v), 3) for v in position)
+
+    number = {key(h.ImagePositionPatient): f + 1 for h, f in zip(headers, frames)}
+
+    def once(items: Sequence[Dataset]) -> DicomSequence:
+        unique: dict[str, Dataset] = {}
+        for item in items:
+            item.ReferencedSOPClassUID = source_class
+            unique.setdefault(str(item.ReferencedSOPInstanceUID), item)
+        return DicomSequence(list(unique.values()))
+
+    seg.SourceImageSequence = once(seg.SourceImageSequence)
+    for series in seg.ReferencedSeriesSequence:
+        series.ReferencedInstanceSequence = once(series.ReferencedInstanceSequence)
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        frame = number[key(group.PlanePositionSequence[0].ImagePositionPatient)]
+        for derivation in group.get("DerivationImageSequence", []):
+            for item in derivation.SourceImageSequence:
+                item.ReferencedSOPClassUID = source_class
+                item.ReferencedFrameNumber = frame
 
 
 def _show(value: Any) -> str:
