@@ -223,6 +223,20 @@ def _invert_order(cfg: SafeConfig) -> str:
     return "probabilities"
 
 
+def _invert_nearest(cfg: SafeConfig) -> bool:
+    """Whether the bundle's ``Invertd`` maps the prediction back with nearest-neighbour interpolation (its
+    ``nearest_interp``, True unless the config says otherwise)."""
+    for i, t in enumerate(cfg.raw("postprocessing::transforms", []) or []):
+        if isinstance(t, dict) and str(t.get("_target_", "")).rsplit(".", 1)[-1] == "Invertd":
+            value = cfg.resolve(t.get("nearest_interp", True), f"postprocessing::transforms::{i}::nearest_interp")
+            if isinstance(value, (list, tuple)):  # one per key: the prediction's
+                keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
+                keys = [keys] if isinstance(keys, str) else list(keys)
+                value = value[keys.index("pred")] if "pred" in keys and len(value) == len(keys) else value[0]
+            return bool(value)
+    return False
+
+
 def _activation(cfg: SafeConfig, out_channels: int) -> str:
     transforms = cfg.raw("postprocessing::transforms", []) or []
     for i, t in enumerate(transforms):
@@ -345,6 +359,7 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
         window=window,
         activation=activation,
         invert=_invert_order(cfg),
+        invert_nearest=_invert_nearest(cfg),
         out_channels=out_channels,
         in_channels=in_channels,
         class_names=class_names,

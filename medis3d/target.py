@@ -90,6 +90,7 @@ class Target:
     window: WindowSettings = field(default_factory=WindowSettings)
     activation: str = "softmax"  # "softmax" (argmax) or "sigmoid" (threshold 0.5)
     invert: str = "probabilities"  # bundle postprocessing order: "probabilities" (Invertd, then argmax) or "labels"
+    invert_nearest: bool = False  # the bundle's Invertd maps the probabilities back with nearest interpolation
     out_channels: int = 2
     in_channels: int = 1
     class_names: dict[int, str] = field(default_factory=dict)
@@ -251,6 +252,10 @@ class Target:
         """
         meta = dict(model_input.meta)
         ops = [dict(op) for op in model_input.applied_operations]
+        if self.invert_nearest:  # as the bundle's Invertd(nearest_interp=True) does
+            from monai.transforms.utils import convert_applied_interp_mode
+
+            ops = convert_applied_interp_mode(ops, mode="nearest")
         if raw:
             inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(stitched[0].float(), meta=meta, applied_operations=ops))
             return (inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted).float()[None]
@@ -445,6 +450,8 @@ class Target:
             digest.update(tensor.detach().cpu().flatten().clone().view(torch.uint8).numpy().tobytes())
         about = {"steps": [[step.name, step.args] for step in self.preprocessing.steps], "activation": self.activation,
                  "invert": self.invert, "out_channels": self.out_channels, "class_names": self.class_names}
+        if self.invert_nearest:
+            about["invert_nearest"] = True
         digest.update(json.dumps(about, sort_keys=True, default=str).encode())
         return digest.hexdigest()[:16]
 

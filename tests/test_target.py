@@ -269,3 +269,45 @@ def test_a_cast_to_an_integer_inside_the_preprocessing_is_done_as_monai_does_it(
     assert torch.equal(got.as_tensor().detach(), expected.as_tensor().float())
     got.as_tensor().sum().backward()
     assert x.grad is not None and (x.grad != 0).float().mean() > 0.5
+
+
+def _monai_bundle_run(bundle, scan):
+    """MONAI's own run of ``bundle`` on ``scan`` (ConfigParser, its preprocessing, inferer and postprocessing, the
+    evaluator's way: the network's output as a MetaTensor carrying the preprocessed image's metadata)."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    data = parser.get_parsed_content("preprocessing")({"image": str(scan)})
+    from medis3d.bundle import load_bundle
+
+    network = load_bundle(bundle).network
+    with torch.no_grad():
+        logits = parser.get_parsed_content("inferer")(data["image"][None], network)[0]
+    data["pred"] = MetaTensor(logits, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+    return parser.get_parsed_content("postprocessing")(data)["pred"]
+
+
+@pytest.mark.parametrize("nearest", [None, True])
+def test_probabilities_go_back_as_the_bundles_invertd_takes_them_nearest(tiny_bundle, tmp_path, scan_file, nearest):
+    """Invertd maps the probabilities back with nearest interpolation unless the config sets nearest_interp false
+    (its default is true); medis3d always interpolated them, so the prediction differed from MONAI's run of the
+    bundle on 288 of 46,080 voxels of the tiny bundle's scan (Dice 0.950). Now it is the same voxel for voxel."""
+    import json
+    import shutil
+
+    from medis3d.bundle import load_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    invert = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image"}
+    if nearest is not None:
+        invert["nearest_interp"] = nearest
+    post = config["postprocessing"]["transforms"]
+    config["postprocessing"]["transforms"] = [post[0], invert, post[1]]
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    expected = _monai_bundle_run(bundle, scan_file)[0].numpy()
+    target = load_bundle(bundle)
+    vol = read_volume(scan_file)
+    assert np.array_equal(target.predict(vol), expected)
+    evaluation = target.evaluate(torch.from_numpy(vol.array), vol, lambda logits: logits[:, 1].sum())
+    assert evaluation.gradient().abs().sum() > 0
