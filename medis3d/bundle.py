@@ -223,18 +223,46 @@ def _invert_order(cfg: SafeConfig) -> str:
     return "probabilities"
 
 
+def _prediction_steps(cfg: SafeConfig, *names: str):
+    """``(index, step)`` of each postprocessing step named ``names`` that acts on the prediction (its keys name
+    ``pred``, or it names none)."""
+    for i, t in enumerate(cfg.raw("postprocessing::transforms", []) or []):
+        if isinstance(t, dict) and str(t.get("_target_", "")).rsplit(".", 1)[-1] in names:
+            keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
+            if "pred" in ([keys] if isinstance(keys, str) else list(keys or [])):
+                yield i, t
+
+
+def _prediction_arg(cfg: SafeConfig, i: int, t: dict, arg: str, default: Any) -> Any:
+    """A postprocessing step's argument for the prediction (one of a list given per key)."""
+    value = cfg.resolve(t.get(arg, default), f"postprocessing::transforms::{i}::{arg}")
+    if isinstance(value, (list, tuple)):
+        keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        if len(value) == len(keys):
+            value = value[keys.index("pred")]
+    return value
+
+
 def _invert_nearest(cfg: SafeConfig) -> bool:
     """Whether the bundle's ``Invertd`` maps the prediction back with nearest-neighbour interpolation (its
     ``nearest_interp``, True unless the config says otherwise)."""
-    for i, t in enumerate(cfg.raw("postprocessing::transforms", []) or []):
-        if isinstance(t, dict) and str(t.get("_target_", "")).rsplit(".", 1)[-1] == "Invertd":
-            value = cfg.resolve(t.get("nearest_interp", True), f"postprocessing::transforms::{i}::nearest_interp")
-            if isinstance(value, (list, tuple)):  # one per key: the prediction's
-                keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
-                keys = [keys] if isinstance(keys, str) else list(keys)
-                value = value[keys.index("pred")] if "pred" in keys and len(value) == len(keys) else value[0]
-            return bool(value)
+    for i, t in _prediction_steps(cfg, "Invertd"):
+        return bool(_prediction_arg(cfg, i, t, "nearest_interp", True))
     return False
+
+
+def _threshold(cfg: SafeConfig, activation: str) -> float:
+    """The probability at which the bundle's ``AsDiscreted(threshold=...)`` makes a sigmoid channel foreground
+    (0.5 where it sets none)."""
+    for i, t in _prediction_steps(cfg, "AsDiscreted", "AsDiscrete"):
+        value = _prediction_arg(cfg, i, t, "threshold", None)
+        if value is not None:
+            if activation != "sigmoid" or isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise BundleError(f"{cfg.source}: postprocessing AsDiscreted threshold {value!r} is not supported "
+                                  "(a probability strictly between 0 and 1, after a sigmoid Activationsd)")
+            return float(value)
+    return 0.5
 
 
 def _activation(cfg: SafeConfig, out_channels: int) -> str:
@@ -360,6 +388,7 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
         activation=activation,
         invert=_invert_order(cfg),
         invert_nearest=_invert_nearest(cfg),
+        threshold=_threshold(cfg, activation),
         out_channels=out_channels,
         in_channels=in_channels,
         class_names=class_names,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ class Target:
     activation: str = "softmax"  # "softmax" (argmax) or "sigmoid" (threshold 0.5)
     invert: str = "probabilities"  # bundle postprocessing order: "probabilities" (Invertd, then argmax) or "labels"
     invert_nearest: bool = False  # the bundle's Invertd maps the probabilities back with nearest interpolation
+    threshold: float = 0.5  # sigmoid: the probability at which the bundle's AsDiscreted makes a voxel foreground
     out_channels: int = 2
     in_channels: int = 1
     class_names: dict[int, str] = field(default_factory=dict)
@@ -249,6 +251,9 @@ class Target:
 
         ``raw``: the network's own logits mapped back through the same inverse instead, for the losses that are
         not invariant to a shift of a voxel's logits (``losses.RAW_LOGITS``: SEA's masked spherical loss).
+
+        Sigmoid logits are taken relative to the bundle's threshold (less its logit, :meth:`_shift`), so that a
+        positive logit is a foreground voxel everywhere medis3d decides one, as the bundle's ``AsDiscreted`` does.
         """
         meta = dict(model_input.meta)
         ops = [dict(op) for op in model_input.applied_operations]
@@ -258,7 +263,7 @@ class Target:
             ops = convert_applied_interp_mode(ops, mode="nearest")
         if raw:
             inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(stitched[0].float(), meta=meta, applied_operations=ops))
-            return (inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted).float()[None]
+            return ((inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted).float() - self._shift())[None]
         logits = stitched[0].double()
         if self.activation == "softmax":
             activated = torch.softmax(logits, 0)
@@ -270,7 +275,13 @@ class Target:
         if self.activation == "softmax":
             return logs.float()[None]
         channels = logits.shape[0]
-        return (logs[:channels] - logs[channels:]).float()[None]
+        return (logs[:channels] - logs[channels:] - self._shift()).float()[None]
+
+    def _shift(self) -> float:
+        """The logit of the sigmoid threshold (0 at 0.5; 0 for softmax, which takes the argmax)."""
+        if self.activation != "sigmoid" or self.threshold == 0.5:
+            return 0.0
+        return math.log(self.threshold / (1.0 - self.threshold))
 
     def model_shape(self, volume: Volume) -> tuple[int, ...]:
         """The spatial shape of ``volume`` in model space (after the preprocessing)."""
@@ -402,7 +413,7 @@ class Target:
             if self.activation == "softmax":
                 labels = channel_argmax(stitched[0], 0, keepdim=True).float()
             else:
-                labels = (stitched[0] > 0).float()
+                labels = (stitched[0] > self._shift()).float()
             ops = convert_applied_interp_mode([dict(op) for op in model_input.applied_operations], mode="nearest")
             inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(labels, meta=dict(model_input.meta), applied_operations=ops))
             inverted = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted
@@ -452,6 +463,8 @@ class Target:
                  "invert": self.invert, "out_channels": self.out_channels, "class_names": self.class_names}
         if self.invert_nearest:
             about["invert_nearest"] = True
+        if self.activation == "sigmoid" and self.threshold != 0.5:
+            about["threshold"] = self.threshold
         digest.update(json.dumps(about, sort_keys=True, default=str).encode())
         return digest.hexdigest()[:16]
 

@@ -311,3 +311,67 @@ def test_probabilities_go_back_as_the_bundles_invertd_takes_them_nearest(tiny_bu
     assert np.array_equal(target.predict(vol), expected)
     evaluation = target.evaluate(torch.from_numpy(vol.array), vol, lambda logits: logits[:, 1].sum())
     assert evaluation.gradient().abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def sigmoid_bundle(tmp_path_factory):
+    """The tiny bundle with one sigmoid channel (trained a few seconds) and a postprocessing of Invertd, then
+    AsDiscreted(threshold=0.3)."""
+    import json
+
+    from conftest import TINY_CONFIG, train_tiny_unet
+    from monai.losses import DiceCELoss
+
+    bundle = tmp_path_factory.mktemp("sigmoid_bundle")
+    (bundle / "configs").mkdir()
+    (bundle / "models").mkdir()
+    config = json.loads(json.dumps(TINY_CONFIG))
+    config["network_def"]["out_channels"] = 1
+    config["postprocessing"]["transforms"] = [
+        {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+        {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image", "nearest_interp": False},
+        {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.3}]
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    net = train_tiny_unet(1, lambda seg: seg[None], DiceCELoss(sigmoid=True), steps=60)
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+def test_a_sigmoid_bundles_threshold_decides_the_prediction(sigmoid_bundle, scan_file):
+    """AsDiscreted(threshold=0.3) was ignored: medis3d made a voxel foreground at 0.5, so its prediction differed from
+    MONAI's run of the bundle on 572 of 46,080 voxels (Dice 0.926). Now the sigmoid logits are taken relative to the
+    threshold, and the prediction is MONAI's voxel for voxel, in model space too (AsDiscreted before Invertd)."""
+    import json
+
+    from medis3d.bundle import load_bundle
+
+    vol = read_volume(scan_file)
+    expected = _monai_bundle_run(sigmoid_bundle, scan_file).numpy()
+    target = load_bundle(sigmoid_bundle)
+    assert target.threshold == 0.3
+    assert np.array_equal(target.predict(vol), expected)
+    config_path = sigmoid_bundle / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    post = config["postprocessing"]["transforms"]
+    config["postprocessing"]["transforms"] = [post[0], post[2], dict(post[1], nearest_interp=True)]
+    config_path.write_text(json.dumps(config))
+    assert np.array_equal(load_bundle(sigmoid_bundle).predict(vol), _monai_bundle_run(sigmoid_bundle, scan_file).numpy())
+
+
+@pytest.mark.parametrize("activation, threshold", [("softmax", 0.5), ("sigmoid", 1.0)])
+def test_a_threshold_medis3d_cannot_take_is_refused_in_one_line(tiny_bundle, tmp_path, activation, threshold):
+    import json
+    import shutil
+
+    from medis3d.bundle import load_bundle
+    from medis3d.errors import BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["postprocessing"]["transforms"] = [{"_target_": "Activationsd", "keys": "pred", activation: True},
+                                              {"_target_": "AsDiscreted", "keys": "pred", "threshold": threshold}]
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="AsDiscreted threshold") as info:
+        load_bundle(bundle)
+    assert str(bundle) in str(info.value) and "\n" not in str(info.value)
