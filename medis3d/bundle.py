@@ -204,10 +204,11 @@ def _window_settings(cfg: SafeConfig) -> WindowSettings:
         raise BundleError(f"{cfg.source}: inferer {name!r} is not supported (SlidingWindowInferer or SimpleInferer)")
     roi = args.get("roi_size", (96, 96, 96))
     roi = [int(roi)] * 3 if isinstance(roi, (int, float)) else [int(v) for v in roi]
+    overlap = args.get("overlap", 0.25)  # MONAI takes one per axis too
     return WindowSettings(
         roi_size=tuple(roi),
         sw_batch_size=int(args.get("sw_batch_size", 1)),
-        overlap=float(args.get("overlap", 0.25)),
+        overlap=tuple(float(v) for v in overlap) if isinstance(overlap, (list, tuple)) else float(overlap),
         mode=str(args.get("mode", "constant")),
         sigma_scale=args.get("sigma_scale", 0.125),
         padding_mode=str(args.get("padding_mode", "constant")),

@@ -375,3 +375,23 @@ def test_a_threshold_medis3d_cannot_take_is_refused_in_one_line(tiny_bundle, tmp
     with pytest.raises(BundleError, match="AsDiscreted threshold") as info:
         load_bundle(bundle)
     assert str(bundle) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_overlap_given_per_axis_is_taken_as_monai_takes_it(tiny_bundle, tmp_path, scan_file):
+    """SlidingWindowInferer takes one overlap per axis; medis3d's loader failed on it with a traceback ("float()
+    argument must be a string or a real number, not 'list'"). Now the windows are MONAI's, voxel for voxel."""
+    import json
+    import shutil
+
+    from medis3d.bundle import load_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["inferer"]["overlap"] = [0.25, 0.5, 0.0]
+    config["postprocessing"]["transforms"].insert(1, {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing",
+                                                      "orig_keys": "image", "nearest_interp": False})
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    target = load_bundle(bundle)
+    assert target.settings()["inferer"]["overlap"] == [0.25, 0.5, 0.0]
+    assert np.array_equal(target.predict(read_volume(scan_file)), _monai_bundle_run(bundle, scan_file)[0].numpy())
