@@ -319,8 +319,9 @@ def sigmoid_bundle(tmp_path_factory):
     AsDiscreted(threshold=0.3)."""
     import json
 
-    from conftest import TINY_CONFIG, train_tiny_unet
     from monai.losses import DiceCELoss
+
+    from conftest import TINY_CONFIG, train_tiny_unet
 
     bundle = tmp_path_factory.mktemp("sigmoid_bundle")
     (bundle / "configs").mkdir()
