@@ -228,10 +228,14 @@ def _prediction_steps(cfg: SafeConfig, *names: str):
     """``(index, step)`` of each postprocessing step named ``names`` that acts on the prediction (its keys name
     ``pred``, or it names none)."""
     for i, t in enumerate(cfg.raw("postprocessing::transforms", []) or []):
-        if isinstance(t, dict) and str(t.get("_target_", "")).rsplit(".", 1)[-1] in names:
-            keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
-            if "pred" in ([keys] if isinstance(keys, str) else list(keys or [])):
-                yield i, t
+        if isinstance(t, dict) and str(t.get("_target_", "")).rsplit(".", 1)[-1] in names and _on_prediction(cfg, i, t):
+            yield i, t
+
+
+def _on_prediction(cfg: SafeConfig, i: int, t: dict) -> bool:
+    """Whether postprocessing step ``i`` acts on the prediction (its keys name ``pred``, or it names none)."""
+    keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
+    return "pred" in ([keys] if isinstance(keys, str) else list(keys or []))
 
 
 def _prediction_arg(cfg: SafeConfig, i: int, t: dict, arg: str, default: Any) -> Any:
@@ -243,6 +247,28 @@ def _prediction_arg(cfg: SafeConfig, i: int, t: dict, arg: str, default: Any) ->
         if len(value) == len(keys):
             value = value[keys.index("pred")]
     return value
+
+
+# postprocessing steps that leave the prediction's labels as medis3d makes them: the ones it models (activation,
+# inversion, discretisation) and the ones that only convert, copy or save it
+POSTPROCESSING_TAKEN = {
+    "Activations", "Invert", "AsDiscrete", "SaveImage", "CopyItems", "DeleteItems", "SelectItems", "EnsureType",
+    "CastToType", "ToDevice", "ToNumpy", "ToTensor", "Identity", "EnsureChannelFirst",
+}
+
+
+def _check_postprocessing(cfg: SafeConfig) -> None:
+    """Refuse, in one line, a postprocessing step on the prediction that medis3d does not apply
+    (KeepLargestConnectedComponentd, FillHolesd ...): its predictions and scores would be another model's."""
+    for i, t in enumerate(cfg.raw("postprocessing::transforms", []) or []):
+        if not isinstance(t, dict):
+            continue
+        name = str(t.get("_target_", "")).rsplit(".", 1)[-1]
+        if name in POSTPROCESSING_TAKEN or (name.endswith("d") and name[:-1] in POSTPROCESSING_TAKEN):
+            continue
+        if _on_prediction(cfg, i, t):
+            raise BundleError(f"{cfg.source}: postprocessing step {name} is not supported (medis3d applies Activationsd, "
+                              "Invertd and AsDiscreted only, so its predictions would not be the bundle's)")
 
 
 def _invert_nearest(cfg: SafeConfig) -> bool:
@@ -379,6 +405,7 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
     if not out_channels:  # TorchScript: ask the network
         in_channels, out_channels = _probe_channels(network, window, in_channels or 1)
     activation = _activation(cfg, out_channels)
+    _check_postprocessing(cfg)
     for step in preprocessing.steps:
         if step.gradient not in ("exact",):
             notices.append(f"preprocessing {step.name}: gradient by {step.gradient}")
