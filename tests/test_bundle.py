@@ -519,3 +519,24 @@ def test_a_postprocessing_step_medis3d_does_not_apply_is_refused_in_one_line(tmp
     config["postprocessing"]["transforms"] = [*post, dict(step, keys="label"), {"_target_": "SaveImaged", "keys": "pred"}]
     (root / "configs" / "inference.json").write_text(json.dumps(config))
     assert load_bundle(root).activation == "softmax"
+
+
+def test_bundle_check_tells_the_resampling_and_the_threshold_the_bundle_uses(tmp_path):
+    """bundle check said "bilinear grid sampling" for every bundle's resampling, a nearest Spacing and a nearest
+    Invertd included, and nothing of a sigmoid bundle's threshold; it now tells both as the bundle does them."""
+    from monai.networks.nets import UNet
+
+    from medis3d.bundle_check import check_bundle
+
+    pre = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+           {"_target_": "Spacingd", "keys": "image", "pixdim": [2.0, 2.0, 2.0], "mode": "nearest"}]
+    post = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image"},
+            {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.4}]
+    config = {"network_def": dict(NET, out_channels=1), "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 16]},
+              "preprocessing": {"_target_": "Compose", "transforms": pre}, "postprocessing": {"_target_": "Compose", "transforms": post}}
+    report = check_bundle(load_bundle(_bundle(tmp_path, config, weights=UNet(3, 1, 1, (4, 8), (2,)).state_dict())))
+    decision, _, resampling = report["other_non_differentiable_steps"]
+    assert "threshold 0.4" in decision["stand_in"]
+    assert resampling["stand_in"].startswith("nearest grid sampling forward, nearest back to the scan's grid")
+    assert "bilinear" not in resampling["stand_in"]
