@@ -279,13 +279,31 @@ def _invert_nearest(cfg: SafeConfig) -> bool:
     return False
 
 
+def _activated_at(cfg: SafeConfig) -> int | None:
+    """The index of the postprocessing step that activates the prediction (softmax or sigmoid), None where none does."""
+    for i, t in _prediction_steps(cfg, "Activationsd", "Activations"):
+        if any(cfg.resolve(t.get(a, False), f"postprocessing::transforms::{i}::{a}") is True for a in ("sigmoid", "softmax")):
+            return i
+    return None
+
+
+def _invert_logits(cfg: SafeConfig) -> bool:
+    """Whether the bundle's ``Invertd`` maps the network's logits back (no activation before it, no discretisation)."""
+    for i, _ in _prediction_steps(cfg, "Invertd"):
+        activated = _activated_at(cfg)
+        discretised = [j for j, _ in _prediction_steps(cfg, "AsDiscreted", "AsDiscrete") if j < i]
+        return (activated is None or activated > i) and not discretised
+    return False
+
+
 def _threshold(cfg: SafeConfig, activation: str) -> float:
     """The probability at which the bundle's ``AsDiscreted(threshold=...)`` makes a sigmoid channel foreground
     (0.5 where it sets none)."""
     for i, t in _prediction_steps(cfg, "AsDiscreted", "AsDiscrete"):
         value = _prediction_arg(cfg, i, t, "threshold", None)
         if value is not None:
-            if activation != "sigmoid" or isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            activated = _activated_at(cfg)
+            if activation != "sigmoid" or activated is None or activated > i or isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise BundleError(f"{cfg.source}: postprocessing AsDiscreted threshold {value!r} is not supported "
                                   "(a probability strictly between 0 and 1, after a sigmoid Activationsd)")
             return float(value)
@@ -416,6 +434,7 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
         activation=activation,
         invert=_invert_order(cfg),
         invert_nearest=_invert_nearest(cfg),
+        invert_logits=_invert_logits(cfg),
         threshold=_threshold(cfg, activation),
         out_channels=out_channels,
         in_channels=in_channels,

@@ -93,6 +93,7 @@ class Target:
     invert: str = "probabilities"  # bundle postprocessing order: "probabilities" (Invertd, then argmax) or "labels"
     invert_nearest: bool = False  # the bundle's Invertd maps the probabilities back with nearest interpolation
     threshold: float = 0.5  # sigmoid: the probability at which the bundle's AsDiscreted makes a voxel foreground
+    invert_logits: bool = False  # the bundle's Invertd maps the network's logits back (no activation before it)
     out_channels: int = 2
     in_channels: int = 1
     class_names: dict[int, str] = field(default_factory=dict)
@@ -261,7 +262,7 @@ class Target:
             from monai.transforms.utils import convert_applied_interp_mode
 
             ops = convert_applied_interp_mode(ops, mode="nearest")
-        if raw:
+        if raw or self.invert_logits:  # the logits themselves, as the bundle's Invertd takes them where nothing activates them first
             inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(stitched[0].float(), meta=meta, applied_operations=ops))
             return ((inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted).float() - self._shift())[None]
         logits = stitched[0].double()
@@ -465,6 +466,8 @@ class Target:
             about["invert_nearest"] = True
         if self.activation == "sigmoid" and self.threshold != 0.5:
             about["threshold"] = self.threshold
+        if self.invert_logits:
+            about["invert_logits"] = True
         digest.update(json.dumps(about, sort_keys=True, default=str).encode())
         return digest.hexdigest()[:16]
 

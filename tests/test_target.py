@@ -396,3 +396,27 @@ def test_an_overlap_given_per_axis_is_taken_as_monai_takes_it(tiny_bundle, tmp_p
     target = load_bundle(bundle)
     assert target.settings()["inferer"]["overlap"] == [0.25, 0.5, 0.0]
     assert np.array_equal(target.predict(read_volume(scan_file)), _monai_bundle_run(bundle, scan_file)[0].numpy())
+
+
+@pytest.mark.parametrize("softmax_after", [False, True])
+def test_logits_go_back_as_the_bundles_invertd_takes_them_where_nothing_activates_them_first(
+        tiny_bundle, tmp_path, scan_file, softmax_after):
+    """With no Activationsd before Invertd, MONAI interpolates the network's logits back to the scan's grid and takes
+    the argmax there; medis3d interpolated the softmax probabilities instead, so its prediction differed from MONAI's
+    run of the bundle on 135 of 46,080 voxels of the tiny bundle's scan (Dice 0.976). Now it is the same voxel for voxel."""
+    import json
+    import shutil
+
+    from medis3d.bundle import load_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    softmax, argmax = config["postprocessing"]["transforms"]
+    invert = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image", "nearest_interp": False}
+    config["postprocessing"]["transforms"] = [invert, softmax, argmax] if softmax_after else [invert, argmax]
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    target = load_bundle(bundle)
+    vol = read_volume(scan_file)
+    assert np.array_equal(target.predict(vol), _monai_bundle_run(bundle, scan_file)[0].numpy())
+    assert target.evaluate(torch.from_numpy(vol.array), vol, lambda logits: logits[:, 1].sum()).gradient().abs().sum() > 0
