@@ -273,9 +273,13 @@ def _check_postprocessing(cfg: SafeConfig) -> None:
 
 def _invert_nearest(cfg: SafeConfig) -> bool:
     """Whether the bundle's ``Invertd`` maps the prediction back with nearest-neighbour interpolation (its
-    ``nearest_interp``, True unless the config says otherwise)."""
+    ``nearest_interp``, True unless the config says otherwise); one that interpolates a discrete label map is refused."""
     for i, t in _prediction_steps(cfg, "Invertd"):
-        return bool(_prediction_arg(cfg, i, t, "nearest_interp", True))
+        nearest = bool(_prediction_arg(cfg, i, t, "nearest_interp", True))
+        if not nearest and _invert_order(cfg) == "labels":
+            raise BundleError(f"{cfg.source}: postprocessing Invertd with nearest_interp false after AsDiscreted is not "
+                              "supported (it interpolates the label values themselves, into values no class has)")
+        return nearest
     return False
 
 
