@@ -302,8 +302,12 @@ def _invert_logits(cfg: SafeConfig) -> bool:
 
 def _threshold(cfg: SafeConfig, activation: str) -> float:
     """The probability at which the bundle's ``AsDiscreted(threshold=...)`` makes a sigmoid channel foreground
-    (0.5 where it sets none)."""
+    (0.5 where it sets none). An argmax over sigmoid channels (one label map, where medis3d thresholds each channel)
+    is refused."""
     for i, t in _prediction_steps(cfg, "AsDiscreted", "AsDiscrete"):
+        if activation == "sigmoid" and _prediction_arg(cfg, i, t, "argmax", False) is True:
+            raise BundleError(f"{cfg.source}: postprocessing AsDiscreted argmax after a sigmoid activation is not supported "
+                              "(medis3d thresholds each sigmoid channel)")
         value = _prediction_arg(cfg, i, t, "threshold", None)
         if value is not None:
             activated = _activated_at(cfg)

@@ -359,8 +359,13 @@ def test_a_sigmoid_bundles_threshold_decides_the_prediction(sigmoid_bundle, scan
     assert np.array_equal(load_bundle(sigmoid_bundle).predict(vol), _monai_bundle_run(sigmoid_bundle, scan_file).numpy())
 
 
-@pytest.mark.parametrize("activation, threshold", [("softmax", 0.5), ("sigmoid", 1.0)])
-def test_a_threshold_medis3d_cannot_take_is_refused_in_one_line(tiny_bundle, tmp_path, activation, threshold):
+@pytest.mark.parametrize("activation, discrete, why", [
+    ("softmax", {"threshold": 0.5}, "AsDiscreted threshold"), ("sigmoid", {"threshold": 1.0}, "AsDiscreted threshold"),
+    ("sigmoid", {"argmax": True}, "AsDiscreted argmax after a sigmoid")])
+def test_a_threshold_medis3d_cannot_take_is_refused_in_one_line(tiny_bundle, tmp_path, activation, discrete, why):
+    """An argmax over sigmoid channels gives MONAI one label map where medis3d gave one 0/1 map per channel (a
+    three-channel sigmoid bundle: MONAI's prediction had 1 channel, medis3d's 3); now refused, as a threshold medis3d
+    cannot take is."""
     import json
     import shutil
 
@@ -371,9 +376,9 @@ def test_a_threshold_medis3d_cannot_take_is_refused_in_one_line(tiny_bundle, tmp
     shutil.copytree(tiny_bundle, bundle)
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     config["postprocessing"]["transforms"] = [{"_target_": "Activationsd", "keys": "pred", activation: True},
-                                              {"_target_": "AsDiscreted", "keys": "pred", "threshold": threshold}]
+                                              {"_target_": "AsDiscreted", "keys": "pred", **discrete}]
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
-    with pytest.raises(BundleError, match="AsDiscreted threshold") as info:
+    with pytest.raises(BundleError, match=why) as info:
         load_bundle(bundle)
     assert str(bundle) in str(info.value) and "\n" not in str(info.value)
 
