@@ -268,15 +268,19 @@ class Target:
         logits = stitched[0].double()
         if self.activation == "softmax":
             activated = torch.softmax(logits, 0)
-        else:  # each channel with its complement (see _TINY)
-            activated = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits)])
+        else:  # each channel with its complement (see _TINY), and ones: how much of a scan voxel the model's grid covers
+            activated = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits), torch.ones_like(logits[:1])])
         probs: torch.Tensor = self.preprocessing.invert(MetaTensor(activated, meta=meta, applied_operations=ops))
         probs = probs.as_tensor() if isinstance(probs, MetaTensor) else probs
-        logs = torch.log(probs.double().clamp_min(_TINY))
         if self.activation == "softmax":
-            return logs.float()[None]
+            return torch.log(probs.double().clamp_min(_TINY)).float()[None]
         channels = logits.shape[0]
-        return (logs[:channels] - logs[channels:] - self._shift()).float()[None]
+        # where the inverse pads (a crop undone) the bundle's probability is padded with 0 and its complement is 1 - p, not
+        # the padded complement: the part the ones lost is added back (nothing inside the model's grid, to the float's last bit)
+        covered = probs[2 * channels:].double()
+        complement = probs[channels:2 * channels].double() + torch.where(covered > 1 - 1e-6, 0.0, 1 - covered)
+        logs = torch.log(probs[:channels].double().clamp_min(_TINY)) - torch.log(complement.clamp_min(_TINY))
+        return (logs - self._shift()).float()[None]
 
     def _shift(self) -> float:
         """The logit of the sigmoid threshold (0 at 0.5; 0 for softmax, which takes the argmax)."""
