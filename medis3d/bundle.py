@@ -204,10 +204,11 @@ def _window_settings(cfg: SafeConfig) -> WindowSettings:
         raise BundleError(f"{cfg.source}: inferer {name!r} is not supported (SlidingWindowInferer or SimpleInferer)")
     roi = args.get("roi_size", (96, 96, 96))
     roi = [int(roi)] * 3 if isinstance(roi, (int, float)) else [int(v) for v in roi]
+    overlap = args.get("overlap", 0.25)  # MONAI takes one per axis too
     return WindowSettings(
         roi_size=tuple(roi),
         sw_batch_size=int(args.get("sw_batch_size", 1)),
-        overlap=float(args.get("overlap", 0.25)),
+        overlap=tuple(float(v) for v in overlap) if isinstance(overlap, (list, tuple)) else float(overlap),
         mode=str(args.get("mode", "constant")),
         sigma_scale=args.get("sigma_scale", 0.125),
         padding_mode=str(args.get("padding_mode", "constant")),
@@ -221,6 +222,100 @@ def _invert_order(cfg: SafeConfig) -> str:
     if "Invertd" in names and "AsDiscreted" in names and names.index("AsDiscreted") < names.index("Invertd"):
         return "labels"
     return "probabilities"
+
+
+def _prediction_steps(cfg: SafeConfig, *names: str):
+    """``(index, step)`` of each postprocessing step named ``names`` that acts on the prediction (its keys name
+    ``pred``, or it names none)."""
+    for i, t in enumerate(cfg.raw("postprocessing::transforms", []) or []):
+        if isinstance(t, dict) and str(t.get("_target_", "")).rsplit(".", 1)[-1] in names and _on_prediction(cfg, i, t):
+            yield i, t
+
+
+def _on_prediction(cfg: SafeConfig, i: int, t: dict) -> bool:
+    """Whether postprocessing step ``i`` acts on the prediction (its keys name ``pred``, or it names none)."""
+    keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
+    return "pred" in ([keys] if isinstance(keys, str) else list(keys or []))
+
+
+def _prediction_arg(cfg: SafeConfig, i: int, t: dict, arg: str, default: Any) -> Any:
+    """A postprocessing step's argument for the prediction (one of a list given per key)."""
+    value = cfg.resolve(t.get(arg, default), f"postprocessing::transforms::{i}::{arg}")
+    if isinstance(value, (list, tuple)):
+        keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        if len(value) == len(keys):
+            value = value[keys.index("pred")]
+    return value
+
+
+# postprocessing steps that leave the prediction's labels as medis3d makes them: the ones it models (activation,
+# inversion, discretisation) and the ones that only convert, copy or save it
+POSTPROCESSING_TAKEN = {
+    "Activations", "Invert", "AsDiscrete", "SaveImage", "CopyItems", "DeleteItems", "SelectItems", "EnsureType",
+    "CastToType", "ToDevice", "ToNumpy", "ToTensor", "Identity", "EnsureChannelFirst",
+}
+
+
+def _check_postprocessing(cfg: SafeConfig) -> None:
+    """Refuse, in one line, a postprocessing step on the prediction that medis3d does not apply
+    (KeepLargestConnectedComponentd, FillHolesd ...): its predictions and scores would be another model's."""
+    for i, t in enumerate(cfg.raw("postprocessing::transforms", []) or []):
+        if not isinstance(t, dict):
+            continue
+        name = str(t.get("_target_", "")).rsplit(".", 1)[-1]
+        if name in POSTPROCESSING_TAKEN or (name.endswith("d") and name[:-1] in POSTPROCESSING_TAKEN):
+            continue
+        if _on_prediction(cfg, i, t):
+            raise BundleError(f"{cfg.source}: postprocessing step {name} is not supported (medis3d applies Activationsd, "
+                              "Invertd and AsDiscreted only, so its predictions would not be the bundle's)")
+
+
+def _invert_nearest(cfg: SafeConfig) -> bool:
+    """Whether the bundle's ``Invertd`` maps the prediction back with nearest-neighbour interpolation (its
+    ``nearest_interp``, True unless the config says otherwise); one that interpolates a discrete label map is refused."""
+    for i, t in _prediction_steps(cfg, "Invertd"):
+        nearest = bool(_prediction_arg(cfg, i, t, "nearest_interp", True))
+        if not nearest and _invert_order(cfg) == "labels":
+            raise BundleError(f"{cfg.source}: postprocessing Invertd with nearest_interp false after AsDiscreted is not "
+                              "supported (it interpolates the label values themselves, into values no class has)")
+        return nearest
+    return False
+
+
+def _activated_at(cfg: SafeConfig) -> int | None:
+    """The index of the postprocessing step that activates the prediction (softmax or sigmoid), None where none does."""
+    for i, t in _prediction_steps(cfg, "Activationsd", "Activations"):
+        if any(cfg.resolve(t.get(a, False), f"postprocessing::transforms::{i}::{a}") is True for a in ("sigmoid", "softmax")):
+            return i
+    return None
+
+
+def _invert_logits(cfg: SafeConfig) -> bool:
+    """Whether the bundle's ``Invertd`` maps the network's logits back (no activation before it, no discretisation)."""
+    for i, _ in _prediction_steps(cfg, "Invertd"):
+        activated = _activated_at(cfg)
+        discretised = [j for j, _ in _prediction_steps(cfg, "AsDiscreted", "AsDiscrete") if j < i]
+        return (activated is None or activated > i) and not discretised
+    return False
+
+
+def _threshold(cfg: SafeConfig, activation: str) -> float:
+    """The probability at which the bundle's ``AsDiscreted(threshold=...)`` makes a sigmoid channel foreground
+    (0.5 where it sets none). An argmax over sigmoid channels (one label map, where medis3d thresholds each channel)
+    is refused."""
+    for i, t in _prediction_steps(cfg, "AsDiscreted", "AsDiscrete"):
+        if activation == "sigmoid" and _prediction_arg(cfg, i, t, "argmax", False) is True:
+            raise BundleError(f"{cfg.source}: postprocessing AsDiscreted argmax after a sigmoid activation is not supported "
+                              "(medis3d thresholds each sigmoid channel)")
+        value = _prediction_arg(cfg, i, t, "threshold", None)
+        if value is not None:
+            activated = _activated_at(cfg)
+            if activation != "sigmoid" or activated is None or activated > i or isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise BundleError(f"{cfg.source}: postprocessing AsDiscreted threshold {value!r} is not supported "
+                                  "(a probability strictly between 0 and 1, after a sigmoid Activationsd)")
+            return float(value)
+    return 0.5
 
 
 def _activation(cfg: SafeConfig, out_channels: int) -> str:
@@ -336,6 +431,7 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
     if not out_channels:  # TorchScript: ask the network
         in_channels, out_channels = _probe_channels(network, window, in_channels or 1)
     activation = _activation(cfg, out_channels)
+    _check_postprocessing(cfg)
     for step in preprocessing.steps:
         if step.gradient not in ("exact",):
             notices.append(f"preprocessing {step.name}: gradient by {step.gradient}")
@@ -345,6 +441,9 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
         window=window,
         activation=activation,
         invert=_invert_order(cfg),
+        invert_nearest=_invert_nearest(cfg),
+        invert_logits=_invert_logits(cfg),
+        threshold=_threshold(cfg, activation),
         out_channels=out_channels,
         in_channels=in_channels,
         class_names=class_names,

@@ -39,6 +39,21 @@ ALWAYS = [
 ]
 
 
+def _other_steps(target: Target) -> list[dict]:
+    """:data:`ALWAYS`, told as this bundle does them: its decision (the sigmoid threshold) and its resampling
+    (Spacing's mode forward; back to the scan's grid as its Invertd does, nearest or interpolated)."""
+    steps = [dict(step) for step in ALWAYS]
+    if target.activation == "sigmoid" and target.threshold != 0.5:
+        steps[0]["stand_in"] += f" (the logits taken relative to the bundle's threshold {target.threshold:g})"
+    modes = sorted({str(s.args.get("mode", "bilinear")) for s in target.preprocessing.steps if s.name == "Spacing"})
+    forward = "/".join(modes) or "bilinear"
+    back = "nearest" if target.invert == "labels" or target.invert_nearest else forward
+    steps[2]["stand_in"] = steps[2]["stand_in"].replace(
+        "bilinear grid sampling, differentiable", f"{forward} grid sampling forward, {back} back to the scan's grid (as the "
+        f"bundle's Invertd{', on the labels' if target.invert == 'labels' else ''}), differentiable in the values")
+    return steps
+
+
 def synthetic_scan(target: Target) -> Volume:
     """A blob volume in the scan intensity range the preprocessing expects (64^3, 1.5 mm)."""
     from monai.data import create_test_image_3d
@@ -92,7 +107,7 @@ def check_bundle(target: Target, scan: Path | None = None) -> dict:
              + "; ".join(STAND_INS.get(part, part) for part in step["gradient"].split(", "))}
             for step in target.preprocessing.describe()
         ],
-        "other_non_differentiable_steps": ALWAYS,
+        "other_non_differentiable_steps": _other_steps(target),
         "notices": list(target.notices),
         "scan": str(volume.path) if volume.path else "synthetic 64^3 blobs",
         "scan_shape": list(volume.spatial_shape),

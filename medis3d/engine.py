@@ -135,7 +135,7 @@ class WindowSettings:
 
     roi_size: Sequence[int] = (96, 96, 96)
     sw_batch_size: int = 4
-    overlap: float = 0.25
+    overlap: float | tuple[float, ...] = 0.25  # one for every axis, or one per axis
     mode: str = "constant"
     sigma_scale: float = 0.125
     padding_mode: str = "constant"
@@ -145,7 +145,7 @@ class WindowSettings:
         return {
             "roi_size": [int(v) for v in self.roi_size],
             "sw_batch_size": int(self.sw_batch_size),
-            "overlap": float(self.overlap),
+            "overlap": [float(v) for v in self.overlap] if isinstance(self.overlap, (list, tuple)) else float(self.overlap),
             "mode": str(self.mode),
             "sigma_scale": self.sigma_scale,
             "padding_mode": str(self.padding_mode),

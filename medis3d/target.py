@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,9 @@ class Target:
     window: WindowSettings = field(default_factory=WindowSettings)
     activation: str = "softmax"  # "softmax" (argmax) or "sigmoid" (threshold 0.5)
     invert: str = "probabilities"  # bundle postprocessing order: "probabilities" (Invertd, then argmax) or "labels"
+    invert_nearest: bool = False  # the bundle's Invertd maps the probabilities back with nearest interpolation
+    threshold: float = 0.5  # sigmoid: the probability at which the bundle's AsDiscreted makes a voxel foreground
+    invert_logits: bool = False  # the bundle's Invertd maps the network's logits back (no activation before it)
     out_channels: int = 2
     in_channels: int = 1
     class_names: dict[int, str] = field(default_factory=dict)
@@ -248,24 +252,41 @@ class Target:
 
         ``raw``: the network's own logits mapped back through the same inverse instead, for the losses that are
         not invariant to a shift of a voxel's logits (``losses.RAW_LOGITS``: SEA's masked spherical loss).
+
+        Sigmoid logits are taken relative to the bundle's threshold (less its logit, :meth:`_shift`), so that a
+        positive logit is a foreground voxel everywhere medis3d decides one, as the bundle's ``AsDiscreted`` does.
         """
         meta = dict(model_input.meta)
         ops = [dict(op) for op in model_input.applied_operations]
-        if raw:
+        if self.invert_nearest:  # as the bundle's Invertd(nearest_interp=True) does
+            from monai.transforms.utils import convert_applied_interp_mode
+
+            ops = convert_applied_interp_mode(ops, mode="nearest")
+        if raw or self.invert_logits:  # the logits themselves, as the bundle's Invertd takes them where nothing activates them first
             inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(stitched[0].float(), meta=meta, applied_operations=ops))
-            return (inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted).float()[None]
+            return ((inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted).float() - self._shift())[None]
         logits = stitched[0].double()
         if self.activation == "softmax":
             activated = torch.softmax(logits, 0)
-        else:  # each channel with its complement (see _TINY)
-            activated = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits)])
+        else:  # each channel with its complement (see _TINY), and ones: how much of a scan voxel the model's grid covers
+            activated = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits), torch.ones_like(logits[:1])])
         probs: torch.Tensor = self.preprocessing.invert(MetaTensor(activated, meta=meta, applied_operations=ops))
         probs = probs.as_tensor() if isinstance(probs, MetaTensor) else probs
-        logs = torch.log(probs.double().clamp_min(_TINY))
         if self.activation == "softmax":
-            return logs.float()[None]
+            return torch.log(probs.double().clamp_min(_TINY)).float()[None]
         channels = logits.shape[0]
-        return (logs[:channels] - logs[channels:]).float()[None]
+        # where the inverse pads (a crop undone) the bundle's probability is padded with 0 and its complement is 1 - p, not
+        # the padded complement: the part the ones lost is added back (nothing inside the model's grid, to the float's last bit)
+        covered = probs[2 * channels:].double()
+        complement = probs[channels:2 * channels].double() + torch.where(covered > 1 - 1e-6, 0.0, 1 - covered)
+        logs = torch.log(probs[:channels].double().clamp_min(_TINY)) - torch.log(complement.clamp_min(_TINY))
+        return (logs - self._shift()).float()[None]
+
+    def _shift(self) -> float:
+        """The logit of the sigmoid threshold (0 at 0.5; 0 for softmax, which takes the argmax)."""
+        if self.activation != "sigmoid" or self.threshold == 0.5:
+            return 0.0
+        return math.log(self.threshold / (1.0 - self.threshold))
 
     def model_shape(self, volume: Volume) -> tuple[int, ...]:
         """The spatial shape of ``volume`` in model space (after the preprocessing)."""
@@ -397,7 +418,7 @@ class Target:
             if self.activation == "softmax":
                 labels = channel_argmax(stitched[0], 0, keepdim=True).float()
             else:
-                labels = (stitched[0] > 0).float()
+                labels = (stitched[0] > self._shift()).float()
             ops = convert_applied_interp_mode([dict(op) for op in model_input.applied_operations], mode="nearest")
             inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(labels, meta=dict(model_input.meta), applied_operations=ops))
             inverted = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted
@@ -445,6 +466,12 @@ class Target:
             digest.update(tensor.detach().cpu().flatten().clone().view(torch.uint8).numpy().tobytes())
         about = {"steps": [[step.name, step.args] for step in self.preprocessing.steps], "activation": self.activation,
                  "invert": self.invert, "out_channels": self.out_channels, "class_names": self.class_names}
+        if self.invert_nearest:
+            about["invert_nearest"] = True
+        if self.activation == "sigmoid" and self.threshold != 0.5:
+            about["threshold"] = self.threshold
+        if self.invert_logits:
+            about["invert_logits"] = True
         digest.update(json.dumps(about, sort_keys=True, default=str).encode())
         return digest.hexdigest()[:16]
 
