@@ -87,6 +87,10 @@ def read_segmentation(path: Path, volume: Volume, target: Target, what: str) -> 
     if labels.shape[0] == 1:
         if target.out_channels == 1:
             return (labels > 0).astype(np.uint8)
+        if labels.max() > target.out_channels:  # silently dropped: a BraTS map's 4 (ET) on a 3-label model left ET empty
+            raise InputError(f"{path}: {what} has label {labels.max()}; a 3D label map for this multi-label model holds "
+                             f"0..{target.out_channels} (label k is output channel k-1): give overlapping labels as one "
+                             "channel per label (4D NIfTI, channels last)")
         return np.stack([labels[0] == c + 1 for c in range(target.out_channels)]).astype(np.uint8)
     raise InputError(f"{path}: {what} has {labels.shape[0]} channels, the model has {target.out_channels}")
 

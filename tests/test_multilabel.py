@@ -175,3 +175,24 @@ def test_the_overview_title_gives_the_reports_mean_dice_when_a_label_is_absent(s
     adversarial = report["adversarial"]
     assert adversarial["dice"]["core"] == 0.0 and adversarial["mean_dice"] > 0.3
     assert _dice_text(seen["dice"], None) == f"mean Dice {adversarial['mean_dice']:.3f}"
+
+
+def test_a_label_map_value_beyond_the_models_labels_is_refused(tmp_path):
+    """A 3D label map is read as label k = output channel k-1; a value beyond the model's labels (a BraTS map's 4, ET,
+    on a 3-label model) was silently dropped: the reference held none of the label file's 1792 ET voxels, and the report
+    said the reference had none. It is refused as a softmax model's is."""
+    from types import SimpleNamespace
+
+    from medis3d.errors import InputError
+    from medis3d.workflow import read_segmentation
+
+    hu, seg = synthetic_scan(7)
+    volume = read_volume(save_nifti(tmp_path / "scan.nii.gz", hu))
+    target = SimpleNamespace(activation="sigmoid", out_channels=3)
+    brats = (overlapping_labels(seg)[0] * 2).astype(np.uint8)  # edema 2 ...
+    brats[overlapping_labels(seg)[2] > 0] = 4  # ... enhancing tumour 4
+    with pytest.raises(InputError, match="label 4"):
+        read_segmentation(save_nifti(tmp_path / "brats.nii.gz", brats), volume, target, "label")
+    three = overlapping_labels(seg)[0] + overlapping_labels(seg)[1] + overlapping_labels(seg)[2]  # 1, 2, 3: one per channel
+    read = read_segmentation(save_nifti(tmp_path / "ok.nii.gz", three.astype(np.uint8)), volume, target, "label")
+    assert [int(c.sum()) for c in read] == [int((three == k).sum()) for k in (1, 2, 3)]
