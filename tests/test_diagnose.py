@@ -288,7 +288,8 @@ def test_a_members_own_step_keeps_the_units_it_was_given_in(tiny_target, scan_fi
     scale, _ = tiny_target.intensity_scale(volume)
     reference = tiny_target.predict(volume)
     for units, expected in (("native", 8.0), ("normalized", 24 / 255 * scale)):  # normalised: 8 ranges, cut to eps
-        diagnose = Diagnose(tiny_target, member="igsm:ce[step=8]", steps=1, eps_units=units)
+        eps = 24 / 255 * scale if units == "native" else None  # a native budget is required (the checks' below)
+        diagnose = Diagnose(tiny_target, member="igsm:ce[step=8]", steps=1, eps_units=units, eps=eps)
         diagnose.scale = scale
         result, _, _ = diagnose._run(volume, reference, 24 / 255)  # the checks' budgets are normalised
         assert abs(result.linf_native - expected) < 1, (units, result.linf_native)  # whole HU (an int16 scan)
