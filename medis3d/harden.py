@@ -54,7 +54,8 @@ TRAIN_CONFIG_NAMES = ("train.json", "train.yaml", "train.yml")
 _LEFT_OUT = ("Crop", "Pad", "Load", "EnsureType", "ToTensor", "ToNumpy", "EnsureChannelFirst", "Save", "CopyItems")
 _SETTINGS_THAT_MAY_CHANGE = ("steps", "save_every", "eval_eps", "eval_preset", "eval_members", "eval_steps", "evaluate",
                              "calibrate")
-# the logit shifts calibrate() tries (the foreground's against the background's; a sigmoid channel's against 0)
+# the logit shifts calibrate() tries (the foreground's against the background's; a sigmoid channel's against its
+# threshold's logit, 0 at 0.5)
 CALIBRATION_SHIFTS = tuple(k / 4 for k in range(-8, 17))
 
 
@@ -750,16 +751,17 @@ def _logit_offset(activation: str, channels: int, shift: float, device=None) -> 
     return torch.full((channels,), -float(shift), device=device)
 
 
-def _shift_dice(logits: torch.Tensor, label: torch.Tensor, activation: str, shift: float) -> float:
+def _shift_dice(logits: torch.Tensor, label: torch.Tensor, activation: str, shift: float, cut: float = 0.0) -> float:
     """Mean foreground Dice of ``logits`` ``(C, *S)`` against ``label`` with the foreground logits lowered by ``shift``
-    (softmax: against the background's; sigmoid: each channel's threshold raised from 0 to ``shift``)."""
+    (softmax: against the background's; sigmoid: each channel's threshold raised from ``cut``, the logit of the
+    bundle's own threshold, to ``cut + shift``)."""
     shape = (-1,) + (1,) * (logits.dim() - 1)
     shifted = logits + _logit_offset(activation, logits.shape[0], shift, logits.device).view(shape)
     if activation == "softmax":
         prediction = shifted.argmax(0)
         pairs = [(prediction == k, label[0] == k) for k in range(1, logits.shape[0])]
     else:
-        pairs = [(shifted[k] > 0, label[k] > 0) for k in range(logits.shape[0])]
+        pairs = [(shifted[k] > cut, label[k] > 0) for k in range(logits.shape[0])]
     scores = [2 * float((p & r).sum()) / float(p.sum() + r.sum()) for p, r in pairs if bool(r.any() or p.any())]
     return sum(scores) / len(scores) if scores else 1.0
 
@@ -800,7 +802,9 @@ def calibrate(network: torch.nn.Module, cases: Sequence[ModelSpaceCase], target:
     for case in cases:
         logits = engine.forward(case.image[None].to(device))[0]
         label = case.label.to(device)
-        dice += torch.tensor([_shift_dice(logits, label, target.activation, s) for s in CALIBRATION_SHIFTS], dtype=torch.float64)
+        cut = target.threshold_logit()  # a sigmoid bundle's own threshold (its AsDiscreted's), not 0.5 whatever it says
+        dice += torch.tensor([_shift_dice(logits, label, target.activation, s, cut) for s in CALIBRATION_SHIFTS],
+                             dtype=torch.float64)
     dice /= len(cases)
     zero = CALIBRATION_SHIFTS.index(0.0)
     best = max(range(len(CALIBRATION_SHIFTS)), key=lambda i: (round(float(dice[i]), 6), -abs(CALIBRATION_SHIFTS[i])))

@@ -253,7 +253,7 @@ class Target:
         ``raw``: the network's own logits mapped back through the same inverse instead, for the losses that are
         not invariant to a shift of a voxel's logits (``losses.RAW_LOGITS``: SEA's masked spherical loss).
 
-        Sigmoid logits are taken relative to the bundle's threshold (less its logit, :meth:`_shift`), so that a
+        Sigmoid logits are taken relative to the bundle's threshold (less its logit, :meth:`threshold_logit`), so that a
         positive logit is a foreground voxel everywhere medis3d decides one, as the bundle's ``AsDiscreted`` does.
         """
         meta = dict(model_input.meta)
@@ -264,7 +264,7 @@ class Target:
             ops = convert_applied_interp_mode(ops, mode="nearest")
         if raw or self.invert_logits:  # the logits themselves, as the bundle's Invertd takes them where nothing activates them first
             inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(stitched[0].float(), meta=meta, applied_operations=ops))
-            return ((inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted).float() - self._shift())[None]
+            return ((inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted).float() - self.threshold_logit())[None]
         logits = stitched[0].double()
         if self.activation == "softmax":
             activated = torch.softmax(logits, 0)
@@ -280,9 +280,9 @@ class Target:
         covered = probs[2 * channels:].double()
         complement = probs[channels:2 * channels].double() + torch.where(covered > 1 - 1e-6, 0.0, 1 - covered)
         logs = torch.log(probs[:channels].double().clamp_min(_TINY)) - torch.log(complement.clamp_min(_TINY))
-        return (logs - self._shift()).float()[None]
+        return (logs - self.threshold_logit()).float()[None]
 
-    def _shift(self) -> float:
+    def threshold_logit(self) -> float:
         """The logit of the sigmoid threshold (0 at 0.5; 0 for softmax, which takes the argmax)."""
         if self.activation != "sigmoid" or self.threshold == 0.5:
             return 0.0
@@ -418,7 +418,7 @@ class Target:
             if self.activation == "softmax":
                 labels = channel_argmax(stitched[0], 0, keepdim=True).float()
             else:
-                labels = (stitched[0] > self._shift()).float()
+                labels = (stitched[0] > self.threshold_logit()).float()
             ops = convert_applied_interp_mode([dict(op) for op in model_input.applied_operations], mode="nearest")
             inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(labels, meta=dict(model_input.meta), applied_operations=ops))
             inverted = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted

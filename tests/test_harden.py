@@ -681,6 +681,28 @@ def test_shift_dice_moves_the_threshold_for_softmax_and_sigmoid_outputs():
     sigmoid = (margin - 0.5)[None]
     assert _shift_dice(sigmoid, truth.float(), "sigmoid", 0.0) == pytest.approx(grown)
     assert _shift_dice(sigmoid, truth.float(), "sigmoid", 1.0) == pytest.approx(1.0)
+    # a sigmoid bundle thresholding at p (its AsDiscreted's) decides at logit(p): calibrate() took 0 (p = 0.5) for every
+    # bundle, so at threshold 0.27 (logit -1) it chose a shift 1 too high (the grown shell is in at cut -1, shift 0)
+    assert _shift_dice(sigmoid, truth.float(), "sigmoid", 0.0, cut=1.0) == pytest.approx(1.0)
+    assert _shift_dice(sigmoid, truth.float(), "sigmoid", 1.0, cut=-1.0) == pytest.approx(grown)
+    assert _shift_dice(sigmoid, truth.float(), "sigmoid", 2.0, cut=-1.0) == pytest.approx(1.0)
+
+
+def test_calibration_decides_at_the_bundles_own_sigmoid_threshold(tiny_target, tmp_path, monkeypatch):
+    """calibrate() scored every shift with sigmoid channels cut at logit 0 (a threshold of 0.5) whatever the bundle's
+    AsDiscreted said; it now cuts at the target's threshold's logit (here 0.3: -0.847)."""
+    import dataclasses
+    import math
+
+    import medis3d.harden as harden
+
+    cases = _training_cases(tiny_target, tmp_path)[:1]
+    cuts: list[float] = []
+    monkeypatch.setattr(harden, "_shift_dice", lambda logits, label, activation, shift, cut=0.0: cuts.append(cut) or 1.0)
+    sigmoid = dataclasses.replace(tiny_target, activation="sigmoid", threshold=0.3)
+    done = calibrate(tiny_target.network, cases, sigmoid, torch.device("cpu"), [])
+    assert done is not None and done["shift"] == 0.0
+    assert cuts and all(c == pytest.approx(math.log(0.3 / 0.7)) for c in cuts)
 
 
 def test_the_changelog_says_the_threshold_moved_only_when_it_did():
