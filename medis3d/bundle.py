@@ -217,9 +217,11 @@ def _window_settings(cfg: SafeConfig) -> WindowSettings:
 
 
 def _invert_order(cfg: SafeConfig) -> str:
-    """Whether the bundle inverts probabilities (Invertd before AsDiscreted) or labels (after)."""
-    names = [str(t.get("_target_", "")).rsplit(".", 1)[-1] for t in (cfg.raw("postprocessing::transforms", []) or []) if isinstance(t, dict)]
-    if "Invertd" in names and "AsDiscreted" in names and names.index("AsDiscreted") < names.index("Invertd"):
+    """Whether the bundle inverts probabilities (Invertd before AsDiscreted) or labels (after), of the steps that act
+    on the prediction (an AsDiscreted of the label before the prediction's Invertd was taken for the prediction's)."""
+    inverts = [i for i, _ in _prediction_steps(cfg, "Invertd")]
+    discretes = [i for i, _ in _prediction_steps(cfg, "AsDiscreted")]
+    if inverts and discretes and discretes[0] < inverts[0]:
         return "labels"
     return "probabilities"
 

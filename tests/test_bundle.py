@@ -522,6 +522,24 @@ def test_a_postprocessing_step_medis3d_does_not_apply_is_refused_in_one_line(tmp
     assert load_bundle(root).activation == "softmax"
 
 
+def test_an_asdiscreted_of_the_label_does_not_make_the_prediction_inverted_as_labels(tmp_path, scan_file):
+    """An AsDiscreted of the ``label`` key before the prediction's Invertd (a bundle one-hot encoding its labels for
+    a metric) made medis3d invert the prediction as labels (nearest, after the argmax) where the bundle inverts its
+    probabilities; with ``nearest_interp`` false the bundle was even refused. Only the prediction's steps count now."""
+    from monai.networks.nets import UNet
+
+    pre = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+           {"_target_": "Spacingd", "keys": "image", "pixdim": [2.0, 2.0, 2.0]}]
+    post = [{"_target_": "AsDiscreted", "keys": "label", "to_onehot": 2},
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image", "nearest_interp": False},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]
+    config = {"network_def": NET, "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 16]},
+              "preprocessing": {"_target_": "Compose", "transforms": pre}, "postprocessing": {"_target_": "Compose", "transforms": post}}
+    target = load_bundle(_bundle(tmp_path, config, weights=UNet(3, 1, 2, (4, 8), (2,)).state_dict()))
+    assert target.invert == "probabilities" and not target.invert_nearest
+
+
 def test_bundle_check_tells_the_resampling_and_the_threshold_the_bundle_uses(tmp_path):
     """bundle check said "bilinear grid sampling" for every bundle's resampling, a nearest Spacing and a nearest
     Invertd included, and nothing of a sigmoid bundle's threshold; it now tells both as the bundle does them."""
