@@ -29,6 +29,9 @@ class InputRecord(TypedDict):
     spacing: list[float]
     stored_dtype: str  # a scan given as one file per channel: its files' type, or their types comma-separated where they differ
     stored_dtype_per_channel: list[str]
+    # a DICOM series: which one of the folder (a folder may hold several); None for other files, or where
+    # --anonymize hides the source's UIDs
+    series_instance_uid: str | None
 
 
 class OutputsRecord(TypedDict):
@@ -176,12 +179,15 @@ def target_scores(target: Target, prediction: np.ndarray, aim: np.ndarray) -> Ta
     return {"mean_iou": smooth_mean_iou(pm, am), "dice": dict(zip(names, dice_per_class(pm, am)))}
 
 
-def input_record(volume: Volume) -> InputRecord:
+def input_record(volume: Volume, anonymize: bool = False) -> InputRecord:
     dtypes = [str(d) for d in volume.stored_dtypes]
     stored = str(volume.stored_dtype) if not volume.channel_volumes else ",".join(dict.fromkeys(dtypes))
-    return {"path": str(volume.path), "format": volume.format, "shape": list(volume.spatial_shape),
-            "channels": volume.channels, "spacing": list(volume.spacing), "stored_dtype": stored,
-            "stored_dtype_per_channel": dtypes}
+    record: InputRecord = {"path": str(volume.path), "format": volume.format, "shape": list(volume.spatial_shape),
+                           "channels": volume.channels, "spacing": list(volume.spacing), "stored_dtype": stored,
+                           "stored_dtype_per_channel": dtypes, "series_instance_uid": None}
+    if volume.format == "dicom" and volume.meta.get("series_instance_uid") and not anonymize:
+        record["series_instance_uid"] = str(volume.meta["series_instance_uid"])
+    return record
 
 
 def target_record(target: Target, result: MedISResult) -> TargetRecord:
@@ -280,7 +286,7 @@ def attack_report(volume: Volume, target: Target, config: AttackConfig, medis: M
         success = adversarial["mean_iou"] <= result.threshold
     report: AttackReport = {
         "schema": SCHEMA,
-        "input": input_record(volume),
+        "input": input_record(volume, config.anonymize),
         "outputs": outputs,
         "target": target_record(target, result),
         "attack": attack_record(config, medis, result),

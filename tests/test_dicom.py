@@ -726,3 +726,22 @@ def test_cli_gives_the_files_skipped_beside_a_series_as_one_notice_line(tmp_path
     assert len(lines) == 2, result.output
     assert lines[0].startswith("medis3d: notice: ") and "report.dcm: Basic Text SR Storage, not an image" in lines[0]
     assert lines[1].startswith("medis3d: error: ") and "slice(s) missing" in lines[1]
+
+
+def test_the_report_names_the_series_it_attacked(tmp_path, tiny_bundle):
+    """report.json said which folder, not which series of it (a folder may hold several, and batch names them apart
+    only by its own names); it now gives the source's SeriesInstanceUID, and none under --anonymize."""
+    from typer.testing import CliRunner
+
+    from medis3d.cli import app
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    make_series(folder, rng.integers(900, 1300, size=(24, 20, 12)).astype(np.int16), series_uid="1.2.826.0.1.3680043.8.498.77")
+    for anonymize, expected in ((False, "1.2.826.0.1.3680043.8.498.77"), (True, None)):
+        out = tmp_path / f"out_{anonymize}"
+        result = CliRunner().invoke(app, ["attack", str(folder), "--bundle", str(tiny_bundle), "--out", str(out), "--losses", "ce",
+                                          "--steps", "1", *(["--anonymize"] if anonymize else [])])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "report.json").read_text())["input"]["series_instance_uid"] == expected
