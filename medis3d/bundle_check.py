@@ -50,7 +50,8 @@ def _other_steps(target: Target) -> list[dict]:
     back = "nearest" if target.invert == "labels" or target.invert_nearest else forward
     steps[2]["stand_in"] = steps[2]["stand_in"].replace(
         "bilinear grid sampling, differentiable", f"{forward} grid sampling forward, {back} back to the scan's grid (as the "
-        f"bundle's Invertd{', on the labels' if target.invert == 'labels' else ''}), differentiable in the values")
+        f"bundle's Invertd{', on the labels' if target.invert == 'labels' else ', on the logits' if target.invert_logits else ''}), "
+        "differentiable in the values")
     return steps
 
 

@@ -427,6 +427,9 @@ def test_logits_go_back_as_the_bundles_invertd_takes_them_where_nothing_activate
     vol = read_volume(scan_file)
     assert np.array_equal(target.predict(vol), _monai_bundle_run(bundle, scan_file)[0].numpy())
     assert target.evaluate(torch.from_numpy(vol.array), vol, lambda logits: logits[:, 1].sum()).gradient().abs().sum() > 0
+    from medis3d.bundle_check import _other_steps  # and bundle check says so
+
+    assert "(as the bundle's Invertd, on the logits)" in _other_steps(target)[2]["stand_in"]
 
 
 def test_an_invertd_that_interpolates_a_label_map_is_refused_in_one_line(tiny_bundle, tmp_path):
