@@ -28,7 +28,7 @@ from medis3d.io.volume import make_names_unique, safe_name
 STATUS_FILE = "status.json"
 BATCH_OUTPUTS = ("summary.csv", "summary.json")  # beside each volume's folder, which attack's own check covers
 SUMMARY_COLUMNS = [
-    "name", "input", "status", "error", "clean_dice", "adversarial_dice", "clean_mean_iou",
+    "name", "input", "series_instance_uid", "status", "error", "clean_dice", "adversarial_dice", "clean_mean_iou",
     "adversarial_mean_iou", "success", "selected_loss", "selected_steps", "linf_normalized",
     "linf_native", "eps", "eps_units", "time_s", "notices",
 ]
@@ -140,7 +140,8 @@ def is_done(folder: Path, settings: str | None = None, identity: dict | None = N
 
 def _row_from(item: BatchItem, folder: Path) -> dict:
     row = {c: "" for c in SUMMARY_COLUMNS}
-    row.update(name=item.name, input=str(item.path))
+    row.update(name=item.name, input=str(item.path),  # a DICOM series: which one (a folder may hold several)
+               series_instance_uid=str(getattr(item.series, "uid", "")) if item.kind == "dicom" else "")
     status = _status(folder)
     if status is None or status.get("input") != item.identity():  # nothing yet, or another input's outputs
         row.update(status="pending")

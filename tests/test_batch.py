@@ -52,6 +52,10 @@ def test_batch_nifti_and_dicom_with_one_corrupt_input(tiny_bundle, batch_input, 
     done = [r for r in rows.values() if r["status"] == "done"]
     assert len(done) == 3
     dicom_row = next(r for n, r in rows.items() if n.startswith("CT_test"))
+    # which series of its folder (a folder may hold several), as its report says; none for a file
+    report = json.loads((out / dicom_row["name"] / "report.json").read_text())
+    assert dicom_row["series_instance_uid"] == report["input"]["series_instance_uid"] != ""
+    assert rows["broken"]["series_instance_uid"] == ""
     folder = out / dicom_row["name"]
     assert (folder / "adversarial").is_dir() and len(list((folder / "adversarial").iterdir())) == 32
     assert (out / "sub__b" / "adversarial.nii.gz").is_file()
