@@ -234,18 +234,22 @@ def _prediction_steps(cfg: SafeConfig, *names: str):
             yield i, t
 
 
+def _keys(cfg: SafeConfig, i: int, t: dict) -> list[str]:
+    """The keys postprocessing step ``i`` acts on (``pred`` where it names none)."""
+    keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
+    return [keys] if isinstance(keys, str) else list(keys or [])
+
+
 def _on_prediction(cfg: SafeConfig, i: int, t: dict) -> bool:
     """Whether postprocessing step ``i`` acts on the prediction (its keys name ``pred``, or it names none)."""
-    keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
-    return "pred" in ([keys] if isinstance(keys, str) else list(keys or []))
+    return "pred" in _keys(cfg, i, t)
 
 
 def _prediction_arg(cfg: SafeConfig, i: int, t: dict, arg: str, default: Any) -> Any:
     """A postprocessing step's argument for the prediction (one of a list given per key)."""
     value = cfg.resolve(t.get(arg, default), f"postprocessing::transforms::{i}::{arg}")
     if isinstance(value, (list, tuple)):
-        keys = cfg.resolve(t.get("keys", "pred"), f"postprocessing::transforms::{i}::keys")
-        keys = [keys] if isinstance(keys, str) else list(keys)
+        keys = _keys(cfg, i, t)
         if len(value) == len(keys):
             value = value[keys.index("pred")]
     return value

@@ -54,6 +54,15 @@ def given_eps(eps: str | None, norm: str, eps_units: str, default: str) -> str:
     return default
 
 
+def eps_or_default(eps: float | None, norm: str, eps_units: str, default: float) -> float:
+    """``eps`` where given, else ``default`` (an L-inf size in fractions of the model's range), refused in one line
+    under L2 or native units, where it would be another, tiny budget (as :func:`given_eps` refuses a missing ``--eps``)."""
+    if eps is not None:
+        return eps
+    given_eps(None, norm, eps_units, "")
+    return default
+
+
 def check_budget(eps: float, step: float, steps: int, eps_units: str = "normalized", norm: str = "linf",
                  select: str = "least", together: int | None = 1, success: float | None = None) -> None:
     """The checks every attack's budget and selection pass, wherever they come from (one place: the config,
@@ -131,9 +140,7 @@ class AttackConfig:
     def __post_init__(self) -> None:
         from medis3d.members import parse_members, product
 
-        if self.eps is None:  # not given: as --eps, required where 10/255 would be a tiny budget
-            given_eps(None, self.norm, self.eps_units, "")
-            object.__setattr__(self, "eps", parse_fraction(DEFAULT_EPS, "--eps"))
+        object.__setattr__(self, "eps", eps_or_default(self.eps, self.norm, self.eps_units, parse_fraction(DEFAULT_EPS, "--eps")))
         members = parse_members(list(self.members)) if self.members else product(self.attacks, self.losses)
         object.__setattr__(self, "members", tuple(m.name for m in members))
         check_budget(self.eps, self.step, self.steps, self.eps_units, self.norm, self.select, self.together, self.success)

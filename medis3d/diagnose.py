@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from medis3d.attacks import Budget
-from medis3d.config import given_eps
+from medis3d.config import eps_or_default
 from medis3d.errors import InputError
 from medis3d.fusion import PAPER_STEP, MedIS
 from medis3d.io.volume import Volume
@@ -165,9 +165,7 @@ class Diagnose:
         # ``eps``, ``step`` and a member's own [step=X] are in ``eps_units`` (as MedIS takes them); the checks run their
         # budgets normalised: ``self.eps`` and ``self.step`` are the given ones in the model's range, per volume
         self.eps_units = eps_units
-        if eps is None:  # not given: 8/255 under L-inf; refused (as --eps) where it would be an L2 radius or scan units
-            given_eps(None, norm, eps_units, "")
-            eps = 8 / 255
+        eps = eps_or_default(eps, norm, eps_units, 8 / 255)
         self.given = (float(eps), None if step is None else float(step))
         self.eps, self.step = self.given
         self.norm = norm
@@ -200,9 +198,9 @@ class Diagnose:
             step, preset = PAPER_STEP, True
         elif self.norm == "l2":
             step, preset = cast(float, self.step) * stretch, False
-        else:  # the step the member takes at the diagnosed budget, stretched
+        else:  # the step the member takes at the diagnosed budget, stretched (MedIS caps it at ``eps``)
             given = PAPER_STEP if self.step is None else self.step
-            step, preset = min(min(given, self.eps) * stretch, eps), False
+            step, preset = min(given, self.eps) * stretch, False
         factor = self.scale if self.eps_units == "native" else 1.0  # MedIS reads [step=X] in its eps units
         return MedIS(self.target, members_spec=[member], eps=eps * factor,
                      step=step if preset else step * factor, preset_step=preset, eps_units=self.eps_units,

@@ -19,7 +19,7 @@ import torch
 
 from medis3d.attacks import ATTACKS, Attack, Budget, Goal, MemberResult
 from medis3d.attacks.base import ProgressFn, Together, drive_together
-from medis3d.config import check_budget, given_eps
+from medis3d.config import check_budget, eps_or_default
 from medis3d.errors import InputError
 from medis3d.io.volume import Volume
 from medis3d.losses import parse_losses
@@ -347,9 +347,7 @@ class MedIS:
     together_log: Together | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if self.eps is None:  # not given: a float from here on (as --eps: required where 10/255 would be a tiny budget)
-            given_eps(None, self.norm, self.eps_units, "")  # refused in one line under L2 or native units
-            self.eps = PAPER_EPS
+        self.eps = eps_or_default(self.eps, self.norm, self.eps_units, PAPER_EPS)  # a float from here on
         if self.step is None:  # not given: a float from here on
             self.step, self.preset_step = PAPER_STEP, True
         try:

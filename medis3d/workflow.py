@@ -15,7 +15,7 @@ import numpy as np
 from medis3d.config import AttackConfig
 from medis3d.errors import InputError
 from medis3d.fusion import MedIS, MedISResult
-from medis3d.html_report import size_label
+from medis3d.html_report import eps_label, size_label
 from medis3d.io import channel_paths, check_scan, read_volume, write_nifti
 from medis3d.io.atomic import staging_folder
 from medis3d.io.outputs import (
@@ -402,13 +402,11 @@ def _step_notice(medis: MedIS) -> list[str]:
     ``evaluate`` and ``diagnose`` take it at every budget of their sweeps."""
     given = [] if medis.preset_step else [("--step", medis.step)]
     given += [(f"{m.name}'s step=", float(m.option("step"))) for m in medis.members() if m.option("step") is not None]
-    def shown(value: float) -> str:
-        return f"{value * 255:.4g}/255" if medis.eps_units == "normalized" and medis.norm == "linf" else f"{value:.4g}"
-
-    over = [f"{name} {shown(value)}" for name, value in given if value > medis.eps]
+    units = medis.eps_units if medis.norm == "linf" else "native"  # an L2 size is no share of 255
+    over = [f"{name} {eps_label(value, units)}" for name, value in given if value > medis.eps]
     if not over:
         return []
-    return [f"{', '.join(over)} above eps ({shown(medis.eps)}): steps of eps were taken"]
+    return [f"{', '.join(over)} above eps ({eps_label(medis.eps, units)}): steps of eps were taken"]
 
 
 def _native_channels_notice(result: MedISResult, medis: MedIS) -> list[str]:
