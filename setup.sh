@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up medis3d for development: torch (CPU build 2.13.0 unless a torch is already installed),
-# then medis3d itself in editable mode with its test and DICOM extras, and Debian's Chromium and
+# then medis3d itself in editable mode with its test, DICOM and postprocessing extras, and Debian's Chromium and
 # ChromeDriver for the report's browser test where they are missing (as root, with apt-get).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -8,7 +8,7 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install --quiet "torch==2.13.0"
 fi
-"$PY" -m pip install --quiet -e ".[test,dicom]"
+"$PY" -m pip install --quiet -e ".[test,dicom,postprocessing]"
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         export DEBIAN_FRONTEND=noninteractive

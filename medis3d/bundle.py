@@ -26,6 +26,7 @@ from medis3d.engine import (
     channels_last_on_cpu,
 )
 from medis3d.errors import BundleError, first_line
+from medis3d.postprocessing import LABEL_MAP_STEPS, LabelStep, step_name
 from medis3d.preprocessing import DifferentiablePreprocessing, build_step
 from medis3d.safe_config import SafeConfig, read_config
 from medis3d.target import Target
@@ -264,17 +265,50 @@ POSTPROCESSING_TAKEN = {
 
 
 def _check_postprocessing(cfg: SafeConfig) -> None:
-    """Refuse, in one line, a postprocessing step on the prediction that medis3d does not apply
-    (KeepLargestConnectedComponentd, FillHolesd ...): its predictions and scores would be another model's."""
+    """Refuse, in one line, a postprocessing step on the prediction that medis3d does not apply (``MeanEnsembled``, a
+    bundle's own class ...): its predictions and scores would be another model's. The label-map steps
+    (:mod:`medis3d.postprocessing`) are applied."""
     for i, t in enumerate(cfg.raw("postprocessing::transforms", []) or []):
         if not isinstance(t, dict):
             continue
         name = str(t.get("_target_", "")).rsplit(".", 1)[-1]
-        if name in POSTPROCESSING_TAKEN or (name.endswith("d") and name[:-1] in POSTPROCESSING_TAKEN):
+        if name in POSTPROCESSING_TAKEN or (name.endswith("d") and name[:-1] in POSTPROCESSING_TAKEN) or step_name(name):
             continue
         if _on_prediction(cfg, i, t):
             raise BundleError(f"{cfg.source}: postprocessing step {name} is not supported (medis3d applies Activationsd, "
-                              "Invertd and AsDiscreted only, so its predictions would not be the bundle's)")
+                              f"Invertd, AsDiscreted and {', '.join(f'{n}d' for n in LABEL_MAP_STEPS)} only, so its "
+                              "predictions would not be the bundle's)")
+
+
+def _label_steps(cfg: SafeConfig, activation: str) -> tuple[LabelStep, ...]:
+    """The bundle's label-map steps on the prediction, in order, each in the space the bundle applies it (the model's
+    grid before its Invertd, the scan's after it). One before the prediction's AsDiscreted (on probabilities), or
+    with an argument MONAI's transform does not take, or whose package is missing, is refused in one line."""
+    transforms = cfg.raw("postprocessing::transforms", []) or []
+    discretes = [i for i, _ in _prediction_steps(cfg, "AsDiscreted", "AsDiscrete")]
+    inverts = [i for i, _ in _prediction_steps(cfg, "Invertd")]
+    steps = []
+    for i, t in enumerate(transforms):
+        if not isinstance(t, dict) or not _on_prediction(cfg, i, t):
+            continue
+        name = step_name(str(t.get("_target_", "")))
+        if name is None:
+            continue
+        before = [j for j in discretes if j < i]
+        if not before:
+            raise BundleError(f"{cfg.source}: postprocessing {name}d before the prediction's AsDiscreted is not supported "
+                              "(it takes a label map)")
+        _, args = cfg.component_args(f"postprocessing::transforms::{i}")
+        args = {k: v for k, v in args.items() if k not in ("keys", "allow_missing_keys")}
+        onehot = _prediction_arg(cfg, before[-1], transforms[before[-1]], "to_onehot", None)
+        step = LabelStep(name, args, "model" if inverts and i < inverts[0] else "scan",
+                         int(onehot) if activation == "softmax" and onehot else None)
+        try:
+            step.transform()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise BundleError(f"{cfg.source}: postprocessing {name}d cannot be used ({first_line(exc)})") from exc
+        steps.append(step)
+    return tuple(steps)
 
 
 def _invert_nearest(cfg: SafeConfig) -> bool:
@@ -438,6 +472,9 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
         in_channels, out_channels = _probe_channels(network, window, in_channels or 1)
     activation = _activation(cfg, out_channels)
     _check_postprocessing(cfg)
+    label_steps = _label_steps(cfg, activation)
+    notices.extend(f"postprocessing {step.describe()}: applied to every prediction as the bundle applies it; the attack's "
+                   "gradient passes around it (BPDA, identity)" for step in label_steps)
     for step in preprocessing.steps:
         if step.gradient not in ("exact",):
             notices.append(f"preprocessing {step.name}: gradient by {step.gradient}")
@@ -450,6 +487,7 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
         invert_nearest=_invert_nearest(cfg),
         invert_logits=_invert_logits(cfg),
         threshold=_threshold(cfg, activation),
+        label_steps=label_steps,
         out_channels=out_channels,
         in_channels=in_channels,
         class_names=class_names,

@@ -52,6 +52,9 @@ def _other_steps(target: Target) -> list[dict]:
         "bilinear grid sampling, differentiable", f"{forward} grid sampling forward, {back} back to the scan's grid (as the "
         f"bundle's Invertd{', on the labels' if target.invert == 'labels' else ', on the logits' if target.invert_logits else ''}), "
         "differentiable in the values")
+    steps.extend({"step": f"{step.name}d (postprocessing)", "stand_in": f"MONAI's own transform on every prediction "
+                  f"({step.describe()}); identity gradient (BPDA): the losses take the probabilities before it"}
+                 for step in target.label_steps)
     return steps
 
 

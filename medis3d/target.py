@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from medis3d import postprocessing
 from medis3d.engine import CPU_WINDOW_BATCH_NOTICE, Precision, WindowEngine, WindowFailure, WindowSettings, _plain
 from medis3d.errors import InputError, first_line
 from medis3d.io.volume import Volume
+from medis3d.postprocessing import LabelStep
 from medis3d.preprocessing import DifferentiablePreprocessing
 from medis3d.reductions import channel_argmax
 
@@ -94,6 +96,7 @@ class Target:
     invert_nearest: bool = False  # the bundle's Invertd maps the probabilities back with nearest interpolation
     threshold: float = 0.5  # sigmoid: the probability at which the bundle's AsDiscreted makes a voxel foreground
     invert_logits: bool = False  # the bundle's Invertd maps the network's logits back (no activation before it)
+    label_steps: tuple[LabelStep, ...] = ()  # the bundle's label-map postprocessing (KeepLargestConnectedComponentd ...)
     out_channels: int = 2
     in_channels: int = 1
     class_names: dict[int, str] = field(default_factory=dict)
@@ -409,22 +412,33 @@ class Target:
 
     def _segmentation(self, stitched: torch.Tensor, model_input: MetaTensor, scan_logits: torch.Tensor) -> np.ndarray:
         """The label map as the bundle's postprocessing makes it: from the inverted probabilities, or
-        (``invert == "labels"``) discretised in model space and inverted with nearest interpolation."""
+        (``invert == "labels"``) discretised in model space and inverted with nearest interpolation; with its
+        label-map steps (:mod:`medis3d.postprocessing`) where it applies them."""
+        model_steps = tuple(s for s in self.label_steps if s.space == "model")
+        scan_steps = tuple(s for s in self.label_steps if s.space == "scan")
         if self.invert != "labels":
-            return self.segment(scan_logits)
-        from monai.transforms.utils import convert_applied_interp_mode
+            segmentation = self.segment(scan_logits)
+        else:
+            from monai.transforms.utils import convert_applied_interp_mode
 
-        with torch.no_grad():
+            with torch.no_grad():
+                if self.activation == "softmax":
+                    labels = channel_argmax(stitched[0], 0, keepdim=True).float()
+                else:
+                    labels = (stitched[0] > self.threshold_logit()).float()
+                labels = postprocessing.apply(model_steps, labels.cpu(), model_input.affine, self.activation)
+                ops = convert_applied_interp_mode([dict(op) for op in model_input.applied_operations], mode="nearest")
+                inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(labels.to(stitched.device), meta=dict(model_input.meta), applied_operations=ops))
+                inverted = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted
             if self.activation == "softmax":
-                labels = channel_argmax(stitched[0], 0, keepdim=True).float()
+                segmentation = inverted[0].round().cpu().numpy().astype(self.label_dtype)
             else:
-                labels = (stitched[0] > self.threshold_logit()).float()
-            ops = convert_applied_interp_mode([dict(op) for op in model_input.applied_operations], mode="nearest")
-            inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(labels, meta=dict(model_input.meta), applied_operations=ops))
-            inverted = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted
-        if self.activation == "softmax":
-            return inverted[0].round().cpu().numpy().astype(self.label_dtype)
-        return inverted.round().cpu().numpy().astype(np.uint8)
+                segmentation = inverted.round().cpu().numpy().astype(np.uint8)
+        if not scan_steps:
+            return segmentation
+        labels = torch.from_numpy(segmentation[None] if self.activation == "softmax" else segmentation)
+        out = postprocessing.apply(scan_steps, labels, model_input.meta["original_affine"], self.activation)
+        return (out[0] if self.activation == "softmax" else out).numpy().astype(segmentation.dtype)
 
     # -- predictions --------------------------------------------------------------------------
     def segment(self, scan_logits: torch.Tensor) -> np.ndarray:
@@ -472,6 +486,8 @@ class Target:
             about["threshold"] = self.threshold
         if self.invert_logits:
             about["invert_logits"] = True
+        if self.label_steps:
+            about["label_steps"] = [[s.name, s.args, s.space, s.onehot] for s in self.label_steps]
         digest.update(json.dumps(about, sort_keys=True, default=str).encode())
         return digest.hexdigest()[:16]
 

@@ -474,3 +474,120 @@ def test_a_sigmoid_prediction_where_the_inverse_pads_is_the_bundles(sigmoid_bund
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     vol = read_volume(scan_file)
     assert np.array_equal(load_bundle(bundle).predict(vol), _monai_bundle_run(bundle, scan_file).numpy())
+
+
+def _with_post(source, tmp_path, post):
+    import json
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(source, bundle)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["postprocessing"]["transforms"] = post
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    return bundle
+
+
+SOFTMAX = {"_target_": "Activationsd", "keys": "pred", "softmax": True}
+INVERT = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image"}
+ARGMAX = {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}
+LARGEST = {"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": [1]}
+
+
+@pytest.mark.parametrize("name, post", [
+    ("largest component on the scan's grid", [SOFTMAX, INVERT, ARGMAX, LARGEST]),
+    ("largest component on a one-hot map in model space, then Invertd",
+     [SOFTMAX, dict(ARGMAX, to_onehot=2), {"_target_": "KeepLargestConnectedComponentd", "keys": ["pred"]}, INVERT]),
+    ("small objects (in mm^3) removed, holes filled",
+     [SOFTMAX, INVERT, ARGMAX, {"_target_": "monai.transforms.RemoveSmallObjectsd", "keys": "pred", "min_size": 2000,
+                                "by_measure": True}, {"_target_": "FillHolesd", "keys": "pred", "applied_labels": [1]}]),
+])
+def test_label_map_postprocessing_is_applied_as_the_bundle_applies_it(tiny_bundle, tmp_path, scan_file, name, post):
+    """A bundle with KeepLargestConnectedComponentd (or RemoveSmallObjectsd, FillHolesd, LabelFilterd) was refused;
+    ignoring it (before that) scored another label map than the bundle's: keeping the largest component changes 1,042 of
+    the tiny bundle's 46,080 voxels. Now each is MONAI's own transform on every prediction, where the bundle applies it
+    (model grid before Invertd, scan grid after), and the prediction is MONAI's run of the bundle voxel for voxel;
+    the attack's gradient passes around the step, and an attack still lowers Dice."""
+    from medis3d.bundle import load_bundle
+    from medis3d.fusion import MedIS
+    from medis3d.metrics import mean_dice
+    from medis3d.postprocessing import step_name
+
+    bundle = _with_post(tiny_bundle, tmp_path, post)
+    target = load_bundle(bundle)
+    assert len(target.label_steps) == 1 + (name.startswith("small"))
+    assert any("applied to every prediction" in n for n in target.notices)
+    vol = read_volume(scan_file)
+    run = _monai_bundle_run(bundle, scan_file).numpy()
+    expected = run.argmax(0) if run.shape[0] > 1 else run[0]  # a one-hot map's class (a voxel in no channel: background)
+    got = target.predict(vol)
+    assert np.array_equal(got, expected)
+    without = load_bundle(_with_post(tiny_bundle, tmp_path / "plain", [p for p in post if step_name(p["_target_"]) is None]))
+    assert (without.predict(vol) != got).sum() > 0, "the step changes nothing on this scan: the test cannot fail"
+    assert target.fingerprint() != without.fingerprint()
+    result = MedIS(target, members_spec=["apgd:ce"], eps=16 / 255, steps=5)(vol)
+    assert np.array_equal(result.clean_prediction, got)
+    adversarial = target.predict(result.adversarial)
+    assert np.array_equal(result.members[0].prediction, adversarial)  # the reported prediction is the bundle's
+    assert mean_dice(target.masks(adversarial), target.masks(got)) < 0.8
+
+
+def test_a_label_filter_keeps_the_classes_monai_keeps():
+    """LabelFilterd on a three-class label map (the tiny bundle has one class, where it changes nothing): MONAI's."""
+    from monai.transforms import LabelFilter
+
+    from medis3d.postprocessing import LabelStep, apply
+
+    labels = torch.randint(0, 3, (1, 6, 5, 4)).to(torch.uint8)
+    step = LabelStep("LabelFilter", {"applied_labels": [2]})
+    got = apply((step,), labels, np.eye(4), "softmax")
+    assert torch.equal(got, LabelFilter(applied_labels=[2])(labels)) and got.dtype == torch.uint8
+    assert set(got.unique().tolist()) == {0, 2}
+
+
+@pytest.mark.parametrize("step, why", [
+    ({"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": [1], "fill": 3}, "takes no argument fill"),
+    ({"_target_": "MeanEnsembled", "keys": "pred"}, "postprocessing step MeanEnsembled is not supported"),
+])
+def test_a_label_map_step_medis3d_cannot_apply_is_refused_in_one_line(tiny_bundle, tmp_path, step, why):
+    from medis3d.bundle import load_bundle
+    from medis3d.errors import BundleError
+
+    for post in ([SOFTMAX, INVERT, ARGMAX, step], [SOFTMAX, step, INVERT, ARGMAX]):
+        bundle = _with_post(tiny_bundle, tmp_path / str(len(list(tmp_path.iterdir()))), post)
+        reason = why if post[-1] is step or "Mean" in why else "before the prediction's AsDiscreted is not supported"
+        with pytest.raises(BundleError, match=reason) as info:
+            load_bundle(bundle)
+        assert str(bundle) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_sigmoid_bundles_largest_component_is_monais(sigmoid_bundle, tmp_path, scan_file):
+    """KeepLargestConnectedComponentd after a sigmoid bundle's threshold, on its 0/1 channel: MONAI's voxel for voxel."""
+    import json
+
+    from medis3d.bundle import load_bundle
+
+    post = json.loads((sigmoid_bundle / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]
+    bundle = _with_post(sigmoid_bundle, tmp_path, [*post, {"_target_": "KeepLargestConnectedComponentd", "keys": "pred"}])
+    vol = read_volume(scan_file)
+    got = load_bundle(bundle).predict(vol)
+    assert np.array_equal(got, _monai_bundle_run(bundle, scan_file).numpy())
+    assert (got != load_bundle(sigmoid_bundle).predict(vol)).sum() > 0
+
+
+def test_a_label_map_step_whose_package_is_missing_is_refused_in_one_line(tiny_bundle, tmp_path, monkeypatch):
+    """MONAI's KeepLargestConnectedComponent raises "Skimage.measure required." on the first prediction without
+    scikit-image: refused when the bundle is loaded instead, naming the package to install; bundle check lists the
+    step with its stand-in where it is there."""
+    from medis3d import postprocessing
+    from medis3d.bundle import load_bundle
+    from medis3d.bundle_check import check_bundle
+    from medis3d.errors import BundleError
+
+    bundle = _with_post(tiny_bundle, tmp_path, [SOFTMAX, INVERT, ARGMAX, LARGEST])
+    rows = check_bundle(load_bundle(bundle))["other_non_differentiable_steps"]
+    assert rows[-1]["step"] == "KeepLargestConnectedComponentd (postprocessing)" and "identity gradient" in rows[-1]["stand_in"]
+    monkeypatch.setitem(postprocessing.LABEL_MAP_STEPS, "KeepLargestConnectedComponent", "skimage.no_such_module")
+    with pytest.raises(BundleError, match=r"KeepLargestConnectedComponentd cannot be used \(MONAI's KeepLargestConnectedComponent "
+                                          r"needs scikit-image \(pip install scikit-image\)\)"):
+        load_bundle(bundle)
