@@ -74,7 +74,9 @@ def discover(input_dir: Path) -> list[BatchItem]:
     if not input_dir.is_dir():
         raise InputError(f"{input_dir}: not a folder")
     items: list[BatchItem] = []
-    for path in sorted(p for p in input_dir.rglob("*") if p.is_file() and is_nifti(p) and not _hidden(p, input_dir)):
+    from medis3d.io.dicom import walk_files
+
+    for path in sorted(p for p in walk_files(input_dir) if p.is_file() and is_nifti(p)):
         rel = path.relative_to(input_dir).as_posix()
         for ext in (".nii.gz", ".nii"):
             if rel.lower().endswith(ext):
@@ -112,9 +114,6 @@ class Discovered(list):
         super().__init__(items)
         self.notices = list(notices)
 
-
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _status(folder: Path) -> dict | None:

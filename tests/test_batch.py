@@ -238,3 +238,24 @@ def test_batch_keeps_the_dicom_skip_notices(tiny_bundle, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert next(r for r in summary["rows"] if r["name"] == dicom["name"])["notices"] == dicom["notices"]
     assert any("report.dcm" in n and "lonely.dcm" in n for n in summary["notices"])
+
+
+def test_batch_follows_linked_case_folders_once_each(tmp_path):
+    """A dataset laid out as links to its cases' folders (``in/case -> /data/case``) lost every linked folder: batch
+    found only the NIfTI files linked one by one (1 of 3 volumes here, with no word). Linked folders are followed now,
+    NIfTI and DICOM alike, each real folder once, and a link back up the tree is not a loop."""
+    from medis3d.batch import discover
+
+    data, root = tmp_path / "data", tmp_path / "in"
+    (data / "case1").mkdir(parents=True)
+    save_nifti(data / "case1" / "t1.nii.gz", synthetic_scan(1)[0])
+    save_nifti(data / "case2.nii.gz", synthetic_scan(2)[0])
+    hu, _ = synthetic_scan(3)
+    make_series(data / "ct", (hu.astype(np.int32) + 1024).astype(np.int16), spacing=(1.2, 1.2, 1.2), description="CT test")
+    root.mkdir()
+    for name, target in (("case1", data / "case1"), ("case1_again", data / "case1"), ("case2.nii.gz", data / "case2.nii.gz"),
+                         ("ct", data / "ct"), ("loop", root)):
+        (root / name).symlink_to(target)
+    items = discover(root)
+    assert sorted((i.kind, i.relative.split("#")[0]) for i in items) == [
+        ("dicom", "ct"), ("nifti", "case1/t1.nii.gz"), ("nifti", "case2.nii.gz")]

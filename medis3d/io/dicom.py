@@ -162,7 +162,7 @@ def looks_like_dicom(path: Path | str) -> bool:
     if path.is_file():
         return _sniff(path)
     if path.is_dir():
-        return any(_sniff(f) for f in _walk_files(path, recursive=True))
+        return any(_sniff(f) for f in walk_files(path, recursive=True))
     return False
 
 
@@ -180,9 +180,19 @@ def find_series(folder: Path | str) -> list[SeriesInfo]:
     return series
 
 
-def _walk_files(folder: Path, recursive: bool) -> Iterator[Path]:
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+def walk_files(folder: Path, recursive: bool = True) -> Iterator[Path]:
+    """The files under ``folder`` in a stable order, hidden ones (a part starting with ".") left out. Linked folders
+    are followed, as a dataset of links to its cases is laid out, each real folder once (a link back up the tree
+    is not a loop)."""
+    seen = {os.path.realpath(folder)}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")) if recursive else []:
+            real = os.path.realpath(os.path.join(root, d))
+            if real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirs[:] = kept
         for name in sorted(files):
             if not name.startswith("."):
                 yield Path(root) / name
@@ -302,7 +312,7 @@ def _scan(folder: Path, recursive: bool) -> tuple[list[SeriesInfo], list[tuple[P
     skipped: list[tuple[Path, str]] = []
     incomplete: dict[str, list[tuple[Path, str]]] = {}
     damaged: list[tuple[Path, Dataset | None, str]] = []  # image files without pixels (cut short, broken): maybe a slice
-    for path in _walk_files(folder, recursive):
+    for path in walk_files(folder, recursive):
         ds, has_pixels, problem = _read_header(path)
         if problem is not None:
             skipped.append((path, problem))
