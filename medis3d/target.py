@@ -426,9 +426,10 @@ class Target:
                     labels = channel_argmax(stitched[0], 0, keepdim=True).float()
                 else:
                     labels = (stitched[0] > self.threshold_logit()).float()
-                labels = postprocessing.apply(model_steps, labels.cpu(), model_input.affine, self.activation)
+                if model_steps:
+                    labels = postprocessing.apply(model_steps, labels.cpu(), model_input.affine, self.activation).to(labels.device)
                 ops = convert_applied_interp_mode([dict(op) for op in model_input.applied_operations], mode="nearest")
-                inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(labels.to(stitched.device), meta=dict(model_input.meta), applied_operations=ops))
+                inverted: torch.Tensor = self.preprocessing.invert(MetaTensor(labels, meta=dict(model_input.meta), applied_operations=ops))
                 inverted = inverted.as_tensor() if isinstance(inverted, MetaTensor) else inverted
             if self.activation == "softmax":
                 segmentation = inverted[0].round().cpu().numpy().astype(self.label_dtype)
