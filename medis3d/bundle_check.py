@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from medis3d.bpda import gradient_flow
+from medis3d.bundle import NO_INVERTD_NOTICE
 from medis3d.io import read_volume
 from medis3d.io.volume import Volume
 from medis3d.target import Target
@@ -48,9 +49,13 @@ def _other_steps(target: Target) -> list[dict]:
     modes = sorted({str(s.args.get("mode", "bilinear")) for s in target.preprocessing.steps if s.name == "Spacing"})
     forward = "/".join(modes) or "bilinear"
     back = "nearest" if target.invert == "labels" or target.invert_nearest else forward
+    if NO_INVERTD_NOTICE in target.notices:  # the losses take the probabilities back by the inverse, the prediction is the labels
+        back = forward
+        how = "the probabilities, for the losses; the bundle has no Invertd, so the prediction is its labels, nearest"
+    else:
+        how = f"as the bundle's Invertd{', on the labels' if target.invert == 'labels' else ', on the logits' if target.invert_logits else ''}"
     steps[2]["stand_in"] = steps[2]["stand_in"].replace(
-        "bilinear grid sampling, differentiable", f"{forward} grid sampling forward, {back} back to the scan's grid (as the "
-        f"bundle's Invertd{', on the labels' if target.invert == 'labels' else ', on the logits' if target.invert_logits else ''}), "
+        "bilinear grid sampling, differentiable", f"{forward} grid sampling forward, {back} back to the scan's grid ({how}), "
         "differentiable in the values")
     steps.extend({"step": f"{step.name}d (postprocessing)", "stand_in": f"MONAI's own transform on every prediction "
                   f"({step.describe()}); identity gradient (BPDA): the losses take the probabilities before it"}

@@ -761,8 +761,12 @@ def predict(
         _fail(str(exc))
         return
     if not quiet:
+        from medis3d.bundle import NO_INVERTD_NOTICE
+
         counts = {tgt.class_name(c): int(m.sum()) for c, m in zip(tgt.foreground_classes, tgt.masks(prediction))}
         typer.echo(f"wrote {path} ({', '.join(f'{k}: {v} voxels' for k, v in counts.items())})")
+        if NO_INVERTD_NOTICE in tgt.notices:  # what the file is, where it cannot be the bundle's own output file
+            typer.echo(f"medis3d: notice: {NO_INVERTD_NOTICE}", err=True)
 
 
 bundle_app = typer.Typer(help="Inspect MONAI bundles.", no_args_is_help=True)

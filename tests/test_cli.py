@@ -182,6 +182,8 @@ def test_predict_writes_on_scan_grid(tiny_bundle, scan_file, tmp_path):
     src = nib.load(str(scan_file))
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+    # the tiny bundle has no Invertd: its own prediction is on the model's grid, and predict says what it wrote instead
+    assert "no Invertd" in result.output and "nearest model voxel" in result.output
 
 
 def _bad(tmp_path, scan_file, tiny_bundle):

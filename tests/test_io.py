@@ -72,6 +72,30 @@ def test_label_map_written_on_grid(tmp_path):
     assert np.allclose(back.affine, AFFINE, atol=1e-5)
 
 
+def test_a_header_without_geometry_codes_is_written_as_the_scan_reads(tmp_path):
+    """A scan with neither sform nor qform code gets its geometry by each reader's fallback, and nibabel's (x flipped,
+    centred) is not ITK's (3D Slicer, ITK-SNAP). Outputs stated nibabel's as their geometry (codes 1), so in SimpleITK
+    the prediction lay elsewhere than the scan: 19541 of 46080 voxels of its overlay differed on a 40x36x32 head. They
+    now keep the scan's codes, and every reader puts them where it puts the scan."""
+    sitk = pytest.importorskip("SimpleITK")
+    image = nib.Nifti1Image(np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8), AFFINE)
+    image.set_sform(None, code=0)
+    image.set_qform(None, code=0)
+    nib.save(image, str(tmp_path / "in.nii.gz"))
+    vol = read_volume(tmp_path / "in.nii.gz")
+    labels = (vol.array[0] % 3 == 0).astype(np.uint8)
+    written = [write_nifti(vol, tmp_path / "labels.nii.gz", labels, dtype=np.uint8),
+               write_nifti(vol, tmp_path / "scan.nii.gz", vol.array + 1)]
+    scan = sitk.ReadImage(str(tmp_path / "in.nii.gz"))
+    for path in written:
+        back = sitk.ReadImage(str(path))
+        assert np.allclose(back.GetOrigin(), scan.GetOrigin()) and np.allclose(back.GetDirection(), scan.GetDirection()), path
+        assert np.allclose(back.GetSpacing(), scan.GetSpacing()), path
+        assert np.allclose(nib.load(str(path)).affine, vol.affine), path  # and nibabel's fallback is the scan's too
+    overlay = sitk.Resample(sitk.ReadImage(str(written[0])), scan, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    assert np.array_equal(sitk.GetArrayFromImage(overlay).transpose(2, 1, 0), labels)
+
+
 def test_maps_do_not_inherit_the_scans_display_window_or_intent(tmp_path):
     """Label maps and the perturbation copied the scan's cal_min/cal_max (-100..300: labels 0 and 1 drawn black in a
     viewer that honours them) and its intent (a t statistic). A map now has no window, the label intent for labels

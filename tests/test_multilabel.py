@@ -20,6 +20,9 @@ from medis3d.io import read_volume
 runner = CliRunner()
 NAMES = ("halo", "blob", "core")  # nested, so every blob voxel carries two or three labels
 EPS_HU = 60  # 15 % of the bundle's intensity window (-100..300 HU)
+# the sigmoid bundle has no Invertd (its prediction is its labels on the model's grid); tests of the probabilities' way
+# back to the scan's grid give their copy this one, as the MONAI pipeline they compare with has
+INVERT = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "@image_key", "nearest_interp": False}
 
 
 def overlapping_labels(seg: np.ndarray) -> np.ndarray:
@@ -216,6 +219,7 @@ def test_sigmoid_labels_next_to_a_crop_are_thresholded_as_the_bundle_does(sigmoi
     shutil.copytree(sigmoid_bundle, bundle)
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     config["preprocessing"]["transforms"].insert(5, {"_target_": "CenterSpatialCropd", "keys": "@image_key", "roi_size": [22, 22, 22]})
+    config["postprocessing"]["transforms"].insert(1, INVERT)  # the bundle inverts its probabilities, as the reference below
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     target = load_bundle(bundle)
     ours = target.predict(read_volume(scan_file))
@@ -250,6 +254,7 @@ def test_a_bundles_own_threshold_decides_the_labels(sigmoid_bundle, scan_file, t
     shutil.copytree(sigmoid_bundle, bundle)
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     config["postprocessing"]["transforms"][1]["threshold"] = 0.3
+    config["postprocessing"]["transforms"].insert(1, INVERT)  # the bundle inverts its probabilities, as the reference below
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     target = load_bundle(bundle)
     ours = target.predict(read_volume(scan_file)).astype(bool)

@@ -6,10 +6,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Invertd
 
 from medis3d.io import read_volume
-from medis3d.metrics import dice_per_class
 
 
 def test_preprocessing_equals_bundle_preprocessing(tiny_bundle, tiny_target, scan_file):
@@ -25,20 +23,34 @@ def test_preprocessing_equals_bundle_preprocessing(tiny_bundle, tiny_target, sca
 
 
 def test_prediction_matches_monai_inference_on_scan_grid(tiny_bundle, tiny_target, scan_file):
+    """The tiny bundle's postprocessing (softmax, argmax) has no Invertd: MONAI's prediction is its labels on the
+    model's grid. medis3d's is those labels on the scan's grid, each voxel the label of the nearest model voxel, as a
+    viewer overlays MONAI's file on the scan. It interpolated the probabilities back as an Invertd the bundle does not
+    have would (this test's reference was that Invertd, Dice >= 0.99): 249 of 46080 voxels of the tiny bundle's
+    prediction differed from the bundle's own labels so overlaid, now none."""
+    from monai.transforms.utils import convert_applied_interp_mode
+
+    from medis3d.bundle import NO_INVERTD_NOTICE
+
     parser = ConfigParser()
     parser.read_config(str(tiny_bundle / "configs" / "inference.json"))
     monai_pre = parser.get_parsed_content("preprocessing")
+    monai_post = parser.get_parsed_content("postprocessing")
     data = monai_pre({"image": str(scan_file)})
     with torch.no_grad():
         logits = sliding_window_inference(data["image"][None], (24, 24, 24), 4, tiny_target.network, overlap=0.25, mode="gaussian")
-    pred = MetaTensor(torch.softmax(logits[0], 0), meta=data["image"].meta, applied_operations=data["image"].applied_operations)
-    out = Invertd(keys="pred", transform=monai_pre, orig_keys="image", nearest_interp=False)({"image": data["image"], "pred": pred})
-    monai_labels = out["pred"].argmax(0).numpy()
+    pred = MetaTensor(logits[0], meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+    labels = monai_post({"image": data["image"], "pred": pred})["pred"]  # the bundle's own output, on the model's grid
+    assert labels.shape[1:] == data["image"].shape[1:]
+    ops = convert_applied_interp_mode([dict(op) for op in data["image"].applied_operations], mode="nearest")
+    on_scan = monai_pre.inverse({"image": MetaTensor(labels.float(), meta=data["image"].meta, applied_operations=ops)})["image"]
+    monai_labels = on_scan[0].round().numpy().astype(np.uint8)
     vol = read_volume(scan_file)
     ours = tiny_target.predict(vol)
     assert ours.shape == vol.spatial_shape == monai_labels.shape
-    dice = dice_per_class(tiny_target.masks(ours), tiny_target.masks(monai_labels))
-    assert dice[0] >= 0.99
+    assert 0.01 < (ours > 0).mean() < 0.5
+    assert np.array_equal(ours, monai_labels), int((ours != monai_labels).sum())
+    assert NO_INVERTD_NOTICE in tiny_target.notices
 
 
 def test_native_gradient_equals_full_autograd(tiny_target, scan_file):
