@@ -287,7 +287,7 @@ def _check_postprocessing(cfg: SafeConfig) -> None:
 
 def _label_steps(cfg: SafeConfig, activation: str) -> tuple[LabelStep, ...]:
     """The bundle's label-map steps on the prediction, in order, each in the space the bundle applies it (the model's
-    grid before its Invertd, the scan's after it). One before the prediction's AsDiscreted (on probabilities), or
+    grid before its Invertd or without one, the scan's after it). One before the prediction's AsDiscreted (on probabilities), or
     with an argument MONAI's transform does not take, or whose package is missing, is refused in one line."""
     transforms = cfg.raw("postprocessing::transforms", []) or []
     discretes = [i for i, _ in _prediction_steps(cfg, "AsDiscreted", "AsDiscrete")]
@@ -306,7 +306,8 @@ def _label_steps(cfg: SafeConfig, activation: str) -> tuple[LabelStep, ...]:
         _, args = cfg.component_args(f"postprocessing::transforms::{i}")
         args = {k: v for k, v in args.items() if k not in ("keys", "allow_missing_keys")}
         onehot = _prediction_arg(cfg, before[-1], transforms[before[-1]], "to_onehot", None)
-        step = LabelStep(name, args, "model" if inverts and i < inverts[0] else "scan",
+        # the model's grid before the bundle's Invertd, or where it has none (MONAI's prediction stays there)
+        step = LabelStep(name, args, "model" if not inverts or i < inverts[0] else "scan",
                          int(onehot) if activation == "softmax" and onehot else None)
         try:
             step.transform()

@@ -3,7 +3,7 @@
 
 medis3d applies each with MONAI's own transform to every prediction it scores (the clean one, each iterate a member
 keeps, the written file), in the space the bundle applies it: the model's grid where it comes before the bundle's
-``Invertd``, the scan's grid after it (or where nothing inverts). They are not differentiable and the attacks' losses
+``Invertd`` or the bundle has none, the scan's grid after it. They are not differentiable and the attacks' losses
 take the probabilities before them, so the gradient passes around them (BPDA with the identity): a member steers the
 network's output, and the step decides, as in the bundle, what that output is scored as.
 """
