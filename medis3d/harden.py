@@ -539,8 +539,11 @@ def harden(source: str | Path | None, dataset: Path, out: Path, options: HardenO
     options.check()
     out = Path(out)
     state = out / STATE_DIR
-    _prepare_out(out, state)
     bundle = resolve_bundle_path(source)
+    if bundle.is_dir() and (out.resolve() == bundle.resolve() or bundle.resolve() in out.resolve().parents):
+        # the hardened bundle would be copied into itself, and a later harden of the source would copy it in again
+        raise InputError(f"{out}: --out lies inside the source bundle {bundle}; give a folder outside it")
+    _prepare_out(out, state)
     with tempfile.TemporaryDirectory(prefix="medis3d-harden-") as tmp:
         if bundle.is_file() and bundle.suffix == ".zip":
             bundle = _unpack_zip(bundle, Path(tmp))

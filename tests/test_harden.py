@@ -332,6 +332,20 @@ def test_a_source_whose_files_cannot_make_a_bundle_is_refused_before_training(ti
     assert "figure.png" in line and not out.exists()
 
 
+def test_an_out_inside_the_source_bundle_is_refused_before_anything_is_written(tiny_bundle, tmp_path):
+    """``harden SRC --out SRC/robust`` hardened, then left an empty ``robust/robust`` folder in the new bundle (its own
+    copy of the source, taken with --out in it), and a later harden of the source copied the older hardened bundle in
+    with it. Now refused in one line, the source untouched."""
+    dataset = _dataset(tmp_path)
+    source = tmp_path / "source"
+    shutil.copytree(tiny_bundle, source)
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    for out in (source / "robust", source):
+        line = _one_line(runner.invoke(app, ["harden", str(source), str(dataset), "--out", str(out), *FAST]))
+        assert "--out lies inside the source bundle" in line and str(out) in line
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before
+
+
 def test_labels_land_on_the_model_grid(tiny_target, tmp_path):
     """The label resampled into model space agrees with the network's own model-space prediction, whose scan-grid
     form it was made from (the geometry of the preprocessing is followed, orientation and spacing included)."""

@@ -160,3 +160,19 @@ def test_unchanged_voxels_keep_the_sources_float64_values(tmp_path, shape):
     back = np.asarray(nib.load(str(tmp_path / "out.nii.gz")).dataobj)
     assert back.dtype == np.float64 and np.array_equal(back[:, :, 4:], data[:, :, 4:])
     assert np.allclose(back[:, :, :4], data[:, :, :4] + 5, atol=1e-3)
+
+
+def test_a_complex_valued_nifti_is_refused_in_one_line(tmp_path):
+    """A complex64 NIfTI was read as its real part, with numpy's ComplexWarning printed (a third-party warning where
+    the README promises none); an attack of it attacked another image than the file holds. Now refused, naming it."""
+    import nibabel as nib
+
+    from medis3d.errors import InputError
+    from medis3d.io import read_volume
+
+    path = tmp_path / "complex.nii.gz"
+    values = (np.random.default_rng(0).normal(size=(8, 8, 8)) * (1 + 1j)).astype(np.complex64)
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(path))
+    with pytest.raises(InputError, match="complex-valued voxels") as info:
+        read_volume(path)
+    assert str(path) in str(info.value)

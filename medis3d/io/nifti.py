@@ -53,6 +53,8 @@ def read_nifti(path: Path | str) -> Volume:
     if len(shape) not in (3, 4) or min(shape[:3]) < 2:
         raise InputError(f"{path}: expected a 3D volume (or 4D with channels last), got shape {tuple(image.shape)}")
     _check_size(path, image)
+    if np.dtype(image.get_data_dtype()).kind == "c":  # nibabel would drop the imaginary part with a numpy warning
+        raise InputError(f"{path}: complex-valued voxels ({image.get_data_dtype()}); give a real-valued image (the magnitude)")
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as exc:
