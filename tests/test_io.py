@@ -1,5 +1,7 @@
 """NIfTI reading and writing keeps shape, affine, orientation and stored type; bad files fail clearly."""
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -176,3 +178,16 @@ def test_a_complex_valued_nifti_is_refused_in_one_line(tmp_path):
     with pytest.raises(InputError, match="complex-valued voxels") as info:
         read_volume(path)
     assert str(path) in str(info.value)
+
+
+def test_an_output_that_cannot_be_written_is_named_not_its_staging_file(tmp_path):
+    """``predict --out /proc/x.nii.gz`` said "/proc/.x.nii.gz.fjcqupka.nii.gz: No such file or directory": the staging
+    file beside the output, a name the user never gave. Now the output is named."""
+    from medis3d.errors import OutputError
+    from medis3d.io.atomic import write_text_atomic
+
+    (tmp_path / "a_file").write_text("")
+    for path in (tmp_path / "a_file" / "x.json", Path("/proc/medis3d-test.json")):
+        with pytest.raises(OutputError, match=r"cannot be written") as info:
+            write_text_atomic(path, "{}")
+        assert str(info.value).startswith(f"{path}: ") and ".medis3d-test.json." not in str(info.value)
