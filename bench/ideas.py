@@ -38,6 +38,11 @@ Ideas (``--steps`` iterations each, 50 by default):
   network; ``gn_stop``: the same with each GroupNorm's mean and variance held constant in the backward pass
   (measured: 0.792 / 0.747 at ``relu:0.3``, 0.865 / 0.764 with ``gn_stop``, 0.987 / 0.734 at ``relu:inf``, after the
   smoothed stage / after the chain: no better than the network's own gradient).
+* ``lovasz``, ``lovasz:fg``, ``lovasz_chain``: the Lovasz-softmax loss (Berman et al. 2018, the convex extension of
+  the Jaccard loss that training uses to optimise IoU directly) ascended instead of a voxel mean: each voxel's error
+  weighted by its marginal effect on the IoU at its rank among the errors; over both classes, the brain's only
+  (``:fg``), and after 50 iterations of spherical (``lovasz_chain``) (measured: 0.771, 0.779 and 0.735, against
+  JS's 0.772, spherical's 0.749 and the chain's 0.737).
 * ``where``, ``where:IDEA``: where the strongest adversarial so far (or IDEA's) flips the prediction, by distance
   from the clean boundary.
 """
@@ -68,7 +73,7 @@ from medis3d.io import read_volume
 CACHE = ROOT / "bench" / ".cache" / "ideas"
 DEFAULT = ("spherical", "js", "chain", "band:4", "band:8", "js_band:4", "interior:3", "interior:8", "js_interior:3",
            "shrink:9", "js_T:0.5", "js_T:2", "alternate", "odi", "stitch", "grow:1", "grow:2", "where:spherical", "where",
-           "tanh:0.3", "relu:0.3", "gn_stop")  # after the stitch, which takes every adversarial before it
+           "tanh:0.3", "relu:0.3", "gn_stop", "lovasz", "lovasz:fg", "lovasz_chain")  # after the stitch, which takes every adversarial before it
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Stage = tuple  # (loss, iterations) or (loss, iterations, radius in budgets)
 
@@ -223,6 +228,27 @@ def weighted_js(weight: torch.Tensor, temperature: float = 1.0) -> Loss:
     return loss
 
 
+def lovasz_loss(classes: tuple[int, ...] = (0, 1)) -> Loss:
+    """The Lovasz-softmax loss of ``classes``: per class, the errors ``|1[reference = c] - p_c|`` sorted in decreasing
+    order, dotted with the Jaccard loss's increments along that order (its Lovasz extension; the order carries no
+    gradient)."""
+    def loss(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        p = logits[0].softmax(0)
+        total = p.new_zeros(())
+        for c in classes:
+            truth = (reference == c).reshape(-1).to(p.dtype)
+            errors = (truth - p[c].reshape(-1)).abs()
+            order = torch.argsort(errors.detach(), descending=True)
+            truth_sorted = truth[order]
+            positives = truth_sorted.sum()
+            jaccard = 1 - (positives - truth_sorted.cumsum(0)) / (positives + (1 - truth_sorted).cumsum(0))
+            increments = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+            total = total + (errors[order] * increments).sum()
+        return total / len(classes)
+
+    return loss
+
+
 def stitch(scan: Scan, adversarials: dict[str, np.ndarray], blocks: int = 3, sweeps: int = 2) -> np.ndarray:
     scores = {name: scan.dice(a) for name, a in adversarials.items()}
     current = adversarials[min(scores, key=scores.__getitem__)].copy()
@@ -290,6 +316,10 @@ def idea_stages(scan: Scan, name: str, value: str, n: int) -> list[Stage] | None
         return [(weighted_js(torch.ones_like(scan.distance), float(value)), n)]
     if name == "shrink":
         return [(spherical, n, float(value) / scan.eps_255), (spherical, n), (js, n)]
+    if name == "lovasz":
+        return [(lovasz_loss((1,) if value == "fg" else (0, 1)), n)]
+    if name == "lovasz_chain":
+        return [(spherical, n), (lovasz_loss(), n)]
     if name == "alternate":
         return [(spherical, half), (js, n - half), (spherical, half), (js, n - half)]
     return None

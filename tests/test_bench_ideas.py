@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -142,3 +143,24 @@ def test_a_smoothed_backward_keeps_the_forward_and_is_undone_on_leaving():
         assert torch.allclose(smoothed_logits, logits, atol=1e-5)
         assert not torch.allclose(smoothed, exact)
         assert torch.equal(run()[1], exact)
+
+
+def test_the_lovasz_loss_is_one_minus_iou_on_hard_predictions_and_rises_with_the_errors():
+    """The Lovasz extension is exact at the cube's corners: on confident predictions the loss is the Jaccard loss
+    (1 - IoU) of each class, averaged; a softer prediction of the same labels lies between."""
+    lovasz_loss = ideas.lovasz_loss
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randint(0, 2, (6, 5, 4), generator=generator)
+    prediction = torch.randint(0, 2, (6, 5, 4), generator=generator)
+    logits = torch.stack([(prediction == 0).float(), (prediction == 1).float()])[None] * 60
+
+    def jaccard_loss(c: int) -> float:
+        inter = ((prediction == c) & (reference == c)).sum()
+        return float(1 - inter / ((prediction == c) | (reference == c)).sum())
+
+    assert float(lovasz_loss((1,))(logits, reference)) == pytest.approx(jaccard_loss(1), abs=1e-5)
+    assert float(lovasz_loss()(logits, reference)) == pytest.approx((jaccard_loss(0) + jaccard_loss(1)) / 2, abs=1e-5)
+    right = torch.stack([(reference == 0).float(), (reference == 1).float()])[None] * 60
+    assert float(lovasz_loss()(right, reference)) == pytest.approx(0, abs=1e-5)
+    soft = lovasz_loss()(logits / 60, reference)
+    assert 0 < float(soft) < 1
