@@ -431,8 +431,10 @@ class _VolumeRun:
                                lambda m: _usable(self.store.get(**place(m)), self.victims, self.stop_at_success),
                                lambda missing: self._run(medis, missing, eps), keep)
         # a row cached by a run that wrote the budget another way (48/255, then 0.188235: one key at 6 digits) keeps
-        # this run's eps, so the fusions group it with the members run now (it split them: two worst cases a volume)
-        return [{**kept[m.name], "eps": eps} for m in medis.members()], ran
+        # this run's eps, so the fusions group it with the members run now (it split them: two worst cases a volume);
+        # ``outcome`` names the settings it was made under (its cache key's digest; not a column of results.csv), so an
+        # overview drawn from it is told apart from one of the same member and budget under other settings
+        return [{**kept[m.name], "eps": eps, "outcome": self.store.digest(place(m)["key"])} for m in medis.members()], ran
 
     def _run(self, medis: MedIS, missing: list, eps: float) -> list[tuple]:
         """The members not stored yet, batched through the network with --together: (result, setting) each."""
@@ -477,7 +479,7 @@ def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dic
                          eps_units: str, norm: str = "linf") -> None:
     """The overview of the member the full fusion chose at the largest budget, where it ran in this session
     (a member cached by an earlier run kept no adversarial: an overview is shown only where ``overview.json``
-    says it is of the member chosen now, at this budget)."""
+    says it is of the member chosen now, at this budget, under this run's settings)."""
     from medis3d.report import write_overview
 
     chosen = next(r for r in fusion_rows(case_rows, success, norm) if r["attack"] == "medis_full")["loss"]
@@ -492,7 +494,15 @@ def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dic
     write_overview(path, volume.array[0], result.adversarial[0], clean_any, adv_any, volume.affine,
                    title=f"{case.name}: {chosen} {verdict} at {eps_label(row['eps'], eps_units)}",
                    dice=row["adversarial_dice"], reference="label" if case.label else "clean prediction")
-    write_text_atomic(path.with_suffix(".json"), json.dumps({"member": chosen, "eps": eps_key(row["eps"])}))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(_overview_identity(row)))
+
+
+def _overview_identity(row: dict) -> dict:
+    """What an overview is of: the member, the budget, and the settings its outcome was made under (a rerun with
+    another --steps, --seed, model ... chooses the same member at the same budget, and the earlier run's picture, its
+    Dice in the title, is not this run's)."""
+    return {"member": row.get("member") if row["attack"] != "medis_full" else row["loss"], "eps": eps_key(row["eps"]),
+            "outcome": row.get("outcome")}
 
 
 def per_volume(rows: list[dict], cache: Path, references: dict[str, str]) -> list[dict]:
@@ -523,8 +533,8 @@ def per_volume(rows: list[dict], cache: Path, references: dict[str, str]) -> lis
         overview = cache / name / "overview.png"
         v["overview"] = None
         if fused and overview.is_file() and overview.with_suffix(".json").is_file():
-            made = json.loads(overview.with_suffix(".json").read_text())  # of the member chosen now, at this budget?
-            if made == {"member": fused[-1]["loss"], "eps": eps_key(fused[-1]["eps"])}:
+            made = json.loads(overview.with_suffix(".json").read_text())  # of the member chosen now, at this budget, these settings?
+            if made == _overview_identity(fused[-1]):
                 v["overview"] = str(overview.relative_to(cache.parent))
     return list(volumes.values())
 

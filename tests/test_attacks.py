@@ -278,3 +278,27 @@ def test_eps50_bisection_scales_a_members_own_step_with_eps(tiny_target, scan_fi
     trials = [(eps, step) for metric, eps, step in runs if metric == "unflipped"]
     assert len({eps for eps, _ in trials}) > 1  # bisected
     assert all(step == pytest.approx(eps * 48 / 128) for eps, step in trials)
+
+
+def test_l2_sizes_and_the_l2_ball_are_measured_exactly_on_a_large_volume():
+    """torch's float32 ``norm`` on a CPU accumulates inexactly: a 256^3 perturbation of +-31 measured 1.5 % long, so
+    the L2 projection filled the ball to 98.5 % (123,872 of 125,719) and a member's ``l2_native`` was not the L2 of
+    what it wrote (123,069 reported for 123,872)."""
+    from types import SimpleNamespace
+
+    from medis3d.attacks.base import BestIterate, Budget, Goal
+
+    torch.manual_seed(0)
+    clean = torch.zeros((1, 256, 256, 256))
+    delta = (torch.randint(0, 2, clean.shape).float() * 2 - 1) * 31.0
+    true = float(delta.double().norm())
+    budget = Budget(eps=true / 1.01, step=1.0, steps=1, norm="l2")
+    projected = budget.project(clean + delta, clean) - clean
+    length = float(projected.double().norm())
+    assert length == pytest.approx(budget.eps, rel=1e-5)  # the ball filled (it was 0.985 of it)
+    assert budget.size(projected) == pytest.approx(length, rel=1e-5)
+    assert budget.sizes(projected)[1] == pytest.approx(length, rel=1e-5)
+    keeper = BestIterate(Goal.__new__(Goal))
+    keeper.best = (0, clean + delta, None, 0.0, True)
+    attack = SimpleNamespace(name="pgd", label="ce", budget=budget)
+    assert keeper.result(attack, clean, [], 0.0).l2_native == pytest.approx(true, rel=1e-5)

@@ -659,3 +659,32 @@ def test_evaluate_diagnose_takes_the_studys_success_threshold(tiny_bundle, tmp_p
                                  "--success", "0.2", "--diagnose", "--quiet"])
     assert result.exit_code == 0, result.output
     assert [kwargs.get("success") for kwargs in given] == [0.2, 0.2]
+
+
+def test_an_overview_drawn_under_other_settings_is_not_shown(tiny_bundle, tmp_path):
+    """The overview was matched by member and budget only: a rerun with --steps 2 after one with --steps 4 reused its
+    cached rows (Dice 0.939 in the table) and showed the --steps 4 run's picture of the same member (0.923 in its
+    title). It is shown only where it was drawn from the outcome this run reports."""
+    import hashlib
+
+    root = _dataset(tmp_path)
+    data = json.loads((root / "dataset.json").read_text())
+    (root / "one.json").write_text(json.dumps({"test": data["test"][:1]}))
+    out = tmp_path / "study"
+    base = ["evaluate", str(root / "one.json"), "--out", str(out), "--bundle", str(tiny_bundle), "--members", "pgd:ce",
+            "--eps", "32/255", "--quiet"]
+
+    def run(steps: str) -> tuple[dict, str | None]:
+        result = runner.invoke(app, base + ["--steps", steps])
+        assert result.exit_code == 0, result.output
+        volume = json.loads((out / "summary.json").read_text())["volumes"][0]
+        shown = volume["overview"] and hashlib.sha1((out / volume["overview"]).read_bytes()).hexdigest()
+        return volume, shown
+
+    _, first = run("2")
+    assert first  # drawn by this run
+    assert run("2")[1] == first  # an unchanged rerun reuses the rows and still shows their overview
+    _, other = run("4")
+    assert other and other != first
+    volume, shown = run("2")
+    assert shown != other  # not the --steps 4 run's picture beside this run's Dice

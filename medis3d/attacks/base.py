@@ -207,7 +207,7 @@ class Budget:
         if scale is not None:
             delta = delta / scale
         if self.norm == "l2":
-            norm = delta.norm()
+            norm = l2_length(delta)
             if norm > self.eps:
                 delta = delta * (self.eps / norm)
         else:
@@ -242,14 +242,21 @@ class Budget:
         scale = self._scale(delta)
         if scale is not None:
             delta = delta / scale
-        return float(delta.norm()) if self.norm == "l2" else float(delta.abs().max())
+        return float(l2_length(delta)) if self.norm == "l2" else float(delta.abs().max())
 
     def sizes(self, delta: torch.Tensor) -> tuple[float, float]:
         """The L-inf and L2 sizes of ``delta`` (native) in eps's units."""
         scale = self._scale(delta)
         if scale is not None:
             delta = delta / scale
-        return float(delta.abs().max()), float(delta.norm())
+        return float(delta.abs().max()), float(l2_length(delta))
+
+
+def l2_length(t: torch.Tensor) -> torch.Tensor:
+    """The L2 length of ``t``, its squares summed as ``sum`` sums them (pairwise): torch's float32 ``norm`` on a CPU
+    accumulates otherwise, and measured a 256^3 perturbation of +-31 1.5 % long (a 182x218x182 one 0.05 % short), so
+    an L2 ball was filled to 98.5 % and the reported L2 of each member was not the written file's."""
+    return t.pow(2).sum().sqrt()
 
 
 def _per_channel(value, channels: int, reduce) -> np.ndarray:
@@ -504,7 +511,7 @@ class BestIterate:
             linf_native=float((written - clean).abs().max()),
             trace=trace,
             time_s=time_s,
-            l2_native=float((written - clean).norm()),
+            l2_native=float(l2_length(written - clean)),
             linf_scaled=scaled[0],
             l2_scaled=scaled[1],
         )

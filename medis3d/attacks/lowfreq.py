@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from medis3d.attacks.base import Attack
+from medis3d.attacks.base import Attack, l2_length
 from medis3d.io.volume import Volume
 
 MODEL_VOXELS_PER_CELL = 2.0
@@ -51,7 +51,7 @@ class LowFrequency(Attack):
         """The L2 length on the scan (inside the region) of the coarse perturbation ``u``."""
         delta = self._expand(u, clean.shape[1:])
         region = self.budget._region(delta)
-        return float((delta * region if region is not None else delta).norm())
+        return float(l2_length(delta * region if region is not None else delta))
 
     def start(self, clean: torch.Tensor) -> torch.Tensor:
         coarse = [max(2, math.ceil((s - 1) / f) + 1) for s, f in zip(clean.shape[1:], self._factors)]
