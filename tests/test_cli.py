@@ -88,6 +88,7 @@ def test_the_presets_step_is_a_size_in_any_units(tiny_bundle, scan_file, tmp_pat
     step = report["attack"]["step_native"]
     if expected == "eps/10":
         assert step == pytest.approx(60.0) and 0.5 * 600 < report["perturbation"]["l2_native"] <= 600
+        assert report["attack"]["step"] == pytest.approx(60.0)  # in eps's units: it said 0.0039, the unused 1/255
     else:
         assert step == pytest.approx(report["attack"]["native_per_normalized"] / 255) == pytest.approx(400 / 255)
         assert report["perturbation"]["linf_native"] >= 10  # ten steps of 1.57 HU, rounded to whole HU
