@@ -1,6 +1,6 @@
 """MedIS parallel fusion: run every (attack, loss) member and keep, per volume, the successful
-member with the least perturbation (smallest size in the budget's norm, then fewest steps, then
-the better score), or the strongest member when none succeeded. ``select="strongest"`` keeps the
+member with the least perturbation (smallest size in the budget's norm, then fewest steps, then the
+smaller size in the other norm, then the better score), or the strongest member when none succeeded. ``select="strongest"`` keeps the
 member closest to the goal whatever its perturbation: the per-volume worst case over members at
 the budget, as a robust-accuracy evaluation (SEA) reports it."""
 
