@@ -65,8 +65,7 @@ class LabelStep:
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.args.items()))
-        where = "model grid, before Invertd" if self.space == "model" else "scan grid"
-        return f"{self.name}d({args}) on the {where}"
+        return f"{self.name}d({args}) on the {self.space}'s grid"
 
 
 def apply(steps: tuple[LabelStep, ...], labels: torch.Tensor, affine: torch.Tensor | np.ndarray,
