@@ -23,6 +23,7 @@ from medis3d.errors import InputError, Medis3dError, first_line
 from medis3d.io.atomic import write_text_atomic
 from medis3d.io.nifti import is_nifti
 from medis3d.io.outputs import reason
+from medis3d.io.paths import walk_files
 from medis3d.io.volume import make_names_unique, safe_name
 
 STATUS_FILE = "status.json"
@@ -74,8 +75,6 @@ def discover(input_dir: Path) -> list[BatchItem]:
     if not input_dir.is_dir():
         raise InputError(f"{input_dir}: not a folder")
     items: list[BatchItem] = []
-    from medis3d.io.dicom import walk_files
-
     for path in sorted(p for p in walk_files(input_dir) if p.is_file() and is_nifti(p)):
         rel = path.relative_to(input_dir).as_posix()
         for ext in (".nii.gz", ".nii"):

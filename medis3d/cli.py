@@ -15,6 +15,7 @@ import typer
 from medis3d.config import AttackConfig, check_budget, given_eps, parse_fraction, resolve_members
 from medis3d.errors import InputError, Medis3dError
 from medis3d.html_report import verdict
+from medis3d.io.paths import within
 
 if TYPE_CHECKING:  # imported where used: `medis3d --help` does not load torch
     from medis3d.target import Target
@@ -371,7 +372,7 @@ def batch(
         items = discover(input_dir)
         if not items:
             raise InputError(f"{input_dir}: no NIfTI volume or DICOM image series found")
-        if out.resolve() == input_dir.resolve() or input_dir.resolve() in out.resolve().parents:
+        if within(out, input_dir):
             raise InputError(f"{out}: the output folder must not be inside the input folder {input_dir}")
         check_output_folder(out)
         check_folder_replaceable(out, BATCH_OUTPUTS, marked_by("batch"), "medis3d batch")

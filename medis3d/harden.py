@@ -43,6 +43,7 @@ from medis3d.html_report import eps50_label, harden_page, number
 from medis3d.io import read_volume
 from medis3d.io.atomic import atomic_path, write_text_atomic
 from medis3d.io.outputs import check_output_folder, output_lock, writing
+from medis3d.io.paths import within
 from medis3d.io.volume import Volume, make_names_unique
 from medis3d.study import Case, datalist_cases, eps_key, read_datalist, read_dataset
 from medis3d.target import Target
@@ -540,7 +541,7 @@ def harden(source: str | Path | None, dataset: Path, out: Path, options: HardenO
     out = Path(out)
     state = out / STATE_DIR
     bundle = resolve_bundle_path(source)
-    if bundle.is_dir() and (out.resolve() == bundle.resolve() or bundle.resolve() in out.resolve().parents):
+    if bundle.is_dir() and within(out, bundle):
         # the hardened bundle would be copied into itself, and a later harden of the source would copy it in again
         raise InputError(f"{out}: --out lies inside the source bundle {bundle}; give a folder outside it")
     _prepare_out(out, state)

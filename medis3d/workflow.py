@@ -32,6 +32,7 @@ from medis3d.io.outputs import (
     prediction_description,
     writing,
 )
+from medis3d.io.paths import within
 from medis3d.io.volume import Volume
 from medis3d.metrics import channel_norms, perturbation_norms
 from medis3d.progress import notify
@@ -115,7 +116,7 @@ def _guard_inputs(out_dir: Path, inputs: Sequence[Path | None]) -> None:
         for name in OUTPUT_FILES + ("prediction.nii.gz",):
             if (resolved_out / name) == rp:
                 raise InputError(f"{p}: refusing to write outputs over an input file; choose another --out")
-        if rp.is_dir() and (resolved_out == rp or rp in resolved_out.parents):
+        if rp.is_dir() and within(resolved_out, rp):
             raise InputError(f"{out_dir}: refusing to write outputs inside the input series folder {p}")
 
 
@@ -158,7 +159,7 @@ def run_attack(
     _guard_inputs(out, [volume.path, options.label, target_file, options.mask, *sources])
     if not isinstance(scan, Volume):  # a DICOM series given by a folder above it: the next run would find ours there too
         for given in (Path(p) for p in channel_paths(scan) or [str(scan)]):
-            if given.is_dir() and given.resolve() in (out.resolve(), *out.resolve().parents):
+            if given.is_dir() and within(out, given):
                 raise InputError(f"{out}: inside the input folder {given}, where the adversarial series would be found beside "
                                  "the source the next time; choose an --out outside it")
     check_output_folder(out)

@@ -24,7 +24,7 @@ import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from medis3d import __version__
 from medis3d.errors import InputError, first_line
 from medis3d.io.atomic import staging_folder
 from medis3d.io.limits import check_readable
+from medis3d.io.paths import walk_files, within
 from medis3d.io.volume import Volume
 
 __all__ = [
@@ -178,24 +179,6 @@ def find_series(folder: Path | str) -> list[SeriesInfo]:
     series, skipped = _scan(folder, recursive=True)
     _warn_skipped(folder, skipped)
     return series
-
-
-def walk_files(folder: Path, recursive: bool = True) -> Iterator[Path]:
-    """The files under ``folder`` in a stable order, hidden ones (a part starting with ".") left out. Linked folders
-    are followed, as a dataset of links to its cases is laid out, each real folder once (a link back up the tree
-    is not a loop)."""
-    seen = {os.path.realpath(folder)}
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        kept = []
-        for d in sorted(d for d in dirs if not d.startswith(".")) if recursive else []:
-            real = os.path.realpath(os.path.join(root, d))
-            if real not in seen:
-                seen.add(real)
-                kept.append(d)
-        dirs[:] = kept
-        for name in sorted(files):
-            if not name.startswith("."):
-                yield Path(root) / name
 
 
 def _sniff(path: Path) -> bool:
@@ -794,9 +777,8 @@ def write_dicom_series(
 def _check_output_folder(out_dir: Path, source_files: list[Path]) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder; refusing to overwrite it")
-    target = out_dir.resolve()
     for f in source_files:
-        if target == Path(f).resolve().parent or target in Path(f).resolve().parents:
+        if within(Path(f).resolve().parent, out_dir):  # the source lies in the output folder, or below it
             raise InputError(f"{out_dir}: holds the source series ({Path(f).name}); choose another output folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir}: exists and is not empty; refusing to overwrite it")
