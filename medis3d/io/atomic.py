@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from medis3d.errors import OutputError
+from medis3d.io.outputs import reason
 
 
 def umask_mode(folder: bool = False) -> int:
@@ -41,7 +42,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from exc
+        raise OutputError(f"{path}: cannot be written ({reason(exc)})") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -50,7 +51,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         try:
             os.replace(tmp, path)
         except OSError as exc:
-            raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from exc
+            raise OutputError(f"{path}: cannot be written ({reason(exc)})") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
