@@ -224,7 +224,7 @@ def attack_record(config: AttackConfig, medis: MedIS, result: MedISResult) -> At
         "losses": list(dict.fromkeys(m.loss for m in members)),
         "eps": medis.eps,
         # the step taken, in eps's units (the preset's step is a tenth of eps under L2, and --step is capped at eps)
-        "step": medis.eps * result.budget_step / result.budget_eps if result.budget_eps and result.budget_step is not None else medis.step,
+        "step": medis.eps * result.step_native / result.eps_native,
         "steps": medis.steps,
         "eps_units": medis.eps_units,
         "eps_native": result.eps_native,
