@@ -310,7 +310,7 @@ def _label_steps(cfg: SafeConfig, activation: str) -> tuple[LabelStep, ...]:
         step = LabelStep(name, args, "model" if not inverts or i < inverts[0] else "scan",
                          int(onehot) if activation == "softmax" and onehot else None)
         try:
-            step.transform()
+            step.transform  # noqa: B018  (made now: refused at loading, not on the first prediction)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise BundleError(f"{cfg.source}: postprocessing {name}d cannot be used ({first_line(exc)})") from exc
         steps.append(step)

@@ -10,6 +10,7 @@ network's output, and the step decides, as in the bundle, what that output is sc
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,9 +48,10 @@ class LabelStep:
     space: str = "scan"
     onehot: int | None = None
 
+    @functools.cached_property
     def transform(self):
-        """MONAI's array transform; a ``TypeError`` for an argument it does not take, a ``RuntimeError`` when the
-        package it needs is missing."""
+        """MONAI's array transform, made once (a step runs on every prediction an attack scores); a ``TypeError`` for
+        an argument it does not take, a ``RuntimeError`` when the package it needs is missing."""
         import monai.transforms as mt
         from monai.utils import optional_import
 
@@ -82,7 +84,7 @@ def apply(steps: tuple[LabelStep, ...], labels: torch.Tensor, affine: torch.Tens
         x = torch.nn.functional.one_hot(x[0].long().clamp(0, onehot - 1), onehot).movedim(-1, 0).float()
     out = MetaTensor(x, affine=torch.as_tensor(np.asarray(affine), dtype=torch.float64))
     for step in steps:
-        out = step.transform()(out)
+        out = step.transform(out)
     result = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
     if onehot:  # a voxel no channel keeps (its class's component dropped) is background, as a one-hot Dice counts it
         result = result.float().argmax(0, keepdim=True)
