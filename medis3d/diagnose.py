@@ -59,8 +59,9 @@ QUERIES = 200  # the random search's forward passes where none are given (evalua
 # run again (2: strongest iterates in the doubling, restarts and random search; finite differences with two steps;
 # 3: restarts from random starts the member's own run did not draw; the layer check moves the unreached voxels;
 # 4: the sweep's step grows with its budget above the diagnosed one; 5: finite differences name a random model, and
-# a network whose input gradient is zero though no layer zeroes its own; 6: evaluate's --success is the sweep's)
-CHECKS_VERSION = 6
+# a network whose input gradient is zero though no layer zeroes its own; 6: evaluate's --success is the sweep's;
+# 7: the random search's start counts as one of its queries)
+CHECKS_VERSION = 7
 
 
 @dataclass
@@ -348,9 +349,9 @@ class Diagnose:
         units = budget._scale(clean)  # a budget per channel: its sizes are each channel's own times its scale
         stripes = amplitude * signs.expand_as(clean)
         x = budget.project(clean + (stripes if units is None else stripes * units), clean)  # vertical stripes, as Square attack starts
-        best, segmentation = value(x)
+        best, segmentation = value(x)  # the first of its ``queries`` forward passes
         shape = clean.shape[1:]
-        for q in range(self.queries):
+        for q in range(self.queries - 1):
             fraction = 0.1 * (0.5 ** int(8 * q / max(1, self.queries)))  # the cube's share of the volume, halving
             side = [max(1, int(round(s * fraction ** (1 / 3)))) for s in shape]
             corner = [int(torch.randint(0, s - w + 1, (1,), generator=gen)) for s, w in zip(shape, side)]

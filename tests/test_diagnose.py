@@ -415,3 +415,25 @@ def test_diagnose_refuses_a_success_threshold_outside_0_to_1(tiny_bundle, scan_f
                                  "--steps", "2", "--queries", "2", "--out", str(tmp_path / "d.json"), "--quiet"])
     assert result.exit_code == 2 and "--success is a mean IoU from 0 to 1, got 50" in result.output
     assert not (tmp_path / "d.json").exists()
+
+
+def test_the_random_search_makes_as_many_forward_passes_as_it_has_queries(tiny_target, scan_file, monkeypatch):
+    """--queries is the random search's forward passes: its starting point (vertical stripes) was one more, 31 passes
+    for --queries 30; the start now counts as the first query."""
+    from medis3d.target import Target
+
+    volume = read_volume(scan_file)
+    reference = tiny_target.predict(volume)
+    diagnose = Diagnose(tiny_target, eps=8 / 255, steps=1, queries=7)
+    diagnose.scale = tiny_target.intensity_scales(volume).scale
+    _, dice, setting = diagnose._run(volume, reference, 8 / 255)
+    passes = []
+    evaluate_many = Target.evaluate_many
+
+    def counted(self, xs, *args, **kwargs):
+        passes.extend(xs)
+        return evaluate_many(self, xs, *args, **kwargs)
+
+    monkeypatch.setattr(Target, "evaluate_many", counted)
+    check = diagnose.random_search(volume, reference, dice, setting)
+    assert len(passes) == 7 == check.measured["queries"]
