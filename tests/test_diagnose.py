@@ -437,3 +437,48 @@ def test_the_random_search_makes_as_many_forward_passes_as_it_has_queries(tiny_t
     monkeypatch.setattr(Target, "evaluate_many", counted)
     check = diagnose.random_search(volume, reference, dice, setting)
     assert len(passes) == 7 == check.measured["queries"]
+
+
+class _StraightThroughRound(torch.autograd.Function):
+    """Rounds to 1/8 forward; the identity's gradient backward (a straight-through stand-in)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 8) / 8
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class StraightThrough(Masked):
+    """The network behind a rounding of its input with a straight-through gradient."""
+
+    def forward(self, x):
+        return self.network(_StraightThroughRound.apply(x))
+
+
+def test_the_finite_differences_name_a_straight_through_network_not_the_preprocessing(tiny_target, scan_file):
+    """A network that rounds its input behind a straight-through gradient: its gradient misses the real change (1.0
+    along a random direction) and the window's own differences disagree with each other, so the cause fell through to
+    "look at the preprocessing steps", whose exact gradient matches its own finite differences to 5e-06. Now the
+    network is named where its gradient misses its differences at smaller steps too (by 1 or more; the honest network
+    on a constant scan, whose differences disagree at 1/255, meets them to 0.065 at 1/4080 and is not named). A
+    preprocessing step that rounds the same way (straight through) is still named the preprocessing."""
+    from medis3d.preprocessing import DifferentiablePreprocessing, Step
+
+    volume = read_volume(scan_file)
+    network = dataclasses.replace(tiny_target, network=StraightThrough(tiny_target.network), notices=[])
+    check = Diagnose(network, fd_voxels=400).finite_differences(volume, network.predict(volume))
+    assert check.flagged and "a layer with a stand-in gradient" in check.cause, check.cause
+
+    def rounded(x):
+        return x + (torch.round(x / 20) * 20 - x).detach()
+
+    steps = DifferentiablePreprocessing([Step("Rounded", rounded, "exact"), *tiny_target.preprocessing.steps])
+    preprocessing = dataclasses.replace(tiny_target, preprocessing=steps, notices=[])
+    assert Diagnose(preprocessing)._preprocessing_fd_error(volume) > 0.1
+    assert Diagnose(tiny_target)._preprocessing_fd_error(volume) < 0.1
+    flat = volume.with_array(volume.array * 0)  # the honest network, curved there at 1/255 of its range
+    cause = Diagnose(tiny_target)._culprit(flat, tiny_target.predict(flat))
+    assert cause.startswith("the network passes gradients"), cause
