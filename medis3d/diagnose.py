@@ -59,8 +59,10 @@ QUERIES = 200  # the random search's forward passes where none are given (evalua
 # run again (2: strongest iterates in the doubling, restarts and random search; finite differences with two steps;
 # 3: restarts from random starts the member's own run did not draw; the layer check moves the unreached voxels;
 # 4: the sweep's step grows with its budget above the diagnosed one; 5: finite differences name a random model, and
-# a network whose input gradient is zero though no layer zeroes its own; 6: evaluate's --success is the sweep's)
-CHECKS_VERSION = 6
+# a network whose input gradient is zero though no layer zeroes its own; 6: evaluate's --success is the sweep's;
+# 7: the random search's start counts as one of its queries; 8: finite differences name a network that is not smooth
+# at one step's scale where the preprocessing's gradient matches its own)
+CHECKS_VERSION = 8
 
 
 @dataclass
@@ -348,9 +350,9 @@ class Diagnose:
         units = budget._scale(clean)  # a budget per channel: its sizes are each channel's own times its scale
         stripes = amplitude * signs.expand_as(clean)
         x = budget.project(clean + (stripes if units is None else stripes * units), clean)  # vertical stripes, as Square attack starts
-        best, segmentation = value(x)
+        best, segmentation = value(x)  # the first of its ``queries`` forward passes
         shape = clean.shape[1:]
-        for q in range(self.queries):
+        for q in range(self.queries - 1):
             fraction = 0.1 * (0.5 ** int(8 * q / max(1, self.queries)))  # the cube's share of the volume, halving
             side = [max(1, int(round(s * fraction ** (1 / 3)))) for s in shape]
             corner = [int(torch.randint(0, s - w + 1, (1,), generator=gen)) for s, w in zip(shape, side)]
@@ -438,7 +440,9 @@ class Diagnose:
         """Where a gradient that disagrees with finite differences goes wrong: network layers that block or zero it,
         else a network whose input gets no gradient (an operation outside its layers, e.g. rounding), else the
         network's own gradient checked the same way on one window in model space (a layer that hides part of it, e.g.
-        a custom backward), else the preprocessing."""
+        a custom backward), else, where that network's differences disagree with each other, its gradient misses
+        them at smaller steps too and the preprocessing's exact gradient matches its own, a network layer with a
+        stand-in gradient (a rounding passed straight through), else the preprocessing."""
         from medis3d.bpda import gradient_flow
 
         with torch.no_grad():
@@ -458,12 +462,65 @@ class Diagnose:
         if error is not None and error > FD_TOLERANCE:
             return (f"the network's own gradient misses finite differences on one window in model space by {error:.2g} "
                     "(a layer hides part of it, e.g. a custom backward or a detached branch)")
+        if error is None:  # the network's own differences disagree with each other: not smooth at one step's scale
+            # a gradient that meets the differences as the step shrinks is a curved network's (a flat scan's ReLUs
+            # all bend at once); one that misses them at 1/1020 and 1/4080 of the range too is not the network's own
+            predicted, finer = self._network_differences(window, (1 / 1020, 1 / 4080))
+            miss = min(relative_difference(predicted, d) for d in finer)
+            if miss > FD_TOLERANCE:
+                preprocessing = self._preprocessing_fd_error(volume)
+                if preprocessing <= FD_TOLERANCE:
+                    return (f"the network: on one window in model space its gradient misses finite differences by {miss:.2g} "
+                            "or more at steps of 1/1020 and 1/4080 of its input's range (and its differences of 1/255 "
+                            "and 4/255 disagree), while the exact preprocessing's gradient matches its own finite "
+                            f"differences to {preprocessing:.2g}: a layer with a stand-in gradient, e.g. a rounding "
+                            "passed straight through")
         return "the network passes gradients; look at the preprocessing steps (layer check)"
+
+    def _preprocessing_fd_error(self, volume: Volume) -> float:
+        """The exact preprocessing's gradient of a random signed weighting of the model input, along +-1 on a random
+        sample of the scan's voxels, against central differences of the real preprocessing with steps of 1/255 and
+        4/255 of the intensity range: the larger of the gradient's miss and the two differences' disagreement."""
+        x = torch.from_numpy(volume.array).to(self.target.device).float()
+        gen = torch.Generator().manual_seed(self.seed + 2)
+        leaf = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            model_in = self.target.model_input(leaf, volume, "exact")
+            weights = (torch.rand(model_in.shape, generator=gen) * 2 - 1).to(model_in)
+            (grad,) = torch.autograd.grad((model_in * weights).sum(), leaf)
+        n = x.numel()
+        direction = torch.zeros(n)
+        sample = torch.randperm(n, generator=gen)[: min(self.fd_voxels, n)]
+        direction[sample] = (torch.randint(0, 2, (len(sample),), generator=gen) * 2 - 1).float()
+        direction = direction.reshape(x.shape).to(x)
+        scales = self.target.intensity_scales(volume)
+        apart = scales.array()
+        if apart is not None:  # each channel's step of its own range
+            direction = direction * torch.as_tensor(apart / scales.scale, dtype=x.dtype, device=x.device)
+        h = scales.scale / 255
+
+        def central(step: float) -> float:
+            with torch.no_grad():
+                plus = self.target.model_input(x + step * direction, volume).as_tensor().double()
+                minus = self.target.model_input(x - step * direction, volume).as_tensor().double()
+            return float(((plus - minus) * weights.detach().double()).sum()) / (2 * step)
+
+        fine, coarse = central(h), central(4 * h)
+        return max(relative_difference(float((grad.double() * direction.double()).sum()), fine),
+                   relative_difference(fine, coarse))
 
     def _network_fd_error(self, window: torch.Tensor) -> float | None:
         """The network's gradient of a random signed weighting of its output, along +-1 on a random sample of the
         window's voxels, against the central difference with steps of 1/255 of the model's input range (None where
         the differences of steps 1/255 and 4/255 disagree: not a measurement at that scale)."""
+        predicted, (fine, coarse) = self._network_differences(window, (1 / 255, 4 / 255))
+        if relative_difference(fine, coarse) > FD_TOLERANCE:
+            return None
+        return relative_difference(predicted, fine)
+
+    def _network_differences(self, window: torch.Tensor, fractions: tuple[float, ...]) -> tuple[float, list[float]]:
+        """The network's gradient of a random signed weighting of its output along +-1 on a random sample of the
+        window's voxels, and the central differences along it with steps of ``fractions`` of the window's range."""
         def logits(x: torch.Tensor) -> torch.Tensor:
             out = self.target.network(x)
             return (out[0] if isinstance(out, (tuple, list)) else out).float()
@@ -485,10 +542,7 @@ class Diagnose:
             with torch.no_grad():
                 return float(((logits(window + step * direction) - logits(window - step * direction)) * weights).sum()) / (2 * step)
 
-        fine, coarse = central(span / 255), central(4 * span / 255)
-        if relative_difference(fine, coarse) > FD_TOLERANCE:
-            return None
-        return relative_difference(float((grad * direction).sum()), fine)
+        return float((grad * direction).sum()), [central(span * f) for f in fractions]
 
     def layers(self, volume: Volume, reference: np.ndarray, budget: Budget) -> Check:
         """Per preprocessing step: the share of the scan its gradient reaches, and how well the gradient of the

@@ -415,3 +415,70 @@ def test_diagnose_refuses_a_success_threshold_outside_0_to_1(tiny_bundle, scan_f
                                  "--steps", "2", "--queries", "2", "--out", str(tmp_path / "d.json"), "--quiet"])
     assert result.exit_code == 2 and "--success is a mean IoU from 0 to 1, got 50" in result.output
     assert not (tmp_path / "d.json").exists()
+
+
+def test_the_random_search_makes_as_many_forward_passes_as_it_has_queries(tiny_target, scan_file, monkeypatch):
+    """--queries is the random search's forward passes: its starting point (vertical stripes) was one more, 31 passes
+    for --queries 30; the start now counts as the first query."""
+    from medis3d.target import Target
+
+    volume = read_volume(scan_file)
+    reference = tiny_target.predict(volume)
+    diagnose = Diagnose(tiny_target, eps=8 / 255, steps=1, queries=7)
+    diagnose.scale = tiny_target.intensity_scales(volume).scale
+    _, dice, setting = diagnose._run(volume, reference, 8 / 255)
+    passes = []
+    evaluate_many = Target.evaluate_many
+
+    def counted(self, xs, *args, **kwargs):
+        passes.extend(xs)
+        return evaluate_many(self, xs, *args, **kwargs)
+
+    monkeypatch.setattr(Target, "evaluate_many", counted)
+    check = diagnose.random_search(volume, reference, dice, setting)
+    assert len(passes) == 7 == check.measured["queries"]
+
+
+class _StraightThroughRound(torch.autograd.Function):
+    """Rounds to 1/8 forward; the identity's gradient backward (a straight-through stand-in)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 8) / 8
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class StraightThrough(Masked):
+    """The network behind a rounding of its input with a straight-through gradient."""
+
+    def forward(self, x):
+        return self.network(_StraightThroughRound.apply(x))
+
+
+def test_the_finite_differences_name_a_straight_through_network_not_the_preprocessing(tiny_target, scan_file):
+    """A network that rounds its input behind a straight-through gradient: its gradient misses the real change (1.0
+    along a random direction) and the window's own differences disagree with each other, so the cause fell through to
+    "look at the preprocessing steps", whose exact gradient matches its own finite differences to 5e-06. Now the
+    network is named where its gradient misses its differences at smaller steps too (by 1 or more; the honest network
+    on a constant scan, whose differences disagree at 1/255, meets them to 0.065 at 1/4080 and is not named). A
+    preprocessing step that rounds the same way (straight through) is still named the preprocessing."""
+    from medis3d.preprocessing import DifferentiablePreprocessing, Step
+
+    volume = read_volume(scan_file)
+    network = dataclasses.replace(tiny_target, network=StraightThrough(tiny_target.network), notices=[])
+    check = Diagnose(network, fd_voxels=400).finite_differences(volume, network.predict(volume))
+    assert check.flagged and "a layer with a stand-in gradient" in check.cause, check.cause
+
+    def rounded(x):
+        return x + (torch.round(x / 20) * 20 - x).detach()
+
+    steps = DifferentiablePreprocessing([Step("Rounded", rounded, "exact"), *tiny_target.preprocessing.steps])
+    preprocessing = dataclasses.replace(tiny_target, preprocessing=steps, notices=[])
+    assert Diagnose(preprocessing)._preprocessing_fd_error(volume) > 0.1
+    assert Diagnose(tiny_target)._preprocessing_fd_error(volume) < 0.1
+    flat = volume.with_array(volume.array * 0)  # the honest network, curved there at 1/255 of its range
+    cause = Diagnose(tiny_target)._culprit(flat, tiny_target.predict(flat))
+    assert cause.startswith("the network passes gradients"), cause
