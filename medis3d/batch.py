@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from medis3d.errors import InputError, Medis3dError, first_line
@@ -214,6 +215,13 @@ def run_one(item: BatchItem, out_dir: Path, attack: Callable[[object, Path], dic
     return status
 
 
+# how long a rank waits at the barrier for the others to finish their shares: torch's default (30 minutes for gloo,
+# 10 for NCCL) ended the whole batch with a RuntimeError, no summary written, wherever one rank's volumes took that
+# much longer than another's (a resumed batch whose done volumes were one rank's). A rank that dies ends the group
+# by torchrun, not by this wait.
+BARRIER_WAIT = timedelta(days=30)
+
+
 @dataclass
 class Shard:
     """This process's share of the batch under torchrun (rank, world size, device)."""
@@ -228,12 +236,10 @@ class Shard:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        import torch
         import torch.distributed as dist
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend=backend)
+        if not dist.is_initialized():  # only barriers travel: gloo's, on the CPU, whatever the volumes run on
+            dist.init_process_group(backend="gloo", timeout=BARRIER_WAIT)
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True)
 
     def device(self, requested: str | None) -> str:

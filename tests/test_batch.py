@@ -259,3 +259,26 @@ def test_batch_follows_linked_case_folders_once_each(tmp_path):
     items = discover(root)
     assert sorted((i.kind, i.relative.split("#")[0]) for i in items) == [
         ("dicom", "ct"), ("nifti", "case1/t1.nii.gz"), ("nifti", "case2.nii.gz")]
+
+
+def test_a_rank_waits_for_the_others_longer_than_torchs_default(monkeypatch):
+    """The ranks meet at a barrier when their shares are done: under torch's default process-group timeout (30
+    minutes for gloo, 10 for NCCL) a rank that waited longer for another (one rank's volumes took that much longer,
+    or a resumed batch's done volumes were its own) ended the batch with a RuntimeError and no summary."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from medis3d.batch import Shard
+
+    calls: list[dict] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    shard = Shard.from_env()
+    assert (shard.rank, shard.world, shard.local_rank) == (1, 2, 1)
+    assert calls and calls[0].get("timeout", timedelta(minutes=30)) >= timedelta(days=1)
+    assert calls[0].get("backend") == "gloo"  # only barriers travel: no GPU, no NCCL watchdog

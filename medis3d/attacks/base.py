@@ -60,12 +60,13 @@ class Together:
 
 
 def drive_together(members: Sequence[Steps], target: Target, volume: Volume, group: int | None = None,
-                   log: Together | None = None) -> list[MemberResult]:
+                   log: Together | None = None,
+                   finished: Callable[[int, MemberResult], None] | None = None) -> list[MemberResult]:
     """Run several attacks' requests through ``target`` together: at every round, each member still running
     contributes its pending request; requests of one kind (gradient or not, and by which path) go through the
     network as one batch of up to ``group`` members (all when None). A member that has finished (its own
-    early success or its last iterate) leaves the batch. Each member's results are those of :func:`drive`,
-    up to float rounding of the batched network."""
+    early success or its last iterate) leaves the batch, and ``finished(i, result)`` is told then. Each
+    member's results are those of :func:`drive`, up to float rounding of the batched network."""
     results: list = [None] * len(members)
     pending: dict[int, Request] = {}
 
@@ -75,6 +76,8 @@ def drive_together(members: Sequence[Steps], target: Target, volume: Volume, gro
         except StopIteration as stop:
             pending.pop(i, None)
             results[i] = stop.value
+            if finished is not None:
+                finished(i, stop.value)
 
     for i in range(len(members)):
         advance(i, first=True)
