@@ -518,7 +518,7 @@ def evaluate(
     """Evaluate robustness over a dataset: every volume x member x eps, with MedIS fusion and the worst case (resumable)."""
     _quiet_warnings()
     from medis3d.io.volume import scan_name
-    from medis3d.study import evaluate_dataset, read_dataset, rise_words
+    from medis3d.study import diagnose_words, evaluate_dataset, read_dataset, rise_words
 
     device = options["device"] or _default_device()
     try:
@@ -562,6 +562,9 @@ def evaluate(
             typer.echo(f"medis3d: notice: {notice}", err=True)
         if summary.get("rises_with_budget"):
             typer.echo(f"medis3d: warning: {rise_words(summary['rises_with_budget'])}; see report.md", err=True)
+        masking = diagnose_words(summary.get("diagnose") or {})
+        if masking:
+            typer.echo(f"medis3d: warning: {masking}; see report.md", err=True)
         typer.echo(f"{len(cases) - len(failed)} volume(s), {len(eps_list)} budget(s), {len(member_list)} member(s): see {out / 'report.md'}")
     for failure in failed:  # the study went on without them; the exit code says it is not whole, as batch's does
         typer.echo(f"medis3d: error: {failure['error']} (not in the study)", err=True)

@@ -384,7 +384,8 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     if victims:
         summary["transfer"] = transfer_matrix(all_rows, source or "source", [v.name for v in victims])
     if diagnose:
-        summary["diagnose"] = {name: {"flagged": d["flagged"], "flags": [c["check"] for c in d["checks"] if c["flagged"]]}
+        summary["diagnose"] = {name: {"flagged": d["flagged"], "flags": [c["check"] for c in d["checks"] if c["flagged"]],
+                                      "causes": {c["check"]: c.get("cause") for c in d["checks"] if c["flagged"]}}
                                for name, d in diagnoses.items()}
     if settings is not None:
         summary["settings"] = settings
@@ -759,6 +760,31 @@ def plot_robustness(path: Path, summary: dict, units: str = "normalized") -> Non
         tmp.write_bytes(dice_curves(summary, units))
 
 
+def diagnose_words(diagnoses: dict) -> str | None:
+    """One line on the volumes whose gradient-masking checks flag something (None where none does)."""
+    flagged = {name: d["flags"] for name, d in diagnoses.items() if d["flagged"]}
+    if not flagged:
+        return None
+    each = "; ".join(f"{name}: {', '.join(flags)}" for name, flags in sorted(flagged.items()))
+    return (f"the gradient-masking checks flag {len(flagged)} of {len(diagnoses)} volume(s) ({each}): "
+            "the attack may stop short there, so its Dice is not yet an upper bound on robustness")
+
+
+def diagnose_lines(diagnoses: dict) -> list[str]:
+    """report.md's section on the gradient-masking checks (``--diagnose``): each volume's flags and their likely causes."""
+    lines = ["\n## Gradient-masking checks (`--diagnose`, at the largest budget)\n"]
+    words = diagnose_words(diagnoses)
+    lines.append(f"**Flagged:** {words}.\n" if words else "No check flags any volume.\n")
+    for name, d in sorted(diagnoses.items()):
+        if not d["flagged"]:
+            lines.append(f"- {name}: no flag (`diagnose/{name}.json`)")
+            continue
+        causes = d.get("causes") or {}
+        lines.append(f"- {name}: " + "; ".join(f"**{check}**" + (f": {causes[check]}" if causes.get(check) else "")
+                                              for check in d["flags"]) + f" (`diagnose/{name}.json`)")
+    return lines
+
+
 def markdown_report(summary: dict, volumes: int, units: str = "normalized") -> str:
     failed = summary.get("failed_volumes") or []
     lines = [f"# medis3d robustness evaluation\n\n{volumes - len(failed)} volume(s); {reference_words(summary)}; {stopping_words(summary)}.\n"]
@@ -777,6 +803,8 @@ def markdown_report(summary: dict, volumes: int, units: str = "normalized") -> s
         lines.append(f"\n**{rise_words(summary['rises_with_budget'])}**\n")
         lines += [f"- {r['volume']}, {r['member']}: Dice {r['dice']:.3f} at {eps_label(r['eps'], units)}, "
                   f"{r['smaller_dice']:.3f} at {eps_label(r['smaller_eps'], units)}" for r in summary["rises_with_budget"]]
+    if summary.get("diagnose"):
+        lines += diagnose_lines(summary["diagnose"])
     if summary["loss_wins"]:
         lines.append("\nMembers chosen by the full fusion: " + ", ".join(f"{k} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
     if summary.get("transfer"):

@@ -688,3 +688,40 @@ def test_an_overview_drawn_under_other_settings_is_not_shown(tiny_bundle, tmp_pa
     assert other and other != first
     volume, shown = run("2")
     assert shown != other  # not the --steps 4 run's picture beside this run's Dice
+
+
+def test_evaluate_diagnose_flags_reach_report_md_and_stderr(tiny_bundle, tmp_path, monkeypatch):
+    """evaluate --diagnose once kept its flags to summary.json and report.html: report.md had no word of them and
+    nothing was printed. Now report.md has a section (each volume, each flag and its likely cause) and a flag is a
+    warning on stderr, as a budget that leaves more Dice is."""
+    import medis3d.study as study
+
+    real = study._diagnose_case
+    flagged_cases = []
+
+    def diagnose_case(target, case, *args, **kwargs):
+        result = real(target, case, *args, **kwargs)
+        if case.name == "case2":  # the real checks, and one flag of the kind a masked model raises
+            result = {**result, "flagged": True, "checks": [*result["checks"], {"check": "finite_differences", "flagged": True,
+                                                                                  "cause": "a layer zeroes it"}]}
+            flagged_cases.append(case.name)
+        return result
+
+    monkeypatch.setattr("medis3d.diagnose.QUERIES", 5)
+    monkeypatch.setattr(study, "_diagnose_case", diagnose_case)
+    root = _dataset(tmp_path)
+    out = tmp_path / "study"
+    result = runner.invoke(app, ["evaluate", str(root / "dataset.json"), "--out", str(out), "--bundle", str(tiny_bundle),
+                                 "--members", "apgd:ce", "--eps", "8/255", "--steps", "2", "--diagnose"])
+    assert result.exit_code == 0, result.output
+    assert flagged_cases == ["case2"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diagnose"]["case2"]["causes"]["finite_differences"] == "a layer zeroes it"
+    report = (out / "report.md").read_text()
+    section = report.split("## Gradient-masking checks")[1]
+    assert "**finite_differences**: a layer zeroes it (`diagnose/case2.json`)" in section
+    case1 = summary["diagnose"]["case1"]
+    assert ("- case1: no flag" in section) == (not case1["flagged"])
+    assert "medis3d: warning: the gradient-masking checks flag" in result.output and "case2: " in result.output
+    quiet = study.diagnose_lines({"a": {"flagged": False, "flags": []}})
+    assert "No check flags any volume." in "\n".join(quiet) and study.diagnose_words({"a": {"flagged": False, "flags": []}}) is None
