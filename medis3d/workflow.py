@@ -194,7 +194,9 @@ def _attack_and_write(volume: Volume, target: Target, options: AttackConfig, out
         target = target.configure(sw_batch_size=memory_plan.sw_batch_size, checkpoint=memory_plan.checkpoint, amp=memory_plan.amp)
         together = memory_plan.together
     else:
-        together = options.together or auto_together(target, model_shape, count)
+        # never more than the members there are (--together 100 of 4 members was reported as 100 sharing each pass;
+        # under --memory-budget it already said 4)
+        together = min(count, options.together or auto_together(target, model_shape, count))
     medis = options.fusion(target, progress, region)
     medis.together = together
     result = medis(volume, reference=reference, target_mask=aim)

@@ -24,14 +24,14 @@ def test_attack_end_to_end(tiny_bundle, scan_and_label, tmp_path):
     result = runner.invoke(
         app, ["attack", str(scan), "--bundle", str(tiny_bundle), "--label", str(label), "--losses", "dice,ce",
               "--eps", "24", "--eps-units", "native", "--step", "4", "--steps", "6", "--out", str(out), "--json",
-              "--together", "2"],
+              "--together", "5"],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert REPORT_KEYS <= set(report)
     assert report["schema"] == "medis3d.report/1"
     assert {"name", "targeted", "losses", "eps", "step", "steps", "eps_units"} <= set(report["attack"])
-    # the two members shared every pass through the network
+    # the two members shared every pass through the network (of --together 5, two: the members there are)
     assert report["attack"]["together"]["members"] == 2 and report["attack"]["together"]["largest"] == 2
     assert {"linf_native", "l2_native", "linf_normalized"} <= set(report["perturbation"])
     assert {"loss", "success", "steps", "linf_normalized", "mean_iou"} <= set(report["members"][0])
