@@ -488,8 +488,8 @@ def _target_from(cfg: SafeConfig, ts_path, pt_path, source: str, device, precisi
     if bundle and not any(_prediction_steps(cfg, "Invertd")):
         # the bundle's prediction is its labels on the model's grid (MONAI's output): the labels themselves go back to
         # the scan's grid, nearest, not its probabilities interpolated (once 249 of 46080 voxels of the tests' tiny
-        # bundle's prediction were a label the bundle gave at no model voxel nearest them); the losses take the
-        # probabilities back nearest too (Target.to_scan_grid)
+        # bundle's prediction were a label the bundle gave at no model voxel nearest them; the losses still take the
+        # probabilities mapped back, their gradient smooth)
         invert = "labels"
         if any(step.invertible is not None for step in preprocessing.steps):
             notices.append(NO_INVERTD_NOTICE)

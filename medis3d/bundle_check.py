@@ -49,8 +49,9 @@ def _other_steps(target: Target) -> list[dict]:
     modes = sorted({str(s.args.get("mode", "bilinear")) for s in target.preprocessing.steps if s.name == "Spacing"})
     forward = "/".join(modes) or "bilinear"
     back = "nearest" if target.invert == "labels" or target.invert_nearest else forward
-    if NO_INVERTD_NOTICE in target.notices:  # the losses take the probabilities back nearest, as the prediction its labels
-        how = "the bundle has no Invertd: its labels for the prediction, the probabilities for the losses"
+    if NO_INVERTD_NOTICE in target.notices:  # the losses take the probabilities back by the inverse, the prediction is the labels
+        back = forward
+        how = "the probabilities, for the losses; the bundle has no Invertd, so the prediction is its labels, nearest"
     else:
         how = f"as the bundle's Invertd{', on the labels' if target.invert == 'labels' else ', on the logits' if target.invert_logits else ''}"
     steps[2]["stand_in"] = steps[2]["stand_in"].replace(

@@ -253,11 +253,6 @@ class Target:
         exactly those probabilities (log for softmax, logit for sigmoid), so the losses and the
         argmax see what the bundle's own inference sees. Differentiable, with no clamp near 1 (``_TINY``).
 
-        Where the bundle discretises before its ``Invertd`` or has none (``invert == "labels"``: its prediction is its labels
-        taken back nearest), the probabilities go back nearest too, so that the losses see exactly the labels the prediction
-        holds (interpolated, as once, every member of the tests' tiny bundle was weaker: apgd:ce at 8/255, 20 iterations,
-        foreground Dice 0.917, nearest 0.912, a plain PGD in model space 0.910).
-
         ``raw``: the network's own logits mapped back through the same inverse instead, for the losses that are
         not invariant to a shift of a voxel's logits (``losses.RAW_LOGITS``: SEA's masked spherical loss).
 
@@ -266,7 +261,7 @@ class Target:
         """
         meta = dict(model_input.meta)
         ops = [dict(op) for op in model_input.applied_operations]
-        if self.invert_nearest or self.invert == "labels":  # as the bundle's Invertd(nearest_interp=True) does, or as its labels go back
+        if self.invert_nearest:  # as the bundle's Invertd(nearest_interp=True) does
             from monai.transforms.utils import convert_applied_interp_mode
 
             ops = convert_applied_interp_mode(ops, mode="nearest")
@@ -488,8 +483,6 @@ class Target:
                  "invert": self.invert, "out_channels": self.out_channels, "class_names": self.class_names}
         if self.invert_nearest:
             about["invert_nearest"] = True
-        elif self.invert == "labels":  # no Invertd: the losses take the probabilities back nearest (since 2026-12-07)
-            about["losses_back"] = "nearest"
         if self.activation == "sigmoid" and self.threshold != 0.5:
             about["threshold"] = self.threshold
         if self.invert_logits:

@@ -6,8 +6,7 @@ lines of torch each). medis3d's attacks are checked against these on the same mo
 Each attack ascends a loss of ``bench/reference.py`` (cross-entropy unless told otherwise) against the clean
 prediction in model space, keeps its iterate inside the L-inf ball (native units, whole HU: the scan is int16) and
 the scan's own intensity range, and returns its strongest iterate by Dice (APGD, PGD) or its last (FGSM, IGSM).
-Scoring is independent too (:func:`dice` of :meth:`PlainModel.predict`: the bundle's labels on the scan's grid, as
-medis3d reports them). APGD can take its gradient through a stand-in of the resampling (BPDA,
+Scoring is independent too (:func:`dice`). APGD can take its gradient through a stand-in of the resampling (BPDA,
 the counterpart of medis3d's ``gradient=smooth``). Projected Adam, the low-frequency attack, DAG, SegPGD and CosPGD
 take their loss on the scan's grid, as medis3d does, and return their strongest iterate by Dice."""
 
@@ -71,18 +70,8 @@ class PlainModel:
         return (back.clamp_min(1e-30).log() if grid == "scan" else back)[None]
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """The bundle's labels (it has no Invertd: MONAI leaves them on the model's grid) on the scan's grid, each voxel
-        the label of the nearest model voxel, as a viewer overlays MONAI's file on the scan and as medis3d scores and
-        writes every prediction (by MONAI's own inverse of the transforms, nearest)."""
-        from monai.transforms.utils import convert_applied_interp_mode
-
-        orientation, spacing = Orientation(axcodes="RAS"), Spacing(pixdim=self.pixdim, mode="bilinear")
         with torch.no_grad():
-            resampled = spacing(orientation(MetaTensor(x, affine=self.affine)))
-            labels = self.logits(x)[0].argmax(0, keepdim=True).float()
-            ops = convert_applied_interp_mode([dict(op) for op in resampled.applied_operations], mode="nearest")
-            back = MetaTensor(labels, affine=resampled.affine, meta=resampled.meta, applied_operations=ops)
-            return orientation.inverse(spacing.inverse(back)).as_tensor()[0].round().long()
+            return self.logits(x)[0].argmax(0)
 
 
 def dice(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -29,7 +29,6 @@ def problem(tiny_target, tmp_path_factory):
     hu, _ = synthetic_scan(7)
     volume = read_volume(save_nifti(tmp_path_factory.mktemp("ref") / "scan.nii.gz", hu))
     reference = model.predict(torch.from_numpy(hu.astype(np.float32))[None])
-    assert np.array_equal(reference.numpy(), tiny_target.predict(volume))  # both score the labels on the scan's grid
     return model, hu, volume, reference
 
 
