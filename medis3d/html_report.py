@@ -86,6 +86,16 @@ def eps_label(eps: Any, units: str = "normalized") -> str:
     return f"{v * 255:.3g}/255"
 
 
+def budget_words(units: str = "normalized", norm: str = "linf") -> str:
+    """What a study's eps means, in words: its norm and its units (every eps in its tables is in these)."""
+    if norm == "l2":
+        kind = "eps = the L2 budget (the length of the whole perturbation)"
+        return kind + (", in the scan's native units" if units != "normalized" else
+                       ", on the scan scaled to the model's intensity range, written x/255")
+    return "eps = the L-inf budget (each voxel's change)" + (", in the scan's native units" if units != "normalized"
+                                                               else ", in x/255 of the model's intensity range")
+
+
 def size_label(norm: str, size: Mapping[str, Any], short: bool = False) -> str:
     """A perturbation's size (``size``: its ``linf_normalized``, ``linf_native``, ``l2_normalized``, ``l2_native``) in
     the budget's norm first: ``L-inf 8.00/255 (2.47 native units)``, or under an L2 budget ``L2 1000 native units
@@ -232,7 +242,8 @@ def evaluation_page(summary: dict, out: Path) -> str:
     volumes = summary.get("volumes", [])
     parts = [f"<h1>medis3d robustness study</h1><p class=\"muted\">{len(volumes)} volume(s)"
              + (f"; model {_e(summary['transfer']['source'])}" if summary.get("transfer") else "")
-             + (f"; medis3d {_e(settings['medis3d'])}" if settings.get("medis3d") else "") + "</p>"]
+             + (f"; medis3d {_e(settings['medis3d'])}" if settings.get("medis3d") else "")
+             + f"; {_e(budget_words(units, summary.get('norm', 'linf')))}</p>"]
     text, tone = study_verdict(summary, units)
     parts.append(f"<p class=\"verdict {tone}\" id=\"verdict\">{_e(text)}</p>")
     failed = summary.get("failed_volumes") or []
