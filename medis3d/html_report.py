@@ -379,6 +379,15 @@ def verdict(report: Mapping[str, Any]) -> str:
             "Try a larger --eps, more --steps, --restarts 3 (APGD members), or --preset reliable.")
 
 
+def budget_line(attack: Mapping[str, Any]) -> str:
+    """An attack's budget in words, as given and in the scan's native units, and the iterations each member had."""
+    units, eps_native = attack.get("eps_units", "normalized"), attack.get("eps_native")
+    given = eps_label(attack["eps"], units) + (" native units" if units != "normalized" else "")
+    native = f" ({eps_native:.4g} native units)" if units == "normalized" and eps_native is not None else ""
+    return (f"Budget: {'L2' if attack.get('norm') == 'l2' else 'L-inf'} eps {given}{native}, "
+            f"{attack.get('steps')} iteration(s) per member.")
+
+
 def attack_page(report: Mapping[str, Any], overview_png: bytes | None, histogram_png: bytes | None = None) -> str:
     """``report.html`` of one ``medis3d attack``: the verdict, Dice clean and attacked, the overview, the members'
     traces, the perturbation's histogram and the settings (the report itself, as JSON)."""
@@ -402,7 +411,7 @@ def attack_page(report: Mapping[str, Any], overview_png: bytes | None, histogram
                     _cell(number(m["mean_iou"] if m["mean_iou"] is not None else m["target_mean_iou"])),
                     _cell(f"{m['time_s']:.1f}", m["time_s"])] for m in members]
     size = "L2 (native units)" if l2 else "L-inf"
-    parts.append("<h2>Members</h2>" + _table(["member", "success", "steps", size, "score", "time (s)"], member_rows, sortable=True))
+    parts.append("<h2>Members</h2>" + f"<p class=\"muted\" id=\"budget\">{_e(budget_line(report['attack']))}</p>" + _table(["member", "success", "steps", size, "score", "time (s)"], member_rows, sortable=True))
     if any(m.get("trace") for m in members):
         parts.append("<img class=\"figure\" id=\"traces\" alt=\"score against step, per member\" "
                      f"src=\"{data_uri(traces_plot(members, report['attack'].get('success_threshold')))}\">")

@@ -177,3 +177,21 @@ def test_reports_say_what_eps_is(tmp_path, norm, units, words):
     summary = _summary(norm, units)
     assert words in markdown_report(summary, 1, units).splitlines()[2]
     assert html.escape(words, quote=True) in evaluation_page(summary, tmp_path)
+
+
+def test_attack_page_states_the_budget():
+    """An attack's report.html gave the size of the perturbation written (L-inf 3.82/255) but nowhere the budget it was
+    allowed (--eps 4/255, 6.275 native units on a 400-unit window), except as 0.0156863 inside the settings' JSON."""
+    from medis3d.html_report import attack_page
+
+    scores = {"dice": {"blob": 0.9}, "mean_iou": 0.83}
+    report = {"input": {"path": "/data/a&b.nii.gz"}, "success": False, "clean": {"dice": {"blob": 0.92}, "mean_iou": 0.86},
+              "adversarial": scores, "selected": {"member": "pgd:ce", "steps": 6}, "members": [],
+              "perturbation": {"linf_normalized": 0.015, "linf_native": 6.0, "l2_normalized": 3.1, "l2_native": 1241.0},
+              "attack": {"targeted": False, "reference": "label file", "norm": "linf", "success_threshold": 0.5,
+                         "eps": 4 / 255, "eps_units": "normalized", "eps_native": 6.27451, "steps": 6}}
+    page = attack_page(report, None)
+    assert "Budget: L-inf eps 4/255 (6.275 native units), 6 iteration(s) per member." in page
+    assert "<h1>medis3d attack: a&amp;b.nii.gz</h1>" in page
+    native = {**report, "attack": {**report["attack"], "norm": "l2", "eps": 2000.0, "eps_units": "native", "eps_native": 2000.0}}
+    assert "Budget: L2 eps 2000 native units, 6 iteration(s) per member." in attack_page(native, None)
