@@ -86,6 +86,16 @@ def eps_label(eps: Any, units: str = "normalized") -> str:
     return f"{v * 255:.3g}/255"
 
 
+def budget_words(units: str = "normalized", norm: str = "linf") -> str:
+    """What a study's eps means, in words: its norm and its units (every eps in its tables is in these)."""
+    if norm == "l2":
+        kind = "eps = the L2 budget (the length of the whole perturbation)"
+        return kind + (", in the scan's native units" if units != "normalized" else
+                       ", on the scan scaled to the model's intensity range, written x/255")
+    return "eps = the L-inf budget (each voxel's change)" + (", in the scan's native units" if units != "normalized"
+                                                               else ", in x/255 of the model's intensity range")
+
+
 def size_label(norm: str, size: Mapping[str, Any], short: bool = False) -> str:
     """A perturbation's size (``size``: its ``linf_normalized``, ``linf_native``, ``l2_normalized``, ``l2_native``) in
     the budget's norm first: ``L-inf 8.00/255 (2.47 native units)``, or under an L2 budget ``L2 1000 native units
@@ -232,7 +242,8 @@ def evaluation_page(summary: dict, out: Path) -> str:
     volumes = summary.get("volumes", [])
     parts = [f"<h1>medis3d robustness study</h1><p class=\"muted\">{len(volumes)} volume(s)"
              + (f"; model {_e(summary['transfer']['source'])}" if summary.get("transfer") else "")
-             + (f"; medis3d {_e(settings['medis3d'])}" if settings.get("medis3d") else "") + "</p>"]
+             + (f"; medis3d {_e(settings['medis3d'])}" if settings.get("medis3d") else "")
+             + f"; {_e(budget_words(units, summary.get('norm', 'linf')))}</p>"]
     text, tone = study_verdict(summary, units)
     parts.append(f"<p class=\"verdict {tone}\" id=\"verdict\">{_e(text)}</p>")
     failed = summary.get("failed_volumes") or []
@@ -368,6 +379,15 @@ def verdict(report: Mapping[str, Any]) -> str:
             "Try a larger --eps, more --steps, --restarts 3 (APGD members), or --preset reliable.")
 
 
+def budget_line(attack: Mapping[str, Any]) -> str:
+    """An attack's budget in words, as given and in the scan's native units, and the iterations each member had."""
+    units, eps_native = attack.get("eps_units", "normalized"), attack.get("eps_native")
+    given = eps_label(attack["eps"], units) + (" native units" if units != "normalized" else "")
+    native = f" ({eps_native:.4g} native units)" if units == "normalized" and eps_native is not None else ""
+    return (f"Budget: {'L2' if attack.get('norm') == 'l2' else 'L-inf'} eps {given}{native}, "
+            f"{attack.get('steps')} iteration(s) per member.")
+
+
 def attack_page(report: Mapping[str, Any], overview_png: bytes | None, histogram_png: bytes | None = None) -> str:
     """``report.html`` of one ``medis3d attack``: the verdict, Dice clean and attacked, the overview, the members'
     traces, the perturbation's histogram and the settings (the report itself, as JSON)."""
@@ -391,7 +411,7 @@ def attack_page(report: Mapping[str, Any], overview_png: bytes | None, histogram
                     _cell(number(m["mean_iou"] if m["mean_iou"] is not None else m["target_mean_iou"])),
                     _cell(f"{m['time_s']:.1f}", m["time_s"])] for m in members]
     size = "L2 (native units)" if l2 else "L-inf"
-    parts.append("<h2>Members</h2>" + _table(["member", "success", "steps", size, "score", "time (s)"], member_rows, sortable=True))
+    parts.append("<h2>Members</h2>" + f"<p class=\"muted\" id=\"budget\">{_e(budget_line(report['attack']))}</p>" + _table(["member", "success", "steps", size, "score", "time (s)"], member_rows, sortable=True))
     if any(m.get("trace") for m in members):
         parts.append("<img class=\"figure\" id=\"traces\" alt=\"score against step, per member\" "
                      f"src=\"{data_uri(traces_plot(members, report['attack'].get('success_threshold')))}\">")

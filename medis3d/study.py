@@ -11,6 +11,7 @@ import functools
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from medis3d.errors import InputError, first_line
 from medis3d.fusion import MedIS, MemberOutcome, select_member
 from medis3d.html_report import (
     RISE_TOLERANCE,
+    budget_words,
     dice_curves,
     distortion,
     eps_label,
@@ -760,6 +762,15 @@ def plot_robustness(path: Path, summary: dict, units: str = "normalized") -> Non
         tmp.write_bytes(dice_curves(summary, units))
 
 
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*<>|]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def markdown_text(text: object) -> str:
+    """``text`` as Markdown shows it literally: a path's ``<x>`` is no HTML tag, its ``*y*`` no emphasis, a ``|`` no
+    column; an underscore between letters (``masked_spherical``) can mark no emphasis and is left as it is."""
+    return _MARKDOWN_SPECIAL.sub(lambda m: "\\" + m.group(0), str(text))
+
+
 def diagnose_words(diagnoses: dict) -> str | None:
     """One line on the volumes whose gradient-masking checks flag something (None where none does)."""
     flagged = {name: d["flags"] for name, d in diagnoses.items() if d["flagged"]}
@@ -777,40 +788,42 @@ def diagnose_lines(diagnoses: dict) -> list[str]:
     lines.append(f"**Flagged:** {words}.\n" if words else "No check flags any volume.\n")
     for name, d in sorted(diagnoses.items()):
         if not d["flagged"]:
-            lines.append(f"- {name}: no flag (`diagnose/{name}.json`)")
+            lines.append(f"- {markdown_text(name)}: no flag (`diagnose/{name}.json`)")
             continue
         causes = d.get("causes") or {}
-        lines.append(f"- {name}: " + "; ".join(f"**{check}**" + (f": {causes[check]}" if causes.get(check) else "")
+        lines.append(f"- {markdown_text(name)}: " + "; ".join(f"**{markdown_text(check)}**" + (f": {markdown_text(causes[check])}" if causes.get(check) else "")
                                               for check in d["flags"]) + f" (`diagnose/{name}.json`)")
     return lines
 
 
 def markdown_report(summary: dict, volumes: int, units: str = "normalized") -> str:
     failed = summary.get("failed_volumes") or []
-    lines = [f"# medis3d robustness evaluation\n\n{volumes - len(failed)} volume(s); {reference_words(summary)}; {stopping_words(summary)}.\n"]
+    md = markdown_text
+    lines = [f"# medis3d robustness evaluation\n\n{volumes - len(failed)} volume(s); {reference_words(summary)}; {stopping_words(summary)}; "
+             f"{budget_words(units, summary.get('norm', 'linf'))}.\n"]
     if failed:
         lines.append(f"**{len(failed)} volume(s) not evaluated** (no figure below includes them):\n")
-        lines += [f"- {f['volume']}: {f['error']}" for f in failed] + [""]
+        lines += [f"- {md(f['volume'])}: {md(f['error'])}" for f in failed] + [""]
     lines += [f"| attack | eps | mean clean Dice | mean robust Dice | success rate | {distortion(summary, {})[0]} |",
               "|---|---|---|---|---|---|"]
     for group in ("fusion", "per_member"):
         for key, by_eps in summary[group].items():
             for eps in sorted(by_eps, key=float):
                 e = by_eps[eps]
-                lines.append(f"| {'**' + key + '**' if group == 'fusion' else key} | {eps_label(eps, units)} | {e['mean_clean_dice']:.3f} | "
+                lines.append(f"| {'**' + md(key) + '**' if group == 'fusion' else md(key)} | {eps_label(eps, units)} | {e['mean_clean_dice']:.3f} | "
                              f"{e['mean_robust_dice']:.3f} | {e['attack_success_rate']:.2f} | {distortion(summary, e)[1]} |")
     if summary.get("rises_with_budget"):
         lines.append(f"\n**{rise_words(summary['rises_with_budget'])}**\n")
-        lines += [f"- {r['volume']}, {r['member']}: Dice {r['dice']:.3f} at {eps_label(r['eps'], units)}, "
+        lines += [f"- {md(r['volume'])}, {md(r['member'])}: Dice {r['dice']:.3f} at {eps_label(r['eps'], units)}, "
                   f"{r['smaller_dice']:.3f} at {eps_label(r['smaller_eps'], units)}" for r in summary["rises_with_budget"]]
     if summary.get("diagnose"):
         lines += diagnose_lines(summary["diagnose"])
     if summary["loss_wins"]:
-        lines.append("\nMembers chosen by the full fusion: " + ", ".join(f"{k} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
+        lines.append("\nMembers chosen by the full fusion: " + ", ".join(f"{md(k)} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
     if summary.get("transfer"):
         t = summary["transfer"]
-        lines.append(f"\n## Transfer: adversarials made on {t['source']}, mean Dice on each model\n")
-        lines.append("| adversarial | eps | " + " | ".join(t["models"]) + " |")
+        lines.append(f"\n## Transfer: adversarials made on {md(t['source'])}, mean Dice on each model\n")
+        lines.append("| adversarial | eps | " + " | ".join(md(m) for m in t["models"]) + " |")
         lines.append("|---|---|" + "---|" * len(t["models"]))
         lines.append("| clean | 0 | " + " | ".join(f"{t['clean'][m]:.3f}" for m in t["models"]) + " |")
         for eps in sorted(t["by_eps"], key=float):

@@ -296,7 +296,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
             clean_any,
             adv_any,
             volume.affine,
-            title=f"{volume.name}: attack {verdict} ({chosen.loss}, {chosen.steps} steps, "
+            title=f"{volume.name}: attack {verdict} ({chosen.name}, {chosen.steps} steps, "
             f"{size_label(medis.norm, norms, short=True)})",
             dice=_present_dice(target, result.reference, report["adversarial"]),
             reference=report["attack"]["reference"],

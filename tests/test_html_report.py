@@ -3,6 +3,7 @@ the figures load, the volume table sorts, a row opens its overview and the conso
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -130,3 +131,67 @@ def test_page_in_headless_chromium(study, tmp_path):
         assert errors == []
     finally:
         driver.quit()
+
+
+def _summary(norm: str = "linf", units: str = "normalized") -> dict:
+    """A study's summary from two members' rows on one volume (no model run)."""
+    from medis3d.study import fusion_rows, summarise
+
+    eps = 24.0 if units == "native" else 8 / 255
+    rows = [{"volume": "v", "eps": eps, "attack": "apgd", "loss": "ce", "member": member, "success": False,
+             "clean_dice": 1.0, "linf_normalized": 0.03, "adversarial_mean_iou": iou, "adversarial_dice": dice, "steps": 10,
+             "linf_native": 8.0, "l2_native": 100.0, "l2_normalized": 0.25, "time_s": 1.0}
+            for member, dice, iou in (("apgd:masked_spherical[then=js]", 0.6, 0.45), ("apgd:ce", 0.7, 0.55))]
+    summary = summarise(rows + fusion_rows(rows, None, norm))
+    return {**summary, "eps_units": units, "norm": norm, "volumes": []}
+
+
+def test_report_md_shows_paths_and_names_literally():
+    """report.md put a failed volume's error as it came: rendered as Markdown, a label file ``bad<x>|*y*_label.nii.gz``
+    showed as ``bad|<em>y</em>_label.nii.gz`` (``<x>`` taken for an HTML tag, ``*y*`` for emphasis). Escaped now, it
+    renders as the path; names with underscores between letters stay as they were in the text."""
+    from markdown_it import MarkdownIt
+
+    from medis3d.study import markdown_report
+
+    path = "/data/bad<x>|*y*_label.nii.gz"
+    summary = {**_summary(), "failed_volumes": [{"volume": "c_d", "error": f"{path}: label shape (30, 30, 30) differs"}]}
+    text = markdown_report(summary, 2)
+    page = MarkdownIt("commonmark").enable("table").render(text)
+    assert f"c_d: {html.escape(path, quote=False)}: label shape" in page
+    assert "<td>apgd:masked_spherical[then=js]</td>" in page and "<strong>medis_full</strong>" in page
+    assert "| apgd:masked_spherical[then=js] | 8/255 |" in text  # the text itself as readable as before
+
+
+@pytest.mark.parametrize(("norm", "units", "words"), [
+    ("linf", "normalized", "eps = the L-inf budget (each voxel's change), in x/255 of the model's intensity range"),
+    ("linf", "native", "eps = the L-inf budget (each voxel's change), in the scan's native units"),
+    ("l2", "native", "eps = the L2 budget (the length of the whole perturbation), in the scan's native units"),
+])
+def test_reports_say_what_eps_is(tmp_path, norm, units, words):
+    """Under --eps-units native report.md and report.html wrote a budget as a bare number ("At 24 the attack ...",
+    an eps column of 24) and nowhere its units or norm; both now say them once, above every table."""
+    from medis3d.html_report import evaluation_page
+    from medis3d.study import markdown_report
+
+    summary = _summary(norm, units)
+    assert words in markdown_report(summary, 1, units).splitlines()[2]
+    assert html.escape(words, quote=True) in evaluation_page(summary, tmp_path)
+
+
+def test_attack_page_states_the_budget():
+    """An attack's report.html gave the size of the perturbation written (L-inf 3.82/255) but nowhere the budget it was
+    allowed (--eps 4/255, 6.275 native units on a 400-unit window), except as 0.0156863 inside the settings' JSON."""
+    from medis3d.html_report import attack_page
+
+    scores = {"dice": {"blob": 0.9}, "mean_iou": 0.83}
+    report = {"input": {"path": "/data/a&b.nii.gz"}, "success": False, "clean": {"dice": {"blob": 0.92}, "mean_iou": 0.86},
+              "adversarial": scores, "selected": {"member": "pgd:ce", "steps": 6}, "members": [],
+              "perturbation": {"linf_normalized": 0.015, "linf_native": 6.0, "l2_normalized": 3.1, "l2_native": 1241.0},
+              "attack": {"targeted": False, "reference": "label file", "norm": "linf", "success_threshold": 0.5,
+                         "eps": 4 / 255, "eps_units": "normalized", "eps_native": 6.27451, "steps": 6}}
+    page = attack_page(report, None)
+    assert "Budget: L-inf eps 4/255 (6.275 native units), 6 iteration(s) per member." in page
+    assert "<h1>medis3d attack: a&amp;b.nii.gz</h1>" in page
+    native = {**report, "attack": {**report["attack"], "norm": "l2", "eps": 2000.0, "eps_units": "native", "eps_native": 2000.0}}
+    assert "Budget: L2 eps 2000 native units, 6 iteration(s) per member." in attack_page(native, None)

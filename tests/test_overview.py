@@ -1,6 +1,7 @@
 """The overview figure and the perturbation histogram: slices where the attack is, PNGs that read back."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -114,3 +115,28 @@ def test_histogram_png_and_all_zero():
     empty = render_perturbation_histogram(np.zeros(SHAPE, np.float32))
     assert empty.startswith(b"\x89PNG") and _read_png(empty).shape == image.shape
     assert render_perturbation_histogram(np.zeros(SHAPE, np.float32), eps_native=4.0).startswith(b"\x89PNG")
+
+
+def test_attack_overview_names_the_chosen_member(tiny_bundle, scan_file, tmp_path, monkeypatch):
+    """The attack's overview named the member chosen by its loss alone: with --members apgd:ce,pgd:ce its title said
+    "(ce, 4 steps, ...)", either of the two; it now gives the member as report.json's ``selected.member`` does, as
+    evaluate's overview does."""
+    from typer.testing import CliRunner
+
+    import medis3d.workflow
+    from medis3d.cli import app
+
+    seen = {}
+    real = medis3d.workflow.write_overview
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(medis3d.workflow, "write_overview", spy)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--members", "apgd:ce,pgd:ce",
+                                      "--steps", "2", "--eps", "4/255", "--device", "cpu", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    member = json.loads((out / "report.json").read_text())["selected"]["member"]
+    assert f"({member}, " in seen["title"], seen["title"]
