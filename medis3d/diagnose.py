@@ -28,6 +28,7 @@ Every check runs in the budget's norm (``norm``: ``linf``, or ``l2`` as ``attack
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,6 +112,15 @@ def _mean_dice(target: Target, prediction: np.ndarray, reference: np.ndarray) ->
 def relative_difference(a: float, b: float) -> float:
     """``|a - b|`` relative to the larger of the two (a gradient against a central difference, or two differences)."""
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def signed_sample(shape: torch.Size, voxels: int, gen: torch.Generator) -> torch.Tensor:
+    """A direction of ``shape``: +-1 at ``voxels`` voxels drawn at random (all where there are fewer), 0 elsewhere."""
+    n = math.prod(shape)
+    direction = torch.zeros(n)
+    sample = torch.randperm(n, generator=gen)[: min(voxels, n)]
+    direction[sample] = (torch.randint(0, 2, (len(sample),), generator=gen) * 2 - 1).float()
+    return direction.reshape(shape)
 
 
 def misprediction(ratio: float) -> str:
@@ -488,11 +498,7 @@ class Diagnose:
             model_in = self.target.model_input(leaf, volume, "exact")
             weights = (torch.rand(model_in.shape, generator=gen) * 2 - 1).to(model_in)
             (grad,) = torch.autograd.grad((model_in * weights).sum(), leaf)
-        n = x.numel()
-        direction = torch.zeros(n)
-        sample = torch.randperm(n, generator=gen)[: min(self.fd_voxels, n)]
-        direction[sample] = (torch.randint(0, 2, (len(sample),), generator=gen) * 2 - 1).float()
-        direction = direction.reshape(x.shape).to(x)
+        direction = signed_sample(x.shape, self.fd_voxels, gen).to(x)
         scales = self.target.intensity_scales(volume)
         apart = scales.array()
         if apart is not None:  # each channel's step of its own range
@@ -531,11 +537,7 @@ class Diagnose:
             out = logits(leaf)
             weights = (torch.rand(out.shape, generator=gen) * 2 - 1).to(out)
             (grad,) = torch.autograd.grad((out * weights).sum(), leaf)
-        n = window.numel()
-        direction = torch.zeros(n)
-        sample = torch.randperm(n, generator=gen)[: min(self.fd_voxels, n)]
-        direction[sample] = (torch.randint(0, 2, (len(sample),), generator=gen) * 2 - 1).float()
-        direction = direction.reshape(window.shape).to(window)
+        direction = signed_sample(window.shape, self.fd_voxels, gen).to(window)
         span = float(window.max() - window.min()) or 1.0
 
         def central(step: float) -> float:

@@ -142,3 +142,20 @@ def scan_file(tmp_path) -> Path:
 def scan_and_label(tmp_path) -> tuple[Path, Path]:
     hu, seg = synthetic_scan(7)
     return save_nifti(tmp_path / "scan.nii.gz", hu), save_nifti(tmp_path / "label.nii.gz", seg)
+
+
+@pytest.fixture
+def overview_kwargs(monkeypatch) -> dict:
+    """The keyword arguments of the attack's last ``write_overview`` call (its title, Dice text, ...), filled in as the
+    command writes the overview."""
+    import medis3d.workflow
+
+    seen: dict = {}
+    real = medis3d.workflow.write_overview
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(medis3d.workflow, "write_overview", spy)
+    return seen

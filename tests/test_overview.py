@@ -117,23 +117,15 @@ def test_histogram_png_and_all_zero():
     assert render_perturbation_histogram(np.zeros(SHAPE, np.float32), eps_native=4.0).startswith(b"\x89PNG")
 
 
-def test_attack_overview_names_the_chosen_member(tiny_bundle, scan_file, tmp_path, monkeypatch):
+def test_attack_overview_names_the_chosen_member(tiny_bundle, scan_file, tmp_path, overview_kwargs):
     """The attack's overview named the member chosen by its loss alone: with --members apgd:ce,pgd:ce its title said
     "(ce, 4 steps, ...)", either of the two; it now gives the member as report.json's ``selected.member`` does, as
     evaluate's overview does."""
     from typer.testing import CliRunner
 
-    import medis3d.workflow
     from medis3d.cli import app
 
-    seen = {}
-    real = medis3d.workflow.write_overview
-
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(medis3d.workflow, "write_overview", spy)
+    seen = overview_kwargs
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["attack", str(scan_file), "--bundle", str(tiny_bundle), "--members", "apgd:ce,pgd:ce",
                                       "--steps", "2", "--eps", "4/255", "--device", "cpu", "--out", str(out), "--quiet"])
