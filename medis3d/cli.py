@@ -683,6 +683,7 @@ def diagnose(
     network_def: Path | None = NETWORK_DEF,
     transforms: str | None = TRANSFORMS,
     label: Path | None = LABEL,
+    mask: Path | None = MASK,
     member: str = typer.Option("apgd:masked_ce_balanced", "--member", help="The white-box member the checks run (attack:loss\\[options])."),
     eps: str | None = typer.Option(None, "--eps", help="The budget of the step-doubling, restart and random-search checks, in --eps-units and --norm (default 8/255; under --norm l2 required, e.g. --eps 2000 --eps-units native)."),
     eps_units: str = EPS_UNITS,
@@ -703,7 +704,7 @@ def diagnose(
     from medis3d.io import read_volume
     from medis3d.io.outputs import check_output_file, check_replaceable_file, has_schema
     from medis3d.report import write_json
-    from medis3d.workflow import default_out_dir, read_segmentation
+    from medis3d.workflow import default_out_dir, read_region, read_segmentation
 
     try:
         eps_value = parse_fraction(given_eps(eps, norm, eps_units, "8/255"), "--eps")
@@ -713,6 +714,7 @@ def diagnose(
         tgt = _load_target(bundle, config, trust_bundle, device or _default_device(), bare, threads=threads)
         volume = read_volume(scan)
         reference = read_segmentation(Path(label), volume, tgt, "label") if label else None
+        region = read_region(Path(mask), volume) if mask else None
         path = out or default_out_dir(volume.name) / "diagnose.json"
         if path.resolve() == Path(scan).resolve():
             raise InputError(f"{scan}: refusing to overwrite the input; choose another --out")
@@ -720,8 +722,10 @@ def diagnose(
         check_replaceable_file(path, lambda p: has_schema(p, SCHEMA), "a diagnosis")
         show = (lambda m: typer.echo(f"  {m}", err=True)) if not (quiet or json_out) else None
         result = Diagnose(tgt, member=member, eps=eps_value, steps=steps, step=step_value, queries=queries, seed=seed,
-                          progress=show, norm=norm, eps_units=eps_units, success=success)(volume, reference)
+                          progress=show, norm=norm, eps_units=eps_units, success=success, region=region)(volume, reference)
         report = result.as_dict()
+        if region is not None:
+            report["mask"] = {"file": str(mask), "voxels": int((region > 0).sum())}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, report)
     except Medis3dError as exc:

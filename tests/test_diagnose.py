@@ -482,3 +482,31 @@ def test_the_finite_differences_name_a_straight_through_network_not_the_preproce
     flat = volume.with_array(volume.array * 0)  # the honest network, curved there at 1/255 of its range
     cause = Diagnose(tiny_target)._culprit(flat, tiny_target.predict(flat))
     assert cause.startswith("the network passes gradients"), cause
+
+
+def test_diagnose_takes_a_mask_as_attack_and_evaluate_do(tiny_bundle, scan_file, tmp_path):
+    """`diagnose --mask` keeps every check's attack inside the mask, as `evaluate --diagnose --masks` does (the command
+    alone had no --mask, so a study's diagnosis of a masked volume could not be rerun on its own); a mask on another
+    grid is refused in one line, nothing written."""
+    import numpy as np
+
+    from conftest import SCAN_AFFINE, save_nifti
+
+    volume = read_volume(scan_file)
+    corner = np.zeros(volume.spatial_shape, dtype=np.uint8)
+    corner[:3, :3, :3] = 1
+    mask = save_nifti(tmp_path / "corner.nii.gz", corner)
+    out = tmp_path / "d.json"
+    result = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--eps", "24/255", "--steps", "3",
+                                 "--queries", "10", "--mask", str(mask), "--out", str(out), "--quiet"])
+    assert result.exit_code in (0, 1), result.output[-2000:]
+    report = json.loads(out.read_text())
+    assert report["mask"]["voxels"] == 27
+    checks = {c["check"]: c for c in report["checks"]}
+    assert all(row["dice"] > 0.99 for row in checks["eps_sweep"]["sweep"])  # 27 voxels in a corner move nothing
+    assert checks["random_search"]["dice"] > 0.99
+    other = save_nifti(tmp_path / "small.nii.gz", corner[:20], SCAN_AFFINE)
+    refused = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--mask", str(other),
+                                  "--out", str(tmp_path / "e.json"), "--quiet"])
+    assert refused.exit_code == 2 and "small.nii.gz" in refused.output and "Traceback" not in refused.output
+    assert not (tmp_path / "e.json").exists()
