@@ -53,6 +53,11 @@ DOUBLING_TOLERANCE = 0.02
 RESTART_TOLERANCE = 0.02
 RESTART_SEED = 1000  # added to the run's seed for the restarts: apart from any member's own seed offset
 FD_TOLERANCE = 0.1  # relative error of the directional derivative
+# how far a network's gradient must miss its own differences at 1/1020 and 1/4080 of its range for finite_differences
+# to name the network (a stand-in gradient): rounding its input to 1/8 and 1/64 of the range behind a straight-through
+# gradient misses by 1.0 and 0.48; the tests' honest tiny network on an all-zero scan, every ReLU bending at once,
+# by 0.065 in one run of the suite and 0.11 in another (under pytest-xdist; FD_TOLERANCE, 0.1, then named it)
+STAND_IN_MISS = 0.3
 HIDDEN_TOLERANCE = 0.05  # share of the model input's change from voxels the attack's gradient does not reach
 DEFAULT_MEMBER = "apgd:masked_ce_balanced"
 QUERIES = 200  # the random search's forward passes where none are given (evaluate --diagnose gives none)
@@ -477,7 +482,7 @@ class Diagnose:
             # all bend at once); one that misses them at 1/1020 and 1/4080 of the range too is not the network's own
             predicted, finer = self._network_differences(window, (1 / 1020, 1 / 4080))
             miss = min(relative_difference(predicted, d) for d in finer)
-            if miss > FD_TOLERANCE:
+            if miss > STAND_IN_MISS:
                 preprocessing = self._preprocessing_fd_error(volume)
                 if preprocessing <= FD_TOLERANCE:
                     return (f"the network: on one window in model space its gradient misses finite differences by {miss:.2g} "
