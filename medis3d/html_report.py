@@ -83,7 +83,8 @@ def eps_label(eps: Any, units: str = "normalized") -> str:
     v = float(eps)
     if units != "normalized":
         return f"{v:.4g}"
-    return f"{v * 255:.3g}/255"
+    x = v * 255  # whole numbers from 1000 on (an L2 budget): 3 digits printed 4/255... as 1.02e+03/255
+    return (f"{x:.0f}" if abs(x) >= 1000 else f"{x:.3g}") + "/255"
 
 
 def budget_words(units: str = "normalized", norm: str = "linf") -> str:
@@ -150,7 +151,12 @@ def dice_curves(summary: dict, units: str = "normalized") -> bytes:
     return figure_png(fig)
 
 
-def traces_plot(members: Sequence[dict], threshold: float | None = None) -> bytes:
+def score_label(targeted: bool = False) -> str:
+    """What a member's score is: mean IoU with the reference, or (targeted) the smoothed mean IoU with the target."""
+    return "score (smoothed mean IoU with the target)" if targeted else "score (mean IoU with the reference)"
+
+
+def traces_plot(members: Sequence[dict], threshold: float | None = None, targeted: bool = False) -> bytes:
     """Each member's score (mean IoU against the reference, or the target) against step, the success threshold
     dashed. PNG bytes."""
     fig = new_figure((7.5, 4))
@@ -162,7 +168,7 @@ def traces_plot(members: Sequence[dict], threshold: float | None = None) -> byte
     if threshold is not None:
         ax.axhline(threshold, color="k", ls="--", lw=1, label=f"success threshold {threshold:g}")
     ax.set_xlabel("step")
-    ax.set_ylabel("score (mean IoU)")
+    ax.set_ylabel(score_label(targeted))  # a targeted attack's score was labelled mean IoU
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -414,7 +420,7 @@ def attack_page(report: Mapping[str, Any], overview_png: bytes | None, histogram
     parts.append("<h2>Members</h2>" + f"<p class=\"muted\" id=\"budget\">{_e(budget_line(report['attack']))}</p>" + _table(["member", "success", "steps", size, "score", "time (s)"], member_rows, sortable=True))
     if any(m.get("trace") for m in members):
         parts.append("<img class=\"figure\" id=\"traces\" alt=\"score against step, per member\" "
-                     f"src=\"{data_uri(traces_plot(members, report['attack'].get('success_threshold')))}\">")
+                     f"src=\"{data_uri(traces_plot(members, report['attack'].get('success_threshold'), bool(report['attack'].get('targeted'))))}\">")
     if histogram_png:
         parts.append("<h2>Perturbation</h2>"
                      f"<img class=\"figure\" id=\"histogram\" alt=\"histogram of the perturbation\" src=\"{data_uri(histogram_png)}\">")

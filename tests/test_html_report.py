@@ -195,3 +195,25 @@ def test_attack_page_states_the_budget():
     assert "<h1>medis3d attack: a&amp;b.nii.gz</h1>" in page
     native = {**report, "attack": {**report["attack"], "norm": "l2", "eps": 2000.0, "eps_units": "native", "eps_native": 2000.0}}
     assert "Budget: L2 eps 2000 native units, 6 iteration(s) per member." in attack_page(native, None)
+
+
+def test_traces_say_what_the_score_is_and_large_budgets_print_whole(monkeypatch):
+    """The traces' y-axis said "score (mean IoU)" for a targeted attack too, whose score is the smoothed mean IoU with
+    the target; and a normalized budget of 1000/255 or more (an L2 one) printed as 1.02e+03/255."""
+    import medis3d.html_report as page
+
+    figures = []
+    real = page.new_figure
+
+    def keep(*args, **kwargs):
+        figures.append(real(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(page, "new_figure", keep)
+    members = [{"member": "apgd:ce", "trace": [{"step": 0, "score": 0.9}, {"step": 1, "score": 0.4}]}]
+    page.traces_plot(members, 0.5, targeted=True)
+    page.traces_plot(members, 0.5)
+    assert [f.axes[0].get_ylabel() for f in figures] == ["score (smoothed mean IoU with the target)",
+                                                         "score (mean IoU with the reference)"]
+    assert page.eps_label(4.0) == "1020/255" and page.eps_label(8 / 255) == "8/255" and page.eps_label(2.5 / 255) == "2.5/255"
+    assert page.eps_label(2000.0, "native") == "2000"
