@@ -302,3 +302,31 @@ def test_l2_sizes_and_the_l2_ball_are_measured_exactly_on_a_large_volume():
     keeper.best = (0, clean + delta, None, 0.0, True)
     attack = SimpleNamespace(name="pgd", label="ce", budget=budget)
     assert keeper.result(attack, clean, [], 0.0).l2_native == pytest.approx(true, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec, offered", [
+    # a chain's second stage starts at the first's best iterate (a visit, no step): 3 + 2 iterations of --steps 5
+    ("apgd:masked_spherical[then=js]", [0, 1, 2, 3, 3, 4, 5]),
+    # SEA's radii: stages at 2 eps and 1.5 eps (outside the budget, never kept), then eps; 5 iterations in all
+    ("apgd:ce[radii=sea]", None),
+])
+def test_a_staged_apgd_member_reports_the_steps_it_took(tiny_target, scan_file, monkeypatch, spec, offered):
+    """APGD's kept iterate carried its visit index as its steps, each stage's start visit counted: the chain
+    `apgd:masked_spherical[then=js]` with --steps 5 could report 6 steps (its 7 visits: 0-3, then 3 again, 4, 5). The
+    steps are now the iterations taken to reach it, which fusion's tie-break and the reports compare with other members'."""
+    from medis3d.attacks.base import BestIterate
+
+    seen: list[int] = []
+    real = BestIterate.offer
+
+    def offer(self, t, *args, **kwargs):
+        seen.append(t)
+        return real(self, t, *args, **kwargs)
+
+    monkeypatch.setattr(BestIterate, "offer", offer)
+    result = MedIS(tiny_target, members_spec=spec, eps=8 / 255, steps=5, select="strongest")(read_volume(scan_file))
+    member = result.members[0]
+    assert max(seen) == 5 and member.steps <= 5 and member.steps in seen
+    if offered is not None:
+        assert seen == offered
+    assert len(seen) == sum(r.in_budget for r in member.trace)  # every visit still in the trace, the kept ones offered

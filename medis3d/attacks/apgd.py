@@ -82,6 +82,7 @@ class APGD(Attack):
         counts = stage_iterations(self.budget.steps - second, self.radii)
         total = self.restarts * (sum(counts) + len(counts)) + (second + 1 if second else 0)
         self._visits = 0
+        self._iterations = 0  # the steps taken, which the member reports for its kept iterate (each stage's start is none)
         for restart in range(self.restarts):
             x = self.random_start(clean) if (self.use_random_start or restart > 0) else clean
             for (factor, _), iterations in zip(self.radii, counts):
@@ -117,8 +118,9 @@ class APGD(Attack):
 
         def visit(k: int, point: torch.Tensor, last: bool):
             objective = None if last else self.objective(k, steps)
+            self._iterations += int(k > 0)  # a stage's start (k = 0) is the point it was handed, no step taken
             ev = (yield from self.visit(volume, point, clean, self._visits, objective, keeper, trace, in_budget=in_budget,
-                                        total=total))[0]
+                                        total=total, step=self._iterations))[0]
             self._visits += 1
             return ev, (objective.tracked if objective is not None else None)
 

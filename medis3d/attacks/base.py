@@ -396,10 +396,11 @@ class Attack:
         return written, evaluation, prediction, score, self.goal.succeeded(score)
 
     def visit(self, volume: Volume, x: torch.Tensor, clean: torch.Tensor, t: int, objective, keeper: BestIterate, trace: list,
-              in_budget: bool = True, total: int | None = None):
+              in_budget: bool = True, total: int | None = None, step: int | None = None):
         """(A generator: ``yield from``.) Evaluate iterate ``t`` as stored, record it in the trace and
         (``in_budget``) the keeper, report progress (``total``: the member's visits, where it counts more than its
-        steps).
+        steps). ``step``: the iterations taken to reach it, where that is not ``t`` (a member whose stages each start
+        with a visit of a point already reached): what the keeper reports as the member's steps.
 
         Returns the evaluation (its loss and gradient, when ``objective`` is given) and success."""
         if self.transfer > 0:
@@ -416,7 +417,7 @@ class Attack:
         if self.progress is not None:  # ``total`` counts the visits, the start's included: the last is ``total - 1``
             self.progress(self.member_name, t, total - 1 if total else self.budget.steps, score)
         if in_budget:
-            keeper.offer(t, written, prediction, score, success)
+            keeper.offer(t if step is None else step, written, prediction, score, success)
         self.after_visit(success, written)
         return evaluation, success
 
