@@ -297,7 +297,9 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
             adv_any,
             volume.affine,
             title=f"{volume.name}: attack {verdict} ({chosen.name}, {chosen.steps} steps, "
-            f"{size_label(medis.norm, norms, short=True)})",
+            f"{size_label(medis.norm, norms, short=True)})"
+            # the figure shows the first channel only: said, so its max |delta| is not read as the verdict's over all
+            + (f"; channel 1 of {volume.channels} shown" if volume.channels > 1 else ""),
             dice=_present_dice(target, result.reference, report["adversarial"]),
             reference=report["attack"]["reference"],
             units=units,

@@ -38,7 +38,7 @@ def two_channel_bundle(tmp_path_factory):
     return root
 
 
-def test_one_file_per_channel(two_channel_bundle, tmp_path):
+def test_one_file_per_channel(two_channel_bundle, tmp_path, overview_kwargs):
     t1, _ = synthetic_scan(1)
     flair = synthetic_scan(2)[0].astype(np.float32) * 0.5
     nib.save(nib.Nifti1Image(t1, SCAN_AFFINE), str(tmp_path / "t1.nii.gz"))
@@ -54,6 +54,8 @@ def test_one_file_per_channel(two_channel_bundle, tmp_path):
         adv = nib.load(str(out / f"adversarial_{name}.nii.gz"))
         assert adv.get_data_dtype() == dtype and adv.shape == source.shape and np.allclose(adv.affine, SCAN_AFFINE)
         assert np.abs(adv.get_fdata() - source).max() <= 20 + 0.5
+    # the overview shows the first channel only, and says so (it did not: its max |delta| read as the whole scan's)
+    assert overview_kwargs["title"].endswith("; channel 1 of 2 shown"), overview_kwargs["title"]
 
 
 def test_four_d_nifti_and_bad_labels(two_channel_bundle, tmp_path):
