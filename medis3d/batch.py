@@ -115,7 +115,6 @@ class Discovered(list):
         self.notices = list(notices)
 
 
-
 def _status(folder: Path) -> dict | None:
     try:
         recorded = json.loads((folder / STATUS_FILE).read_text())

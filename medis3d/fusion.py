@@ -472,17 +472,19 @@ class MedIS:
         attacks = [self.attack(m, b, goal) for m, b in zip(members, budgets)]
         done: dict[int, MemberResult] = {}
 
+        def finish(i: int, result: MemberResult) -> MemberResult:
+            return self._done(attacks[i], self._finish(members[i], budgets[i], result, goal, volume))
+
         def finished(i: int, result: MemberResult) -> None:
             # a member that leaves the batch is finished and reported then, as when alone (reported at the batch's end,
             # a member that stopped at its first success stayed at that step on the progress bar, its ETA too long);
             # one --min-eps may bisect is finished after the batch, which its bisection would hold up
             if not self.min_eps:
-                done[i] = self._done(attacks[i], self._finish(members[i], budgets[i], result, goal, volume))
+                done[i] = finish(i, result)
 
         results = drive_together([a.iterate(volume) for a in attacks], self.target, volume, self.together, self.together_log,
                                  finished)
-        return [done[i] if i in done else self._done(a, self._finish(m, b, r, goal, volume))
-                for i, (a, m, b, r) in enumerate(zip(attacks, members, budgets, results))]
+        return [done[i] if i in done else finish(i, r) for i, r in enumerate(results)]
 
     def _done(self, attack: Attack, result: MemberResult) -> MemberResult:
         """Tell the progress a member has finished (under the name its steps were reported by)."""

@@ -785,7 +785,7 @@ def diagnose_lines(diagnoses: dict) -> list[str]:
     """report.md's section on the gradient-masking checks (``--diagnose``): each volume's flags and their likely causes."""
     lines = ["\n## Gradient-masking checks (`--diagnose`, at the largest budget)\n"]
     words = diagnose_words(diagnoses)
-    lines.append(f"**Flagged:** {words}.\n" if words else "No check flags any volume.\n")
+    lines.append(f"**Flagged:** {markdown_text(words)}.\n" if words else "No check flags any volume.\n")
     for name, d in sorted(diagnoses.items()):
         if not d["flagged"]:
             lines.append(f"- {markdown_text(name)}: no flag (`diagnose/{name}.json`)")
