@@ -483,7 +483,7 @@ def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dic
     """The overview of the member the full fusion chose at the largest budget, where it ran in this session
     (a member cached by an earlier run kept no adversarial: an overview is shown only where ``overview.json``
     says it is of the member chosen now, at this budget, under this run's settings)."""
-    from medis3d.report import write_overview
+    from medis3d.report import scan_units, write_overview
 
     chosen = next(r for r in fusion_rows(case_rows, success, norm) if r["attack"] == "medis_full")["loss"]
     if chosen not in ran:
@@ -496,7 +496,8 @@ def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dic
     path = _overview_file(cache, case)
     write_overview(path, volume.array[0], result.adversarial[0], clean_any, adv_any, volume.affine,
                    title=f"{case.name}: {chosen} {verdict} at {eps_label(row['eps'], eps_units)}",
-                   dice=row["adversarial_dice"], reference="label" if case.label else "clean prediction")
+                   dice=row["adversarial_dice"], reference="label" if case.label else "clean prediction",
+                   units=scan_units(volume))
     write_text_atomic(path.with_suffix(".json"), json.dumps(_overview_identity(row)))
 
 

@@ -725,3 +725,24 @@ def test_evaluate_diagnose_flags_reach_report_md_and_stderr(tiny_bundle, tmp_pat
     assert "medis3d: warning: the gradient-masking checks flag" in result.output and "case2: " in result.output
     quiet = study.diagnose_lines({"a": {"flagged": False, "flags": []}})
     assert "No check flags any volume." in "\n".join(quiet) and study.diagnose_words({"a": {"flagged": False, "flags": []}}) is None
+
+
+def test_evaluate_and_attack_name_a_ct_series_units_alike(tiny_bundle, tmp_path, monkeypatch):
+    """evaluate's overview of a CT series had its perturbation's colour bar in "intensity units" where attack's
+    overview of the same series said "HU": evaluate passed no units. Both now name them by one rule."""
+    import numpy as np
+
+    from test_dicom import make_series
+
+    import medis3d.report
+
+    hu, _ = synthetic_scan(3)
+    make_series(tmp_path / "ct", (hu.astype(np.int32) + 1024).astype(np.int16), spacing=(1.2, 1.2, 1.2))
+    (tmp_path / "one.json").write_text(json.dumps({"test": [{"image": "ct"}]}))
+    seen: list[str] = []
+    real = medis3d.report.render_overview
+    monkeypatch.setattr(medis3d.report, "render_overview", lambda *a, **k: seen.append(k["units"]) or real(*a, **k))
+    fast = ["--bundle", str(tiny_bundle), "--members", "pgd:ce", "--eps", "16/255", "--steps", "2", "--quiet"]
+    assert runner.invoke(app, ["evaluate", str(tmp_path / "one.json"), "--out", str(tmp_path / "study"), *fast]).exit_code == 0
+    assert runner.invoke(app, ["attack", str(tmp_path / "ct"), "--out", str(tmp_path / "attack"), *fast]).exit_code == 0
+    assert seen == ["HU", "HU"]
