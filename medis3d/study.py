@@ -56,7 +56,7 @@ STUDY_OUTPUTS = ("results.csv", "summary.json", "robustness.png", "report.md", "
 COLUMNS = [
     "volume", "member", "attack", "loss", "eps", "clean_dice", "adversarial_dice", "clean_dice_per_class", "adversarial_dice_per_class",
     "adversarial_hd95", "clean_mean_iou", "adversarial_mean_iou", "success", "linf_native", "l2_native",
-    "linf_normalized", "l2_normalized", "steps", "time_s", "flipped_fraction", "counts", "transfer",
+    "linf_normalized", "l2_normalized", "steps", "time_s", "time_share_s", "flipped_fraction", "counts", "transfer",
     "stop_at_success", "found_at_eps",
 ]
 
@@ -192,6 +192,7 @@ def member_row(target: Target, case: Case, member, eps: float, result, reference
         "clean_mean_iou": mean_iou(clean_masks, ref_masks),
         "adversarial_mean_iou": mean_iou(adv_masks, ref_masks),
         "success": bool(result.success), "steps": result.steps, "time_s": round(result.time_s, 3),
+        "time_share_s": round(getattr(result, "time_share_s", None) or result.time_s, 3),
         "flipped_fraction": flipped_fraction(target, result.prediction, reference),
         "counts": json.dumps(confusion_counts(target, result.prediction, reference)),
         **{k: norms[k] for k in ("linf_native", "l2_native", "linf_normalized", "l2_normalized")},
@@ -526,7 +527,7 @@ def per_volume(rows: list[dict], cache: Path, references: dict[str, str]) -> lis
         if r["attack"] == "medis_full":
             fused_rows.setdefault(r["volume"], []).append(r)
         elif not r["attack"].startswith(("medis", "worst")):  # the members' own time (a fusion row repeats one)
-            v["time_s"] += float(r["time_s"] or 0.0)
+            v["time_s"] += float(r.get("time_share_s") or r["time_s"] or 0.0)  # spans overlap under --together
     for name, v in volumes.items():
         fused = sorted(fused_rows.get(name, []), key=lambda r: r["eps"])
         wins = [r for r in fused if r["success"]]
