@@ -29,10 +29,12 @@ from medis3d.io.volume import make_names_unique, safe_name
 
 STATUS_FILE = "status.json"
 BATCH_OUTPUTS = ("summary.csv", "summary.json")  # beside each volume's folder, which attack's own check covers
+# the member that won by its full name (selected_member: 'apgd:ce' and 'pgd:ce' share the loss 'ce', which was all a
+# row said) and the perturbation's L-inf and L2 both (the budget's --norm beside eps says which one eps bounds)
 SUMMARY_COLUMNS = [
     "name", "input", "series_instance_uid", "status", "error", "clean_dice", "adversarial_dice", "clean_mean_iou",
-    "adversarial_mean_iou", "success", "selected_loss", "selected_steps", "linf_normalized",
-    "linf_native", "eps", "eps_units", "time_s", "notices",
+    "adversarial_mean_iou", "success", "selected_member", "selected_attack", "selected_loss", "selected_steps",
+    "linf_normalized", "linf_native", "l2_normalized", "l2_native", "norm", "eps", "eps_units", "time_s", "notices",
 ]
 
 
@@ -157,10 +159,15 @@ def _row_from(item: BatchItem, folder: Path) -> dict:
         clean_mean_iou=round(clean["mean_iou"], 6),
         adversarial_mean_iou=round(adv["mean_iou"], 6),
         success=report["success"],
+        selected_member=report["selected"]["member"],
+        selected_attack=report["selected"]["attack"],
         selected_loss=report["selected"]["loss"],
         selected_steps=report["selected"]["steps"],
         linf_normalized=round(report["perturbation"]["linf_normalized"], 8),
         linf_native=round(report["perturbation"]["linf_native"], 6),
+        l2_normalized=round(report["perturbation"]["l2_normalized"], 8),
+        l2_native=round(report["perturbation"]["l2_native"], 6),
+        norm=report["attack"]["norm"],
         eps=report["attack"]["eps"],
         eps_units=report["attack"]["eps_units"],
     )

@@ -412,12 +412,22 @@ def attack_page(report: Mapping[str, Any], overview_png: bytes | None, histogram
                      f"<img class=\"figure\" id=\"overview\" alt=\"overview\" src=\"{data_uri(overview_png)}\">")
     members = report.get("members", [])
     l2 = report["attack"].get("norm") == "l2"
+    # members that shared passes (--together): each one's wall span holds the others' share of those passes, so the
+    # spans overlap; the table shows each one's share (they add up) and its span beside it
+    shared = bool((report["attack"].get("together") or {}).get("passes"))
+
+    def times(m) -> list[str]:
+        share = m.get("time_share_s", m["time_s"])
+        return [_cell(f"{share:.1f}", share)] + ([_cell(f"{m['time_s']:.1f}", m["time_s"])] if shared else [])
+
     member_rows = [[_cell(m["member"]), _cell("yes" if m["success"] else "no"), _cell(m["steps"]),
                     _cell(f"{m['l2_native']:.4g}", m["l2_native"]) if l2 else _cell(eps_label(m["linf_normalized"]), m["linf_normalized"]),
-                    _cell(number(m["mean_iou"] if m["mean_iou"] is not None else m["target_mean_iou"])),
-                    _cell(f"{m['time_s']:.1f}", m["time_s"])] for m in members]
+                    _cell(number(m["mean_iou"] if m["mean_iou"] is not None else m["target_mean_iou"])), *times(m)]
+                   for m in members]
     size = "L2 (native units)" if l2 else "L-inf"
-    parts.append("<h2>Members</h2>" + f"<p class=\"muted\" id=\"budget\">{_e(budget_line(report['attack']))}</p>" + _table(["member", "success", "steps", size, "score", "time (s)"], member_rows, sortable=True))
+    time_columns = ["time (s), its share of the shared passes", "wall span (s), overlapping"] if shared else ["time (s)"]
+    parts.append("<h2>Members</h2>" + f"<p class=\"muted\" id=\"budget\">{_e(budget_line(report['attack']))}</p>"
+                 + _table(["member", "success", "steps", size, "score", *time_columns], member_rows, sortable=True))
     if any(m.get("trace") for m in members):
         parts.append("<img class=\"figure\" id=\"traces\" alt=\"score against step, per member\" "
                      f"src=\"{data_uri(traces_plot(members, report['attack'].get('success_threshold'), bool(report['attack'].get('targeted'))))}\">")

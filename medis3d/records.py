@@ -133,7 +133,8 @@ class MemberRecord(TypedDict):
     l2_native: float
     mean_iou: float | None
     target_mean_iou: float | None
-    time_s: float
+    time_s: float  # its wall span: under --together it holds the passes it shared, and members' spans overlap
+    time_share_s: float  # its share: alone, time_s; together, its own computation and an equal share of each pass
     flipped_fraction: float
     trace: list[TraceRecord]
 
@@ -260,6 +261,7 @@ def member_record(m: MemberResult, target: Target, result: MedISResult) -> Membe
         "mean_iou": m.score if not targeted else None,
         "target_mean_iou": m.score if targeted else None,
         "time_s": m.time_s,
+        "time_share_s": m.time_s if m.time_share_s is None else m.time_share_s,
         "flipped_fraction": flipped_fraction(target, m.prediction, result.reference),
         "trace": [{"step": r.step, "loss": r.loss, "score": r.score, "success": r.success, "in_budget": r.in_budget}
                   for r in m.trace],

@@ -158,6 +158,14 @@ def new_figure(figsize: tuple[float, float]):
     return fig
 
 
+def scan_units(volume) -> str:
+    """The name of the scan's units in figures (colour bars, histograms): ``HU`` for a CT series (its Modality says so),
+    else ``intensity units``. One rule for every command's figures: evaluate's overview said "intensity units" where
+    attack's said "HU" for the same CT."""
+    meta = getattr(volume, "meta", None) or {}
+    return "HU" if str(meta.get("modality") or "").upper() == "CT" else "intensity units"
+
+
 def render_overview(
     scan: np.ndarray,
     adversarial: np.ndarray,
@@ -260,9 +268,11 @@ def write_overview(
     *,
     dice: float | Mapping[str, float] | None = None,
     reference: str | None = None,
-    units: str = "intensity units",
+    units: str,
 ) -> Path:
-    """Write :func:`render_overview`'s PNG to ``path`` atomically; returns ``path``."""
+    """Write :func:`render_overview`'s PNG to ``path`` atomically; returns ``path``. ``units``, the colour bar's, has no
+    default: each command names them by :func:`scan_units` (one that fell back on a default said "intensity units" for a
+    CT that attack's overview of it called "HU")."""
     png = render_overview(scan, adversarial, clean_mask, adversarial_mask, affine, title,
                           dice=dice, reference=reference, units=units)
     with atomic_path(path) as tmp:

@@ -56,7 +56,7 @@ STUDY_OUTPUTS = ("results.csv", "summary.json", "robustness.png", "report.md", "
 COLUMNS = [
     "volume", "member", "attack", "loss", "eps", "clean_dice", "adversarial_dice", "clean_dice_per_class", "adversarial_dice_per_class",
     "adversarial_hd95", "clean_mean_iou", "adversarial_mean_iou", "success", "linf_native", "l2_native",
-    "linf_normalized", "l2_normalized", "steps", "time_s", "flipped_fraction", "counts", "transfer",
+    "linf_normalized", "l2_normalized", "steps", "time_s", "time_share_s", "flipped_fraction", "counts", "transfer",
     "stop_at_success", "found_at_eps",
 ]
 
@@ -192,6 +192,7 @@ def member_row(target: Target, case: Case, member, eps: float, result, reference
         "clean_mean_iou": mean_iou(clean_masks, ref_masks),
         "adversarial_mean_iou": mean_iou(adv_masks, ref_masks),
         "success": bool(result.success), "steps": result.steps, "time_s": round(result.time_s, 3),
+        "time_share_s": round(getattr(result, "time_share_s", None) or result.time_s, 3),
         "flipped_fraction": flipped_fraction(target, result.prediction, reference),
         "counts": json.dumps(confusion_counts(target, result.prediction, reference)),
         **{k: norms[k] for k in ("linf_native", "l2_native", "linf_normalized", "l2_normalized")},
@@ -483,7 +484,7 @@ def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dic
     """The overview of the member the full fusion chose at the largest budget, where it ran in this session
     (a member cached by an earlier run kept no adversarial: an overview is shown only where ``overview.json``
     says it is of the member chosen now, at this budget, under this run's settings)."""
-    from medis3d.report import write_overview
+    from medis3d.report import scan_units, write_overview
 
     chosen = next(r for r in fusion_rows(case_rows, success, norm) if r["attack"] == "medis_full")["loss"]
     if chosen not in ran:
@@ -496,7 +497,8 @@ def _write_case_overview(target: Target, case: Case, volume, case_rows: list[dic
     path = _overview_file(cache, case)
     write_overview(path, volume.array[0], result.adversarial[0], clean_any, adv_any, volume.affine,
                    title=f"{case.name}: {chosen} {verdict} at {eps_label(row['eps'], eps_units)}",
-                   dice=row["adversarial_dice"], reference="label" if case.label else "clean prediction")
+                   dice=row["adversarial_dice"], reference="label" if case.label else "clean prediction",
+                   units=scan_units(volume))
     write_text_atomic(path.with_suffix(".json"), json.dumps(_overview_identity(row)))
 
 
@@ -525,7 +527,7 @@ def per_volume(rows: list[dict], cache: Path, references: dict[str, str]) -> lis
         if r["attack"] == "medis_full":
             fused_rows.setdefault(r["volume"], []).append(r)
         elif not r["attack"].startswith(("medis", "worst")):  # the members' own time (a fusion row repeats one)
-            v["time_s"] += float(r["time_s"] or 0.0)
+            v["time_s"] += float(r.get("time_share_s") or r["time_s"] or 0.0)  # spans overlap under --together
     for name, v in volumes.items():
         fused = sorted(fused_rows.get(name, []), key=lambda r: r["eps"])
         wins = [r for r in fused if r["success"]]

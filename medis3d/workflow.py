@@ -37,7 +37,7 @@ from medis3d.io.volume import Volume
 from medis3d.metrics import channel_norms, perturbation_norms
 from medis3d.progress import notify
 from medis3d.records import AttackReport, OutputsRecord, SegmentationRecord, attack_report
-from medis3d.report import SCHEMA, reset_peak_memory, write_json, write_overview
+from medis3d.report import SCHEMA, reset_peak_memory, scan_units, write_json, write_overview
 from medis3d.signals import deferred
 from medis3d.target import Target, channel_names
 
@@ -288,7 +288,7 @@ def _write_staged(volume: Volume, target: Target, medis: MedIS, result: MedISRes
         clean_any = np.asarray(target.masks(result.clean_prediction).any(0))
         adv_any = np.asarray(target.masks(adversarial_prediction).any(0))
         verdict = "succeeded" if success else "failed"
-        units = "HU" if str(volume.meta.get("modality") or "").upper() == "CT" else "intensity units"
+        units = scan_units(volume)
         write_overview(
             stage / "overview.png",
             volume.array[0],

@@ -282,3 +282,26 @@ def test_a_rank_waits_for_the_others_longer_than_torchs_default(monkeypatch):
     assert (shard.rank, shard.world, shard.local_rank) == (1, 2, 1)
     assert calls and calls[0].get("timeout", timedelta(minutes=30)) >= timedelta(days=1)
     assert calls[0].get("backend") == "gloo"  # only barriers travel: no GPU, no NCCL watchdog
+
+
+def test_the_summary_names_the_member_that_won_and_both_sizes_under_either_norm(tiny_bundle, tmp_path):
+    """A row said only the winner's loss ('ce' for apgd:ce as for pgd:ce) and only the perturbation's L-inf, which under
+    --norm l2 stood beside an L2 eps (0.185 of the range beside eps 2.0). Now it names the member, its attack, the norm,
+    and the L2 beside the L-inf, as report.json has them."""
+    root = tmp_path / "in"
+    root.mkdir()
+    save_nifti(root / "a.nii.gz", synthetic_scan(1)[0])
+    for norm, eps in (("l2", "2"), ("linf", "16/255")):
+        out = tmp_path / norm
+        result = runner.invoke(app, ["batch", str(root), "--out", str(out), "--bundle", str(tiny_bundle), "--members",
+                                     "pgd:ce,apgd:ce", "--steps", "2", "--eps", eps, "--norm", norm, "--quiet"])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "a" / "report.json").read_text())
+        rows = [_rows(out)["a"], json.loads((out / "summary.json").read_text())["rows"][0]]
+        for row in rows:
+            assert row["selected_member"] == report["selected"]["member"] in ("pgd:ce", "apgd:ce")
+            assert row["selected_attack"] == report["selected"]["attack"] and row["selected_loss"] == "ce"
+            assert row["norm"] == norm
+            for key in ("linf_normalized", "linf_native", "l2_normalized", "l2_native"):
+                assert float(row[key]) == pytest.approx(report["perturbation"][key], rel=1e-5), key
+        assert float(rows[0]["l2_normalized" if norm == "l2" else "linf_normalized"]) <= float(rows[0]["eps"]) + 1e-6

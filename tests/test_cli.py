@@ -33,6 +33,11 @@ def test_attack_end_to_end(tiny_bundle, scan_and_label, tmp_path):
     assert {"name", "targeted", "losses", "eps", "step", "steps", "eps_units"} <= set(report["attack"])
     # the two members shared every pass through the network (of --together 5, two: the members there are)
     assert report["attack"]["together"]["members"] == 2 and report["attack"]["together"]["largest"] == 2
+    # each member's wall span holds the passes it shared: they overlap; its share is what it cost, and the shares add
+    # up to no more than the attack's time (the spans had been all there was, summing to more)
+    shares = [m["time_share_s"] for m in report["members"]]
+    assert all(0 < m["time_share_s"] <= m["time_s"] + 1e-6 for m in report["members"])
+    assert sum(shares) <= report["time_s"]
     assert {"linf_native", "l2_native", "linf_normalized"} <= set(report["perturbation"])
     assert {"loss", "success", "steps", "linf_normalized", "mean_iou"} <= set(report["members"][0])
     assert {"dice", "mean_iou", "hd95"} <= set(report["clean"])
@@ -42,6 +47,7 @@ def test_attack_end_to_end(tiny_bundle, scan_and_label, tmp_path):
     page = (out / "report.html").read_text()  # self-contained: every figure embedded, nothing fetched
     assert not re.findall(r"""(?:src|href)\s*=\s*["'](?!data:|#)""", page)
     assert 'id="overview"' in page and 'id="traces"' in page and 'id="histogram"' in page
+    assert "time (s), its share of the shared passes" in page and "wall span (s), overlapping" in page
     assert html.escape(verdict(report), quote=True) in page and "reference = the label file" in page
     src = nib.load(str(scan))
     adv = nib.load(str(out / "adversarial.nii.gz"))

@@ -725,3 +725,39 @@ def test_evaluate_diagnose_flags_reach_report_md_and_stderr(tiny_bundle, tmp_pat
     assert "medis3d: warning: the gradient-masking checks flag" in result.output and "case2: " in result.output
     quiet = study.diagnose_lines({"a": {"flagged": False, "flags": []}})
     assert "No check flags any volume." in "\n".join(quiet) and study.diagnose_words({"a": {"flagged": False, "flags": []}}) is None
+
+
+def test_evaluate_and_attack_name_a_ct_series_units_alike(tiny_bundle, tmp_path, monkeypatch):
+    """evaluate's overview of a CT series had its perturbation's colour bar in "intensity units" where attack's
+    overview of the same series said "HU": evaluate passed no units. Both now name them by one rule."""
+    import numpy as np
+
+    from test_dicom import make_series
+
+    import medis3d.report
+
+    hu, _ = synthetic_scan(3)
+    make_series(tmp_path / "ct", (hu.astype(np.int32) + 1024).astype(np.int16), spacing=(1.2, 1.2, 1.2))
+    (tmp_path / "one.json").write_text(json.dumps({"test": [{"image": "ct"}]}))
+    seen: list[str] = []
+    real = medis3d.report.render_overview
+    monkeypatch.setattr(medis3d.report, "render_overview", lambda *a, **k: seen.append(k["units"]) or real(*a, **k))
+    fast = ["--bundle", str(tiny_bundle), "--members", "pgd:ce", "--eps", "16/255", "--steps", "2", "--quiet"]
+    assert runner.invoke(app, ["evaluate", str(tmp_path / "one.json"), "--out", str(tmp_path / "study"), *fast]).exit_code == 0
+    assert runner.invoke(app, ["attack", str(tmp_path / "ct"), "--out", str(tmp_path / "attack"), *fast]).exit_code == 0
+    assert seen == ["HU", "HU"]
+
+
+def test_a_volumes_time_adds_the_members_shares_not_their_overlapping_spans(tmp_path):
+    """Under --together the members' spans (time_s) overlap: a volume's time, their sum, said 41.0 s for members that
+    ran 25.7 s together. It adds their shares (time_share_s); a row cached before there were shares adds its time_s."""
+    from medis3d.study import per_volume
+
+    def row(member, time_s, share=None):
+        r = {"volume": "v", "clean_dice": 1.0, "eps": 0.1, "attack": member.split(":")[0], "member": member,
+             "loss": "ce", "adversarial_dice": 0.5, "success": True, "time_s": time_s}
+        return r if share is None else {**r, "time_share_s": share}
+
+    rows = [row("apgd:ce", 19.5, 12.0), row("pgd:ce", 21.5, 13.0)]
+    assert per_volume(rows, tmp_path, {})[0]["time_s"] == pytest.approx(25.0)
+    assert per_volume([row("pgd:ce", 21.5)], tmp_path, {})[0]["time_s"] == pytest.approx(21.5)

@@ -160,3 +160,45 @@ def test_a_member_is_reported_done_when_it_leaves_the_batch(tiny_target, scan_fi
         fgsm_done = events.index(("done", "fgsm:ce", fgsm.steps))
         assert fgsm_done < events.index(("step", "ce", 2)), together  # FGSM's end came before IGSM's third step
         assert events[-1] == ("done", "ce", igsm.steps)
+
+
+def test_a_members_time_is_its_span_and_its_share_of_the_passes_it_shared():
+    """A member's time_s under --together is its wall span, which holds the passes it shared and other members'
+    chunks: the spans of members run together overlap and summed to more than the time they took (1.2 s for 0.8 s
+    here). time_share_s splits each pass among the members in it: the shares add up to the time taken; alone,
+    a member's share is its span."""
+    import time
+
+    from medis3d.attacks.base import Request, drive
+
+    pass_s = 0.2
+
+    class Slow:  # a batched pass costs the same whatever its size (a device kept busy)
+        def evaluate_many(self, xs, volume, objectives, gradient):
+            time.sleep(pass_s)
+            return [None] * len(xs)
+
+        def evaluate(self, x, volume, objective, gradient="standard"):
+            return self.evaluate_many([x], volume, [objective], gradient)[0]
+
+    class Result:
+        time_s = 0.0
+        time_share_s: float | None = None
+
+    def member(passes: int):
+        start = time.perf_counter()
+        for _ in range(passes):
+            yield Request(torch.zeros(1), None)
+        result = Result()
+        result.time_s = time.perf_counter() - start
+        return result
+
+    began = time.perf_counter()
+    long, short = drive_together([member(4), member(2)], Slow(), None, 2)
+    took = time.perf_counter() - began
+    assert long.time_s + short.time_s > took + pass_s  # the spans overlap: 1.2 s for 0.8 s
+    assert long.time_share_s == pytest.approx(3 * pass_s, abs=0.05)  # half of 2 shared passes, 2 alone
+    assert short.time_share_s == pytest.approx(pass_s, abs=0.05)  # half of its 2
+    assert long.time_share_s + short.time_share_s == pytest.approx(took, abs=0.02)
+    alone = drive(member(2), Slow(), None)
+    assert alone.time_share_s == alone.time_s == pytest.approx(2 * pass_s, abs=0.05)

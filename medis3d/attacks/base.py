@@ -38,13 +38,16 @@ Steps = Generator[Request, object, "MemberResult"]
 
 
 def drive(steps: Steps, target: Target, volume: Volume) -> MemberResult:
-    """Run one attack's requests through ``target``, one pass at a time; its result."""
+    """Run one attack's requests through ``target``, one pass at a time; its result (alone, its share of the time
+    is its whole span: ``time_share_s`` is ``time_s``)."""
     try:
         request = next(steps)
         while True:
             request = steps.send(target.evaluate(request.x, volume, request.objective, gradient=request.gradient))
     except StopIteration as stop:
-        return stop.value
+        result = stop.value
+        result.time_share_s = result.time_s
+        return result
 
 
 @dataclass
@@ -66,18 +69,29 @@ def drive_together(members: Sequence[Steps], target: Target, volume: Volume, gro
     contributes its pending request; requests of one kind (gradient or not, and by which path) go through the
     network as one batch of up to ``group`` members (all when None). A member that has finished (its own
     early success or its last iterate) leaves the batch, and ``finished(i, result)`` is told then. Each
-    member's results are those of :func:`drive`, up to float rounding of the batched network."""
+    member's results are those of :func:`drive`, up to float rounding of the batched network.
+
+    A member's ``time_s`` is its wall span, from its first request to its result, which holds the passes it shared
+    and those of other members' chunks: the spans of members run together overlap (two members of 19.5 s and 21.5 s
+    in an attack of 25.7 s). Its ``time_share_s`` is what it cost: its own computation between passes plus an equal
+    share of each pass it was in; the members' shares add up to the time they ran together."""
     results: list = [None] * len(members)
     pending: dict[int, Request] = {}
+    share = [0.0] * len(members)
 
     def advance(i: int, answer=None, first: bool = False) -> None:
+        began = time.perf_counter()
         try:
             pending[i] = next(members[i]) if first else members[i].send(answer)
         except StopIteration as stop:
+            share[i] += time.perf_counter() - began
             pending.pop(i, None)
             results[i] = stop.value
+            results[i].time_share_s = share[i]
             if finished is not None:
                 finished(i, stop.value)
+            return
+        share[i] += time.perf_counter() - began
 
     for i in range(len(members)):
         advance(i, first=True)
@@ -90,7 +104,11 @@ def drive_together(members: Sequence[Steps], target: Target, volume: Volume, gro
             for start in range(0, len(indices), size):
                 chunk = indices[start:start + size]
                 requests = [pending[i] for i in chunk]
+                began = time.perf_counter()
                 answers = target.evaluate_many([r.x for r in requests], volume, [r.objective for r in requests], gradient)
+                each = (time.perf_counter() - began) / len(chunk)
+                for i in chunk:  # the pass's time, shared equally by the members in it
+                    share[i] += each
                 if log is not None:
                     log.passes += 1
                     log.sizes.append(len(chunk))
@@ -293,13 +311,16 @@ class MemberResult:
     score: float
     linf_native: float
     trace: list[StepRecord] = field(default_factory=list)
-    time_s: float = 0.0
+    time_s: float = 0.0  # its wall span, first request to result (overlapping other members' under --together)
     l2_native: float = 0.0
     member: str = ""  # the member's full name, with its options
     # the sizes in the budget's units where it has one per channel (Budget.scale): L-inf and L2 of delta / scale, which
     # the selection and the reports weigh; None where the budget is in native units (the native sizes are those)
     linf_scaled: float | None = None
     l2_scaled: float | None = None
+    # its share of the time: alone, time_s; run together with others (drive_together), its own computation and an
+    # equal share of each pass it shared, so that the members' shares add up to the time they took together
+    time_share_s: float | None = None
 
     @property
     def name(self) -> str:
