@@ -886,8 +886,11 @@ def compare(source: Path, hardened: Path, source_name: str, cases: Sequence[Case
 
 def transfer_dice(results: Path, victim: str) -> dict[tuple[str, str], float]:
     """Per volume and budget (``study.eps_key``), the lowest Dice any member's adversarial of a study's ``results.csv``
-    at that budget or a smaller one leaves on the victim ``victim`` (its ``transfer`` column)."""
-    lowest: dict[tuple[str, str], float] = {}
+    at that budget or a smaller one leaves on the victim ``victim`` (its ``transfer`` column): the study's own rule for
+    its worst case (``study._within``: a smaller ball lies inside the larger one)."""
+    from medis3d.study import _within
+
+    scored: dict[str, list[dict]] = {}
     with open(results, newline="") as f:
         for row in csv.DictReader(f):
             if row["attack"].startswith(("medis", "worst")):  # the fusions repeat a member's row
@@ -895,11 +898,9 @@ def transfer_dice(results: Path, victim: str) -> dict[tuple[str, str], float]:
             score = json.loads(row.get("transfer") or "{}").get(victim)
             if score is None or score.get("adversarial_dice") is None:
                 continue
-            key = (row["volume"], eps_key(float(row["eps"])))
-            lowest[key] = min(lowest.get(key, math.inf), float(score["adversarial_dice"]))
-    # an adversarial made at a smaller budget lies inside every larger one's ball (as the study's worst case)
-    return {(volume, eps): min(d for (v, e), d in lowest.items() if v == volume and float(e) <= float(eps))
-            for volume, eps in lowest}
+            scored.setdefault(row["volume"], []).append({"eps": float(row["eps"]), "dice": float(score["adversarial_dice"])})
+    return {(volume, key): min(r["dice"] for r in _within(rows, key))
+            for volume, rows in scored.items() for key in {eps_key(r["eps"]) for r in rows}}
 
 
 def _halving(curve: Sequence[tuple[float, float]], clean: float) -> tuple[float, float, float] | None:

@@ -778,3 +778,32 @@ def test_the_closing_evaluation_follows_the_users_seed(tiny_bundle, tmp_path, mo
               "model_units_per_eps": [1.0, 1.0], "loss": "DiceCE", "augmentation": [], "train_minutes": 0.1, "device": "cpu",
               "notices": []}
     assert "(pgd:ce; 2 iterations each; seed 7)" in readme("tiny", options, recipe, comparison)
+
+
+def test_transfer_dice_takes_the_same_smaller_budgets_as_the_studys_worst_case(tmp_path):
+    """The transfer figure and the study's worst case keep an adversarial of a smaller budget by one rule (study._within):
+    on the same rows, budgets written as fractions and as six-digit text among them, they give the same figure for every
+    volume and budget."""
+    import csv
+    import random
+
+    from medis3d.harden import transfer_dice
+    from medis3d.study import fusion_rows
+
+    draw = random.Random(0)
+    rows = []
+    for volume in ("a", "b"):
+        for eps in (4 / 255, 8 / 255, 0.0313725, 16 / 255, 48 / 255, 0.188235):
+            for member in ("pgd:ce", "apgd:ce"):
+                dice = draw.random()
+                rows.append({"volume": volume, "member": member, "attack": member.split(":")[0], "loss": "ce", "eps": eps,
+                             "adversarial_dice": dice, "adversarial_mean_iou": dice, "success": dice < 0.3, "steps": 3,
+                             "linf_native": 1.0, "l2_native": 1.0, "transfer": json.dumps({"victim": {"adversarial_dice": dice}})})
+    results = tmp_path / "results.csv"
+    with open(results, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    study = {(r["volume"], f"{float(r['eps']):.6g}"): float(r["adversarial_dice"])
+             for r in fusion_rows(rows, 0.5) if r["member"] == "worst_case"}
+    assert len(study) == 8 and transfer_dice(results, "victim") == study
