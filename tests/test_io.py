@@ -164,6 +164,39 @@ def test_unchanged_voxels_keep_the_sources_float64_values(tmp_path, shape):
     assert np.allclose(back[:, :, :4], data[:, :, :4] + 5, atol=1e-3)
 
 
+@pytest.mark.parametrize("slope", [1e-6, None])
+def test_an_int32_nifti_beyond_float32_is_written_within_its_budget(tmp_path, slope):
+    """int32 values near 2**31, with scl_slope 1e-6 (native values near 2147) or none: a float32 step there is 244 or
+    128 stored units. The writer rounded each changed voxel's float32 value, not its change, so a change reached up to
+    half a step past the budget (a budget of 31298 units came back as 31372, 130 of 507 changed voxels over; raw, one
+    of 16409 units as 16448). Now each voxel is the source's stored value plus its rounded change:
+    read back raw and scaled, no change passes the budget and the voxels left are the source's bit for bit."""
+    rng = np.random.default_rng(0)
+    stored = (2**31 - 1 - rng.integers(0, 1_000_000, size=(16, 16, 4))).astype(np.int32)
+    image = nib.Nifti1Image(stored, AFFINE)
+    if slope is not None:
+        image.header.set_slope_inter(slope, 0.0)
+    nib.save(image, str(tmp_path / "src.nii.gz"))
+    source = read_volume(tmp_path / "src.nii.gz")
+    unit = float(source.slope)  # native units per stored unit
+    assert source.stored_dtype == np.int32 and source.float32_is_coarse()
+    step = 2.0**-12 if slope is not None else 128.0  # float32's step at these values
+    left = rng.random(source.array.shape) < 0.5
+    for share in (0.2, 0.47, 0.7):  # the budget this share of a float32 step past 128 steps
+        eps = (128 + share) * step
+        signs = np.sign(rng.standard_normal(left.shape))
+        adv = source.quantise(source.array + np.where(left, 0, signs * eps).astype(np.float32), source.array, eps)
+        write_nifti(source, tmp_path / "adv.nii.gz", adv, unchanged=adv == source.array)
+        back = nib.load(str(tmp_path / "adv.nii.gz"))
+        raw = np.asarray(back.dataobj.get_unscaled())
+        assert raw.dtype == np.int32 and np.array_equal(raw[left[0]], stored[left[0]])
+        change = raw.astype(np.int64) - stored
+        budget = np.floor(eps / unit + 1e-6)
+        assert np.abs(change).max() <= budget and np.abs(change).max() > 0.99 * budget
+        scaled = np.asarray(back.get_fdata(dtype=np.float64)) - stored.astype(np.float64) * unit
+        assert np.abs(scaled).max() <= eps * (1 + 1e-12)
+
+
 def test_a_complex_valued_nifti_is_refused_in_one_line(tmp_path):
     """A complex64 NIfTI was read as its real part, with numpy's ComplexWarning printed (a third-party warning where
     the README promises none); an attack of it attacked another image than the file holds. Now refused, naming it."""

@@ -786,20 +786,11 @@ def _stored(source: Volume, values: np.ndarray) -> np.ndarray:
     and a change by as much. There each voxel is its source stored value plus ``values - source.array`` in stored units
     (float64, rounded): the source files' own stored values, read again, wherever ``source.array`` is what they give
     (read as :func:`read_dicom_series` reads them), else ``source.array``'s rounded. A voxel left as the source has it
-    keeps its stored value exactly, and a change is written as the change it is."""
+    keeps its stored value exactly, and a change is written as the change it is (:meth:`Volume.stored_as_change`, which
+    the NIfTI writer shares)."""
     if not source.float32_is_coarse():
         return source.to_stored(values)
-    clean = source.array[0].astype(np.float64)
-    slope = np.broadcast_to(np.asarray(source.slope, np.float64), clean.shape)
-    intercept = np.broadcast_to(np.asarray(source.intercept, np.float64), clean.shape)
-    base = source.to_stored(source.array[0]).astype(np.int64)
-    original = _source_stored(source, clean.shape)
-    if original is not None:
-        same = (original * slope + intercept).astype(np.float32) == source.array[0]
-        base = np.where(same, original, base)
-    info = np.iinfo(source.stored_dtype)
-    change = np.rint((np.asarray(values, np.float64) - clean) / slope)
-    return np.clip(base + change, info.min, info.max).astype(source.stored_dtype)
+    return source.stored_as_change(values, source.array[0], _source_stored(source, source.array.shape[1:]))
 
 
 def _source_stored(source: Volume, shape: tuple[int, ...]) -> np.ndarray | None:
