@@ -197,6 +197,29 @@ def test_an_int32_nifti_beyond_float32_is_written_within_its_budget(tmp_path, sl
         assert np.abs(scaled).max() <= eps * (1 + 1e-12)
 
 
+def test_an_int32_nifti_beyond_float32_is_written_within_its_l2_budget(tmp_path):
+    """int32 near 2**31 with scl_slope 1e-6: a float32 step is 244.14 stored units, and a change of 4 steps is written
+    as 977 units (rounded in float64), 0.44 more than the float32 values' difference. The L2 quantiser measured that
+    difference, so at a radius of the float32 view's length (111 voxels moved 4 steps) the file's change was 10293.3
+    units long for a radius of 10288.7. It now measures the change as written: read back, within the radius."""
+    rng = np.random.default_rng(0)
+    stored = (2**31 - 1 - rng.integers(0, 1_000_000, size=(16, 16, 4))).astype(np.int32)
+    image = nib.Nifti1Image(stored, AFFINE)
+    image.header.set_slope_inter(1e-6, 0.0)
+    nib.save(image, str(tmp_path / "src.nii.gz"))
+    source = read_volume(tmp_path / "src.nii.gz")
+    unit = float(source.slope)
+    moved = rng.random(source.array.shape) < 0.1
+    pushed = np.where(moved, source.array + 4 * 2.0**-12, source.array).astype(np.float32)
+    eps = float(np.linalg.norm(pushed.astype(np.float64) - source.array))
+    adv = source.quantise(pushed, source.array, eps, "l2")
+    write_nifti(source, tmp_path / "adv.nii.gz", adv, unchanged=adv == source.array)
+    raw = np.asarray(nib.load(str(tmp_path / "adv.nii.gz")).dataobj.get_unscaled())
+    assert np.array_equal(raw[~moved[0]], stored[~moved[0]])
+    length = np.linalg.norm((raw.astype(np.int64) - stored) * unit)
+    assert 0.95 * eps < length <= eps
+
+
 def test_a_complex_valued_nifti_is_refused_in_one_line(tmp_path):
     """A complex64 NIfTI was read as its real part, with numpy's ComplexWarning printed (a third-party warning where
     the README promises none); an attack of it attacked another image than the file holds. Now refused, naming it."""
