@@ -150,14 +150,15 @@ def test_bad_inputs_raise_one_line(tmp_path, make, message):
 @pytest.mark.parametrize("shape", [(6, 7, 8), (6, 7, 8, 2)])
 def test_unchanged_voxels_keep_the_sources_float64_values(tmp_path, shape):
     """float32, the attack's type, cannot hold a float64 file's values: written back, every voxel changed (by up to
-    1e-4 here). The voxels marked unchanged are now the source's own, channels last as in the file."""
+    1e-4 here). The voxels marked unchanged are now the source's own, channels last as in the file (and, each voxel
+    written as the source's value plus its change, so are those left without the mark)."""
     data = np.random.default_rng(2).uniform(-1000, 3000, shape)
     nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "in.nii.gz"))
     vol = read_volume(tmp_path / "in.nii.gz")
     moved = vol.array.copy()
     moved[..., :4] += 5
-    write_nifti(vol, tmp_path / "plain.nii.gz", moved)
-    assert (np.asarray(nib.load(str(tmp_path / "plain.nii.gz")).dataobj) != data).all()  # float32's rounding
+    write_nifti(vol, tmp_path / "plain.nii.gz", moved)  # written as its change from the source: the same values kept
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "plain.nii.gz")).dataobj)[:, :, 4:], data[:, :, 4:])
     write_nifti(vol, tmp_path / "out.nii.gz", moved, unchanged=moved == vol.array)
     back = np.asarray(nib.load(str(tmp_path / "out.nii.gz")).dataobj)
     assert back.dtype == np.float64 and np.array_equal(back[:, :, 4:], data[:, :, 4:])
@@ -218,6 +219,30 @@ def test_an_int32_nifti_beyond_float32_is_written_within_its_l2_budget(tmp_path)
     assert np.array_equal(raw[~moved[0]], stored[~moved[0]])
     length = np.linalg.norm((raw.astype(np.int64) - stored) * unit)
     assert 0.95 * eps < length <= eps
+
+
+def test_a_float64_nifti_beyond_float32_is_written_within_its_budget(tmp_path):
+    """float64 values near 1e9, where a float32 step is 64: the attack's float32 ``clean + delta`` (clamped to 100)
+    rounded to a change of 128, and the writer wrote the float32 value itself, up to 32 more from the file's own
+    value: 159.99 for a budget of 100, 448 of 475 changed voxels over. Now a value past the ball moves a float32 step
+    toward the clean one, and each voxel is written as the source's value plus its change: read back, within the
+    budget, and the voxels left are the source's bit for bit."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    data = 1e9 + rng.random((16, 16, 4)) * 1000.0
+    nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "src.nii.gz"))
+    source = read_volume(tmp_path / "src.nii.gz")
+    left = rng.random(source.array.shape) < 0.5
+    for eps in (100.0, 1000.0):
+        delta = np.where(left, 0, np.sign(rng.standard_normal(left.shape)) * 1.5 * eps).astype(np.float32)
+        pushed = torch.from_numpy(source.array) + torch.clamp(torch.from_numpy(delta), -eps, eps)  # as Budget.project
+        adv = source.quantise(pushed.numpy(), source.array, eps)
+        write_nifti(source, tmp_path / "adv.nii.gz", adv, unchanged=adv == source.array)
+        back = np.asarray(nib.load(str(tmp_path / "adv.nii.gz")).dataobj)
+        assert back.dtype == np.float64 and np.array_equal(back[left[0]], data[left[0]])
+        change = np.abs(back - data)
+        assert change.max() <= eps and change.max() >= eps - 64
 
 
 def test_a_complex_valued_nifti_is_refused_in_one_line(tmp_path):

@@ -111,10 +111,10 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     ``unchanged`` (a boolean map shaped like ``array``: the voxels left as the source had them) keeps those voxels'
     stored values exactly as the source file at ``volume.path`` holds them, where float32 (the array's type) cannot
     hold every value of the stored type (float64, 32- and 64-bit integers): without it such a file would change at
-    voxels nothing touched. Where float32 cannot tell an integer type's stored values apart
-    (:meth:`Volume.float32_is_coarse`: int32 near 2**31, a float32 step 128 stored units, 244 with scl_slope 1e-6)
-    each voxel is written as the source file's stored value plus its change from ``volume.array``, rounded in float64
-    (:meth:`Volume.stored_as_change`, as the DICOM writer does): rounding the float32 value itself took a change up to
+    voxels nothing touched. Where float32 cannot tell the stored values apart (:meth:`Volume.float32_is_coarse`: int32
+    near 2**31, a float32 step 128 stored units, 244 with scl_slope 1e-6; float64) each voxel is written as the source
+    file's stored value plus its change from ``volume.array``, in float64 (an integer type's rounded;
+    :meth:`Volume.stored_as_change`, as the DICOM writer does): rounding the float32 value itself took a change up to
     half a float32 step past the budget.
     """
     path = Path(path)
