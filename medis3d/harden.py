@@ -869,21 +869,28 @@ def compare(source: Path, hardened: Path, source_name: str, cases: Sequence[Case
     steps = options.eval_steps or preset.steps
     targets = {"source": load_bundle(source, trust=trust, device=device), "hardened": load_bundle(hardened, trust=trust, device=device)}
     victim = Victim(f"{source_name}_robust_{targets['hardened'].fingerprint()[:8]}", targets["hardened"])
+    # the members' random draws (PGD's start, random_start=1, restarts) follow --seed, as evaluate's do; the studies say so
+    settings = {"by": "medis3d harden", "members": [m.name for m in members], "eps": list(options.eval_eps),
+                "step": preset.step, "steps": steps, "seed": options.seed}
     studies = {}
     for role, target in targets.items():
         note("phase", {"text": f"evaluating the {role} model on {len(cases)} volume(s) at {len(options.eval_eps)} budget(s)"})
         studies[role] = evaluate_dataset(target, cases, folder / role, members=[m.name for m in members],
-                                         eps_list=list(options.eval_eps), step=preset.step, steps=steps,
+                                         eps_list=list(options.eval_eps), step=preset.step, steps=steps, seed=options.seed,
                                          source=source_name if role == "source" else f"{source_name}_robust",
-                                         victims=[victim] if role == "source" else (),
+                                         victims=[victim] if role == "source" else (), settings=settings,
                                          progress=lambda name: note("eval", {"volume": name}))
-    return comparison_table(studies, [m.name for m in members], steps, transfer_dice(folder / "source" / "results.csv", victim.name))
+    return {**comparison_table(studies, [m.name for m in members], steps,
+                               transfer_dice(folder / "source" / "results.csv", victim.name)), "seed": options.seed}
 
 
 def transfer_dice(results: Path, victim: str) -> dict[tuple[str, str], float]:
     """Per volume and budget (``study.eps_key``), the lowest Dice any member's adversarial of a study's ``results.csv``
-    at that budget or a smaller one leaves on the victim ``victim`` (its ``transfer`` column)."""
-    lowest: dict[tuple[str, str], float] = {}
+    at that budget or a smaller one leaves on the victim ``victim`` (its ``transfer`` column): the study's own rule for
+    its worst case (``study._within``: a smaller ball lies inside the larger one)."""
+    from medis3d.study import _within
+
+    scored: dict[str, list[dict]] = {}
     with open(results, newline="") as f:
         for row in csv.DictReader(f):
             if row["attack"].startswith(("medis", "worst")):  # the fusions repeat a member's row
@@ -891,11 +898,9 @@ def transfer_dice(results: Path, victim: str) -> dict[tuple[str, str], float]:
             score = json.loads(row.get("transfer") or "{}").get(victim)
             if score is None or score.get("adversarial_dice") is None:
                 continue
-            key = (row["volume"], eps_key(float(row["eps"])))
-            lowest[key] = min(lowest.get(key, math.inf), float(score["adversarial_dice"]))
-    # an adversarial made at a smaller budget lies inside every larger one's ball (as the study's worst case)
-    return {(volume, eps): min(d for (v, e), d in lowest.items() if v == volume and float(e) <= float(eps))
-            for volume, eps in lowest}
+            scored.setdefault(row["volume"], []).append({"eps": float(row["eps"]), "dice": float(score["adversarial_dice"])})
+    return {(volume, key): min(r["dice"] for r in _within(rows, key))
+            for volume, rows in scored.items() for key in {eps_key(r["eps"]) for r in rows}}
 
 
 def _halving(curve: Sequence[tuple[float, float]], clean: float) -> tuple[float, float, float] | None:
@@ -1117,6 +1122,11 @@ def _transfer_warnings(comparison: dict) -> list[str]:
     return [""] + lines if lines else []
 
 
+def _seed_words(comparison: dict) -> str:
+    """The seed of the members' random draws (their starts), which the evaluation takes from ``--seed``."""
+    return f"; seed {comparison['seed']}" if comparison.get("seed") is not None else ""
+
+
 def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: dict | None) -> str:
     """The hardened bundle's docs/README.md: what it is, the recipe, the before/after table."""
     lines = [f"# {source_name}, adversarially hardened by medis3d", "",
@@ -1142,7 +1152,7 @@ def readme(source_name: str, options: HardenOptions, recipe: dict, comparison: d
     if comparison is not None:
         lines += ["## Robustness before and after (validation volumes)", "",
                   f"`medis3d evaluate` with the same members ({', '.join(comparison['members'])}; {comparison['steps']} "
-                  "iterations each) on both models; Dice against the labels, the per-volume worst case over the members, each run to its last iteration (its lowest Dice in the budget). "
+                  f"iterations each{_seed_words(comparison)}) on both models; Dice against the labels, the per-volume worst case over the members, each run to its last iteration (its lowest Dice in the budget). "
                   "The hardened model's is also over the source's adversarials scored on it (transfer): per volume the lower of the two.", "",
                   "| model | clean Dice | " + " | ".join(f"Dice at {_per255(e)}/255" for e in options.eval_eps) + " | eps50 |",
                   "|---|---|" + "---|" * len(options.eval_eps) + "---|"]

@@ -104,8 +104,8 @@ def make_series(
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         signed = np.issubdtype(stored.dtype, np.signedinteger)
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
+        ds.BitsAllocated = ds.BitsStored = 8 * stored.dtype.itemsize  # 16 bits, 32 for an int32 array
+        ds.HighBit = ds.BitsAllocated - 1
         ds.PixelRepresentation = int(signed)
         ds.RescaleSlope = f"{slopes[k]:g}"
         ds.RescaleIntercept = f"{intercepts[k]:g}"
@@ -458,6 +458,33 @@ def test_write_then_read_back_round_trip(tmp_path):
         assert h.SliceThickness == src.SliceThickness and h.SOPClassUID == src.SOPClassUID
         assert h.file_meta.MediaStorageSOPInstanceUID == h.SOPInstanceUID
         assert h.StudyInstanceUID == src.StudyInstanceUID and h.PatientName == "Doe^Jane"
+
+
+def test_an_int32_series_beyond_float32_keeps_its_stored_values_and_its_budget(tmp_path):
+    """An int32 series stored near 2**31 with RescaleSlope 1e-6: native values near 2147, where a float32 step is 244
+    stored units. Written back untouched, 1022 of 1024 stored values changed by up to 122 units; attacked at the edge
+    of a budget of 31298 units, the written perturbation reached 31371 (286 voxels over). Now every voxel left as it
+    was keeps its stored value exactly, and no written change passes the budget, at any budget's place between two
+    float32 steps (the value nearest a stored one in the ball once lay half a float32 step outside it)."""
+    rng = np.random.default_rng(0)
+    stored = (2**31 - 1 - rng.integers(0, 1_000_000, size=(16, 16, 4))).astype(np.int32)
+    make_series(tmp_path / "src", stored, slopes=1e-6, intercepts=0.0)
+    source = read_dicom_series(tmp_path / "src")
+    assert source.stored_dtype == np.int32 and source.float32_is_coarse()
+
+    def written(array, name):
+        files = write_dicom_series(source, array, tmp_path / name, series_description="adv", derivation="test")
+        back = read_dicom_series(files[0].parent)
+        return np.stack([pydicom.dcmread(f).pixel_array.T for f in back.meta["dicom_files"]], -1).astype(np.int64)
+
+    np.testing.assert_array_equal(written(source.array, "same"), stored)
+    left = rng.random(source.array.shape) < 0.5
+    for share in (0.2, 0.7):  # the budget 0.2 and 0.7 of a float32 step past 128 steps
+        eps = (128 + share) * 2.0**-12
+        pushed = source.array + np.where(left, 0, np.sign(rng.standard_normal(left.shape)) * eps).astype(np.float32)
+        change = written(source.quantise(pushed, source.array, eps), f"adv{share}") - stored
+        assert not change[left[0]].any()
+        assert np.abs(change).max() <= np.floor(eps / 1e-6) and np.abs(change).max() > 0.99 * eps / 1e-6
 
 
 def test_write_accepts_spatial_array_and_unsigned_source(tmp_path):

@@ -150,18 +150,99 @@ def test_bad_inputs_raise_one_line(tmp_path, make, message):
 @pytest.mark.parametrize("shape", [(6, 7, 8), (6, 7, 8, 2)])
 def test_unchanged_voxels_keep_the_sources_float64_values(tmp_path, shape):
     """float32, the attack's type, cannot hold a float64 file's values: written back, every voxel changed (by up to
-    1e-4 here). The voxels marked unchanged are now the source's own, channels last as in the file."""
+    1e-4 here). The voxels marked unchanged are now the source's own, channels last as in the file (and, each voxel
+    written as the source's value plus its change, so are those left without the mark)."""
     data = np.random.default_rng(2).uniform(-1000, 3000, shape)
     nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "in.nii.gz"))
     vol = read_volume(tmp_path / "in.nii.gz")
     moved = vol.array.copy()
     moved[..., :4] += 5
-    write_nifti(vol, tmp_path / "plain.nii.gz", moved)
-    assert (np.asarray(nib.load(str(tmp_path / "plain.nii.gz")).dataobj) != data).all()  # float32's rounding
+    write_nifti(vol, tmp_path / "plain.nii.gz", moved)  # written as its change from the source: the same values kept
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "plain.nii.gz")).dataobj)[:, :, 4:], data[:, :, 4:])
     write_nifti(vol, tmp_path / "out.nii.gz", moved, unchanged=moved == vol.array)
     back = np.asarray(nib.load(str(tmp_path / "out.nii.gz")).dataobj)
     assert back.dtype == np.float64 and np.array_equal(back[:, :, 4:], data[:, :, 4:])
     assert np.allclose(back[:, :, :4], data[:, :, :4] + 5, atol=1e-3)
+
+
+@pytest.mark.parametrize("slope", [1e-6, None])
+def test_an_int32_nifti_beyond_float32_is_written_within_its_budget(tmp_path, slope):
+    """int32 values near 2**31, with scl_slope 1e-6 (native values near 2147) or none: a float32 step there is 244 or
+    128 stored units. The writer rounded each changed voxel's float32 value, not its change, so a change reached up to
+    half a step past the budget (a budget of 31298 units came back as 31372, 130 of 507 changed voxels over; raw, one
+    of 16409 units as 16448). Now each voxel is the source's stored value plus its rounded change:
+    read back raw and scaled, no change passes the budget and the voxels left are the source's bit for bit."""
+    rng = np.random.default_rng(0)
+    stored = (2**31 - 1 - rng.integers(0, 1_000_000, size=(16, 16, 4))).astype(np.int32)
+    image = nib.Nifti1Image(stored, AFFINE)
+    if slope is not None:
+        image.header.set_slope_inter(slope, 0.0)
+    nib.save(image, str(tmp_path / "src.nii.gz"))
+    source = read_volume(tmp_path / "src.nii.gz")
+    unit = float(source.slope)  # native units per stored unit
+    assert source.stored_dtype == np.int32 and source.float32_is_coarse()
+    step = 2.0**-12 if slope is not None else 128.0  # float32's step at these values
+    left = rng.random(source.array.shape) < 0.5
+    for share in (0.2, 0.47, 0.7):  # the budget this share of a float32 step past 128 steps
+        eps = (128 + share) * step
+        signs = np.sign(rng.standard_normal(left.shape))
+        adv = source.quantise(source.array + np.where(left, 0, signs * eps).astype(np.float32), source.array, eps)
+        write_nifti(source, tmp_path / "adv.nii.gz", adv, unchanged=adv == source.array)
+        back = nib.load(str(tmp_path / "adv.nii.gz"))
+        raw = np.asarray(back.dataobj.get_unscaled())
+        assert raw.dtype == np.int32 and np.array_equal(raw[left[0]], stored[left[0]])
+        change = raw.astype(np.int64) - stored
+        budget = np.floor(eps / unit + 1e-6)
+        assert np.abs(change).max() <= budget and np.abs(change).max() > 0.99 * budget
+        scaled = np.asarray(back.get_fdata(dtype=np.float64)) - stored.astype(np.float64) * unit
+        assert np.abs(scaled).max() <= eps * (1 + 1e-12)
+
+
+def test_an_int32_nifti_beyond_float32_is_written_within_its_l2_budget(tmp_path):
+    """int32 near 2**31 with scl_slope 1e-6: a float32 step is 244.14 stored units, and a change of 4 steps is written
+    as 977 units (rounded in float64), 0.44 more than the float32 values' difference. The L2 quantiser measured that
+    difference, so at a radius of the float32 view's length (111 voxels moved 4 steps) the file's change was 10293.3
+    units long for a radius of 10288.7. It now measures the change as written: read back, within the radius."""
+    rng = np.random.default_rng(0)
+    stored = (2**31 - 1 - rng.integers(0, 1_000_000, size=(16, 16, 4))).astype(np.int32)
+    image = nib.Nifti1Image(stored, AFFINE)
+    image.header.set_slope_inter(1e-6, 0.0)
+    nib.save(image, str(tmp_path / "src.nii.gz"))
+    source = read_volume(tmp_path / "src.nii.gz")
+    unit = float(source.slope)
+    moved = rng.random(source.array.shape) < 0.1
+    pushed = np.where(moved, source.array + 4 * 2.0**-12, source.array).astype(np.float32)
+    eps = float(np.linalg.norm(pushed.astype(np.float64) - source.array))
+    adv = source.quantise(pushed, source.array, eps, "l2")
+    write_nifti(source, tmp_path / "adv.nii.gz", adv, unchanged=adv == source.array)
+    raw = np.asarray(nib.load(str(tmp_path / "adv.nii.gz")).dataobj.get_unscaled())
+    assert np.array_equal(raw[~moved[0]], stored[~moved[0]])
+    length = np.linalg.norm((raw.astype(np.int64) - stored) * unit)
+    assert 0.95 * eps < length <= eps
+
+
+def test_a_float64_nifti_beyond_float32_is_written_within_its_budget(tmp_path):
+    """float64 values near 1e9, where a float32 step is 64: the attack's float32 ``clean + delta`` (clamped to 100)
+    rounded to a change of 128, and the writer wrote the float32 value itself, up to 32 more from the file's own
+    value: 159.99 for a budget of 100, 448 of 475 changed voxels over. Now a value past the ball moves a float32 step
+    toward the clean one, and each voxel is written as the source's value plus its change: read back, within the
+    budget, and the voxels left are the source's bit for bit."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    data = 1e9 + rng.random((16, 16, 4)) * 1000.0
+    nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "src.nii.gz"))
+    source = read_volume(tmp_path / "src.nii.gz")
+    left = rng.random(source.array.shape) < 0.5
+    for eps in (100.0, 1000.0):
+        delta = np.where(left, 0, np.sign(rng.standard_normal(left.shape)) * 1.5 * eps).astype(np.float32)
+        pushed = torch.from_numpy(source.array) + torch.clamp(torch.from_numpy(delta), -eps, eps)  # as Budget.project
+        adv = source.quantise(pushed.numpy(), source.array, eps)
+        write_nifti(source, tmp_path / "adv.nii.gz", adv, unchanged=adv == source.array)
+        back = np.asarray(nib.load(str(tmp_path / "adv.nii.gz")).dataobj)
+        assert back.dtype == np.float64 and np.array_equal(back[left[0]], data[left[0]])
+        change = np.abs(back - data)
+        assert change.max() <= eps and change.max() >= eps - 64
 
 
 def test_a_complex_valued_nifti_is_refused_in_one_line(tmp_path):

@@ -712,7 +712,9 @@ def write_dicom_series(
     ``array`` holds native values on the source grid, ``(I, J, K)`` or ``(1, I, J, K)``. Each
     slice keeps its source header (geometry, rescale, patient and study) and gets its pixels
     in the source's stored type, quantised with that slice's slope and intercept and clipped
-    to the type's range (BitsStored is set to BitsAllocated so every value of the type is
+    to the type's range; where float32 cannot tell the stored values apart, each voxel is the
+    source's stored value plus its change from ``source.array`` (:func:`_stored`), so a voxel left
+    as the source has it keeps the source file's stored value exactly (BitsStored is set to BitsAllocated so every value of the type is
     valid). New SeriesInstanceUID and SOPInstanceUIDs, ``series_description``, ImageType
     DERIVED\\SECONDARY, DerivationDescription ``derivation`` and a SourceImageSequence naming
     the source instance. ``series_number`` defaults to the source's plus 1000.
@@ -745,7 +747,7 @@ def write_dicom_series(
 
     out_dir = Path(out_dir)
     _check_output_folder(out_dir, source_files)
-    stored = source.to_stored(values)
+    stored = _stored(source, values)
     if uid_map is None:
         uid_map = {}
     if series_number is None:
@@ -772,6 +774,47 @@ def write_dicom_series(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return [out_dir / name for name in names]
+
+
+def _stored(source: Volume, values: np.ndarray) -> np.ndarray:
+    """``values`` (native, ``(I, J, K)``) in the source's stored type, rounded with each slice's slope and intercept and
+    clipped to the type's range.
+
+    ``source.array`` is float32. Where float32 cannot tell the stored values apart (:meth:`Volume.float32_is_coarse`:
+    an int32 series stored near 2**31 with RescaleSlope 1e-6 has native values near 2147, where a float32 step is 244
+    stored units), rounding ``values`` alone would move voxels nobody changed (1022 of 1024 there, by up to 122 units),
+    and a change by as much. There each voxel is its source stored value plus ``values - source.array`` in stored units
+    (float64, rounded): the source files' own stored values, read again, wherever ``source.array`` is what they give
+    (read as :func:`read_dicom_series` reads them), else ``source.array``'s rounded. A voxel left as the source has it
+    keeps its stored value exactly, and a change is written as the change it is (:meth:`Volume.stored_as_change`, which
+    the NIfTI writer shares)."""
+    if not source.float32_is_coarse():
+        return source.to_stored(values)
+    return source.stored_as_change(values, source.array[0], _source_stored(source, source.array.shape[1:]))
+
+
+def _source_stored(source: Volume, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The source series' stored values ``(I, J, K)`` (int64), read again from its files; None where any cannot be."""
+    files, headers = source.meta.get("dicom_files") or [], source.meta.get("dicom_headers") or []
+    if len(files) != shape[2] or len(headers) != shape[2]:
+        return None
+    out = np.empty(shape, np.int64)
+    decoded: dict[Path, np.ndarray] = {}
+    try:
+        for k, (f, h) in enumerate(zip(files, headers)):
+            frame = getattr(h, "_medis3d_frame", None)
+            if frame is None:
+                pixels = _read_pixels(Path(f))[0]
+            else:
+                if f not in decoded:
+                    decoded[f] = _read_pixels(Path(f))[0]
+                pixels = decoded[f][frame]
+            if pixels.T.shape != shape[:2]:
+                return None
+            out[:, :, k] = pixels.T
+    except InputError:
+        return None
+    return out
 
 
 def _check_output_folder(out_dir: Path, source_files: list[Path]) -> None:

@@ -111,14 +111,14 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     ``unchanged`` (a boolean map shaped like ``array``: the voxels left as the source had them) keeps those voxels'
     stored values exactly as the source file at ``volume.path`` holds them, where float32 (the array's type) cannot
     hold every value of the stored type (float64, 32- and 64-bit integers): without it such a file would change at
-    voxels nothing touched.
+    voxels nothing touched. Where float32 cannot tell the stored values apart (:meth:`Volume.float32_is_coarse`: int32
+    near 2**31, a float32 step 128 stored units, 244 with scl_slope 1e-6; float64) each voxel is written as the source
+    file's stored value plus its change from ``volume.array``, in float64 (an integer type's rounded;
+    :meth:`Volume.stored_as_change`, as the DICOM writer does): rounding the float32 value itself took a change up to
+    half a float32 step past the budget.
     """
     path = Path(path)
-    values = volume.array if array is None else np.asarray(array)
-    if values.ndim == 4 and values.shape[0] == 1:
-        values = values[0]
-    elif values.ndim == 4:
-        values = np.moveaxis(values, 0, -1)
+    values = _file_layout(volume.array if array is None else np.asarray(array))
     header = volume.meta.get("header")
     header = header.copy() if header is not None else nib.Nifti1Header()
     if dtype is None:
@@ -128,6 +128,9 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
             slope, intercept = 1.0, 0.0
         if np.ndim(slope) or np.ndim(intercept):  # per-slice scaling (DICOM source): store float
             stored, slope, intercept = volume.quantise(values).astype(np.float32), 1.0, 0.0
+        elif volume.float32_is_coarse() and volume.array.size == values.size:  # the change from the source, as it is
+            clean = _file_layout(volume.array)
+            stored = volume.stored_as_change(values, clean, *_source_values(volume, clean.shape))
         if unchanged is not None:
             stored = _with_source_values(volume, stored, unchanged)
     else:
@@ -163,20 +166,42 @@ def _beyond_float32(dtype: np.dtype) -> bool:
     return dtype.itemsize > 4 or (np.issubdtype(dtype, np.integer) and dtype.itemsize == 4)
 
 
+def _file_layout(array: np.ndarray) -> np.ndarray:
+    """A channel-first array ``(C, I, J, K)`` as the file lays it out: ``(I, J, K)``, or ``(I, J, K, C)``."""
+    if array.ndim == 4 and array.shape[0] == 1:
+        return array[0]
+    return np.moveaxis(array, 0, -1) if array.ndim == 4 else array
+
+
+def _source_values(volume: Volume, shape: tuple[int, ...]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The NIfTI source file's own values in the file's layout, ``shape``: as stored (an integer type's stored integers,
+    written with the source's slope and intercept; a float type's values scaled in float64 as nibabel reads them,
+    written unscaled), and as :func:`read_nifti` reads them (float32); None, None where the file at ``volume.path`` is
+    no NIfTI file stored as ``volume`` says."""
+    source = volume.path
+    if source is None or volume.format != "nifti" or not is_nifti(Path(source)):
+        return None, None
+    try:
+        image = open_nifti(source)
+    except InputError:
+        return None, None
+    if np.dtype(image.get_data_dtype()) != volume.stored_dtype or math.prod(image.shape) != math.prod(shape):
+        return None, None
+    if volume.is_integer:
+        exact = np.asarray(image.dataobj.get_unscaled()).reshape(shape)
+    else:
+        exact = np.asarray(image.get_fdata(dtype=np.float64)).reshape(shape)
+    return exact, np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
+
+
 def _with_source_values(volume: Volume, stored: np.ndarray, unchanged: np.ndarray) -> np.ndarray:
     """``stored`` with the voxels in ``unchanged`` as the NIfTI source file stores them (see :func:`write_nifti`)."""
-    source = volume.path
-    if source is None or volume.format != "nifti" or not is_nifti(Path(source)) or not _beyond_float32(stored.dtype):
+    if not _beyond_float32(stored.dtype) or np.dtype(volume.stored_dtype) != stored.dtype:
         return stored
-    image = open_nifti(source)
-    if np.dtype(image.get_data_dtype()) != stored.dtype or math.prod(image.shape) != stored.size:
+    exact = _source_values(volume, stored.shape)[0]
+    if exact is None:
         return stored
-    keep = np.asarray(unchanged, dtype=bool)
-    keep = keep[0] if keep.ndim == 4 and keep.shape[0] == 1 else np.moveaxis(keep, 0, -1) if keep.ndim == 4 else keep
-    if np.issubdtype(stored.dtype, np.integer):  # written with the source's slope and intercept: its own integers
-        exact = np.asarray(image.dataobj.get_unscaled()).reshape(stored.shape)
-    else:  # float written unscaled: the source's values, scaled in float64 as nibabel reads them
-        exact = np.asarray(image.get_fdata(dtype=np.float64)).reshape(stored.shape).astype(stored.dtype)
+    keep = _file_layout(np.asarray(unchanged, dtype=bool))
     out = np.array(stored, copy=True)
-    out[keep] = exact[keep]
+    out[keep] = exact.astype(stored.dtype)[keep]
     return out
