@@ -735,9 +735,12 @@ def diagnose(
         typer.echo(json.dumps(report, indent=2))
     elif not quiet:
         for check in report["checks"]:
-            mark = "FLAG" if check["flagged"] else "ok  "
+            mark = "FLAG" if check["flagged"] else "n/a " if check.get("applicable") is False else "ok  "
             typer.echo(f"{mark} {check['check']}" + (f": {check['cause']}" if check["cause"] else ""))
         verdict = "signs of gradient masking: see the flags" if result.flagged else "no sign of gradient masking"
+        skipped = [c["check"] for c in report["checks"] if c.get("applicable") is False]
+        if skipped:
+            verdict += f" (not measured: {', '.join(skipped)})"
         typer.echo(f"{verdict} ({report['time_s']:.0f} s); the checks are in {path}")
     if result.flagged:
         raise typer.Exit(code=1)
