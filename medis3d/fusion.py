@@ -40,7 +40,7 @@ def _sizes_its_own_success(member: Member) -> bool:
     take its size rather than bisect: only a minimal-norm search (FMN), which shrinks its radius below each success.
     An attack whose perturbation grows step by step from the clean scan (IGSM, DAG) first succeeds at a multiple of its
     step, and the same member at a smaller budget, its step scaled with it, can succeed below that (igsm:ce at 160 HU
-    in steps of 16 first flipped half the tests' structure at 160 HU, where bisection found 147.5); from a random
+    in steps of 16 first flipped half the tests' structure at 160 HU, where bisection found 150); from a random
     start (``random_start=1``) its first iterate already fills the ball (igsm:margin[random_start=1] eps50 63.75/255
     at 64/255, where it succeeds at 40/255). Both are bisected below their first success (:func:`smallest_budget`)."""
     return bool(ATTACKS[member.attack].minimal)
