@@ -166,7 +166,7 @@ CLASSES_HELP = "Output channels that count as the attacked structures, by index 
 CLASSES = typer.Option(None, "--classes", "--labels", help=CLASSES_HELP + " --labels is the older name.")
 NORM = typer.Option("linf", "--norm", help="Budget norm: linf or l2 (eps in the same units).")
 MASK = typer.Option(None, "--mask", help="Region the perturbation may touch (a mask on the scan's grid, e.g. the body).")
-MIN_EPS = typer.Option(False, "--min-eps", help="Find each member's smallest successful budget (early stop, or bisection for fixed-budget attacks; not under --select strongest, whose members keep their strongest iterate) and the chosen member's eps50 / eps90.")
+MIN_EPS = typer.Option(False, "--min-eps", help="Find each member's smallest successful budget (bisection below its success, FMN's own search; not under --select strongest, whose members keep their strongest iterate) and the chosen member's eps50 / eps90.")
 SELECT = typer.Option(None, "--select", help="Fusion: least (the successful member with the least perturbation, the paper's) or strongest (the member closest to the goal at the budget: worst case over members). Default: the preset's.")
 TOGETHER = typer.Option(None, "--together", help="Members that share each pass through the network (their windows batched; each member's results as when run alone). 1: one after another. Default: 1 on CPU (measured no faster batched there), on GPU as many as half the free memory allows.")
 ANONYMIZE = typer.Option(False, "--anonymize", help="DICOM output: remove patient identity (basic profile), remap UIDs.")
@@ -735,9 +735,12 @@ def diagnose(
         typer.echo(json.dumps(report, indent=2))
     elif not quiet:
         for check in report["checks"]:
-            mark = "FLAG" if check["flagged"] else "ok  "
+            mark = "FLAG" if check["flagged"] else "n/a " if check.get("applicable") is False else "ok  "
             typer.echo(f"{mark} {check['check']}" + (f": {check['cause']}" if check["cause"] else ""))
         verdict = "signs of gradient masking: see the flags" if result.flagged else "no sign of gradient masking"
+        skipped = [c["check"] for c in report["checks"] if c.get("applicable") is False]
+        if skipped:
+            verdict += f" (not measured: {', '.join(skipped)})"
         typer.echo(f"{verdict} ({report['time_s']:.0f} s); the checks are in {path}")
     if result.flagged:
         raise typer.Exit(code=1)

@@ -3,7 +3,8 @@ Adversarial Robustness" (2019): an attack result is an upper bound on robustness
 did not stop short, and these checks look for the signs that it did.
 
 * **eps sweep**: the member at doubling budgets until it succeeds; flagged when nothing succeeds by
-  64/255, or when a larger budget leaves more Dice than a smaller one. Above the diagnosed budget its step grows in
+  64/255, or when a larger budget leaves more Dice than a smaller one; not applicable at a success threshold of 0
+  (every voxel flipped) or where the clean scan already counts as a success. Above the diagnosed budget its step grows in
   proportion to the budget (a fixed step of 1/255 for 20 iterations could not leave the 20/255 ball). Under an L2
   budget (``norm="l2"``) the sweep's budgets are the L2 balls whose root-mean-square per voxel the attack may change is 2/255 ... 64/255
   of the model's range: each holds the L-inf ball of that size, so the same limit applies.
@@ -38,13 +39,14 @@ import numpy as np
 import torch
 
 from medis3d.attacks import Budget
+from medis3d.attacks.base import UNTARGETED_SUCCESS
 from medis3d.config import eps_or_default
 from medis3d.errors import InputError
 from medis3d.fusion import PAPER_STEP, MedIS
 from medis3d.io.volume import Volume
 from medis3d.losses import get_loss
 from medis3d.members import Member, parse_members
-from medis3d.metrics import mean_dice
+from medis3d.metrics import mean_dice, mean_iou
 from medis3d.target import Target
 
 SWEEP = (2, 4, 8, 16, 32, 64)  # in 1/255 of the model's normalised intensity range (L2: the rms per voxel)
@@ -58,6 +60,10 @@ FD_TOLERANCE = 0.1  # relative error of the directional derivative
 # gradient misses by 1.0 and 0.48; the tests' honest tiny network on an all-zero scan, every ReLU bending at once,
 # by 0.065 in one run of the suite and 0.11 in another (under pytest-xdist; FD_TOLERANCE, 0.1, then named it)
 STAND_IN_MISS = 0.3
+# the finer steps (in fractions 1/N of the intensity range) at which a direction's differences are taken where those of
+# 1/255 and 4/255 disagree and miss the gradient: a curved loss's close in on it (the tests' honest network on an
+# all-zero scan: 0.26, 0.12, 0.034, 0.009 at 4/255, 1/255, 1/1020, 1/4080), a hidden or stand-in gradient's do not
+FINER_STEPS = (1020, 4080)
 HIDDEN_TOLERANCE = 0.05  # share of the model input's change from voxels the attack's gradient does not reach
 DEFAULT_MEMBER = "apgd:masked_ce_balanced"
 QUERIES = 200  # the random search's forward passes where none are given (evaluate --diagnose gives none)
@@ -67,8 +73,10 @@ QUERIES = 200  # the random search's forward passes where none are given (evalua
 # 4: the sweep's step grows with its budget above the diagnosed one; 5: finite differences name a random model, and
 # a network whose input gradient is zero though no layer zeroes its own; 6: evaluate's --success is the sweep's;
 # 7: the random search's start counts as one of its queries; 8: finite differences name a network that is not smooth
-# at one step's scale where the preprocessing's gradient matches its own)
-CHECKS_VERSION = 8
+# at one step's scale where the preprocessing's gradient matches its own; 9: finite differences along a random direction
+# that close in on the gradient at finer steps do not flag; the eps sweep is not applicable where no success can be
+# measured)
+CHECKS_VERSION = 9
 
 
 @dataclass
@@ -143,10 +151,12 @@ def finite_difference_verdict(rows: list[dict]) -> tuple[bool, str]:
     A direction flags when the gradient misses the central difference by more than :data:`FD_TOLERANCE`, unless the
     difference itself is not a measurement at that scale: along a random direction, differences taken with steps of
     1/255 and 4/255 that disagree with each other by more than the tolerance, a gradient that lies between them (the
-    span widened by the tolerance), while the gradient predicts the attack's own direction (its sign). That is the
-    signature of a loss that is not smooth at the scale of one step along many voxels at once (percentile scaling
-    moves with the whole intensity distribution; the float32 sum over a whole scan resolves changes of about 1e-8),
-    not of a gradient an attack cannot follow. A zero or a partly zeroed gradient, one of the wrong sign (outside
+    span widened by the tolerance) or that the differences close in on as the step shrinks (:func:`converges`), while
+    the gradient predicts the attack's own direction (its sign). That is the signature of a loss that is not smooth
+    at the scale of one step along many voxels at once (percentile scaling moves with the whole intensity
+    distribution; the float32 sum over a whole scan resolves changes of about 1e-8; on a constant scan every instance
+    norm divides by a near-zero spread, so the network curves within a step), not of a gradient an attack cannot
+    follow. A zero or a partly zeroed gradient, one of the wrong sign (outside
     the span), or a wrong one along the attack's direction, always flags."""
     bad = [r for r in rows if r["relative_error"] > FD_TOLERANCE]
     if not bad:
@@ -159,15 +169,32 @@ def finite_difference_verdict(rows: list[dict]) -> tuple[bool, str]:
         differences = (row["finite_difference"], row.get("finite_difference_4x", row["finite_difference"]))
         widen = FD_TOLERANCE * max(abs(d) for d in differences)
         between = min(differences) - widen <= row["gradient"] <= max(differences) + widen
-        unsettled = (row["direction"] == "random" and row.get("step_disagreement", 0.0) > FD_TOLERANCE and between
-                     and sign_ok)
-        if not unsettled:
+        rough = row["direction"] == "random" and row.get("step_disagreement", 0.0) > FD_TOLERANCE and sign_ok
+        if not (rough and (between or converges(row))):
             return True, "the gradient disagrees with the loss's real change"
     row = bad[0]
+    if converges(row):
+        finer = ", ".join(f"{e:.2g} at 1/{f}" for e, f in zip(row["relative_error_finer"], FINER_STEPS))
+        return False, (f"not flagged: along a random direction the gradient misses the central difference of 1/255 by "
+                       f"{row['relative_error']:.2g} (4/255: {relative_difference(row['gradient'], row['finite_difference_4x']):.2g}), "
+                       f"but the differences close in on it as the step shrinks ({finer}): the loss is curved at one "
+                       "step's scale (on a constant scan every instance norm divides by a near-zero spread), and the "
+                       "gradient is its derivative")
     return False, (f"not flagged: along a random direction the gradient misses the central difference by "
                    f"{row['relative_error']:.2g}, but the differences of steps 1/255 and 4/255 disagree with each other "
                    f"by {row['step_disagreement']:.2g} (the loss is not smooth at that scale, e.g. percentile scaling, or "
                    "below float32's resolution) while the attack's own direction is predicted")
+
+
+def converges(row: dict) -> bool:
+    """Whether a direction's differences close in on the gradient as the step shrinks (4/255, 1/255, then
+    :data:`FINER_STEPS`), to within :data:`FD_TOLERANCE` at a finer step: the gradient is the derivative of a loss
+    curved at one step's scale. A gradient that hides or bends part of the change misses the finer differences too."""
+    finer = row.get("relative_error_finer")
+    if not finer:
+        return False
+    misses = [relative_difference(row["gradient"], row["finite_difference_4x"]), row["relative_error"], finer[0]]
+    return misses[0] > misses[1] > misses[2] and min(finer) <= FD_TOLERANCE
 
 
 class Diagnose:
@@ -276,6 +303,13 @@ class Diagnose:
         """The member at each budget of :data:`SWEEP` until it succeeds. L-inf rows carry ``eps_255``; L2 rows
         ``rms_255`` (the rms per changeable voxel, in 1/255 of the model's range) and ``l2_native`` (the radius)."""
         l2 = self.norm == "l2"
+        key = "rms_255" if l2 else "eps_255"
+        unmeasurable = self.sweep_not_applicable(volume, reference)
+        if unmeasurable:
+            threshold = UNTARGETED_SUCCESS if self.success is None else self.success
+            self.progress(f"eps sweep: {unmeasurable}")
+            return Check("eps_sweep", {"sweep": [], f"smallest_successful_{key}": None, "success_threshold": threshold,
+                                       "applicable": False}, False, unmeasurable)
         root_n = float(np.sqrt(self._voxels(volume)))
         rows = []
         for e in SWEEP:
@@ -290,7 +324,6 @@ class Diagnose:
             self.progress(f"eps sweep {label}: Dice {dice:.3f}{' (success)' if result.success else ''}")
             if result.success:
                 break
-        key = "rms_255" if l2 else "eps_255"
         broken = next((r for r in rows if r["success"]), None)
         worse = [(a, b) for a, b in zip(rows, rows[1:]) if b["dice"] > a["dice"] + 0.01]
         measured: dict[str, Any] = {"sweep": rows, f"smallest_successful_{key}": broken[key] if broken else None,
@@ -310,6 +343,23 @@ class Diagnose:
             return Check("eps_sweep", measured, True, f"a larger budget left more Dice ({named(worse[0][1])} vs {named(worse[0][0])}): "
                          "the optimiser does not converge at the larger budget (step size, iterations)")
         return Check("eps_sweep", measured)
+
+    def sweep_not_applicable(self, volume: Volume, reference: np.ndarray) -> str:
+        """Why the eps sweep measures nothing about masking at this success threshold, or "" where it does: at 0 a
+        success is a mean IoU of 0, every voxel of the structure flipped, which its 64/255 limit is not sized for (a
+        miss is no sign of masking: the tests' model fell from mean IoU 0.95 to 0.05 over the sweep and was flagged);
+        where the clean scan already counts as a success (``--success 1``) every budget succeeds at its first iterate
+        and the sweep could flag nothing."""
+        threshold = UNTARGETED_SUCCESS if self.success is None else self.success
+        if threshold <= 0:
+            return (f"not applicable at --success {threshold:g}: a success is then a mean IoU of 0, every voxel of the "
+                    f"structure flipped, which the sweep's {SWEEP_LIMIT}/255 limit is not sized for (missing it is no "
+                    "sign of masking); rerun with a threshold above 0 for this check")
+        clean = mean_iou(self.target.masks(self.target.predict(volume)), self.target.masks(reference))
+        if clean <= threshold:
+            return (f"not applicable at --success {threshold:g}: the clean scan already counts as a success (mean IoU "
+                    f"{clean:.3g}), so every budget would succeed without an attack and the sweep could flag nothing")
+        return ""
 
     def step_doubling(self, volume: Volume, reference: np.ndarray, base_dice: float) -> Check:
         steps = int(self.member.option("steps") or self.steps)  # a member's own [steps=N] is what it ran
@@ -428,9 +478,15 @@ class Diagnose:
                 return (float(loss(plus, aim)) - float(loss(minus, aim))) / (2 * step)
 
             measured_fd, coarse = central(h, direction), central(4 * h, direction)
-            rows.append({"direction": kind, "gradient": predicted, "finite_difference": measured_fd,
-                         "relative_error": relative_difference(predicted, measured_fd), "finite_difference_4x": coarse,
-                         "step_disagreement": relative_difference(measured_fd, coarse)})
+            row: dict[str, Any] = {"direction": kind, "gradient": predicted, "finite_difference": measured_fd,
+                   "relative_error": relative_difference(predicted, measured_fd), "finite_difference_4x": coarse,
+                   "step_disagreement": relative_difference(measured_fd, coarse)}
+            if row["relative_error"] > FD_TOLERANCE and row["step_disagreement"] > FD_TOLERANCE:
+                # the loss bends within one step: do the differences close in on the gradient as the step shrinks?
+                finer = [central(h * 255 / f, direction) for f in FINER_STEPS]
+                row["finite_difference_finer"] = finer
+                row["relative_error_finer"] = [relative_difference(predicted, d) for d in finer]
+            rows.append(row)
         self.progress("finite differences: " + ", ".join(f"{r['direction']} {r['relative_error']:.2g}" for r in rows))
         measured = {"voxels": int(len(sample)), "fraction_reached": float(reached.float().mean()), "step_native": h, "directions": rows}
         if apart is not None:

@@ -37,12 +37,13 @@ PAPER_EPS = 10 / 255
 
 def _sizes_its_own_success(member: Member) -> bool:
     """Whether ``member``'s first success is already the smallest budget it needs, so --min-eps and eps50 / eps90
-    take its size rather than bisect: a minimal-norm search, or an attack whose perturbation grows step by step
-    from the clean scan (IGSM, DAG). From a random start (``random_start=1``) the first iterate already fills the
-    ball: its first success measured about eps whatever the member needed (igsm:margin[random_start=1] eps50
-    63.75/255 at 64/255, where it succeeds at 40/255), so it is bisected as a fixed-budget attack is."""
-    cls = ATTACKS[member.attack]
-    return cls.minimal or (cls.early_stop and not member.option("random_start", False))
+    take its size rather than bisect: only a minimal-norm search (FMN), which shrinks its radius below each success.
+    An attack whose perturbation grows step by step from the clean scan (IGSM, DAG) first succeeds at a multiple of its
+    step, and the same member at a smaller budget, its step scaled with it, can succeed below that (igsm:ce at 160 HU
+    in steps of 16 first flipped half the tests' structure at 160 HU, where bisection found 150); from a random
+    start (``random_start=1``) its first iterate already fills the ball (igsm:margin[random_start=1] eps50 63.75/255
+    at 64/255, where it succeeds at 40/255). Both are bisected below their first success (:func:`smallest_budget`)."""
+    return bool(ATTACKS[member.attack].minimal)
 
 
 @dataclass
@@ -293,19 +294,27 @@ def _size(result: Outcome, norm: str) -> float:
 
 
 def smallest_budget(
-    run: Callable[[Budget], MemberResult], budget: Budget, full: MemberResult, bisection_steps: int
+    run: Callable[[Budget], MemberResult], budget: Budget, full: MemberResult, bisection_steps: int, norm: str = "linf"
 ) -> tuple[float, MemberResult]:
-    """Bisect eps (the step scaled with it) for the smallest budget at which ``run`` succeeds, given
-    ``full``, its successful run at ``budget``: that eps and the run there."""
-    low, high, best = 0.0, budget.eps, full
+    """Bisect eps (the step scaled with it) below the size of ``full``, the member's successful run at ``budget``, for
+    the smallest budget at which ``run`` succeeds: the size (in ``norm``, in the budget's units) of the smallest
+    successful perturbation found, and its run. Every successful run is a witness that a perturbation of its own size
+    succeeds, whatever budget it ran at (an attack that stops at its first success can stop well inside its ball), so
+    the answer is never above ``full``'s size, nor above the smallest budget that succeeded."""
+    best = full
+    low, high = 0.0, min(budget.eps, _size(full, norm))
+    if high <= 0:  # the clean scan already succeeds: no budget to search
+        return 0.0, full
     for _ in range(bisection_steps):
         mid = (low + high) / 2
         trial = run(dataclasses.replace(budget, eps=mid, step=budget.step * mid / budget.eps))
         if trial.success:
-            high, best = mid, trial
+            high = mid
+            if _size(trial, norm) <= _size(best, norm):
+                best = trial
         else:
             low = mid
-    return high, best
+    return _size(best, norm), best
 
 
 @dataclass
@@ -425,12 +434,13 @@ class MedIS:
         )
 
     def flip_budgets(self, member: Member, setting: Setting) -> dict:
-        """eps50 and eps90 of ``member``: the smallest budgets (bisection in ``(0, eps]``) at which it flips half and
-        nine tenths of the reference structure's voxels, in the budget's units (native, or with a budget per channel
+        """eps50 and eps90 of ``member``: the smallest budgets at which it flips half and nine tenths of the reference
+        structure's voxels (the size of the smallest such perturbation found: its run at ``eps``, then a bisection
+        below that run's size, :func:`smallest_budget`), in the budget's units (native, or with a budget per channel
         fractions of each channel's range: :meth:`MedISResult.flip_budget`); None where ``eps`` does not reach it.
         Each run stops at its first success whatever the selection: the strongest iterate of an attack whose
         perturbation grows step by step lies at the full budget, not where it first flipped that share. The bisection
-        scales the member's own step with eps, as --min-eps's does (:func:`smallest_budget`)."""
+        scales the member's own step with eps, as --min-eps's does. A minimal-norm search (FMN) is not bisected."""
         out: dict[str, float | None] = {}
         budget = self.member_budget(member, setting.budget, setting.factor)
 
@@ -444,10 +454,10 @@ class MedIS:
             if not full.success:
                 out[name] = None
                 continue
-            if _sizes_its_own_success(member):  # its first (or least) success is the smallest budget it needs
+            if _sizes_its_own_success(member):  # a minimal-norm search's least success is the smallest budget it needs
                 out[name] = _size(full, self.norm)  # in the budget's own norm and units
                 continue
-            out[name], _ = smallest_budget(functools.partial(run, goal=goal), budget, full, self.bisection_steps)
+            out[name], _ = smallest_budget(functools.partial(run, goal=goal), budget, full, self.bisection_steps, self.norm)
         return out
 
     def run_member(self, member: Member, budget: Budget, goal: Goal, volume: Volume, factor: float = 1.0,
@@ -534,19 +544,20 @@ class MedIS:
 
     def _finish(self, member: Member, budget: Budget, result: MemberResult, goal: Goal, volume: Volume,
                 bisect: bool = True) -> MemberResult:
-        """The member's result named and scored in float32; with ``min_eps``, a fixed-budget attack's smallest
-        successful budget (bisection), unless members run to their strongest iterate (that is what they keep then)."""
+        """The member's result named and scored in float32; with ``min_eps``, its run at the smallest successful
+        budget (bisection below its success, :func:`smallest_budget`; not a minimal-norm search's), unless members run
+        to their strongest iterate (that is what they keep then)."""
         result.member = member.name
         result = self._scored(result, goal, volume)
         if not (self.min_eps and bisect) or _sizes_its_own_success(member) or not result.success or self.runs_to_the_end():
-            return result  # iterative attacks already stop at their first success: their L-inf is the distortion
+            return result  # a minimal-norm search already keeps its least success
 
         def run(trial: Budget) -> MemberResult:
             out = self._scored(self.attack(member, trial, goal).run(volume), goal, volume)
             out.member = member.name
             return out
 
-        _, best = smallest_budget(run, budget, result, self.bisection_steps)  # fixed-budget attacks: bisect the budget
+        _, best = smallest_budget(run, budget, result, self.bisection_steps, self.norm)  # bisect below its success
         if best is not result:  # keep the full-budget run's trace in front of the smallest successful one's
             best.trace = result.trace + best.trace
         return best

@@ -210,12 +210,23 @@ def reference_words(summary: dict) -> str:
     return "reference = the label where given, else the model's clean prediction"
 
 
+# what the sizes MedIS fusion compared in a study were (summary.json's ``medis_sizes``)
+SIZES_WORDS = {"first_success": "the sizes of the members' first successes",
+               "strongest_iterate": "the sizes of the members' strongest iterates, not of their first successes"}
+
+
+def _sizes(summary: dict) -> str:
+    return summary.get("medis_sizes") or ("first_success" if summary.get("stop_at_success") else "strongest_iterate")
+
+
 def stopping_words(summary: dict) -> str:
     """How the members ran, in words: every iteration (the lowest Dice each reached), or until their first success."""
     if summary.get("stop_at_success"):
         return ("members stopped at their first success (--stop-at-success): Dice where a member succeeded is where it "
                 "stopped, not the lowest it reaches")
-    return "every member ran all its iterations: its Dice is the lowest it reached in the budget"
+    return ("every member ran all its iterations: its Dice is the lowest it reached in the budget, and MedIS fusion "
+            "(medis_*) chose among the successful by the size of that strongest iterate, not where each first succeeded "
+            "as attack's does (--stop-at-success for that)")
 
 
 def study_verdict(summary: dict, units: str = "normalized") -> tuple[str, str]:
@@ -271,7 +282,7 @@ def evaluation_page(summary: dict, out: Path) -> str:
     if summary.get("loss_wins"):
         wins = sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])
         parts.append("<h2>How often each member won</h2><p class=\"muted\">The member MedIS fusion chose (least perturbation "
-                     "among the successful, else the strongest), counted over volumes and budgets.</p>"
+                     "among the successful, else the strongest; " + _e(SIZES_WORDS[_sizes(summary)]) + "), counted over volumes and budgets.</p>"
                      + _table(["member", "chosen"], [[_cell(k), _cell(v)] for k, v in wins], sortable=True))
     if summary.get("diagnose"):
         rows = [[_cell(name), _cell("flagged" if d["flagged"] else "no sign of gradient masking"), _cell(", ".join(d["flags"]) or "-")]

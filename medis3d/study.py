@@ -24,6 +24,7 @@ from medis3d.errors import InputError, first_line
 from medis3d.fusion import MedIS, MemberOutcome, select_member
 from medis3d.html_report import (
     RISE_TOLERANCE,
+    SIZES_WORDS,
     budget_words,
     dice_curves,
     distortion,
@@ -381,6 +382,8 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     summary["eps_units"] = eps_units
     summary["norm"] = norm
     summary["stop_at_success"] = bool(stop_at_success)
+    # what MedIS fusion's least perturbation compared: each member's kept iterate, its first success only where it stopped there
+    summary["medis_sizes"] = "first_success" if stop_at_success else "strongest_iterate"
     if target.notices:
         summary["notices"] = list(target.notices)
     summary["volumes"] = per_volume(all_rows, cache, {case.name: "label" if case.label else "clean prediction" for case in cases})
@@ -594,8 +597,9 @@ def _diagnose_case(target: Target, case: Case, run: _VolumeRun, folder: Path, ep
 
 def fusion_rows(rows: list[dict], threshold: float | None, norm: str = "linf") -> list[dict]:
     """Fusions per (volume, eps), selected from the members' recorded outcomes by :func:`select_member`:
-    MedIS (least perturbation among the successful) over each attack's members (``medis_<attack>``)
-    and over every member (``medis_full``), and the per-volume worst case over every member
+    MedIS (least perturbation among the successful, by the size of each member's kept iterate: its strongest where
+    members ran every iteration, its first success only under --stop-at-success; ``medis_sizes`` in the summary)
+    over each attack's members (``medis_<attack>``) and over every member (``medis_full``), and the per-volume worst case over every member
     (``worst_case``: the member that leaves the lowest Dice, the figure a study reports, as SEA reports its
     ensemble by its own metric; ties by mean IoU. Chosen by mean IoU, the goal's measure, it could report a Dice
     above another member's where a model has several classes. The volume counts as broken there when any member
@@ -821,7 +825,7 @@ def markdown_report(summary: dict, volumes: int, units: str = "normalized") -> s
     if summary.get("diagnose"):
         lines += diagnose_lines(summary["diagnose"])
     if summary["loss_wins"]:
-        lines.append("\nMembers chosen by the full fusion: " + ", ".join(f"{md(k)} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
+        lines.append(f"\nMembers chosen by the full fusion (by {SIZES_WORDS[summary.get('medis_sizes') or 'strongest_iterate']}): " + ", ".join(f"{md(k)} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
     if summary.get("transfer"):
         t = summary["transfer"]
         lines.append(f"\n## Transfer: adversarials made on {md(t['source'])}, mean Dice on each model\n")

@@ -330,3 +330,19 @@ def test_a_staged_apgd_member_reports_the_steps_it_took(tiny_target, scan_file, 
     if offered is not None:
         assert seen == offered
     assert len(seen) == sum(r.in_budget for r in member.trace)  # every visit still in the trace, the kept ones offered
+
+
+def test_min_eps_and_eps50_bisect_igsm_below_its_first_success(tiny_target, scan_file):
+    """IGSM grows its perturbation step by step, so its first success lies at a multiple of its step: --min-eps and
+    eps50 took that size as the smallest budget the member needs (igsm:ce at 160 HU in steps of 16: eps50 160 HU, the
+    whole budget, and --min-eps 32 HU), where the same member at a smaller budget, its step scaled with it, succeeds
+    below it (bisection: eps50 147.5, --min-eps 30). Both are now bisected below the first success, and the figure
+    is the smallest successful perturbation found, never above the first success's size."""
+    volume = read_volume(scan_file)
+    settings = dict(members_spec=["igsm:ce"], eps=160.0, eps_units="native", step=16.0, steps=10)
+    plain = MedIS(tiny_target, **settings)(volume)
+    result = MedIS(tiny_target, min_eps=True, **settings)(volume)
+    assert plain.chosen.success and result.chosen.success
+    assert result.chosen.linf_native < plain.chosen.linf_native  # below its first success's 32 HU
+    eps50 = result.flip_budgets["eps50"]
+    assert eps50 is not None and eps50 < 155.0  # the first run flipped half only at the whole 160 HU

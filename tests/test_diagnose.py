@@ -510,3 +510,47 @@ def test_diagnose_takes_a_mask_as_attack_and_evaluate_do(tiny_bundle, scan_file,
                                   "--out", str(tmp_path / "e.json"), "--quiet"])
     assert refused.exit_code == 2 and "small.nii.gz" in refused.output and "Traceback" not in refused.output
     assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.parametrize("success", [0.0, 1.0])
+def test_the_sweep_is_not_applicable_where_no_success_can_be_measured(tiny_target, scan_file, success):
+    """--success 0 asks for a mean IoU of 0 (every voxel of the structure flipped): the sweep took the tests' model from
+    mean IoU 0.95 to 0.05 and flagged it ("the attack stops short, or ... masks the gradient"); --success 1 counts the
+    clean scan a success, and the sweep "succeeded" at 2/255 with nothing attacked. Both are now not applicable."""
+    volume = read_volume(scan_file)
+    diagnose = Diagnose(tiny_target, eps=8 / 255, steps=3, success=success)
+    check = diagnose.eps_sweep(volume, tiny_target.predict(volume))
+    assert not check.flagged and check.measured["applicable"] is False and check.measured["sweep"] == []
+    assert check.cause.startswith(f"not applicable at --success {success:g}")
+    assert check.measured["smallest_successful_eps_255"] is None
+
+
+def test_finite_differences_do_not_flag_an_honest_network_on_an_all_zero_scan(tiny_target, tmp_path):
+    """On an all-zero int16 scan every instance norm of the honest network divides by a near-zero spread, so its loss
+    curves within one step: along a random direction the gradient missed the difference of 1/255 by 0.12 (4/255:
+    0.26) and was flagged, though the differences close in on it as the step shrinks (0.034 at 1/1020, 0.009 at
+    1/4080) and the attack's own direction agrees to 0.0008. A network that hides half its gradient is still flagged
+    there."""
+    import numpy as np
+
+    from conftest import save_nifti
+
+    volume = read_volume(save_nifti(tmp_path / "zero.nii.gz", np.zeros((40, 36, 32), np.int16)))
+    check = Diagnose(tiny_target, fd_voxels=2000).finite_differences(volume, tiny_target.predict(volume))
+    assert not check.flagged and "close in on it" in check.cause, check.cause
+    random = check.measured["directions"][0]
+    assert random["relative_error"] > 0.1 and min(random["relative_error_finer"]) <= 0.1
+    masked = dataclasses.replace(tiny_target, network=HalfMasked(tiny_target.network), notices=[])
+    check = Diagnose(masked, fd_voxels=2000).finite_differences(volume, masked.predict(volume))
+    assert check.flagged, check.measured
+
+
+def test_diagnose_says_the_sweep_was_not_measured(tiny_bundle, scan_file, tmp_path):
+    """diagnose --success 0 prints the sweep as n/a, not as a flag or an ok, and its verdict says it was not measured."""
+    result = runner.invoke(app, ["diagnose", str(scan_file), "--bundle", str(tiny_bundle), "--success", "0",
+                                 "--steps", "2", "--queries", "2", "--out", str(tmp_path / "d.json")])
+    assert result.exit_code in (0, 1), result.output
+    assert "n/a  eps_sweep: not applicable at --success 0" in result.output and "(not measured: eps_sweep)" in result.output
+    saved = json.loads((tmp_path / "d.json").read_text())
+    sweep = next(c for c in saved["checks"] if c["check"] == "eps_sweep")
+    assert sweep["applicable"] is False and not sweep["flagged"]
