@@ -3,6 +3,8 @@ and is deterministic for a seed; L2 budgets, regions and the smallest successful
 
 from __future__ import annotations
 
+import time
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -109,6 +111,27 @@ def test_min_eps_bisects_fixed_budget_attacks(tiny_target, scan_file):
     plain = MedIS(tiny_target, losses="ce", attacks="pgd", eps=64 / 255, step=8 / 255, steps=5, success_threshold=0.9)(volume)
     assert result.chosen.success and plain.chosen.success
     assert result.chosen.linf_native < plain.chosen.linf_native  # a smaller budget was enough
+
+
+def test_a_members_time_holds_its_min_eps_bisection(tiny_target, scan_file, monkeypatch):
+    """With --min-eps a member's time_s (and its share) reported one run, not the bisection's runs after it (10 s of an
+    attack of 33 s with one member): a bisection made 3 s longer here must show in both."""
+    import medis3d.fusion as fusion
+
+    volume = read_volume(scan_file)
+    settings = dict(losses="ce", attacks="pgd", eps=64 / 255, step=8 / 255, steps=5, success_threshold=0.9)
+    plain = MedIS(tiny_target, **settings)(volume)
+    bisect = fusion.smallest_budget
+
+    def slower(*args, **kwargs):
+        time.sleep(3.0)
+        return bisect(*args, **kwargs)
+
+    monkeypatch.setattr(fusion, "smallest_budget", slower)
+    result = MedIS(tiny_target, min_eps=True, **settings)(volume)
+    assert plain.chosen.success and result.chosen.success
+    assert plain.chosen.time_s < 3.0  # one run alone is short here, so only the bisection can reach 3 s
+    assert result.chosen.time_s >= 3.0 and result.chosen.time_share_s is not None and result.chosen.time_share_s >= 3.0
 
 
 def test_eps50_is_where_the_share_first_flips_under_either_selection(tiny_target, scan_file):
