@@ -253,11 +253,10 @@ def test_a_clip_or_threshold_step_passes_the_attacks_gradient_straight_through(n
     assert reached["standard"] == 1.0 and reached["exact"] < 0.95
 
 
-@pytest.mark.parametrize("dtype", ["int16", "$numpy.int32"])
-def test_a_cast_to_an_integer_inside_the_preprocessing_is_done_as_monai_does_it(tiny_bundle, tmp_path, dtype):
-    """A CastToType to an integer after the resampling truncates the model's input; it was taken for an I/O step and
-    skipped, so the model input differed from MONAI's by up to 0.0025 of the model's range (a 2 mm scan resampled to
-    1.5 mm). Now it is done as MONAI does it, its gradient passed straight through."""
+def _cast_bundle(tiny_bundle, tmp_path, position: int, dtype: str):
+    """The tiny bundle with a CastToTyped to ``dtype`` at ``position`` of its preprocessing, a scan, MONAI's own model
+    input for it, and medis3d's (leaf ``x`` on the scan, the input from the loaded target): (target, scan, x, got,
+    expected)."""
     import json
     import shutil
 
@@ -268,7 +267,7 @@ def test_a_cast_to_an_integer_inside_the_preprocessing_is_done_as_monai_does_it(
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
     config = json.loads((bundle / "configs" / "inference.json").read_text())
-    config["preprocessing"]["transforms"].insert(4, {"_target_": "CastToTyped", "keys": "@image_key", "dtype": dtype})
+    config["preprocessing"]["transforms"].insert(position, {"_target_": "CastToTyped", "keys": "@image_key", "dtype": dtype})
     (bundle / "configs" / "inference.json").write_text(json.dumps(config))
     hu, _ = synthetic_scan(7)
     scan = save_nifti(tmp_path / "scan.nii.gz", hu, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
@@ -277,7 +276,16 @@ def test_a_cast_to_an_integer_inside_the_preprocessing_is_done_as_monai_does_it(
     expected = parser.get_parsed_content("preprocessing")({"image": str(scan)})["image"]
     volume = read_volume(scan)
     x = torch.from_numpy(volume.array).requires_grad_(True)
-    got = load_bundle(bundle).model_input(x, volume)
+    target = load_bundle(bundle)
+    return target, scan, x, target.model_input(x, volume), expected
+
+
+@pytest.mark.parametrize("dtype", ["int16", "$numpy.int32"])
+def test_a_cast_to_an_integer_inside_the_preprocessing_is_done_as_monai_does_it(tiny_bundle, tmp_path, dtype):
+    """A CastToType to an integer after the resampling truncates the model's input; it was taken for an I/O step and
+    skipped, so the model input differed from MONAI's by up to 0.0025 of the model's range (a 2 mm scan resampled to
+    1.5 mm). Now it is done as MONAI does it, its gradient passed straight through."""
+    _, _, x, got, expected = _cast_bundle(tiny_bundle, tmp_path, 4, dtype)
     assert torch.equal(got.as_tensor().detach(), expected.as_tensor().float())
     got.as_tensor().sum().backward()
     assert x.grad is not None and (x.grad != 0).float().mean() > 0.5
@@ -288,29 +296,10 @@ def test_a_cast_to_float16_is_rounded_as_monai_rounds_it_and_bundle_check_says_s
     and skipped, so the model input differed from MONAI's by up to 2.3e-4 of the model's range. Now the values are
     MONAI's (rounded to float16, given to the network in float32), the gradient passed straight through, and bundle
     check says how."""
-    import json
-    import shutil
-
-    from conftest import save_nifti, synthetic_scan
-
-    from medis3d.bundle import load_bundle
     from medis3d.bundle_check import check_bundle
 
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, bundle)
-    config = json.loads((bundle / "configs" / "inference.json").read_text())
-    config["preprocessing"]["transforms"].insert(5, {"_target_": "CastToTyped", "keys": "@image_key", "dtype": "$torch.float16"})
-    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
-    hu, _ = synthetic_scan(7)
-    scan = save_nifti(tmp_path / "scan.nii.gz", hu, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    expected = parser.get_parsed_content("preprocessing")({"image": str(scan)})["image"]
+    target, scan, x, got, expected = _cast_bundle(tiny_bundle, tmp_path, 5, "$torch.float16")
     assert expected.dtype == torch.float16
-    volume = read_volume(scan)
-    x = torch.from_numpy(volume.array).requires_grad_(True)
-    target = load_bundle(bundle)
-    got = target.model_input(x, volume)
     assert got.dtype == torch.float32 and torch.equal(got.as_tensor().detach(), expected.as_tensor().float())
     got.as_tensor().sum().backward()
     assert x.grad is not None and (x.grad != 0).float().mean() > 0.5
