@@ -527,19 +527,32 @@ def test_the_sweep_is_not_applicable_where_no_success_can_be_measured(tiny_targe
 
 def test_finite_differences_do_not_flag_an_honest_network_on_an_all_zero_scan(tiny_target, tmp_path):
     """On an all-zero int16 scan every instance norm of the honest network divides by a near-zero spread, so its loss
-    curves within one step: along a random direction the gradient missed the difference of 1/255 by 0.12 (4/255:
-    0.26) and was flagged, though the differences close in on it as the step shrinks (0.034 at 1/1020, 0.009 at
-    1/4080) and the attack's own direction agrees to 0.0008. A network that hides half its gradient is still flagged
-    there."""
+    curves within one step: along a random direction (with two torch threads) the gradient missed the difference of
+    1/255 by 0.12 (4/255: 0.26) and was flagged, though the differences close in on it as the step shrinks (0.034 at
+    1/1020, 0.009 at 1/4080) and the attack's own direction agrees to 0.0008. (With one thread, as under pytest-xdist
+    on two cores, the float sums fall otherwise and the same direction misses by under 0.1.) Such a row is noted, not
+    flagged; differences that do not close in still flag; and a network that hides half its gradient is still
+    flagged on that scan."""
     import numpy as np
 
     from conftest import save_nifti
 
+    from medis3d.diagnose import finite_difference_verdict
+
+    def row(gradient, fd, fd4, finer):
+        rel = lambda a, b: abs(a - b) / max(abs(a), abs(b))  # noqa: E731
+        return {"direction": "random", "gradient": gradient, "finite_difference": fd, "finite_difference_4x": fd4,
+                "relative_error": rel(gradient, fd), "step_disagreement": rel(fd, fd4),
+                "relative_error_finer": [rel(gradient, f) for f in finer]}
+
+    sign_ok = {"direction": "gradient sign", "gradient": 3.5e-6, "finite_difference": 3.5e-6, "relative_error": 0.0008}
+    curved = row(1.271e-6, 1.116e-6, 0.945e-6, [1.228e-6, 1.26e-6])  # as measured with two threads
+    flagged, note = finite_difference_verdict([curved, sign_ok])
+    assert not flagged and "close in on it" in note, note
+    assert finite_difference_verdict([row(1.271e-6, 1.116e-6, 0.945e-6, [1.116e-6, 1.116e-6]), sign_ok])[0]  # no closing in
     volume = read_volume(save_nifti(tmp_path / "zero.nii.gz", np.zeros((40, 36, 32), np.int16)))
     check = Diagnose(tiny_target, fd_voxels=2000).finite_differences(volume, tiny_target.predict(volume))
-    assert not check.flagged and "close in on it" in check.cause, check.cause
-    random = check.measured["directions"][0]
-    assert random["relative_error"] > 0.1 and min(random["relative_error_finer"]) <= 0.1
+    assert not check.flagged, check.measured
     masked = dataclasses.replace(tiny_target, network=HalfMasked(tiny_target.network), notices=[])
     check = Diagnose(masked, fd_voxels=2000).finite_differences(volume, masked.predict(volume))
     assert check.flagged, check.measured
