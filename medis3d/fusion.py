@@ -190,14 +190,19 @@ class MedISResult:
         if out.exists() and not (out.is_dir() and not any(out.iterdir())):
             raise OutputError(f"{out}: already exists and is not an empty folder; save writes a new one (nothing is overwritten)")
         adversarial = self.adversarial
+        # written from the attacked scan where it is at hand, as the CLI writes it: each voxel the source's stored value
+        # plus its change (a coarse int32 or float64 file, from its own float32 values, drifted past the budget) and
+        # the untouched voxels bit for bit (a scan of several channels from files of their own: as one file, as before)
+        source = self.source if self.source is not None and not self.source.channel_volumes else adversarial
         stage = staging_folder(out)
         try:
             description = adversarial_description(f"{self.eps_native:.4g}", self.norm, self.chosen.name)
-            write_nifti(adversarial, stage / "adversarial.nii.gz", description=description)
+            write_nifti(source, stage / "adversarial.nii.gz", adversarial.array, description=description,
+                        unchanged=None if source is adversarial else adversarial.array == source.array)
             if adversarial.format == "dicom" and adversarial.meta.get("dicom_headers"):
                 from medis3d.io.dicom import write_dicom_series
 
-                write_dicom_series(adversarial, adversarial.array, stage / "adversarial",
+                write_dicom_series(source, adversarial.array, stage / "adversarial",
                                    series_description=description[:64],
                                    derivation=f"medis3d MedIS adversarial attack, {self.chosen.steps} steps of {self.chosen.name}")
             if self.source is not None:

@@ -198,6 +198,28 @@ def test_an_int32_nifti_beyond_float32_is_written_within_its_budget(tmp_path, sl
         assert np.abs(scaled).max() <= eps * (1 + 1e-12)
 
 
+def test_medis_result_save_writes_a_coarse_int32_scan_within_its_budget(tiny_target, tmp_path):
+    """MedISResult.save wrote the adversarial as its own source, rounding each changed voxel's float32 value (the
+    drift the CLI's writer no longer has: an int32 file near 2**31 with scl_slope 1e-6, a float32 step 244 stored
+    units). It now writes from the attacked scan: the changes within the budget, the untouched voxels bit for bit."""
+    from medis3d.fusion import MedIS
+
+    rng = np.random.default_rng(1)
+    stored = (2**31 - 1 - rng.integers(0, 1_000_000, size=(24, 24, 16))).astype(np.int32)
+    image = nib.Nifti1Image(stored, AFFINE)
+    image.header.set_slope_inter(1e-6, 0.0)
+    nib.save(image, str(tmp_path / "src.nii.gz"))
+    volume = read_volume(tmp_path / "src.nii.gz")
+    eps = (128 + 0.47) * 2.0**-12  # native: 0.47 of a float32 step past 128 steps, where rounding the value drifts most
+    result = MedIS(tiny_target, members_spec=["pgd:ce"], eps=eps, eps_units="native", step=eps, steps=2)(volume)
+    result.save(tmp_path / "out")
+    raw = np.asarray(nib.load(str(tmp_path / "out" / "adversarial.nii.gz")).dataobj.get_unscaled())
+    change = raw.astype(np.int64) - stored
+    left = result.adversarial.array[0] == volume.array[0]
+    assert (~left).sum() > 100 and np.array_equal(raw[left], stored[left])
+    assert np.abs(change).max() <= np.floor(eps / 1e-6 + 1e-6)
+
+
 def test_an_int32_nifti_beyond_float32_is_written_within_its_l2_budget(tmp_path):
     """int32 near 2**31 with scl_slope 1e-6: a float32 step is 244.14 stored units, and a change of 4 steps is written
     as 977 units (rounded in float64), 0.44 more than the float32 values' difference. The L2 quantiser measured that
