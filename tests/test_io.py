@@ -165,6 +165,17 @@ def test_unchanged_voxels_keep_the_sources_float64_values(tmp_path, shape):
     assert np.allclose(back[:, :, :4], data[:, :, :4] + 5, atol=1e-3)
 
 
+def _int32_near_the_top(tmp_path, rng, shape, slope: float | None = 1e-6):
+    """An int32 NIfTI file of values near 2**31 (with ``slope`` as its scl_slope, or none), where a float32 step is
+    coarser than a stored unit: its stored values and the volume read from it."""
+    stored = (2**31 - 1 - rng.integers(0, 1_000_000, size=shape)).astype(np.int32)
+    image = nib.Nifti1Image(stored, AFFINE)
+    if slope is not None:
+        image.header.set_slope_inter(slope, 0.0)
+    nib.save(image, str(tmp_path / "src.nii.gz"))
+    return stored, read_volume(tmp_path / "src.nii.gz")
+
+
 @pytest.mark.parametrize("slope", [1e-6, None])
 def test_an_int32_nifti_beyond_float32_is_written_within_its_budget(tmp_path, slope):
     """int32 values near 2**31, with scl_slope 1e-6 (native values near 2147) or none: a float32 step there is 244 or
@@ -173,12 +184,7 @@ def test_an_int32_nifti_beyond_float32_is_written_within_its_budget(tmp_path, sl
     of 16409 units as 16448). Now each voxel is the source's stored value plus its rounded change:
     read back raw and scaled, no change passes the budget and the voxels left are the source's bit for bit."""
     rng = np.random.default_rng(0)
-    stored = (2**31 - 1 - rng.integers(0, 1_000_000, size=(16, 16, 4))).astype(np.int32)
-    image = nib.Nifti1Image(stored, AFFINE)
-    if slope is not None:
-        image.header.set_slope_inter(slope, 0.0)
-    nib.save(image, str(tmp_path / "src.nii.gz"))
-    source = read_volume(tmp_path / "src.nii.gz")
+    stored, source = _int32_near_the_top(tmp_path, rng, (16, 16, 4), slope)
     unit = float(source.slope)  # native units per stored unit
     assert source.stored_dtype == np.int32 and source.float32_is_coarse()
     step = 2.0**-12 if slope is not None else 128.0  # float32's step at these values
@@ -204,12 +210,7 @@ def test_medis_result_save_writes_a_coarse_int32_scan_within_its_budget(tiny_tar
     units). It now writes from the attacked scan: the changes within the budget, the untouched voxels bit for bit."""
     from medis3d.fusion import MedIS
 
-    rng = np.random.default_rng(1)
-    stored = (2**31 - 1 - rng.integers(0, 1_000_000, size=(24, 24, 16))).astype(np.int32)
-    image = nib.Nifti1Image(stored, AFFINE)
-    image.header.set_slope_inter(1e-6, 0.0)
-    nib.save(image, str(tmp_path / "src.nii.gz"))
-    volume = read_volume(tmp_path / "src.nii.gz")
+    stored, volume = _int32_near_the_top(tmp_path, np.random.default_rng(1), (24, 24, 16))
     eps = (128 + 0.47) * 2.0**-12  # native: 0.47 of a float32 step past 128 steps, where rounding the value drifts most
     result = MedIS(tiny_target, members_spec=["pgd:ce"], eps=eps, eps_units="native", step=eps, steps=2)(volume)
     result.save(tmp_path / "out")
@@ -226,11 +227,7 @@ def test_an_int32_nifti_beyond_float32_is_written_within_its_l2_budget(tmp_path)
     difference, so at a radius of the float32 view's length (111 voxels moved 4 steps) the file's change was 10293.3
     units long for a radius of 10288.7. It now measures the change as written: read back, within the radius."""
     rng = np.random.default_rng(0)
-    stored = (2**31 - 1 - rng.integers(0, 1_000_000, size=(16, 16, 4))).astype(np.int32)
-    image = nib.Nifti1Image(stored, AFFINE)
-    image.header.set_slope_inter(1e-6, 0.0)
-    nib.save(image, str(tmp_path / "src.nii.gz"))
-    source = read_volume(tmp_path / "src.nii.gz")
+    stored, source = _int32_near_the_top(tmp_path, rng, (16, 16, 4))
     unit = float(source.slope)
     moved = rng.random(source.array.shape) < 0.1
     pushed = np.where(moved, source.array + 4 * 2.0**-12, source.array).astype(np.float32)
