@@ -568,8 +568,7 @@ class MedIS:
         if best is not result:  # keep the full-budget run's trace in front of the smallest successful one's
             best.trace = result.trace + best.trace
         # its time holds the bisection's runs (it reported one run's: 10 s of an attack of 33 s with one member)
-        full_share = result.time_s if result.time_share_s is None else result.time_share_s
-        best.time_s, best.time_share_s = result.time_s + searched, full_share + searched
+        best.time_s, best.time_share_s = result.time_s + searched, result.cost_s + searched
         return best
 
     def _scored(self, result: MemberResult, goal: Goal, volume: Volume) -> MemberResult:

@@ -215,7 +215,9 @@ SIZES_WORDS = {"first_success": "the sizes of the members' first successes",
                "strongest_iterate": "the sizes of the members' strongest iterates, not of their first successes"}
 
 
-def _sizes(summary: dict) -> str:
+def medis_sizes(summary: dict) -> str:
+    """Which sizes a study's MedIS fusion compared (a key of :data:`SIZES_WORDS`): its members' first successes where
+    they stopped there (--stop-at-success), else their strongest iterates; a summary's own ``medis_sizes`` first."""
     return summary.get("medis_sizes") or ("first_success" if summary.get("stop_at_success") else "strongest_iterate")
 
 
@@ -282,7 +284,7 @@ def evaluation_page(summary: dict, out: Path) -> str:
     if summary.get("loss_wins"):
         wins = sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])
         parts.append("<h2>How often each member won</h2><p class=\"muted\">The member MedIS fusion chose (least perturbation "
-                     "among the successful, else the strongest; " + _e(SIZES_WORDS[_sizes(summary)]) + "), counted over volumes and budgets.</p>"
+                     "among the successful, else the strongest; " + _e(SIZES_WORDS[medis_sizes(summary)]) + "), counted over volumes and budgets.</p>"
                      + _table(["member", "chosen"], [[_cell(k), _cell(v)] for k, v in wins], sortable=True))
     if summary.get("diagnose"):
         rows = [[_cell(name), _cell("flagged" if d["flagged"] else "no sign of gradient masking"), _cell(", ".join(d["flags"]) or "-")]

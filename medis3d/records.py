@@ -261,7 +261,7 @@ def member_record(m: MemberResult, target: Target, result: MedISResult) -> Membe
         "mean_iou": m.score if not targeted else None,
         "target_mean_iou": m.score if targeted else None,
         "time_s": m.time_s,
-        "time_share_s": m.time_s if m.time_share_s is None else m.time_share_s,
+        "time_share_s": m.cost_s,
         "flipped_fraction": flipped_fraction(target, m.prediction, result.reference),
         "trace": [{"step": r.step, "loss": r.loss, "score": r.score, "success": r.success, "in_budget": r.in_budget}
                   for r in m.trace],

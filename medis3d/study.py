@@ -30,6 +30,7 @@ from medis3d.html_report import (
     distortion,
     eps_label,
     evaluation_page,
+    medis_sizes,
     reference_words,
     rise_words,
     stopping_words,
@@ -193,7 +194,7 @@ def member_row(target: Target, case: Case, member, eps: float, result, reference
         "clean_mean_iou": mean_iou(clean_masks, ref_masks),
         "adversarial_mean_iou": mean_iou(adv_masks, ref_masks),
         "success": bool(result.success), "steps": result.steps, "time_s": round(result.time_s, 3),
-        "time_share_s": round(getattr(result, "time_share_s", None) or result.time_s, 3),
+        "time_share_s": round(result.cost_s, 3),
         "flipped_fraction": flipped_fraction(target, result.prediction, reference),
         "counts": json.dumps(confusion_counts(target, result.prediction, reference)),
         **{k: norms[k] for k in ("linf_native", "l2_native", "linf_normalized", "l2_normalized")},
@@ -383,7 +384,7 @@ def _evaluate_dataset(target: Target, cases: Sequence[Case], out: Path, *, attac
     summary["norm"] = norm
     summary["stop_at_success"] = bool(stop_at_success)
     # what MedIS fusion's least perturbation compared: each member's kept iterate, its first success only where it stopped there
-    summary["medis_sizes"] = "first_success" if stop_at_success else "strongest_iterate"
+    summary["medis_sizes"] = medis_sizes(summary)
     if target.notices:
         summary["notices"] = list(target.notices)
     summary["volumes"] = per_volume(all_rows, cache, {case.name: "label" if case.label else "clean prediction" for case in cases})
@@ -825,7 +826,7 @@ def markdown_report(summary: dict, volumes: int, units: str = "normalized") -> s
     if summary.get("diagnose"):
         lines += diagnose_lines(summary["diagnose"])
     if summary["loss_wins"]:
-        lines.append(f"\nMembers chosen by the full fusion (by {SIZES_WORDS[summary.get('medis_sizes') or 'strongest_iterate']}): " + ", ".join(f"{md(k)} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
+        lines.append(f"\nMembers chosen by the full fusion (by {SIZES_WORDS[medis_sizes(summary)]}): " + ", ".join(f"{md(k)} ({v})" for k, v in sorted(summary["loss_wins"].items(), key=lambda kv: -kv[1])))
     if summary.get("transfer"):
         t = summary["transfer"]
         lines.append(f"\n## Transfer: adversarials made on {md(t['source'])}, mean Dice on each model\n")

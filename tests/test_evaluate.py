@@ -566,7 +566,7 @@ def test_a_class_absent_from_the_reference_is_not_a_class_the_model_got_right():
     half[4:10, 4:10, 4:7] = 0
     volume = SimpleNamespace(array=np.zeros((1, 16, 16, 16), np.float32), spacing=(1.0, 1.0, 1.0))
     rows = [member_row(Three(), SimpleNamespace(name="v"), SimpleNamespace(name=name, attack="apgd", loss=name), 0.03,
-                       SimpleNamespace(prediction=pred, adversarial=volume.array, success=True, steps=5, time_s=0.0),
+                       SimpleNamespace(prediction=pred, adversarial=volume.array, success=True, steps=5, time_s=0.0, cost_s=0.0),
                        ref, ref, volume, 1.0)
             for name, pred in (("erased", np.zeros_like(ref)), ("half", half))]
     assert [r["adversarial_dice"] for r in rows] == [0.0, pytest.approx(2 / 3)] and rows[0]["clean_dice"] == 1.0

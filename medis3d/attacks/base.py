@@ -323,6 +323,11 @@ class MemberResult:
     time_share_s: float | None = None
 
     @property
+    def cost_s(self) -> float:
+        """What the member cost: its share of the time (``time_share_s``), its span where no share was measured."""
+        return self.time_s if self.time_share_s is None else self.time_share_s
+
+    @property
     def name(self) -> str:
         return self.member or f"{self.attack}:{self.loss}"
 
