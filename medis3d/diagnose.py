@@ -306,9 +306,8 @@ class Diagnose:
         key = "rms_255" if l2 else "eps_255"
         unmeasurable = self.sweep_not_applicable(volume, reference)
         if unmeasurable:
-            threshold = UNTARGETED_SUCCESS if self.success is None else self.success
             self.progress(f"eps sweep: {unmeasurable}")
-            return Check("eps_sweep", {"sweep": [], f"smallest_successful_{key}": None, "success_threshold": threshold,
+            return Check("eps_sweep", {"sweep": [], f"smallest_successful_{key}": None, "success_threshold": self.threshold,
                                        "applicable": False}, False, unmeasurable)
         root_n = float(np.sqrt(self._voxels(volume)))
         rows = []
@@ -344,13 +343,18 @@ class Diagnose:
                          "the optimiser does not converge at the larger budget (step size, iterations)")
         return Check("eps_sweep", measured)
 
+    @property
+    def threshold(self) -> float:
+        """The mean IoU at or below which an (untargeted) attack succeeds: ``success``, else MedIS's."""
+        return UNTARGETED_SUCCESS if self.success is None else self.success
+
     def sweep_not_applicable(self, volume: Volume, reference: np.ndarray) -> str:
         """Why the eps sweep measures nothing about masking at this success threshold, or "" where it does: at 0 a
         success is a mean IoU of 0, every voxel of the structure flipped, which its 64/255 limit is not sized for (a
         miss is no sign of masking: the tests' model fell from mean IoU 0.95 to 0.05 over the sweep and was flagged);
         where the clean scan already counts as a success (``--success 1``) every budget succeeds at its first iterate
         and the sweep could flag nothing."""
-        threshold = UNTARGETED_SUCCESS if self.success is None else self.success
+        threshold = self.threshold
         if threshold <= 0:
             return (f"not applicable at --success {threshold:g}: a success is then a mean IoU of 0, every voxel of the "
                     f"structure flipped, which the sweep's {SWEEP_LIMIT}/255 limit is not sized for (missing it is no "
