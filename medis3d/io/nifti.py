@@ -123,6 +123,7 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
     header = header.copy() if header is not None else nib.Nifti1Header()
     if dtype is None:
         stored = volume.to_stored(values)
+        source: tuple[np.ndarray | None, np.ndarray | None] | None = None  # the source file's values, where read
         slope, intercept = volume.slope, volume.intercept
         if not volume.is_integer:  # float values are stored as they are: the source's scaling would be applied twice
             slope, intercept = 1.0, 0.0
@@ -130,9 +131,10 @@ def write_nifti(volume: Volume, path: Path | str, array: np.ndarray | None = Non
             stored, slope, intercept = volume.quantise(values).astype(np.float32), 1.0, 0.0
         elif volume.float32_is_coarse() and volume.array.size == values.size:  # the change from the source, as it is
             clean = _file_layout(volume.array)
-            stored = volume.stored_as_change(values, clean, *_source_values(volume, clean.shape))
+            source = _source_values(volume, clean.shape)  # read once: the unchanged voxels below take the same values
+            stored = volume.stored_as_change(values, clean, *source)
         if unchanged is not None:
-            stored = _with_source_values(volume, stored, unchanged)
+            stored = _with_source_values(volume, stored, unchanged, source)
     else:
         stored, slope, intercept = np.asarray(values).astype(dtype), 1.0, 0.0
     header = header if isinstance(header, nib.Nifti1Header) else nib.Nifti1Header()
@@ -194,11 +196,13 @@ def _source_values(volume: Volume, shape: tuple[int, ...]) -> tuple[np.ndarray |
     return exact, np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
 
 
-def _with_source_values(volume: Volume, stored: np.ndarray, unchanged: np.ndarray) -> np.ndarray:
-    """``stored`` with the voxels in ``unchanged`` as the NIfTI source file stores them (see :func:`write_nifti`)."""
+def _with_source_values(volume: Volume, stored: np.ndarray, unchanged: np.ndarray,
+                        source: tuple[np.ndarray | None, np.ndarray | None] | None = None) -> np.ndarray:
+    """``stored`` with the voxels in ``unchanged`` as the NIfTI source file stores them (see :func:`write_nifti`);
+    ``source``: :func:`_source_values` where already read."""
     if not _beyond_float32(stored.dtype) or np.dtype(volume.stored_dtype) != stored.dtype:
         return stored
-    exact = _source_values(volume, stored.shape)[0]
+    exact = (source or _source_values(volume, stored.shape))[0]
     if exact is None:
         return stored
     keep = _file_layout(np.asarray(unchanged, dtype=bool))
